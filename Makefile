@@ -1,0 +1,32 @@
+# Both targets do all set-up on a fresh Debian machine, then run.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install lint clean
+
+$(STAMP): pyproject.toml
+	@if ! [ -e /usr/include/sys/capability.h ]; then \
+		echo "installing libcap-dev (python-prctl builds against it)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libcap-dev; \
+	fi
+	@[ -x $(PY) ] || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/handoff demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check kvmstub handoff tests tools
+	$(VENV)/bin/ruff format --check kvmstub handoff tests tools
+	$(VENV)/bin/mypy kvmstub handoff
+
+test: $(STAMP) lint
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

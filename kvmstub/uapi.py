@@ -1,0 +1,184 @@
+"""The kernel's user API as kvmstub speaks it: constants with the kernel's names and numbers,
+and the plain data that crosses the user/kernel boundary (registers, exits).
+
+Numbers follow include/uapi/linux/kvm.h, arch/x86/include/uapi/asm/kvm.h and
+include/uapi/linux/psp-sev.h. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+KVM_API_VERSION = 12
+
+# KVM_CHECK_EXTENSION / KVM_ENABLE_CAP
+KVM_CAP_VM_COPY_ENC_CONTEXT_FROM = 197
+KVM_CAP_EXIT_HYPERCALL = 201
+KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM = 206
+
+# kvm_run.exit_reason
+KVM_EXIT_UNKNOWN = 0
+KVM_EXIT_IO = 2
+KVM_EXIT_HYPERCALL = 3
+KVM_EXIT_HLT = 5
+KVM_EXIT_SHUTDOWN = 8
+KVM_EXIT_INTR = 10
+
+KVM_EXIT_IO_IN = 0
+KVM_EXIT_IO_OUT = 1
+
+# Hypercalls (Documentation/virt/kvm/x86/hypercalls.rst)
+KVM_HC_MAP_GPA_RANGE = 12
+KVM_MAP_GPA_RANGE_PAGE_SZ_4K = 0
+KVM_MAP_GPA_RANGE_ENCRYPTED = 1 << 4
+KVM_MAP_GPA_RANGE_DECRYPTED = 0
+KVM_ENOSYS = 1000
+KVM_EINVAL = 22
+
+# KVM_SET_USER_MEMORY_REGION flags
+KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
+KVM_MEM_READONLY = 1 << 1
+KVM_USER_MEM_SLOTS = 32764
+PAGE_SIZE = 4096
+
+# enum sev_cmd_id (reference section 0)
+KVM_SEV_INIT = 0
+KVM_SEV_ES_INIT = 1
+KVM_SEV_LAUNCH_START = 2
+KVM_SEV_LAUNCH_UPDATE_DATA = 3
+KVM_SEV_LAUNCH_UPDATE_VMSA = 4
+KVM_SEV_LAUNCH_SECRET = 5
+KVM_SEV_LAUNCH_MEASURE = 6
+KVM_SEV_LAUNCH_FINISH = 7
+KVM_SEV_SEND_START = 8
+KVM_SEV_SEND_UPDATE_DATA = 9
+KVM_SEV_SEND_UPDATE_VMSA = 10
+KVM_SEV_SEND_FINISH = 11
+KVM_SEV_RECEIVE_START = 12
+KVM_SEV_RECEIVE_UPDATE_DATA = 13
+KVM_SEV_RECEIVE_UPDATE_VMSA = 14
+KVM_SEV_RECEIVE_FINISH = 15
+KVM_SEV_GUEST_STATUS = 16
+KVM_SEV_DBG_DECRYPT = 17
+KVM_SEV_DBG_ENCRYPT = 18
+KVM_SEV_CERT_EXPORT = 19
+KVM_SEV_GET_ATTESTATION_REPORT = 20
+KVM_SEV_SEND_CANCEL = 21
+KVM_SEV_INIT2 = 22
+KVM_SEV_SNP_LAUNCH_START = 100
+KVM_SEV_SNP_LAUNCH_UPDATE = 101
+KVM_SEV_SNP_LAUNCH_FINISH = 102
+KVM_SEV_NR_MAX = 103
+
+# Guest policy bits (reference section 6)
+SEV_POLICY_NODBG = 1 << 0
+SEV_POLICY_NOKS = 1 << 1
+SEV_POLICY_ES = 1 << 2
+SEV_POLICY_NOSEND = 1 << 3
+SEV_POLICY_DOMAIN = 1 << 4
+SEV_POLICY_SEV = 1 << 5
+
+# Firmware guest states (sev_guest.c state_tbl_sev)
+SEV_GUEST_STATE_UNINIT = 0
+SEV_GUEST_STATE_LUPDATE = 1
+SEV_GUEST_STATE_LSECRET = 2
+SEV_GUEST_STATE_RUNNING = 3
+SEV_GUEST_STATE_SUPDATE = 4
+SEV_GUEST_STATE_RUPDATE = 5
+SEV_GUEST_STATE_SENT = 6
+SEV_GUEST_STATE_NAMES = {
+    0: "UNINIT",
+    1: "LUPDATE",
+    2: "LSECRET",
+    3: "RUNNING",
+    4: "SUPDATE",
+    5: "RUPDATE",
+    6: "SENT",
+}
+
+# SEV firmware status codes (psp-sev.h enum sev_ret_code)
+SEV_RET_SUCCESS = 0x00
+SEV_RET_INVALID_PLATFORM_STATE = 0x01
+SEV_RET_INVALID_GUEST_STATE = 0x02
+SEV_RET_INAVLID_CONFIG = 0x03
+SEV_RET_INVALID_LEN = 0x04
+SEV_RET_ALREADY_OWNED = 0x05
+SEV_RET_INVALID_CERTIFICATE = 0x06
+SEV_RET_POLICY_FAILURE = 0x07
+SEV_RET_INACTIVE = 0x08
+SEV_RET_INVALID_ADDRESS = 0x09
+SEV_RET_BAD_SIGNATURE = 0x0A
+SEV_RET_BAD_MEASUREMENT = 0x0B
+SEV_RET_ASID_OWNED = 0x0C
+SEV_RET_INVALID_ASID = 0x0D
+SEV_RET_WBINVD_REQUIRED = 0x0E
+SEV_RET_DFFLUSH_REQUIRED = 0x0F
+SEV_RET_INVALID_GUEST = 0x10
+SEV_RET_INVALID_COMMAND = 0x11
+SEV_RET_ACTIVE = 0x12
+SEV_RET_UNSUPPORTED = 0x15
+SEV_RET_INVALID_PARAM = 0x16
+
+# Ports of the guest's devices (DESIGN.md section 5)
+SERIAL_PORT = 0x3F8
+DOORBELL_OUT_PORT = 0x510
+DOORBELL_IN_PORT = 0x511
+
+# Firmware API version the stub reports (LAUNCH_MEASURE, policy API_MAJOR/MINOR checks)
+SEV_API_MAJOR = 1
+SEV_API_MINOR = 55
+SEV_BUILD = 21
+
+
+class Regs(msgspec.Struct, frozen=True):
+    """struct kvm_regs (x86): the general purpose registers, rip and rflags."""
+
+    rax: int = 0
+    rbx: int = 0
+    rcx: int = 0
+    rdx: int = 0
+    rsi: int = 0
+    rdi: int = 0
+    rsp: int = 0
+    rbp: int = 0
+    r8: int = 0
+    r9: int = 0
+    r10: int = 0
+    r11: int = 0
+    r12: int = 0
+    r13: int = 0
+    r14: int = 0
+    r15: int = 0
+    rip: int = 0
+    rflags: int = 0x2
+
+
+REG_NAMES = tuple(Regs.__struct_fields__)
+U64_MASK = (1 << 64) - 1
+
+
+class IoExit(msgspec.Struct, frozen=True):
+    """kvm_run.io: a port I/O exit. `data` holds size*count bytes for OUT; for IN it is
+    empty and the VMM hands the bytes back with the next KVM_RUN."""
+
+    direction: int
+    port: int
+    size: int
+    count: int
+    data: bytes = b""
+
+
+class HypercallExit(msgspec.Struct, frozen=True):
+    """kvm_run.hypercall: the VMM hands `ret` back with the next KVM_RUN."""
+
+    nr: int
+    args: tuple[int, int, int, int, int, int]
+    longmode: int = 1
+
+
+class RunExit(msgspec.Struct, frozen=True):
+    """What KVM_RUN returns: kvm_run.exit_reason plus the member of the union it names."""
+
+    exit_reason: int
+    io: IoExit | None = None
+    hypercall: HypercallExit | None = None
