@@ -1,0 +1,295 @@
+"""`handoff`: run a VM under a VMM that can hand it to its successor, and drive such handoffs.
+
+    handoff run      run a VMM (or, with --incoming, wait to take one over)
+    handoff upgrade  replace a running VMM by a new process, the guest running throughout
+    handoff status   show a VMM's state and its last handoff
+    handoff demo     the whole story on embedded defaults (what `make demo` runs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+
+from kvmstub import uapi
+
+from . import __version__
+from .config import (
+    LOG_LEVELS,
+    MODES,
+    ConfigError,
+    GuestConfig,
+    HostFlags,
+    new_uuid,
+    parse_size,
+    validate_guest,
+    validate_name,
+)
+
+
+def default_kvm_socket() -> str:
+    """Where kvmstub listens unless told otherwise (the same rule as `kvmstub serve`)."""
+    if os.environ.get("KVMSTUB_SOCKET"):
+        return os.environ["KVMSTUB_SOCKET"]
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return os.path.join(os.environ["XDG_RUNTIME_DIR"], "kvmstub", "kvm.sock")
+    return "/run/kvmstub/kvm.sock"
+
+
+def runtime_dir() -> str:
+    """The host-wide directory where each VMM keeps its control socket under its VM name."""
+    if os.environ.get("HANDOFF_RUNTIME_DIR"):
+        return os.environ["HANDOFF_RUNTIME_DIR"]
+    if os.getuid() == 0:
+        return "/run/handoff"
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return os.path.join(os.environ["XDG_RUNTIME_DIR"], "handoff")
+    return f"/tmp/handoff-{os.getuid()}"
+
+
+def _int_in(lo: int, hi: int, what: str) -> object:
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 0)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} {text!r} is not a whole number") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{what} {value} is out of range: {lo} to {hi}")
+        return value
+
+    return parse
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _policy(text: str) -> int:
+    try:
+        value = int(text, 16)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"policy {text!r} is not hexadecimal (e.g. 0x5 for NODBG|ES)"
+        ) from None
+    if not 0 <= value <= 0xFFFF_FFFF:
+        raise argparse.ArgumentTypeError(f"policy {text} is not a 32-bit value")
+    return value
+
+
+def _incoming(text: str) -> str:
+    if not text.startswith("unix:") or len(text) <= 5:
+        raise argparse.ArgumentTypeError(
+            f"--incoming {text!r}: use unix:PATH (the handoff socket to listen on)"
+        )
+    return text[5:]
+
+
+def _timeout(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"timeout {text!r} is not a number of seconds") from None
+    if not 0.05 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"timeout {value} is out of range: 0.05 to 3600 s")
+    return value
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("the guest (guest-visible: must match across a handoff)")
+    g.add_argument("--vcpus", type=_int_in(1, 1024, "--vcpus"), default=1,
+                   help="number of vCPUs (default 1)")
+    g.add_argument("--memory", type=_size, default=parse_size("256M"),
+                   help="guest memory, e.g. 512M, 4G, 1T; a sparse memfd, so only pages the "
+                   "guest touches use host memory (default 256M)")
+    g.add_argument("--mode", choices=MODES, default="plain",
+                   help="plain (no encryption), sev, or sev-es (registers protected too)")
+    g.add_argument("--policy", type=_policy, default=None,
+                   help="SEV guest policy in hex (default: 0 for sev, 0x4 (ES) for sev-es; "
+                   "add 0x1 for NODBG)")
+    g.add_argument("--line-every", type=_int_in(1, 1_000_000, "--line-every"), default=200,
+                   help="guest steps between two serial lines (default 200)")
+    g.add_argument("--flip-every", type=_int_in(1, 1_000_000, "--flip-every"), default=50,
+                   help="guest steps between two shared/private page flips (default 50)")
+    h = p.add_argument_group("the host (free to change across a handoff)")
+    h.add_argument("--name", default="vm0",
+                   help="VM name; names the control socket in the runtime directory")
+    h.add_argument("--uuid", default=None, help=argparse.SUPPRESS)
+    h.add_argument("--kvm", default=None,
+                   help="kvmstub socket (default: $KVMSTUB_SOCKET, else "
+                   "$XDG_RUNTIME_DIR/kvmstub/kvm.sock, else /run/kvmstub/kvm.sock)")
+    h.add_argument("--control", default=None,
+                   help="QMP control socket (default: <runtime dir>/<name>.qmp)")
+    h.add_argument("--serial-log", default=None,
+                   help="append the guest's serial lines to this file (flushed per line)")
+    h.add_argument("--incoming", type=_incoming, default=None, metavar="unix:PATH",
+                   help="start as a handoff target: listen on PATH and take over the VM a "
+                   "running VMM hands over")
+    h.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="default info")
+    h.add_argument("--allow-uid", type=_int_in(0, 2**32 - 2, "--allow-uid"), action="append",
+                   default=[], metavar="UID",
+                   help="also accept handoff peers with this uid (repeatable; own uid always)")
+    h.add_argument("--handoff-timeout", type=_timeout, default=10.0, metavar="SECONDS",
+                   help="longest wait for a handoff peer at any step (default 10)")
+    # Pins the newest protocol version this VMM speaks, so tests can play an older release.
+    h.add_argument("--max-protocol", type=_int_in(1, 2, "--max-protocol"), default=2,
+                   help=argparse.SUPPRESS)
+
+
+def guest_config(ns: argparse.Namespace) -> GuestConfig:
+    policy = ns.policy
+    if policy is None:
+        policy = uapi.SEV_POLICY_ES if ns.mode == "sev-es" else 0
+    cfg = GuestConfig(
+        vcpus=ns.vcpus,
+        memory=ns.memory,
+        mode=ns.mode,
+        policy=policy,
+        line_every=ns.line_every,
+        flip_every=ns.flip_every,
+    )
+    validate_guest(cfg)
+    return cfg
+
+
+def host_flags(ns: argparse.Namespace) -> HostFlags:
+    name = validate_name(ns.name)
+    return HostFlags(
+        name=name,
+        uuid=ns.uuid or new_uuid(),
+        kvm=ns.kvm or default_kvm_socket(),
+        control=ns.control or os.path.join(runtime_dir(), f"{name}.qmp"),
+        serial_log=ns.serial_log,
+        log_level=ns.log_level,
+        allow_uids=tuple(ns.allow_uid),
+        max_protocol=ns.max_protocol,
+        handoff_timeout=ns.handoff_timeout,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="handoff",
+        description="Hand a running VM (plain, SEV or SEV-ES) from one VMM process to another "
+        "on the same host: zero-copy, a pause of about a millisecond, and no process death "
+        "at any step loses the guest.",
+    )
+    parser.add_argument("--version", action="version", version=f"handoff {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a VMM", description="Run a VMM: boot a guest on "
+                         "kvmstub and serve QMP on the control socket; with --incoming, wait "
+                         "for a running VMM to hand its guest over.")
+    add_run_arguments(run)
+
+    up = sub.add_parser("upgrade", help="replace a running VMM, guest running throughout",
+                        description="Ask a running VMM (over QMP) to spawn its successor and "
+                        "hand the guest to it. Shows each phase and the guest-visible pause; "
+                        "exits 0 on success, non-zero with the reason on failure (the old VMM "
+                        "then still runs the guest).")
+    up.add_argument("target", nargs="?", help="VM name (control socket in the runtime dir)")
+    up.add_argument("--control", help="QMP control socket of the running VMM")
+    up.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="change one run flag for the successor, e.g. log-level=debug "
+                    "(repeatable)")
+    up.add_argument("--exec", nargs=argparse.REMAINDER, default=None, metavar="PROGRAM ARGS",
+                    help="run this program instead of the current one (rollback: the older "
+                    "program); everything after --exec belongs to it")
+    up.add_argument("--json", action="store_true", help="print one JSON result")
+    up.add_argument("--timeout", type=_timeout, default=60.0, help="give up after (default 60 s)")
+
+    st = sub.add_parser("status", help="show a VMM's state and its last handoff")
+    st.add_argument("target", nargs="?", help="VM name (control socket in the runtime dir)")
+    st.add_argument("--control", help="QMP control socket of the running VMM")
+    st.add_argument("--json", action="store_true", help="print JSON")
+
+    demo = sub.add_parser("demo", help="the main job on embedded defaults (make demo)",
+                          description="Start kvmstub and an SEV-ES VMM (4 vCPUs, 4 GiB) in a "
+                          "temporary directory, upgrade it three times, roll back once, try an "
+                          "incompatible handoff, then verify continuity, zero copy and that "
+                          "nothing leaked. Exits 0 only if all of it holds.")
+    demo.add_argument("--workdir", default=None, help="keep files here instead of a temp dir")
+    demo.add_argument("--mode", choices=MODES, default="sev-es")
+    demo.add_argument("--vcpus", type=_int_in(1, 64, "--vcpus"), default=4)
+    demo.add_argument("--memory", type=_size, default=parse_size("4G"))
+    return parser
+
+
+def control_path(ns: argparse.Namespace) -> str:
+    if ns.control:
+        return str(ns.control)
+    if ns.target:
+        return os.path.join(runtime_dir(), f"{validate_name(ns.target)}.qmp")
+    raise ConfigError("name the VM (handoff upgrade NAME) or give --control PATH")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        if ns.command == "run":
+            from .app import run_main
+
+            return run_main(guest_config(ns), host_flags(ns), ns.incoming, run_argv(argv))
+        if ns.command == "upgrade":
+            from .ops import upgrade_main
+
+            return upgrade_main(control_path(ns), ns.set, ns.exec, ns.json, ns.timeout)
+        if ns.command == "status":
+            from .ops import status_main
+
+            return status_main(control_path(ns), ns.json)
+        if ns.command == "demo":
+            from .demo import demo_main
+
+            return demo_main(ns.workdir, ns.mode, ns.vcpus, ns.memory)
+    except ConfigError as exc:
+        parser.exit(2, f"handoff: {exc}\n")
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+def run_argv(argv: Sequence[str] | None) -> list[str]:
+    """The command line of this `run`, to start a successor with the same flags."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return [sys.executable, "-m", "handoff.cli", *args]
+
+
+def apply_sets(argv: list[str], sets: Sequence[str]) -> list[str]:
+    """Replace (or add) `--key value` in a `run` command line for each `key=value`."""
+    out = list(argv)
+    for item in sets:
+        key, sep, value = item.partition("=")
+        key = key.strip().lstrip("-")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: use KEY=VALUE, e.g. log-level=debug")
+        flag = f"--{key}"
+        # Drop every earlier occurrence ("--k v" and "--k=v"), then append the new one.
+        kept: list[str] = []
+        skip = False
+        for tok in out:
+            if skip:
+                skip = False
+                continue
+            if tok == flag:
+                skip = True
+                continue
+            if tok.startswith(flag + "="):
+                continue
+            kept.append(tok)
+        out = [*kept, flag, value] if value != "" else kept
+    return out
+
+
+def quote(argv: Sequence[str]) -> str:
+    return shlex.join(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""What a VMM is asked to run: the guest-visible configuration and the host flags.
+
+The guest-visible part (`GuestConfig`) must match exactly between the two sides of a handoff;
+the host flags (`HostFlags`) may change freely, which is how an operator changes log level,
+serial log path or allowed uids with an upgrade. Both are validated here, before anything
+starts, with messages that name the value and what would be accepted.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from typing import Literal
+
+import msgspec
+
+from kvmstub import guest, uapi
+
+Mode = Literal["plain", "sev", "sev-es"]
+MODES: tuple[Mode, ...] = ("plain", "sev", "sev-es")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+MAX_VCPUS = 1024
+MAX_MEMORY = 1 << 50  # 1 PiB of sparse memfd is as far as anyone should go
+# One memory slot is at most this big; a larger guest gets several slots, each its own memfd.
+SLOT_MAX = 1 << 40
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGTP]?)(i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+
+
+class ConfigError(ValueError):
+    """A flag or config value that cannot be used; the message says what would be accepted."""
+
+
+def parse_size(text: str) -> int:
+    """Parse `4G`, `512M`, `1T`, `65536` (bytes) into bytes."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise ConfigError(f"memory size {text!r} is not a size: use a number with K, M, G or T")
+    size = int(m.group(1)) * _UNITS[m.group(2).upper()]
+    if size % uapi.PAGE_SIZE:
+        raise ConfigError(f"memory size {text!r} is not a multiple of 4 KiB pages")
+    if not 0 < size <= MAX_MEMORY:
+        raise ConfigError(f"memory size {text!r} is out of range (1 page to 1 PiB)")
+    return size
+
+
+def format_size(size: int) -> str:
+    for unit in ("P", "T", "G", "M", "K"):
+        if size % _UNITS[unit] == 0:
+            return f"{size // _UNITS[unit]}{unit}"
+    return str(size)
+
+
+class SlotLayout(msgspec.Struct, frozen=True):
+    slot: int
+    guest_phys_addr: int
+    size: int
+
+
+class GuestConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """What the guest can see: it must be the same on both sides of a handoff."""
+
+    vcpus: int
+    memory: int
+    mode: Mode
+    policy: int
+    line_every: int
+    flip_every: int
+
+    def params(self) -> guest.GuestParams:
+        return guest.GuestParams(
+            vcpus=self.vcpus, line_every=self.line_every, flip_every=self.flip_every
+        )
+
+    def slots(self) -> list[SlotLayout]:
+        out = []
+        gpa = 0
+        while gpa < self.memory:
+            size = min(SLOT_MAX, self.memory - gpa)
+            out.append(SlotLayout(len(out), gpa, size))
+            gpa += size
+        return out
+
+    def differences(self, other: GuestConfig) -> list[str]:
+        """Each guest-visible field that differs, as `name: ours vs theirs` phrases."""
+        out = []
+        for field in self.__struct_fields__:
+            mine, theirs = getattr(self, field), getattr(other, field)
+            if mine != theirs:
+                if field == "memory":
+                    mine, theirs = format_size(mine), format_size(theirs)
+                elif field == "policy":
+                    mine, theirs = hex(mine), hex(theirs)
+                out.append(f"{field}: {mine} here, {theirs} in the running VM")
+        return out
+
+
+def validate_guest(cfg: GuestConfig) -> None:
+    if not 1 <= cfg.vcpus <= MAX_VCPUS:
+        raise ConfigError(f"--vcpus {cfg.vcpus} is out of range: 1 to {MAX_VCPUS}")
+    if cfg.mode not in MODES:
+        raise ConfigError(f"--mode {cfg.mode!r}: use one of {', '.join(MODES)}")
+    if not 0 <= cfg.policy <= 0xFFFF_FFFF:
+        raise ConfigError(f"--policy {cfg.policy:#x} is not a 32-bit SEV policy")
+    if cfg.mode == "plain" and cfg.policy:
+        raise ConfigError("--policy is for --mode sev or sev-es; a plain guest has no policy")
+    if cfg.mode == "sev-es" and not cfg.policy & uapi.SEV_POLICY_ES:
+        raise ConfigError(
+            f"--policy {cfg.policy:#x} lacks the ES bit (0x4) that --mode sev-es requires"
+        )
+    if cfg.mode == "sev" and cfg.policy & uapi.SEV_POLICY_ES:
+        raise ConfigError(f"--policy {cfg.policy:#x} has the ES bit (0x4): use --mode sev-es")
+    if cfg.policy & uapi.SEV_POLICY_NOSEND:
+        # Intra-host MOVE does not use SEND_START, so NOSEND does not forbid it; allowed.
+        pass
+    if not 1 <= cfg.line_every <= 1_000_000:
+        raise ConfigError(f"--line-every {cfg.line_every} is out of range: 1 to 1000000")
+    if not 1 <= cfg.flip_every <= 1_000_000:
+        raise ConfigError(f"--flip-every {cfg.flip_every} is out of range: 1 to 1000000")
+    need = guest.required_memory(cfg.params())
+    if cfg.memory < need:
+        raise ConfigError(
+            f"--memory {format_size(cfg.memory)} is too small for {cfg.vcpus} vCPUs: "
+            f"the guest needs at least {need} bytes"
+        )
+
+
+class HostFlags(msgspec.Struct, frozen=True, kw_only=True):
+    """How this VMM process runs; free to change across a handoff."""
+
+    name: str
+    uuid: str
+    kvm: str
+    control: str | None = None
+    serial_log: str | None = None
+    log_level: str = "info"
+    allow_uids: tuple[int, ...] = ()
+    max_protocol: int = 2
+    handoff_timeout: float = 10.0
+
+    def allowed_uids(self) -> frozenset[int]:
+        return frozenset(self.allow_uids) | {os.getuid()}
+
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def validate_name(name: str) -> str:
+    if not _NAME_RE.match(name):
+        raise ConfigError(
+            f"--name {name!r}: use 1 to 64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def new_uuid() -> str:
+    return str(uuid.uuid4())

@@ -1,0 +1,357 @@
+"""The VMM's machine: guest memory, the VM and its vCPUs on kvmstub, and the vCPU loops.
+
+A `Vmm` is built one of two ways: `launch()` boots a fresh guest (memfds, VM, launch
+sequence), or `prepare_incoming()` + `complete_incoming()` take over a guest handed off by
+another VMM (the same memfds; the encryption context moved by the kernel; registers and
+device state from the switchover message). `pause()` parks every vCPU at a clean point: no
+KVM_RUN in flight and no exit left half done, which is what a handoff needs.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Sequence
+
+import trio
+
+from kvmstub import client, guest, uapi
+
+from .config import GuestConfig, HostFlags
+from .devices import Devices, DeviceState
+
+log = logging.getLogger("handoff.vmm")
+
+HC_EXIT_MASK = 1 << uapi.KVM_HC_MAP_GPA_RANGE
+
+
+class ContextLost(Exception):
+    """The kernel refused KVM_RUN with EIO: this VM no longer holds the guest."""
+
+
+class RunGate:
+    """Lets the vCPU tasks run, or parks them all and reports when the last one is parked."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.pause_requested = True
+        self._resumed = trio.Event()
+        self._parked = 0
+        self._all_parked = trio.Event()
+        if count == 0:
+            self._all_parked.set()
+
+    async def park(self) -> None:
+        resumed = self._resumed
+        self._parked += 1
+        if self._parked >= self.count:
+            self._all_parked.set()
+        await resumed.wait()
+
+    def retire(self) -> None:
+        """A vCPU task ended for good (guest shutdown, context lost): never wait for it."""
+        self.count -= 1
+        if self._parked >= self.count:
+            self._all_parked.set()
+
+    async def pause(self) -> None:
+        if not self.pause_requested:
+            self.pause_requested = True
+            self._resumed = trio.Event()
+        await self._all_parked.wait()
+
+    def resume(self) -> None:
+        self.pause_requested = False
+        self._parked = 0
+        self._all_parked = trio.Event()
+        if self.count == 0:
+            self._all_parked.set()
+        self._resumed.set()
+
+
+class VcpuRunner:
+    """One vCPU's loop: KVM_RUN, serve the exit, hand the completion back with the next run."""
+
+    def __init__(self, vmm: Vmm, index: int) -> None:
+        self.vmm = vmm
+        self.index = index
+        self.pending = False  # an exit whose completion the kernel has not taken yet
+        self.exits = 0
+
+    @property
+    def vcpu(self) -> client.Vcpu:
+        # Looked up each time: a reclaim swaps in the vCPUs of a fresh VM under parked tasks.
+        return self.vmm.vcpus[self.index]
+
+    async def settle(self) -> None:
+        """Deliver a pending completion without running the guest (KVM's immediate_exit)."""
+        if not self.pending:
+            return
+        try:
+            await self.vcpu.run(immediate_exit=True)
+        except OSError as exc:
+            if exc.errno == errno.EIO:
+                raise ContextLost(str(exc)) from exc
+            if exc.errno != errno.EINTR:
+                raise
+        self.pending = False
+
+    async def loop(self, gate: RunGate) -> None:
+        try:
+            while True:
+                if gate.pause_requested:
+                    await self.settle()
+                    await gate.park()
+                    continue
+                try:
+                    exit_ = await self.vcpu.run()
+                except OSError as exc:
+                    if exc.errno == errno.EIO:
+                        raise ContextLost(str(exc)) from exc
+                    raise
+                self.pending = False
+                if not self._serve(exit_):
+                    return
+        except ContextLost:
+            log.error("vCPU %d: KVM_RUN failed with EIO: this VM no longer holds the guest",
+                      self.index)
+            self.vmm.context_lost.set()
+        finally:
+            gate.retire()
+
+    def _serve(self, exit_: uapi.RunExit) -> bool:
+        self.exits += 1
+        reason = exit_.exit_reason
+        if reason == uapi.KVM_EXIT_INTR:
+            return True
+        if reason == uapi.KVM_EXIT_IO and exit_.io is not None:
+            data = self.vmm.devices.handle_io(exit_.io)
+            if data is not None:
+                self.vcpu.complete_io(data)
+            self.pending = True
+            panic = self.vmm.devices.serial.panicked
+            if panic and self.vmm.status != "guest-panicked":
+                log.error("guest: %s", panic)
+            return True
+        if reason == uapi.KVM_EXIT_HYPERCALL and exit_.hypercall is not None:
+            hc = exit_.hypercall
+            if hc.nr == uapi.KVM_HC_MAP_GPA_RANGE:
+                ret = self.vmm.devices.shared.map_gpa_range(hc.args[0], hc.args[1], hc.args[2])
+            else:
+                ret = -uapi.KVM_ENOSYS
+            self.vcpu.complete_hypercall(ret & uapi.U64_MASK)
+            self.pending = True
+            return True
+        if reason == uapi.KVM_EXIT_SHUTDOWN:
+            self.vmm.status = "guest-panicked" if self.vmm.devices.serial.panicked else "shutdown"
+            log.error("vCPU %d: guest shut down (%s)", self.index, self.vmm.status)
+            return False
+        log.error("vCPU %d: unexpected exit reason %d; stopping this vCPU", self.index, reason)
+        return False
+
+
+class Vmm:
+    """A VM as one VMM process holds it."""
+
+    def __init__(self, cfg: GuestConfig, flags: HostFlags) -> None:
+        self.cfg = cfg
+        self.flags = flags
+        self.kvm: client.Kvm | None = None
+        self.vm: client.Vm | None = None
+        self.vcpus: list[client.Vcpu] = []
+        self.memfds: list[int] = []
+        self.devices = Devices(flags.serial_log)
+        self.runners: list[VcpuRunner] = []
+        self.gate = RunGate(0)
+        self.status = "prelaunch"
+        self.context_lost = trio.Event()
+        # What GUEST_STATUS said at launch; after a move the kernel keeps no /dev/sev fd for
+        # this VM (reference section 2), so query-sev answers from here.
+        self.sev: dict[str, int] = {}
+
+    # ----------------------------------------------------------------- building
+    async def open(self) -> None:
+        self.kvm = await client.open_kvm(self.flags.kvm)
+
+    def create_memory(self) -> None:
+        """One sparse memfd per slot; pages are allocated only where the guest writes."""
+        for layout in self.cfg.slots():
+            fd = os.memfd_create(f"handoff-{self.flags.name}-slot{layout.slot}", os.MFD_CLOEXEC)
+            self.memfds.append(fd)
+            os.ftruncate(fd, layout.size)
+
+    async def _create_vm(self, *, sev_init: bool) -> client.Vm:
+        assert self.kvm is not None
+        vm = await self.kvm.create_vm()
+        try:
+            if sev_init:
+                cmd = uapi.KVM_SEV_ES_INIT if self.cfg.mode == "sev-es" else uapi.KVM_SEV_INIT
+                await vm.sev_ioctl(cmd)
+            for layout, fd in zip(self.cfg.slots(), self.memfds, strict=True):
+                await vm.set_user_memory_region(layout.slot, layout.guest_phys_addr, layout.size, fd)
+            await vm.enable_cap(uapi.KVM_CAP_EXIT_HYPERCALL, HC_EXIT_MASK)
+        except BaseException:
+            vm.close()
+            raise
+        return vm
+
+    async def _create_vcpus(self, vm: client.Vm) -> list[client.Vcpu]:
+        vcpus: list[client.Vcpu] = []
+        try:
+            for i in range(self.cfg.vcpus):
+                vcpus.append(await vm.create_vcpu(i))
+        except BaseException:
+            for v in vcpus:
+                v.close()
+            raise
+        return vcpus
+
+    async def launch(self) -> None:
+        """Boot a fresh guest: image into memory, then for SEV the whole launch sequence."""
+        await self.open()
+        self.create_memory()
+        image = guest.build_launch_image(self.cfg.params())
+        os.pwrite(self.memfds[0], image, 0)
+        sev = self.cfg.mode != "plain"
+        self.vm = await self._create_vm(sev_init=sev)
+        self.vcpus = await self._create_vcpus(self.vm)
+        for i, vcpu in enumerate(self.vcpus):
+            await vcpu.set_regs(guest.initial_regs(i))
+        if sev:
+            vm = self.vm
+            await vm.sev_ioctl(uapi.KVM_SEV_LAUNCH_START, handle=0, policy=self.cfg.policy)
+            await vm.sev_ioctl(uapi.KVM_SEV_LAUNCH_UPDATE_DATA, uaddr=0, len=len(image))
+            if self.cfg.mode == "sev-es":
+                await vm.sev_ioctl(uapi.KVM_SEV_LAUNCH_UPDATE_VMSA)
+            measure = await vm.sev_ioctl(uapi.KVM_SEV_LAUNCH_MEASURE)
+            await vm.sev_ioctl(uapi.KVM_SEV_LAUNCH_FINISH)
+            status = await vm.sev_ioctl(uapi.KVM_SEV_GUEST_STATUS)
+            self.sev = {k: int(v) for k, v in status.items() if isinstance(v, int)}
+            m = measure.get("measurement", b"")
+            self.sev["measurement_len"] = len(m) if isinstance(m, bytes) else 0
+            self.measurement = m.hex() if isinstance(m, bytes) else ""
+        self._make_runners()
+        self.status = "paused"
+
+    async def prepare_incoming(self, memfds: Sequence[int]) -> None:
+        """Everything a handoff target can do before the source pauses (protocol step 3)."""
+        await self.open()
+        self.memfds = list(memfds)
+        # MOVE needs a destination that is not SEV yet (reference section 1 step 5).
+        self.vm = await self._create_vm(sev_init=False)
+        self.vcpus = await self._create_vcpus(self.vm)
+        self._make_runners()
+        self.status = "inmigrate"
+
+    async def complete_incoming(
+        self, source_vm: int, regs: Sequence[uapi.Regs] | None, devices: DeviceState
+    ) -> None:
+        """Protocol step 7: take the context, the registers and the device state."""
+        assert self.vm is not None
+        if self.cfg.mode != "plain":
+            await self.vm.enable_cap(uapi.KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM, source_vm)
+        if self.cfg.mode != "sev-es":
+            if regs is None or len(regs) != len(self.vcpus):
+                raise ValueError("switchover carried no registers for every vCPU")
+            await self.set_all_regs(regs)
+        self.restore_devices(devices)
+
+    def restore_devices(self, state: DeviceState) -> None:
+        serial = self.devices.serial
+        self.devices.close()
+        self.devices = Devices(serial.path, state)
+
+    def _make_runners(self) -> None:
+        self.runners = [VcpuRunner(self, i) for i in range(len(self.vcpus))]
+        self.gate = RunGate(len(self.runners))
+
+    # ----------------------------------------------------------------- running
+    def start(self, nursery: trio.Nursery) -> None:
+        """Start the vCPU tasks, parked; `resume()` lets them run."""
+        for runner in self.runners:
+            nursery.start_soon(runner.loop, self.gate)
+
+    async def pause(self) -> None:
+        await self.gate.pause()
+        if self.status == "running":
+            self.status = "paused"
+
+    def resume(self) -> None:
+        self.gate.resume()
+        self.status = "running"
+
+    async def get_all_regs(self) -> list[uapi.Regs]:
+        out: list[uapi.Regs | None] = [None] * len(self.vcpus)
+
+        async def one(i: int) -> None:
+            out[i] = await self.vcpus[i].get_regs()
+
+        async with trio.open_nursery() as n:
+            for i in range(len(self.vcpus)):
+                n.start_soon(one, i)
+        return [r for r in out if r is not None]
+
+    async def set_all_regs(self, regs: Sequence[uapi.Regs]) -> None:
+        async with trio.open_nursery() as n:
+            for vcpu, r in zip(self.vcpus, regs, strict=True):
+                n.start_soon(vcpu.set_regs, r)
+
+    async def holds_context(self) -> bool:
+        """Whether this VM may still run the guest: KVM_RUN with immediate_exit says EINTR
+        (alive) or EIO (the context moved away and the VM is dead)."""
+        if not self.vcpus:
+            return False
+        try:
+            await self.vcpus[0].run(immediate_exit=True)
+        except OSError as exc:
+            return exc.errno != errno.EIO
+        return True
+
+    async def reclaim(self, escrow: int, regs: Sequence[uapi.Regs] | None) -> None:
+        """Move the guest back from the escrowed VM into a fresh VM of our own.
+
+        Used when a handoff failed after the context moved: our old VM is dead (EIO), so a new
+        one is built over the same memfds and the context comes back with the same MOVE.
+        """
+        old_vm, old_vcpus = self.vm, self.vcpus
+        self.vm = await self._create_vm(sev_init=False)
+        try:
+            self.vcpus = await self._create_vcpus(self.vm)
+            await self.vm.enable_cap(uapi.KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM, escrow)
+            if self.cfg.mode != "sev-es":
+                assert regs is not None
+                await self.set_all_regs(regs)
+        except BaseException:
+            for v in self.vcpus if self.vcpus is not old_vcpus else []:
+                v.close()
+            self.vm.close()
+            self.vm, self.vcpus = old_vm, old_vcpus
+            raise
+        for v in old_vcpus:
+            v.close()
+        if old_vm is not None:
+            old_vm.close()
+        for runner in self.runners:
+            runner.pending = False
+
+    def memfd_inodes(self) -> list[int]:
+        return [os.fstat(fd).st_ino for fd in self.memfds]
+
+    def memfd_blocks(self) -> list[int]:
+        return [os.fstat(fd).st_blocks for fd in self.memfds]
+
+    def close(self) -> None:
+        for v in self.vcpus:
+            v.close()
+        self.vcpus = []
+        if self.vm is not None:
+            self.vm.close()
+            self.vm = None
+        for fd in self.memfds:
+            os.close(fd)
+        self.memfds = []
+        if self.kvm is not None:
+            self.kvm.close()
+            self.kvm = None
+        self.devices.close()
