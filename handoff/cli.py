@@ -1,9 +1,9 @@
 """`handoff`: run a VM under a VMM that can hand it to its successor, and drive such handoffs.
 
-    handoff run      run a VMM (or, with --incoming, wait to take one over)
-    handoff upgrade  replace a running VMM by a new process, the guest running throughout
-    handoff status   show a VMM's state and its last handoff
-    handoff demo     the whole story on embedded defaults (what `make demo` runs)
+handoff run      run a VMM (or, with --incoming, wait to take one over)
+handoff upgrade  replace a running VMM by a new process, the guest running throughout
+handoff status   show a VMM's state and its last handoff
+handoff demo     the whole story on embedded defaults (what `make demo` runs)
 """
 
 from __future__ import annotations
@@ -102,43 +102,87 @@ def _timeout(text: str) -> float:
 
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("the guest (guest-visible: must match across a handoff)")
-    g.add_argument("--vcpus", type=_int_in(1, 1024, "--vcpus"), default=1,
-                   help="number of vCPUs (default 1)")
-    g.add_argument("--memory", type=_size, default=parse_size("256M"),
-                   help="guest memory, e.g. 512M, 4G, 1T; a sparse memfd, so only pages the "
-                   "guest touches use host memory (default 256M)")
-    g.add_argument("--mode", choices=MODES, default="plain",
-                   help="plain (no encryption), sev, or sev-es (registers protected too)")
-    g.add_argument("--policy", type=_policy, default=None,
-                   help="SEV guest policy in hex (default: 0 for sev, 0x4 (ES) for sev-es; "
-                   "add 0x1 for NODBG)")
-    g.add_argument("--line-every", type=_int_in(1, 1_000_000, "--line-every"), default=200,
-                   help="guest steps between two serial lines (default 200)")
-    g.add_argument("--flip-every", type=_int_in(1, 1_000_000, "--flip-every"), default=50,
-                   help="guest steps between two shared/private page flips (default 50)")
+    g.add_argument(
+        "--vcpus", type=_int_in(1, 1024, "--vcpus"), default=1, help="number of vCPUs (default 1)"
+    )
+    g.add_argument(
+        "--memory",
+        type=_size,
+        default=parse_size("256M"),
+        help="guest memory, e.g. 512M, 4G, 1T; a sparse memfd, so only pages the "
+        "guest touches use host memory (default 256M)",
+    )
+    g.add_argument(
+        "--mode",
+        choices=MODES,
+        default="plain",
+        help="plain (no encryption), sev, or sev-es (registers protected too)",
+    )
+    g.add_argument(
+        "--policy",
+        type=_policy,
+        default=None,
+        help="SEV guest policy in hex (default: 0 for sev, 0x4 (ES) for sev-es; add 0x1 for NODBG)",
+    )
+    g.add_argument(
+        "--line-every",
+        type=_int_in(1, 1_000_000, "--line-every"),
+        default=200,
+        help="guest steps between two serial lines (default 200)",
+    )
+    g.add_argument(
+        "--flip-every",
+        type=_int_in(1, 1_000_000, "--flip-every"),
+        default=50,
+        help="guest steps between two shared/private page flips (default 50)",
+    )
     h = p.add_argument_group("the host (free to change across a handoff)")
-    h.add_argument("--name", default="vm0",
-                   help="VM name; names the control socket in the runtime directory")
+    h.add_argument(
+        "--name", default="vm0", help="VM name; names the control socket in the runtime directory"
+    )
     h.add_argument("--uuid", default=None, help=argparse.SUPPRESS)
-    h.add_argument("--kvm", default=None,
-                   help="kvmstub socket (default: $KVMSTUB_SOCKET, else "
-                   "$XDG_RUNTIME_DIR/kvmstub/kvm.sock, else /run/kvmstub/kvm.sock)")
-    h.add_argument("--control", default=None,
-                   help="QMP control socket (default: <runtime dir>/<name>.qmp)")
-    h.add_argument("--serial-log", default=None,
-                   help="append the guest's serial lines to this file (flushed per line)")
-    h.add_argument("--incoming", type=_incoming, default=None, metavar="unix:PATH",
-                   help="start as a handoff target: listen on PATH and take over the VM a "
-                   "running VMM hands over")
+    h.add_argument(
+        "--kvm",
+        default=None,
+        help="kvmstub socket (default: $KVMSTUB_SOCKET, else "
+        "$XDG_RUNTIME_DIR/kvmstub/kvm.sock, else /run/kvmstub/kvm.sock)",
+    )
+    h.add_argument(
+        "--control", default=None, help="QMP control socket (default: <runtime dir>/<name>.qmp)"
+    )
+    h.add_argument(
+        "--serial-log",
+        default=None,
+        help="append the guest's serial lines to this file (flushed per line)",
+    )
+    h.add_argument(
+        "--incoming",
+        type=_incoming,
+        default=None,
+        metavar="unix:PATH",
+        help="start as a handoff target: listen on PATH and take over the VM a "
+        "running VMM hands over",
+    )
     h.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="default info")
-    h.add_argument("--allow-uid", type=_int_in(0, 2**32 - 2, "--allow-uid"), action="append",
-                   default=[], metavar="UID",
-                   help="also accept handoff peers with this uid (repeatable; own uid always)")
-    h.add_argument("--handoff-timeout", type=_timeout, default=10.0, metavar="SECONDS",
-                   help="longest wait for a handoff peer at any step (default 10)")
+    h.add_argument(
+        "--allow-uid",
+        type=_int_in(0, 2**32 - 2, "--allow-uid"),
+        action="append",
+        default=[],
+        metavar="UID",
+        help="also accept handoff peers with this uid (repeatable; own uid always)",
+    )
+    h.add_argument(
+        "--handoff-timeout",
+        type=_timeout,
+        default=10.0,
+        metavar="SECONDS",
+        help="longest wait for a handoff peer at any step (default 10)",
+    )
     # Pins the newest protocol version this VMM speaks, so tests can play an older release.
-    h.add_argument("--max-protocol", type=_int_in(1, 2, "--max-protocol"), default=2,
-                   help=argparse.SUPPRESS)
+    h.add_argument(
+        "--max-protocol", type=_int_in(1, 2, "--max-protocol"), default=2, help=argparse.SUPPRESS
+    )
 
 
 def guest_config(ns: argparse.Namespace) -> GuestConfig:
@@ -182,24 +226,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"handoff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run a VMM", description="Run a VMM: boot a guest on "
-                         "kvmstub and serve QMP on the control socket; with --incoming, wait "
-                         "for a running VMM to hand its guest over.")
+    run = sub.add_parser(
+        "run",
+        help="run a VMM",
+        description="Run a VMM: boot a guest on "
+        "kvmstub and serve QMP on the control socket; with --incoming, wait "
+        "for a running VMM to hand its guest over.",
+    )
     add_run_arguments(run)
 
-    up = sub.add_parser("upgrade", help="replace a running VMM, guest running throughout",
-                        description="Ask a running VMM (over QMP) to spawn its successor and "
-                        "hand the guest to it. Shows each phase and the guest-visible pause; "
-                        "exits 0 on success, non-zero with the reason on failure (the old VMM "
-                        "then still runs the guest).")
+    up = sub.add_parser(
+        "upgrade",
+        help="replace a running VMM, guest running throughout",
+        description="Ask a running VMM (over QMP) to spawn its successor and "
+        "hand the guest to it. Shows each phase and the guest-visible pause; "
+        "exits 0 on success, non-zero with the reason on failure (the old VMM "
+        "then still runs the guest).",
+    )
     up.add_argument("target", nargs="?", help="VM name (control socket in the runtime dir)")
     up.add_argument("--control", help="QMP control socket of the running VMM")
-    up.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="change one run flag for the successor, e.g. log-level=debug "
-                    "(repeatable)")
-    up.add_argument("--exec", nargs=argparse.REMAINDER, default=None, metavar="PROGRAM ARGS",
-                    help="run this program instead of the current one (rollback: the older "
-                    "program); everything after --exec belongs to it")
+    up.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change one run flag for the successor, e.g. log-level=debug (repeatable)",
+    )
+    up.add_argument(
+        "--exec",
+        nargs=argparse.REMAINDER,
+        default=None,
+        metavar="PROGRAM ARGS",
+        help="run this program instead of the current one (rollback: the older "
+        "program); everything after --exec belongs to it",
+    )
     up.add_argument("--json", action="store_true", help="print one JSON result")
     up.add_argument("--timeout", type=_timeout, default=60.0, help="give up after (default 60 s)")
 
@@ -208,11 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--control", help="QMP control socket of the running VMM")
     st.add_argument("--json", action="store_true", help="print JSON")
 
-    demo = sub.add_parser("demo", help="the main job on embedded defaults (make demo)",
-                          description="Start kvmstub and an SEV-ES VMM (4 vCPUs, 4 GiB) in a "
-                          "temporary directory, upgrade it three times, roll back once, try an "
-                          "incompatible handoff, then verify continuity, zero copy and that "
-                          "nothing leaked. Exits 0 only if all of it holds.")
+    demo = sub.add_parser(
+        "demo",
+        help="the main job on embedded defaults (make demo)",
+        description="Start kvmstub and an SEV-ES VMM (4 vCPUs, 4 GiB) in a "
+        "temporary directory, upgrade it three times, roll back once, try an "
+        "incompatible handoff, then verify continuity, zero copy and that "
+        "nothing leaked. Exits 0 only if all of it holds.",
+    )
     demo.add_argument("--workdir", default=None, help="keep files here instead of a temp dir")
     demo.add_argument("--mode", choices=MODES, default="sev-es")
     demo.add_argument("--vcpus", type=_int_in(1, 64, "--vcpus"), default=4)
@@ -235,7 +298,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.command == "run":
             from .app import run_main
 
-            return run_main(guest_config(ns), host_flags(ns), ns.incoming, run_argv(argv))
+            args = list(sys.argv[1:] if argv is None else argv)
+            run_args = args[args.index("run") + 1 :]
+            program = [sys.executable, "-m", "handoff.cli"]
+            return run_main(guest_config(ns), host_flags(ns), ns.incoming, program, run_args)
         if ns.command == "upgrade":
             from .ops import upgrade_main
 
@@ -253,12 +319,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 2
-
-
-def run_argv(argv: Sequence[str] | None) -> list[str]:
-    """The command line of this `run`, to start a successor with the same flags."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    return [sys.executable, "-m", "handoff.cli", *args]
 
 
 def apply_sets(argv: list[str], sets: Sequence[str]) -> list[str]:
@@ -284,6 +344,23 @@ def apply_sets(argv: list[str], sets: Sequence[str]) -> list[str]:
                 continue
             kept.append(tok)
         out = [*kept, flag, value] if value != "" else kept
+    return out
+
+
+def strip_flags(argv: Sequence[str], flags: Sequence[str]) -> list[str]:
+    """`argv` without the given flags and their values (`--f v` and `--f=v` forms)."""
+    out: list[str] = []
+    skip = False
+    for tok in argv:
+        if skip:
+            skip = False
+            continue
+        if tok in flags:
+            skip = True
+            continue
+        if any(tok.startswith(f + "=") for f in flags):
+            continue
+        out.append(tok)
     return out
 
 

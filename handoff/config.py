@@ -21,7 +21,7 @@ Mode = Literal["plain", "sev", "sev-es"]
 MODES: tuple[Mode, ...] = ("plain", "sev", "sev-es")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_VCPUS = 1024
-MAX_MEMORY = 1 << 50  # 1 PiB of sparse memfd is as far as anyone should go
+MAX_MEMORY = 1 << 46  # 64 TiB: at most 64 slots, each one memfd in one SCM_RIGHTS message
 # One memory slot is at most this big; a larger guest gets several slots, each its own memfd.
 SLOT_MAX = 1 << 40
 
@@ -42,7 +42,7 @@ def parse_size(text: str) -> int:
     if size % uapi.PAGE_SIZE:
         raise ConfigError(f"memory size {text!r} is not a multiple of 4 KiB pages")
     if not 0 < size <= MAX_MEMORY:
-        raise ConfigError(f"memory size {text!r} is out of range (1 page to 1 PiB)")
+        raise ConfigError(f"memory size {text!r} is out of range (1 page to 64 TiB)")
     return size
 
 

@@ -1,0 +1,363 @@
+"""`handoff run`: one VMM process, from boot (or takeover) to exit.
+
+It wires the machine (`vmm`), the QMP control server (`control`), and the two roles of the
+handoff (`source`, `target`). The control socket is created once, by the first VMM of a VM;
+every successor receives the listening socket itself in the handoff and serves it from the
+resume on, so its path never changes for clients.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from kvmstub import uapi
+
+from . import __version__, hardening, notify
+from .config import GuestConfig, HostFlags, format_size
+from .control import ControlServer, QMPCommandError
+from .errors import HandoffError
+from .record import HandoffRecord
+from .vmm import Vmm
+
+log = logging.getLogger("handoff.app")
+
+SEV_STATES = {
+    uapi.SEV_GUEST_STATE_UNINIT: "uninit",
+    uapi.SEV_GUEST_STATE_LUPDATE: "launch-update",
+    uapi.SEV_GUEST_STATE_LSECRET: "launch-secret",
+    uapi.SEV_GUEST_STATE_RUNNING: "running",
+    uapi.SEV_GUEST_STATE_SUPDATE: "send-update",
+    uapi.SEV_GUEST_STATE_RUPDATE: "receive-update",
+    uapi.SEV_GUEST_STATE_SENT: "sent",
+}
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format=f"%(asctime)s handoff[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def bind_control(path: str) -> socket.socket:
+    """The QMP listening socket, created by the first VMM of a VM (directory 0700)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, mode=0o700, exist_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        if os.path.exists(path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)  # stale: nothing answers there
+            else:
+                raise HandoffError(f"control socket {path} is in use by a running VMM")
+            finally:
+                probe.close()
+        old = os.umask(0o077)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+        sock.listen(16)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class App:
+    """The VMM process: its machine, its control server, and its handoffs."""
+
+    def __init__(
+        self,
+        cfg: GuestConfig,
+        flags: HostFlags,
+        program: Sequence[str],
+        run_args: Sequence[str],
+    ) -> None:
+        self.cfg = cfg
+        self.flags = flags
+        self.program = list(program)
+        self.run_args = list(run_args)
+        self.vmm = Vmm(cfg, flags)
+        self.control: ControlServer | None = None
+        self.control_sock: socket.socket | None = None
+        self.record = HandoffRecord()
+        self.handoff_busy = False
+        self.finished = trio.Event()
+        self.exit_code = 0
+        self.started = time.time()
+        self.hardening: dict[str, Any] = {}
+        self.successor: subprocess.Popen[bytes] | None = None
+        self.nursery: trio.Nursery | None = None
+
+    # --------------------------------------------------------------- lifecycle
+    async def main(self, incoming: str | None) -> int:
+        try:
+            self.hardening = hardening.harden(f"handoff:{self.flags.name}")
+        except Exception as exc:  # a missing prctl must not stop a VM; say so
+            log.warning("process hardening unavailable: %s", exc)
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            if incoming is None:
+                await self.boot(nursery)
+            else:
+                from .target import take_over
+
+                ok = await take_over(self, incoming, nursery)
+                if not ok:
+                    nursery.cancel_scope.cancel()
+                    return 1
+            nursery.start_soon(self._watch_context)
+            notify.notify("READY=1", f"STATUS=guest running ({self.cfg.mode})")
+            await self.finished.wait()
+            nursery.cancel_scope.cancel()
+        return self.exit_code
+
+    async def boot(self, nursery: trio.Nursery) -> None:
+        t0 = time.perf_counter()
+        await self.vmm.launch()
+        assert self.flags.control is not None
+        self.control_sock = bind_control(self.flags.control)
+        self.start_control(nursery)
+        self.vmm.start(nursery)
+        self.vmm.resume()
+        log.info(
+            "guest %s running: %s, %d vCPUs, %s, launched in %.1f ms; control %s",
+            self.flags.name,
+            self.cfg.mode,
+            self.cfg.vcpus,
+            format_size(self.cfg.memory),
+            (time.perf_counter() - t0) * 1e3,
+            self.flags.control,
+        )
+
+    def start_control(self, nursery: trio.Nursery) -> None:
+        assert self.control_sock is not None
+        self.control = ControlServer(self.control_sock, self.handlers())
+        nursery.start_soon(self.control.serve)
+
+    def emit(self, event: str, data: dict[str, Any]) -> None:
+        if self.control is not None:
+            self.control.emit(event, data)
+
+    async def _watch_context(self) -> None:
+        await self.vmm.context_lost.wait()
+        if self.record.status in ("device", "completed"):
+            return  # our own handoff moved it: expected
+        log.error("this VM lost the guest's context (another VMM holds it now); exiting")
+        self.exit_code = 3
+        self.finished.set()
+
+    def shutdown(self, code: int = 0) -> None:
+        notify.notify("STOPPING=1")
+        self.exit_code = code
+        self.finished.set()
+
+    def cleanup(self, remove_control: bool) -> None:
+        if self.control is not None:
+            self.control.close_clients()
+        if self.control_sock is not None:
+            if remove_control:
+                try:
+                    path = self.control_sock.getsockname()
+                    if isinstance(path, str) and path:
+                        os.unlink(path)
+                except OSError:
+                    pass
+            self.control_sock.close()
+            self.control_sock = None
+        self.vmm.close()
+
+    # --------------------------------------------------------------- QMP
+    def handlers(self) -> dict[str, Any]:
+        return {
+            "query-status": self.qmp_query_status,
+            "query-name": self.qmp_query_name,
+            "query-sev": self.qmp_query_sev,
+            "query-handoff": self.qmp_query_handoff,
+            "query-memfds": self.qmp_query_memfds,
+            "stop": self.qmp_stop,
+            "cont": self.qmp_cont,
+            "handoff": self.qmp_handoff,
+            "upgrade": self.qmp_upgrade,
+            "quit": self.qmp_quit,
+        }
+
+    async def qmp_query_status(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "running": self.vmm.status == "running",
+            "singlestep": False,
+            "status": self.vmm.status,
+            "pid": os.getpid(),
+            "version": __version__,
+            "mode": self.cfg.mode,
+            "vcpus": self.cfg.vcpus,
+            "memory": self.cfg.memory,
+            "uptime": round(time.time() - self.started, 3),
+            "hardening": self.hardening,
+        }
+
+    async def qmp_query_name(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {"name": self.flags.name}
+
+    async def qmp_query_sev(self, args: dict[str, Any]) -> dict[str, Any]:
+        if self.cfg.mode == "plain":
+            raise QMPCommandError("SEV feature is not available")
+        state = self.vmm.sev.get("state", uapi.SEV_GUEST_STATE_RUNNING)
+        return {
+            "enabled": True,
+            "api-major": uapi.SEV_API_MAJOR,
+            "api-minor": uapi.SEV_API_MINOR,
+            "build-id": uapi.SEV_BUILD,
+            "policy": self.cfg.policy,
+            "state": SEV_STATES.get(state, "uninit"),
+            "handle": self.vmm.sev.get("handle", 0),
+            "sev-type": "sev",
+            "es": self.cfg.mode == "sev-es",
+        }
+
+    async def qmp_query_handoff(self, args: dict[str, Any]) -> dict[str, Any]:
+        return self.record.to_qmp()
+
+    async def qmp_query_memfds(self, args: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "inodes": self.vmm.memfd_inodes(),
+            "blocks": self.vmm.memfd_blocks(),
+            "slots": [s.size for s in self.cfg.slots()],
+        }
+
+    async def qmp_stop(self, args: dict[str, Any]) -> dict[str, Any]:
+        if self.handoff_busy:
+            raise QMPCommandError("a handoff is in progress; try again when it has finished")
+        await self.vmm.pause()
+        self.emit("STOP", {})
+        return {}
+
+    async def qmp_cont(self, args: dict[str, Any]) -> dict[str, Any]:
+        if self.handoff_busy:
+            raise QMPCommandError("a handoff is in progress; try again when it has finished")
+        if self.vmm.status in ("guest-panicked", "shutdown"):
+            raise QMPCommandError(f"the guest is {self.vmm.status}; it cannot continue")
+        self.vmm.resume()
+        self.emit("RESUME", {})
+        return {}
+
+    async def qmp_quit(self, args: dict[str, Any]) -> dict[str, Any]:
+        if self.handoff_busy:
+            raise QMPCommandError("a handoff is in progress; quit when it has finished")
+        self.shutdown(0)
+        return {}
+
+    def _begin_handoff(self) -> None:
+        if self.handoff_busy:
+            raise QMPCommandError(
+                f"a handoff is already in progress (status {self.record.status}); "
+                "wait for it to finish"
+            )
+        if self.vmm.status != "running":
+            raise QMPCommandError(
+                f"the guest is {self.vmm.status}: only a running guest can be handed off"
+            )
+        self.handoff_busy = True
+
+    async def qmp_handoff(self, args: dict[str, Any]) -> dict[str, Any]:
+        uri = args.get("uri")
+        if not isinstance(uri, str) or not uri.startswith("unix:") or len(uri) <= 5:
+            raise QMPCommandError("'uri' must be unix:PATH, the target's handoff socket")
+        self._begin_handoff()
+        assert self.nursery is not None
+        self.nursery.start_soon(self._run_handoff, uri[5:], None)
+        return {}
+
+    async def qmp_upgrade(self, args: dict[str, Any]) -> dict[str, Any]:
+        sets = args.get("set", [])
+        exec_argv = args.get("exec")
+        if not isinstance(sets, list) or not all(isinstance(s, str) for s in sets):
+            raise QMPCommandError("'set' must be a list of KEY=VALUE strings")
+        if exec_argv is not None and (
+            not isinstance(exec_argv, list)
+            or not exec_argv
+            or not all(isinstance(s, str) for s in exec_argv)
+        ):
+            raise QMPCommandError("'exec' must be a non-empty list: PROGRAM ARGS...")
+        self._begin_handoff()
+        try:
+            path, proc = self.spawn_successor(sets, exec_argv)
+        except Exception as exc:
+            self.handoff_busy = False
+            raise QMPCommandError(f"could not start the successor: {exc}") from exc
+        assert self.nursery is not None
+        self.nursery.start_soon(self._run_handoff, path, proc)
+        return {"pid": proc.pid, "uri": f"unix:{path}"}
+
+    # --------------------------------------------------------------- handoff
+    def spawn_successor(
+        self, sets: Sequence[str], exec_argv: Sequence[str] | None
+    ) -> tuple[str, subprocess.Popen[bytes]]:
+        from .cli import apply_sets, strip_flags
+
+        run_args = strip_flags(self.run_args, ("--incoming", "--uuid"))
+        run_args = apply_sets(run_args, sets)
+        workdir = tempfile.mkdtemp(prefix=f"handoff-{self.flags.name}-")
+        path = os.path.join(workdir, "incoming.sock")
+        program = list(exec_argv) if exec_argv else self.program
+        argv = [*program, "run", *run_args, "--uuid", self.flags.uuid, "--incoming", f"unix:{path}"]
+        log.info("starting successor: %s", " ".join(argv))
+        proc = subprocess.Popen(argv, start_new_session=True, stdin=subprocess.DEVNULL)
+        self.successor = proc
+        self.record.workdir = workdir
+        return path, proc
+
+    async def _run_handoff(self, path: str, proc: subprocess.Popen[bytes] | None) -> None:
+        from .source import hand_off
+
+        try:
+            ok = await hand_off(self, path, proc)
+        finally:
+            self.handoff_busy = False
+        if ok:
+            self.shutdown(0)
+
+
+def strip_env_for_child() -> None:
+    """Nothing of the parent's signal dispositions should leak into a successor."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def run_main(
+    cfg: GuestConfig,
+    flags: HostFlags,
+    incoming: str | None,
+    program: Sequence[str],
+    run_args: Sequence[str],
+) -> int:
+    setup_logging(flags.log_level)
+    app = App(cfg, flags, program, run_args)
+    try:
+        code = trio.run(app.main, incoming)
+    except HandoffError as exc:
+        log.error("%s", exc)
+        code = 1
+    except OSError as exc:
+        log.error("cannot run the VM: %s", exc)
+        code = 1
+    finally:
+        handed_off = app.record.status == "completed"
+        app.cleanup(remove_control=not handed_off)
+    return code

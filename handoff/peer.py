@@ -1,0 +1,84 @@
+"""One end of a handoff connection: the protocol machine and the channel, joined.
+
+`send` encodes through the machine and attaches the message's fds; `receive` reads one
+datagram, lets the machine judge it (order, fields, fd count), and hands back the message with
+its fds already owned. Every wait has the configured timeout. Protocol errors, refusals and a
+vanished peer come out as `HandoffError`s, so `source` and `target` can apply the failure
+rules of DESIGN.md section 4 in one place each.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TypeVar
+
+import trio
+
+from . import protocol
+from .channel import Channel, OwnedFds
+from .errors import HandoffTimeout, PeerFailed, Refused, TransportError
+
+log = logging.getLogger("handoff.peer")
+
+M = TypeVar("M")
+MAX_FDS = 72  # the largest message (Describe) carries <= 64 memfds + the control socket
+
+
+class PeerGoneError(PeerFailed):
+    """The peer closed the connection or died."""
+
+
+class Peer:
+    def __init__(self, chan: Channel, conn: protocol.HandoffConnection, timeout: float) -> None:
+        self.chan = chan
+        self.conn = conn
+        self.timeout = timeout
+
+    async def send(self, msg: protocol.Message, fds: Sequence[int] = ()) -> None:
+        data = self.conn.send(msg)
+        with trio.fail_after(self.timeout):
+            await self.chan.send(data, fds)
+
+    async def refuse(self, code: str, reason: str) -> None:
+        """Tell the peer why we stop, if the connection still allows it; never raises."""
+        try:
+            await self.send(protocol.Refuse(code=code, reason=reason))
+        except Exception as exc:  # the peer may be gone already
+            log.debug("could not send Refuse: %s", exc)
+
+    async def receive(self, expect: type[M], timeout: float | None = None) -> tuple[M, OwnedFds]:
+        try:
+            with trio.fail_after(self.timeout if timeout is None else timeout):
+                data, fds = await self.chan.receive(MAX_FDS)
+        except trio.TooSlowError:
+            raise HandoffTimeout(
+                f"the peer sent nothing for {self.timeout:g} s while we waited for "
+                f"{expect.__name__}"
+            ) from None
+        owned = OwnedFds(fds)
+        try:
+            event = self.conn.receive(data, len(fds))
+        except protocol.RemoteProtocolError as exc:
+            owned.close()
+            raise PeerFailed(f"the peer broke the handoff protocol: {exc}") from exc
+        except BaseException:
+            owned.close()
+            raise
+        if isinstance(event, protocol.PeerGone):
+            owned.close()
+            raise PeerGoneError(f"the peer closed the connection while we waited for "
+                                f"{expect.__name__}")
+        if isinstance(event, protocol.Refuse):
+            owned.close()
+            raise Refused(f"the peer refused the handoff ({event.code}): {event.reason}")
+        if not isinstance(event, expect):
+            owned.close()
+            raise PeerFailed(f"expected {expect.__name__}, the peer sent {type(event).__name__}")
+        return event, owned
+
+    def close(self) -> None:
+        self.chan.close()
+
+
+__all__ = ["Peer", "PeerGoneError", "TransportError"]

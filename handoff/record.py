@@ -1,0 +1,69 @@
+"""What one handoff did, phase by phase: shown by `query-handoff`, logged, and benchmarked."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+
+class HandoffRecord:
+    """Phases are named spans in milliseconds; `downtime` is the source's pause to the
+    target's `Resumed` as seen by the source (the guest reports its own pause in `gap_us`)."""
+
+    def __init__(self) -> None:
+        self.id = ""
+        self.status = "none"
+        self.role = ""
+        self.peer_pid = 0
+        self.started = 0.0
+        self.phases: dict[str, float] = {}
+        self.total_ms = 0.0
+        self.downtime_ms = 0.0
+        self.setup_ms = 0.0
+        self.error = ""
+        self.recovery = ""
+        self.protocol = 0
+        self.workdir = ""
+        self._t0 = 0.0
+        self._mark = 0.0
+        self.requests_in_pause = 0
+
+    def begin(self, role: str) -> None:
+        self.__init__()  # type: ignore[misc]
+        self.id = uuid.uuid4().hex[:12]
+        self.role = role
+        self.status = "setup"
+        self.started = time.time()
+        self._t0 = self._mark = time.perf_counter()
+
+    def phase(self, name: str) -> None:
+        """Close the span running since the previous mark under `name`."""
+        now = time.perf_counter()
+        self.phases[name] = round((now - self._mark) * 1e3, 3)
+        self._mark = now
+
+    def finish(self, status: str, error: str = "", recovery: str = "") -> None:
+        self.status = status
+        self.error = error
+        self.recovery = recovery
+        self.total_ms = round((time.perf_counter() - self._t0) * 1e3, 3)
+
+    def to_qmp(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.id,
+            "status": self.status,
+            "role": self.role,
+            "total-time": self.total_ms,
+            "downtime": self.downtime_ms,
+            "setup-time": self.setup_ms,
+            "phases": dict(self.phases),
+            "protocol": self.protocol,
+        }
+        if self.peer_pid:
+            out["peer-pid"] = self.peer_pid
+        if self.error:
+            out["error-desc"] = self.error
+        if self.recovery:
+            out["recovery"] = self.recovery
+        return out

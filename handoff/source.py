@@ -1,0 +1,232 @@
+"""The source role: hand our running guest to a target VMM (DESIGN.md section 4).
+
+Everything that does not need the guest paused (connect, credentials, Hello, Describe, the
+target building its VM) happens while the guest runs. The blackout is: park the vCPUs, read
+registers (plain, sev), snapshot devices, send `Switchover` with our VM fd, wait for `Moved`,
+send `Commit`, wait for `Resumed`.
+
+Failure rules, applied in `_recover`:
+- before `Switchover` was sent: the guest never left; resume it (rollback).
+- after: first make sure the target can no longer act (SIGKILL through a pidfd taken when it
+  connected, then wait for it to be gone), then resume our own VM if it still holds the
+  context, else move the context back from the escrowed target VM into a fresh VM (reclaim).
+  Because the target sends `Resumed` before it lets a vCPU run, the registers we snapshotted
+  at the pause are exact whenever we get the guest back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+from typing import TYPE_CHECKING
+
+import trio
+
+from . import notify, protocol
+from .channel import connect
+from .errors import CredentialsRefused, HandoffError, HandoffTimeout, TransportError
+from .peer import Peer
+
+if TYPE_CHECKING:
+    from .app import App
+
+log = logging.getLogger("handoff.source")
+
+
+async def _connect(path: str, proc: subprocess.Popen[bytes] | None, timeout: float) -> object:
+    """Connect to the target's handoff socket, waiting for a just-spawned successor to listen."""
+    deadline = trio.current_time() + timeout
+    delay = 0.002
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise HandoffError(
+                f"the successor exited with status {proc.returncode} before it listened; "
+                "see its log. The guest keeps running here"
+            )
+        try:
+            return await connect(path)
+        except (TransportError, OSError) as exc:
+            if trio.current_time() > deadline:
+                raise HandoffTimeout(
+                    f"no handoff target answered on {path} within {timeout:g} s ({exc}); "
+                    "the guest keeps running here"
+                ) from None
+        await trio.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def _pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except OSError:
+        return None
+
+
+async def _fence(pidfd: int | None, proc: subprocess.Popen[bytes] | None, pid: int) -> None:
+    """Make sure the target process is gone before we take the guest back."""
+    if pidfd is None:
+        log.warning("target pid %d cannot be fenced (no pidfd); recovering anyway", pid)
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    with trio.move_on_after(5):
+        await trio.lowlevel.wait_readable(pidfd)
+    if proc is not None:
+        await _wait_exit(proc, 1.0)
+
+
+async def _wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Poll a child without blocking the guest's event loop; True once it has exited."""
+    with trio.move_on_after(timeout):
+        while proc.poll() is None:
+            await trio.sleep(0.01)
+        return True
+    return False
+
+
+async def hand_off(app: App, path: str, proc: subprocess.Popen[bytes] | None) -> bool:
+    """Run one handoff as the source; return True when the target runs the guest."""
+    vmm, flags, rec = app.vmm, app.flags, app.record
+    rec.begin("source")
+    app.emit("HANDOFF", {"id": rec.id, "status": "setup"})
+    notify.notify("STATUS=handoff: connecting to the target")
+    peer: Peer | None = None
+    pidfd: int | None = None
+    peer_pid = proc.pid if proc is not None else 0
+    escrow: int | None = None
+    paused = switched = False
+    regs = None
+    t_pause = 0.0
+    try:
+        chan = await _connect(path, proc, flags.handoff_timeout)
+        assert hasattr(chan, "check_peer")
+        try:
+            creds = chan.check_peer(flags.allowed_uids())
+        except CredentialsRefused:
+            chan.close()
+            raise
+        peer_pid = creds.pid
+        rec.peer_pid = creds.pid
+        pidfd = _pidfd(creds.pid)
+        conn = protocol.HandoffConnection(protocol.Role.SOURCE, max_version=flags.max_protocol)
+        peer = Peer(chan, conn, flags.handoff_timeout)
+        rec.phase("connect")
+
+        await peer.send(protocol.source_hello(conn, flags.name, flags.uuid))
+        _hello, _ = await peer.receive(protocol.Hello)
+        rec.protocol = conn.version or 0
+        rec.phase("hello")
+
+        assert app.control_sock is not None
+        describe = protocol.describe_from(vmm.cfg, flags, vmm.sev)
+        await peer.send(describe, [*vmm.memfds, app.control_sock.fileno()])
+        app.emit("HANDOFF", {"id": rec.id, "status": "active"})
+        _prepared, fds = await peer.receive(protocol.Prepared)
+        escrow = fds.take()[0]
+        rec.phase("prepare")
+        rec.setup_ms = round(sum(rec.phases.values()), 3)
+
+        # ---- blackout: the guest is paused from here until the target resumes it.
+        app.emit("HANDOFF", {"id": rec.id, "status": "device"})
+        t_pause = time.perf_counter()
+        if app.control is not None:
+            app.control.stop_accepting()
+        await vmm.pause()
+        paused = True
+        if vmm.cfg.mode != "sev-es":
+            regs = await vmm.get_all_regs()
+        devices = vmm.devices.snapshot()
+        rec.phase("pause")
+        assert vmm.vm is not None
+        await peer.send(protocol.switchover_from(devices, regs), [vmm.vm.fileno()])
+        switched = True
+        await peer.receive(protocol.Moved)
+        rec.phase("switchover")
+        await peer.send(protocol.Commit())
+        rec.phase("commit")
+        await peer.receive(protocol.Resumed)
+        rec.phase("resume")
+        rec.downtime_ms = round((time.perf_counter() - t_pause) * 1e3, 3)
+    except (HandoffError, OSError, trio.TooSlowError) as exc:
+        reason = str(exc) or type(exc).__name__
+        if peer is not None:
+            await peer.refuse("internal", reason)
+        recovery = await _recover(app, paused, switched, escrow, regs, pidfd, proc, peer_pid)
+        rec.finish("failed", reason, recovery)
+        log.error("handoff %s failed: %s (recovery: %s)", rec.id, reason, recovery)
+        app.emit("HANDOFF", {"id": rec.id, "status": "failed", "error-desc": reason,
+                             "recovery": recovery})
+        notify.notify(f"STATUS=handoff failed ({recovery}): guest running here")
+        _close(peer, escrow, pidfd)
+        await _reap(proc, rec.workdir)
+        return False
+
+    rec.finish("completed")
+    log.info(
+        "handoff %s completed: target pid %d, protocol %d, downtime %.3f ms, total %.3f ms, "
+        "phases %s",
+        rec.id, peer_pid, rec.protocol, rec.downtime_ms, rec.total_ms, rec.phases,
+    )
+    app.emit("HANDOFF", {"id": rec.id, "status": "completed", **rec.to_qmp()})
+    notify.notify(f"MAINPID={peer_pid}", "STATUS=handed off to the successor")
+    vmm.status = "postmigrate"
+    _close(peer, escrow, pidfd)
+    if rec.workdir:
+        # The target removes its socket once it has taken over; the directory is ours.
+        shutil.rmtree(rec.workdir, ignore_errors=True)
+    return True
+
+
+async def _recover(
+    app: App,
+    paused: bool,
+    switched: bool,
+    escrow: int | None,
+    regs: list[object] | None,
+    pidfd: int | None,
+    proc: subprocess.Popen[bytes] | None,
+    peer_pid: int,
+) -> str:
+    vmm = app.vmm
+    if not switched:
+        if app.control is not None:
+            app.control.start_accepting()
+        if paused:
+            vmm.resume()
+            return "rollback"
+        return "none"
+    await _fence(pidfd, proc, peer_pid)
+    if await vmm.holds_context():
+        recovery = "rollback"
+    else:
+        if escrow is None:
+            raise RuntimeError("context moved but no escrow: cannot happen")
+        await vmm.reclaim(escrow, regs)  # type: ignore[arg-type]
+        recovery = "reclaim"
+    if app.control is not None:
+        app.control.start_accepting()
+    vmm.resume()
+    return recovery
+
+
+def _close(peer: Peer | None, escrow: int | None, pidfd: int | None) -> None:
+    if peer is not None:
+        peer.close()
+    for fd in (escrow, pidfd):
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+async def _reap(proc: subprocess.Popen[bytes] | None, workdir: str) -> None:
+    """A failed successor must not linger: give it a moment to exit, then kill it."""
+    if proc is not None and not await _wait_exit(proc, 2.0):
+        proc.kill()
+        await _wait_exit(proc, 2.0)
+    if workdir:
+        shutil.rmtree(workdir, ignore_errors=True)

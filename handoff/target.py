@@ -1,0 +1,247 @@
+"""The target role: take over a guest that a running VMM hands to us (DESIGN.md section 4).
+
+Before the source pauses we check its credentials, agree a protocol version, check that the
+guest it describes is the one we were asked to run, map its memfds and build our VM and vCPUs
+over them, and send our VM fd as escrow. After `Switchover` we move the encryption context
+(sev, sev-es), set registers (plain, sev), restore devices, answer `Moved`, and resume only after
+`Commit`, sending `Resumed` before any vCPU runs.
+
+If the source is lost after `Switchover`, we take over only when its process is really gone
+(a pidfd taken when it connected becomes readable); a source that is alive but silent keeps the
+guest (it still holds our VM in escrow), and we step aside.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import stat
+import time
+from typing import TYPE_CHECKING
+
+import trio
+
+from . import protocol
+from .channel import Channel, Listener, OwnedFds, listen
+from .config import GuestConfig
+from .errors import CredentialsRefused, HandoffError, HandoffTimeout, PeerFailed, Refused
+from .peer import Peer, PeerGoneError
+
+if TYPE_CHECKING:
+    from .app import App
+
+log = logging.getLogger("handoff.target")
+
+ACCEPT_TIMEOUT_FACTOR = 6  # how many handoff timeouts a fresh target waits for its source
+
+
+async def take_over(app: App, path: str, nursery: trio.Nursery) -> bool:
+    """Wait on `path` for a source, take its guest, and leave it running; False if not."""
+    flags = app.flags
+    listener = await listen(path)
+    log.info("waiting for a handoff on %s", path)
+    try:
+        with trio.move_on_after(flags.handoff_timeout * ACCEPT_TIMEOUT_FACTOR) as scope:
+            chan = await listener.accept()
+        if scope.cancelled_caught:
+            log.error("no VMM handed a guest over within %g s; exiting",
+                      flags.handoff_timeout * ACCEPT_TIMEOUT_FACTOR)
+            return False
+        async with trio.open_nursery() as refusals:
+            refusals.start_soon(_refuse_others, listener, flags.max_protocol)
+            try:
+                ok = await _receive(app, chan, nursery)
+            finally:
+                refusals.cancel_scope.cancel()
+    finally:
+        listener.close()
+    return ok
+
+
+async def _refuse_others(listener: Listener, max_version: int) -> None:
+    """One handoff at a time: a second source gets a clear refusal, not a hang."""
+    while True:
+        chan = await listener.accept()
+        conn = protocol.HandoffConnection(protocol.Role.TARGET, max_version=max_version)
+        with contextlib.suppress(Exception):
+            data = conn.send(protocol.Refuse(
+                code="busy",
+                reason="this VMM is already taking over a guest; the source keeps running",
+            ))
+            with trio.move_on_after(1):
+                await chan.send(data)
+        chan.close()
+
+
+async def _wait_source_dead(pidfd: int | None, timeout: float) -> bool:
+    if pidfd is None:
+        return False
+    with trio.move_on_after(timeout):
+        await trio.lowlevel.wait_readable(pidfd)
+        return True
+    return False
+
+
+def _check_memfds(fds: OwnedFds, cfg: GuestConfig) -> str | None:
+    """Each slot's fd must be a regular file (a memfd) at least as long as the slot."""
+    for fd, layout in zip(fds, cfg.slots(), strict=True):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return f"memory slot {layout.slot} did not come with a memfd"
+        if st.st_size < layout.size:
+            return (f"memory slot {layout.slot}'s memfd is {st.st_size} bytes, "
+                    f"smaller than the slot ({layout.size} bytes)")
+    return None
+
+
+async def _receive(app: App, chan: Channel, nursery: trio.Nursery) -> bool:
+    flags, vmm, rec = app.flags, app.vmm, app.record
+    rec.begin("target")
+    try:
+        creds = chan.check_peer(flags.allowed_uids())
+    except CredentialsRefused as exc:
+        log.error("%s", exc)
+        conn = protocol.HandoffConnection(protocol.Role.TARGET, max_version=flags.max_protocol)
+        with contextlib.suppress(Exception):
+            await chan.send(conn.send(protocol.Refuse(code="credentials", reason=str(exc))))
+        chan.close()
+        return False
+    rec.peer_pid = creds.pid
+    try:
+        pidfd: int | None = os.pidfd_open(creds.pid)
+    except OSError:
+        pidfd = None
+    conn = protocol.HandoffConnection(protocol.Role.TARGET, max_version=flags.max_protocol)
+    peer = Peer(chan, conn, flags.handoff_timeout)
+    source_vm: int | None = None
+    try:
+        await peer.receive(protocol.Hello)
+        await peer.send(protocol.target_hello(conn, flags.name, flags.uuid))
+        rec.protocol = conn.version or 0
+        describe, fds = await peer.receive(protocol.Describe)
+        with fds:
+            theirs = protocol.guest_config_of(describe)
+            diffs = app.cfg.differences(theirs)
+            if diffs:
+                reason = ("guest-visible config must match: " + "; ".join(diffs)
+                          + "; the source keeps running")
+                await peer.refuse("incompatible", reason)
+                raise Refused(reason)
+            control_fd = fds.pop()
+            try:
+                problem = _check_memfds(fds, app.cfg)
+                if problem:
+                    await peer.refuse("incompatible", problem + "; the source keeps running")
+                    raise Refused(problem)
+                t0 = time.perf_counter()
+                await vmm.prepare_incoming(fds.take())
+                vmm.sev = protocol.sev_cache_of(describe)
+                rec.phase("prepare")
+            except BaseException:
+                os.close(control_fd)
+                raise
+        app.control_sock = socket.socket(fileno=control_fd)
+        assert vmm.vm is not None
+        await peer.send(protocol.Prepared(), [vmm.vm.fileno()])
+        # The source pauses now; its Switchover starts our part of the blackout.
+        switchover, fds = await peer.receive(protocol.Switchover, timeout=flags.handoff_timeout)
+        t_sw = time.perf_counter()
+        source_vm = fds.take()[0]
+        regs, devices = protocol.switchover_state(switchover)
+    except (HandoffError, OSError) as exc:
+        # Nothing of the guest was touched: the source keeps (or resumes) it.
+        log.error("handoff refused or failed before switchover: %s", exc)
+        if not isinstance(exc, Refused | PeerGoneError):
+            await peer.refuse("internal", f"{exc}; the source keeps running")
+        _drop(app, peer, source_vm, pidfd)
+        return False
+
+    takeover = False
+    moved = False
+    try:
+        await vmm.complete_incoming(source_vm, regs, devices)
+        moved = True
+        rec.phase("move")
+        await peer.send(protocol.Moved())
+        await peer.receive(protocol.Commit)
+        rec.phase("commit")
+    except (PeerGoneError, HandoffTimeout, PeerFailed, OSError) as exc:
+        # The source is gone or silent after Switchover. Take over only if it is dead.
+        if isinstance(exc, OSError) and not moved:
+            log.error("could not take the guest (%s); the source keeps it", exc)
+            await peer.refuse("internal", f"{exc}; the source keeps running")
+            _drop(app, peer, source_vm, pidfd)
+            return False
+        if not await _wait_source_dead(pidfd, 1.0):
+            log.error("source lost after switchover (%s) but still alive: it keeps the guest "
+                      "(our VM is in its escrow); stepping aside", exc)
+            _drop(app, peer, source_vm, pidfd)
+            return False
+        log.warning("source died after switchover (%s): taking over", exc)
+        if not moved:
+            try:
+                await vmm.complete_incoming(source_vm, regs, devices)
+            except OSError as exc2:
+                log.error("takeover failed: %s", exc2)
+                _drop(app, peer, source_vm, pidfd)
+                return False
+        takeover = True
+
+    # Commit point passed (or the source is dead): this VMM owns the guest.
+    _rename_control(app)
+    app.start_control(nursery)
+    vmm.start(nursery)
+    if not takeover:
+        try:
+            await peer.send(protocol.resumed_message(conn, rec))
+        except (HandoffError, OSError) as exc:
+            log.warning("could not send Resumed (%s); running the guest anyway", exc)
+    vmm.resume()
+    rec.phase("resume")
+    rec.downtime_ms = round((time.perf_counter() - t_sw) * 1e3, 3)
+    rec.finish("completed", recovery="takeover" if takeover else "")
+    log.info("took over guest %s from pid %d (%s), protocol %d, our part of the blackout "
+             "%.3f ms, prepare %.3f ms", flags.name, creds.pid,
+             "takeover" if takeover else "committed", rec.protocol, rec.downtime_ms,
+             (t_sw - t0) * 1e3)
+    peer.close()
+    with contextlib.suppress(OSError):
+        os.close(source_vm)
+    if pidfd is not None:
+        os.close(pidfd)
+    return True
+
+
+def _rename_control(app: App) -> None:
+    """Serve the received listening socket; if our --control names another path, move the
+    socket file there (a rename keeps the same listening socket)."""
+    sock = app.control_sock
+    want = app.flags.control
+    if sock is None or want is None:
+        return
+    try:
+        have = sock.getsockname()
+    except OSError:
+        return
+    if isinstance(have, str) and have and os.path.abspath(have) != os.path.abspath(want):
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(want)), mode=0o700, exist_ok=True)
+            os.rename(have, want)
+            log.info("control socket moved from %s to %s", have, want)
+        except OSError as exc:
+            log.warning("could not move the control socket to %s (%s); it stays at %s",
+                        want, exc, have)
+
+
+def _drop(app: App, peer: Peer, source_vm: int | None, pidfd: int | None) -> None:
+    peer.close()
+    for fd in (source_vm, pidfd):
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    if app.control_sock is not None:
+        app.control_sock.close()
+        app.control_sock = None
+    app.vmm.close()
