@@ -1,0 +1,555 @@
+"""handoff.channel: datagrams and fds over SOCK_SEQPACKET, owned fds, peer checks, safe paths."""
+
+from __future__ import annotations
+
+import array
+import errno
+import fcntl
+import os
+import resource
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from handoff.channel import (
+    MAX_FDS_PER_MESSAGE,
+    Channel,
+    OwnedFds,
+    connect,
+    listen,
+    socketpair,
+)
+from handoff.errors import CredentialsRefused, Refused, TransportError
+
+
+def open_fds() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+def make_memfd(content: bytes = b"guest memory") -> int:
+    fd = os.memfd_create("test", os.MFD_CLOEXEC)
+    os.write(fd, content)
+    return fd
+
+
+def raw_socketpair() -> tuple[Channel, socket.socket]:
+    """A channel whose peer is a bare socket, to send what Channel.send would never send."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    return Channel(a), b
+
+
+def send_raw(sock: socket.socket, data: bytes, fds: list[int]) -> None:
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+    sock.sendmsg([data], anc)
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    # Under /tmp directly (not pytest's tmp_path), so a child that drops to another uid can
+    # reach it when a test opens it up on purpose.
+    top = Path(tempfile.mkdtemp(prefix="handoff-test-"))
+    try:
+        yield top
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+# -- fds ----------------------------------------------------------------------------------------
+
+
+async def test_fds_cross_as_new_fds_on_the_same_file_and_the_sender_keeps_its_own() -> None:
+    a, b = socketpair()
+    memfd = make_memfd(b"page zero")
+    try:
+        await a.send(b"describe", [memfd])
+        data, fds = await b.receive(max_fds=1)
+        assert data == b"describe"
+        assert len(fds) == 1
+        (received,) = fds
+        assert received != memfd
+        assert os.fstat(received).st_ino == os.fstat(memfd).st_ino
+        assert os.pread(received, 9, 0) == b"page zero"
+        os.close(received)
+        assert os.pread(memfd, 9, 0) == b"page zero"  # the sender's fd is still open
+    finally:
+        os.close(memfd)
+        a.close()
+        b.close()
+
+
+async def test_received_fds_are_close_on_exec() -> None:
+    a, b = socketpair()
+    memfd = make_memfd()
+    try:
+        await a.send(b"x", [memfd])
+        _, fds = await b.receive(max_fds=1)
+        assert fcntl.fcntl(fds[0], fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+        os.close(fds[0])
+    finally:
+        os.close(memfd)
+        a.close()
+        b.close()
+
+
+async def test_message_boundaries_are_kept_and_each_message_brings_only_its_own_fds() -> None:
+    a, b = socketpair()
+    m1, m2 = make_memfd(b"one"), make_memfd(b"two")
+    try:
+        await a.send(b"first", [m1])
+        await a.send(b"second")
+        await a.send(b"third", [m2, m1])
+        d1, f1 = await b.receive(max_fds=2)
+        d2, f2 = await b.receive(max_fds=2)
+        d3, f3 = await b.receive(max_fds=2)
+        assert (d1, len(f1)) == (b"first", 1)
+        assert (d2, f2) == (b"second", [])
+        assert (d3, len(f3)) == (b"third", 2)
+        assert [os.pread(fd, 3, 0) for fd in f3] == [b"two", b"one"]
+        OwnedFds(f1 + f3).close()
+    finally:
+        os.close(m1)
+        os.close(m2)
+        a.close()
+        b.close()
+
+
+async def test_fds_beyond_max_fds_are_closed_and_reported() -> None:
+    a, b = socketpair()
+    memfd = make_memfd()
+    before = open_fds()
+    try:
+        await a.send(b"too many", [memfd, memfd, memfd])
+        with pytest.raises(TransportError, match="carried 3 fds where at most 2"):
+            await b.receive(max_fds=2)
+        assert open_fds() == before
+    finally:
+        os.close(memfd)
+        a.close()
+        b.close()
+
+
+async def test_fds_sent_where_none_are_expected_are_closed_and_reported() -> None:
+    a, b = socketpair()
+    memfd = make_memfd()
+    before = open_fds()
+    try:
+        await a.send(b"surprise", [memfd])
+        with pytest.raises(TransportError, match="at most 0"):
+            await b.receive(max_fds=0)
+        assert open_fds() == before
+    finally:
+        os.close(memfd)
+        a.close()
+        b.close()
+
+
+async def test_fds_cut_short_by_a_full_fd_table_are_closed_and_fatal() -> None:
+    a, b = socketpair()
+    memfd = make_memfd()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        await a.send(b"ten fds", [memfd] * 10)
+        before = open_fds()
+        # Leave exactly two free fd numbers, so the kernel installs two of the ten, sets
+        # MSG_CTRUNC and drops the rest.
+        limit = 0
+        while limit - sum(1 for fd in before if fd < limit) < 2:
+            limit += 1
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+        try:
+            with pytest.raises(TransportError, match="MSG_CTRUNC"):
+                await b.receive(max_fds=10)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert open_fds() == before
+    finally:
+        os.close(memfd)
+        a.close()
+        b.close()
+
+
+async def test_a_datagram_larger_than_max_size_is_refused_with_its_fds_closed() -> None:
+    a, b = socketpair()
+    memfd = make_memfd()
+    before = open_fds()
+    try:
+        await a.send(b"x" * 100, [memfd])
+        with pytest.raises(TransportError, match="larger than 16 bytes"):
+            await b.receive(max_fds=1, max_size=16)
+        assert open_fds() == before
+    finally:
+        os.close(memfd)
+        a.close()
+        b.close()
+
+
+async def test_an_empty_datagram_carrying_fds_is_refused_with_its_fds_closed() -> None:
+    channel, raw = raw_socketpair()
+    memfd = make_memfd()
+    before = open_fds()
+    try:
+        send_raw(raw, b"", [memfd])
+        with pytest.raises(TransportError, match="empty handoff message carried 1 fds"):
+            await channel.receive(max_fds=1)
+        assert open_fds() == before
+    finally:
+        os.close(memfd)
+        channel.close()
+        raw.close()
+
+
+async def test_send_refuses_an_empty_datagram_because_it_would_read_as_eof() -> None:
+    a, b = socketpair()
+    with a, b:
+        with pytest.raises(ValueError, match="at least one byte"):
+            await a.send(b"")
+
+
+async def test_send_refuses_more_fds_than_the_kernel_carries() -> None:
+    a, b = socketpair()
+    with a, b:
+        with pytest.raises(ValueError, match="253"):
+            await a.send(b"x", [0] * (MAX_FDS_PER_MESSAGE + 1))
+
+
+def test_owned_fds_close_on_error_unless_taken() -> None:
+    r1, w1 = os.pipe()
+    with pytest.raises(RuntimeError), OwnedFds([r1, w1]):
+        raise RuntimeError("boom")
+    for fd in (r1, w1):
+        with pytest.raises(OSError) as info:
+            os.fstat(fd)
+        assert info.value.errno == errno.EBADF
+
+    r2, w2 = os.pipe()
+    with OwnedFds([r2, w2]) as owned:
+        taken = owned.take()
+    assert taken == [r2, w2]
+    assert len(owned) == 0
+    for fd in taken:
+        os.fstat(fd)  # still open: the caller owns them now
+        os.close(fd)
+
+
+# -- end of the connection ----------------------------------------------------------------------
+
+
+async def test_receive_returns_none_when_the_peer_closes() -> None:
+    a, b = socketpair()
+    await a.send(b"last words")
+    a.close()
+    assert await b.receive(max_fds=0) == (b"last words", [])
+    assert await b.receive(max_fds=0) == (None, [])
+    assert await b.receive(max_fds=0) == (None, [])  # and stays at EOF
+    b.close()
+
+
+async def test_peer_closing_with_unread_messages_reads_as_eof_not_an_error() -> None:
+    # Closing a Unix socket with unread data gives the survivor ECONNRESET.
+    a, b = socketpair()
+    await b.send(b"never read by a")
+    a.close()
+    assert await b.receive(max_fds=0) == (None, [])
+    b.close()
+
+
+async def test_receive_returns_none_when_the_peer_process_is_killed() -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"], pass_fds=[theirs.fileno()]
+    )
+    theirs.close()
+    channel = Channel(ours)
+    try:
+        await channel.send(b"the child never reads this")
+        child.send_signal(signal.SIGKILL)
+        with trio.fail_after(10):
+            assert await channel.receive(max_fds=4) == (None, [])
+    finally:
+        child.kill()
+        child.wait()
+        channel.close()
+
+
+async def test_send_to_a_closed_peer_is_a_transport_error_naming_the_cause() -> None:
+    a, b = socketpair()
+    b.close()
+    with pytest.raises(TransportError, match="peer closed") as info:
+        await a.send(b"hello?")
+    assert info.value.errno == errno.EPIPE
+    a.close()
+
+
+async def test_use_after_close_is_a_transport_error() -> None:
+    a, b = socketpair()
+    a.close()
+    with pytest.raises(TransportError, match="already closed"):
+        await a.send(b"x")
+    with pytest.raises(TransportError, match="already closed"):
+        await a.receive(max_fds=0)
+    b.close()
+
+
+async def test_closing_a_channel_wakes_a_task_waiting_on_it_with_a_transport_error() -> None:
+    a, b = socketpair()
+    caught: list[BaseException] = []
+
+    async def waiter() -> None:
+        try:
+            await a.receive(max_fds=0)
+        except TransportError as exc:
+            caught.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        a.close()
+    assert len(caught) == 1
+    assert "closed while in use" in str(caught[0])
+    b.close()
+
+
+# -- flow control, size, cancellation -----------------------------------------------------------
+
+
+async def test_send_waits_for_room_when_the_peer_is_slow_and_nothing_is_lost() -> None:
+    a, b = socketpair()
+    message = b"m" * 16384
+    count = 200  # far more than the socket buffers hold
+    received: list[bytes] = []
+
+    async def reader() -> None:
+        for _ in range(count):
+            data, _ = await b.receive(max_fds=0)
+            assert data is not None
+            received.append(data)
+            await trio.sleep(0)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        for i in range(count):
+            await a.send(i.to_bytes(4, "big") + message)
+    assert [int.from_bytes(d[:4], "big") for d in received] == list(range(count))
+    a.close()
+    b.close()
+
+
+async def test_a_message_too_large_for_the_socket_is_refused_with_emsgsize() -> None:
+    a, b = socketpair()
+    with pytest.raises(TransportError, match="larger than the socket buffer") as info:
+        await a.send(b"x" * (1024 * 1024))
+    assert info.value.errno == errno.EMSGSIZE
+    a.close()
+    b.close()
+
+
+async def test_a_cancelled_receive_consumes_nothing() -> None:
+    a, b = socketpair()
+    with trio.move_on_after(0.01) as scope:
+        await b.receive(max_fds=0)
+    assert scope.cancelled_caught
+    await a.send(b"after the timeout")
+    assert await b.receive(max_fds=0) == (b"after the timeout", [])
+    a.close()
+    b.close()
+
+
+# -- peer credentials ---------------------------------------------------------------------------
+
+
+async def test_peer_credentials_report_pid_uid_gid_of_the_peer() -> None:
+    a, b = socketpair()
+    with a, b:
+        assert a.peer_credentials() == (os.getpid(), os.getuid(), os.getgid())
+
+
+async def test_accepted_and_connected_ends_both_see_the_peers_credentials(sockdir: Path) -> None:
+    path = sockdir / "run" / "handoff.sock"
+    async with await listen(path) as listener:
+        client = await connect(path)
+        server = await listener.accept()
+        with client, server:
+            me = (os.getpid(), os.getuid(), os.getgid())
+            assert server.peer_credentials() == me
+            assert client.peer_credentials() == me
+            assert server.check_peer({os.getuid()}).uid == os.getuid()
+
+
+async def test_a_uid_not_allowed_is_refused_naming_the_uid_and_what_is_allowed() -> None:
+    a, b = socketpair()
+    other = os.getuid() + 1
+    with a, b:
+        with pytest.raises(CredentialsRefused) as info:
+            b.check_peer({other})
+    refusal = info.value
+    assert refusal.uid == os.getuid()
+    assert refusal.pid == os.getpid()
+    assert refusal.allowed_uids == frozenset({other})
+    assert f"runs as uid {os.getuid()}" in str(refusal)
+    assert f"allowed: uid {other}" in str(refusal)
+    assert f"--allow-uid {os.getuid()}" in str(refusal)
+
+
+async def test_a_source_refusing_the_target_uid_sends_nothing_and_the_target_sees_eof(
+    sockdir: Path,
+) -> None:
+    path = sockdir / "handoff.sock"
+    memfd = make_memfd()
+    async with await listen(path) as listener:
+        client = await connect(path)
+        server = await listener.accept()
+        try:
+            with pytest.raises(CredentialsRefused):
+                client.check_peer({os.getuid() + 1})
+            client.close()  # the refusal ends the connection before anything was sent
+            before = open_fds()
+            assert await server.receive(max_fds=8) == (None, [])
+            assert open_fds() == before
+        finally:
+            os.close(memfd)
+            server.close()
+
+
+CHILD_AS_NOBODY = r"""
+import array, os, socket, sys
+os.setgroups([])
+os.setgid(65534)
+os.setuid(65534)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect(sys.argv[1])
+r, w = os.pipe()
+s.sendmsg([b"hello"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r]).tobytes())])
+print("sent", flush=True)
+try:
+    print("eof" if s.recv(100) == b"" else "data")
+except ConnectionResetError:
+    print("eof")
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a child as nobody")
+async def test_a_peer_running_as_another_uid_is_refused_before_any_fd_crosses(
+    sockdir: Path,
+) -> None:
+    path = sockdir / "handoff.sock"
+    async with await listen(path) as listener:
+        # Simulate a host where the file-system guard was bypassed (directory traversable, socket
+        # writable by all): the credential check must still stop the peer on its own.
+        os.chmod(sockdir, 0o711)
+        os.chmod(path, 0o666)
+        child = subprocess.Popen(
+            [sys.executable, "-I", "-c", CHILD_AS_NOBODY, str(path)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            with trio.fail_after(10):
+                server = await listener.accept()
+                await trio.lowlevel.wait_readable(server)  # the child's fd is in flight now
+            before = open_fds()
+            with pytest.raises(CredentialsRefused) as info:
+                server.check_peer({os.getuid()})
+            server.close()
+            assert open_fds() <= before  # nothing arrived: no new fd in this process
+            assert info.value.uid == 65534
+            assert "nobody" in str(info.value)
+            out, _ = child.communicate(timeout=10)
+            assert out.split() == ["sent", "eof"]
+        finally:
+            child.kill()
+            child.wait()
+
+
+# -- the socket in the file system --------------------------------------------------------------
+
+
+async def test_listen_creates_a_missing_directory_0700_and_a_socket_0600(sockdir: Path) -> None:
+    path = sockdir / "new" / "handoff.sock"
+    async with await listen(path):
+        assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+        st = os.stat(path)
+        assert stat.S_ISSOCK(st.st_mode)
+        assert stat.S_IMODE(st.st_mode) == 0o600
+
+
+async def test_listen_refuses_a_directory_others_can_reach(sockdir: Path) -> None:
+    open_dir = sockdir / "shared"
+    open_dir.mkdir(mode=0o755)
+    os.chmod(open_dir, 0o755)
+    with pytest.raises(Refused, match=r"mode 0755.*chmod 700"):
+        await listen(open_dir / "handoff.sock")
+    assert not (open_dir / "handoff.sock").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown a directory")
+async def test_listen_refuses_a_directory_owned_by_another_uid(sockdir: Path) -> None:
+    theirs = sockdir / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, 65534, 65534)
+    with pytest.raises(Refused, match=r"owned by uid 65534 \(nobody\)"):
+        await listen(theirs / "handoff.sock")
+
+
+async def test_listen_replaces_a_stale_socket_nothing_answers_on(sockdir: Path) -> None:
+    path = sockdir / "handoff.sock"
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    dead.bind(str(path))
+    dead.close()  # a crashed process leaves its file behind
+    async with await listen(path) as listener:
+        client = await connect(path)
+        server = await listener.accept()
+        await client.send(b"reached the new listener")
+        assert await server.receive(max_fds=0) == (b"reached the new listener", [])
+        client.close()
+        server.close()
+
+
+async def test_listen_refuses_a_path_someone_is_listening_on(sockdir: Path) -> None:
+    path = sockdir / "handoff.sock"
+    async with await listen(path):
+        with pytest.raises(Refused, match="already listening"):
+            await listen(path)
+        assert path.exists()  # the live socket was left alone
+
+
+async def test_listen_refuses_to_replace_a_file_that_is_not_a_socket(sockdir: Path) -> None:
+    path = sockdir / "handoff.sock"
+    path.write_text("precious")
+    with pytest.raises(Refused, match="not a socket"):
+        await listen(path)
+    assert path.read_text() == "precious"
+
+
+async def test_closing_the_listener_removes_its_socket_file(sockdir: Path) -> None:
+    path = sockdir / "handoff.sock"
+    listener = await listen(path)
+    assert path.exists()
+    listener.close()
+    assert not path.exists()
+
+
+async def test_closing_the_listener_leaves_a_socket_that_replaced_its_file(
+    sockdir: Path,
+) -> None:
+    path = sockdir / "handoff.sock"
+    listener = await listen(path)
+    path.unlink()
+    successor = await listen(path)
+    listener.close()
+    assert path.exists()
+    successor.close()
+    assert not path.exists()
+
+
+async def test_connect_to_nothing_says_what_to_start(sockdir: Path) -> None:
+    with pytest.raises(TransportError, match="nothing is listening on .*--incoming unix:"):
+        await connect(sockdir / "absent.sock")
