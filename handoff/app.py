@@ -8,6 +8,7 @@ resume on, so its path never changes for clients.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -97,6 +98,7 @@ class App:
         self.vmm = Vmm(cfg, flags)
         self.control: ControlServer | None = None
         self.control_sock: socket.socket | None = None
+        self.control_path = flags.control or ""
         self.record = HandoffRecord()
         self.handoff_busy = False
         self.finished = trio.Event()
@@ -173,13 +175,9 @@ class App:
         if self.control is not None:
             self.control.close_clients()
         if self.control_sock is not None:
-            if remove_control:
-                try:
-                    path = self.control_sock.getsockname()
-                    if isinstance(path, str) and path:
-                        os.unlink(path)
-                except OSError:
-                    pass
+            if remove_control and self.control_path:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.control_path)
             self.control_sock.close()
             self.control_sock = None
         self.vmm.close()

@@ -103,7 +103,7 @@ def _timeout(text: str) -> float:
 def add_run_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("the guest (guest-visible: must match across a handoff)")
     g.add_argument(
-        "--vcpus", type=_int_in(1, 1024, "--vcpus"), default=1, help="number of vCPUs (default 1)"
+        "--vcpus", type=_int_in(1, 256, "--vcpus"), default=1, help="number of vCPUs (default 1)"
     )
     g.add_argument(
         "--memory",

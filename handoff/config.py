@@ -20,7 +20,7 @@ from kvmstub import guest, uapi
 Mode = Literal["plain", "sev", "sev-es"]
 MODES: tuple[Mode, ...] = ("plain", "sev", "sev-es")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-MAX_VCPUS = 1024
+MAX_VCPUS = 256
 MAX_MEMORY = 1 << 46  # 64 TiB: at most 64 slots, each one memfd in one SCM_RIGHTS message
 # One memory slot is at most this big; a larger guest gets several slots, each its own memfd.
 SLOT_MAX = 1 << 40

@@ -67,8 +67,9 @@ class Peer:
             raise
         if isinstance(event, protocol.PeerGone):
             owned.close()
-            raise PeerGoneError(f"the peer closed the connection while we waited for "
-                                f"{expect.__name__}")
+            raise PeerGoneError(
+                f"the peer closed the connection while we waited for {expect.__name__}"
+            )
         if isinstance(event, protocol.Refuse):
             owned.close()
             raise Refused(f"the peer refused the handoff ({event.code}): {event.reason}")

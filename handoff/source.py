@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from . import notify, protocol
+from . import messages, notify, protocol
 from .channel import connect
 from .errors import CredentialsRefused, HandoffError, HandoffTimeout, TransportError
 from .peer import Peer
@@ -117,13 +117,13 @@ async def hand_off(app: App, path: str, proc: subprocess.Popen[bytes] | None) ->
         peer = Peer(chan, conn, flags.handoff_timeout)
         rec.phase("connect")
 
-        await peer.send(protocol.source_hello(conn, flags.name, flags.uuid))
+        await peer.send(messages.source_hello(conn, flags))
         _hello, _ = await peer.receive(protocol.Hello)
         rec.protocol = conn.version or 0
         rec.phase("hello")
 
         assert app.control_sock is not None
-        describe = protocol.describe_from(vmm.cfg, flags, vmm.sev)
+        describe = messages.describe_from(vmm.cfg, flags, vmm.sev, vmm.measurement)
         await peer.send(describe, [*vmm.memfds, app.control_sock.fileno()])
         app.emit("HANDOFF", {"id": rec.id, "status": "active"})
         _prepared, fds = await peer.receive(protocol.Prepared)
@@ -143,7 +143,7 @@ async def hand_off(app: App, path: str, proc: subprocess.Popen[bytes] | None) ->
         devices = vmm.devices.snapshot()
         rec.phase("pause")
         assert vmm.vm is not None
-        await peer.send(protocol.switchover_from(devices, regs), [vmm.vm.fileno()])
+        await peer.send(messages.switchover_from(devices, regs), [vmm.vm.fileno()])
         switched = True
         await peer.receive(protocol.Moved)
         rec.phase("switchover")
@@ -159,8 +159,10 @@ async def hand_off(app: App, path: str, proc: subprocess.Popen[bytes] | None) ->
         recovery = await _recover(app, paused, switched, escrow, regs, pidfd, proc, peer_pid)
         rec.finish("failed", reason, recovery)
         log.error("handoff %s failed: %s (recovery: %s)", rec.id, reason, recovery)
-        app.emit("HANDOFF", {"id": rec.id, "status": "failed", "error-desc": reason,
-                             "recovery": recovery})
+        app.emit(
+            "HANDOFF",
+            {"id": rec.id, "status": "failed", "error-desc": reason, "recovery": recovery},
+        )
         notify.notify(f"STATUS=handoff failed ({recovery}): guest running here")
         _close(peer, escrow, pidfd)
         await _reap(proc, rec.workdir)
@@ -170,7 +172,12 @@ async def hand_off(app: App, path: str, proc: subprocess.Popen[bytes] | None) ->
     log.info(
         "handoff %s completed: target pid %d, protocol %d, downtime %.3f ms, total %.3f ms, "
         "phases %s",
-        rec.id, peer_pid, rec.protocol, rec.downtime_ms, rec.total_ms, rec.phases,
+        rec.id,
+        peer_pid,
+        rec.protocol,
+        rec.downtime_ms,
+        rec.total_ms,
+        rec.phases,
     )
     app.emit("HANDOFF", {"id": rec.id, "status": "completed", **rec.to_qmp()})
     notify.notify(f"MAINPID={peer_pid}", "STATUS=handed off to the successor")

@@ -23,10 +23,17 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from . import protocol
+from . import messages, protocol
 from .channel import Channel, Listener, OwnedFds, listen
 from .config import GuestConfig
-from .errors import CredentialsRefused, HandoffError, HandoffTimeout, PeerFailed, Refused
+from .errors import (
+    CredentialsRefused,
+    HandoffError,
+    HandoffTimeout,
+    Incompatible,
+    PeerFailed,
+    Refused,
+)
 from .peer import Peer, PeerGoneError
 
 if TYPE_CHECKING:
@@ -46,8 +53,10 @@ async def take_over(app: App, path: str, nursery: trio.Nursery) -> bool:
         with trio.move_on_after(flags.handoff_timeout * ACCEPT_TIMEOUT_FACTOR) as scope:
             chan = await listener.accept()
         if scope.cancelled_caught:
-            log.error("no VMM handed a guest over within %g s; exiting",
-                      flags.handoff_timeout * ACCEPT_TIMEOUT_FACTOR)
+            log.error(
+                "no VMM handed a guest over within %g s; exiting",
+                flags.handoff_timeout * ACCEPT_TIMEOUT_FACTOR,
+            )
             return False
         async with trio.open_nursery() as refusals:
             refusals.start_soon(_refuse_others, listener, flags.max_protocol)
@@ -66,10 +75,12 @@ async def _refuse_others(listener: Listener, max_version: int) -> None:
         chan = await listener.accept()
         conn = protocol.HandoffConnection(protocol.Role.TARGET, max_version=max_version)
         with contextlib.suppress(Exception):
-            data = conn.send(protocol.Refuse(
-                code="busy",
-                reason="this VMM is already taking over a guest; the source keeps running",
-            ))
+            data = conn.send(
+                protocol.Refuse(
+                    code="busy",
+                    reason="this VMM is already taking over a guest; the source keeps running",
+                )
+            )
             with trio.move_on_after(1):
                 await chan.send(data)
         chan.close()
@@ -91,8 +102,10 @@ def _check_memfds(fds: OwnedFds, cfg: GuestConfig) -> str | None:
         if not stat.S_ISREG(st.st_mode):
             return f"memory slot {layout.slot} did not come with a memfd"
         if st.st_size < layout.size:
-            return (f"memory slot {layout.slot}'s memfd is {st.st_size} bytes, "
-                    f"smaller than the slot ({layout.size} bytes)")
+            return (
+                f"memory slot {layout.slot}'s memfd is {st.st_size} bytes, "
+                f"smaller than the slot ({layout.size} bytes)"
+            )
     return None
 
 
@@ -116,17 +129,30 @@ async def _receive(app: App, chan: Channel, nursery: trio.Nursery) -> bool:
     conn = protocol.HandoffConnection(protocol.Role.TARGET, max_version=flags.max_protocol)
     peer = Peer(chan, conn, flags.handoff_timeout)
     source_vm: int | None = None
+    control_path = ""
+    t0 = t_prepared = t_moved = time.perf_counter()
     try:
         await peer.receive(protocol.Hello)
-        await peer.send(protocol.target_hello(conn, flags.name, flags.uuid))
+        try:
+            hello = messages.target_hello(conn, flags)
+        except Incompatible as exc:
+            await peer.refuse("version", str(exc))
+            raise
+        await peer.send(hello)
         rec.protocol = conn.version or 0
         describe, fds = await peer.receive(protocol.Describe)
         with fds:
-            theirs = protocol.guest_config_of(describe)
+            theirs = messages.guest_config_of(describe)
             diffs = app.cfg.differences(theirs)
+            layout = messages.slots_match(describe, app.cfg)
+            if layout and not diffs:
+                diffs = [layout]
             if diffs:
-                reason = ("guest-visible config must match: " + "; ".join(diffs)
-                          + "; the source keeps running")
+                reason = (
+                    "guest-visible config must match: "
+                    + "; ".join(diffs)
+                    + "; the source keeps running"
+                )
                 await peer.refuse("incompatible", reason)
                 raise Refused(reason)
             control_fd = fds.pop()
@@ -137,7 +163,8 @@ async def _receive(app: App, chan: Channel, nursery: trio.Nursery) -> bool:
                     raise Refused(problem)
                 t0 = time.perf_counter()
                 await vmm.prepare_incoming(fds.take())
-                vmm.sev = protocol.sev_cache_of(describe)
+                vmm.sev = messages.sev_cache_of(describe)
+                control_path = describe.host_flags.get("control", "")
                 rec.phase("prepare")
             except BaseException:
                 os.close(control_fd)
@@ -145,11 +172,12 @@ async def _receive(app: App, chan: Channel, nursery: trio.Nursery) -> bool:
         app.control_sock = socket.socket(fileno=control_fd)
         assert vmm.vm is not None
         await peer.send(protocol.Prepared(), [vmm.vm.fileno()])
+        t_prepared = time.perf_counter()
         # The source pauses now; its Switchover starts our part of the blackout.
         switchover, fds = await peer.receive(protocol.Switchover, timeout=flags.handoff_timeout)
         t_sw = time.perf_counter()
         source_vm = fds.take()[0]
-        regs, devices = protocol.switchover_state(switchover)
+        regs, devices = messages.switchover_state(switchover)
     except (HandoffError, OSError) as exc:
         # Nothing of the guest was touched: the source keeps (or resumes) it.
         log.error("handoff refused or failed before switchover: %s", exc)
@@ -163,6 +191,7 @@ async def _receive(app: App, chan: Channel, nursery: trio.Nursery) -> bool:
     try:
         await vmm.complete_incoming(source_vm, regs, devices)
         moved = True
+        t_moved = time.perf_counter()
         rec.phase("move")
         await peer.send(protocol.Moved())
         await peer.receive(protocol.Commit)
@@ -175,8 +204,11 @@ async def _receive(app: App, chan: Channel, nursery: trio.Nursery) -> bool:
             _drop(app, peer, source_vm, pidfd)
             return False
         if not await _wait_source_dead(pidfd, 1.0):
-            log.error("source lost after switchover (%s) but still alive: it keeps the guest "
-                      "(our VM is in its escrow); stepping aside", exc)
+            log.error(
+                "source lost after switchover (%s) but still alive: it keeps the guest "
+                "(our VM is in its escrow); stepping aside",
+                exc,
+            )
             _drop(app, peer, source_vm, pidfd)
             return False
         log.warning("source died after switchover (%s): taking over", exc)
@@ -190,22 +222,35 @@ async def _receive(app: App, chan: Channel, nursery: trio.Nursery) -> bool:
         takeover = True
 
     # Commit point passed (or the source is dead): this VMM owns the guest.
-    _rename_control(app)
+    _rename_control(app, control_path)
     app.start_control(nursery)
     vmm.start(nursery)
     if not takeover:
         try:
-            await peer.send(protocol.resumed_message(conn, rec))
+            await peer.send(
+                messages.resumed_message(
+                    conn,
+                    int((t_prepared - t0) * 1e9),
+                    int((t_moved - t_sw) * 1e9),
+                    int((time.perf_counter() - t_moved) * 1e9),
+                )
+            )
         except (HandoffError, OSError) as exc:
             log.warning("could not send Resumed (%s); running the guest anyway", exc)
     vmm.resume()
     rec.phase("resume")
     rec.downtime_ms = round((time.perf_counter() - t_sw) * 1e3, 3)
     rec.finish("completed", recovery="takeover" if takeover else "")
-    log.info("took over guest %s from pid %d (%s), protocol %d, our part of the blackout "
-             "%.3f ms, prepare %.3f ms", flags.name, creds.pid,
-             "takeover" if takeover else "committed", rec.protocol, rec.downtime_ms,
-             (t_sw - t0) * 1e3)
+    log.info(
+        "took over guest %s from pid %d (%s), protocol %d, our part of the blackout "
+        "%.3f ms, prepare %.3f ms",
+        flags.name,
+        creds.pid,
+        "takeover" if takeover else "committed",
+        rec.protocol,
+        rec.downtime_ms,
+        (t_sw - t0) * 1e3,
+    )
     peer.close()
     with contextlib.suppress(OSError):
         os.close(source_vm)
@@ -214,25 +259,25 @@ async def _receive(app: App, chan: Channel, nursery: trio.Nursery) -> bool:
     return True
 
 
-def _rename_control(app: App) -> None:
+def _rename_control(app: App, have: str) -> None:
     """Serve the received listening socket; if our --control names another path, move the
-    socket file there (a rename keeps the same listening socket)."""
+    socket file there (a rename keeps the same listening socket). `have` is where the source
+    served it (a socket's own name is stale once renamed, so the source tells us)."""
     sock = app.control_sock
     want = app.flags.control
+    app.control_path = have or want or ""
     if sock is None or want is None:
         return
-    try:
-        have = sock.getsockname()
-    except OSError:
-        return
-    if isinstance(have, str) and have and os.path.abspath(have) != os.path.abspath(want):
+    if have and os.path.abspath(have) != os.path.abspath(want):
         try:
             os.makedirs(os.path.dirname(os.path.abspath(want)), mode=0o700, exist_ok=True)
             os.rename(have, want)
+            app.control_path = want
             log.info("control socket moved from %s to %s", have, want)
         except OSError as exc:
-            log.warning("could not move the control socket to %s (%s); it stays at %s",
-                        want, exc, have)
+            log.warning(
+                "could not move the control socket to %s (%s); it stays at %s", want, exc, have
+            )
 
 
 def _drop(app: App, peer: Peer, source_vm: int | None, pidfd: int | None) -> None:

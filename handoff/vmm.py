@@ -114,8 +114,9 @@ class VcpuRunner:
                 if not self._serve(exit_):
                     return
         except ContextLost:
-            log.error("vCPU %d: KVM_RUN failed with EIO: this VM no longer holds the guest",
-                      self.index)
+            log.error(
+                "vCPU %d: KVM_RUN failed with EIO: this VM no longer holds the guest", self.index
+            )
             self.vmm.context_lost.set()
         finally:
             gate.retire()
@@ -169,6 +170,7 @@ class Vmm:
         # What GUEST_STATUS said at launch; after a move the kernel keeps no /dev/sev fd for
         # this VM (reference section 2), so query-sev answers from here.
         self.sev: dict[str, int] = {}
+        self.measurement: bytes | None = None
 
     # ----------------------------------------------------------------- building
     async def open(self) -> None:
@@ -189,7 +191,9 @@ class Vmm:
                 cmd = uapi.KVM_SEV_ES_INIT if self.cfg.mode == "sev-es" else uapi.KVM_SEV_INIT
                 await vm.sev_ioctl(cmd)
             for layout, fd in zip(self.cfg.slots(), self.memfds, strict=True):
-                await vm.set_user_memory_region(layout.slot, layout.guest_phys_addr, layout.size, fd)
+                await vm.set_user_memory_region(
+                    layout.slot, layout.guest_phys_addr, layout.size, fd
+                )
             await vm.enable_cap(uapi.KVM_CAP_EXIT_HYPERCALL, HC_EXIT_MASK)
         except BaseException:
             vm.close()
@@ -229,8 +233,7 @@ class Vmm:
             status = await vm.sev_ioctl(uapi.KVM_SEV_GUEST_STATUS)
             self.sev = {k: int(v) for k, v in status.items() if isinstance(v, int)}
             m = measure.get("measurement", b"")
-            self.sev["measurement_len"] = len(m) if isinstance(m, bytes) else 0
-            self.measurement = m.hex() if isinstance(m, bytes) else ""
+            self.measurement = m if isinstance(m, bytes) else None
         self._make_runners()
         self.status = "paused"
 

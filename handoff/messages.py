@@ -1,0 +1,124 @@
+"""Between the VMM's objects and the protocol's messages: build and read them.
+
+`protocol` stays pure and knows nothing of configs, devices or records; this module maps
+`GuestConfig`, `DeviceState` and the measured timings to and from its messages.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+from collections.abc import Sequence
+
+from kvmstub import uapi
+
+from . import protocol
+from .config import GuestConfig, HostFlags
+from .devices import DeviceState
+from .errors import Incompatible
+
+
+def source_hello(conn: protocol.HandoffConnection, flags: HostFlags) -> protocol.Hello:
+    return conn.make_hello(
+        vm_name=flags.name, vm_uuid=uuid.UUID(flags.uuid), nonce=secrets.token_bytes(32)
+    )
+
+
+def target_hello(conn: protocol.HandoffConnection, flags: HostFlags) -> protocol.Hello:
+    """Our answer; raises Incompatible (after which the caller sends the refusal)."""
+    refusal = conn.version_refusal()
+    if refusal is not None:
+        raise Incompatible(refusal.reason)
+    return conn.make_hello(
+        vm_name=flags.name, vm_uuid=uuid.UUID(flags.uuid), nonce=secrets.token_bytes(32)
+    )
+
+
+def describe_from(
+    cfg: GuestConfig, flags: HostFlags, sev: dict[str, int], measurement: bytes | None
+) -> protocol.Describe:
+    slots = tuple(
+        protocol.MemfdSlot(slot=s.slot, guest_phys_addr=s.guest_phys_addr, size=s.size, offset=0)
+        for s in cfg.slots()
+    )
+    sev_ctx = None
+    if cfg.mode != "plain":
+        sev_ctx = protocol.SevContext(
+            handle=sev.get("handle", 0),
+            state=sev.get("state", uapi.SEV_GUEST_STATE_RUNNING),
+            measurement=measurement if measurement and len(measurement) == 32 else None,
+        )
+    host = {
+        "name": flags.name,
+        "log_level": flags.log_level,
+        "control": flags.control or "",
+        "serial_log": flags.serial_log or "",
+    }
+    return protocol.Describe(
+        vcpus=cfg.vcpus,
+        memory_bytes=cfg.memory,
+        slots=slots,
+        mode=cfg.mode,
+        policy=cfg.policy,
+        line_every=cfg.line_every,
+        flip_every=cfg.flip_every,
+        sev=sev_ctx,
+        host_flags=host,
+    )
+
+
+def guest_config_of(d: protocol.Describe) -> GuestConfig:
+    return GuestConfig(
+        vcpus=d.vcpus,
+        memory=d.memory_bytes,
+        mode=d.mode,
+        policy=d.policy,
+        line_every=d.line_every,
+        flip_every=d.flip_every,
+    )
+
+
+def slots_match(d: protocol.Describe, cfg: GuestConfig) -> str | None:
+    """The source's memory layout must be the one our config builds (same slots, offset 0)."""
+    ours = [(s.slot, s.guest_phys_addr, s.size, 0) for s in cfg.slots()]
+    theirs = [(s.slot, s.guest_phys_addr, s.size, s.offset) for s in d.slots]
+    if ours != theirs:
+        return f"memory layout differs: ours {ours}, the source's {theirs}"
+    return None
+
+
+def sev_cache_of(d: protocol.Describe) -> dict[str, int]:
+    if d.sev is None:
+        return {}
+    return {"handle": d.sev.handle, "state": d.sev.state, "policy": d.policy}
+
+
+def switchover_from(state: DeviceState, regs: Sequence[uapi.Regs] | None) -> protocol.Switchover:
+    return protocol.Switchover(
+        doorbell_sum=state.doorbell_sum,
+        shared_regions=tuple((gpa, pages) for gpa, pages in state.shared_regions),
+        regs=tuple(regs) if regs is not None else None,
+        paused_at_ns=time.monotonic_ns(),
+    )
+
+
+def switchover_state(sw: protocol.Switchover) -> tuple[list[uapi.Regs] | None, DeviceState]:
+    regions = [(int(r[0]), int(r[1])) for r in sw.shared_regions]
+    regs = list(sw.regs) if sw.regs is not None else None
+    return regs, DeviceState(doorbell_sum=sw.doorbell_sum, shared_regions=regions)
+
+
+def resumed_message(
+    conn: protocol.HandoffConnection, prepare_ns: int, restore_ns: int, commit_wait_ns: int
+) -> protocol.Resumed:
+    if (conn.version or 1) < 2:
+        return protocol.Resumed()
+    return protocol.Resumed(
+        timings=protocol.TargetTimings(
+            prepare_ns=max(0, prepare_ns),
+            restore_ns=max(0, restore_ns),
+            commit_wait_ns=max(0, commit_wait_ns),
+            resumed_at_ns=time.monotonic_ns(),
+        )
+    )
