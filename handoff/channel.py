@@ -67,6 +67,7 @@ _FD_SIZE = array.array("i").itemsize
 _ANC_BUFSIZE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * _FD_SIZE)
 _UCRED = struct.Struct("iII")  # struct ucred: pid_t pid; uid_t uid; gid_t gid
 _CONNECT_RETRY_S = 0.001
+_SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 for the terminating NUL
 
 # trio.lowlevel.wait_readable or wait_writable
 _Waiter = Callable[[socket.socket], Awaitable[None]]
@@ -149,9 +150,12 @@ def _user_name(uid: int) -> str:
         return f"uid {uid}"
 
 
+def _reason(exc: OSError) -> str:
+    return os.strerror(exc.errno) if exc.errno is not None else str(exc)
+
+
 def _transport_error(what: str, exc: OSError) -> TransportError:
-    reason = os.strerror(exc.errno) if exc.errno is not None else str(exc)
-    return TransportError(f"{what}: {reason}", errno=exc.errno)
+    return TransportError(f"{what}: {_reason(exc)}", errno=exc.errno)
 
 
 class Channel:
@@ -452,14 +456,12 @@ def _secure_directory(directory: Path) -> None:
             pass  # created meanwhile by someone else: checked below like any other
         except OSError as exc:
             raise Refused(
-                f"cannot create the socket directory {directory}: {os.strerror(exc.errno or 0)}"
+                f"cannot create the socket directory {directory}: {_reason(exc)}"
             ) from exc
     try:
         st = os.stat(directory)
     except OSError as exc:
-        raise Refused(
-            f"cannot inspect the socket directory {directory}: {os.strerror(exc.errno or 0)}"
-        ) from exc
+        raise Refused(f"cannot inspect the socket directory {directory}: {_reason(exc)}") from exc
     if not stat.S_ISDIR(st.st_mode):
         raise Refused(f"{directory} is meant to hold the socket but is not a directory")
     me = os.geteuid()
@@ -514,6 +516,11 @@ def bind_unix_socket(
         Refused: the directory is unsafe, the path is taken, or binding failed (with the reason).
     """
     path = Path(path).absolute()
+    if len(os.fsencode(path)) > _SUN_PATH_MAX:
+        raise Refused(
+            f"socket path {path} is {len(os.fsencode(path))} bytes long; AF_UNIX allows at most "
+            f"{_SUN_PATH_MAX}: choose a shorter path"
+        )
     _secure_directory(path.parent)
     _remove_if_stale(path, sock_type)
     sock = socket.socket(socket.AF_UNIX, sock_type | socket.SOCK_CLOEXEC)
@@ -525,7 +532,7 @@ def bind_unix_socket(
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
-        raise Refused(f"cannot listen on {path}: {os.strerror(exc.errno or 0)}") from exc
+        raise Refused(f"cannot listen on {path}: {_reason(exc)}") from exc
     return sock
 
 

@@ -550,3 +550,9 @@ async def test_closing_the_listener_leaves_a_socket_that_replaced_its_file(
 async def test_connect_to_nothing_says_what_to_start(sockdir: Path) -> None:
     with pytest.raises(TransportError, match=r"nothing is listening on .*--incoming unix:"):
         await connect(sockdir / "absent.sock")
+
+
+async def test_listen_refuses_a_path_too_long_for_af_unix_naming_the_limit(sockdir: Path) -> None:
+    path = sockdir / ("d" * 60) / ("s" * 60)
+    with pytest.raises(Refused, match="at most 107"):
+        await listen(path)
