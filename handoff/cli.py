@@ -12,7 +12,7 @@ import argparse
 import os
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from kvmstub import uapi
 
@@ -50,7 +50,7 @@ def runtime_dir() -> str:
     return f"/tmp/handoff-{os.getuid()}"
 
 
-def _int_in(lo: int, hi: int, what: str) -> object:
+def _int_in(lo: int, hi: int, what: str) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text, 0)

@@ -75,7 +75,7 @@ class GuestConfig(msgspec.Struct, frozen=True, kw_only=True):
         )
 
     def slots(self) -> list[SlotLayout]:
-        out = []
+        out: list[SlotLayout] = []
         gpa = 0
         while gpa < self.memory:
             size = min(SLOT_MAX, self.memory - gpa)

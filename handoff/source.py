@@ -27,8 +27,10 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from kvmstub import uapi
+
 from . import messages, notify, protocol
-from .channel import connect
+from .channel import Channel, connect
 from .errors import CredentialsRefused, HandoffError, HandoffTimeout, TransportError
 from .peer import Peer
 
@@ -38,7 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("handoff.source")
 
 
-async def _connect(path: str, proc: subprocess.Popen[bytes] | None, timeout: float) -> object:
+async def _connect(path: str, proc: subprocess.Popen[bytes] | None, timeout: float) -> Channel:
     """Connect to the target's handoff socket, waiting for a just-spawned successor to listen."""
     deadline = trio.current_time() + timeout
     delay = 0.002
@@ -104,7 +106,6 @@ async def hand_off(app: App, path: str, proc: subprocess.Popen[bytes] | None) ->
     t_pause = 0.0
     try:
         chan = await _connect(path, proc, flags.handoff_timeout)
-        assert hasattr(chan, "check_peer")
         try:
             creds = chan.check_peer(flags.allowed_uids())
         except CredentialsRefused:
@@ -194,7 +195,7 @@ async def _recover(
     paused: bool,
     switched: bool,
     escrow: int | None,
-    regs: list[object] | None,
+    regs: list[uapi.Regs] | None,
     pidfd: int | None,
     proc: subprocess.Popen[bytes] | None,
     peer_pid: int,
@@ -213,7 +214,7 @@ async def _recover(
     else:
         if escrow is None:
             raise RuntimeError("context moved but no escrow: cannot happen")
-        await vmm.reclaim(escrow, regs)  # type: ignore[arg-type]
+        await vmm.reclaim(escrow, regs)
         recovery = "reclaim"
     if app.control is not None:
         app.control.start_accepting()
