@@ -1,0 +1,205 @@
+"""The `kvmstub` command: `kvmstub serve` runs the daemon, `kvmstub stats` shows its state.
+
+    kvmstub serve [--socket PATH] [--sev-asids N] [--sev-es-asids N] [--slice-us N]
+    kvmstub stats [--socket PATH] [--json]
+
+The socket defaults to $KVMSTUB_SOCKET, else $XDG_RUNTIME_DIR/kvmstub/kvm.sock, else
+/run/kvmstub/kvm.sock (the same rule the `handoff` command uses to find it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import resource
+import sys
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import trio
+
+from kvmstub import client, daemon
+from kvmstub.model import Host
+
+
+def default_socket() -> str:
+    """Where kvmstub listens unless told otherwise."""
+    if os.environ.get("KVMSTUB_SOCKET"):
+        return os.environ["KVMSTUB_SOCKET"]
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return os.path.join(os.environ["XDG_RUNTIME_DIR"], "kvmstub", "kvm.sock")
+    return "/run/kvmstub/kvm.sock"
+
+
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high], refused with a message that says so."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 0)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is out of range: use {low}..{high}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its messages
+    return parse
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvmstub",
+        description="A stand-in for the host kernel's KVM and AMD SEV firmware, served on a "
+        "Unix socket that plays /dev/kvm.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    socket_help = (
+        "the daemon's Unix socket (default: $KVMSTUB_SOCKET, else "
+        "$XDG_RUNTIME_DIR/kvmstub/kvm.sock, else /run/kvmstub/kvm.sock)"
+    )
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the daemon in the foreground",
+        description="Run the kvmstub daemon in the foreground. Prints one line "
+        "'kvmstub: ready socket=... pid=...' once clients can connect; SIGTERM or SIGINT "
+        "stops it and removes the socket.",
+    )
+    serve.add_argument("--socket", default=None, metavar="PATH", help=socket_help)
+    serve.add_argument(
+        "--sev-asids",
+        type=_int_in(0, 65535),
+        default=None,
+        metavar="N",
+        help="number of SEV ASIDs (above min_sev_asid; default: as on an EPYC host)",
+    )
+    serve.add_argument(
+        "--sev-es-asids",
+        type=_int_in(0, 65535),
+        default=None,
+        metavar="N",
+        help="number of SEV-ES ASIDs (1..min_sev_asid-1; default: as on an EPYC host)",
+    )
+    serve.add_argument(
+        "--slice-us",
+        type=_int_in(1, 1_000_000),
+        default=None,
+        metavar="N",
+        help="longest guest slice one KVM_RUN executes, in microseconds (default: 200)",
+    )
+    serve.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default="warning",
+        help="what the daemon logs to stderr (default: warning)",
+    )
+
+    stats = commands.add_parser(
+        "stats",
+        help="show the daemon's VMs and ASIDs",
+        description="Show the daemon's VMs (creator pid, dead, mode, ASID, firmware handle "
+        "and state, vCPUs, steps run) and its ASIDs in use and free.",
+    )
+    stats.add_argument("--socket", default=None, metavar="PATH", help=socket_help)
+    stats.add_argument("--json", action="store_true", help="print the raw statistics as JSON")
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=args.log_level.upper(),
+        format="kvmstub[%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
+    # One fd per VM and vCPU lives here: a host with many guests needs more than 1024.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    options: dict[str, Any] = {}  # what is not given keeps the model's default
+    if args.sev_asids is not None:
+        options["sev_asids"] = args.sev_asids
+    if args.sev_es_asids is not None:
+        options["sev_es_asids"] = args.sev_es_asids
+    if args.slice_us is not None:
+        options["slice_ns"] = args.slice_us * 1000
+    host = Host(**options)
+    path = args.socket or default_socket()
+    try:
+        trio.run(partial(daemon.run, path, host, host_info=_host_info(host)))
+    except OSError as e:
+        print(f"kvmstub: cannot serve {path}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _host_info(host: Host) -> dict[str, Any]:
+    """The ready line's ASID counts, read back from the model (its defaults included)."""
+    asids = host.stats()["asids"]
+    return {"sev-asids": asids["sev"]["total"], "sev-es-asids": asids["sev_es"]["total"]}
+
+
+def _stats(args: argparse.Namespace) -> int:
+    path = args.socket or default_socket()
+    try:
+        stats = client.read_stats(path)
+    except OSError as e:
+        print(f"kvmstub: cannot read stats from {path}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(stats, indent=2, sort_keys=True))
+    else:
+        print(format_stats(stats))
+    return 0
+
+
+def format_stats(stats: dict[str, Any]) -> str:
+    """The human table of `kvmstub stats`."""
+    columns = ["VM", "CREATOR", "DEAD", "MODE", "ASID", "HANDLE", "FW STATE", "VCPUS", "STEPS"]
+    rows: list[list[str]] = []
+    for vm in stats.get("vms", []):
+        vcpus = vm.get("vcpus", [])
+        mode = str(vm.get("mode", "?"))
+        if vm.get("owner") is not None:
+            mode += f" of {vm['owner']}"
+        rows.append(
+            [
+                str(vm.get("id", "?")),
+                str(vm.get("creator", "?")),
+                "yes" if vm.get("dead") else "no",
+                mode,
+                str(vm.get("asid") or "-"),
+                str(vm.get("handle") or "-"),
+                str(vm.get("firmware_state") or "-"),
+                str(len(vcpus)),
+                str(sum(v.get("steps", 0) for v in vcpus)),
+            ]
+        )
+    widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    if not rows:
+        lines.append("(no VMs)")
+    lines.append("")
+    for key, name in (("sev", "SEV"), ("sev_es", "SEV-ES")):
+        counts = stats.get("asids", {}).get(key, {})
+        lines.append(
+            f"{name} ASIDs: {counts.get('used', '?')} used, {counts.get('free', '?')} free "
+            f"of {counts.get('total', '?')}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `kvmstub` console script."""
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    return _stats(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
