@@ -111,6 +111,15 @@ class App:
     # --------------------------------------------------------------- lifecycle
     async def main(self, incoming: str | None) -> int:
         try:
+            return await self._main(incoming)
+        finally:
+            # Inside trio: closing kvmstub fds wakes tasks that may still wait on them.
+            self.cleanup(
+                remove_control=self.record.status != "completed" or self.record.role != "source"
+            )
+
+    async def _main(self, incoming: str | None) -> int:
+        try:
             self.hardening = hardening.harden(f"handoff:{self.flags.name}")
         except Exception as exc:  # a missing prctl must not stop a VM; say so
             log.warning("process hardening unavailable: %s", exc)
@@ -355,7 +364,4 @@ def run_main(
     except OSError as exc:
         log.error("cannot run the VM: %s", exc)
         code = 1
-    finally:
-        handed_off = app.record.status == "completed"
-        app.cleanup(remove_control=not handed_off)
     return code

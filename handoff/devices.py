@@ -19,8 +19,17 @@ SUM_MASK = 0xFFFF_FFFF
 class DeviceState(msgspec.Struct, frozen=True):
     """Everything the devices hold that the guest can observe."""
 
-    doorbell_sum: int = 0
+    doorbell_sums: tuple[int, ...] = ()
     shared_regions: list[tuple[int, int]] = []
+
+    def doorbell_blob(self) -> bytes:
+        return b"".join(s.to_bytes(4, "little") for s in self.doorbell_sums)
+
+    @staticmethod
+    def sums_from_blob(blob: bytes) -> tuple[int, ...]:
+        if len(blob) % 4:
+            raise ValueError("doorbell state is not a whole number of 32-bit sums")
+        return tuple(int.from_bytes(blob[i : i + 4], "little") for i in range(0, len(blob), 4))
 
 
 class Serial:
@@ -56,21 +65,24 @@ class Serial:
 
 
 class Doorbell:
-    """Ports 0x510 (out) and 0x511 (in): the guest adds its seq and reads back the running sum.
+    """Ports 0x510 (out) and 0x511 (in), one register per vCPU (like a local APIC): the guest
+    adds its seq and reads back its running sum.
 
-    The sum is device state: a successor that lost it would answer a wrong sum and the guest
-    would PANIC, which is how the tests see lost device state.
+    The sums are device state: a successor that lost them would answer a wrong sum and the
+    guest would PANIC, which is how the tests see lost device state.
     """
 
-    def __init__(self, running_sum: int = 0) -> None:
-        self.running_sum = running_sum & SUM_MASK
+    def __init__(self, vcpus: int, sums: tuple[int, ...] = ()) -> None:
+        self.sums = [0] * vcpus
+        for i, value in enumerate(sums[:vcpus]):
+            self.sums[i] = value & SUM_MASK
 
-    def out(self, data: bytes) -> None:
+    def out(self, vcpu: int, data: bytes) -> None:
         value = int.from_bytes(data[:4].ljust(4, b"\0"), "little")
-        self.running_sum = (self.running_sum + value) & SUM_MASK
+        self.sums[vcpu] = (self.sums[vcpu] + value) & SUM_MASK
 
-    def read(self, size: int) -> bytes:
-        return self.running_sum.to_bytes(4, "little")[:size].ljust(size, b"\0")
+    def read(self, vcpu: int, size: int) -> bytes:
+        return self.sums[vcpu].to_bytes(4, "little")[:size].ljust(size, b"\0")
 
 
 class SharedRegions:
@@ -113,26 +125,28 @@ class SharedRegions:
 class Devices:
     """The set of devices one VMM exposes to its guest."""
 
-    def __init__(self, serial_log: str | None, state: DeviceState | None = None) -> None:
+    def __init__(
+        self, serial_log: str | None, vcpus: int, state: DeviceState | None = None
+    ) -> None:
         state = state or DeviceState()
         self.serial = Serial(serial_log)
-        self.doorbell = Doorbell(state.doorbell_sum)
+        self.doorbell = Doorbell(vcpus, state.doorbell_sums)
         self.shared = SharedRegions(state.shared_regions)
 
     def snapshot(self) -> DeviceState:
-        return DeviceState(self.doorbell.running_sum, self.shared.regions())
+        return DeviceState(tuple(self.doorbell.sums), self.shared.regions())
 
-    def handle_io(self, io: uapi.IoExit) -> bytes | None:
+    def handle_io(self, vcpu: int, io: uapi.IoExit) -> bytes | None:
         """Serve one port I/O exit; return the IN data to hand back with the next KVM_RUN."""
         if io.direction == uapi.KVM_EXIT_IO_OUT:
             if io.port == uapi.SERIAL_PORT:
                 self.serial.write(io.data)
             elif io.port == uapi.DOORBELL_OUT_PORT:
-                self.doorbell.out(io.data)
+                self.doorbell.out(vcpu, io.data)
             return None
         nbytes = io.size * io.count
         if io.port == uapi.DOORBELL_IN_PORT:
-            return self.doorbell.read(nbytes)
+            return self.doorbell.read(vcpu, nbytes)
         # An unclaimed port reads as all ones, as on a PC.
         return b"\xff" * nbytes
 

@@ -16,7 +16,7 @@ from kvmstub import uapi
 from . import protocol
 from .config import GuestConfig, HostFlags
 from .devices import DeviceState
-from .errors import Incompatible
+from .errors import Incompatible, PeerFailed
 
 
 def source_hello(conn: protocol.HandoffConnection, flags: HostFlags) -> protocol.Hello:
@@ -96,7 +96,8 @@ def sev_cache_of(d: protocol.Describe) -> dict[str, int]:
 
 def switchover_from(state: DeviceState, regs: Sequence[uapi.Regs] | None) -> protocol.Switchover:
     return protocol.Switchover(
-        doorbell_sum=state.doorbell_sum,
+        doorbell_sum=sum(state.doorbell_sums) & 0xFFFF_FFFF,
+        device_blobs={"doorbell": state.doorbell_blob()},
         shared_regions=tuple((gpa, pages) for gpa, pages in state.shared_regions),
         regs=tuple(regs) if regs is not None else None,
         paused_at_ns=time.monotonic_ns(),
@@ -106,7 +107,13 @@ def switchover_from(state: DeviceState, regs: Sequence[uapi.Regs] | None) -> pro
 def switchover_state(sw: protocol.Switchover) -> tuple[list[uapi.Regs] | None, DeviceState]:
     regions = [(int(r[0]), int(r[1])) for r in sw.shared_regions]
     regs = list(sw.regs) if sw.regs is not None else None
-    return regs, DeviceState(doorbell_sum=sw.doorbell_sum, shared_regions=regions)
+    try:
+        sums = DeviceState.sums_from_blob(sw.device_blobs.get("doorbell", b""))
+    except ValueError as exc:
+        raise PeerFailed(f"switchover carried unusable device state: {exc}") from None
+    if sum(sums) & 0xFFFF_FFFF != sw.doorbell_sum:
+        raise PeerFailed("switchover's doorbell state does not add up to its declared sum")
+    return regs, DeviceState(doorbell_sums=sums, shared_regions=regions)
 
 
 def resumed_message(

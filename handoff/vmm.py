@@ -127,7 +127,7 @@ class VcpuRunner:
         if reason == uapi.KVM_EXIT_INTR:
             return True
         if reason == uapi.KVM_EXIT_IO and exit_.io is not None:
-            data = self.vmm.devices.handle_io(exit_.io)
+            data = self.vmm.devices.handle_io(self.index, exit_.io)
             if data is not None:
                 self.vcpu.complete_io(data)
             self.pending = True
@@ -162,7 +162,7 @@ class Vmm:
         self.vm: client.Vm | None = None
         self.vcpus: list[client.Vcpu] = []
         self.memfds: list[int] = []
-        self.devices = Devices(flags.serial_log)
+        self.devices = Devices(flags.serial_log, cfg.vcpus)
         self.runners: list[VcpuRunner] = []
         self.gate = RunGate(0)
         self.status = "prelaunch"
@@ -263,7 +263,7 @@ class Vmm:
     def restore_devices(self, state: DeviceState) -> None:
         serial = self.devices.serial
         self.devices.close()
-        self.devices = Devices(serial.path, state)
+        self.devices = Devices(serial.path, self.cfg.vcpus, state)
 
     def _make_runners(self) -> None:
         self.runners = [VcpuRunner(self, i) for i in range(len(self.vcpus))]
