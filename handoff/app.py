@@ -28,6 +28,7 @@ from . import __version__, hardening, notify
 from .config import GuestConfig, HostFlags, format_size
 from .control import ControlServer, QMPCommandError
 from .errors import HandoffError
+from .faults import Faults, FaultSpecError
 from .record import HandoffRecord
 from .vmm import Vmm
 
@@ -100,6 +101,7 @@ class App:
         self.control_sock: socket.socket | None = None
         self.control_path = flags.control or ""
         self.record = HandoffRecord()
+        self.faults = Faults(flags.fault)
         self.handoff_busy = False
         self.finished = trio.Event()
         self.exit_code = 0
@@ -204,6 +206,7 @@ class App:
             "handoff": self.qmp_handoff,
             "upgrade": self.qmp_upgrade,
             "quit": self.qmp_quit,
+            "x-set-fault": self.qmp_set_fault,
         }
 
     async def qmp_query_status(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -263,6 +266,16 @@ class App:
             raise QMPCommandError(f"the guest is {self.vmm.status}; it cannot continue")
         self.vmm.resume()
         self.emit("RESUME", {})
+        return {}
+
+    async def qmp_set_fault(self, args: dict[str, Any]) -> dict[str, Any]:
+        spec = args.get("spec")
+        if spec is not None and not isinstance(spec, str):
+            raise QMPCommandError("'spec' must be ROLE:STEP:ACTION or absent (to disarm)")
+        try:
+            self.faults.arm(spec)
+        except FaultSpecError as exc:
+            raise QMPCommandError(str(exc)) from None
         return {}
 
     async def qmp_quit(self, args: dict[str, Any]) -> dict[str, Any]:

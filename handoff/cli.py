@@ -90,6 +90,16 @@ def _incoming(text: str) -> str:
     return text[5:]
 
 
+def _fault(text: str) -> str:
+    from .faults import FaultSpecError, parse
+
+    try:
+        parse(text)
+    except FaultSpecError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _timeout(text: str) -> float:
     try:
         value = float(text)
@@ -183,6 +193,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     h.add_argument(
         "--max-protocol", type=_int_in(1, 2, "--max-protocol"), default=2, help=argparse.SUPPRESS
     )
+    # Fault injection for tests and tools/chaos.py (ROLE:STEP:ACTION, see handoff.faults).
+    h.add_argument("--x-fault", type=_fault, default=None, help=argparse.SUPPRESS)
 
 
 def guest_config(ns: argparse.Namespace) -> GuestConfig:
@@ -213,6 +225,7 @@ def host_flags(ns: argparse.Namespace) -> HostFlags:
         allow_uids=tuple(ns.allow_uid),
         max_protocol=ns.max_protocol,
         handoff_timeout=ns.handoff_timeout,
+        fault=ns.x_fault,
     )
 
 

@@ -139,6 +139,7 @@ class HostFlags(msgspec.Struct, frozen=True, kw_only=True):
     allow_uids: tuple[int, ...] = ()
     max_protocol: int = 2
     handoff_timeout: float = 10.0
+    fault: str | None = None
 
     def allowed_uids(self) -> frozenset[int]:
         return frozenset(self.allow_uids) | {os.getuid()}

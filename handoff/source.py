@@ -120,15 +120,18 @@ async def hand_off(app: App, path: str, proc: subprocess.Popen[bytes] | None) ->
 
         await peer.send(messages.source_hello(conn, flags))
         _hello, _ = await peer.receive(protocol.Hello)
+        await app.faults.point("source", "hello", peer)
         rec.protocol = conn.version or 0
         rec.phase("hello")
 
         assert app.control_sock is not None
         describe = messages.describe_from(vmm.cfg, flags, vmm.sev, vmm.measurement)
         await peer.send(describe, [*vmm.memfds, app.control_sock.fileno()])
+        await app.faults.point("source", "describe", peer)
         app.emit("HANDOFF", {"id": rec.id, "status": "active"})
         _prepared, fds = await peer.receive(protocol.Prepared)
         escrow = fds.take()[0]
+        await app.faults.point("source", "prepared", peer)
         rec.phase("prepare")
         rec.setup_ms = round(sum(rec.phases.values()), 3)
 
@@ -139,6 +142,7 @@ async def hand_off(app: App, path: str, proc: subprocess.Popen[bytes] | None) ->
             app.control.stop_accepting()
         await vmm.pause()
         paused = True
+        await app.faults.point("source", "paused", peer)
         if vmm.cfg.mode != "sev-es":
             regs = await vmm.get_all_regs()
         devices = vmm.devices.snapshot()
@@ -146,9 +150,12 @@ async def hand_off(app: App, path: str, proc: subprocess.Popen[bytes] | None) ->
         assert vmm.vm is not None
         await peer.send(messages.switchover_from(devices, regs), [vmm.vm.fileno()])
         switched = True
+        await app.faults.point("source", "switchover", peer)
         await peer.receive(protocol.Moved)
+        await app.faults.point("source", "moved", peer)
         rec.phase("switchover")
         await peer.send(protocol.Commit())
+        await app.faults.point("source", "commit", peer)
         rec.phase("commit")
         await peer.receive(protocol.Resumed)
         rec.phase("resume")

@@ -33,6 +33,7 @@ from .errors import (
     Incompatible,
     PeerFailed,
     Refused,
+    TransportError,
 )
 from .peer import Peer, PeerGoneError
 
@@ -133,6 +134,7 @@ async def _receive(app: App, chan: Channel, nursery: trio.Nursery) -> bool:
     t0 = t_prepared = t_moved = time.perf_counter()
     try:
         await peer.receive(protocol.Hello)
+        await app.faults.point("target", "hello", peer)
         try:
             hello = messages.target_hello(conn, flags)
         except Incompatible as exc:
@@ -141,6 +143,7 @@ async def _receive(app: App, chan: Channel, nursery: trio.Nursery) -> bool:
         await peer.send(hello)
         rec.protocol = conn.version or 0
         describe, fds = await peer.receive(protocol.Describe)
+        await app.faults.point("target", "describe", peer)
         with fds:
             theirs = messages.guest_config_of(describe)
             diffs = app.cfg.differences(theirs)
@@ -173,10 +176,12 @@ async def _receive(app: App, chan: Channel, nursery: trio.Nursery) -> bool:
         assert vmm.vm is not None
         await peer.send(protocol.Prepared(), [vmm.vm.fileno()])
         t_prepared = time.perf_counter()
+        await app.faults.point("target", "prepared", peer)
         # The source pauses now; its Switchover starts our part of the blackout.
         switchover, fds = await peer.receive(protocol.Switchover, timeout=flags.handoff_timeout)
         t_sw = time.perf_counter()
         source_vm = fds.take()[0]
+        await app.faults.point("target", "switchover", peer)
         regs, devices = messages.switchover_state(switchover)
     except (HandoffError, OSError) as exc:
         # Nothing of the guest was touched: the source keeps (or resumes) it.
@@ -194,9 +199,11 @@ async def _receive(app: App, chan: Channel, nursery: trio.Nursery) -> bool:
         t_moved = time.perf_counter()
         rec.phase("move")
         await peer.send(protocol.Moved())
+        await app.faults.point("target", "moved", peer)
         await peer.receive(protocol.Commit)
+        await app.faults.point("target", "commit", peer)
         rec.phase("commit")
-    except (PeerGoneError, HandoffTimeout, PeerFailed, OSError) as exc:
+    except (PeerGoneError, HandoffTimeout, PeerFailed, TransportError, OSError) as exc:
         # The source is gone or silent after Switchover. Take over only if it is dead.
         if isinstance(exc, OSError) and not moved:
             log.error("could not take the guest (%s); the source keeps it", exc)
@@ -237,6 +244,7 @@ async def _receive(app: App, chan: Channel, nursery: trio.Nursery) -> bool:
             )
         except (HandoffError, OSError) as exc:
             log.warning("could not send Resumed (%s); running the guest anyway", exc)
+        await app.faults.point("target", "resumed", peer)
     vmm.resume()
     rec.phase("resume")
     rec.downtime_ms = round((time.perf_counter() - t_sw) * 1e3, 3)
