@@ -58,6 +58,10 @@ class _FdLock:
         self._waiters = trio.lowlevel.ParkingLot()
 
     async def __aenter__(self) -> None:
+        # Raise a pending cancellation here, before anything is sent: `_call` swallows one
+        # that lands while it waits for a reply, so without this a loop of calls would never
+        # see it. This does not yield when nothing is cancelled.
+        await trio.lowlevel.checkpoint_if_cancelled()
         if self._held:
             await self._waiters.park()  # woken by __aexit__, which hands the lock over
         else:
@@ -127,6 +131,9 @@ class _KvmFile:
         """Send `request` (with `fd` attached if given), return its reply and the fds that
         came with it (the caller owns them). Raises the reply's OSError on failure."""
         data = wire.encode(request)
+        if len(data) > wire.MAX_DATAGRAM:
+            # The daemon would refuse it too (EINVAL); say so before sending.
+            raise OSError(errno.EINVAL, f"kvmstub: request exceeds {wire.MAX_DATAGRAM} bytes")
         async with self._lock:
             sock = self._sock
             if sock is None:
