@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -125,10 +124,12 @@ class App:
             self.hardening = hardening.harden(f"handoff:{self.flags.name}")
         except Exception as exc:  # a missing prctl must not stop a VM; say so
             log.warning("process hardening unavailable: %s", exc)
+        if incoming is None:
+            await self.launch()
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             if incoming is None:
-                await self.boot(nursery)
+                self.start_running(nursery)
             else:
                 from .target import take_over
 
@@ -142,11 +143,14 @@ class App:
             nursery.cancel_scope.cancel()
         return self.exit_code
 
-    async def boot(self, nursery: trio.Nursery) -> None:
-        t0 = time.perf_counter()
+    async def launch(self) -> None:
+        self._t_launch = time.perf_counter()
         await self.vmm.launch()
         assert self.flags.control is not None
         self.control_sock = bind_control(self.flags.control)
+
+    def start_running(self, nursery: trio.Nursery) -> None:
+        t0 = self._t_launch
         self.start_control(nursery)
         self.vmm.start(nursery)
         self.vmm.resume()
@@ -355,9 +359,10 @@ class App:
             self.shutdown(0)
 
 
-def strip_env_for_child() -> None:
-    """Nothing of the parent's signal dispositions should leak into a successor."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def run_main(
@@ -371,10 +376,13 @@ def run_main(
     app = App(cfg, flags, program, run_args)
     try:
         code = trio.run(app.main, incoming)
-    except HandoffError as exc:
-        log.error("%s", exc)
-        code = 1
-    except OSError as exc:
-        log.error("cannot run the VM: %s", exc)
+    except (HandoffError, OSError, BaseExceptionGroup) as exc:
+        leaf = _first_leaf(exc)
+        if isinstance(leaf, HandoffError):
+            log.error("%s", leaf)
+        elif isinstance(leaf, OSError):
+            log.error("cannot run the VM: %s", leaf)
+        else:
+            log.exception("the VMM failed")
         code = 1
     return code

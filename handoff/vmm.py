@@ -174,7 +174,14 @@ class Vmm:
 
     # ----------------------------------------------------------------- building
     async def open(self) -> None:
-        self.kvm = await client.open_kvm(self.flags.kvm)
+        try:
+            self.kvm = await client.open_kvm(self.flags.kvm)
+        except OSError as exc:
+            raise OSError(
+                exc.errno,
+                f"cannot open kvmstub at {self.flags.kvm} ({exc.strerror or exc}); "
+                "is `kvmstub serve` running there? (--kvm PATH)",
+            ) from exc
 
     def create_memory(self) -> None:
         """One sparse memfd per slot; pages are allocated only where the guest writes."""
