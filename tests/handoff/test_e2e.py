@@ -198,8 +198,9 @@ async def test_peer_with_another_uid_is_refused_before_any_fd_crosses(
     import subprocess
     import sys
 
-    sock_dir = tmp_path / "nobody"
-    sock_dir.mkdir(mode=0o700)
+    import tempfile
+
+    sock_dir = Path(tempfile.mkdtemp(prefix="handoff-nobody-"))  # in /tmp: reachable by nobody
     os.chown(sock_dir, 65534, 65534)
     path = sock_dir / "in.sock"
     code = (
@@ -232,5 +233,8 @@ async def test_peer_with_another_uid_is_refused_before_any_fd_crosses(
         assert "fds" not in out.split()
     finally:
         child.kill()
+        import shutil
+
+        shutil.rmtree(sock_dir, ignore_errors=True)
     assert await vmm.pid() == pid
     await assert_guest_whole(vmm)
