@@ -26,6 +26,7 @@ from kvmstub import client
 
 from .ops import format_phases, query, upgrade
 from .seriallog import read_logs
+from .testing import pid_alive
 
 RELEASE_1 = [sys.executable, "-m", "handoff.cli"]  # plays the older release (protocol 1)
 
@@ -135,22 +136,20 @@ class Demo:
         new_pid = int(data.get("successor-pid", 0))
         say(f"  pid {old_pid} -> {new_pid}, protocol {data.get('protocol')}")
         say(format_phases(data))
-        await self.wait_lines(before)
+        at_pause = {v: s for v, s in enumerate(data.get("pause-seqs") or []) if s >= 0}
+        await self.wait_lines(at_pause or before, more=2)
         report = read_logs(self.serial_logs)
-        pause = report.max_gap_after(before)
+        pause = report.max_gap_after(at_pause, lines=1) if at_pause else None
         say(
             f"  source-side downtime {data.get('downtime', 0):.3f} ms; guest-visible pause "
             f"(largest gap_us the guest reported around it): "
             f"{'?' if pause is None else f'{pause / 1000:.3f} ms'}"
         )
         self.pauses.append((title, pause, float(data.get("downtime", 0))))
-        for _ in range(100):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(old_pid, 0)
+        with trio.move_on_after(10):
+            while pid_alive(old_pid):
                 await trio.sleep(0.05)
-                continue
-            break
-        else:
+        if pid_alive(old_pid):
             self.failures.append(f"{title}: old VMM pid {old_pid} still alive")
         (status, memfds) = await query(self.control, "query-status", "query-memfds")
         if status["pid"] != new_pid:
@@ -229,8 +228,10 @@ class Demo:
             f"{asids_in_use} -> {_asids_used(stats2)}",
         )
         await query(self.control, "quit")
-        await trio.sleep(0.3)
-        alive = [p for p in self.pids if _alive(p)]
+        with trio.move_on_after(10):
+            while any(pid_alive(p) for p in self.pids):
+                await trio.sleep(0.05)
+        alive = [p for p in self.pids if pid_alive(p)]
         self.check("no VMM process left after quit", not alive, f"pids {self.pids}")
         stats3 = await self.stats()
         self.check(
@@ -277,18 +278,6 @@ class Demo:
 def _asids_used(stats: dict[str, Any]) -> int:
     asids = stats.get("asids", {})
     return sum(int(v.get("used", 0)) for v in asids.values() if isinstance(v, dict))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie child of ours is gone for every purpose that matters here.
-    with contextlib.suppress(ChildProcessError):
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    return True
 
 
 def _sockets(root: str) -> list[str]:

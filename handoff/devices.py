@@ -6,6 +6,7 @@ Their state is what a handoff must carry besides the guest's own CPU and memory 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 
@@ -45,6 +46,9 @@ class Serial:
         self._partial = b""
         self.lines = 0
         self.panicked: str | None = None
+        # The last seq each vCPU printed: a handoff records it at the pause, so the first line
+        # after it (whose gap_us holds the pause the guest saw) can be found.
+        self.last_seq: dict[int, int] = {}
         if path is not None:
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
 
@@ -53,7 +57,12 @@ class Serial:
         *complete, self._partial = buf.split(b"\n")
         for line in complete:
             self.lines += 1
-            if line.startswith(b"PANIC") and self.panicked is None:
+            if line.startswith(b"vcpu="):
+                fields = line.split(b" ", 2)
+                if len(fields) >= 2 and fields[1].startswith(b"seq="):
+                    with contextlib.suppress(ValueError):
+                        self.last_seq[int(fields[0][5:])] = int(fields[1][4:])
+            elif line.startswith(b"PANIC") and self.panicked is None:
                 self.panicked = line.decode("ascii", "replace")
             if self._fd is not None:
                 os.write(self._fd, line + b"\n")

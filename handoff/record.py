@@ -28,6 +28,7 @@ class HandoffRecord:
         self._t0 = 0.0
         self._mark = 0.0
         self.requests_in_pause = 0
+        self.pause_seqs: dict[int, int] = {}
 
     def begin(self, role: str) -> None:
         self.__init__()  # type: ignore[misc]
@@ -60,6 +61,10 @@ class HandoffRecord:
             "phases": dict(self.phases),
             "protocol": self.protocol,
         }
+        if self.pause_seqs:
+            out["pause-seqs"] = [
+                self.pause_seqs.get(v, -1) for v in range(max(self.pause_seqs) + 1)
+            ]
         if self.peer_pid:
             out["peer-pid"] = self.peer_pid
         if self.error:

@@ -142,6 +142,7 @@ async def hand_off(app: App, path: str, proc: subprocess.Popen[bytes] | None) ->
             app.control.stop_accepting()
         await vmm.pause()
         paused = True
+        rec.pause_seqs = dict(vmm.devices.serial.last_seq)
         await app.faults.point("source", "paused", peer)
         if vmm.cfg.mode != "sev-es":
             regs = await vmm.get_all_regs()
@@ -173,7 +174,9 @@ async def hand_off(app: App, path: str, proc: subprocess.Popen[bytes] | None) ->
         )
         notify.notify(f"STATUS=handoff failed ({recovery}): guest running here")
         _close(peer, escrow, pidfd)
-        await _reap(proc, rec.workdir)
+        if app.nursery is not None:
+            # Reaping may take a moment; the VMM is free for the next command meanwhile.
+            app.nursery.start_soon(_reap, proc, rec.workdir)
         return False
 
     rec.finish("completed")
