@@ -124,9 +124,8 @@ def main() -> int:
     phases = sorted({k for r in rows for k in r["phases"]}, key=list(rows[0]["phases"]).index)
     for ph in phases:
         vals = [r["phases"].get(ph, 0.0) for r in rows]
-        print(
-            f"| phase {ph} | {statistics.median(vals):.3f} | {pct(vals, 0.95):.3f} | {max(vals):.3f} |"
-        )
+        med, p95 = statistics.median(vals), pct(vals, 0.95)
+        print(f"| phase {ph} | {med:.3f} | {p95:.3f} | {max(vals):.3f} |")
     print(f"\nguest continuity: {'ok' if not out['problems'] else out['problems'][:3]}")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
