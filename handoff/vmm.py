@@ -10,6 +10,7 @@ KVM_RUN in flight and no exit left half done, which is what a handoff needs.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 from collections.abc import Sequence
@@ -186,9 +187,15 @@ class Vmm:
     def create_memory(self) -> None:
         """One sparse memfd per slot; pages are allocated only where the guest writes."""
         for layout in self.cfg.slots():
-            fd = os.memfd_create(f"handoff-{self.flags.name}-slot{layout.slot}", os.MFD_CLOEXEC)
+            fd = os.memfd_create(
+                f"handoff-{self.flags.name}-slot{layout.slot}",
+                os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING,
+            )
             self.memfds.append(fd)
             os.ftruncate(fd, layout.size)
+            # Sealed against shrinking, kvmstub may map it: nobody can truncate guest memory
+            # under a mapping (which would SIGBUS whoever touches it).
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
 
     async def _create_vm(self, *, sev_init: bool) -> client.Vm:
         assert self.kvm is not None
