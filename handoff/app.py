@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -24,7 +25,7 @@ import trio
 from kvmstub import uapi
 
 from . import __version__, hardening, notify
-from .config import GuestConfig, HostFlags, format_size
+from .config import GuestConfig, HostFlags, format_size, read_token, write_token
 from .control import ControlServer, QMPCommandError
 from .errors import HandoffError
 from .faults import Faults, FaultSpecError
@@ -101,6 +102,8 @@ class App:
         self.control_path = flags.control or ""
         self.record = HandoffRecord()
         self.faults = Faults(flags.fault)
+        # The operator's token for `handoff {uri}` (and for the handoff this VMM receives).
+        self.token: bytes | None = read_token(flags.token_file) if flags.token_file else None
         self.handoff_busy = False
         self.finished = trio.Event()
         self.exit_code = 0
@@ -306,7 +309,7 @@ class App:
             raise QMPCommandError("'uri' must be unix:PATH, the target's handoff socket")
         self._begin_handoff()
         assert self.nursery is not None
-        self.nursery.start_soon(self._run_handoff, uri[5:], None)
+        self.nursery.start_soon(self._run_handoff, uri[5:], None, self.token)
         return {}
 
     async def qmp_upgrade(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -321,38 +324,49 @@ class App:
         ):
             raise QMPCommandError("'exec' must be a non-empty list: PROGRAM ARGS...")
         self._begin_handoff()
+        token = secrets.token_hex(32).encode()
         try:
-            path, proc = self.spawn_successor(sets, exec_argv)
+            path, proc = self.spawn_successor(sets, exec_argv, token)
         except Exception as exc:
             self.handoff_busy = False
             raise QMPCommandError(f"could not start the successor: {exc}") from exc
         assert self.nursery is not None
-        self.nursery.start_soon(self._run_handoff, path, proc)
+        self.nursery.start_soon(self._run_handoff, path, proc, token)
         return {"pid": proc.pid, "uri": f"unix:{path}"}
 
     # --------------------------------------------------------------- handoff
     def spawn_successor(
-        self, sets: Sequence[str], exec_argv: Sequence[str] | None
+        self, sets: Sequence[str], exec_argv: Sequence[str] | None, token: bytes
     ) -> tuple[str, subprocess.Popen[bytes]]:
+        """Start the successor, listening in a private directory, with a one-time token that
+        only the two of us know (so a process of the same uid that races for its socket
+        cannot take the guest)."""
         from .cli import apply_sets, strip_flags
 
-        run_args = strip_flags(self.run_args, ("--incoming", "--uuid"))
+        run_args = strip_flags(self.run_args, ("--incoming", "--uuid", "--token-file"))
         run_args = apply_sets(run_args, sets)
         workdir = tempfile.mkdtemp(prefix=f"handoff-{self.flags.name}-")
         path = os.path.join(workdir, "incoming.sock")
+        token_path = os.path.join(workdir, "token")
+        write_token(token_path, token)
         program = list(exec_argv) if exec_argv else self.program
-        argv = [*program, "run", *run_args, "--uuid", self.flags.uuid, "--incoming", f"unix:{path}"]
+        argv = [
+            *program, "run", *run_args, "--uuid", self.flags.uuid,
+            "--incoming", f"unix:{path}", "--token-file", token_path,
+        ]  # fmt: skip
         log.info("starting successor: %s", " ".join(argv))
         proc = subprocess.Popen(argv, start_new_session=True, stdin=subprocess.DEVNULL)
         self.successor = proc
         self.record.workdir = workdir
         return path, proc
 
-    async def _run_handoff(self, path: str, proc: subprocess.Popen[bytes] | None) -> None:
+    async def _run_handoff(
+        self, path: str, proc: subprocess.Popen[bytes] | None, token: bytes | None
+    ) -> None:
         from .source import hand_off
 
         try:
-            ok = await hand_off(self, path, proc)
+            ok = await hand_off(self, path, proc, token)
         finally:
             self.handoff_busy = False
         if ok:

@@ -193,6 +193,14 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     h.add_argument(
         "--max-protocol", type=_int_in(1, 2, "--max-protocol"), default=2, help=argparse.SUPPRESS
     )
+    h.add_argument(
+        "--token-file",
+        default=None,
+        metavar="PATH",
+        help="require peers to prove this shared secret (HMAC challenge-response) before "
+        "any fd crosses; the file must be mode 600. Upgrades always use a fresh one-time "
+        "token of their own",
+    )
     # Fault injection for tests and tools/chaos.py (ROLE:STEP:ACTION, see handoff.faults).
     h.add_argument("--x-fault", type=_fault, default=None, help=argparse.SUPPRESS)
 
@@ -226,6 +234,7 @@ def host_flags(ns: argparse.Namespace) -> HostFlags:
         max_protocol=ns.max_protocol,
         handoff_timeout=ns.handoff_timeout,
         fault=ns.x_fault,
+        token_file=ns.token_file,
     )
 
 

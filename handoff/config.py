@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import uuid
 from typing import Literal
 
@@ -140,6 +141,7 @@ class HostFlags(msgspec.Struct, frozen=True, kw_only=True):
     max_protocol: int = 2
     handoff_timeout: float = 10.0
     fault: str | None = None
+    token_file: str | None = None
 
     def allowed_uids(self) -> frozenset[int]:
         return frozenset(self.allow_uids) | {os.getuid()}
@@ -155,6 +157,42 @@ def validate_name(name: str) -> str:
             "starting with a letter or digit"
         )
     return name
+
+
+def read_token(path: str) -> bytes:
+    """A handoff token from a file that only its owner (this uid) can read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise ConfigError(f"--token-file {path}: cannot open it ({exc.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"--token-file {path}: not a regular file")
+        if st.st_uid != os.getuid():
+            raise ConfigError(f"--token-file {path}: owned by uid {st.st_uid}, not by us")
+        if st.st_mode & 0o077:
+            raise ConfigError(
+                f"--token-file {path}: mode {st.st_mode & 0o777:o} lets others read it; "
+                "chmod 600 it"
+            )
+        data = os.read(fd, 4097).strip()
+    finally:
+        os.close(fd)
+    if not 16 <= len(data) <= 4096:
+        raise ConfigError(
+            f"--token-file {path}: the token must be 16 to 4096 bytes (it has {len(data)}); "
+            "e.g. `head -c 32 /dev/urandom | base64 > FILE`"
+        )
+    return data
+
+
+def write_token(path: str, token: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, token)
+    finally:
+        os.close(fd)
 
 
 def new_uuid() -> str:

@@ -9,6 +9,7 @@ the guest is left in (for a refused handoff: the source keeps running).
     +-- Refused              the peer or this side declined the handoff before anything moved
     |   +-- Incompatible     guest-visible configuration or protocol versions do not match
     |   +-- CredentialsRefused   the peer's uid is not allowed (checked before any fd crosses)
+    |   +-- AuthRefused      the peer did not prove the handoff token
     +-- PeerFailed           the peer reported a failure or broke the protocol
     +-- HandoffTimeout       a step did not finish within its limit
     +-- TransportError       the connection itself failed (socket errors, malformed datagrams)
@@ -19,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 __all__ = [
+    "AuthRefused",
     "CredentialsRefused",
     "HandoffError",
     "HandoffTimeout",
@@ -84,6 +86,14 @@ class CredentialsRefused(Refused):
         self.uid = uid
         self.gid = gid
         self.allowed_uids = frozenset(allowed_uids)
+
+
+class AuthRefused(Refused):
+    """The peer did not prove it holds the handoff token (or holds none when we do).
+
+    Raised before any fd crosses, except that a target learns a source's proof only with
+    Describe, whose fds it then closes unused.
+    """
 
 
 class PeerFailed(HandoffError):

@@ -16,27 +16,81 @@ from kvmstub import uapi
 from . import protocol
 from .config import GuestConfig, HostFlags
 from .devices import DeviceState
-from .errors import Incompatible, PeerFailed
+from .errors import AuthRefused, Incompatible, PeerFailed
 
 
-def source_hello(conn: protocol.HandoffConnection, flags: HostFlags) -> protocol.Hello:
+def _features(token: bytes | None) -> tuple[str, ...]:
+    return (protocol.TOKEN_FEATURE,) if token is not None else ()
+
+
+def source_hello(
+    conn: protocol.HandoffConnection, flags: HostFlags, token: bytes | None
+) -> protocol.Hello:
     return conn.make_hello(
-        vm_name=flags.name, vm_uuid=uuid.UUID(flags.uuid), nonce=secrets.token_bytes(32)
+        vm_name=flags.name,
+        vm_uuid=uuid.UUID(flags.uuid),
+        nonce=secrets.token_bytes(protocol.NONCE_SIZE),
+        features=_features(token),
     )
 
 
-def target_hello(conn: protocol.HandoffConnection, flags: HostFlags) -> protocol.Hello:
-    """Our answer; raises Incompatible (after which the caller sends the refusal)."""
+def target_hello(
+    conn: protocol.HandoffConnection, flags: HostFlags, token: bytes | None
+) -> protocol.Hello:
+    """Our answer, with our proof of the token; raises Incompatible (version) or Refused (the
+    source's token configuration differs from ours), after which the caller sends the refusal.
+    A source without a token is refused here, before it sends any fd."""
     refusal = conn.version_refusal()
     if refusal is not None:
         raise Incompatible(refusal.reason)
+    source = conn.peer_hello
+    assert source is not None
+    has_token = protocol.TOKEN_FEATURE in source.features
+    if (token is None) != (not has_token):
+        who = "the source" if has_token else "this VMM"
+        raise AuthRefused(
+            f"{who} requires a handoff token and the other side was given none: "
+            "pass the same token to both VMMs"
+        )
+    proof = b""
+    if token is not None:
+        proof = protocol.token_proof(token, source.nonce, protocol.Role.TARGET)
     return conn.make_hello(
-        vm_name=flags.name, vm_uuid=uuid.UUID(flags.uuid), nonce=secrets.token_bytes(32)
+        vm_name=flags.name,
+        vm_uuid=uuid.UUID(flags.uuid),
+        nonce=secrets.token_bytes(protocol.NONCE_SIZE),
+        features=_features(token),
+        proof=proof,
     )
 
 
+def check_token(conn: protocol.HandoffConnection, token: bytes | None, peer_proof: bytes) -> None:
+    """Check the peer's proof against the nonce of our own Hello; raise AuthRefused if bad."""
+    assert conn.our_hello is not None and conn.peer_hello is not None
+    refusal = protocol.check_peer_token(
+        token,
+        our_nonce=conn.our_hello.nonce,
+        peer_role=conn.our_role.peer,
+        peer_features=conn.peer_hello.features,
+        peer_proof=peer_proof,
+    )
+    if refusal is not None:
+        raise AuthRefused(refusal.reason)
+
+
+def source_proof(conn: protocol.HandoffConnection, token: bytes | None) -> bytes:
+    if token is None:
+        return b""
+    assert conn.peer_hello is not None
+    return protocol.token_proof(token, conn.peer_hello.nonce, protocol.Role.SOURCE)
+
+
 def describe_from(
-    cfg: GuestConfig, flags: HostFlags, sev: dict[str, int], measurement: bytes | None
+    cfg: GuestConfig,
+    flags: HostFlags,
+    sev: dict[str, int],
+    measurement: bytes | None,
+    proof: bytes = b"",
 ) -> protocol.Describe:
     slots = tuple(
         protocol.MemfdSlot(slot=s.slot, guest_phys_addr=s.guest_phys_addr, size=s.size, offset=0)
@@ -65,6 +119,7 @@ def describe_from(
         flip_every=cfg.flip_every,
         sev=sev_ctx,
         host_flags=host,
+        proof=proof,
     )
 
 

@@ -31,7 +31,7 @@ from kvmstub import uapi
 
 from . import messages, notify, protocol
 from .channel import Channel, connect
-from .errors import CredentialsRefused, HandoffError, HandoffTimeout, TransportError
+from .errors import AuthRefused, CredentialsRefused, HandoffError, HandoffTimeout, TransportError
 from .peer import Peer
 
 if TYPE_CHECKING:
@@ -91,7 +91,9 @@ async def _wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> bool:
     return False
 
 
-async def hand_off(app: App, path: str, proc: subprocess.Popen[bytes] | None) -> bool:
+async def hand_off(
+    app: App, path: str, proc: subprocess.Popen[bytes] | None, token: bytes | None
+) -> bool:
     """Run one handoff as the source; return True when the target runs the guest."""
     vmm, flags, rec = app.vmm, app.flags, app.record
     rec.begin("source")
@@ -118,14 +120,21 @@ async def hand_off(app: App, path: str, proc: subprocess.Popen[bytes] | None) ->
         peer = Peer(chan, conn, flags.handoff_timeout)
         rec.phase("connect")
 
-        await peer.send(messages.source_hello(conn, flags))
-        _hello, _ = await peer.receive(protocol.Hello)
+        await peer.send(messages.source_hello(conn, flags, token))
+        hello, _ = await peer.receive(protocol.Hello)
+        try:
+            messages.check_token(conn, token, hello.proof)
+        except AuthRefused as exc:
+            await peer.refuse("auth", str(exc))
+            raise
         await app.faults.point("source", "hello", peer)
         rec.protocol = conn.version or 0
         rec.phase("hello")
 
         assert app.control_sock is not None
-        describe = messages.describe_from(vmm.cfg, flags, vmm.sev, vmm.measurement)
+        describe = messages.describe_from(
+            vmm.cfg, flags, vmm.sev, vmm.measurement, messages.source_proof(conn, token)
+        )
         await peer.send(describe, [*vmm.memfds, app.control_sock.fileno()])
         await app.faults.point("source", "describe", peer)
         app.emit("HANDOFF", {"id": rec.id, "status": "active"})

@@ -27,6 +27,7 @@ from . import messages, protocol
 from .channel import Channel, Listener, OwnedFds, listen
 from .config import GuestConfig
 from .errors import (
+    AuthRefused,
     CredentialsRefused,
     HandoffError,
     HandoffTimeout,
@@ -136,15 +137,23 @@ async def _receive(app: App, chan: Channel, nursery: trio.Nursery) -> bool:
         await peer.receive(protocol.Hello)
         await app.faults.point("target", "hello", peer)
         try:
-            hello = messages.target_hello(conn, flags)
+            hello = messages.target_hello(conn, flags, app.token)
         except Incompatible as exc:
             await peer.refuse("version", str(exc))
+            raise
+        except AuthRefused as exc:
+            await peer.refuse("auth", str(exc))
             raise
         await peer.send(hello)
         rec.protocol = conn.version or 0
         describe, fds = await peer.receive(protocol.Describe)
         await app.faults.point("target", "describe", peer)
         with fds:
+            try:
+                messages.check_token(conn, app.token, describe.proof)
+            except AuthRefused as exc:
+                await peer.refuse("auth", str(exc))
+                raise
             theirs = messages.guest_config_of(describe)
             diffs = app.cfg.differences(theirs)
             layout = messages.slots_match(describe, app.cfg)
