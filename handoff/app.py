@@ -307,10 +307,22 @@ class App:
         uri = args.get("uri")
         if not isinstance(uri, str) or not uri.startswith("unix:") or len(uri) <= 5:
             raise QMPCommandError("'uri' must be unix:PATH, the target's handoff socket")
+        copy_memory = self._copy_memory_arg(args)
         self._begin_handoff()
         assert self.nursery is not None
-        self.nursery.start_soon(self._run_handoff, uri[5:], None, self.token)
+        self.nursery.start_soon(self._run_handoff, uri[5:], None, self.token, copy_memory)
         return {}
+
+    def _copy_memory_arg(self, args: dict[str, Any]) -> bool:
+        value = args.get("copy-memory", False)
+        if not isinstance(value, bool):
+            raise QMPCommandError("'copy-memory' must be true or false")
+        if value and self.cfg.mode != "plain":
+            raise QMPCommandError(
+                f"'copy-memory' is for plain guests; this guest is {self.cfg.mode}, whose "
+                "memory only moves by reference"
+            )
+        return value
 
     async def qmp_upgrade(self, args: dict[str, Any]) -> dict[str, Any]:
         sets = args.get("set", [])
@@ -323,6 +335,7 @@ class App:
             or not all(isinstance(s, str) for s in exec_argv)
         ):
             raise QMPCommandError("'exec' must be a non-empty list: PROGRAM ARGS...")
+        copy_memory = self._copy_memory_arg(args)
         self._begin_handoff()
         token = secrets.token_hex(32).encode()
         try:
@@ -331,7 +344,7 @@ class App:
             self.handoff_busy = False
             raise QMPCommandError(f"could not start the successor: {exc}") from exc
         assert self.nursery is not None
-        self.nursery.start_soon(self._run_handoff, path, proc, token)
+        self.nursery.start_soon(self._run_handoff, path, proc, token, copy_memory)
         return {"pid": proc.pid, "uri": f"unix:{path}"}
 
     # --------------------------------------------------------------- handoff
@@ -361,12 +374,16 @@ class App:
         return path, proc
 
     async def _run_handoff(
-        self, path: str, proc: subprocess.Popen[bytes] | None, token: bytes | None
+        self,
+        path: str,
+        proc: subprocess.Popen[bytes] | None,
+        token: bytes | None,
+        copy_memory: bool = False,
     ) -> None:
         from .source import hand_off
 
         try:
-            ok = await hand_off(self, path, proc, token)
+            ok = await hand_off(self, path, proc, token, copy_memory)
         finally:
             self.handoff_busy = False
         if ok:

@@ -91,6 +91,8 @@ def describe_from(
     sev: dict[str, int],
     measurement: bytes | None,
     proof: bytes = b"",
+    *,
+    copy_memory: bool = False,
 ) -> protocol.Describe:
     slots = tuple(
         protocol.MemfdSlot(slot=s.slot, guest_phys_addr=s.guest_phys_addr, size=s.size, offset=0)
@@ -120,6 +122,7 @@ def describe_from(
         sev=sev_ctx,
         host_flags=host,
         proof=proof,
+        copy_memory=copy_memory,
     )
 
 

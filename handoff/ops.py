@@ -29,12 +29,15 @@ async def upgrade(
     *,
     timeout: float = 60.0,
     on_event: Callable[[dict[str, Any]], None] | None = None,
+    copy_memory: bool = False,
 ) -> dict[str, Any]:
     """Ask the VMM at `control` to upgrade itself; return the final HANDOFF event's data
     (status "completed" or "failed") plus the successor's pid."""
     args: dict[str, Any] = {"set": list(sets)}
     if exec_argv:
         args["exec"] = list(exec_argv)
+    if copy_memory:
+        args["copy-memory"] = True
     with trio.fail_after(timeout):
         async with await QMPClient.connect(control) as qmp:
             started = await qmp.execute("upgrade", args)

@@ -366,17 +366,23 @@ class Describe(_Message, frozen=True, kw_only=True, tag="describe"):
         msgspec.field(default_factory=dict)
     )  # the source's flags, for the target's log
     proof: Proof = b""
+    # The copy baseline (plain mode only): no memfd crosses; the source streams guest memory
+    # into fresh memfds of the target during the blackout, as a VMM without fd passing does.
+    copy_memory: bool = False
 
     def nfds(self) -> int:
-        return len(self.slots) + 1
+        return (0 if self.copy_memory else len(self.slots)) + 1
 
 
 class Prepared(_Message, frozen=True, kw_only=True, tag="prepared"):
     """Step 4, target -> source. fd: the target's VM, held by the source as escrow until
-    `Resumed`: while the source holds it, the target VM (and a context moved into it) lives."""
+    `Resumed`: while the source holds it, the target VM (and a context moved into it) lives.
+    With `stream` (the copy baseline), a second fd: a stream socket for guest memory."""
+
+    stream: bool = False
 
     def nfds(self) -> int:
-        return 1
+        return 2 if self.stream else 1
 
 
 class Switchover(_Message, frozen=True, kw_only=True, tag="switchover"):
@@ -868,6 +874,12 @@ class HandoffConnection:
             self._check_hello(sender, message)
         elif isinstance(message, Describe):
             _check_describe(message)
+        elif isinstance(message, Prepared):
+            assert self.description is not None  # the table puts Describe before Prepared
+            if message.stream != self.description.copy_memory:
+                raise _Violation(
+                    "Prepared must carry a memory stream exactly when Describe asked to copy memory"
+                )
         elif isinstance(message, Switchover):
             assert self.description is not None  # the table puts Describe before Switchover
             _check_switchover(self.description, message)
@@ -959,6 +971,11 @@ def _check_describe(describe: Describe) -> None:
     numbers = [slot.slot for slot in describe.slots]
     if len(set(numbers)) != len(numbers):
         raise _Violation(f"Describe lists a memory slot twice: {sorted(numbers)}")
+    if describe.copy_memory and describe.mode != "plain":
+        raise _Violation(
+            "copying memory is for plain guests only: an encrypted guest's memory cannot be "
+            "copied into another context without the SEV send/receive commands"
+        )
     if (describe.mode == "plain") != (describe.sev is None):
         raise _Violation(
             f"Describe in mode {describe.mode} must "

@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from typing import TYPE_CHECKING
@@ -92,7 +93,11 @@ async def _wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> bool:
 
 
 async def hand_off(
-    app: App, path: str, proc: subprocess.Popen[bytes] | None, token: bytes | None
+    app: App,
+    path: str,
+    proc: subprocess.Popen[bytes] | None,
+    token: bytes | None,
+    copy_memory: bool = False,
 ) -> bool:
     """Run one handoff as the source; return True when the target runs the guest."""
     vmm, flags, rec = app.vmm, app.flags, app.record
@@ -105,6 +110,7 @@ async def hand_off(
     escrow: int | None = None
     paused = switched = False
     regs = None
+    stream: socket.socket | None = None
     t_pause = 0.0
     try:
         chan = await _connect(path, proc, flags.handoff_timeout)
@@ -133,13 +139,17 @@ async def hand_off(
 
         assert app.control_sock is not None
         describe = messages.describe_from(
-            vmm.cfg, flags, vmm.sev, vmm.measurement, messages.source_proof(conn, token)
-        )
-        await peer.send(describe, [*vmm.memfds, app.control_sock.fileno()])
+            vmm.cfg, flags, vmm.sev, vmm.measurement, messages.source_proof(conn, token),
+            copy_memory=copy_memory,
+        )  # fmt: skip
+        memfds = [] if copy_memory else vmm.memfds
+        await peer.send(describe, [*memfds, app.control_sock.fileno()])
         await app.faults.point("source", "describe", peer)
         app.emit("HANDOFF", {"id": rec.id, "status": "active"})
         _prepared, fds = await peer.receive(protocol.Prepared)
-        escrow = fds.take()[0]
+        got = fds.take()
+        escrow = got[0]
+        stream = socket.socket(fileno=got[1]) if copy_memory else None
         await app.faults.point("source", "prepared", peer)
         rec.phase("prepare")
         rec.setup_ms = round(sum(rec.phases.values()), 3)
@@ -160,6 +170,10 @@ async def hand_off(
         assert vmm.vm is not None
         await peer.send(messages.switchover_from(devices, regs), [vmm.vm.fileno()])
         switched = True
+        if stream is not None:
+            await vmm.send_memory(stream)
+            stream.close()
+            stream = None
         await app.faults.point("source", "switchover", peer)
         await peer.receive(protocol.Moved)
         await app.faults.point("source", "moved", peer)
@@ -183,6 +197,8 @@ async def hand_off(
         )
         notify.notify(f"STATUS=handoff failed ({recovery}): guest running here")
         _close(peer, escrow, pidfd)
+        if stream is not None:
+            stream.close()
         if app.nursery is not None:
             # Reaping may take a moment; the VMM is free for the next command meanwhile.
             app.nursery.start_soon(_reap, proc, rec.workdir)

@@ -132,6 +132,8 @@ async def _receive(app: App, chan: Channel, nursery: trio.Nursery) -> bool:
     peer = Peer(chan, conn, flags.handoff_timeout)
     source_vm: int | None = None
     control_path = ""
+    stream: socket.socket | None = None
+    stream_peer: socket.socket | None = None
     t0 = t_prepared = t_moved = time.perf_counter()
     try:
         await peer.receive(protocol.Hello)
@@ -169,12 +171,20 @@ async def _receive(app: App, chan: Channel, nursery: trio.Nursery) -> bool:
                 raise Refused(reason)
             control_fd = fds.pop()
             try:
-                problem = _check_memfds(fds, app.cfg)
+                problem = None if describe.copy_memory else _check_memfds(fds, app.cfg)
                 if problem:
                     await peer.refuse("incompatible", problem + "; the source keeps running")
                     raise Refused(problem)
                 t0 = time.perf_counter()
-                await vmm.prepare_incoming(fds.take())
+                if describe.copy_memory:
+                    # The baseline: fresh memory of our own, filled from a stream later.
+                    vmm.create_memory()
+                    await vmm.prepare_incoming(list(vmm.memfds))
+                    stream, stream_peer = socket.socketpair(
+                        socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC
+                    )
+                else:
+                    await vmm.prepare_incoming(fds.take())
                 vmm.sev = messages.sev_cache_of(describe)
                 control_path = describe.host_flags.get("control", "")
                 rec.phase("prepare")
@@ -183,7 +193,11 @@ async def _receive(app: App, chan: Channel, nursery: trio.Nursery) -> bool:
                 raise
         app.control_sock = socket.socket(fileno=control_fd)
         assert vmm.vm is not None
-        await peer.send(protocol.Prepared(), [vmm.vm.fileno()])
+        if stream_peer is not None:
+            await peer.send(protocol.Prepared(stream=True), [vmm.vm.fileno(), stream_peer.fileno()])
+            stream_peer.close()
+        else:
+            await peer.send(protocol.Prepared(), [vmm.vm.fileno()])
         t_prepared = time.perf_counter()
         await app.faults.point("target", "prepared", peer)
         # The source pauses now; its Switchover starts our part of the blackout.
@@ -192,6 +206,9 @@ async def _receive(app: App, chan: Channel, nursery: trio.Nursery) -> bool:
         source_vm = fds.take()[0]
         await app.faults.point("target", "switchover", peer)
         regs, devices = messages.switchover_state(switchover)
+        if stream is not None:
+            copied = await vmm.receive_memory(stream)
+            log.info("copied %d bytes of guest memory from the source", copied)
     except (HandoffError, OSError) as exc:
         # Nothing of the guest was touched: the source keeps (or resumes) it.
         log.error("handoff refused or failed before switchover: %s", exc)

@@ -89,12 +89,19 @@ class VmmProcess:
         return int((await self.qmp("query-status"))["pid"])
 
     async def upgrade(
-        self, sets: Sequence[str] = (), exec_argv: Sequence[str] | None = None, timeout: float = 60
+        self,
+        sets: Sequence[str] = (),
+        exec_argv: Sequence[str] | None = None,
+        timeout: float = 60,
+        *,
+        copy_memory: bool = False,
     ) -> dict[str, Any]:
         for item in sets:
             if item.startswith("serial-log="):
                 self.serial_logs.append(item.partition("=")[2])
-        result = await upgrade(self.control, sets, exec_argv, timeout=timeout)
+        result = await upgrade(
+            self.control, sets, exec_argv, timeout=timeout, copy_memory=copy_memory
+        )
         pid = int(result.get("successor-pid", 0))
         if pid:
             self.pids.append(pid)

@@ -83,6 +83,28 @@ async def test_one_tib_sparse_guest_hands_off(vmm_factory: Any) -> None:
     await assert_guest_whole(vmm)
 
 
+async def test_copy_memory_baseline_moves_a_plain_guest_into_fresh_memory(
+    vmm_factory: Any,
+) -> None:
+    vmm = vmm_factory(mode="plain", vcpus=2, memory="32M")
+    await vmm.wait_lines()
+    before = await vmm.qmp("query-memfds")
+    result = await vmm.upgrade(copy_memory=True)
+    assert result["status"] == "completed", vmm.log()
+    after = await vmm.qmp("query-memfds")
+    assert after["inodes"] != before["inodes"]  # a copy, by construction
+    await assert_guest_whole(vmm)
+
+
+async def test_copy_memory_is_refused_for_an_encrypted_guest(vmm_factory: Any) -> None:
+    from handoff.qmp_client import QMPError
+
+    vmm = vmm_factory(mode="sev", vcpus=1)
+    with pytest.raises(QMPError, match="copy-memory"):
+        await vmm.qmp("upgrade", **{"copy-memory": True})
+    assert (await vmm.qmp("query-status"))["status"] == "running"
+
+
 async def test_flag_change_applies_new_log_level_and_serial_log(
     vmm_factory: Any, tmp_path: Path
 ) -> None:
