@@ -34,11 +34,13 @@ class Peer:
         self.chan = chan
         self.conn = conn
         self.timeout = timeout
+        self.messages = 0  # sent and received: the regression guard counts them in the pause
 
     async def send(self, msg: protocol.Message, fds: Sequence[int] = ()) -> None:
         data = self.conn.send(msg)
         with trio.fail_after(self.timeout):
             await self.chan.send(data, fds)
+        self.messages += 1
 
     async def refuse(self, code: str, reason: str) -> None:
         """Tell the peer why we stop, if the connection still allows it; never raises."""
@@ -57,6 +59,7 @@ class Peer:
                 f"{expect.__name__}"
             ) from None
         owned = OwnedFds(fds)
+        self.messages += 1
         try:
             event = self.conn.receive(data, len(fds))
         except protocol.RemoteProtocolError as exc:

@@ -28,6 +28,7 @@ class HandoffRecord:
         self._t0 = 0.0
         self._mark = 0.0
         self.requests_in_pause = 0
+        self.messages_in_pause = 0
         self.pause_seqs: dict[int, int] = {}
 
     def begin(self, role: str) -> None:
@@ -60,6 +61,8 @@ class HandoffRecord:
             "setup-time": self.setup_ms,
             "phases": dict(self.phases),
             "protocol": self.protocol,
+            "requests-in-pause": self.requests_in_pause,
+            "messages-in-pause": self.messages_in_pause,
         }
         if self.pause_seqs:
             out["pause-seqs"] = [

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from kvmstub import uapi
+from kvmstub import client, uapi
 
 from . import messages, notify, protocol
 from .channel import Channel, connect
@@ -157,6 +157,7 @@ async def hand_off(
         # ---- blackout: the guest is paused from here until the target resumes it.
         app.emit("HANDOFF", {"id": rec.id, "status": "device"})
         t_pause = time.perf_counter()
+        requests0, messages0 = client.requests_made(), peer.messages
         if app.control is not None:
             app.control.stop_accepting()
         await vmm.pause()
@@ -184,6 +185,8 @@ async def hand_off(
         await peer.receive(protocol.Resumed)
         rec.phase("resume")
         rec.downtime_ms = round((time.perf_counter() - t_pause) * 1e3, 3)
+        rec.requests_in_pause = client.requests_made() - requests0
+        rec.messages_in_pause = peer.messages - messages0
     except (HandoffError, OSError, trio.TooSlowError) as exc:
         reason = str(exc) or type(exc).__name__
         if peer is not None:

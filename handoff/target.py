@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from kvmstub import client
+
 from . import messages, protocol
 from .channel import Channel, Listener, OwnedFds, listen
 from .config import GuestConfig
@@ -203,6 +205,7 @@ async def _receive(app: App, chan: Channel, nursery: trio.Nursery) -> bool:
         # The source pauses now; its Switchover starts our part of the blackout.
         switchover, fds = await peer.receive(protocol.Switchover, timeout=flags.handoff_timeout)
         t_sw = time.perf_counter()
+        requests0, messages0 = client.requests_made(), peer.messages - 1
         source_vm = fds.take()[0]
         await app.faults.point("target", "switchover", peer)
         regs, devices = messages.switchover_state(switchover)
@@ -271,6 +274,8 @@ async def _receive(app: App, chan: Channel, nursery: trio.Nursery) -> bool:
         except (HandoffError, OSError) as exc:
             log.warning("could not send Resumed (%s); running the guest anyway", exc)
         await app.faults.point("target", "resumed", peer)
+    rec.requests_in_pause = client.requests_made() - requests0
+    rec.messages_in_pause = peer.messages - messages0
     vmm.resume()
     rec.phase("resume")
     rec.downtime_ms = round((time.perf_counter() - t_sw) * 1e3, 3)
