@@ -183,6 +183,10 @@ async def hand_off(
         await app.faults.point("source", "commit", peer)
         rec.phase("commit")
         await peer.receive(protocol.Resumed)
+        # From here this process only tears down: let the target and kvmstub have the CPUs
+        # while the guest's first slices run there (on a small host this is the pause tail).
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, 0, 19)
         rec.phase("resume")
         rec.downtime_ms = round((time.perf_counter() - t_pause) * 1e3, 3)
         rec.requests_in_pause = client.requests_made() - requests0

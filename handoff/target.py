@@ -279,6 +279,8 @@ async def _receive(app: App, chan: Channel, nursery: trio.Nursery) -> bool:
     vmm.resume()
     rec.phase("resume")
     rec.downtime_ms = round((time.perf_counter() - t_sw) * 1e3, 3)
+    # Let the vCPU tasks issue their first KVM_RUN before any bookkeeping below.
+    await trio.lowlevel.checkpoint()
     rec.finish("completed", recovery="takeover" if takeover else "")
     log.info(
         "took over guest %s from pid %d (%s), protocol %d, our part of the blackout "
