@@ -201,6 +201,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         "any fd crosses; the file must be mode 600. Upgrades always use a fresh one-time "
         "token of their own",
     )
+    # Benchmarks: allocate every guest page up front ("fully populated" memory).
+    h.add_argument("--x-prefault", action="store_true", help=argparse.SUPPRESS)
     # Fault injection for tests and tools/chaos.py (ROLE:STEP:ACTION, see handoff.faults).
     h.add_argument("--x-fault", type=_fault, default=None, help=argparse.SUPPRESS)
 
@@ -235,6 +237,7 @@ def host_flags(ns: argparse.Namespace) -> HostFlags:
         handoff_timeout=ns.handoff_timeout,
         fault=ns.x_fault,
         token_file=ns.token_file,
+        prefault=ns.x_prefault,
     )
 
 

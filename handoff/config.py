@@ -142,6 +142,7 @@ class HostFlags(msgspec.Struct, frozen=True, kw_only=True):
     handoff_timeout: float = 10.0
     fault: str | None = None
     token_file: str | None = None
+    prefault: bool = False
 
     def allowed_uids(self) -> frozenset[int]:
         return frozenset(self.allow_uids) | {os.getuid()}

@@ -197,6 +197,8 @@ class Vmm:
             # Sealed against shrinking, kvmstub may map it: nobody can truncate guest memory
             # under a mapping (which would SIGBUS whoever touches it).
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+            if self.flags.prefault:
+                os.posix_fallocate(fd, 0, layout.size)
 
     async def _create_vm(self, *, sev_init: bool) -> client.Vm:
         assert self.kvm is not None
