@@ -1,91 +1,252 @@
-"""Benchmark: guest-visible pause and total time of handoffs (upgrades) of a running guest.
+"""Benchmark: the guest-visible pause of a handoff, against memory size, vCPUs, mode, and a
+copy baseline; with the floor (bare trio SEQPACKET and kvmstub round trips) of the same run.
 
     python tools/bench_handoff.py                      # SEV-ES, 4 vCPUs, 4 GiB, 20 handoffs
     python tools/bench_handoff.py --mode plain --vcpus 1 --memory 256M -n 10
+    python tools/bench_handoff.py --sweep [--quick] --json out.json --plot out.png
 
-For each handoff: the guest-visible pause (the largest gap_us the guest reported in the first
-line of each vCPU after the pause, maximum over vCPUs), the source-side downtime (pause to
-Resumed) and phases from query-handoff, and the total wall time including spawning the
-successor. Prints a Markdown table with medians and p95; progress goes to stderr.
+Per handoff: the guest-visible pause (the largest gap_us each vCPU reported in its first line
+after the pause, maximum over vCPUs), the source-side downtime (pause to Resumed) and phases
+from query-handoff, and the total wall time including spawning the successor. The sweep runs
+memory 256 MiB, 4 GiB, 64 GiB, 1 TiB (sparse) and 2 GiB fully populated; vCPUs 1, 4, 16, 64,
+256; modes plain, sev, sev-es; and the copy baseline (plain: memory streamed into fresh
+memfds during the blackout) at 256 MiB, 2 GiB populated and 4 GiB. Markdown on stdout,
+progress on stderr.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import trio
 
+from handoff.config import parse_size
 from handoff.testing import VmmProcess
+
+TOOLS = Path(__file__).resolve().parent
+
+
+def progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 def pct(values: list[float], q: float) -> float:
     values = sorted(values)
     if not values:
         return float("nan")
-    k = min(len(values) - 1, max(0, round(q * (len(values) - 1))))
-    return values[k]
+    return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))]
 
 
-async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    kvm_sock = workdir / "kvm.sock"
-    daemon = subprocess.Popen(
-        [sys.executable, "-m", "kvmstub.cli", "serve", "--socket", str(kvm_sock)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
-    assert daemon.stdout is not None
-    daemon.stdout.readline()
+@dataclass
+class Config:
+    mode: str = "sev-es"
+    vcpus: int = 4
+    memory: str = "4G"
+    populated: bool = False
+    copy: bool = False
+    group: str = "single"
+
+    @property
+    def label(self) -> str:
+        kind = "copy" if self.copy else "zero-copy"
+        pop = " populated" if self.populated else ""
+        return f"{self.mode} {self.vcpus} vCPU {self.memory}{pop} {kind}"
+
+
+@dataclass
+class Result:
+    config: Config
+    pauses_ms: list[float] = field(default_factory=list)
+    downtimes_ms: list[float] = field(default_factory=list)
+    totals_ms: list[float] = field(default_factory=list)
+    baseline_gap_ms: list[float] = field(default_factory=list)
+    phases: list[dict[str, float]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for key, vals in (
+            ("pause", self.pauses_ms),
+            ("downtime", self.downtimes_ms),
+            ("total", self.totals_ms),
+            ("gap", self.baseline_gap_ms),
+        ):
+            if vals:
+                out[f"{key}_median"] = statistics.median(vals)
+                out[f"{key}_p95"] = pct(vals, 0.95)
+        return out
+
+
+async def run_config(cfg: Config, n: int, workdir: Path, kvm_sock: Path, idx: int) -> Result:
+    res = Result(cfg)
+    extra = ["--x-prefault"] if cfg.populated else []
     vmm = VmmProcess(
-        workdir, kvm_sock, name="bench", mode=args.mode, vcpus=args.vcpus, memory=args.memory,
-        line_every=args.line_every, flip_every=args.flip_every,
+        workdir, kvm_sock, name=f"b{idx}", mode=cfg.mode, vcpus=cfg.vcpus, memory=cfg.memory,
+        line_every=200, flip_every=50, extra=extra,
     )  # fmt: skip
-    rows: list[dict[str, Any]] = []
     try:
-        vmm.start()
-        await vmm.wait_lines(more=3)
-        for i in range(args.n):
+        vmm.start(timeout=120)
+        await vmm.wait_lines(more=2, timeout=60)
+        for i in range(n):
             t0 = time.perf_counter()
-            result = await vmm.upgrade()
+            result = await vmm.upgrade(copy_memory=cfg.copy, timeout=300)
             total = (time.perf_counter() - t0) * 1e3
             if result.get("status") != "completed":
-                print(f"handoff {i} failed: {result.get('error-desc')}", file=sys.stderr)
+                res.failures.append(str(result.get("error-desc")))
+                progress(f"  [{i + 1}/{n}] failed: {result.get('error-desc')}")
                 continue
             seqs = {v: s for v, s in enumerate(result.get("pause-seqs") or []) if s >= 0}
-            await vmm.wait_lines(more=2)
-            report = vmm.report()
+            report = await vmm.wait_lines(more=2, timeout=60)
             pause = report.max_gap_after(seqs, lines=1) if seqs else None
-            # The guest's ordinary largest gap between lines, for scale: lines well before.
-            base = [g for v, e in report.lines.items() for s, g in e if s < seqs.get(v, 0) - 2]
-            row = {
-                "pause_ms": (pause or 0) / 1000,
-                "downtime_ms": result.get("downtime", 0.0),
-                "total_ms": total,
-                "phases": result.get("phases", {}),
-                "baseline_gap_ms": statistics.median(base[-50:]) / 1000 if base else 0.0,
-            }
-            rows.append(row)
-            print(
-                f"[{i + 1}/{args.n}] pause {row['pause_ms']:.3f} ms, source-side downtime "
-                f"{row['downtime_ms']:.3f} ms, total {total:.1f} ms",
-                file=sys.stderr,
-                flush=True,
+            ordinary = [
+                g for v, entries in report.lines.items() for s, g in entries
+                if seqs.get(v, 0) - 30 < s < seqs.get(v, 0) - 1
+            ]  # fmt: skip
+            res.pauses_ms.append((pause or 0) / 1000)
+            res.downtimes_ms.append(float(result.get("downtime", 0.0)))
+            res.totals_ms.append(total)
+            res.phases.append(dict(result.get("phases", {})))
+            if ordinary:
+                res.baseline_gap_ms.append(statistics.median(ordinary) / 1000)
+            progress(
+                f"  [{i + 1}/{n}] pause {res.pauses_ms[-1]:.3f} ms, downtime "
+                f"{res.downtimes_ms[-1]:.3f} ms, total {total:.0f} ms"
             )
-            await trio.sleep(args.interval)
-        problems = vmm.report().problems(args.vcpus)
+        res.problems = vmm.report().problems(cfg.vcpus)
+    except Exception as exc:  # a configuration that cannot run is reported, not fatal
+        res.failures.append(f"{type(exc).__name__}: {exc}")
+        progress(f"  failed: {exc}")
     finally:
         await vmm.quit()
         vmm.kill_all()
-        daemon.terminate()
-        daemon.wait(timeout=10)
-    return {"rows": rows, "problems": problems}
+    return res
+
+
+def floor(kvm_sock: Path, workdir: Path) -> tuple[float, float]:
+    """Median round trips (µs): bare trio SEQPACKET echo, kvmstub GetApiVersion."""
+    spec = importlib.util.spec_from_file_location("bench_roundtrip", TOOLS / "bench_roundtrip.py")
+    assert spec and spec.loader
+    rt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rt)
+    echo_path = str(workdir / "echo.sock")
+    echo = rt._start([sys.executable, "-c", rt._ECHO_SERVER, echo_path], "ready")
+    try:
+        echo_us, kvm_us = trio.run(rt._bench, echo_path, str(kvm_sock), 1000, 5)
+    finally:
+        echo.terminate()
+        echo.wait(10)
+    return float(echo_us), float(kvm_us)
+
+
+def sweep_configs(quick: bool) -> list[Config]:
+    modes = ["plain", "sev", "sev-es"]
+    out: list[Config] = []
+    for mode in modes:
+        for mem in ["256M", "4G", "64G", "1T"]:
+            out.append(Config(mode, 4, mem, group="memory"))
+        out.append(Config(mode, 4, "2G", populated=True, group="memory"))
+    for mode in modes:
+        for n in [1, 4, 16, 64, 256]:
+            if quick and n > 64:
+                continue
+            out.append(Config(mode, n, "256M", group="vcpus"))
+    for mem, pop in [("256M", False), ("2G", True), ("4G", False)]:
+        out.append(Config("plain", 4, mem, populated=pop, copy=True, group="copy"))
+    return out
+
+
+def table(results: list[Result], echo_us: float, kvm_us: float) -> str:
+    lines = [
+        f"floor: bare trio SEQPACKET round trip {echo_us:.1f} µs, kvmstub round trip "
+        f"{kvm_us:.1f} µs",
+        "",
+        "| configuration | pause median ms | pause p95 ms | pause in kvmstub RTTs | "
+        "downtime median ms | ordinary gap ms | total median ms | handoffs | continuity |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        s = r.summary()
+        if not r.pauses_ms:
+            lines.append(f"| {r.config.label} | - | - | - | - | - | - | 0 | "
+                         f"failed: {'; '.join(r.failures)[:80]} |")  # fmt: skip
+            continue
+        ok = "ok" if not r.problems else "; ".join(r.problems[:2])
+        lines.append(
+            f"| {r.config.label} | {s['pause_median']:.3f} | {s['pause_p95']:.3f} | "
+            f"{s['pause_median'] * 1000 / kvm_us:.0f} | {s['downtime_median']:.3f} | "
+            f"{s.get('gap_median', float('nan')):.3f} | {s['total_median']:.0f} | "
+            f"{len(r.pauses_ms)} | {ok} |"
+        )
+    by = {r.config.label: r for r in results}
+    for mem, pop in [("256M", False), ("2G", True), ("4G", False)]:
+        pop_s = " populated" if pop else ""
+        z = by.get(f"plain 4 vCPU {mem}{pop_s} zero-copy")
+        c = by.get(f"plain 4 vCPU {mem}{pop_s} copy")
+        if z and c and z.pauses_ms and c.pauses_ms:
+            ratio = statistics.median(c.pauses_ms) / statistics.median(z.pauses_ms)
+            lines.append(f"\ncopy / zero-copy pause at {mem}{pop_s}: {ratio:.0f}x")
+    mem = [r for r in results if r.config.group == "memory" and not r.config.populated]
+    for mode in ["plain", "sev", "sev-es"]:
+        small = next((r for r in mem if r.config.mode == mode and r.config.memory == "256M"), None)
+        big = next((r for r in mem if r.config.mode == mode and r.config.memory == "1T"), None)
+        if small and big and small.pauses_ms and big.pauses_ms:
+            ratio = statistics.median(big.pauses_ms) / statistics.median(small.pauses_ms)
+            lines.append(f"{mode}: pause at 1 TiB / pause at 256 MiB = {ratio:.2f}")
+    return "\n".join(lines)
+
+
+def plot(results: list[Result], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        progress("--plot needs matplotlib: .venv/bin/pip install matplotlib")
+        return
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for mode in ["plain", "sev", "sev-es"]:
+        rs = [
+            r for r in results
+            if r.config.group == "memory" and r.config.mode == mode and not r.config.populated
+            and r.pauses_ms
+        ]  # fmt: skip
+        if rs:
+            xs = [parse_size(r.config.memory) for r in rs]
+            ax1.plot(xs, [statistics.median(r.pauses_ms) for r in rs], "o-", label=mode)
+        rs = [
+            r
+            for r in results
+            if r.config.group == "vcpus" and r.config.mode == mode and r.pauses_ms
+        ]
+        if rs:
+            xs = [r.config.vcpus for r in rs]
+            ax2.plot(xs, [statistics.median(r.pauses_ms) for r in rs], "o-", label=mode)
+    cs = [r for r in results if r.config.copy and r.pauses_ms]
+    if cs:
+        xs = [parse_size(r.config.memory) for r in cs]
+        ax1.plot(xs, [statistics.median(r.pauses_ms) for r in cs], "s--", label="plain copy")
+    for ax, xl in ((ax1, "guest memory (bytes)"), (ax2, "vCPUs")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(xl)
+        ax.set_ylabel("guest-visible pause, median (ms)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    ax1.set_title("pause against memory size (4 vCPUs)")
+    ax2.set_title("pause against vCPUs (256 MiB)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main() -> int:
@@ -95,41 +256,51 @@ def main() -> int:
     p.add_argument("--mode", default="sev-es", choices=["plain", "sev", "sev-es"])
     p.add_argument("--vcpus", type=int, default=4)
     p.add_argument("--memory", default="4G")
-    p.add_argument("-n", type=int, default=20, help="handoffs (default 20)")
-    p.add_argument("--line-every", type=int, default=200)
-    p.add_argument("--flip-every", type=int, default=50)
-    p.add_argument("--interval", type=float, default=0.2, help="seconds between handoffs")
-    p.add_argument("--json", help="also write the raw figures here")
+    p.add_argument("--populated", action="store_true", help="allocate every page first")
+    p.add_argument("--copy", action="store_true", help="the copy baseline (plain only)")
+    p.add_argument("-n", type=int, default=20, help="handoffs per configuration (default 20)")
+    p.add_argument("--sweep", action="store_true", help="the whole sweep (see above)")
+    p.add_argument("--quick", action="store_true", help="sweep with 5 handoffs, no 256 vCPUs")
+    p.add_argument("--json", help="write the raw figures here")
+    p.add_argument("--plot", help="write a PNG plot here (needs matplotlib)")
     args = p.parse_args()
+    if args.sweep:
+        configs = sweep_configs(args.quick)
+        n = 5 if args.quick else args.n
+    else:
+        configs = [Config(args.mode, args.vcpus, args.memory, args.populated, args.copy)]
+        n = args.n
+    results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="bench-handoff-") as d:
-        out = trio.run(bench, args, Path(d))
-    rows = out["rows"]
-    if not rows:
-        print("no handoff completed", file=sys.stderr)
-        return 1
-    cols = [
-        ("guest-visible pause", "pause_ms"),
-        ("source-side downtime", "downtime_ms"),
-        ("total incl. spawn", "total_ms"),
-        ("ordinary largest gap", "baseline_gap_ms"),
-    ]
-    print(f"\n{args.mode}, {args.vcpus} vCPUs, {args.memory}, {len(rows)} handoffs\n")
-    print("| figure | median ms | p95 ms | max ms |")
-    print("|---|---|---|---|")
-    for name, key in cols:
-        vals = [r[key] for r in rows]
-        print(
-            f"| {name} | {statistics.median(vals):.3f} | {pct(vals, 0.95):.3f} | {max(vals):.3f} |"
+        workdir = Path(d)
+        kvm_sock = workdir / "kvm.sock"
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "kvmstub.cli", "serve", "--socket", str(kvm_sock)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
         )
-    phases = sorted({k for r in rows for k in r["phases"]}, key=list(rows[0]["phases"]).index)
-    for ph in phases:
-        vals = [r["phases"].get(ph, 0.0) for r in rows]
-        med, p95 = statistics.median(vals), pct(vals, 0.95)
-        print(f"| phase {ph} | {med:.3f} | {p95:.3f} | {max(vals):.3f} |")
-    print(f"\nguest continuity: {'ok' if not out['problems'] else out['problems'][:3]}")
+        assert daemon.stdout is not None
+        daemon.stdout.readline()
+        try:
+            echo_us, kvm_us = floor(kvm_sock, workdir)
+            progress(f"floor: echo {echo_us:.1f} µs, kvmstub {kvm_us:.1f} µs")
+            for i, cfg in enumerate(configs):
+                progress(f"[{i + 1}/{len(configs)}] {cfg.label}")
+                results.append(trio.run(run_config, cfg, n, workdir, kvm_sock, i))
+        finally:
+            daemon.terminate()
+            daemon.wait(timeout=10)
+    print(table(results, echo_us, kvm_us))
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
-    return 0 if not out["problems"] else 1
+        raw = {
+            "floor_us": {"echo": echo_us, "kvmstub": kvm_us},
+            "results": [{**asdict(r), "summary": r.summary()} for r in results],
+        }
+        Path(args.json).write_text(json.dumps(raw, indent=1))
+    if args.plot:
+        plot(results, args.plot)
+    lost = [r for r in results if r.problems]
+    return 1 if lost else 0
 
 
 if __name__ == "__main__":
