@@ -101,7 +101,9 @@ async def hand_off(
 ) -> bool:
     """Run one handoff as the source; return True when the target runs the guest."""
     vmm, flags, rec = app.vmm, app.flags, app.record
+    workdir = rec.workdir  # the successor's private directory: begin() starts a fresh record
     rec.begin("source")
+    rec.workdir = workdir
     app.emit("HANDOFF", {"id": rec.id, "status": "setup"})
     notify.notify("STATUS=handoff: connecting to the target")
     peer: Peer | None = None
