@@ -70,7 +70,20 @@ async def take_over(app: App, path: str, nursery: trio.Nursery) -> bool:
                 refusals.cancel_scope.cancel()
     finally:
         listener.close()
+        _remove_private_dir(path, flags.token_file)
     return ok
+
+
+def _remove_private_dir(path: str, token_file: str | None) -> None:
+    """An upgrade's successor listens in a private directory beside its one-time token: once
+    the listener is closed neither is needed, and a source that died cannot remove them."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if token_file is None or os.path.dirname(os.path.abspath(token_file)) != directory:
+        return  # an operator's own token file: not ours to remove
+    with contextlib.suppress(OSError):
+        os.unlink(token_file)
+    with contextlib.suppress(OSError):
+        os.rmdir(directory)  # only if empty: nothing else is ever removed
 
 
 async def _refuse_others(listener: Listener, max_version: int) -> None:
@@ -187,6 +200,8 @@ async def _receive(app: App, chan: Channel, nursery: trio.Nursery) -> bool:
                     )
                 else:
                     await vmm.prepare_incoming(fds.take())
+                # The vCPU tasks start now, parked: at the resume they only need waking.
+                vmm.start(nursery)
                 vmm.sev = messages.sev_cache_of(describe)
                 control_path = describe.host_flags.get("control", "")
                 rec.phase("prepare")
@@ -258,9 +273,6 @@ async def _receive(app: App, chan: Channel, nursery: trio.Nursery) -> bool:
         takeover = True
 
     # Commit point passed (or the source is dead): this VMM owns the guest.
-    _rename_control(app, control_path)
-    app.start_control(nursery)
-    vmm.start(nursery)
     if not takeover:
         try:
             await peer.send(
@@ -281,6 +293,8 @@ async def _receive(app: App, chan: Channel, nursery: trio.Nursery) -> bool:
     rec.downtime_ms = round((time.perf_counter() - t_sw) * 1e3, 3)
     # Let the vCPU tasks issue their first KVM_RUN before any bookkeeping below.
     await trio.lowlevel.checkpoint()
+    _rename_control(app, control_path)
+    app.start_control(nursery)
     rec.finish("completed", recovery="takeover" if takeover else "")
     log.info(
         "took over guest %s from pid %d (%s), protocol %d, our part of the blackout "
