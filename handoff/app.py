@@ -354,10 +354,12 @@ class App:
         """Start the successor, listening in a private directory, with a one-time token that
         only the two of us know (so a process of the same uid that races for its socket
         cannot take the guest)."""
-        from .cli import apply_sets, strip_flags
+        from .cli import apply_sets, check_run_args, strip_flags
 
         run_args = strip_flags(self.run_args, ("--incoming", "--uuid", "--token-file"))
         run_args = apply_sets(run_args, sets)
+        if exec_argv is None:
+            check_run_args(run_args)  # the same program: refuse a bad --set before starting
         workdir = tempfile.mkdtemp(prefix=f"handoff-{self.flags.name}-")
         path = os.path.join(workdir, "incoming.sock")
         token_path = os.path.join(workdir, "token")

@@ -356,19 +356,9 @@ def apply_sets(argv: list[str], sets: Sequence[str]) -> list[str]:
             raise ConfigError(f"--set {item!r}: use KEY=VALUE, e.g. log-level=debug")
         flag = f"--{key}"
         # Drop every earlier occurrence ("--k v" and "--k=v"), then append the new one.
-        kept: list[str] = []
-        skip = False
-        for tok in out:
-            if skip:
-                skip = False
-                continue
-            if tok == flag:
-                skip = True
-                continue
-            if tok.startswith(flag + "="):
-                continue
-            kept.append(tok)
-        out = [*kept, flag, value] if value != "" else kept
+        out = strip_flags(out, (flag,))
+        if value != "":
+            out += [flag, value]
     return out
 
 
@@ -387,6 +377,23 @@ def strip_flags(argv: Sequence[str], flags: Sequence[str]) -> list[str]:
             continue
         out.append(tok)
     return out
+
+
+def check_run_args(run_args: Sequence[str]) -> None:
+    """Parse a successor's `run` flags as this program would; raise ConfigError naming what
+    it would refuse, so a bad --set fails before any process starts."""
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            ns = build_parser().parse_args(["run", *run_args])
+    except SystemExit:
+        lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
+        raise ConfigError(lines[-1] if lines else "invalid run flags") from None
+    guest_config(ns)
+    host_flags(ns)
 
 
 def quote(argv: Sequence[str]) -> str:

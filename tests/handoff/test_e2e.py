@@ -145,6 +145,18 @@ async def test_incompatible_successor_is_refused_and_source_keeps_running(
     await assert_guest_whole(vmm)
 
 
+async def test_bad_set_value_is_refused_before_any_successor_starts(vmm_factory: Any) -> None:
+    from handoff.qmp_client import QMPError
+
+    vmm = vmm_factory(mode="plain", vcpus=1)
+    with pytest.raises(QMPError, match="--vcpus 'banana' is not a whole number"):
+        await vmm.qmp("upgrade", set=["vcpus=banana"])
+    with pytest.raises(QMPError, match="KEY=VALUE"):
+        await vmm.qmp("upgrade", set=["log-level"])
+    assert vmm.alive_pids() == [await vmm.pid()]
+    assert (await vmm.qmp("query-status"))["status"] == "running"
+
+
 async def test_second_handoff_while_one_is_in_progress_is_refused(vmm_factory: Any) -> None:
     from handoff.qmp_client import QMPClient, QMPError
 
