@@ -20,8 +20,12 @@ The protocol follows QEMU (docs/interop/qmp-spec.rst, monitor/qmp.c, qapi/qmp-di
 * Events ``{"event": NAME, "data": {...}, "timestamp": {"seconds": S, "microseconds": US}}``
   go to every client that has completed negotiation.
 
-Framing: one JSON value per line (QEMU's parser is a stream parser; every QMP client in practice
-sends one command per line). A line longer than `max_line` bytes is discarded with an error.
+Framing: QEMU's parser is a stream parser, and clients rely on it: QEMU's own Python library
+(`qemu.qmp`) sends each command as one JSON object with no newline after it. So a request ends
+where its outermost object (or array) closes, as in QEMU's json-streamer; a newline also ends
+whatever came before it on the line, so a line-based client (socat, our own) that sends an
+unbalanced or garbled line gets a "JSON parse error" for that line and goes on. A request longer
+than `max_line` bytes is discarded with one error.
 
 Per client, commands run one at a time in arrival order, as in QEMU without out-of-band
 execution; different clients run concurrently. A handler is an async callable taking the
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import socket
 import struct
 import time
@@ -97,6 +102,79 @@ def _error(error_class: str, desc: str, request_id: Any = None, has_id: bool = F
     if has_id:
         message["id"] = request_id
     return _encode(message)
+
+
+_SCAN_OUTSIDE = re.compile(rb'["{}\[\]\n]')
+_SCAN_STRING = re.compile(rb'["\\\n]')
+
+#: What `_RequestSplitter.feed` yields for a request that grew beyond the limit.
+TOO_LONG = None
+
+
+class _RequestSplitter:
+    """Cut a QMP byte stream into requests (see "Framing" above).
+
+    A request ends when its outermost `{`/`[` closes (brackets inside strings do not count), or
+    at a newline outside a string (which ends a blank, scalar, unbalanced or garbled line). A
+    request that grows beyond `max_len` bytes yields `TOO_LONG` once and is dropped up to its
+    end.
+    """
+
+    def __init__(self, max_len: int) -> None:
+        self.max_len = max_len
+        self.buf = bytearray()
+        self.pos = 0  # scanned up to here
+        self.depth = 0
+        self.in_string = False
+        self.discarding = False
+
+    def feed(self, data: bytes) -> list[bytes | None]:
+        self.buf += data
+        out: list[bytes | None] = []
+        while True:
+            pattern = _SCAN_STRING if self.in_string else _SCAN_OUTSIDE
+            match = pattern.search(self.buf, self.pos)
+            if match is None:
+                self.pos = max(self.pos, len(self.buf))  # past an escape at the very end
+                break
+            i = match.start()
+            char = self.buf[i]
+            self.pos = i + 1
+            if char == 0x0A:  # newline (a raw one inside a string is invalid JSON anyway)
+                self._emit(out, i, i + 1)
+            elif self.in_string:
+                if char == 0x5C:  # backslash: the next byte is escaped
+                    self.pos = i + 2
+                else:
+                    self.in_string = False
+            elif char == 0x22:
+                self.in_string = True
+            elif char in b"{[":
+                self.depth += 1
+            else:  # } or ]
+                self.depth -= 1
+                if self.depth <= 0:
+                    self._emit(out, i + 1, i + 1)
+        if len(self.buf) > self.max_len:
+            if not self.discarding:
+                out.append(TOO_LONG)
+                self.discarding = True
+            # Keep the scanning state (the request's end is still to come), drop its bytes.
+            cut = min(self.pos, len(self.buf))
+            del self.buf[:cut]
+            self.pos -= cut
+        return out
+
+    def _emit(self, out: list[bytes | None], end: int, consumed: int) -> None:
+        request = bytes(self.buf[:end])
+        del self.buf[:consumed]
+        self.pos = 0
+        self.depth = 0
+        self.in_string = False
+        if self.discarding:
+            self.discarding = False
+        elif request.strip():
+            out.append(request)
 
 
 class _Client:
@@ -391,8 +469,7 @@ class ControlServer:
             conn.close()
 
     async def _read_loop(self, client: _Client) -> None:
-        buffer = bytearray()
-        discarding = False  # inside a line that was too long
+        splitter = _RequestSplitter(self._max_line)
         while not self._closing:
             data = b""  # stays empty when aclose() cancels the wait: the session ends
             with trio.CancelScope() as client.read_scope:
@@ -400,26 +477,11 @@ class ControlServer:
             client.read_scope = None
             if not data:
                 return
-            buffer += data
-            while True:
-                end = buffer.find(b"\n")
-                if end < 0:
-                    if len(buffer) > self._max_line:
-                        if not discarding:
-                            await client.write(self._too_long())
-                        discarding = True
-                        buffer.clear()
-                    break
-                line = bytes(buffer[:end])
-                del buffer[: end + 1]
-                if discarding:
-                    discarding = False
-                    continue
-                if len(line) > self._max_line:
+            for request in splitter.feed(data):
+                if request is TOO_LONG or len(request) > self._max_line:
                     await client.write(self._too_long())
-                    continue
-                if line.strip():
-                    await client.write(await self._dispatch(client, line))
+                else:
+                    await client.write(await self._dispatch(client, request))
                 if self._is_closing():
                     return
 

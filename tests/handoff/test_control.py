@@ -322,6 +322,42 @@ async def test_blank_lines_are_ignored(server: ControlServer, sock_path: Path) -
     await client.aclose()
 
 
+async def test_requests_without_newlines_are_split_where_each_object_closes(
+    server: ControlServer, sock_path: Path
+) -> None:
+    # What qemu.qmp sends: compact objects, no newline, possibly several in one write.
+    client = await connect(sock_path)
+    await client.read()
+    await client.send(b'{"execute":"qmp_capabilities","arguments":{}}')
+    assert await client.read() == {"return": {}}
+    await client.send(b'{"execute":"echo","id":1}{"execute":"echo","arguments":{"a":[1]},"id":2}')
+    assert await client.read() == {"return": {"echo": {}}, "id": 1}
+    assert await client.read() == {"return": {"echo": {"a": [1]}}, "id": 2}
+    await client.aclose()
+
+
+async def test_a_request_split_across_writes_is_answered_once_it_is_whole(
+    server: ControlServer, sock_path: Path
+) -> None:
+    client = await connect(sock_path)
+    await client.negotiate()
+    request = b'{"execute": "echo", "arguments": {"s": "a \\"}{\\\\"}, "id": 7}'
+    for i in range(len(request)):
+        await client.send(request[i : i + 1])
+    assert await client.read() == {"return": {"echo": {"s": 'a "}{\\'}}, "id": 7}
+    await client.aclose()
+
+
+async def test_brackets_inside_strings_do_not_end_a_request(
+    server: ControlServer, sock_path: Path
+) -> None:
+    client = await connect(sock_path)
+    await client.negotiate()
+    await client.send(b'{"execute":"echo","arguments":{"s":"}]{["},"id":3}')
+    assert await client.read() == {"return": {"echo": {"s": "}]{["}}, "id": 3}
+    await client.aclose()
+
+
 async def test_an_over_long_line_is_discarded_with_one_error_and_the_session_goes_on(
     sock_path: Path,
 ) -> None:
@@ -341,6 +377,25 @@ async def test_an_over_long_line_is_discarded_with_one_error_and_the_session_goe
                 "desc": "QMP input line is longer than 1024 bytes; discarded",
             }
         }
+        assert await client.read() == {"return": {"echo": {}}, "id": 1}
+        await client.aclose()
+        control.close()
+    listen_sock.close()
+
+
+async def test_an_over_long_object_without_newline_is_discarded_up_to_its_closing_brace(
+    sock_path: Path,
+) -> None:
+    listen_sock = bind_unix_socket(sock_path, socket.SOCK_STREAM)
+    control = ControlServer(listen_sock, {"echo": echo}, max_line=1024)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(control.serve)
+        client = await connect(sock_path)
+        await client.negotiate()
+        big = json.dumps({"execute": "echo", "arguments": {"x": "}" * 5000}}).encode()
+        await client.send(big + b'{"execute":"echo","id":1}')
+        reply = await client.read()
+        assert reply["error"]["desc"] == "QMP input line is longer than 1024 bytes; discarded"
         assert await client.read() == {"return": {"echo": {}}, "id": 1}
         await client.aclose()
         control.close()
