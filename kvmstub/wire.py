@@ -270,17 +270,9 @@ class WireError(ValueError):
     """A datagram that is not a valid message; the text says why."""
 
 
-class _Head(msgspec.Struct, array_like=True):
-    """The first two elements of any message; used to find the id of a bad request."""
-
-    tag: Any
-    id: U64
-
-
 _encoder: Final = msgspec.msgpack.Encoder()
 _request_decoder: Final[msgspec.msgpack.Decoder[AnyRequest]] = msgspec.msgpack.Decoder(AnyRequest)
 _reply_decoder: Final[msgspec.msgpack.Decoder[AnyReply]] = msgspec.msgpack.Decoder(AnyReply)
-_head_decoder: Final = msgspec.msgpack.Decoder(_Head)
 
 encode = _encoder.encode
 
@@ -303,8 +295,46 @@ def decode_reply(data: bytes | memoryview) -> AnyReply:
 
 
 def request_id_of(data: bytes | memoryview) -> int:
-    """The id of a request that could not be decoded, if it has one; else 0."""
+    """The id of a request that could not be decoded, if its first bytes hold one; else 0.
+
+    Reads only the head (array header, tag string, id), so it works on a truncated datagram
+    too, and the refusal of an oversized request still reaches the request's caller.
+    """
+    head = bytes(data[:64])
     try:
-        return _head_decoder.decode(data).id
-    except (msgspec.DecodeError, RecursionError, ValueError):
+        pos = _skip_array_header(head, 0)
+        pos = _skip_str(head, pos)
+        return _read_uint(head, pos)
+    except (IndexError, ValueError):
         return 0
+
+
+def _skip_array_header(head: bytes, pos: int) -> int:
+    first = head[pos]
+    if 0x90 <= first <= 0x9F:  # fixarray
+        return pos + 1
+    width = {0xDC: 2, 0xDD: 4}.get(first)  # array 16 / 32
+    if width is None:
+        raise ValueError("not an array")
+    return pos + 1 + width
+
+
+def _skip_str(head: bytes, pos: int) -> int:
+    first = head[pos]
+    if 0xA0 <= first <= 0xBF:  # fixstr
+        return pos + 1 + (first & 0x1F)
+    width = {0xD9: 1, 0xDA: 2, 0xDB: 4}.get(first)  # str 8 / 16 / 32
+    if width is None:
+        raise ValueError("not a string")
+    length = int.from_bytes(head[pos + 1 : pos + 1 + width], "big")
+    return pos + 1 + width + length
+
+
+def _read_uint(head: bytes, pos: int) -> int:
+    first = head[pos]
+    if first <= 0x7F:  # positive fixint
+        return first
+    width = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}.get(first)  # uint 8 / 16 / 32 / 64
+    if width is None or pos + 1 + width > len(head):
+        raise ValueError("not an unsigned integer")
+    return int.from_bytes(head[pos + 1 : pos + 1 + width], "big")

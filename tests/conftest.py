@@ -8,8 +8,9 @@
     @pytest.mark.kvmstub_args("--sev-es-asids", "1")   # extra `kvmstub serve` flags
     def test_with_one_es_asid(kvmstub_daemon): ...
 
-`start_kvmstub_daemon(dir, *flags)` starts another one (e.g. a second daemon in one test).
-On teardown the daemon gets SIGTERM, must exit 0 and must have removed its socket.
+`kvmstub_factory(directory, *flags)` starts another one (a daemon over a path the test
+prepared, a second daemon). On teardown each daemon still running gets SIGTERM, must exit 0
+and must have removed its socket.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,14 @@ def kvmstub_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _stop_and_check(daemon: KvmstubDaemon) -> None:
+    was_running = daemon.alive()
+    status = daemon.stop()
+    if was_running:
+        assert status == 0, f"kvmstub exited with {status}:\n{daemon.log()}"
+        assert not daemon.socket.exists(), "kvmstub left its socket behind"
+
+
 @pytest.fixture
 def kvmstub_daemon(request: pytest.FixtureRequest, kvmstub_dir: Path) -> Iterator[KvmstubDaemon]:
     """A fresh kvmstub daemon for one test; stopped with SIGTERM afterwards, which must
@@ -143,9 +152,21 @@ def kvmstub_daemon(request: pytest.FixtureRequest, kvmstub_dir: Path) -> Iterato
     try:
         yield daemon
     finally:
-        was_running = daemon.alive()
-        status = daemon.stop()
-        log = daemon.log()
-        if was_running:
-            assert status == 0, f"kvmstub exited with {status}:\n{log}"
-            assert not daemon.socket.exists(), "kvmstub left its socket behind"
+        _stop_and_check(daemon)
+
+
+@pytest.fixture
+def kvmstub_factory() -> Iterator[Callable[..., KvmstubDaemon]]:
+    """`start(directory, *flags)`: more daemons; each is stopped and checked afterwards."""
+    started: list[KvmstubDaemon] = []
+
+    def start(directory: Path, *flags: str) -> KvmstubDaemon:
+        daemon = start_kvmstub_daemon(directory, *flags)
+        started.append(daemon)
+        return daemon
+
+    try:
+        yield start
+    finally:
+        for daemon in started:
+            _stop_and_check(daemon)

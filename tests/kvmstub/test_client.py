@@ -1,0 +1,412 @@
+"""kvmstub.client against a real daemon: the ioctl surface, errors as fcntl.ioctl raises
+them, exit completions, concurrency and cancellation on one fd."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from kvmstub import client, guest, uapi, wire
+
+KvmstubDaemon = Any  # tests/conftest.py's class
+
+MOVE = uapi.KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM
+COPY = uapi.KVM_CAP_VM_COPY_ENC_CONTEXT_FROM
+
+
+async def open_kvm(kvmstub_daemon: KvmstubDaemon) -> client.Kvm:
+    return await client.open_kvm(kvmstub_daemon.socket)
+
+
+async def sev_vm(kvm: client.Kvm, *, policy: int = 0, vcpus: int = 0) -> client.Vm:
+    vm = await kvm.create_vm()
+    await vm.sev_ioctl(uapi.KVM_SEV_INIT)
+    for i in range(vcpus):
+        await vm.create_vcpu(i)  # dropped: the vCPU fd closes, its VM reference goes
+    await vm.sev_ioctl(uapi.KVM_SEV_LAUNCH_START, handle=0, policy=policy)
+    return vm
+
+
+class PlainGuest:
+    """The guest program in a plain VM, driven by a minimal VMM loop: the doorbell device
+    sums the guest's seq values, the serial port collects lines."""
+
+    def __init__(self, vm: client.Vm, vcpu: client.Vcpu, memfd: int) -> None:
+        self.vm, self.vcpu, self.memfd = vm, vcpu, memfd
+        self.doorbell_sum = 0
+        self.serial = b""
+        self.hypercalls = 0
+
+    @classmethod
+    async def boot(cls, kvm: client.Kvm, params: guest.GuestParams) -> PlainGuest:
+        memfd = os.memfd_create("guest-ram")
+        os.ftruncate(memfd, guest.required_memory(params))
+        os.pwrite(memfd, guest.build_launch_image(params), 0)
+        vm = await kvm.create_vm()
+        await vm.set_user_memory_region(0, 0, guest.required_memory(params), memfd)
+        vcpu = await vm.create_vcpu(0)
+        await vcpu.set_regs(guest.initial_regs(0))
+        return cls(vm, vcpu, memfd)
+
+    async def run_until(self, reason: int, *, wrong_sum: bool = False) -> uapi.RunExit:
+        for _ in range(10_000):
+            exit_ = await self.vcpu.run()
+            io = exit_.io
+            if io is not None and io.port == uapi.DOORBELL_OUT_PORT:
+                self.doorbell_sum = (self.doorbell_sum + int.from_bytes(io.data, "little")) % (
+                    1 << 32
+                )
+            elif io is not None and io.port == uapi.DOORBELL_IN_PORT:
+                value = (self.doorbell_sum + (1 if wrong_sum else 0)) % (1 << 32)
+                self.vcpu.complete_io(value.to_bytes(4, "little"))
+            elif io is not None and io.port == uapi.SERIAL_PORT:
+                self.serial += io.data
+            elif exit_.hypercall is not None:
+                self.hypercalls += 1
+                self.vcpu.complete_hypercall(0)
+            if exit_.exit_reason == reason:
+                return exit_
+        raise AssertionError(f"no exit {reason} in 10000 runs")
+
+
+# --- the system fd ---------------------------------------------------------------------------
+
+
+async def test_get_api_version_is_12(kvmstub_daemon: KvmstubDaemon) -> None:
+    kvm = await open_kvm(kvmstub_daemon)
+    assert await kvm.get_api_version() == 12
+
+
+async def test_check_extension_reports_move_copy_and_exit_hypercall(
+    kvmstub_daemon: KvmstubDaemon,
+) -> None:
+    kvm = await open_kvm(kvmstub_daemon)
+    assert await kvm.check_extension(MOVE) == 1
+    assert await kvm.check_extension(COPY) == 1
+    assert await kvm.check_extension(uapi.KVM_CAP_EXIT_HYPERCALL) == 1 << uapi.KVM_HC_MAP_GPA_RANGE
+    assert await kvm.check_extension(123456) == 0
+
+
+async def test_created_objects_are_real_fds_and_this_process_is_the_creator(
+    kvmstub_daemon: KvmstubDaemon,
+) -> None:
+    kvm = await open_kvm(kvmstub_daemon)
+    vm = await kvm.create_vm()
+    vcpu = await vm.create_vcpu(0)
+    for obj in (kvm, vm, vcpu):
+        assert socket.socket(fileno=os.dup(obj.fileno())).type == socket.SOCK_SEQPACKET
+    (info,) = (await kvm.stats())["vms"]
+    assert info["creator"] == os.getpid()
+    assert [v["id"] for v in info["vcpus"]] == [0]
+
+
+# --- errors as the kernel gives them ---------------------------------------------------------
+
+
+async def test_failures_raise_oserror_with_the_kernels_errno(kvmstub_daemon: KvmstubDaemon) -> None:
+    kvm = await open_kvm(kvmstub_daemon)
+    vm = await kvm.create_vm()
+    await vm.create_vcpu(0)
+    with pytest.raises(FileExistsError) as exists:  # what fcntl.ioctl raises for EEXIST
+        await vm.create_vcpu(0)
+    assert exists.value.errno == errno.EEXIST
+    memfd = os.memfd_create("ram")
+    os.ftruncate(memfd, 1 << 16)
+    with pytest.raises(OSError) as misaligned:
+        await vm.set_user_memory_region(0, 0x123, 4096, memfd)
+    assert misaligned.value.errno == errno.EINVAL
+    assert misaligned.value.fw_error is None  # type: ignore[attr-defined]
+    with pytest.raises(OSError) as no_sev:
+        await vm.memory_encrypt_reg_region(0, 4096)
+    assert no_sev.value.errno == errno.ENOTTY
+    os.close(memfd)
+
+
+async def test_a_firmware_failure_is_eio_with_the_sev_status_code(
+    kvmstub_daemon: KvmstubDaemon,
+) -> None:
+    kvm = await open_kvm(kvmstub_daemon)
+    vm = await kvm.create_vm()
+    await vm.sev_ioctl(uapi.KVM_SEV_INIT)
+    with pytest.raises(OSError) as info:
+        await vm.sev_ioctl(uapi.KVM_SEV_LAUNCH_START, handle=0, policy=1 << 6)  # reserved bit
+    assert info.value.errno == errno.EIO
+    assert info.value.fw_error == uapi.SEV_RET_INVALID_PARAM  # type: ignore[attr-defined]
+
+
+# --- SEV commands and caps -------------------------------------------------------------------
+
+
+async def test_sev_ioctl_returns_the_commands_output_fields(kvmstub_daemon: KvmstubDaemon) -> None:
+    kvm = await open_kvm(kvmstub_daemon)
+    vm = await kvm.create_vm()
+    assert await vm.sev_ioctl(uapi.KVM_SEV_INIT) == {}
+    started = await vm.sev_ioctl(uapi.KVM_SEV_LAUNCH_START, handle=0, policy=uapi.SEV_POLICY_NODBG)
+    status = await vm.sev_ioctl(uapi.KVM_SEV_GUEST_STATUS)
+    assert status == {
+        "handle": started["handle"],
+        "policy": uapi.SEV_POLICY_NODBG,
+        "state": uapi.SEV_GUEST_STATE_LUPDATE,
+    }
+
+
+async def test_null_data_sends_the_kernels_null_pointer(kvmstub_daemon: KvmstubDaemon) -> None:
+    kvm = await open_kvm(kvmstub_daemon)
+    owner = await sev_vm(kvm)
+    mirror = await kvm.create_vm()
+    await mirror.enable_cap(COPY, owner)
+    with pytest.raises(OSError) as refused:  # not on the mirror allowlist
+        await mirror.sev_ioctl(uapi.KVM_SEV_LAUNCH_START, null_data=True)
+    assert refused.value.errno == errno.EINVAL
+    with pytest.raises(OSError) as null:  # allowed, then copy_to_user(NULL) fails
+        await mirror.sev_ioctl(uapi.KVM_SEV_GUEST_STATUS, null_data=True)
+    assert null.value.errno == errno.EFAULT
+    assert (await mirror.sev_ioctl(uapi.KVM_SEV_GUEST_STATUS))["state"] == 1
+    with pytest.raises(TypeError):
+        await mirror.sev_ioctl(uapi.KVM_SEV_GUEST_STATUS, null_data=True, handle=1)
+
+
+async def test_enable_cap_takes_the_source_as_a_vm_or_as_an_int_fd(
+    kvmstub_daemon: KvmstubDaemon,
+) -> None:
+    kvm = await open_kvm(kvmstub_daemon)
+    first = await sev_vm(kvm)
+    second = await kvm.create_vm()
+    third = await kvm.create_vm()
+    assert await second.enable_cap(MOVE, first) == 0
+    assert await third.enable_cap(MOVE, os.dup(second.fileno())) == 0
+    modes = {vm["id"]: (vm["mode"], vm["dead"]) for vm in (await kvm.stats())["vms"]}
+    assert sorted(modes.values()) == [("plain", True), ("plain", True), ("sev", False)]
+    assert await third.enable_cap(uapi.KVM_CAP_EXIT_HYPERCALL, 1 << 12) == 0
+    with pytest.raises(TypeError):
+        await third.enable_cap(uapi.KVM_CAP_EXIT_HYPERCALL, first)
+    with pytest.raises(TypeError):
+        await third.enable_cap(MOVE, 1, 2, 3, 4, 5)
+
+
+async def test_enable_cap_checks_flags_before_the_fd_as_the_kernel_does(
+    kvmstub_daemon: KvmstubDaemon,
+) -> None:
+    kvm = await open_kvm(kvmstub_daemon)
+    dst = await kvm.create_vm()
+    closed = os.dup(0)
+    os.close(closed)
+    with pytest.raises(OSError) as flags:
+        await dst.enable_cap(MOVE, closed, flags=1)
+    assert flags.value.errno == errno.EINVAL  # reference section 1: step 2 before step 3
+    with pytest.raises(OSError) as bad_fd:
+        await dst.enable_cap(MOVE, closed)
+    assert bad_fd.value.errno == errno.EBADF
+
+
+# --- vCPUs -----------------------------------------------------------------------------------
+
+
+async def test_registers_set_are_the_registers_read(kvmstub_daemon: KvmstubDaemon) -> None:
+    kvm = await open_kvm(kvmstub_daemon)
+    vcpu = await (await kvm.create_vm()).create_vcpu(0)
+    regs = uapi.Regs(rax=1, rbx=(1 << 64) - 1, rip=0x1000, rflags=0x202)
+    await vcpu.set_regs(regs)
+    assert await vcpu.get_regs() == regs
+
+
+async def test_run_delivers_the_io_completion_to_the_guest(kvmstub_daemon: KvmstubDaemon) -> None:
+    kvm = await open_kvm(kvmstub_daemon)
+    params = guest.GuestParams(vcpus=1, line_every=3, flip_every=10**9)
+    good = await PlainGuest.boot(kvm, params)
+    await good.run_until(uapi.KVM_EXIT_IO)
+    for _ in range(3):  # three serial lines, each after a doorbell round
+        before = good.serial.count(b"\n")
+        while good.serial.count(b"\n") == before:
+            await good.run_until(uapi.KVM_EXIT_IO)
+    assert good.serial.startswith(b"vcpu=0 seq=0 gap_us=")
+    assert b"PANIC" not in good.serial
+    # A wrong IN answer reaches the guest too: it notices the sum and panics.
+    bad = await PlainGuest.boot(kvm, params)
+    await bad.run_until(uapi.KVM_EXIT_SHUTDOWN, wrong_sum=True)
+    assert b"PANIC device" in bad.serial
+
+
+async def test_run_delivers_the_hypercall_return_to_the_guest(
+    kvmstub_daemon: KvmstubDaemon,
+) -> None:
+    kvm = await open_kvm(kvmstub_daemon)
+    g = await PlainGuest.boot(kvm, guest.GuestParams(vcpus=1, line_every=10**9, flip_every=2))
+    await g.vm.enable_cap(uapi.KVM_CAP_EXIT_HYPERCALL, 1 << uapi.KVM_HC_MAP_GPA_RANGE)
+    await g.run_until(uapi.KVM_EXIT_HYPERCALL)
+    await g.run_until(uapi.KVM_EXIT_HYPERCALL)
+    assert g.hypercalls == 2
+    assert b"PANIC" not in g.serial
+
+
+async def test_immediate_exit_raises_eintr_after_taking_the_pending_completion(
+    kvmstub_daemon: KvmstubDaemon,
+) -> None:
+    kvm = await open_kvm(kvmstub_daemon)
+    g = await PlainGuest.boot(kvm, guest.GuestParams(vcpus=1, line_every=2, flip_every=10**9))
+    while True:
+        exit_ = await g.run_until(uapi.KVM_EXIT_IO)
+        assert exit_.io is not None
+        if exit_.io.port == uapi.DOORBELL_IN_PORT:
+            break
+    with pytest.raises(InterruptedError):
+        await g.vcpu.run(immediate_exit=True)
+    regs = await g.vcpu.get_regs()
+    assert regs.rip == guest.RIP_DOORBELL_CHECK  # the IN completed, the guest did not run
+    assert regs.rax == g.doorbell_sum
+    await g.run_until(uapi.KVM_EXIT_IO)
+    assert b"PANIC" not in g.serial
+
+
+# --- one fd, many tasks --------------------------------------------------------------------
+
+
+async def test_concurrent_tasks_on_one_fd_each_get_their_own_reply(
+    kvmstub_daemon: KvmstubDaemon,
+) -> None:
+    kvm = await open_kvm(kvmstub_daemon)
+    vm = await kvm.create_vm()
+    results: dict[int, int] = {}
+
+    async def create(i: int) -> None:
+        vcpu = await vm.create_vcpu(i)
+        results[i] = len((await kvm.stats())["vms"][0]["vcpus"])
+        vcpu.close()
+
+    async with trio.open_nursery() as nursery:
+        for i in range(32):
+            nursery.start_soon(create, i)
+    assert sorted(results) == list(range(32))
+
+
+async def test_vcpus_run_concurrently_on_their_own_fds(kvmstub_daemon: KvmstubDaemon) -> None:
+    kvm = await open_kvm(kvmstub_daemon)
+    params = guest.GuestParams(vcpus=4, line_every=5, flip_every=10**9)
+    memfd = os.memfd_create("ram")
+    os.ftruncate(memfd, guest.required_memory(params))
+    os.pwrite(memfd, guest.build_launch_image(params), 0)
+    vm = await kvm.create_vm()
+    await vm.set_user_memory_region(0, 0, guest.required_memory(params), memfd)
+    vcpus = [await vm.create_vcpu(i) for i in range(4)]
+    lines: dict[int, bytes] = {i: b"" for i in range(4)}
+
+    async def loop(i: int, vcpu: client.Vcpu) -> None:
+        await vcpu.set_regs(guest.initial_regs(i))
+        total = 0
+        while lines[i].count(b"\n") < 3:
+            exit_ = await vcpu.run()
+            io = exit_.io
+            if io is not None and io.port == uapi.DOORBELL_OUT_PORT:
+                total = (total + int.from_bytes(io.data, "little")) % (1 << 32)
+            elif io is not None and io.port == uapi.DOORBELL_IN_PORT:
+                vcpu.complete_io(total.to_bytes(4, "little"))
+            elif io is not None and io.port == uapi.SERIAL_PORT:
+                lines[i] += io.data
+
+    async with trio.open_nursery() as nursery:
+        for i, vcpu in enumerate(vcpus):
+            nursery.start_soon(loop, i, vcpu)
+    for i in range(4):
+        assert lines[i].startswith(f"vcpu={i} seq=0 ".encode())
+
+
+async def test_a_call_cancelled_after_sending_still_reads_its_reply(
+    kvmstub_daemon: KvmstubDaemon,
+) -> None:
+    kvm = await open_kvm(kvmstub_daemon)
+    vm = await kvm.create_vm()
+    got: list[client.Vcpu] = []
+
+    async def create_then_cancelled(scope_out: list[trio.CancelScope]) -> None:
+        with trio.CancelScope() as scope:
+            scope_out.append(scope)
+            got.append(await vm.create_vcpu(0))  # the reply is read despite the cancel
+
+    scopes: list[trio.CancelScope] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(create_then_cancelled, scopes)
+        await trio.testing.wait_all_tasks_blocked()  # it sent and waits for the reply
+        scopes[0].cancel()
+    assert len(got) == 1 and not got[0].closed
+    vcpu = await vm.create_vcpu(1)  # the next call on the fd gets its own reply
+    assert [v["id"] for v in (await kvm.stats())["vms"][0]["vcpus"]] == [0, 1]
+    vcpu.close()
+
+
+# --- lifetime of the Python objects ------------------------------------------------------------
+
+
+async def test_a_closed_object_raises_ebadf(kvmstub_daemon: KvmstubDaemon) -> None:
+    kvm = await open_kvm(kvmstub_daemon)
+    vm = await kvm.create_vm()
+    vm.close()
+    vm.close()  # idempotent, as the client's own bookkeeping
+    with pytest.raises(OSError) as info:
+        await vm.create_vcpu(0)
+    assert info.value.errno == errno.EBADF
+    with pytest.raises(OSError):
+        vm.fileno()
+
+
+async def test_async_with_closes_the_fd(kvmstub_daemon: KvmstubDaemon) -> None:
+    async with await open_kvm(kvmstub_daemon) as kvm:
+        async with await kvm.create_vm() as vm:
+            fd = vm.fileno()
+            async with await vm.create_vcpu(0) as vcpu:
+                assert not vcpu.closed
+        assert vm.closed and vcpu.closed
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    assert kvm.closed
+
+
+async def test_vm_from_fd_wraps_a_vm_fd_received_over_scm_rights(
+    kvmstub_daemon: KvmstubDaemon,
+) -> None:
+    kvm = await open_kvm(kvmstub_daemon)
+    src = await sev_vm(kvm)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    socket.send_fds(a, [b"vm"], [src.fileno()])
+    _, fds, _, _ = socket.recv_fds(b, 16, 1)
+    received = client.Vm.from_fd(fds[0])
+    dst = await kvm.create_vm()
+    await dst.enable_cap(MOVE, received)
+    # Same process, so the wrapped fd also works for ioctls; the VM is dead after the move.
+    with pytest.raises(OSError) as info:
+        await received.sev_ioctl(uapi.KVM_SEV_GUEST_STATUS)
+    assert info.value.errno == errno.EIO
+    a.close()
+    b.close()
+
+
+async def test_an_oversized_request_is_refused_before_sending(
+    kvmstub_daemon: KvmstubDaemon,
+) -> None:
+    kvm = await open_kvm(kvmstub_daemon)
+    vm = await sev_vm(kvm)
+    with pytest.raises(OSError) as info:
+        await vm.sev_ioctl(uapi.KVM_SEV_DBG_ENCRYPT, dst_uaddr=0, data=b"x" * wire.MAX_DATAGRAM)
+    assert info.value.errno == errno.EINVAL
+    assert (await vm.sev_ioctl(uapi.KVM_SEV_GUEST_STATUS))["state"] == 1  # fd still in step
+
+
+async def test_a_daemon_that_goes_away_makes_every_call_eio(kvmstub_daemon: KvmstubDaemon) -> None:
+    kvm = await open_kvm(kvmstub_daemon)
+    vm = await kvm.create_vm()
+    kvmstub_daemon.stop()
+    for call in (kvm.get_api_version, lambda: vm.create_vcpu(0)):
+        with pytest.raises(OSError) as info:
+            await call()
+        assert info.value.errno == errno.EIO
+
+
+def test_read_stats_is_the_blocking_stats_request(kvmstub_daemon: KvmstubDaemon) -> None:
+    stats = client.read_stats(kvmstub_daemon.socket)
+    assert stats["vms"] == []
+    assert stats["asids"]["sev_es"]["free"] == 99
