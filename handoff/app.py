@@ -17,14 +17,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import msgspec
 import trio
 
 from kvmstub import uapi
 
-from . import __version__, hardening, notify
+from . import __version__, hardening, notify, runtime
 from .config import GuestConfig, HostFlags, format_size, read_token, write_token
 from .control import ControlServer, QMPCommandError
 from .errors import HandoffError
@@ -141,6 +142,7 @@ class App:
                     nursery.cancel_scope.cancel()
                     return 1
             nursery.start_soon(self._watch_context)
+            self.publish_entry()
             notify.notify("READY=1", f"STATUS=guest running ({self.cfg.mode})")
             await self.finished.wait()
             nursery.cancel_scope.cancel()
@@ -194,11 +196,85 @@ class App:
             self.control.close_clients()
         if self.control_sock is not None:
             if remove_control and self.control_path:
+                runtime.remove_entry(runtime.entry_path(self.control_path), os.getpid())
                 with contextlib.suppress(OSError):
                     os.unlink(self.control_path)
             self.control_sock.close()
             self.control_sock = None
         self.vmm.close()
+
+    # --------------------------------------------------------------- runtime directory
+    def publish_entry(self) -> None:
+        """Write (or, after a handoff, take over) this VM's entry beside its control socket."""
+        if not self.control_path:
+            return
+        now = time.time()
+        rec = self.record
+        took_over = rec.role == "target" and rec.recovery == "takeover"
+
+        def change(old: runtime.VmEntry | None) -> runtime.VmEntry:
+            keep = old if old is not None and old.name == self.flags.name else None
+            handoffs = keep.handoffs if keep is not None else 0
+            last = keep.last_handoff if keep is not None else None
+            if took_over:  # the source died after switchover: it will not report; we do
+                handoffs += 1
+                last = self._last_handoff()
+            return runtime.VmEntry(
+                name=self.flags.name,
+                pid=os.getpid(),
+                pid_start=runtime.process_start_time(os.getpid()),
+                version=__version__,
+                mode=self.cfg.mode,
+                vcpus=self.cfg.vcpus,
+                memory=self.cfg.memory,
+                control=os.path.abspath(self.control_path),
+                started=keep.started if keep is not None else self.started,
+                vmm_started=now,
+                handoffs=handoffs,
+                last_handoff=last,
+            )
+
+        self._update_entry(change)
+
+    def record_handoff(self) -> None:
+        """As the source of a handoff that ended (either way): note it in the VM's entry."""
+        if not self.control_path:
+            return
+        completed = self.record.status == "completed"
+
+        def change(old: runtime.VmEntry | None) -> runtime.VmEntry | None:
+            if old is None or old.name != self.flags.name:
+                return None
+            return msgspec.structs.replace(
+                old, handoffs=old.handoffs + completed, last_handoff=self._last_handoff()
+            )
+
+        self._update_entry(change)
+
+    def _last_handoff(self) -> runtime.LastHandoff:
+        rec = self.record
+        source = rec.role == "source"
+        return runtime.LastHandoff(
+            id=rec.id,
+            status=rec.status,
+            at=time.time(),
+            pause_ms=rec.downtime_ms,
+            total_ms=rec.total_ms,
+            from_pid=os.getpid() if source else rec.peer_pid,
+            to_pid=rec.peer_pid if source else os.getpid(),
+            protocol=rec.protocol,
+            recovery=rec.recovery,
+            error=rec.error,
+        )
+
+    def _update_entry(
+        self, change: Callable[[runtime.VmEntry | None], runtime.VmEntry | None]
+    ) -> None:
+        path = runtime.entry_path(self.control_path)
+        try:
+            runtime.update_entry(path, change)
+        except OSError as exc:  # the listing is a convenience: never a reason to stop a VM
+            log.warning("could not update the runtime entry %s: %s", path, exc)
 
     # --------------------------------------------------------------- QMP
     def handlers(self) -> dict[str, Any]:
@@ -388,6 +464,7 @@ class App:
             ok = await hand_off(self, path, proc, token, copy_memory)
         finally:
             self.handoff_busy = False
+        self.record_handoff()
         if ok:
             self.shutdown(0)
 

@@ -3,6 +3,7 @@
 handoff run      run a VMM (or, with --incoming, wait to take one over)
 handoff upgrade  replace a running VMM by a new process, the guest running throughout
 handoff status   show a VMM's state and its last handoff
+handoff list     every VM in the runtime directory (pid, version, shape, uptime, last pause)
 handoff demo     the whole story on embedded defaults (what `make demo` runs)
 """
 
@@ -293,6 +294,19 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--control", help="QMP control socket of the running VMM")
     st.add_argument("--json", action="store_true", help="print JSON")
 
+    ls = sub.add_parser(
+        "list",
+        help="every VM on this host (its runtime directory entries)",
+        description="List the VMs whose VMM keeps its entry in the runtime directory "
+        "($HANDOFF_RUNTIME_DIR, else /run/handoff for root, else $XDG_RUNTIME_DIR/handoff): "
+        "VMM pid, program version, mode, vCPUs, memory, uptime and the last handoff's pause. "
+        "An entry whose VMM is gone is shown as stale.",
+    )
+    ls.add_argument("--json", action="store_true", help="print one JSON object")
+    ls.add_argument(
+        "--prune", action="store_true", help="remove stale entries (and their dead sockets)"
+    )
+
     demo = sub.add_parser(
         "demo",
         help="the main job on embedded defaults (make demo)",
@@ -335,6 +349,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .ops import status_main
 
             return status_main(control_path(ns), ns.json)
+        if ns.command == "list":
+            from .ops import list_main
+
+            return list_main(runtime_dir(), ns.json, ns.prune)
         if ns.command == "demo":
             from .demo import demo_main
 

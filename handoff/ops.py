@@ -1,4 +1,5 @@
-"""`handoff upgrade` and `handoff status`: operator commands that drive a VMM over QMP."""
+"""`handoff upgrade`, `handoff status` and `handoff list`: operator commands that drive a VMM
+over QMP or read the runtime directory."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import msgspec
 import trio
 
+from . import runtime
+from .config import format_size
 from .qmp_client import QMPClient, QMPError
 
 PHASE_NAMES = {
@@ -133,4 +137,95 @@ def status_main(control: str, as_json: bool) -> int:
             print(f"  error: {handoff['error-desc']}")
     else:
         print("no handoff yet in this VMM")
+    return 0
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def listing_json(item: runtime.VmListing) -> dict[str, Any]:
+    entry = item.entry
+    out: dict[str, Any] = {
+        "name": entry.name,
+        "state": "alive" if item.alive else "stale",
+        "pid": entry.pid,
+        "version": entry.version,
+        "mode": entry.mode,
+        "vcpus": entry.vcpus,
+        "memory": entry.memory,
+        "uptime": round(item.uptime, 3) if item.alive else None,
+        "started": entry.started,
+        "handoffs": entry.handoffs,
+        "control": entry.control,
+        "entry": item.path,
+    }
+    if entry.last_handoff is not None:
+        out["last-handoff"] = msgspec.to_builtins(entry.last_handoff)
+    return out
+
+
+def list_main(directory: str, as_json: bool, prune: bool) -> int:
+    """`handoff list`: every VM with an entry in the runtime directory."""
+    removed = runtime.prune(directory) if prune else []
+    items = runtime.list_vms(directory)
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "runtime-dir": directory,
+                    "vms": [listing_json(i) for i in items],
+                    "pruned": [listing_json(i) for i in removed],
+                },
+                sort_keys=True,
+            )
+        )
+        return 0
+    for item in removed:
+        print(f"removed stale entry {item.entry.name} (VMM pid {item.entry.pid} is gone)")
+    if not items:
+        if not removed:
+            print(f"no VMs in {directory}")
+        return 0
+    header = ("NAME", "STATE", "PID", "VERSION", "MODE", "VCPUS", "MEMORY", "UPTIME",
+              "HANDOFFS", "LAST PAUSE")  # fmt: skip
+    rows = [header]
+    for item in items:
+        e = item.entry
+        last = e.last_handoff
+        if last is None:
+            pause = "-"
+        elif last.status == "completed":
+            pause = f"{last.pause_ms:.3f} ms"
+        else:
+            pause = f"failed ({last.recovery or 'none'})"
+        rows.append(
+            (
+                e.name,
+                "alive" if item.alive else "stale (VMM gone)",
+                str(e.pid),
+                e.version,
+                e.mode,
+                str(e.vcpus),
+                format_size(e.memory),
+                _duration(item.uptime) if item.alive else "-",
+                str(e.handoffs),
+                pause,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    if any(not i.alive for i in items):
+        print("stale entries: their VMM exited without cleaning up; remove with --prune")
     return 0

@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +46,18 @@ class VmmProcess:
         line_every: int = 100,
         flip_every: int = 25,
         extra: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.dir = Path(workdir)
+        # The VM's runtime directory (its control socket and its `handoff list` entry); the
+        # environment carries it to every successor.
+        self.runtime_dir = self.dir / "run"
+        self.env = {**os.environ, "HANDOFF_RUNTIME_DIR": str(self.runtime_dir), **(env or {})}
         self.kvm_socket = str(kvm_socket)
         self.name = name
         self.mode = mode
         self.vcpus = vcpus
-        self.control = str(self.dir / "run" / f"{name}.qmp")
+        self.control = str(self.runtime_dir / f"{name}.qmp")
         self.serial_logs = [str(self.dir / f"{name}-serial-0.log")]
         self.log_path = self.dir / f"{name}-vmm.log"
         self.argv = [
@@ -67,7 +72,7 @@ class VmmProcess:
     def start(self, timeout: float = 30) -> None:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                self.argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL
+                self.argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=self.env
             )
         self.pids.append(self.process.pid)
         deadline = time.monotonic() + timeout
