@@ -46,6 +46,13 @@ SEV_STATES = {
 }
 
 
+#: STATUS= lines sent to systemd as a handoff passes these HANDOFF event states.
+HANDOFF_STATUS_LINES = {
+    "active": "the target is preparing its VM (guest running)",
+    "device": "guest paused, switching over to the target",
+}
+
+
 def setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper()),
@@ -143,7 +150,12 @@ class App:
                     return 1
             nursery.start_soon(self._watch_context)
             self.publish_entry()
-            notify.notify("READY=1", f"STATUS=guest running ({self.cfg.mode})")
+            ready = ["READY=1", f"STATUS=guest running ({self.cfg.mode})"]
+            if incoming is not None:
+                # Past the commit point the guest is ours: claim the service now, so that it
+                # stays up even if the old VMM dies before it hands MAINPID= over itself.
+                ready.insert(1, f"MAINPID={os.getpid()}")
+            notify.notify(*ready)
             await self.finished.wait()
             nursery.cancel_scope.cancel()
         return self.exit_code
@@ -177,6 +189,11 @@ class App:
     def emit(self, event: str, data: dict[str, Any]) -> None:
         if self.control is not None:
             self.control.emit(event, data)
+        if event == "HANDOFF" and data.get("status") in HANDOFF_STATUS_LINES:
+            # The source's own STATUS= lines cover the start and the end of a handoff.
+            notify.notify(
+                f"STATUS=handoff {data.get('id', '')}: " + HANDOFF_STATUS_LINES[data["status"]]
+            )
 
     async def _watch_context(self) -> None:
         await self.vmm.context_lost.wait()
@@ -466,7 +483,11 @@ class App:
             self.handoff_busy = False
         self.record_handoff()
         if ok:
-            self.shutdown(0)
+            # Not shutdown(): the service goes on in the successor, so no STOPPING=1. The
+            # source sent MAINPID=<successor>; exit only once systemd has read it.
+            await notify.barrier(timeout=2.0)
+            self.exit_code = 0
+            self.finished.set()
 
 
 def _first_leaf(exc: BaseException) -> BaseException:

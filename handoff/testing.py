@@ -12,9 +12,12 @@ Our own end-to-end tests use these; so can anyone who builds on handoff.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -29,6 +32,7 @@ from .qmp_client import QMPClient
 from .seriallog import SerialReport, read_logs
 
 PROGRAM = [sys.executable, "-m", "handoff.cli"]
+_UCRED = struct.Struct("iII")
 
 
 class VmmProcess:
@@ -167,3 +171,61 @@ def pid_alive(pid: int) -> bool:
             os.waitpid(pid, os.WNOHANG)
         return False
     return True
+
+
+class NotifySocket:
+    """A stand-in for systemd's notify socket: bind it, put `env` into a VMM's environment
+    (successors inherit it), and read back every sd_notify datagram with its sender's pid.
+
+    Like systemd it closes every fd that arrives (so `BARRIER=1` completes at once).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.bind(self.path)
+        self.sock.setblocking(False)
+        self.env = {"NOTIFY_SOCKET": self.path}
+        self.messages: list[tuple[int, str]] = []  # (sender pid, datagram), in arrival order
+
+    def _drain(self) -> None:
+        space = socket.CMSG_SPACE(_UCRED.size) + socket.CMSG_SPACE(16 * 4)
+        while True:
+            try:
+                data, ancillary, _flags, _addr = self.sock.recvmsg(65536, space)
+            except BlockingIOError:
+                return
+            pid = 0
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    pid = _UCRED.unpack(payload[: _UCRED.size])[0]
+                elif level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds = array.array("i")
+                    fds.frombytes(payload[: len(payload) - len(payload) % 4])
+                    for fd in fds:
+                        os.close(fd)
+            self.messages.append((pid, data.decode(errors="replace")))
+
+    def from_pid(self, pid: int) -> list[str]:
+        """The datagrams `pid` sent so far."""
+        self._drain()
+        return [text for sender, text in self.messages if sender == pid]
+
+    async def wait_for(self, pid: int, datagram: str, timeout: float = 10) -> list[str]:
+        """Wait until `pid` has sent `datagram` (exactly); return what `pid` sent so far."""
+        with trio.fail_after(timeout):
+            while datagram not in self.from_pid(pid):
+                await trio.sleep(0.01)  # polls, so that `serve` may run meanwhile
+        return self.from_pid(pid)
+
+    async def serve(self) -> None:
+        """Keep reading (run it in a nursery while VMMs may wait on a `BARRIER=1`)."""
+        while True:
+            self._drain()
+            await trio.lowlevel.wait_readable(self.sock)
+
+    def close(self) -> None:
+        self.sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)

@@ -1,0 +1,108 @@
+"""sd_notify as systemd sees it: the exact datagrams on $NOTIFY_SOCKET, with their senders.
+
+A Type=notify service needs READY=1 once the guest runs, STATUS= lines during a handoff, the
+handover (the old VMM sends MAINPID=<successor> and waits on BARRIER=1 before it exits; the
+successor claims MAINPID itself once it owns the guest), no STOPPING=1 from a VMM that handed
+its guest on, and STOPPING=1 on quit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from handoff import notify
+from handoff.testing import NotifySocket, VmmProcess
+
+
+@pytest.fixture
+async def notify_socket(tmp_path: Path) -> AsyncIterator[NotifySocket]:
+    receiver = NotifySocket(tmp_path / "notify.sock")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(receiver.serve)
+        yield receiver
+        nursery.cancel_scope.cancel()
+    receiver.close()
+
+
+async def test_ready_handover_and_stopping_are_the_datagrams_systemd_needs(
+    tmp_path: Path, kvmstub_daemon: Any, notify_socket: NotifySocket
+) -> None:
+    vmm = VmmProcess(tmp_path, kvmstub_daemon.socket, mode="sev-es", env=notify_socket.env)
+    vmm.start()
+    try:
+        old = vmm.pids[0]
+        ready_old = "READY=1\nSTATUS=guest running (sev-es)"
+        assert await notify_socket.wait_for(old, ready_old) == [ready_old]
+
+        result = await vmm.upgrade()
+        assert result["status"] == "completed", vmm.log()
+        new, hid = result["successor-pid"], result["id"]
+        assert await vmm.settle() == [new]
+        assert notify_socket.from_pid(old) == [
+            ready_old,
+            "STATUS=handoff: connecting to the target",
+            f"STATUS=handoff {hid}: the target is preparing its VM (guest running)",
+            f"STATUS=handoff {hid}: guest paused, switching over to the target",
+            f"MAINPID={new}\nSTATUS=handed off to the successor",
+            "BARRIER=1",
+        ]
+        assert notify_socket.from_pid(new) == [
+            f"READY=1\nMAINPID={new}\nSTATUS=guest running (sev-es)"
+        ]
+
+        await vmm.quit()
+        assert notify_socket.from_pid(new)[-1] == "STOPPING=1"
+        senders = {pid for pid, _ in notify_socket.messages}
+        assert senders == {old, new}
+    finally:
+        vmm.kill_all()
+
+
+async def test_a_failed_handoff_reports_status_and_keeps_the_main_pid(
+    tmp_path: Path, kvmstub_daemon: Any, notify_socket: NotifySocket
+) -> None:
+    vmm = VmmProcess(tmp_path, kvmstub_daemon.socket, mode="plain", env=notify_socket.env)
+    vmm.start()
+    try:
+        pid = vmm.pids[0]
+        await notify_socket.wait_for(pid, "READY=1\nSTATUS=guest running (plain)")
+        result = await vmm.upgrade(["vcpus=4"])
+        assert result["status"] == "failed"
+        sent = await notify_socket.wait_for(pid, "STATUS=handoff failed (none): guest running here")
+        assert not any("MAINPID" in text or "STOPPING" in text for text in sent)
+        # The refused successor never became ready.
+        assert {sender for sender, _ in notify_socket.messages} == {pid}
+    finally:
+        vmm.kill_all()
+
+
+async def test_barrier_waits_until_the_manager_has_read_earlier_messages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    receiver = NotifySocket(tmp_path / "n.sock")
+    monkeypatch.setenv("NOTIFY_SOCKET", receiver.path)
+    try:
+        assert notify.notify("MAINPID=1")
+        # Nobody reads yet: the barrier times out rather than hang the old VMM forever.
+        assert await notify.barrier(timeout=0.2) is False
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receiver.serve)
+            assert await notify.barrier(timeout=10) is True
+            nursery.cancel_scope.cancel()
+        texts = [text for _, text in receiver.messages]
+        assert texts == ["MAINPID=1", "BARRIER=1", "BARRIER=1"]
+    finally:
+        receiver.close()
+
+
+async def test_without_notify_socket_nothing_is_sent_and_barrier_returns_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert notify.notify("READY=1") is False
+    assert await notify.barrier() is False
