@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -119,6 +120,8 @@ class App:
         self.hardening: dict[str, Any] = {}
         self.successor: subprocess.Popen[bytes] | None = None
         self.nursery: trio.Nursery | None = None
+        self.ready = False  # the guest runs here (READY=1 sent)
+        self.stop_requested = False  # a signal asked us to stop during a handoff
 
     # --------------------------------------------------------------- lifecycle
     async def main(self, incoming: str | None) -> int:
@@ -139,6 +142,7 @@ class App:
             await self.launch()
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
+            await nursery.start(self._watch_signals)
             if incoming is None:
                 self.start_running(nursery)
             else:
@@ -156,6 +160,9 @@ class App:
                 # stays up even if the old VMM dies before it hands MAINPID= over itself.
                 ready.insert(1, f"MAINPID={os.getpid()}")
             notify.notify(*ready)
+            self.ready = True
+            if self.stop_requested:
+                self.shutdown(0)
             await self.finished.wait()
             nursery.cancel_scope.cancel()
         return self.exit_code
@@ -202,6 +209,20 @@ class App:
         log.error("this VM lost the guest's context (another VMM holds it now); exiting")
         self.exit_code = 3
         self.finished.set()
+
+    async def _watch_signals(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """SIGTERM (systemctl stop) and SIGINT stop the VM cleanly; during a handoff, once it
+        has finished, so that a stop never cuts a handoff between its commit and its end."""
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if self.handoff_busy or not self.ready:
+                    log.warning("%s during a handoff: stopping once it has finished", name)
+                    self.stop_requested = True
+                else:
+                    log.info("%s: stopping the VM", name)
+                    self.shutdown(0)
 
     def shutdown(self, code: int = 0) -> None:
         notify.notify("STOPPING=1")
@@ -483,11 +504,14 @@ class App:
             self.handoff_busy = False
         self.record_handoff()
         if ok:
-            # Not shutdown(): the service goes on in the successor, so no STOPPING=1. The
-            # source sent MAINPID=<successor>; exit only once systemd has read it.
+            # Not shutdown(): the service goes on in the successor, so no STOPPING=1 (not even
+            # on a signal now). The source sent MAINPID=<successor>; exit once systemd read it.
+            self.ready = False
             await notify.barrier(timeout=2.0)
             self.exit_code = 0
             self.finished.set()
+        elif self.stop_requested:
+            self.shutdown(0)
 
 
 def _first_leaf(exc: BaseException) -> BaseException:

@@ -8,6 +8,8 @@ its guest on, and STOPPING=1 on quit.
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -106,3 +108,58 @@ async def test_without_notify_socket_nothing_is_sent_and_barrier_returns_at_once
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     assert notify.notify("READY=1") is False
     assert await notify.barrier() is False
+
+
+async def test_sigterm_stops_the_vm_cleanly_with_stopping(
+    tmp_path: Path, kvmstub_daemon: Any, notify_socket: NotifySocket
+) -> None:
+    vmm = VmmProcess(tmp_path, kvmstub_daemon.socket, env=notify_socket.env)
+    vmm.start()
+    try:
+        pid = vmm.pids[0]
+        await notify_socket.wait_for(pid, "READY=1\nSTATUS=guest running (plain)")
+        os.kill(pid, signal.SIGTERM)
+        assert vmm.process is not None
+        with trio.fail_after(10):
+            while vmm.process.poll() is None:
+                await trio.sleep(0.02)
+        assert vmm.process.returncode == 0, vmm.log()
+        assert notify_socket.from_pid(pid)[-1] == "STOPPING=1"
+        assert os.listdir(vmm.runtime_dir) == []  # socket and entry removed
+    finally:
+        vmm.kill_all()
+
+
+async def test_sigterm_during_a_handoff_stops_only_once_the_handoff_has_ended(
+    tmp_path: Path, kvmstub_daemon: Any, notify_socket: NotifySocket
+) -> None:
+    vmm = VmmProcess(
+        tmp_path, kvmstub_daemon.socket, env=notify_socket.env, extra=["--handoff-timeout", "1"]
+    )
+    vmm.start()
+    try:
+        pid = vmm.pids[0]
+        await notify_socket.wait_for(pid, "READY=1\nSTATUS=guest running (plain)")
+        results: list[dict[str, Any]] = []
+
+        async def upgrade() -> None:
+            results.append(await vmm.upgrade(["x-fault=target:switchover:hang"]))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(upgrade)
+            with trio.fail_after(10):  # the guest is paused: the handoff is past its setup
+                while not any("guest paused" in t for t in notify_socket.from_pid(pid)):
+                    await trio.sleep(0.005)
+            os.kill(pid, signal.SIGTERM)
+        assert results[0]["status"] == "failed"
+        assert results[0]["recovery"] in ("rollback", "reclaim")
+        assert vmm.process is not None
+        with trio.fail_after(10):
+            while vmm.process.poll() is None:
+                await trio.sleep(0.02)
+        assert vmm.process.returncode == 0, vmm.log()
+        sent = notify_socket.from_pid(pid)
+        failed = next(i for i, t in enumerate(sent) if t.startswith("STATUS=handoff failed"))
+        assert sent[failed + 1 :] == ["STOPPING=1"]
+    finally:
+        vmm.kill_all()
