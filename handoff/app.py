@@ -15,7 +15,6 @@ import secrets
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -26,7 +25,7 @@ import trio
 
 from kvmstub import uapi
 
-from . import __version__, hardening, notify, runtime
+from . import __version__, hardening, logs, notify, runtime
 from .config import GuestConfig, HostFlags, format_size, read_token, write_token
 from .control import ControlServer, QMPCommandError
 from .errors import HandoffError
@@ -52,15 +51,6 @@ HANDOFF_STATUS_LINES = {
     "active": "the target is preparing its VM (guest running)",
     "device": "guest paused, switching over to the target",
 }
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format=f"%(asctime)s handoff[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
 
 
 def bind_control(path: str) -> socket.socket:
@@ -527,7 +517,7 @@ def run_main(
     program: Sequence[str],
     run_args: Sequence[str],
 ) -> int:
-    setup_logging(flags.log_level)
+    logs.setup(flags.log_level, flags.log_format, flags.name)
     app = App(cfg, flags, program, run_args)
     try:
         code = trio.run(app.main, incoming)

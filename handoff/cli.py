@@ -176,6 +176,13 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     )
     h.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="default info")
     h.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text lines or one JSON object per line (default text); under systemd each "
+        "line starts with its journald priority (<N>)",
+    )
+    h.add_argument(
         "--allow-uid",
         type=_int_in(0, 2**32 - 2, "--allow-uid"),
         action="append",
@@ -233,6 +240,7 @@ def host_flags(ns: argparse.Namespace) -> HostFlags:
         control=ns.control or os.path.join(runtime_dir(), f"{name}.qmp"),
         serial_log=ns.serial_log,
         log_level=ns.log_level,
+        log_format=ns.log_format,
         allow_uids=tuple(ns.allow_uid),
         max_protocol=ns.max_protocol,
         handoff_timeout=ns.handoff_timeout,

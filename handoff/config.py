@@ -137,6 +137,7 @@ class HostFlags(msgspec.Struct, frozen=True, kw_only=True):
     control: str | None = None
     serial_log: str | None = None
     log_level: str = "info"
+    log_format: str = "text"
     allow_uids: tuple[int, ...] = ()
     max_protocol: int = 2
     handoff_timeout: float = 10.0

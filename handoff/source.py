@@ -30,7 +30,7 @@ import trio
 
 from kvmstub import client, uapi
 
-from . import messages, notify, protocol
+from . import logs, messages, notify, protocol
 from .channel import Channel, connect
 from .errors import AuthRefused, CredentialsRefused, HandoffError, HandoffTimeout, TransportError
 from .peer import Peer
@@ -199,7 +199,7 @@ async def hand_off(
             await peer.refuse("internal", reason)
         recovery = await _recover(app, paused, switched, escrow, regs, pidfd, proc, peer_pid)
         rec.finish("failed", reason, recovery)
-        log.error("handoff %s failed: %s (recovery: %s)", rec.id, reason, recovery)
+        logs.handoff_summary(log, flags.name, rec)
         app.emit(
             "HANDOFF",
             {"id": rec.id, "status": "failed", "error-desc": reason, "recovery": recovery},
@@ -214,16 +214,7 @@ async def hand_off(
         return False
 
     rec.finish("completed")
-    log.info(
-        "handoff %s completed: target pid %d, protocol %d, downtime %.3f ms, total %.3f ms, "
-        "phases %s",
-        rec.id,
-        peer_pid,
-        rec.protocol,
-        rec.downtime_ms,
-        rec.total_ms,
-        rec.phases,
-    )
+    logs.handoff_summary(log, flags.name, rec)
     app.emit("HANDOFF", {"id": rec.id, "status": "completed", **rec.to_qmp()})
     notify.notify(f"MAINPID={peer_pid}", "STATUS=handed off to the successor")
     vmm.status = "postmigrate"

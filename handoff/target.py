@@ -25,7 +25,7 @@ import trio
 
 from kvmstub import client
 
-from . import messages, protocol
+from . import logs, messages, protocol
 from .channel import Channel, Listener, OwnedFds, listen
 from .config import GuestConfig
 from .errors import (
@@ -296,16 +296,7 @@ async def _receive(app: App, chan: Channel, nursery: trio.Nursery) -> bool:
     _rename_control(app, control_path)
     app.start_control(nursery)
     rec.finish("completed", recovery="takeover" if takeover else "")
-    log.info(
-        "took over guest %s from pid %d (%s), protocol %d, our part of the blackout "
-        "%.3f ms, prepare %.3f ms",
-        flags.name,
-        creds.pid,
-        "takeover" if takeover else "committed",
-        rec.protocol,
-        rec.downtime_ms,
-        (t_sw - t0) * 1e3,
-    )
+    logs.handoff_summary(log, flags.name, rec)
     peer.close()
     with contextlib.suppress(OSError):
         os.close(source_vm)
