@@ -203,6 +203,8 @@ class _KvmFile:
                 _close_all(fds)
                 raise OSError(errno.EPROTO, f"kvmstub: {e}") from None
             if reply.id == request_id and not msg_flags & socket.MSG_CTRUNC:
+                if isinstance(reply, wire.Spilled):
+                    return _read_spilled(fds, request_id), []
                 return reply, fds
             # The reply to a request whose task gave up, or to another process sharing this
             # fd (whose ioctls get EIO anyway): not ours.
@@ -217,6 +219,26 @@ def _fds_of(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
             received.frombytes(payload[: len(payload) - len(payload) % received.itemsize])
             fds.extend(received)
     return fds
+
+
+def _read_spilled(fds: list[int], request_id: int) -> wire.AnyReply:
+    """The reply a `Spilled` datagram carries in its memfd. Closes the fds."""
+    try:
+        if len(fds) != 1:
+            raise OSError(errno.EPROTO, f"kvmstub: spilled reply carried {len(fds)} fds")
+        size = os.fstat(fds[0]).st_size
+        if size > wire.MAX_SPILLED:
+            raise OSError(errno.EPROTO, f"kvmstub: spilled reply of {size} bytes")
+        data = os.pread(fds[0], size, 0)
+    finally:
+        _close_all(fds)
+    try:
+        reply = wire.decode_reply(data)
+    except wire.WireError as e:
+        raise OSError(errno.EPROTO, f"kvmstub: {e}") from None
+    if reply.id != request_id or isinstance(reply, wire.Spilled):
+        raise OSError(errno.EPROTO, "kvmstub: spilled reply does not answer the request")
+    return reply
 
 
 def _close_all(fds: list[int]) -> None:
@@ -423,10 +445,19 @@ def read_stats(path: str | os.PathLike[str], timeout: float = 10.0) -> dict[str,
         sock.settimeout(timeout)
         sock.connect(os.fspath(path))
         sock.send(wire.encode(wire.Stats(1)))
-        data = sock.recv(wire.MAX_DATAGRAM)
+        data, ancdata, _, _ = sock.recvmsg(wire.MAX_DATAGRAM, _ANCBUFSIZE, socket.MSG_CMSG_CLOEXEC)
+    fds = _fds_of(ancdata)
     if not data:
         raise OSError(errno.EIO, "kvmstub: daemon closed the connection")
-    reply = wire.decode_reply(data)
+    try:
+        reply = wire.decode_reply(data)
+    except wire.WireError as e:
+        _close_all(fds)
+        raise OSError(errno.EPROTO, f"kvmstub: {e}") from None
+    if isinstance(reply, wire.Spilled):
+        reply = _read_spilled(fds, reply.id)
+    else:
+        _close_all(fds)
     if isinstance(reply, wire.Error):
         _raise_for(reply)
     if not isinstance(reply, wire.StatsReply):

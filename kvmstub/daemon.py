@@ -118,6 +118,19 @@ def _parse_ancillary(ancdata: list[tuple[int, int, bytes]]) -> tuple[int | None,
     return pid, fds
 
 
+def _spill(data: bytes) -> int:
+    """A memfd holding `data`, for a reply bigger than a datagram."""
+    fd = os.memfd_create("kvmstub-reply", os.MFD_CLOEXEC)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _hung_up(sock: socket.socket) -> bool:
     """True once every copy of the peer end is closed. EOF alone is not enough: a holder
     that only shut down its write side still has the fd open (and may pass it on)."""
@@ -210,13 +223,19 @@ class Daemon:
         self, sock: socket.socket, reply: wire.Reply, new_end: socket.socket | None
     ) -> None:
         data = self._encode(reply)
+        attached = None if new_end is None else new_end.fileno()
+        spilled = None
+        if len(data) > wire.MAX_DATAGRAM:
+            spilled = _spill(data)
+            data = wire.encode(wire.Spilled(reply.id))
+            attached = spilled
         try:
             while True:
                 try:
-                    if new_end is None:
+                    if attached is None:
                         sock.send(data, socket.MSG_NOSIGNAL)
                     else:
-                        fds = array.array("i", [new_end.fileno()])
+                        fds = array.array("i", [attached])
                         sock.sendmsg(
                             [data],
                             [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)],
@@ -234,6 +253,8 @@ class Daemon:
             if new_end is not None:
                 # Our copy of the client end: once it is closed, only the client holds it.
                 new_end.close()
+            if spilled is not None:
+                os.close(spilled)
 
     def _encode(self, reply: wire.Reply) -> bytes:
         try:
@@ -241,10 +262,9 @@ class Daemon:
         except Exception:
             log.exception("cannot encode %r", reply)
             data = wire.encode(_error(reply.id, errno.EFAULT, "kvmstub: reply not encodable"))
-        if len(data) > wire.MAX_DATAGRAM:
-            data = wire.encode(
-                _error(reply.id, errno.E2BIG, f"kvmstub: reply exceeds {wire.MAX_DATAGRAM} bytes")
-            )
+        if len(data) > wire.MAX_SPILLED:
+            message = f"kvmstub: reply exceeds {wire.MAX_SPILLED} bytes"
+            data = wire.encode(_error(reply.id, errno.E2BIG, message))
         return data
 
     # --- one request ------------------------------------------------------------------------

@@ -23,6 +23,9 @@ from kvmstub import uapi
 # One datagram, either way. Stays below the default unix socket send buffer (net.core.
 # wmem_default, 208 KiB), which caps a SEQPACKET datagram, so no setsockopt is needed.
 MAX_DATAGRAM: Final = 128 * 1024
+# A reply too big for one datagram (statistics of many VMs with many vCPUs, a long
+# DBG_DECRYPT) travels in a memfd attached to a `Spilled` reply, up to this size.
+MAX_SPILLED: Final = 64 * 1024 * 1024
 # Ancillary space a receiver reserves for fds: more than any request declares (1), so that
 # "too many fds" is seen and refused instead of being silently cut (MSG_CTRUNC).
 MAX_FDS_RECEIVED: Final = 8
@@ -251,6 +254,11 @@ class StatsReply(Reply):
     stats: dict[str, Any]
 
 
+class Spilled(Reply):
+    """The reply did not fit a datagram: a memfd attached to this one holds it, encoded
+    (at most MAX_SPILLED bytes)."""
+
+
 class Error(Reply):
     """The ioctl failed with `errno`. A SEV firmware failure is EIO with `fw_error` set to the
     SEV status code (kvm_sev_cmd.error)."""
@@ -260,7 +268,7 @@ class Error(Reply):
     fw_error: U32 | None = None
 
 
-AnyReply = Ok | NewObject | RunReply | RegsReply | StatsReply | Error
+AnyReply = Ok | NewObject | RunReply | RegsReply | StatsReply | Spilled | Error
 
 
 # --- encoding -------------------------------------------------------------------------------

@@ -279,6 +279,21 @@ async def test_stats_command_shows_vms_and_asids_as_a_table_and_as_json(
     assert "SEV-ES ASIDs: 1 used, 98 free of 99" in table
 
 
+async def test_statistics_bigger_than_a_datagram_arrive_whole_through_a_memfd(
+    kvmstub_daemon: KvmstubDaemon,
+) -> None:
+    kvm = await client.open_kvm(kvmstub_daemon.socket)
+    vms = [await kvm.create_vm() for _ in range(6)]
+    for vm in vms:
+        for i in range(1024):  # a vCPU stays in its VM after its fd is closed
+            (await vm.create_vcpu(i)).close()
+    baseline = quiet_fd_count(kvmstub_daemon)
+    assert len(msgspec.msgpack.encode(await kvm.stats())) > wire.MAX_DATAGRAM
+    for stats in (await kvm.stats(), kvmstub_daemon.stats()):
+        assert [len(vm["vcpus"]) for vm in stats["vms"]] == [1024] * 6
+    assert quiet_fd_count(kvmstub_daemon) == baseline  # no memfd left behind
+
+
 def test_stats_command_without_a_daemon_says_so(kvmstub_dir: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "kvmstub.cli", "stats", "--socket", str(kvmstub_dir / "no.sock")],

@@ -52,6 +52,7 @@ REPLIES: list[wire.Reply] = [
     ),
     wire.RegsReply(9, wire.regs_to_wire(uapi.Regs(rbx=7))),
     wire.StatsReply(10, {"vms": [], "asids": {"sev": {"total": 1}}}),
+    wire.Spilled(13),
     wire.Error(11, 5, "dead"),
     wire.Error(12, 5, "firmware", fw_error=uapi.SEV_RET_POLICY_FAILURE),
 ]
