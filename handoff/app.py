@@ -26,11 +26,18 @@ import trio
 from kvmstub import uapi
 
 from . import __version__, hardening, logs, notify, runtime
+
+# Everything (source, target and cli too) is imported at start, not when first needed: a VMM
+# runs for months, and by the time it hands off the package on disk may be a newer release (that
+# is what an upgrade in place looks like). This process must run only the release it started as.
+from .cli import apply_sets, check_run_args, strip_flags
 from .config import GuestConfig, HostFlags, format_size, read_token, write_token
 from .control import ControlServer, QMPCommandError
 from .errors import HandoffError
 from .faults import Faults, FaultSpecError
 from .record import HandoffRecord
+from .source import hand_off
+from .target import take_over
 from .vmm import Vmm
 
 log = logging.getLogger("handoff.app")
@@ -136,8 +143,6 @@ class App:
             if incoming is None:
                 self.start_running(nursery)
             else:
-                from .target import take_over
-
                 ok = await take_over(self, incoming, nursery)
                 if not ok:
                     nursery.cancel_scope.cancel()
@@ -458,8 +463,6 @@ class App:
         """Start the successor, listening in a private directory, with a one-time token that
         only the two of us know (so a process of the same uid that races for its socket
         cannot take the guest)."""
-        from .cli import apply_sets, check_run_args, strip_flags
-
         run_args = strip_flags(self.run_args, ("--incoming", "--uuid", "--token-file"))
         run_args = apply_sets(run_args, sets)
         if exec_argv is None:
@@ -486,8 +489,6 @@ class App:
         token: bytes | None,
         copy_memory: bool = False,
     ) -> None:
-        from .source import hand_off
-
         try:
             ok = await hand_off(self, path, proc, token, copy_memory)
         finally:

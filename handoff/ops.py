@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TextIO
 
 import msgspec
 import trio
@@ -34,9 +35,11 @@ async def upgrade(
     timeout: float = 60.0,
     on_event: Callable[[dict[str, Any]], None] | None = None,
     copy_memory: bool = False,
+    on_started: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Ask the VMM at `control` to upgrade itself; return the final HANDOFF event's data
-    (status "completed" or "failed") plus the successor's pid."""
+    (status "completed" or "failed") plus the successor's pid. `on_started` gets the upgrade
+    command's reply (the successor's pid), `on_event` each HANDOFF event's data."""
     args: dict[str, Any] = {"set": list(sets)}
     if exec_argv:
         args["exec"] = list(exec_argv)
@@ -45,6 +48,8 @@ async def upgrade(
     with trio.fail_after(timeout):
         async with await QMPClient.connect(control) as qmp:
             started = await qmp.execute("upgrade", args)
+            if on_started is not None:
+                on_started(started)
             while True:
                 event = await qmp.next_event("HANDOFF")
                 data = dict(event.data)
@@ -60,11 +65,78 @@ async def query(control: str, *commands: str) -> list[Any]:
         return [await qmp.execute(c) for c in commands]
 
 
-def _print_progress(data: dict[str, Any]) -> None:
-    status = data.get("status")
-    if status in ("completed", "failed"):
-        return
-    print(f"  {status}", file=sys.stderr, flush=True)
+#: What the guest and the two VMMs are doing while a HANDOFF event's status holds.
+STATUS_TEXT = {
+    "setup": "connecting to the successor: versions, credentials (guest running)",
+    "active": "successor builds its VM over the same memory (guest running)",
+    "device": "guest paused: switchover, context move, commit",
+    "completed": "successor runs the guest",
+    "failed": "handoff failed",
+}
+
+
+class PlainProgress:
+    """One line per step of an upgrade, as it happens, with the time since the command."""
+
+    def __init__(self, out: TextIO | None = None) -> None:
+        self.out = out or sys.stdout
+        self.t0 = time.perf_counter()
+
+    def _line(self, text: str) -> None:
+        ms = (time.perf_counter() - self.t0) * 1e3
+        print(f"  {ms:9.1f} ms  {text}", file=self.out, flush=True)
+
+    def started(self, reply: dict[str, Any]) -> None:
+        self._line(f"successor pid {reply.get('pid')} started, listening on {reply.get('uri')}")
+
+    def event(self, data: dict[str, Any]) -> None:
+        status = str(data.get("status"))
+        self._line(f"{status}: {STATUS_TEXT.get(status, status)}")
+
+    def close(self) -> None:
+        pass
+
+
+class RichProgress(PlainProgress):
+    """The same steps on a terminal: a spinner on the running step, a tick on each done one."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+
+        super().__init__()
+        self.console = Console()
+        self.spinner = self.console.status("starting the successor")
+        self.spinner.start()
+        self.current = "starting the successor"
+
+    def _line(self, text: str) -> None:
+        ms = (time.perf_counter() - self.t0) * 1e3
+        self.console.print(f"[green]\u2713[/green] {self.current} [dim]{ms:.1f} ms[/dim]")
+        self.current = text
+        self.spinner.update(text)
+
+    def event(self, data: dict[str, Any]) -> None:
+        status = str(data.get("status"))
+        if status in ("completed", "failed"):
+            ms = (time.perf_counter() - self.t0) * 1e3
+            mark = "[green]\u2713[/green]" if status == "completed" else "[red]\u2717[/red]"
+            self.close()  # first: a transient spinner erases its own line when it stops
+            self.console.print(f"{mark} {self.current} [dim]{ms:.1f} ms[/dim]")
+            return
+        super().event(data)
+
+    def close(self) -> None:
+        self.spinner.stop()
+
+
+def make_progress() -> PlainProgress:
+    """Rich when it is installed and stdout is a terminal, else plain lines."""
+    if sys.stdout.isatty():
+        try:
+            return RichProgress()
+        except ImportError:
+            pass
+    return PlainProgress()
 
 
 def format_phases(data: dict[str, Any]) -> str:
@@ -81,6 +153,7 @@ def upgrade_main(
     as_json: bool,
     timeout: float,
 ) -> int:
+    progress = None if as_json else make_progress()
     try:
         data = trio.run(
             lambda: upgrade(
@@ -88,13 +161,17 @@ def upgrade_main(
                 sets,
                 exec_argv,
                 timeout=timeout,
-                on_event=None if as_json else _print_progress,
+                on_event=progress.event if progress else None,
+                on_started=progress.started if progress else None,
             )
         )
     except QMPError as exc:
         data = {"status": "failed", "error-desc": str(exc)}
     except trio.TooSlowError:
         data = {"status": "failed", "error-desc": f"no result within {timeout:g} s"}
+    finally:
+        if progress is not None:
+            progress.close()
     ok = data.get("status") == "completed"
     if as_json:
         print(json.dumps(data, sort_keys=True))
