@@ -37,6 +37,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from functools import partial
 from pathlib import Path
 from typing import IO, Any, Final
 
@@ -458,6 +459,8 @@ class Daemon:
 def _bind(path: Path) -> socket.socket:
     """Bind and listen on `path` (mode 0660), creating its directory if missing. A stale
     socket left by a dead daemon is replaced; a live one is refused."""
+    if path.parent.exists() and not path.parent.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"{path.parent} is not a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_socket():
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -503,7 +506,8 @@ async def serve(
     *,
     task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve `host` on a Unix SEQPACKET socket at `socket_path` until cancelled.
+    """Serve `host` on a Unix SEQPACKET socket at `socket_path` until cancelled; the socket
+    is removed on the way out.
 
     Args:
         socket_path: where to listen; the directory is created if missing.
@@ -514,7 +518,16 @@ async def serve(
         OSError: the socket cannot be bound (EADDRINUSE if a live daemon serves it).
     """
     path = Path(socket_path)
-    listener = _bind(path)
+    await _serve_bound(path, _bind(path), host, task_status=task_status)
+
+
+async def _serve_bound(
+    path: Path,
+    listener: socket.socket,
+    host: Host,
+    *,
+    task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
+) -> None:
     inode = path.lstat().st_ino
     try:
         async with trio.open_nursery() as nursery:
@@ -540,10 +553,16 @@ async def run(
     out: IO[str] = sys.stdout,
 ) -> None:
     """`kvmstub serve`: serve until SIGTERM or SIGINT, print one ready line, remove the
-    socket on the way out."""
+    socket on the way out.
+
+    Raises:
+        OSError: the socket cannot be bound (raised as is, not in an exception group).
+    """
+    path = Path(socket_path)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        listener = _bind(path)  # before the nursery, so that a failure is a plain OSError
         async with trio.open_nursery() as nursery:
-            path = await nursery.start(serve, socket_path, host)
+            await nursery.start(partial(_serve_bound, path, listener, host))
             print(ready_line(path, host_info), file=out, flush=True)
             async for signum in signals:
                 log.info("kvmstub: %s, stopping", signal.Signals(signum).name)

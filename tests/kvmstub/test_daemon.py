@@ -219,7 +219,9 @@ def test_a_second_daemon_on_a_live_socket_is_refused_and_the_first_keeps_serving
         timeout=30,
     )
     assert second.returncode == 1
+    assert second.stderr.startswith("kvmstub: cannot serve ")
     assert "already serves" in second.stderr
+    assert "Traceback" not in second.stderr
     assert kvmstub_daemon.socket.is_socket()
     assert kvmstub_daemon.stats()["vms"] == []
 
@@ -292,6 +294,21 @@ async def test_statistics_bigger_than_a_datagram_arrive_whole_through_a_memfd(
     for stats in (await kvm.stats(), kvmstub_daemon.stats()):
         assert [len(vm["vcpus"]) for vm in stats["vms"]] == [1024] * 6
     assert quiet_fd_count(kvmstub_daemon) == baseline  # no memfd left behind
+
+
+def test_a_socket_that_cannot_be_made_is_one_clear_line(kvmstub_dir: Path) -> None:
+    blocker = kvmstub_dir / "file"
+    blocker.write_text("not a directory")
+    result = subprocess.run(
+        [sys.executable, "-m", "kvmstub.cli", "serve", "--socket", str(blocker / "kvm.sock")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"kvmstub: cannot serve {blocker / 'kvm.sock'}: {blocker} is not a directory"
+    ]
 
 
 def test_stats_command_without_a_daemon_says_so(kvmstub_dir: Path) -> None:
