@@ -261,6 +261,7 @@ def main() -> int:
     p.add_argument("-n", type=int, default=20, help="handoffs per configuration (default 20)")
     p.add_argument("--sweep", action="store_true", help="the whole sweep (see above)")
     p.add_argument("--quick", action="store_true", help="sweep with 5 handoffs, no 256 vCPUs")
+    p.add_argument("--slice-us", type=int, default=None, help="kvmstub's KVM_RUN slice")
     p.add_argument("--json", help="write the raw figures here")
     p.add_argument("--plot", help="write a PNG plot here (needs matplotlib)")
     args = p.parse_args()
@@ -275,7 +276,8 @@ def main() -> int:
         workdir = Path(d)
         kvm_sock = workdir / "kvm.sock"
         daemon = subprocess.Popen(
-            [sys.executable, "-m", "kvmstub.cli", "serve", "--socket", str(kvm_sock)],
+            [sys.executable, "-m", "kvmstub.cli", "serve", "--socket", str(kvm_sock)]
+            + (["--slice-us", str(args.slice_us)] if args.slice_us else []),
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
         )
