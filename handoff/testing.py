@@ -1,4 +1,27 @@
-"""Building blocks for two-process handoff tests: start a VMM, upgrade it, judge its guest.
+"""Building blocks for two-process handoff tests, and the pytest plugin that serves them.
+
+As a pytest plugin (registered under the `pytest11` entry point, so installing handoff is all it
+takes; async tests need pytest-trio) it provides these fixtures:
+
+- `kvmstub_daemon`: a fresh `kvmstub serve` for the test (`KvmstubDaemon`: `.socket`,
+  `.stats()`); stopped with SIGTERM afterwards, which must exit 0 and remove its socket.
+  `@pytest.mark.kvmstub_args("--sev-es-asids", "1")` passes daemon flags.
+  `kvmstub_factory(directory, *flags)` starts more; `kvmstub_dir` is a short private directory.
+- `vmm_factory(**kwargs)`: start a VM (`VmmProcess`: mode, vcpus, memory, ...) on that daemon;
+  every VMM of its chain is killed after the test.
+- `upgrade(vmm, *sets, exec_argv=None, expect="completed")`: one handoff to a successor
+  process, checked, with the old VMM gone afterwards; returns the HANDOFF result.
+- `serial_check(vmm, more=3, max_pause_us=None)`: wait for more serial lines, then assert the
+  guest is whole (every vCPU's seq contiguous from 0, no PANIC) and, if asked, that no pause
+  the guest itself reported exceeded a bound; returns the `SerialReport`.
+
+    async def test_my_upgrade_keeps_the_guest(vmm_factory, upgrade, serial_check):
+        vm = vmm_factory(mode="sev-es", vcpus=2)
+        for _ in range(3):
+            await upgrade(vm)
+        await serial_check(vm)
+
+Without pytest, the same pieces work by hand:
 
     vmm = VmmProcess(tmp_path, kvm_socket, mode="sev-es", vcpus=2)
     vmm.start()
@@ -6,8 +29,6 @@
     assert result["status"] == "completed"
     await vmm.wait_lines()
     assert vmm.report().problems(vmm.vcpus) == []
-
-Our own end-to-end tests use these; so can anyone who builds on handoff.
 """
 
 from __future__ import annotations
@@ -15,19 +36,25 @@ from __future__ import annotations
 import array
 import contextlib
 import os
+import selectors
+import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
-from .ops import upgrade
+from kvmstub import client
+
+from . import ops
 from .qmp_client import QMPClient
 from .seriallog import SerialReport, read_logs
 
@@ -108,7 +135,7 @@ class VmmProcess:
         for item in sets:
             if item.startswith("serial-log="):
                 self.serial_logs.append(item.partition("=")[2])
-        result = await upgrade(
+        result = await ops.upgrade(
             self.control, sets, exec_argv, timeout=timeout, copy_memory=copy_memory
         )
         pid = int(result.get("successor-pid", 0))
@@ -229,3 +256,217 @@ class NotifySocket:
         self.sock.close()
         with contextlib.suppress(OSError):
             os.unlink(self.path)
+
+
+# -- the kvmstub daemon ---------------------------------------------------------------------------
+
+_READY_TIMEOUT = 30.0
+_STOP_TIMEOUT = 15.0
+
+
+class KvmstubDaemon:
+    """A running `kvmstub serve` subprocess.
+
+    Attributes:
+        socket: the socket path to give `client.open_kvm`.
+        pid: the daemon's pid.
+        process: the subprocess.Popen.
+        ready_line: what it printed when ready.
+        log_path: its stderr.
+    """
+
+    def __init__(self, process: subprocess.Popen[str], socket: Path, ready_line: str) -> None:
+        self.process = process
+        self.pid = process.pid
+        self.socket = socket
+        self.ready_line = ready_line
+        self.log_path = socket.parent / "kvmstub.log"
+
+    def stats(self) -> dict[str, Any]:
+        """The daemon's statistics (`kvmstub stats --json`), read synchronously."""
+        return client.read_stats(self.socket)
+
+    def vm_ids(self) -> list[int]:
+        """Ids of the VMs alive in the daemon."""
+        return [vm["id"] for vm in self.stats()["vms"]]
+
+    def open_fds(self) -> int:
+        """How many fds the daemon process holds (for leak checks)."""
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Signal the daemon and wait for it; returns its exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            status = self.process.wait(_STOP_TIMEOUT)
+            if self.process.stdout is not None:
+                self.process.stdout.close()
+            return status
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError("kvmstub daemon did not stop on SIGTERM") from None
+
+
+def start_kvmstub_daemon(directory: Path, *flags: str) -> KvmstubDaemon:
+    """Run `python -m kvmstub.cli serve --socket <directory>/kvm.sock <flags>` and wait for
+    its ready line."""
+    sock = directory / "kvm.sock"
+    log = open(directory / "kvmstub.log", "w")  # noqa: SIM115 (the child owns it from here)
+    with log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "kvmstub.cli", "serve", "--socket", str(sock), *flags],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+    assert process.stdout is not None
+    deadline = time.monotonic() + _READY_TIMEOUT
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not selector.select(remaining):
+                process.kill()
+                process.wait()
+                raise AssertionError(f"kvmstub did not get ready in {_READY_TIMEOUT}s")
+            line = process.stdout.readline()
+            if line.startswith("kvmstub: ready "):
+                return KvmstubDaemon(process, sock, line.strip())
+            if not line:
+                process.wait()
+                text = (directory / "kvmstub.log").read_text(errors="replace")
+                raise AssertionError(f"kvmstub exited with {process.returncode}:\n{text}")
+
+
+def _stop_and_check(daemon: KvmstubDaemon) -> None:
+    was_running = daemon.alive()
+    status = daemon.stop()
+    if was_running:
+        assert status == 0, f"kvmstub exited with {status}:\n{daemon.log()}"
+        assert not daemon.socket.exists(), "kvmstub left its socket behind"
+
+
+# -- the pytest plugin ----------------------------------------------------------------------------
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "kvmstub_args(*flags): extra `kvmstub serve` flags for kvmstub_daemon"
+    )
+
+
+@pytest.fixture
+def kvmstub_dir() -> Iterator[Path]:
+    """A short private directory (a socket path must fit in 108 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="kvmstub-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def kvmstub_daemon(request: pytest.FixtureRequest, kvmstub_dir: Path) -> Iterator[KvmstubDaemon]:
+    """A fresh kvmstub daemon for one test; stopped with SIGTERM afterwards, which must
+    exit 0 and remove the socket."""
+    marker = request.node.get_closest_marker("kvmstub_args")
+    flags = [str(flag) for flag in marker.args] if marker else []
+    daemon = start_kvmstub_daemon(kvmstub_dir, *flags)
+    try:
+        yield daemon
+    finally:
+        _stop_and_check(daemon)
+
+
+@pytest.fixture
+def kvmstub_factory() -> Iterator[Callable[..., KvmstubDaemon]]:
+    """`start(directory, *flags)`: more daemons; each is stopped and checked afterwards."""
+    started: list[KvmstubDaemon] = []
+
+    def start(directory: Path, *flags: str) -> KvmstubDaemon:
+        daemon = start_kvmstub_daemon(directory, *flags)
+        started.append(daemon)
+        return daemon
+
+    try:
+        yield start
+    finally:
+        for daemon in started:
+            _stop_and_check(daemon)
+
+
+@pytest.fixture
+def vmm_factory(
+    tmp_path: Path, kvmstub_daemon: KvmstubDaemon
+) -> Iterator[Callable[..., VmmProcess]]:
+    """`make(**kwargs)`: start a VM on the test's kvmstub daemon (the `VmmProcess` arguments:
+    mode, vcpus, memory, line_every, flip_every, extra, env; name defaults to vm0, vm1, ...).
+    Every VMM of every chain is killed after the test."""
+    made: list[VmmProcess] = []
+
+    def make(**kwargs: Any) -> VmmProcess:
+        kwargs.setdefault("name", f"vm{len(made)}")
+        vmm = VmmProcess(tmp_path, kvmstub_daemon.socket, **kwargs)
+        made.append(vmm)
+        vmm.start()
+        return vmm
+
+    try:
+        yield make
+    finally:
+        for vmm in made:
+            vmm.kill_all()
+
+
+async def upgrade_checked(
+    vmm: VmmProcess,
+    *sets: str,
+    exec_argv: Sequence[str] | None = None,
+    expect: str = "completed",
+    timeout: float = 60,
+) -> dict[str, Any]:
+    """One handoff of `vmm` to a successor (`sets`: KEY=VALUE flag changes for it). Asserts the
+    outcome is `expect` ("completed" or "failed"); after a completed one, waits until the old
+    VMM has exited. Returns the final HANDOFF event's data plus "successor-pid"."""
+    result = await vmm.upgrade(sets, exec_argv, timeout=timeout)
+    assert result.get("status") == expect, f"handoff {result}; VMM log:\n{vmm.log()}"
+    if expect == "completed":
+        alive = await vmm.settle()
+        assert alive == [result["successor-pid"]], f"VMMs still alive: {alive}\n{vmm.log()}"
+    return result
+
+
+@pytest.fixture
+def upgrade() -> Callable[..., Awaitable[dict[str, Any]]]:
+    """`await upgrade(vmm, *sets, exec_argv=None, expect="completed")`: see `upgrade_checked`."""
+    return upgrade_checked
+
+
+async def serial_checked(
+    vmm: VmmProcess, more: int = 3, max_pause_us: int | None = None, timeout: float = 20
+) -> SerialReport:
+    """Wait until every vCPU printed `more` lines beyond what its log holds now, then assert
+    the guest is whole: every vCPU's seq contiguous from 0, no PANIC; with `max_pause_us`,
+    also that no gap the guest reported (its own view of every pause) exceeded it."""
+    report = await vmm.wait_lines(more, timeout)
+    problems = report.problems(vmm.vcpus)
+    assert problems == [], f"{problems}\nVMM log:\n{vmm.log()}"
+    if max_pause_us is not None:
+        worst = max((gap for lines in report.lines.values() for _, gap in lines), default=0)
+        assert worst <= max_pause_us, f"the guest saw a pause of {worst} us"
+    return report
+
+
+@pytest.fixture
+def serial_check() -> Callable[..., Awaitable[SerialReport]]:
+    """`await serial_check(vmm, more=3, max_pause_us=None)`: see `serial_checked`."""
+    return serial_checked

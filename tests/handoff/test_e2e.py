@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from handoff.testing import PROGRAM, VmmProcess
+from handoff.testing import PROGRAM, VmmProcess, serial_checked
 
 MODES = ["plain", "sev", "sev-es"]
 
@@ -26,24 +26,12 @@ def asids_used(stats: dict[str, Any]) -> int:
     return sum(int(v["used"]) for v in stats["asids"].values())
 
 
-@pytest.fixture
-def vmm_factory(tmp_path: Path, kvmstub_daemon: Any):  # type: ignore[no-untyped-def]
-    made: list[VmmProcess] = []
-
-    def make(**kwargs: Any) -> VmmProcess:
-        vmm = VmmProcess(tmp_path, kvmstub_daemon.socket, name=f"vm{len(made)}", **kwargs)
-        made.append(vmm)
-        vmm.start()
-        return vmm
-
-    yield make
-    for vmm in made:
-        vmm.kill_all()
+# `vmm_factory` (VMMs named vm0, vm1, ... on the test's kvmstub daemon, all killed afterwards)
+# comes from our pytest plugin, handoff.testing; so does the guest check below.
 
 
 async def assert_guest_whole(vmm: VmmProcess) -> None:
-    report = await vmm.wait_lines()
-    assert report.problems(vmm.vcpus) == [], vmm.log()
+    await serial_checked(vmm)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -231,7 +219,6 @@ async def test_peer_with_another_uid_is_refused_before_any_fd_crosses(
     # A target run by nobody: the source checks SO_PEERCRED before it sends anything.
     import subprocess
     import sys
-
     import tempfile
 
     sock_dir = Path(tempfile.mkdtemp(prefix="handoff-nobody-"))  # in /tmp: reachable by nobody
@@ -240,7 +227,8 @@ async def test_peer_with_another_uid_is_refused_before_any_fd_crosses(
     code = (
         "import os,socket,time\n"
         "os.setgid(65534); os.setuid(65534)\n"
-        f"s=socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET); s.bind({str(path)!r}); s.listen()\n"
+        "s=socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
+        f"s.bind({str(path)!r}); s.listen()\n"
         "c,_=s.accept(); c.settimeout(5)\n"
         "import array\n"
         "try:\n"

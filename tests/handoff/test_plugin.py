@@ -1,0 +1,42 @@
+"""handoff.testing as users meet it: an installed pytest plugin (entry point `pytest11`), used by a
+test file of their own with no conftest of ours in sight."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+USER_TESTS = """
+async def test_my_vmm_survives_upgrades(vmm_factory, upgrade, serial_check):
+    vm = vmm_factory(mode="sev-es", vcpus=2)
+    for _ in range(2):
+        result = await upgrade(vm)
+        assert result["protocol"] == 2
+    report = await serial_check(vm)
+    assert sorted(report.lines) == [0, 1]
+
+
+async def test_an_incompatible_successor_is_refused(vmm_factory, upgrade, serial_check):
+    vm = vmm_factory(mode="plain", vcpus=1)
+    result = await upgrade(vm, "vcpus=2", expect="failed")
+    assert "vcpus" in result["error-desc"]
+    await serial_check(vm)
+"""
+
+
+def test_the_plugin_is_registered_under_the_pytest11_entry_point() -> None:
+    plugins = {ep.name: ep.value for ep in entry_points(group="pytest11")}
+    assert plugins.get("handoff.testing") == "handoff.testing"
+
+
+def test_a_users_own_handoff_tests_run_on_the_plugin_fixtures_alone(tmp_path: Path) -> None:
+    (tmp_path / "pytest.ini").write_text("[pytest]\ntrio_mode = true\n")
+    (tmp_path / "test_mine.py").write_text(USER_TESTS)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 passed" in done.stdout
