@@ -8,15 +8,9 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
-USER_TESTS = """
-async def test_my_vmm_survives_upgrades(vmm_factory, upgrade, serial_check):
-    vm = vmm_factory(mode="sev-es", vcpus=2)
-    for _ in range(2):
-        result = await upgrade(vm)
-        assert result["protocol"] == 2
-    report = await serial_check(vm)
-    assert sorted(report.lines) == [0, 1]
+README = Path(__file__).resolve().parents[2] / "README.md"
 
+MORE_USER_TESTS = """
 
 async def test_an_incompatible_successor_is_refused(vmm_factory, upgrade, serial_check):
     vm = vmm_factory(mode="plain", vcpus=1)
@@ -26,6 +20,14 @@ async def test_an_incompatible_successor_is_refused(vmm_factory, upgrade, serial
 """
 
 
+def readme_example() -> str:
+    """The example test the README shows its readers (run here, so that it cannot rot)."""
+    text = README.read_text()
+    section = text[text.index("## Your own handoff tests") :]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start : section.index("```", start)]
+
+
 def test_the_plugin_is_registered_under_the_pytest11_entry_point() -> None:
     plugins = {ep.name: ep.value for ep in entry_points(group="pytest11")}
     assert plugins.get("handoff.testing") == "handoff.testing"
@@ -33,7 +35,9 @@ def test_the_plugin_is_registered_under_the_pytest11_entry_point() -> None:
 
 def test_a_users_own_handoff_tests_run_on_the_plugin_fixtures_alone(tmp_path: Path) -> None:
     (tmp_path / "pytest.ini").write_text("[pytest]\ntrio_mode = true\n")
-    (tmp_path / "test_mine.py").write_text(USER_TESTS)
+    example = readme_example()
+    assert len(example.strip().splitlines()) <= 10
+    (tmp_path / "test_mine.py").write_text(example + MORE_USER_TESTS)
     done = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
         cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
