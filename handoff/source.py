@@ -8,16 +8,22 @@ send `Commit`, wait for `Resumed`.
 Failure rules, applied in `_recover`:
 - before `Switchover` was sent: the guest never left; resume it (rollback).
 - after: first make sure the target can no longer act (SIGKILL through a pidfd taken when it
-  connected, then wait for it to be gone), then resume our own VM if it still holds the
-  context, else move the context back from the escrowed target VM into a fresh VM (reclaim).
+  connected, then wait for it to be gone; after `Commit` it is frozen first and spared if a
+  `Resumed` of its crossed our failure: then the guest runs there), then resume our own VM if
+  it still holds the context, else move the context back from the escrowed target VM into a
+  fresh VM (reclaim).
+- the whole blackout has one limit (--handoff-timeout): whatever stalls, the guest is taken
+  back when it has passed.
   Because the target sends `Resumed` before it lets a vCPU run, the registers we snapshotted
   at the pause are exact whenever we get the guest back.
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
 import logging
+import math
 import os
 import shutil
 import signal
@@ -37,6 +43,7 @@ from .peer import Peer
 
 if TYPE_CHECKING:
     from .app import App
+    from .record import HandoffRecord
 
 log = logging.getLogger("handoff.source")
 
@@ -70,17 +77,85 @@ def _pidfd(pid: int) -> int | None:
         return None
 
 
-async def _fence(pidfd: int | None, proc: subprocess.Popen[bytes] | None, pid: int) -> None:
-    """Make sure the target process is gone before we take the guest back."""
+async def _fence(
+    pidfd: int | None,
+    proc: subprocess.Popen[bytes] | None,
+    pid: int,
+    peer: Peer | None,
+    committed: bool,
+) -> bool:
+    """Make sure the target can no longer act before we take the guest back.
+
+    Returns True when it turns out that the target had already resumed the guest: then the guest
+    is its, and it is left running. After `Commit` the target may resume at any moment, sending
+    `Resumed` just before its first KVM_RUN; a SIGKILL then would kill the guest's only holder.
+    So a committed target is first frozen (SIGSTOP) and, once it is stopped, the connection is
+    searched for a `Resumed` that crossed our failure: none there means the guest never ran on
+    the target, and SIGKILL is safe.
+    """
     if pidfd is None:
         log.warning("target pid %d cannot be fenced (no pidfd); recovering anyway", pid)
-        return
+        return False
+    if committed:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            signal.pidfd_send_signal(pidfd, signal.SIGSTOP)
+        await _wait_stopped(pid)
+        if peer is not None and _resumed_queued(peer):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                signal.pidfd_send_signal(pidfd, signal.SIGCONT)
+            return True
     with contextlib.suppress(ProcessLookupError, PermissionError):
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
     with trio.move_on_after(5):
         await trio.lowlevel.wait_readable(pidfd)
     if proc is not None:
         await _wait_exit(proc, 1.0)
+    return False
+
+
+async def _wait_stopped(pid: int) -> None:
+    """Until every thread of `pid` is stopped (or the process is gone)."""
+    with trio.move_on_after(5):
+        while True:
+            try:
+                states = []
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                        states.append(f.read().rpartition(")")[2].split()[0])
+            except (OSError, IndexError):
+                return  # gone
+            if all(state in "TtZX" for state in states):
+                return
+            await trio.sleep(0.001)
+
+
+def _resumed_queued(peer: Peer) -> bool:
+    """Whether a `Resumed` waits unread on the connection (any fds that came along are
+    closed)."""
+    if peer.chan.closed:
+        return False
+    sock = socket.socket(fileno=os.dup(peer.chan.fileno()))
+    try:
+        while True:
+            try:
+                data, ancdata, _flags, _ = sock.recvmsg(
+                    256 * 1024,
+                    socket.CMSG_SPACE(253 * 4),
+                    socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC,
+                )
+            except OSError:
+                return False  # EAGAIN: nothing more; or the connection is gone
+            for level, kind, payload in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    for fd in array.array("i", payload[: len(payload) - len(payload) % 4]):
+                        os.close(fd)
+            if not data:
+                return False
+            with contextlib.suppress(protocol.ProtocolError):
+                if isinstance(protocol.decode(data), protocol.Resumed):
+                    return True
+    finally:
+        sock.close()
 
 
 async def _wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> bool:
@@ -110,7 +185,7 @@ async def hand_off(
     pidfd: int | None = None
     peer_pid = proc.pid if proc is not None else 0
     escrow: int | None = None
-    paused = switched = False
+    paused = switched = committed = False
     regs = None
     stream: socket.socket | None = None
     t_pause = 0.0
@@ -162,29 +237,40 @@ async def hand_off(
         requests0, messages0 = client.requests_made(), peer.messages
         if app.control is not None:
             app.control.stop_accepting()
-        await vmm.pause()
-        paused = True
-        rec.pause_seqs = dict(vmm.devices.serial.last_seq)
-        await app.faults.point("source", "paused", peer)
-        if vmm.cfg.mode != "sev-es":
-            regs = await vmm.get_all_regs()
-        devices = vmm.devices.snapshot()
-        rec.phase("pause")
-        assert vmm.vm is not None
-        await peer.send(messages.switchover_from(devices, regs), [vmm.vm.fileno()])
-        switched = True
-        if stream is not None:
-            await vmm.send_memory(stream)
-            stream.close()
-            stream = None
-        await app.faults.point("source", "switchover", peer)
-        await peer.receive(protocol.Moved)
-        await app.faults.point("source", "moved", peer)
-        rec.phase("switchover")
-        await peer.send(protocol.Commit())
-        await app.faults.point("source", "commit", peer)
-        rec.phase("commit")
-        await peer.receive(protocol.Resumed)
+        # One limit for the whole blackout, whatever step stalls (a hung target, or a stuck
+        # step of our own): past it the failure rules take the guest back. Copying memory
+        # (the --copy-memory baseline) takes as long as memory is large, so it has none.
+        limit = math.inf if copy_memory else flags.handoff_timeout
+        with trio.move_on_after(limit) as blackout:
+            paused = True  # (set first: a pause cut short by the deadline is undone too)
+            await vmm.pause()
+            rec.pause_seqs = dict(vmm.devices.serial.last_seq)
+            await app.faults.point("source", "paused", peer)
+            if vmm.cfg.mode != "sev-es":
+                regs = await vmm.get_all_regs()
+            devices = vmm.devices.snapshot()
+            rec.phase("pause")
+            assert vmm.vm is not None
+            await peer.send(messages.switchover_from(devices, regs), [vmm.vm.fileno()])
+            switched = True
+            if stream is not None:
+                await vmm.send_memory(stream)
+                stream.close()
+                stream = None
+            await app.faults.point("source", "switchover", peer)
+            await peer.receive(protocol.Moved)
+            await app.faults.point("source", "moved", peer)
+            rec.phase("switchover")
+            await peer.send(protocol.Commit())
+            committed = True
+            await app.faults.point("source", "commit", peer)
+            rec.phase("commit")
+            await peer.receive(protocol.Resumed)
+        if blackout.cancelled_caught:
+            raise HandoffTimeout(
+                f"the handoff did not finish within {limit:g} s of the pause "
+                "(--handoff-timeout); taking the guest back"
+            )
         # From here this process only tears down: let the target and kvmstub have the CPUs
         # while the guest's first slices run there (on a small host this is the pause tail).
         with contextlib.suppress(OSError):
@@ -197,21 +283,13 @@ async def hand_off(
         reason = str(exc) or type(exc).__name__
         if peer is not None:
             await peer.refuse("internal", reason)
-        recovery = await _recover(app, paused, switched, escrow, regs, pidfd, proc, peer_pid)
-        rec.finish("failed", reason, recovery)
-        logs.handoff_summary(log, flags.name, rec)
-        app.emit(
-            "HANDOFF",
-            {"id": rec.id, "status": "failed", "error-desc": reason, "recovery": recovery},
+        recovery = await _recover(
+            app, paused, switched, escrow, regs, pidfd, proc, peer_pid, peer, committed
         )
-        notify.notify(f"STATUS=handoff failed ({recovery}): guest running here")
-        _close(peer, escrow, pidfd)
-        if stream is not None:
-            stream.close()
-        if app.nursery is not None:
-            # Reaping may take a moment; the VMM is free for the next command meanwhile.
-            app.nursery.start_soon(_reap, proc, rec.workdir)
-        return False
+        if recovery == "committed":
+            log.warning("%s; but the target had already resumed the guest: it keeps it", reason)
+        else:
+            return await _failed(app, rec, reason, recovery, peer, escrow, pidfd, stream, proc)
 
     rec.finish("completed")
     logs.handoff_summary(log, flags.name, rec)
@@ -225,6 +303,33 @@ async def hand_off(
     return True
 
 
+async def _failed(
+    app: App,
+    rec: HandoffRecord,
+    reason: str,
+    recovery: str,
+    peer: Peer | None,
+    escrow: int | None,
+    pidfd: int | None,
+    stream: socket.socket | None,
+    proc: subprocess.Popen[bytes] | None,
+) -> bool:
+    rec.finish("failed", reason, recovery)
+    logs.handoff_summary(log, app.flags.name, rec)
+    app.emit(
+        "HANDOFF",
+        {"id": rec.id, "status": "failed", "error-desc": reason, "recovery": recovery},
+    )
+    notify.notify(f"STATUS=handoff failed ({recovery}): guest running here")
+    _close(peer, escrow, pidfd)
+    if stream is not None:
+        stream.close()
+    if app.nursery is not None:
+        # Reaping may take a moment; the VMM is free for the next command meanwhile.
+        app.nursery.start_soon(_reap, proc, rec.workdir)
+    return False
+
+
 async def _recover(
     app: App,
     paused: bool,
@@ -234,7 +339,11 @@ async def _recover(
     pidfd: int | None,
     proc: subprocess.Popen[bytes] | None,
     peer_pid: int,
+    peer: Peer | None,
+    committed: bool,
 ) -> str:
+    """Apply the failure rules; the recovery taken, or "committed" when the target turned out
+    to run the guest already (see `_fence`)."""
     vmm = app.vmm
     if not switched:
         if app.control is not None:
@@ -243,7 +352,8 @@ async def _recover(
             vmm.resume()
             return "rollback"
         return "none"
-    await _fence(pidfd, proc, peer_pid)
+    if await _fence(pidfd, proc, peer_pid, peer, committed):
+        return "committed"
     if await vmm.holds_context():
         recovery = "rollback"
     else:
