@@ -133,9 +133,7 @@ async def test_sigterm_stops_the_vm_cleanly_with_stopping(
 async def test_sigterm_during_a_handoff_stops_only_once_the_handoff_has_ended(
     tmp_path: Path, kvmstub_daemon: Any, notify_socket: NotifySocket
 ) -> None:
-    vmm = VmmProcess(
-        tmp_path, kvmstub_daemon.socket, env=notify_socket.env, extra=["--handoff-timeout", "1"]
-    )
+    vmm = VmmProcess(tmp_path, kvmstub_daemon.socket, env=notify_socket.env)
     vmm.start()
     try:
         pid = vmm.pids[0]
@@ -143,17 +141,24 @@ async def test_sigterm_during_a_handoff_stops_only_once_the_handoff_has_ended(
         results: list[dict[str, Any]] = []
 
         async def upgrade() -> None:
+            # The successor stops answering once it holds the paused guest's Switchover.
             results.append(await vmm.upgrade(["x-fault=target:switchover:hang"]))
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(upgrade)
-            with trio.fail_after(10):  # the guest is paused: the handoff is past its setup
+            with trio.fail_after(30):  # the guest is paused: the blackout has begun
                 while not any("guest paused" in t for t in notify_socket.from_pid(pid)):
                     await trio.sleep(0.005)
             os.kill(pid, signal.SIGTERM)
+            with trio.fail_after(10):
+                while "SIGTERM during a handoff: stopping once it has finished" not in vmm.log():
+                    await trio.sleep(0.01)
+            assert vmm.process is not None and vmm.process.poll() is None  # still there
+            # End the handoff: the successor dies; the source takes its guest back.
+            (successor,) = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            os.kill(int(successor), signal.SIGKILL)
         assert results[0]["status"] == "failed"
         assert results[0]["recovery"] in ("rollback", "reclaim")
-        assert vmm.process is not None
         with trio.fail_after(10):
             while vmm.process.poll() is None:
                 await trio.sleep(0.02)
