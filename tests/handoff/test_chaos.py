@@ -1,0 +1,176 @@
+"""Chaos at CI size, and hung peers: no fault at any step, and no peer that stops answering,
+loses the guest or holds it paused beyond the configured limit.
+
+`tools/chaos.py --quick` runs here (every fault action, every step of both roles, the three
+modes, two seeded SIGKILLs); `python tools/chaos.py` runs the full matrix.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from handoff.faults import ACTIONS, STEPS
+from handoff.qmp_client import QMPClient
+from handoff.testing import VmmProcess
+
+ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT = 1.0  # --handoff-timeout of the hung-peer tests, in seconds
+# What recovery may add to the limit: fencing (SIGKILL, wait for the exit), moving the context
+# back, resuming. A property of the code path, far below any multiple of the limit.
+MARGIN_S = 4.0
+
+
+def load_chaos() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("chaos", ROOT / "tools" / "chaos.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["chaos"] = module  # dataclasses look their module up while being built
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_matrix_covers_every_action_every_step_and_every_mode() -> None:
+    chaos = load_chaos()
+    cases = chaos.quick_cases(seed=1)
+    faults = [c for c in cases if c.action != "sigkill"]
+    assert {c.action for c in faults} == set(ACTIONS)
+    for role in ("source", "target"):
+        assert {c.step for c in faults if c.role == role} == set(STEPS[role])
+    assert {c.mode for c in cases} == {"plain", "sev", "sev-es"}
+    assert {c.role for c in cases if c.action == "sigkill"} == {"source", "target"}
+
+
+def test_full_matrix_is_every_mode_step_and_action() -> None:
+    chaos = load_chaos()
+    cases = chaos.fault_cases(chaos.MODES)
+    assert len(cases) == 3 * sum(len(s) for s in STEPS.values()) * len(ACTIONS)
+    assert len(set(cases)) == len(cases)
+    kills = chaos.kill_cases(chaos.MODES, 4, seed=3)
+    assert kills == chaos.kill_cases(chaos.MODES, 4, seed=3)  # seeded: reproducible
+
+
+def test_quick_chaos_loses_no_guest_and_leaks_nothing() -> None:
+    chaos = load_chaos()
+    outcomes = chaos.run_cases(chaos.quick_cases(seed=1), jobs=2, timeout=3.0)
+    print(chaos.table(outcomes))
+    bad = [
+        (o.case.label, o.verdict, o.problems, o.leaks)
+        for o in outcomes
+        if o.verdict not in ("survived", "holder-died") or o.leaks
+    ]
+    assert bad == []
+    # Every recovery path of the design was taken at least once.
+    paths = {o.recovery for o in outcomes if o.verdict == "survived"}
+    assert {"committed", "rollback", "reclaim", "takeover"} <= paths
+
+
+# --- hung peers -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def vmms(tmp_path: Path, kvmstub_daemon: Any) -> Iterator[Callable[..., VmmProcess]]:
+    made: list[VmmProcess] = []
+
+    def make(**kwargs: Any) -> VmmProcess:
+        vmm = VmmProcess(
+            tmp_path, kvmstub_daemon.socket, name=f"h{len(made)}",
+            extra=["--handoff-timeout", f"{TIMEOUT:g}"], **kwargs,
+        )  # fmt: skip
+        made.append(vmm)
+        vmm.start()
+        return vmm
+
+    yield make
+    for vmm in made:
+        vmm.kill_all()
+
+
+def start_target(vmm: VmmProcess, *flags: str) -> tuple[subprocess.Popen[bytes], str]:
+    """A `handoff run --incoming` for `vmm`'s guest, started by us and listening before the
+    handoff begins (so the short --handoff-timeout measures the handoff, not a start-up)."""
+    path = str(vmm.dir / "in" / f"{vmm.name}.sock")
+    with open(vmm.log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [*vmm.argv, "--incoming", f"unix:{path}", *flags], stdout=log, stderr=log
+        )
+    vmm.pids.append(proc.pid)
+    deadline = time.monotonic() + 30
+    while not os.path.exists(path):
+        assert proc.poll() is None and time.monotonic() < deadline, vmm.log()
+        time.sleep(0.01)
+    return proc, path
+
+
+async def hand_off(vmm: VmmProcess, path: str) -> dict[str, Any]:
+    """QMP `handoff` to a listening target; the final HANDOFF event's data."""
+    async with await QMPClient.connect(vmm.control) as qmp:
+        await qmp.execute("handoff", {"uri": f"unix:{path}"})
+        while True:
+            data = dict((await qmp.next_event("HANDOFF")).data)
+            if data["status"] in ("completed", "failed"):
+                return data
+
+
+async def pause_seen_by_guest(vmm: VmmProcess) -> int:
+    """The largest gap_us the guest reported in its first lines after the handoff's pause."""
+    record = await vmm.qmp("query-handoff")
+    at_pause = dict(enumerate(record["pause-seqs"]))
+    report = await vmm.wait_lines(more=3)
+    assert report.problems(vmm.vcpus) == [], vmm.log()
+    gap = report.max_gap_after(at_pause, lines=1)
+    assert gap is not None
+    return gap
+
+
+@pytest.mark.parametrize(
+    ("mode", "step"),
+    [("plain", "switchover"), ("sev", "moved"), ("sev-es", "moved"), ("sev-es", "commit")],
+)
+async def test_hung_target_is_fenced_and_cannot_hold_the_guest_paused_beyond_the_limit(
+    vmms: Callable[..., VmmProcess], kvmstub_daemon: Any, mode: str, step: str
+) -> None:
+    vmm = vmms(mode=mode, vcpus=2)
+    await vmm.wait_lines()
+    pid = await vmm.pid()
+    target, path = start_target(vmm, "--x-fault", f"target:{step}:hang")
+    result = await hand_off(vmm, path)
+    assert result["status"] == "failed", vmm.log()
+    assert "within 1 s" in result["error-desc"]
+    # sev, sev-es: after Moved the context is in the target's VM and comes back from escrow.
+    assert result["recovery"] == ("reclaim" if step != "switchover" and mode != "plain" else
+                                  "rollback")  # fmt: skip
+    assert await vmm.pid() == pid
+    # Fenced: the hung target was killed, not left holding our escrowed VM.
+    assert target.wait(5) == -signal.SIGKILL
+    assert await pause_seen_by_guest(vmm) < (TIMEOUT + MARGIN_S) * 1e6
+    stats = kvmstub_daemon.stats()
+    assert len([vm for vm in stats["vms"] if not vm["dead"] and vm["vcpus"]]) == 1
+
+
+@pytest.mark.parametrize("step", ["paused", "moved"])
+async def test_source_stuck_in_its_own_blackout_takes_the_guest_back_at_the_limit(
+    vmms: Callable[..., VmmProcess], step: str
+) -> None:
+    vmm = vmms(mode="sev-es", vcpus=2)
+    await vmm.wait_lines()
+    pid = await vmm.pid()
+    await vmm.qmp("x-set-fault", spec=f"source:{step}:hang")
+    target, path = start_target(vmm)
+    result = await hand_off(vmm, path)
+    assert result["status"] == "failed", vmm.log()
+    assert result["recovery"] == ("rollback" if step == "paused" else "reclaim")
+    assert await vmm.pid() == pid
+    assert await pause_seen_by_guest(vmm) < (TIMEOUT + MARGIN_S) * 1e6
+    # The target gave up on its own (a source that is alive keeps the guest) or was fenced.
+    assert target.wait(10) != 0
