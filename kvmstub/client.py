@@ -26,6 +26,7 @@ from __future__ import annotations
 import array
 import errno
 import itertools
+import mmap
 import os
 import socket
 from types import TracebackType
@@ -295,7 +296,18 @@ class Vm(_KvmFile):
         """KVM_CREATE_VCPU."""
         request = wire.CreateVcpu(self._next_id(), vcpu_id)
         _, fds = await self._call(request, wire.NewObject)
-        return Vcpu(_socket_from(fds, "KVM_CREATE_VCPU"))
+        # The vCPU fd and its kvm_run page (what mmap of a vCPU fd gives in KVM).
+        if len(fds) != 2:
+            _close_all(fds)
+            raise OSError(errno.EPROTO, f"kvmstub: KVM_CREATE_VCPU reply carried {len(fds)} fds")
+        try:
+            page = mmap.mmap(fds[1], KvmRun.SIZE)  # the mapping keeps the page alive
+        except OSError:
+            os.close(fds[0])
+            raise
+        finally:
+            os.close(fds[1])
+        return Vcpu(socket.socket(fileno=fds[0]), KvmRun(page))
 
     async def set_user_memory_region(
         self,
@@ -374,6 +386,33 @@ def _is_open(fd: int) -> bool:
     return True
 
 
+class KvmRun:
+    """The vCPU's shared kvm_run page. Only `immediate_exit` is modelled: set it and a KVM_RUN
+    in flight leaves the guest at its next step with KVM_EXIT_INTR (as a signal would make it),
+    and every KVM_RUN after it only completes the pending exit and fails with EINTR, until it
+    is cleared. That is how a VMM pauses its vCPUs without waiting for their slices."""
+
+    SIZE = 4096
+    _IMMEDIATE_EXIT = 1  # struct kvm_run: request_interrupt_window u8, immediate_exit u8
+
+    def __init__(self, page: mmap.mmap) -> None:
+        self._page: mmap.mmap | None = page
+
+    @property
+    def immediate_exit(self) -> bool:
+        return self._page is not None and self._page[self._IMMEDIATE_EXIT] != 0
+
+    @immediate_exit.setter
+    def immediate_exit(self, value: bool) -> None:
+        if self._page is not None:
+            self._page[self._IMMEDIATE_EXIT] = 1 if value else 0
+
+    def close(self) -> None:
+        if self._page is not None:
+            self._page.close()
+            self._page = None
+
+
 class Vcpu(_KvmFile):
     """A vCPU fd.
 
@@ -385,10 +424,15 @@ class Vcpu(_KvmFile):
 
     _kind = "vcpu"
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, kvm_run: KvmRun | None = None) -> None:
         super().__init__(sock)
         self._io_data: bytes | None = None
         self._hypercall_ret: int | None = None
+        self.kvm_run = kvm_run or KvmRun(mmap.mmap(-1, KvmRun.SIZE))
+
+    def close(self) -> None:
+        super().close()
+        self.kvm_run.close()
 
     def complete_io(self, data: bytes) -> None:
         """The bytes of the IN the last exit asked for (kvm_run's io data page)."""

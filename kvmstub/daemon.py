@@ -26,7 +26,9 @@ from __future__ import annotations
 import array
 import contextlib
 import errno
+import fcntl
 import logging
+import mmap
 import os
 import select
 import signal
@@ -87,6 +89,10 @@ class _End:
     vm: Vm | None = None  # the VM (for a vCPU end: its VM, for the gate)
     vcpu: Vcpu | None = None
     key: tuple[int, int] | None = None  # (st_dev, st_ino) of the client end, for VM ends
+    # A vCPU's kvm_run page, shared with its client (mmap of the vCPU fd in KVM): the VMM
+    # writes immediate_exit there without a system call; we read it at KVM_RUN entry and
+    # between guest steps.
+    run_page: mmap.mmap | None = None
 
 
 def _error(request_id: int, err: int, message: str, fw_error: int | None = None) -> wire.Error:
@@ -95,6 +101,25 @@ def _error(request_id: int, err: int, message: str, fw_error: int | None = None)
     if fw_error is not None and not 0 <= fw_error <= wire.U32_MAX:
         fw_error = None
     return wire.Error(request_id, err, message[:_MAX_MESSAGE], fw_error)
+
+
+# struct kvm_run: request_interrupt_window (u8) at 0, immediate_exit (u8) at 1.
+RUN_PAGE_SIZE = 4096
+_IMMEDIATE_EXIT = 1
+
+
+def _run_page() -> tuple[int, mmap.mmap]:
+    """A vCPU's kvm_run page: a sealed one-page memfd, mapped here and handed to the client."""
+    fd = os.memfd_create("kvm_run", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, RUN_PAGE_SIZE)
+        seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+        page = mmap.mmap(fd, RUN_PAGE_SIZE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, page
 
 
 def _close_fds(fds: list[int]) -> None:
@@ -202,14 +227,17 @@ class Daemon:
                         while not _hung_up(sock):
                             await trio.sleep(_HANGUP_POLL_SECONDS)
                     return
-                reply, new_end = self._handle(end, view[:nbytes], ancdata, msg_flags)
-                await self._send(sock, reply, new_end)
+                reply, handout = self._handle(end, view[:nbytes], ancdata, msg_flags)
+                await self._send(sock, reply, handout)
         finally:
             self._release(end)
 
     def _release(self, end: _End) -> None:
         """The client end's last copy is closed (or we are shutting down): drop the fd."""
         end.sock.close()
+        if end.run_page is not None:
+            end.run_page.close()
+            end.run_page = None
         if end.key is not None:
             self._vms.pop(end.key, None)
         obj = end.vcpu if end.kind is Kind.VCPU else end.vm
@@ -221,22 +249,23 @@ class Daemon:
             log.exception("releasing a %s raised; carrying on", end.kind.value)
 
     async def _send(
-        self, sock: socket.socket, reply: wire.Reply, new_end: socket.socket | None
+        self, sock: socket.socket, reply: wire.Reply, handout: list[int] | None
     ) -> None:
+        """Send one reply, with the fds of a new object (`handout`, closed here after)."""
         data = self._encode(reply)
-        attached = None if new_end is None else new_end.fileno()
+        attached = handout
         spilled = None
         if len(data) > wire.MAX_DATAGRAM:
             spilled = _spill(data)
             data = wire.encode(wire.Spilled(reply.id))
-            attached = spilled
+            attached = [spilled]
         try:
             while True:
                 try:
                     if attached is None:
                         sock.send(data, socket.MSG_NOSIGNAL)
                     else:
-                        fds = array.array("i", [attached])
+                        fds = array.array("i", attached)
                         sock.sendmsg(
                             [data],
                             [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)],
@@ -251,9 +280,9 @@ class Daemon:
                     log.debug("reply not delivered: %s", e)
                     return
         finally:
-            if new_end is not None:
-                # Our copy of the client end: once it is closed, only the client holds it.
-                new_end.close()
+            if handout is not None:
+                # Our copies of the new fds: once closed, only the client holds them.
+                _close_fds(handout)
             if spilled is not None:
                 os.close(spilled)
 
@@ -276,7 +305,7 @@ class Daemon:
         data: memoryview,
         ancdata: list[tuple[int, int, bytes]],
         msg_flags: int,
-    ) -> tuple[wire.Reply, socket.socket | None]:
+    ) -> tuple[wire.Reply, list[int] | None]:
         """Answer one datagram. Every fd that came with it is closed before returning."""
         pid, fds = _parse_ancillary(ancdata)
         try:
@@ -286,7 +315,7 @@ class Daemon:
 
     def _handle_request(
         self, end: _End, data: memoryview, pid: int | None, fds: list[int], msg_flags: int
-    ) -> tuple[wire.Reply, socket.socket | None]:
+    ) -> tuple[wire.Reply, list[int] | None]:
         if pid is None:
             # Cannot happen with SO_PASSCRED set before the end was handed out.
             return _error(wire.request_id_of(data), errno.EPERM, "kvmstub: no credentials"), None
@@ -342,7 +371,7 @@ class Daemon:
 
     def _dispatch(
         self, end: _End, request: wire.Request, pid: int, fds: list[int]
-    ) -> tuple[wire.Reply, socket.socket | None]:
+    ) -> tuple[wire.Reply, list[int] | None]:
         host = self._host
         rid = request.id
         vcpu = end.vcpu
@@ -351,11 +380,14 @@ class Daemon:
         match request:
             case wire.Run():
                 assert vcpu is not None
+                page = end.run_page
+                kicked = None if page is None else (lambda: page[_IMMEDIATE_EXIT] != 0)
                 exit_ = vcpu.run(
                     pid,
-                    immediate_exit=request.immediate_exit,
+                    immediate_exit=request.immediate_exit or (kicked is not None and kicked()),
                     io_data=request.io_data,
                     hypercall_ret=request.hypercall_ret,
+                    interrupted=kicked,
                 )
                 return wire.RunReply(rid, exit_), None
             case wire.GetApiVersion():
@@ -429,7 +461,7 @@ class Daemon:
 
     def _hand_out(
         self, rid: int, vm: Vm, vcpu: Vcpu | None, undo: Callable[[], None]
-    ) -> tuple[wire.Reply, socket.socket | None]:
+    ) -> tuple[wire.Reply, list[int] | None]:
         """Make the socketpair for a new VM (vcpu None) or vCPU and start serving it.
         `undo` drops the model's reference if the fd cannot be made."""
         try:
@@ -447,10 +479,20 @@ class Daemon:
             end = _End(ours, Kind.VM, vm=vm, key=key)
         else:
             end = _End(ours, Kind.VCPU, vm=vm, vcpu=vcpu)
+        handout = [theirs.detach()]
+        if vcpu is not None:
+            try:
+                run_fd, end.run_page = _run_page()
+            except OSError:
+                ours.close()
+                _close_fds(handout)
+                undo()
+                raise
+            handout.append(run_fd)
         # From here the object's life is its fd's: if the reply never reaches the client,
-        # closing `theirs` after the send makes our end hang up, which releases it.
+        # closing our copy of its end after the send makes our end hang up (release).
         self._nursery.start_soon(self._serve_end, end)
-        return wire.NewObject(rid, "vm" if vcpu is None else "vcpu"), theirs
+        return wire.NewObject(rid, "vm" if vcpu is None else "vcpu"), handout
 
 
 # --- the listening socket -------------------------------------------------------------------

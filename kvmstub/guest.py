@@ -238,6 +238,7 @@ def run_slice(
     budget_ns: int,
     clock: Callable[[], int],
     exit_hypercall: bool,
+    interrupted: Callable[[], bool] | None = None,
 ) -> tuple[Regs, RunExit, int]:
     """Run the guest from `regs` until it exits to the VMM or the slice is spent.
 
@@ -249,6 +250,8 @@ def run_slice(
         clock: monotonic nanoseconds; the guest measures its own pauses with it.
         exit_hypercall: KVM_CAP_EXIT_HYPERCALL enables MAP_GPA_RANGE exits; without it the
             hypercall returns -KVM_ENOSYS and the guest keeps the page as it is.
+        interrupted: checked between steps; when it says True the slice ends at once with
+            KVM_EXIT_INTR (the stand-in for a signal kicking the vCPU thread out of the guest).
 
     Returns:
         (new registers, the exit, steps run). The exit is KVM_EXIT_IO or
@@ -308,7 +311,11 @@ def run_slice(
         while True:
             if pc == RIP_STEP:
                 t = clock()
-                if steps and (t - now_ns >= budget_ns or steps >= MAX_STEPS_PER_SLICE):
+                if steps and (
+                    t - now_ns >= budget_ns
+                    or steps >= MAX_STEPS_PER_SLICE
+                    or (interrupted is not None and interrupted())
+                ):
                     break
                 page = read_page(jgpa, True)
                 if page != record(JOURNAL_MAGIC, vcpu, step, head) + _JOURNAL_TAIL:

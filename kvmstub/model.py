@@ -666,8 +666,12 @@ class Vcpu:
         immediate_exit: bool = False,
         io_data: bytes | None = None,
         hypercall_ret: int | None = None,
+        interrupted: Callable[[], bool] | None = None,
     ) -> RunExit:
-        """KVM_RUN: complete the pending exit, then run the guest for one slice."""
+        """KVM_RUN: complete the pending exit, then run the guest for one slice.
+
+        `interrupted` stands for a signal sent to the vCPU thread: checked between guest
+        steps, it ends the slice early with KVM_EXIT_INTR (the VMM's kick)."""
         self._gate(mm, "KVM_RUN")
         vm = self.vm
         host = vm.host
@@ -694,6 +698,7 @@ class Vcpu:
             budget_ns=host.slice_ns,
             clock=host.clock,
             exit_hypercall=exit_hypercall,
+            interrupted=interrupted,
         )
         self._set_live_regs(regs)
         self.steps += steps

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import time
 from typing import Any
 
 import pytest
@@ -262,6 +263,54 @@ async def test_immediate_exit_raises_eintr_after_taking_the_pending_completion(
     assert regs.rax == g.doorbell_sum
     await g.run_until(uapi.KVM_EXIT_IO)
     assert b"PANIC" not in g.serial
+
+
+async def test_immediate_exit_in_the_kvm_run_page_acts_like_the_flag(
+    kvmstub_daemon: KvmstubDaemon,
+) -> None:
+    kvm = await open_kvm(kvmstub_daemon)
+    g = await PlainGuest.boot(kvm, guest.GuestParams(vcpus=1, line_every=2, flip_every=10**9))
+    while True:
+        exit_ = await g.run_until(uapi.KVM_EXIT_IO)
+        assert exit_.io is not None
+        if exit_.io.port == uapi.DOORBELL_IN_PORT:
+            break
+    g.vcpu.kvm_run.immediate_exit = True  # written in shared memory, no request
+    for _ in range(3):  # every KVM_RUN until it is cleared
+        with pytest.raises(InterruptedError):
+            await g.vcpu.run()
+    regs = await g.vcpu.get_regs()
+    assert regs.rip == guest.RIP_DOORBELL_CHECK  # the IN completed once, the guest did not run
+    assert regs.rax == g.doorbell_sum
+    g.vcpu.kvm_run.immediate_exit = False
+    await g.run_until(uapi.KVM_EXIT_IO)
+    assert b"PANIC" not in g.serial
+
+
+@pytest.mark.kvmstub_args("--slice-us", "1000000")  # a 1 s slice
+async def test_a_kick_ends_a_slice_in_flight_at_the_next_guest_step(
+    kvmstub_daemon: KvmstubDaemon,
+) -> None:
+    kvm = await open_kvm(kvmstub_daemon)
+    params = guest.GuestParams(vcpus=1, line_every=10**6, flip_every=10**6)
+    g = await PlainGuest.boot(kvm, params)
+    exits: list[uapi.RunExit] = []
+    started = time.monotonic_ns()
+
+    async def run_once() -> None:
+        exits.append(await g.vcpu.run())
+
+    with trio.fail_after(20):  # a hang guard, not a speed figure
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_once)
+            await trio.sleep(0.2)  # the run is in flight inside the daemon's long slice
+            g.vcpu.kvm_run.immediate_exit = True
+    assert [e.exit_reason for e in exits] == [uapi.KVM_EXIT_INTR]
+    g.vcpu.kvm_run.immediate_exit = False
+    # The guest's own clock (rbp: the time of its last step) says the slice stopped before
+    # its 1 s budget ran out: the kick, not the budget, ended it.
+    last_step = (await g.vcpu.get_regs()).rbp
+    assert started < last_step < started + 1_000_000_000
 
 
 # --- one fd, many tasks --------------------------------------------------------------------
