@@ -111,7 +111,12 @@ class VcpuRunner:
                 except OSError as exc:
                     if exc.errno == errno.EIO:
                         raise ContextLost(str(exc)) from exc
-                    raise
+                    if exc.errno != errno.EINTR:
+                        raise
+                    # Kicked before entering (immediate_exit in kvm_run): the pending
+                    # completion was delivered and the guest did not run.
+                    self.pending = False
+                    continue
                 self.pending = False
                 if not self._serve(exit_):
                     return
@@ -293,11 +298,18 @@ class Vmm:
             nursery.start_soon(runner.loop, self.gate)
 
     async def pause(self) -> None:
+        """Park every vCPU at a clean point. The kick (immediate_exit in each kvm_run page,
+        a memory write) ends a slice in flight at its next guest step and turns KVM_RUNs
+        still queued into mere completions, so the pause does not wait out whole slices."""
+        for vcpu in self.vcpus:
+            vcpu.kvm_run.immediate_exit = True
         await self.gate.pause()
         if self.status == "running":
             self.status = "paused"
 
     def resume(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.kvm_run.immediate_exit = False
         self.gate.resume()
         self.status = "running"
 
