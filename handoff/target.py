@@ -112,6 +112,22 @@ async def _wait_source_dead(pidfd: int | None, timeout: float) -> bool:
     return False
 
 
+def _check_control(fd: int) -> str | None:
+    """Describe's last fd must be the VM's listening QMP socket (we serve it after the resume)."""
+    if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+        return "Describe's last fd is not the listening control socket (not a socket at all)"
+    probe = socket.socket(fileno=os.dup(fd))
+    try:
+        kind = probe.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+        listening = probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        family = probe.family
+    finally:
+        probe.close()
+    if family != socket.AF_UNIX or kind != socket.SOCK_STREAM or not listening:
+        return "Describe's last fd is not the listening control socket (a Unix stream listener)"
+    return None
+
+
 def _check_memfds(fds: OwnedFds, cfg: GuestConfig) -> str | None:
     """Each slot's fd must be a regular file (a memfd) at least as long as the slot."""
     for fd, layout in zip(fds, cfg.slots(), strict=True):
@@ -186,7 +202,9 @@ async def _receive(app: App, chan: Channel, nursery: trio.Nursery) -> bool:
                 raise Refused(reason)
             control_fd = fds.pop()
             try:
-                problem = None if describe.copy_memory else _check_memfds(fds, app.cfg)
+                problem = _check_control(control_fd) or (
+                    None if describe.copy_memory else _check_memfds(fds, app.cfg)
+                )
                 if problem:
                     await peer.refuse("incompatible", problem + "; the source keeps running")
                     raise Refused(problem)
