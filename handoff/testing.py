@@ -95,7 +95,7 @@ class VmmProcess:
             *PROGRAM, "run", "--name", name, "--mode", mode, "--vcpus", str(vcpus),
             "--memory", memory, "--kvm", self.kvm_socket, "--control", self.control,
             "--serial-log", self.serial_logs[0], "--line-every", str(line_every),
-            "--flip-every", str(flip_every), "--handoff-timeout", "5", *extra,
+            "--flip-every", str(flip_every), "--handoff-timeout", "15", *extra,
         ]  # fmt: skip
         self.process: subprocess.Popen[bytes] | None = None
         self.pids: list[int] = []
