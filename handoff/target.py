@@ -265,7 +265,7 @@ async def _receive(app: App, chan: Channel, nursery: trio.Nursery) -> bool:
         await peer.receive(protocol.Commit)
         await app.faults.point("target", "commit", peer)
         rec.phase("commit")
-    except (PeerGoneError, HandoffTimeout, PeerFailed, TransportError, OSError) as exc:
+    except (PeerGoneError, HandoffTimeout, PeerFailed, Refused, TransportError, OSError) as exc:
         # The source is gone or silent after Switchover. Take over only if it is dead.
         if isinstance(exc, OSError) and not moved:
             log.error("could not take the guest (%s); the source keeps it", exc)
@@ -302,7 +302,18 @@ async def _receive(app: App, chan: Channel, nursery: trio.Nursery) -> bool:
                 )
             )
         except (HandoffError, OSError) as exc:
-            log.warning("could not send Resumed (%s); running the guest anyway", exc)
+            # Resumed must come before the first KVM_RUN: a source that did not get it takes
+            # the guest back. So run it only if the source is dead (then nobody else will).
+            if not await _wait_source_dead(pidfd, 1.0):
+                log.error(
+                    "could not send Resumed (%s) and the source is alive: it takes the guest "
+                    "back; stepping aside",
+                    exc,
+                )
+                _drop(app, peer, source_vm, pidfd)
+                return False
+            log.warning("could not send Resumed (%s), but the source is dead: taking over", exc)
+            takeover = True
         await app.faults.point("target", "resumed", peer)
     rec.requests_in_pause = client.requests_made() - requests0
     rec.messages_in_pause = peer.messages - messages0
