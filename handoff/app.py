@@ -127,7 +127,9 @@ class App:
         finally:
             # Inside trio: closing kvmstub fds wakes tasks that may still wait on them.
             self.cleanup(
-                remove_control=self.record.status != "completed" or self.record.role != "source"
+                # Only the process serving the control socket removes it: not a source that
+                # handed it on, nor a target that never took it over (the source still serves).
+                remove_control=(self.record.role == "target") == (self.record.status == "completed")
             )
 
     async def _main(self, incoming: str | None) -> int:
