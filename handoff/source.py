@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("handoff.source")
 
+SETUP_TIMEOUTS = 4  # the setup (connect .. Prepared) may take this many --handoff-timeouts
+
 
 async def _connect(path: str, proc: subprocess.Popen[bytes] | None, timeout: float) -> Channel:
     """Connect to the target's handoff socket, waiting for a just-spawned successor to listen."""
@@ -81,7 +83,7 @@ async def _fence(
     pidfd: int | None,
     proc: subprocess.Popen[bytes] | None,
     pid: int,
-    peer: Peer | None,
+    watch: int | None,
     committed: bool,
 ) -> bool:
     """Make sure the target can no longer act before we take the guest back.
@@ -100,7 +102,7 @@ async def _fence(
         with contextlib.suppress(ProcessLookupError, PermissionError):
             signal.pidfd_send_signal(pidfd, signal.SIGSTOP)
         await _wait_stopped(pid)
-        if peer is not None and _resumed_queued(peer):
+        if watch is not None and _resumed_queued(watch):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 signal.pidfd_send_signal(pidfd, signal.SIGCONT)
             return True
@@ -129,12 +131,10 @@ async def _wait_stopped(pid: int) -> None:
             await trio.sleep(0.001)
 
 
-def _resumed_queued(peer: Peer) -> bool:
-    """Whether a `Resumed` waits unread on the connection (any fds that came along are
-    closed)."""
-    if peer.chan.closed:
-        return False
-    sock = socket.socket(fileno=os.dup(peer.chan.fileno()))
+def _resumed_queued(watch: int) -> bool:
+    """Whether a `Resumed` waits unread on the connection (`watch`: a dup of its socket; any
+    fds that came along are closed)."""
+    sock = socket.socket(fileno=os.dup(watch))
     try:
         while True:
             try:
@@ -185,51 +185,63 @@ async def hand_off(
     pidfd: int | None = None
     peer_pid = proc.pid if proc is not None else 0
     escrow: int | None = None
+    watch: int | None = None
     paused = switched = committed = False
     regs = None
     stream: socket.socket | None = None
     t_pause = 0.0
     try:
-        chan = await _connect(path, proc, flags.handoff_timeout)
-        try:
-            creds = chan.check_peer(flags.allowed_uids())
-        except CredentialsRefused:
-            chan.close()
-            raise
-        peer_pid = creds.pid
-        rec.peer_pid = creds.pid
-        pidfd = _pidfd(creds.pid)
-        conn = protocol.HandoffConnection(protocol.Role.SOURCE, max_version=flags.max_protocol)
-        peer = Peer(chan, conn, flags.handoff_timeout)
-        rec.phase("connect")
+        # The setup has a limit too (each wait for the target has one; this also bounds a
+        # stuck step of our own, which would hold the target's VM in escrow for ever).
+        setup_limit = SETUP_TIMEOUTS * flags.handoff_timeout
+        with trio.move_on_after(setup_limit) as setup:
+            chan = await _connect(path, proc, flags.handoff_timeout)
+            watch = os.dup(chan.fileno())  # to find a late Resumed even if `chan` is closed
+            try:
+                creds = chan.check_peer(flags.allowed_uids())
+            except CredentialsRefused:
+                chan.close()
+                raise
+            peer_pid = creds.pid
+            rec.peer_pid = creds.pid
+            pidfd = _pidfd(creds.pid)
+            conn = protocol.HandoffConnection(protocol.Role.SOURCE, max_version=flags.max_protocol)
+            peer = Peer(chan, conn, flags.handoff_timeout)
+            rec.phase("connect")
 
-        await peer.send(messages.source_hello(conn, flags, token))
-        hello, _ = await peer.receive(protocol.Hello)
-        try:
-            messages.check_token(conn, token, hello.proof)
-        except AuthRefused as exc:
-            await peer.refuse("auth", str(exc))
-            raise
-        await app.faults.point("source", "hello", peer)
-        rec.protocol = conn.version or 0
-        rec.phase("hello")
+            await peer.send(messages.source_hello(conn, flags, token))
+            hello, _ = await peer.receive(protocol.Hello)
+            try:
+                messages.check_token(conn, token, hello.proof)
+            except AuthRefused as exc:
+                await peer.refuse("auth", str(exc))
+                raise
+            await app.faults.point("source", "hello", peer)
+            rec.protocol = conn.version or 0
+            rec.phase("hello")
 
-        assert app.control_sock is not None
-        describe = messages.describe_from(
-            vmm.cfg, flags, vmm.sev, vmm.measurement, messages.source_proof(conn, token),
-            copy_memory=copy_memory,
-        )  # fmt: skip
-        memfds = [] if copy_memory else vmm.memfds
-        await peer.send(describe, [*memfds, app.control_sock.fileno()])
-        await app.faults.point("source", "describe", peer)
-        app.emit("HANDOFF", {"id": rec.id, "status": "active"})
-        _prepared, fds = await peer.receive(protocol.Prepared)
-        got = fds.take()
-        escrow = got[0]
-        stream = socket.socket(fileno=got[1]) if copy_memory else None
-        await app.faults.point("source", "prepared", peer)
-        rec.phase("prepare")
-        rec.setup_ms = round(sum(rec.phases.values()), 3)
+            assert app.control_sock is not None
+            describe = messages.describe_from(
+                vmm.cfg, flags, vmm.sev, vmm.measurement, messages.source_proof(conn, token),
+                copy_memory=copy_memory,
+            )  # fmt: skip
+            memfds = [] if copy_memory else vmm.memfds
+            await peer.send(describe, [*memfds, app.control_sock.fileno()])
+            await app.faults.point("source", "describe", peer)
+            app.emit("HANDOFF", {"id": rec.id, "status": "active"})
+            _prepared, fds = await peer.receive(protocol.Prepared)
+            got = fds.take()
+            escrow = got[0]
+            stream = socket.socket(fileno=got[1]) if copy_memory else None
+            await app.faults.point("source", "prepared", peer)
+            rec.phase("prepare")
+            rec.setup_ms = round(sum(rec.phases.values()), 3)
+        if setup.cancelled_caught:
+            raise HandoffTimeout(
+                f"the handoff's setup did not finish within {setup_limit:g} s "
+                f"({SETUP_TIMEOUTS} x --handoff-timeout); the guest keeps running here"
+            )
+        assert peer is not None
 
         # ---- blackout: the guest is paused from here until the target resumes it.
         app.emit("HANDOFF", {"id": rec.id, "status": "device"})
@@ -284,19 +296,21 @@ async def hand_off(
         if peer is not None:
             await peer.refuse("internal", reason)
         recovery = await _recover(
-            app, paused, switched, escrow, regs, pidfd, proc, peer_pid, peer, committed
+            app, paused, switched, escrow, regs, pidfd, proc, peer_pid, watch, committed
         )
         if recovery == "committed":
             log.warning("%s; but the target had already resumed the guest: it keeps it", reason)
         else:
-            return await _failed(app, rec, reason, recovery, peer, escrow, pidfd, stream, proc)
+            return await _failed(
+                app, rec, reason, recovery, peer, (escrow, pidfd, watch), stream, proc
+            )
 
     rec.finish("completed")
     logs.handoff_summary(log, flags.name, rec)
     app.emit("HANDOFF", {"id": rec.id, "status": "completed", **rec.to_qmp()})
     notify.notify(f"MAINPID={peer_pid}", "STATUS=handed off to the successor")
     vmm.status = "postmigrate"
-    _close(peer, escrow, pidfd)
+    _close(peer, (escrow, pidfd, watch))
     if rec.workdir:
         # The target removes its socket once it has taken over; the directory is ours.
         shutil.rmtree(rec.workdir, ignore_errors=True)
@@ -309,8 +323,7 @@ async def _failed(
     reason: str,
     recovery: str,
     peer: Peer | None,
-    escrow: int | None,
-    pidfd: int | None,
+    fds: tuple[int | None, ...],
     stream: socket.socket | None,
     proc: subprocess.Popen[bytes] | None,
 ) -> bool:
@@ -321,7 +334,7 @@ async def _failed(
         {"id": rec.id, "status": "failed", "error-desc": reason, "recovery": recovery},
     )
     notify.notify(f"STATUS=handoff failed ({recovery}): guest running here")
-    _close(peer, escrow, pidfd)
+    _close(peer, fds)
     if stream is not None:
         stream.close()
     if app.nursery is not None:
@@ -339,7 +352,7 @@ async def _recover(
     pidfd: int | None,
     proc: subprocess.Popen[bytes] | None,
     peer_pid: int,
-    peer: Peer | None,
+    watch: int | None,
     committed: bool,
 ) -> str:
     """Apply the failure rules; the recovery taken, or "committed" when the target turned out
@@ -352,7 +365,7 @@ async def _recover(
             vmm.resume()
             return "rollback"
         return "none"
-    if await _fence(pidfd, proc, peer_pid, peer, committed):
+    if await _fence(pidfd, proc, peer_pid, watch, committed):
         return "committed"
     if await vmm.holds_context():
         recovery = "rollback"
@@ -367,10 +380,10 @@ async def _recover(
     return recovery
 
 
-def _close(peer: Peer | None, escrow: int | None, pidfd: int | None) -> None:
+def _close(peer: Peer | None, fds: tuple[int | None, ...]) -> None:
     if peer is not None:
         peer.close()
-    for fd in (escrow, pidfd):
+    for fd in fds:
         if fd is not None:
             with contextlib.suppress(OSError):
                 os.close(fd)
