@@ -55,7 +55,7 @@ import trio
 
 from handoff.faults import ACTIONS, STEPS
 from handoff.qmp_client import QMPClient, QMPError
-from handoff.testing import VmmProcess
+from handoff.testing import VmmProcess, pid_alive
 from kvmstub import client
 
 MODES = ("plain", "sev", "sev-es")
@@ -221,14 +221,12 @@ class Runner:
         self.daemon = Daemon(self.workdir)
 
     async def run(self, case: Case) -> Outcome:
-        """Run one case; again (twice at most) when it never got to its fault because the
-        successor did not even listen within the timeout (a loaded host, not a verdict)."""
+        """Run one case; again (twice at most) when it never got to its fault because an
+        earlier step timed out (a loaded host, not a verdict)."""
         for attempt in range(3):
             outcome = await self._run_once(case)
             outcome.attempts = attempt + 1
-            if outcome.verdict != "not-reached" or not any(
-                "no handoff target answered" in p for p in outcome.problems
-            ):
+            if outcome.verdict != "not-reached":
                 break
         return outcome
 
@@ -280,7 +278,19 @@ class Runner:
         events = await self._upgrade(case, vmm, sets, source_pid)
         final = next((e for e in reversed(events) if e.get("status") in _FINAL), {})
 
-        alive = await self._settle(vmm)
+        if case.holder_dies_by_design():
+            # Wait for the peer to finish (the target gives up on a dead source; the source
+            # exits after Resumed); a holder that hangs is stuck for good: end it.
+            with trio.move_on_after(self.timeout * 8 + 15):
+                while pid_alive(source_pid) or (case.action != "hang" and vmm.alive_pids()):
+                    await trio.sleep(0.05)
+            vmm.kill_all()
+            with trio.move_on_after(10):
+                while vmm.alive_pids():
+                    await trio.sleep(0.02)
+            alive = vmm.alive_pids()
+        else:
+            alive = await self._settle(vmm)
         log = vmm.log_path.read_text(errors="replace")
         if case.action != "sigkill" and f"fault injection: {case.role} at {case.step}" not in log:
             out.verdict = "not-reached"
@@ -380,7 +390,9 @@ class Runner:
             out.verdict = "survived"
 
     def _judge_no_survivor(self, case: Case, log: str, final: dict[str, Any], out: Outcome) -> None:
-        stats = self.daemon.stats()
+        deadline = time.monotonic() + 5
+        while live_guest_vms(stats := self.daemon.stats()) and time.monotonic() < deadline:
+            time.sleep(0.02)
         if live_guest_vms(stats):
             out.problems.append(f"no VMM alive but kvmstub has live VMs: {stats['vms']}")
             return
