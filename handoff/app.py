@@ -76,7 +76,7 @@ def bind_control(path: str) -> socket.socket:
                 raise HandoffError(f"control socket {path} is in use by a running VMM")
             finally:
                 probe.close()
-        old = os.umask(0o077)
+        old = os.umask(0o177)  # a socket file's mode is 0777 less the umask: 0600
         try:
             sock.bind(path)
         finally:
