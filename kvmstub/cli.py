@@ -127,6 +127,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.slice_us is not None:
         options["slice_ns"] = args.slice_us * 1000
     host = Host(**options)
+    _harden()
     path = args.socket or default_socket()
     try:
         trio.run(partial(daemon.run, path, host, host_info=_host_info(host)))
@@ -134,6 +135,20 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"kvmstub: cannot serve {path}: {e.strerror or e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _harden() -> None:
+    """As the kernel keeps its secrets from user space: a process name that says what this is,
+    not dumpable (no ptrace attach or core dump by processes of the same uid: guest VEKs live
+    here), and no_new_privs (nothing it executes gains privileges)."""
+    try:
+        import prctl  # python-prctl; imported here: only the daemon needs it
+
+        prctl.set_name("kvmstub")
+        prctl.set_dumpable(False)
+        prctl.set_no_new_privs(True)
+    except (ImportError, OSError) as exc:  # a missing prctl must not stop the host; say so
+        logging.getLogger("kvmstub").warning("process hardening unavailable: %s", exc)
 
 
 def _host_info(host: Host) -> dict[str, Any]:
