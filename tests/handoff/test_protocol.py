@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from handoff.protocol import (
+    LIVE_STATES,
     MAX_DEVICE_BLOB_BYTES,
     MAX_DEVICE_BLOBS,
     MAX_HOST_FLAGS,
@@ -1170,3 +1171,90 @@ def test_corrupted_valid_datagrams_never_raise_anything_but_remote_protocol_erro
     else:
         assert type(event) in MESSAGE_TYPES
         assert receiver.state is not State.ERROR
+
+
+# ---- where the guest ends up ------------------------------------------------------------------
+# What each side does with the guest once its connection has ended (DESIGN.md section 4): the
+# source keeps or takes it back unless the handoff was done; the target runs it when the
+# handoff was done, or takes it over when the source is really dead (the shell's pidfd check).
+
+SOURCE_KEEPS = {
+    Recovery.NOTHING_TO_DO,
+    Recovery.ROLLBACK,
+    Recovery.RESUME_OR_RECLAIM,
+    Recovery.RECLAIM,
+}
+
+
+def runs_guest(role: Role, recovery: Recovery, *, peer_dead: bool) -> bool:
+    if role is SOURCE:
+        return recovery in SOURCE_KEEPS
+    return recovery is Recovery.DONE or (recovery is Recovery.TAKEOVER and peer_dead)
+
+
+@settings(max_examples=300)
+@given(
+    mode=st.sampled_from(MODES),
+    steps=st.integers(0, len(CONVERSATION)),
+    in_flight=st.booleans(),
+    dead=st.sampled_from([None, SOURCE, TARGET]),
+)
+def test_a_connection_cut_at_any_point_leaves_the_guest_in_exactly_one_vmm(
+    mode: Mode, steps: int, in_flight: bool, dead: Role | None
+) -> None:
+    """Cut after any message, with one more sent but unread or not, either side dead or both
+    alive: exactly one side runs the guest, unless the one process that held it died outside
+    the critical section (the source before the target held its VM, the target after it sent
+    Resumed), which no VMM survives."""
+    pair = Pair(mode)
+    for _ in range(steps):
+        pair.step()
+    if in_flight and pair.source.state in NEXT:
+        sender, message = pair.next_message()
+        data = pair.conn(sender).send(message)
+        if dead is not sender.peer:  # SEQPACKET: a live receiver still reads a queued datagram
+            pair.conn(sender.peer).receive(data, message.nfds())
+    target_state = pair.target.state
+    running = 0
+    for role in (SOURCE, TARGET):
+        if role is dead:
+            continue
+        gone = pair.conn(role).receive(None)
+        assert isinstance(gone, PeerGone)
+        running += runs_guest(role, gone.recovery, peer_dead=dead is role.peer)
+    holder_died = (
+        dead is SOURCE
+        and target_state not in (State.SWITCHED_OVER, State.MOVED, State.COMMITTED, State.DONE)
+    ) or (dead is TARGET and target_state is State.DONE)
+    assert running == (0 if holder_died else 1)
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(role=st.sampled_from([SOURCE, TARGET]), inputs=peer_inputs)
+def test_a_hostile_peer_ends_in_a_clean_refusal_and_the_guest_in_exactly_one_vmm(
+    role: Role, inputs: list[tuple[Message, int | None] | None]
+) -> None:
+    """The honest side against a live peer sending well-typed messages out of order, with
+    contradictory fields or wrong fd counts: it never raises anything but RemoteProtocolError,
+    and it ends holding the guest exactly when the peer does not: the source keeps it unless
+    it saw a valid Resumed; the target runs it only after sending Resumed, never by takeover
+    from a peer that is alive."""
+    conn = HandoffConnection(role)
+    for item in inputs:
+        if conn.state not in LIVE_STATES:
+            break
+        ours = _our_next(conn)
+        if ours is not None:
+            conn.send(ours)
+            if conn.state not in LIVE_STATES:
+                break
+        message, nfds = (_right_peer_message(conn), None) if item is None else item
+        try:
+            conn.receive(raw(message), message.nfds() if nfds is None else nfds)
+        except RemoteProtocolError:
+            break
+    done = conn.ended_in is State.DONE or conn.state is State.DONE
+    ours_runs = runs_guest(role, conn.recovery(), peer_dead=False)
+    # The live peer holds the guest: a target once it sent Resumed, a source until then.
+    peer_runs = done if role is SOURCE else not done
+    assert ours_runs + peer_runs == 1
