@@ -222,12 +222,17 @@ class Runner:
 
     async def run(self, case: Case) -> Outcome:
         """Run one case; again (twice at most) when it never got to its fault because an
-        earlier step timed out (a loaded host, not a verdict)."""
-        for attempt in range(3):
-            outcome = await self._run_once(case)
-            outcome.attempts = attempt + 1
-            if outcome.verdict != "not-reached":
-                break
+        earlier step timed out (a loaded host, not a verdict), with a longer timeout."""
+        base = self.timeout
+        try:
+            for attempt in range(3):
+                self.timeout = base * (1 + attempt)  # a slower host gets longer
+                outcome = await self._run_once(case)
+                outcome.attempts = attempt + 1
+                if outcome.verdict != "not-reached":
+                    break
+        finally:
+            self.timeout = base
         return outcome
 
     async def _run_once(self, case: Case) -> Outcome:

@@ -62,7 +62,7 @@ def test_full_matrix_is_every_mode_step_and_action() -> None:
 
 def test_quick_chaos_loses_no_guest_and_leaks_nothing() -> None:
     chaos = load_chaos()
-    outcomes = chaos.run_cases(chaos.quick_cases(seed=1), jobs=2, timeout=3.0)
+    outcomes = chaos.run_cases(chaos.quick_cases(seed=1), jobs=2, timeout=5.0)
     print(chaos.table(outcomes))
     bad = [
         (o.case.label, o.verdict, o.problems, o.leaks)
