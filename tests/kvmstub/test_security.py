@@ -223,3 +223,38 @@ async def test_dbg_decrypt_is_the_one_way_to_plaintext_and_only_when_policy_allo
     kvm.close()
     assert results[0] == image[:64]  # debugging allowed: the plaintext, on request
     assert results[uapi.SEV_POLICY_NODBG] == errno.EIO  # NODBG: refused
+
+
+# --- fds of the wrong kind as guest memory ------------------------------------------------------
+
+
+async def test_a_pipe_or_a_short_memfd_as_guest_memory_is_refused_and_nothing_is_kept(
+    kvmstub_daemon: Any,
+) -> None:
+    def daemon_fds() -> int:
+        return len(os.listdir(f"/proc/{kvmstub_daemon.pid}/fd"))
+
+    kvm = await client.open_kvm(kvmstub_daemon.socket)
+    vm = await kvm.create_vm()
+    before = daemon_fds()
+    r, w = os.pipe()
+    short = os.memfd_create("short", os.MFD_CLOEXEC)
+    os.ftruncate(short, PAGE)
+    try:
+        refusals = {}
+        for name, fd in (("pipe", r), ("short memfd", short)):
+            with pytest.raises(OSError) as refused:
+                await vm.set_user_memory_region(0, 0, 16 * PAGE, fd)
+            refusals[name] = refused.value.errno
+        assert refusals == {"pipe": errno.EINVAL, "short memfd": errno.EINVAL}
+        assert daemon_fds() == before  # the daemon closed its copies of both
+        # The VM is unharmed: a proper memfd is accepted afterwards.
+        good = os.memfd_create("good", os.MFD_CLOEXEC)
+        os.ftruncate(good, 16 * PAGE)
+        await vm.set_user_memory_region(0, 0, 16 * PAGE, good)
+        os.close(good)
+    finally:
+        for fd in (r, w, short):
+            os.close(fd)
+        vm.close()
+        kvm.close()
