@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from .errors import HandoffError
+
 if TYPE_CHECKING:
     from .peer import Peer
 
@@ -70,16 +72,25 @@ class Faults:
         elif action == "hang":
             await trio.sleep_forever()
         elif peer is not None:
-            if action == "close":
-                peer.close()
-            elif action == "garbage":
-                await peer.chan.send(b"\xc1\xff garbage \x00")
-            elif action == "truncated":
-                await peer.chan.send(b"\x82\xa4type")
-            elif action == "extra-fds":
-                r, w = os.pipe()
-                try:
-                    await peer.chan.send(b"\x81\xa4type\xa5moved", [r])
-                finally:
-                    os.close(r)
-                    os.close(w)
+            # What we send the peer is the fault; a peer that is gone already is not ours to
+            # report (it would turn the fault into a crash of this process).
+            try:
+                await _send_fault(peer, action)
+            except (HandoffError, OSError) as exc:
+                log.warning("fault injection: could not %s: %s", action, exc)
+
+
+async def _send_fault(peer: Peer, action: str) -> None:
+    if action == "close":
+        peer.close()
+    elif action == "garbage":
+        await peer.chan.send(b"\xc1\xff garbage \x00")
+    elif action == "truncated":
+        await peer.chan.send(b"\x82\xa4type")
+    elif action == "extra-fds":
+        r, w = os.pipe()
+        try:
+            await peer.chan.send(b"\x81\xa4type\xa5moved", [r])
+        finally:
+            os.close(r)
+            os.close(w)
