@@ -150,7 +150,9 @@ class App:
                     nursery.cancel_scope.cancel()
                     return 1
             nursery.start_soon(self._watch_context)
-            self.publish_entry()
+            await trio.lowlevel.checkpoint()  # vCPU tasks first (see target.take_over)
+            await self.publish_entry()
+            await trio.lowlevel.checkpoint()
             ready = ["READY=1", f"STATUS=guest running ({self.cfg.mode})"]
             if incoming is not None:
                 # Past the commit point the guest is ours: claim the service now, so that it
@@ -239,7 +241,7 @@ class App:
         self.vmm.close()
 
     # --------------------------------------------------------------- runtime directory
-    def publish_entry(self) -> None:
+    async def publish_entry(self) -> None:
         """Write (or, after a handoff, take over) this VM's entry beside its control socket."""
         if not self.control_path:
             return
@@ -269,9 +271,9 @@ class App:
                 last_handoff=last,
             )
 
-        self._update_entry(change)
+        await self._update_entry(change)
 
-    def record_handoff(self) -> None:
+    async def record_handoff(self) -> None:
         """As the source of a handoff that ended (either way): note it in the VM's entry."""
         if not self.control_path:
             return
@@ -284,7 +286,7 @@ class App:
                 old, handoffs=old.handoffs + completed, last_handoff=self._last_handoff()
             )
 
-        self._update_entry(change)
+        await self._update_entry(change)
 
     def _last_handoff(self) -> runtime.LastHandoff:
         rec = self.record
@@ -302,12 +304,14 @@ class App:
             error=rec.error,
         )
 
-    def _update_entry(
+    async def _update_entry(
         self, change: Callable[[runtime.VmEntry | None], runtime.VmEntry | None]
     ) -> None:
+        """In a thread: the entry's lock may be held by the other VMM of a handoff (niced
+        after it), and the event loop must keep serving the vCPUs meanwhile."""
         path = runtime.entry_path(self.control_path)
         try:
-            runtime.update_entry(path, change)
+            await trio.to_thread.run_sync(runtime.update_entry, path, change)
         except OSError as exc:  # the listing is a convenience: never a reason to stop a VM
             log.warning("could not update the runtime entry %s: %s", path, exc)
 
@@ -495,7 +499,7 @@ class App:
             ok = await hand_off(self, path, proc, token, copy_memory)
         finally:
             self.handoff_busy = False
-        self.record_handoff()
+        await self.record_handoff()
         if ok:
             # Not shutdown(): the service goes on in the successor, so no STOPPING=1 (not even
             # on a signal now). The source sent MAINPID=<successor>; exit once systemd read it.
