@@ -307,13 +307,13 @@ class App:
     async def _update_entry(
         self, change: Callable[[runtime.VmEntry | None], runtime.VmEntry | None]
     ) -> None:
-        """In a thread: the entry's lock may be held by the other VMM of a handoff (niced
-        after it), and the event loop must keep serving the vCPUs meanwhile."""
+        """Without blocking the loop: the entry's lock may be held by the other VMM of a
+        handoff (niced after it), and the vCPUs must keep being served meanwhile."""
         path = runtime.entry_path(self.control_path)
         try:
-            await trio.to_thread.run_sync(runtime.update_entry, path, change)
-        except OSError as exc:  # the listing is a convenience: never a reason to stop a VM
-            log.warning("could not update the runtime entry %s: %s", path, exc)
+            await runtime.update_entry_async(path, change)
+        except (OSError, trio.TooSlowError) as exc:  # a convenience: never a reason to stop
+            log.warning("could not update the runtime entry %s: %s", path, exc or "lock busy")
 
     # --------------------------------------------------------------- QMP
     def handlers(self) -> dict[str, Any]:

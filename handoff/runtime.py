@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import msgspec
+import trio
 
 __all__ = [
     "LastHandoff",
@@ -147,6 +148,33 @@ def update_entry(path: str, change: Callable[[VmEntry | None], VmEntry | None]) 
             return False
         _write(path, new)
         return True
+
+
+async def update_entry_async(
+    path: str,
+    change: Callable[[VmEntry | None], VmEntry | None],
+    timeout: float = 5.0,
+) -> bool:
+    """`update_entry` for an event loop that must not block: the directory lock is tried
+    without waiting and retried after short sleeps (the other VMM of a handoff may hold it,
+    niced, for a while); the read-modify-write itself is a few hundred microseconds."""
+    directory = os.path.dirname(path) or "."
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        with trio.fail_after(timeout):
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await trio.sleep(0.005)
+        new = change(_read(path))
+        if new is None:
+            return False
+        _write(path, new)
+        return True
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def remove_entry(path: str, pid: int) -> bool:
