@@ -149,6 +149,14 @@ def describe(**changes: Any) -> protocol.Describe:
     return protocol.Describe(**fields)
 
 
+def listening_socket() -> socket.socket:
+    """What a source sends as its control socket: a listening Unix stream socket."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(f"\0handoff-fuzz-{secrets.token_hex(8)}")  # abstract: nothing in the file system
+    sock.listen()
+    return sock
+
+
 def memfd(size: int) -> int:
     fd = os.memfd_create("fuzz", os.MFD_CLOEXEC)
     os.ftruncate(fd, size)
@@ -253,7 +261,7 @@ def test_pipe_where_a_memfd_is_expected_is_refused_naming_the_slot(
     target = start_target()
     sock, _ = greet(target)
     r, w = os.pipe()
-    control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    control = listening_socket()
     send(sock, msgspec.msgpack.encode(describe()), [w, control.fileno()])
     os.close(w)
     reply, _ = receive(sock)
@@ -272,7 +280,7 @@ def test_memfd_smaller_than_its_slot_is_refused_naming_both_sizes(
     target = start_target()
     sock, _ = greet(target)
     small = memfd(1 << 20)
-    control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    control = listening_socket()
     send(sock, msgspec.msgpack.encode(describe()), [small, control.fileno()])
     reply, _ = receive(sock)
     assert isinstance(reply, protocol.Refuse), reply
@@ -328,7 +336,7 @@ def test_describe_of_another_guest_is_refused_naming_each_difference(
     target = start_target()
     sock, _ = greet(target)
     mems = [memfd(MEMORY)]
-    control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    control = listening_socket()
     send(sock, msgspec.msgpack.encode(describe(vcpus=4, line_every=7)), [*mems, control.fileno()])
     reply, _ = receive(sock)
     assert isinstance(reply, protocol.Refuse) and reply.code == "incompatible", reply
@@ -347,7 +355,7 @@ def test_garbage_instead_of_switchover_after_prepared_releases_the_targets_vm(
     target = start_target()
     sock, conn = greet(target)
     mem = memfd(MEMORY)
-    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listening = listening_socket()
     send(sock, conn.send(describe()), [mem, listening.fileno()])
     reply, fds = receive(sock)
     assert isinstance(reply, protocol.Prepared) and len(fds) == 1, reply
