@@ -38,7 +38,7 @@ from .faults import Faults, FaultSpecError
 from .record import HandoffRecord
 from .source import hand_off
 from .target import take_over
-from .vmm import Vmm
+from .vmm import Vmm, freeze_startup_objects
 
 log = logging.getLogger("handoff.app")
 
@@ -139,6 +139,7 @@ class App:
             log.warning("process hardening unavailable: %s", exc)
         if incoming is None:
             await self.launch()
+        freeze_startup_objects()
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             await nursery.start(self._watch_signals)

@@ -40,6 +40,7 @@ from . import logs, messages, notify, protocol
 from .channel import Channel, connect
 from .errors import AuthRefused, CredentialsRefused, HandoffError, HandoffTimeout, TransportError
 from .peer import Peer
+from .vmm import collector_paused
 
 if TYPE_CHECKING:
     from .app import App
@@ -168,6 +169,18 @@ async def _wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> bool:
 
 
 async def hand_off(
+    app: App,
+    path: str,
+    proc: subprocess.Popen[bytes] | None,
+    token: bytes | None,
+    copy_memory: bool = False,
+) -> bool:
+    """Run one handoff as the source; return True when the target runs the guest."""
+    with collector_paused():  # no collector stall inside the blackout
+        return await _hand_off(app, path, proc, token, copy_memory)
+
+
+async def _hand_off(
     app: App,
     path: str,
     proc: subprocess.Popen[bytes] | None,

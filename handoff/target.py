@@ -39,6 +39,7 @@ from .errors import (
     TransportError,
 )
 from .peer import Peer, PeerGoneError
+from .vmm import collector_paused
 
 if TYPE_CHECKING:
     from .app import App
@@ -49,6 +50,12 @@ ACCEPT_TIMEOUT_FACTOR = 6  # how many handoff timeouts a fresh target waits for 
 
 
 async def take_over(app: App, path: str, nursery: trio.Nursery) -> bool:
+    """Wait on `path` for a source, take its guest, and leave it running; False if not."""
+    with collector_paused():  # no collector stall inside the blackout
+        return await _take_over(app, path, nursery)
+
+
+async def _take_over(app: App, path: str, nursery: trio.Nursery) -> bool:
     """Wait on `path` for a source, take its guest, and leave it running; False if not."""
     flags = app.flags
     listener = await listen(path)

@@ -9,12 +9,14 @@ KVM_RUN in flight and no exit left half done, which is what a handoff needs.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
+import gc
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import trio
 
@@ -26,6 +28,26 @@ from .devices import Devices, DeviceState
 log = logging.getLogger("handoff.vmm")
 
 HC_EXIT_MASK = 1 << uapi.KVM_HC_MAP_GPA_RANGE
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside the blackout: a collection stalls the event loop
+    for up to milliseconds. Reference counting still frees nearly everything meanwhile."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def freeze_startup_objects() -> None:
+    """Objects alive after start-up live as long as the process: keep them out of the
+    collector's scans, so later collections are short."""
+    gc.collect()
+    gc.freeze()
 
 
 class ContextLost(Exception):

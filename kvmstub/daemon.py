@@ -27,6 +27,7 @@ import array
 import contextlib
 import errno
 import fcntl
+import gc
 import logging
 import mmap
 import os
@@ -605,6 +606,10 @@ async def run(
         listener = _bind(path)  # before the nursery, so that a failure is a plain OSError
         async with trio.open_nursery() as nursery:
             await nursery.start(partial(_serve_bound, path, listener, host))
+            # Everything alive now lives as long as the daemon: keep it out of the cyclic
+            # collector's scans, whose pauses every guest would feel (KVM_RUN runs inline).
+            gc.collect()
+            gc.freeze()
             print(ready_line(path, host_info), file=out, flush=True)
             async for signum in signals:
                 log.info("kvmstub: %s, stopping", signal.Signals(signum).name)
