@@ -178,7 +178,7 @@ async def test_target_killed_at_each_step_leaves_guest_in_the_source(
     stats = kvmstub_daemon.stats()
     assert len(live_guest_vms(stats)) == 1
     assert asids_used(stats) == asids0
-    assert vmm.alive_pids() == [pid]
+    assert await vmm.settle() == [pid]  # a crashed successor may take a moment to exit
 
 
 @pytest.mark.parametrize("mode", MODES)
