@@ -59,10 +59,6 @@ class _FdLock:
         self._waiters = trio.lowlevel.ParkingLot()
 
     async def __aenter__(self) -> None:
-        # Raise a pending cancellation here, before anything is sent: `_call` swallows one
-        # that lands while it waits for a reply, so without this a loop of calls would never
-        # see it. This does not yield when nothing is cancelled.
-        await trio.lowlevel.checkpoint_if_cancelled()
         if self._held:
             await self._waiters.park()  # woken by __aexit__, which hands the lock over
         else:
@@ -86,6 +82,7 @@ class _KvmFile:
         sock.setblocking(False)
         self._sock: socket.socket | None = sock
         self._lock = _FdLock()
+        self._cancel_seen = False
         # Ids only need to be unique per fd; the pid helps when reading a daemon log.
         self._ids = itertools.count((os.getpid() & 0xFFFF_FFFF) << 32)
 
@@ -138,6 +135,9 @@ class _KvmFile:
             # The daemon would refuse it too (EINVAL); say so before sending.
             raise OSError(errno.EINVAL, f"kvmstub: request exceeds {wire.MAX_DATAGRAM} bytes")
         _KvmFile.requests_made += 1
+        if self._cancel_seen:
+            self._cancel_seen = False
+            await trio.lowlevel.checkpoint_if_cancelled()
         async with self._lock:
             sock = self._sock
             if sock is None:
@@ -153,6 +153,9 @@ class _KvmFile:
                     # it again. (Shielding every wait instead costs ~10% of a round trip.)
                     with trio.CancelScope(shield=True):
                         reply, fds = await self._receive(sock, request.id)
+                    # Swallowed here so the reply is not lost; the next call on this fd
+                    # raises it before sending anything (else a loop of calls never would).
+                    self._cancel_seen = True
             except trio.ClosedResourceError:
                 raise OSError(errno.EBADF, f"{self._kind} fd was closed") from None
         if type(reply) is expect:

@@ -313,6 +313,18 @@ async def test_a_kick_ends_a_slice_in_flight_at_the_next_guest_step(
     assert started < last_step < started + 1_000_000_000
 
 
+async def test_a_loop_of_runs_sees_its_cancellation(kvmstub_daemon: KvmstubDaemon) -> None:
+    kvm = await open_kvm(kvmstub_daemon)
+    g = await PlainGuest.boot(kvm, guest.GuestParams(vcpus=1, line_every=10**6, flip_every=10**6))
+    runs = 0
+    with trio.move_on_after(0.3) as scope:
+        while True:  # no checkpoint of its own: only the client's calls can raise Cancelled
+            await g.vcpu.run()
+            runs += 1
+    assert scope.cancelled_caught
+    assert runs > 0
+
+
 # --- one fd, many tasks --------------------------------------------------------------------
 
 
