@@ -55,6 +55,7 @@ import trio
 from kvmstub import client
 
 from . import ops
+from .cli import strip_flags
 from .qmp_client import QMPClient
 from .seriallog import SerialReport, read_logs
 
@@ -142,6 +143,30 @@ class VmmProcess:
         if pid:
             self.pids.append(pid)
         return result
+
+    def start_target(self, *flags: str) -> tuple[subprocess.Popen[bytes], str]:
+        """An operator-started `handoff run --incoming` for this guest (same run flags, less
+        the token file, plus `flags`), listening before any handoff begins."""
+        path = str(self.dir / "in" / f"{self.name}.sock")
+        argv = [*strip_flags(self.argv, ["--token-file"]), "--incoming", f"unix:{path}", *flags]
+        with open(self.log_path, "ab") as log:
+            proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        self.pids.append(proc.pid)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(path):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the target did not listen on {path}: {self.log()}")
+            time.sleep(0.01)
+        return proc, path
+
+    async def hand_off_to(self, path: str) -> dict[str, Any]:
+        """QMP `handoff` to a listening target; the final HANDOFF event's data."""
+        async with await QMPClient.connect(self.control) as qmp:
+            await qmp.execute("handoff", {"uri": f"unix:{path}"})
+            while True:
+                data = dict((await qmp.next_event("HANDOFF")).data)
+                if data["status"] in ("completed", "failed"):
+                    return data
 
     def report(self) -> SerialReport:
         return read_logs(self.serial_logs)

@@ -8,11 +8,8 @@ modes, two seeded SIGKILLs); `python tools/chaos.py` runs the full matrix.
 from __future__ import annotations
 
 import importlib.util
-import os
 import signal
-import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -21,7 +18,6 @@ from typing import Any
 import pytest
 
 from handoff.faults import ACTIONS, STEPS
-from handoff.qmp_client import QMPClient
 from handoff.testing import VmmProcess
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,32 +92,6 @@ def vmms(tmp_path: Path, kvmstub_daemon: Any) -> Iterator[Callable[..., VmmProce
         vmm.kill_all()
 
 
-def start_target(vmm: VmmProcess, *flags: str) -> tuple[subprocess.Popen[bytes], str]:
-    """A `handoff run --incoming` for `vmm`'s guest, started by us and listening before the
-    handoff begins (so the short --handoff-timeout measures the handoff, not a start-up)."""
-    path = str(vmm.dir / "in" / f"{vmm.name}.sock")
-    with open(vmm.log_path, "ab") as log:
-        proc = subprocess.Popen(
-            [*vmm.argv, "--incoming", f"unix:{path}", *flags], stdout=log, stderr=log
-        )
-    vmm.pids.append(proc.pid)
-    deadline = time.monotonic() + 30
-    while not os.path.exists(path):
-        assert proc.poll() is None and time.monotonic() < deadline, vmm.log()
-        time.sleep(0.01)
-    return proc, path
-
-
-async def hand_off(vmm: VmmProcess, path: str) -> dict[str, Any]:
-    """QMP `handoff` to a listening target; the final HANDOFF event's data."""
-    async with await QMPClient.connect(vmm.control) as qmp:
-        await qmp.execute("handoff", {"uri": f"unix:{path}"})
-        while True:
-            data = dict((await qmp.next_event("HANDOFF")).data)
-            if data["status"] in ("completed", "failed"):
-                return data
-
-
 async def pause_seen_by_guest(vmm: VmmProcess) -> int:
     """The largest gap_us the guest reported in its first lines after the handoff's pause."""
     record = await vmm.qmp("query-handoff")
@@ -143,8 +113,8 @@ async def test_hung_target_is_fenced_and_cannot_hold_the_guest_paused_beyond_the
     vmm = vmms(mode=mode, vcpus=2)
     await vmm.wait_lines()
     pid = await vmm.pid()
-    target, path = start_target(vmm, "--x-fault", f"target:{step}:hang")
-    result = await hand_off(vmm, path)
+    target, path = vmm.start_target("--x-fault", f"target:{step}:hang")
+    result = await vmm.hand_off_to(path)
     assert result["status"] == "failed", vmm.log()
     assert "within 1 s" in result["error-desc"]
     # sev, sev-es: after Moved the context is in the target's VM and comes back from escrow.
@@ -166,8 +136,8 @@ async def test_source_stuck_in_its_own_blackout_takes_the_guest_back_at_the_limi
     await vmm.wait_lines()
     pid = await vmm.pid()
     await vmm.qmp("x-set-fault", spec=f"source:{step}:hang")
-    target, path = start_target(vmm)
-    result = await hand_off(vmm, path)
+    target, path = vmm.start_target()
+    result = await vmm.hand_off_to(path)
     assert result["status"] == "failed", vmm.log()
     assert result["recovery"] == ("rollback" if step == "paused" else "reclaim")
     assert await vmm.pid() == pid

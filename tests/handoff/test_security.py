@@ -21,7 +21,6 @@ from typing import Any
 
 import pytest
 
-from handoff.cli import strip_flags
 from handoff.qmp_client import QMPClient
 from handoff.testing import VmmProcess
 
@@ -50,32 +49,6 @@ def token_file(directory: Path, name: str, token: bytes | None = None) -> str:
     os.write(fd, token or secrets.token_hex(32).encode())
     os.close(fd)
     return str(path)
-
-
-def start_target(vmm: VmmProcess, *flags: str) -> tuple[subprocess.Popen[bytes], str]:
-    """An operator-started `handoff run --incoming` for `vmm`'s guest, listening."""
-    path = str(vmm.dir / "in" / f"{vmm.name}.sock")
-    with open(vmm.log_path, "ab") as log:
-        proc = subprocess.Popen(
-            [*strip_flags(vmm.argv, ["--token-file"]), "--incoming", f"unix:{path}", *flags],
-            stdout=log,
-            stderr=log,
-        )
-    vmm.pids.append(proc.pid)
-    deadline = time.monotonic() + 30
-    while not os.path.exists(path):
-        assert proc.poll() is None and time.monotonic() < deadline, vmm.log()
-        time.sleep(0.01)
-    return proc, path
-
-
-async def hand_off(vmm: VmmProcess, path: str) -> dict[str, Any]:
-    async with await QMPClient.connect(vmm.control) as qmp:
-        await qmp.execute("handoff", {"uri": f"unix:{path}"})
-        while True:
-            data = dict((await qmp.next_event("HANDOFF")).data)
-            if data["status"] in ("completed", "failed"):
-                return data
 
 
 def live_vms(daemon: Any) -> list[dict[str, Any]]:
@@ -160,7 +133,7 @@ async def test_target_checks_the_sources_uid_before_any_fd_crosses(
     vmm = vmms(mode="plain", vcpus=1)
     await vmm.wait_lines()
     flags = ["--allow-uid", str(NOBODY)] if allowed else []
-    target, path = start_target(vmm, "--handoff-timeout", "3", *flags)
+    target, path = vmm.start_target("--handoff-timeout", "3", *flags)
     done = subprocess.run(
         [sys.executable, "-c", _FOREIGN_SOURCE, path], capture_output=True, text=True, timeout=60
     )
@@ -190,8 +163,8 @@ async def test_same_token_completes_a_handoff_to_an_operator_started_target(
     token = token_file(tmp_path, "token")
     vmm = vmms(mode="sev-es", vcpus=2, extra=["--token-file", token])
     await vmm.wait_lines()
-    target, path = start_target(vmm, "--token-file", token)
-    result = await hand_off(vmm, path)
+    target, path = vmm.start_target("--token-file", token)
+    result = await vmm.hand_off_to(path)
     assert result["status"] == "completed", vmm.log()
     assert (await vmm.pid()) == target.pid
     report = await vmm.wait_lines()
@@ -221,8 +194,8 @@ async def test_a_wrong_or_missing_token_is_refused_before_any_fd_crosses(
     await vmm.wait_lines()
     pid = await vmm.pid()
     flags = ["--token-file", token_file(tmp_path, f"t-{target_token}")] if target_token else []
-    target, path = start_target(vmm, "--handoff-timeout", "3", *flags)
-    result = await hand_off(vmm, path)
+    target, path = vmm.start_target("--handoff-timeout", "3", *flags)
+    result = await vmm.hand_off_to(path)
     assert result["status"] == "failed"
     assert says in result["error-desc"]
     assert result.get("recovery") == "none"  # refused in the Hello exchange, never paused
