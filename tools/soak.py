@@ -116,8 +116,8 @@ async def soak(
     vms: list[VmmProcess] = []
     t0 = time.monotonic()
     try:
-        stats0 = daemon.stats()
-        fds0, asids0 = daemon.open_fds(), asids_used(stats0)
+        fds0 = daemon.open_fds()  # before a stats connection of ours adds one
+        asids0 = asids_used(daemon.stats())
         for i in range(vm_count):
             vmm = VmmProcess(
                 workdir, daemon.socket, name=f"soak{i}", mode=MODES[i % len(MODES)], vcpus=2,
@@ -183,18 +183,23 @@ async def soak(
             await vmm.quit()
             if vmm.alive_pids():
                 result.leaks.append(f"{vmm.name}: VMM processes left: {vmm.alive_pids()}")
+        # Count the daemon's fds before each stats request: a stats connection of our own is
+        # one more fd in the daemon until it has seen us hang up.
         with trio.move_on_after(10):
-            while daemon.stats()["vms"] or open_fds(daemon.process.pid) != fds0:
+            while True:
+                fds = open_fds(daemon.process.pid)
+                if fds == fds0 and not daemon.stats()["vms"]:
+                    break
                 await trio.sleep(0.05)
+        await trio.sleep(0.1)  # our last stats connection's hang-up reaches the daemon
+        fds = open_fds(daemon.process.pid)
         stats = daemon.stats()
         if stats["vms"]:
             result.leaks.append(f"kvmstub still has VMs: {stats['vms']}")
         if asids_used(stats) != asids0:
             result.leaks.append(f"ASIDs in use {asids_used(stats)}, were {asids0}")
-        if open_fds(daemon.process.pid) != fds0:
-            result.leaks.append(
-                f"kvmstub holds {open_fds(daemon.process.pid)} fds, held {fds0} before"
-            )
+        if fds != fds0:
+            result.leaks.append(f"kvmstub holds {fds} fds, held {fds0} before")
         left = [p for p in Path(tempfile.gettempdir()).glob("handoff-soak*-*")]
         if left:
             result.leaks.append(f"handoff directories left: {left[:5]}")
