@@ -15,7 +15,7 @@ import shlex
 import sys
 from collections.abc import Callable, Sequence
 
-from kvmstub import uapi
+from kvmstub import client, uapi
 
 from . import __version__
 from .config import (
@@ -29,15 +29,6 @@ from .config import (
     validate_guest,
     validate_name,
 )
-
-
-def default_kvm_socket() -> str:
-    """Where kvmstub listens unless told otherwise (the same rule as `kvmstub serve`)."""
-    if os.environ.get("KVMSTUB_SOCKET"):
-        return os.environ["KVMSTUB_SOCKET"]
-    if os.environ.get("XDG_RUNTIME_DIR"):
-        return os.path.join(os.environ["XDG_RUNTIME_DIR"], "kvmstub", "kvm.sock")
-    return "/run/kvmstub/kvm.sock"
 
 
 def runtime_dir() -> str:
@@ -236,7 +227,7 @@ def host_flags(ns: argparse.Namespace) -> HostFlags:
     return HostFlags(
         name=name,
         uuid=ns.uuid or new_uuid(),
-        kvm=ns.kvm or default_kvm_socket(),
+        kvm=ns.kvm or client.default_socket(),
         control=ns.control or os.path.join(runtime_dir(), f"{name}.qmp"),
         serial_log=ns.serial_log,
         log_level=ns.log_level,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import resource
 import sys
 from collections.abc import Callable, Sequence
@@ -23,15 +22,6 @@ import trio
 
 from kvmstub import client, daemon
 from kvmstub.model import Host
-
-
-def default_socket() -> str:
-    """Where kvmstub listens unless told otherwise."""
-    if os.environ.get("KVMSTUB_SOCKET"):
-        return os.environ["KVMSTUB_SOCKET"]
-    if os.environ.get("XDG_RUNTIME_DIR"):
-        return os.path.join(os.environ["XDG_RUNTIME_DIR"], "kvmstub", "kvm.sock")
-    return "/run/kvmstub/kvm.sock"
 
 
 def _int_in(low: int, high: int) -> Callable[[str], int]:
@@ -128,7 +118,7 @@ def _serve(args: argparse.Namespace) -> int:
         options["slice_ns"] = args.slice_us * 1000
     host = Host(**options)
     _harden()
-    path = args.socket or default_socket()
+    path = args.socket or client.default_socket()
     try:
         trio.run(partial(daemon.run, path, host, host_info=_host_info(host)))
     except OSError as e:
@@ -158,7 +148,7 @@ def _host_info(host: Host) -> dict[str, Any]:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    path = args.socket or default_socket()
+    path = args.socket or client.default_socket()
     try:
         stats = client.read_stats(path)
     except OSError as e:

@@ -470,6 +470,16 @@ class Vcpu(_KvmFile):
         await self._call(request, wire.Ok)
 
 
+def default_socket() -> str:
+    """Where kvmstub listens unless told otherwise (the daemon and VMMs share this rule):
+    $KVMSTUB_SOCKET, else $XDG_RUNTIME_DIR/kvmstub/kvm.sock, else /run/kvmstub/kvm.sock."""
+    if os.environ.get("KVMSTUB_SOCKET"):
+        return os.environ["KVMSTUB_SOCKET"]
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return os.path.join(os.environ["XDG_RUNTIME_DIR"], "kvmstub", "kvm.sock")
+    return "/run/kvmstub/kvm.sock"
+
+
 def requests_made() -> int:
     """How many requests (ioctls) this process has sent to kvmstub so far."""
     return _KvmFile.requests_made

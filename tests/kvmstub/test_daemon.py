@@ -199,17 +199,15 @@ def test_socket_is_mode_0660_in_a_directory_created_for_it(kvmstub_dir: Path) ->
 
 
 def test_socket_defaults_to_kvmstub_socket_then_xdg_runtime_dir(kvmstub_dir: Path) -> None:
-    from kvmstub import cli
-
     env = {"KVMSTUB_SOCKET": "/x/k.sock", "XDG_RUNTIME_DIR": "/run/user/7"}
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)
-        assert cli.default_socket() == "/x/k.sock"
+        assert client.default_socket() == "/x/k.sock"
         mp.delenv("KVMSTUB_SOCKET")
-        assert cli.default_socket() == "/run/user/7/kvmstub/kvm.sock"
+        assert client.default_socket() == "/run/user/7/kvmstub/kvm.sock"
         mp.delenv("XDG_RUNTIME_DIR")
-        assert cli.default_socket() == "/run/kvmstub/kvm.sock"
+        assert client.default_socket() == "/run/kvmstub/kvm.sock"
 
 
 def test_a_second_daemon_on_a_live_socket_is_refused_and_the_first_keeps_serving(
