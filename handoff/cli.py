@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 from collections.abc import Callable, Sequence
 
@@ -411,10 +410,6 @@ def check_run_args(run_args: Sequence[str]) -> None:
         raise ConfigError(lines[-1] if lines else "invalid run flags") from None
     guest_config(ns)
     host_flags(ns)
-
-
-def quote(argv: Sequence[str]) -> str:
-    return shlex.join(argv)
 
 
 if __name__ == "__main__":

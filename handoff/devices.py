@@ -7,7 +7,6 @@ Their state is what a handoff must carry besides the guest's own CPU and memory 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 
 import msgspec
@@ -161,10 +160,3 @@ class Devices:
 
     def close(self) -> None:
         self.serial.close()
-
-
-def check_writable_path(path: str) -> None:
-    """Refuse a serial-log path whose directory does not exist, before anything starts."""
-    parent = os.path.dirname(os.path.abspath(path)) or "."
-    if not os.path.isdir(parent):
-        raise OSError(errno.ENOENT, f"serial log directory {parent!r} does not exist")
