@@ -1,6 +1,7 @@
 """The `kvmstub` command: `kvmstub serve` runs the daemon, `kvmstub stats` shows its state.
 
     kvmstub serve [--socket PATH] [--sev-asids N] [--sev-es-asids N] [--slice-us N]
+                  [--quantum-us N]
     kvmstub stats [--socket PATH] [--json]
 
 The socket defaults to $KVMSTUB_SOCKET, else $XDG_RUNTIME_DIR/kvmstub/kvm.sock, else
@@ -82,6 +83,14 @@ def _parser() -> argparse.ArgumentParser:
         help="longest guest slice one KVM_RUN executes, in microseconds (default: 200)",
     )
     serve.add_argument(
+        "--quantum-us",
+        type=_int_in(1, 1_000_000),
+        default=None,
+        metavar="N",
+        help="how long each vCPU in KVM_RUN runs before the next one's turn; every vCPU of "
+        "every VM takes turns on the daemon's CPU (default: 30)",
+    )
+    serve.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error"],
         default="warning",
@@ -117,10 +126,11 @@ def _serve(args: argparse.Namespace) -> int:
     if args.slice_us is not None:
         options["slice_ns"] = args.slice_us * 1000
     host = Host(**options)
+    quantum_ns = daemon.DEFAULT_QUANTUM_NS if args.quantum_us is None else args.quantum_us * 1000
     _harden()
     path = args.socket or client.default_socket()
     try:
-        trio.run(partial(daemon.run, path, host, host_info=_host_info(host)))
+        trio.run(partial(daemon.run, path, host, host_info=_host_info(host), quantum_ns=quantum_ns))
     except OSError as e:
         print(f"kvmstub: cannot serve {path}: {e.strerror or e}", file=sys.stderr)
         return 1

@@ -16,7 +16,13 @@ here; the client end is sent with SCM_RIGHTS and our copy closed, the other end 
 
 Nothing a client sends can stop the daemon: a malformed request gets an error reply, and every
 model call is wrapped so that an unexpected exception becomes an error reply and a log line.
-The model is synchronous; KVM_RUN runs its guest slice inline. The per-request path uses
+The model is synchronous. KVM_RUN is not: a vCPU that enters the guest joins the run queue of
+`_Cpu`, which runs every vCPU in KVM_RUN, of every VM, in turn for a short quantum and lets
+the other requests in between quanta, as a host CPU would time-share vCPU threads. So one
+vCPU's slice never holds up another vCPU or an ioctl, and a vCPU's KVM_RUN ends when its
+guest exits, its slice is spent or its kvm_run page asks it to (the kick). A vCPU in KVM_RUN
+holds its vcpu->mutex: its other ioctls wait for the run to end, and MOVE waits at section 1
+step 7 until it can take the mutexes of both VMs' vCPUs. The per-request path uses
 non-blocking socket calls on the raw socket plus trio's readiness waits, which is measurably
 cheaper than trio.socket's wrappers (see tools/).
 """
@@ -37,7 +43,8 @@ import socket
 import stat
 import struct
 import sys
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from enum import Enum
 from functools import partial
@@ -94,6 +101,29 @@ class _End:
     # writes immediate_exit there without a system call; we read it at KVM_RUN entry and
     # between guest steps.
     run_page: mmap.mmap | None = None
+    # vcpu->mutex: held by every ioctl on the vCPU, for a KVM_RUN until the run ends.
+    mutex: trio.Semaphore | None = None
+
+    def kicked(self) -> bool:
+        """immediate_exit in the kvm_run page: what a signal to the vCPU thread stands for."""
+        page = self.run_page
+        return page is not None and page[_IMMEDIATE_EXIT] != 0
+
+
+@dataclass(eq=False, slots=True)
+class _InRun:
+    """A vCPU inside KVM_RUN: the request to answer when the run ends."""
+
+    end: _End
+    vcpu: Vcpu
+    rid: int
+
+
+_Answer = tuple[wire.Reply, list[int] | None]
+# What a request handler gives back: the answer, or None when a KVM_RUN was taken into the
+# run queue (the CPU answers it later), or a coroutine function that must wait (a vCPU
+# mutex) before it can answer.
+_Handled = _Answer | None | Callable[[], Awaitable[_Answer | None]]
 
 
 def _error(request_id: int, err: int, message: str, fw_error: int | None = None) -> wire.Error:
@@ -121,6 +151,14 @@ def _run_page() -> tuple[int, mmap.mmap]:
         os.close(fd)
         raise
     return fd, page
+
+
+def _try_acquire(mutex: trio.Semaphore) -> bool:
+    try:
+        mutex.acquire_nowait()
+    except trio.WouldBlock:
+        return False
+    return True
 
 
 def _close_fds(fds: list[int]) -> None:
@@ -166,18 +204,78 @@ def _hung_up(sock: socket.socket) -> bool:
     return any(events & select.POLLHUP for _, events in poller.poll(0))
 
 
+DEFAULT_QUANTUM_NS = 30_000
+"""How long one vCPU in KVM_RUN runs before the next one's turn (a few guest steps)."""
+
+
+class _Cpu:
+    """The CPU the guests run on: every vCPU in KVM_RUN takes turns of one quantum each, with
+    a trio checkpoint after every turn so that requests (a KVM_RUN coming back from an exit,
+    a pause, a MOVE) are served within a quantum, never behind whole slices of other vCPUs.
+    The vCPU's run ends, and the CPU answers its KVM_RUN, when its guest exits to the VMM,
+    its slice is spent or it is kicked."""
+
+    def __init__(self, daemon: Daemon, quantum_ns: int) -> None:
+        self._daemon = daemon
+        self._quantum_ns = quantum_ns
+        self._queue: deque[_InRun] = deque()
+        self._idle = trio.lowlevel.ParkingLot()
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def add(self, run: _InRun) -> None:
+        self._queue.append(run)
+        if self._idle:
+            self._idle.unpark_all()
+
+    def drop(self, end: _End) -> None:
+        """The vCPU's fd was released under a run: forget the run (its mutex goes with it)."""
+        self._queue = deque(r for r in self._queue if r.end is not end)
+
+    async def loop(self) -> None:
+        queue_ns = self._quantum_ns
+        while True:
+            if not self._queue:
+                await self._idle.park()
+                continue
+            run = self._queue.popleft()
+            reply: wire.Reply
+            try:
+                exit_ = run.vcpu.run_for(queue_ns, run.end.kicked)
+            except OSError as e:
+                reply = _error(run.rid, e.errno or errno.EFAULT, e.strerror or str(e))
+            except Exception as e:
+                log.exception("KVM_RUN failed inside the guest")
+                reply = _error(run.rid, errno.EFAULT, f"kvmstub: internal error: {e!r}")
+            else:
+                if exit_ is None:
+                    self._queue.append(run)
+                    await trio.lowlevel.checkpoint()
+                    continue
+                reply = wire.RunReply(run.rid, exit_)
+            self._daemon.end_run(run, reply)
+            await trio.lowlevel.checkpoint()
+
+
 class Daemon:
     """The fd table and the request dispatch, over one `Host`.
 
     Args:
         host: the model of the kernel.
-        nursery: where the per-fd tasks run; cancelling it stops everything.
+        nursery: where the per-fd tasks and the CPU run; cancelling it stops everything.
+        quantum_ns: how long a vCPU in KVM_RUN runs before the next one's turn.
     """
 
-    def __init__(self, host: Host, nursery: trio.Nursery) -> None:
+    def __init__(
+        self, host: Host, nursery: trio.Nursery, *, quantum_ns: int = DEFAULT_QUANTUM_NS
+    ) -> None:
         self._host = host
         self._nursery = nursery
         self._vms: dict[tuple[int, int], Vm] = {}  # client-end inode -> VM
+        self._mutexes: dict[Vcpu, trio.Semaphore] = {}  # vcpu->mutex of each vCPU with an fd
+        self._cpu = _Cpu(self, quantum_ns)
+        nursery.start_soon(self._cpu.loop)
         # One receive buffer for every task: a datagram is decoded before the next await.
         self._buffer = bytearray(wire.MAX_DATAGRAM)
         self._view = memoryview(self._buffer)
@@ -228,14 +326,22 @@ class Daemon:
                         while not _hung_up(sock):
                             await trio.sleep(_HANGUP_POLL_SECONDS)
                     return
-                reply, handout = self._handle(end, view[:nbytes], ancdata, msg_flags)
-                await self._send(sock, reply, handout)
+                handled = self._handle(end, view[:nbytes], ancdata, msg_flags)
+                if callable(handled):
+                    handled = await handled()
+                if handled is None:
+                    continue  # a KVM_RUN: the CPU answers it
+                await self._send(sock, *handled)
         finally:
             self._release(end)
 
     def _release(self, end: _End) -> None:
         """The client end's last copy is closed (or we are shutting down): drop the fd."""
         end.sock.close()
+        if end.mutex is not None:
+            self._cpu.drop(end)
+            if end.vcpu is not None:
+                self._mutexes.pop(end.vcpu, None)
         if end.run_page is not None:
             end.run_page.close()
             end.run_page = None
@@ -287,6 +393,20 @@ class Daemon:
             if spilled is not None:
                 os.close(spilled)
 
+    def end_run(self, run: _InRun, reply: wire.Reply) -> None:
+        """A KVM_RUN is over: answer it at once from the CPU (no hop through the fd's task)
+        and release the vCPU's mutex."""
+        end = run.end
+        if end.mutex is not None:
+            end.mutex.release()
+        data = self._encode(reply)
+        try:
+            end.sock.send(data, socket.MSG_NOSIGNAL)
+        except BlockingIOError:
+            self._nursery.start_soon(self._send, end.sock, reply, None)
+        except OSError as e:
+            log.debug("KVM_RUN reply not delivered: %s", e)
+
     def _encode(self, reply: wire.Reply) -> bytes:
         try:
             data = wire.encode(reply)
@@ -306,7 +426,7 @@ class Daemon:
         data: memoryview,
         ancdata: list[tuple[int, int, bytes]],
         msg_flags: int,
-    ) -> tuple[wire.Reply, list[int] | None]:
+    ) -> _Handled:
         """Answer one datagram. Every fd that came with it is closed before returning."""
         pid, fds = _parse_ancillary(ancdata)
         try:
@@ -316,7 +436,7 @@ class Daemon:
 
     def _handle_request(
         self, end: _End, data: memoryview, pid: int | None, fds: list[int], msg_flags: int
-    ) -> tuple[wire.Reply, list[int] | None]:
+    ) -> _Handled:
         if pid is None:
             # Cannot happen with SO_PASSCRED set before the end was handed out.
             return _error(wire.request_id_of(data), errno.EPERM, "kvmstub: no credentials"), None
@@ -338,8 +458,38 @@ class Daemon:
         if len(fds) > wire.declared_fds(request):
             message = f"{type(request).__name__} carries {len(fds)} fds, declares fewer"
             return self._refuse(end, pid, request.id, errno.EINVAL, message), None
+        mutex = end.mutex
+        if mutex is not None and not self._gated(end, pid):
+            # kvm_vcpu_ioctl: the mm / vm_dead gate, then mutex_lock_killable(&vcpu->mutex).
+            if not _try_acquire(mutex):
+                return partial(self._after_mutex, end, request, pid)
+            return self._with_mutex(end, request, pid)
+        return self._answer(request, lambda: self._dispatch(end, request, pid, fds))
+
+    def _with_mutex(self, end: _End, request: wire.Request, pid: int) -> _Handled:
+        """A vCPU ioctl holding the vCPU's mutex: released after it, unless a KVM_RUN took
+        the vCPU into the guest (the CPU releases it when the run ends)."""
+        assert end.mutex is not None
+        handled: _Handled = None
         try:
-            return self._dispatch(end, request, pid, fds)
+            handled = self._answer(request, lambda: self._dispatch(end, request, pid, []))
+        finally:
+            if handled is not None:
+                end.mutex.release()
+        return handled
+
+    async def _after_mutex(self, end: _End, request: wire.Request, pid: int) -> _Answer | None:
+        """A vCPU ioctl that came while the vCPU was busy (in KVM_RUN): wait for it."""
+        assert end.mutex is not None
+        await end.mutex.acquire()
+        handled = self._with_mutex(end, request, pid)
+        assert not callable(handled)
+        return handled
+
+    def _answer(self, request: wire.Request, call: Callable[[], _Handled]) -> _Handled:
+        """`call`'s answer, with an error reply for whatever the model raised."""
+        try:
+            return call()
         except OSError as e:
             message = e.strerror or str(e)
             return _error(
@@ -370,9 +520,7 @@ class Daemon:
         # move_into_dead_ok lifts the vm_dead half for VM ioctls only (the model's rule).
         return vm.dead and (end.kind is Kind.VCPU or not self._host.move_into_dead_ok)
 
-    def _dispatch(
-        self, end: _End, request: wire.Request, pid: int, fds: list[int]
-    ) -> tuple[wire.Reply, list[int] | None]:
+    def _dispatch(self, end: _End, request: wire.Request, pid: int, fds: list[int]) -> _Handled:
         host = self._host
         rid = request.id
         vcpu = end.vcpu
@@ -381,16 +529,16 @@ class Daemon:
         match request:
             case wire.Run():
                 assert vcpu is not None
-                page = end.run_page
-                kicked = None if page is None else (lambda: page[_IMMEDIATE_EXIT] != 0)
-                exit_ = vcpu.run(
+                failed = vcpu.enter(
                     pid,
-                    immediate_exit=request.immediate_exit or (kicked is not None and kicked()),
+                    immediate_exit=request.immediate_exit or end.kicked(),
                     io_data=request.io_data,
                     hypercall_ret=request.hypercall_ret,
-                    interrupted=kicked,
                 )
-                return wire.RunReply(rid, exit_), None
+                if failed is not None:
+                    return wire.RunReply(rid, failed), None
+                self._cpu.add(_InRun(end, vcpu, rid))
+                return None
             case wire.GetApiVersion():
                 return wire.Ok(rid, host.get_api_version()), None
             case wire.CheckExtension():
@@ -426,8 +574,9 @@ class Daemon:
                     # args[0] is an fd: only an fd that came with the request can name a
                     # VM; a bare number names nothing here (EBADF from the model).
                     args[0] = self._vm_of_fd(fds[0]) if request.fd_arg == 0 and fds else None
-                result = vm.enable_cap(pid, request.cap, request.flags, args)
-                return wire.Ok(rid, result), None
+                return self._enable_cap(
+                    request, vm.enable_cap_steps(pid, request.cap, request.flags, args), args[0]
+                )
             case wire.SevIoctl():
                 assert vm is not None
                 fields = None if request.fields is None else dict(request.fields)
@@ -449,6 +598,68 @@ class Daemon:
                 vcpu.set_regs(pid, wire.regs_from_wire(request.regs))
                 return wire.Ok(rid), None
         raise AssertionError(f"no handler for {type(request).__name__}")  # pragma: no cover
+
+    def _enable_cap(
+        self,
+        request: wire.EnableCap,
+        steps: Generator[list[Vcpu], None, int],
+        source: int | Vm | None,
+    ) -> _Handled:
+        """Drive KVM_ENABLE_CAP. MOVE stops at section 1 step 7 with the vCPUs whose mutexes
+        it takes: when none is in KVM_RUN it goes on at once, otherwise it waits for them.
+        The source VM is referenced meanwhile, as the ioctl's fdget would hold its file."""
+        try:
+            needed = next(steps)
+        except StopIteration as done:
+            return wire.Ok(request.id, done.value), None
+        mutexes = [m for m in (self._mutexes.get(v) for v in needed) if m is not None]
+        taken: list[trio.Semaphore] = []
+        for mutex in mutexes:
+            if not _try_acquire(mutex):
+                break
+            taken.append(mutex)
+        else:
+            try:
+                return self._finish_steps(request, steps)
+            finally:
+                for mutex in taken:
+                    mutex.release()
+        for mutex in taken:  # keep the order of kvm_lock_all_vcpus: wait from here on
+            mutex.release()
+        held = source if isinstance(source, Vm) else None
+        if held is not None:
+            held.get()
+        return partial(self._enable_cap_waiting, request, steps, mutexes, held)
+
+    async def _enable_cap_waiting(
+        self,
+        request: wire.EnableCap,
+        steps: Generator[list[Vcpu], None, int],
+        mutexes: list[trio.Semaphore],
+        held: Vm | None,
+    ) -> _Answer:
+        taken: list[trio.Semaphore] = []
+        try:
+            for mutex in mutexes:
+                await mutex.acquire()
+                taken.append(mutex)
+            answer = self._answer(request, lambda: self._finish_steps(request, steps))
+            assert answer is not None and not callable(answer)
+            return answer
+        finally:
+            steps.close()  # after a cancellation: unwinds at step 7, as EINTR would
+            for mutex in taken:
+                mutex.release()
+            if held is not None:
+                held.put()
+
+    @staticmethod
+    def _finish_steps(request: wire.EnableCap, steps: Generator[list[Vcpu], None, int]) -> _Answer:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return wire.Ok(request.id, done.value), None
+        raise AssertionError("KVM_ENABLE_CAP stopped twice")  # pragma: no cover
 
     def _vm_of_fd(self, fd: int) -> Vm | None:
         """The VM whose client end `fd` is, or None: the kernel's file_is_kvm()."""
@@ -479,12 +690,15 @@ class Daemon:
             self._vms[key] = vm
             end = _End(ours, Kind.VM, vm=vm, key=key)
         else:
-            end = _End(ours, Kind.VCPU, vm=vm, vcpu=vcpu)
+            mutex = trio.Semaphore(1)
+            end = _End(ours, Kind.VCPU, vm=vm, vcpu=vcpu, mutex=mutex)
+            self._mutexes[vcpu] = mutex
         handout = [theirs.detach()]
         if vcpu is not None:
             try:
                 run_fd, end.run_page = _run_page()
             except OSError:
+                self._mutexes.pop(vcpu, None)
                 ours.close()
                 _close_fds(handout)
                 undo()
@@ -547,6 +761,7 @@ async def serve(
     socket_path: str | os.PathLike[str],
     host: Host,
     *,
+    quantum_ns: int = DEFAULT_QUANTUM_NS,
     task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `host` on a Unix SEQPACKET socket at `socket_path` until cancelled; the socket
@@ -555,13 +770,14 @@ async def serve(
     Args:
         socket_path: where to listen; the directory is created if missing.
         host: the model of the kernel.
+        quantum_ns: how long a vCPU in KVM_RUN runs before the next one's turn.
         task_status: `started()` with the socket's path once clients can connect.
 
     Raises:
         OSError: the socket cannot be bound (EADDRINUSE if a live daemon serves it).
     """
     path = Path(socket_path)
-    await _serve_bound(path, _bind(path), host, task_status=task_status)
+    await _serve_bound(path, _bind(path), host, quantum_ns=quantum_ns, task_status=task_status)
 
 
 async def _serve_bound(
@@ -569,12 +785,13 @@ async def _serve_bound(
     listener: socket.socket,
     host: Host,
     *,
+    quantum_ns: int = DEFAULT_QUANTUM_NS,
     task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     inode = path.lstat().st_ino
     try:
         async with trio.open_nursery() as nursery:
-            daemon = Daemon(host, nursery)
+            daemon = Daemon(host, nursery, quantum_ns=quantum_ns)
             nursery.start_soon(daemon.accept_loop, listener)
             task_status.started(path)
     finally:
@@ -593,6 +810,7 @@ async def run(
     host: Host,
     *,
     host_info: dict[str, Any],
+    quantum_ns: int = DEFAULT_QUANTUM_NS,
     out: IO[str] = sys.stdout,
 ) -> None:
     """`kvmstub serve`: serve until SIGTERM or SIGINT, print one ready line, remove the
@@ -605,9 +823,9 @@ async def run(
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         listener = _bind(path)  # before the nursery, so that a failure is a plain OSError
         async with trio.open_nursery() as nursery:
-            await nursery.start(partial(_serve_bound, path, listener, host))
+            await nursery.start(partial(_serve_bound, path, listener, host, quantum_ns=quantum_ns))
             # Everything alive now lives as long as the daemon: keep it out of the cyclic
-            # collector's scans, whose pauses every guest would feel (KVM_RUN runs inline).
+            # collector's scans, whose pauses every guest would feel (guests run in here).
             gc.collect()
             gc.freeze()
             print(ready_line(path, host_info), file=out, flush=True)

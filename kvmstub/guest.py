@@ -117,7 +117,8 @@ _U32 = 0xFFFFFFFF
 MAX_STEPS_PER_SLICE = 1 << 16
 """A slice also ends after this many steps, so a clock that stalls cannot hang KVM_RUN."""
 
-_INTR = RunExit(KVM_EXIT_INTR)
+INTR_EXIT = RunExit(KVM_EXIT_INTR)
+"""The exit of a slice that ran out (or was interrupted): always this very object."""
 _SHUTDOWN = RunExit(KVM_EXIT_SHUTDOWN)
 _DOORBELL_IN_EXIT = RunExit(KVM_EXIT_IO, io=IoExit(KVM_EXIT_IO_IN, DOORBELL_IN_PORT, 4, 1))
 
@@ -282,7 +283,7 @@ def run_slice(
     flips = regs.r14 & m
     reason = regs.r15 & m
     steps = 0
-    exit_ = _INTR
+    exit_ = INTR_EXIT
     read_page = mem.read_page
     write_page = mem.write_page
     record = _RECORD.pack
@@ -448,7 +449,7 @@ def run_slice(
             reason,
         ):
             raise
-        exit_ = _INTR
+        exit_ = INTR_EXIT
 
     new = Regs(
         rax=rax,

@@ -67,10 +67,12 @@ Choices where the kernel or firmware leaves the model free (each marked where it
 - `move_into_dead_ok` (reference section 2, "Pending change"): VM ioctls then skip the
   vm_dead half of the gate, so MOVE back into a moved-from VM succeeds; vCPU creation and
   vCPU ioctls on a dead VM still fail with EIO (Sean Christopherson's stated plan).
-- Lock steps cannot be interrupted here (no signals): the EINTR paths of sev_lock_two_vms and
-  kvm_lock_all_vcpus never fire. Contention is `SevInfo.migration_in_progress`, which a test
-  may set to prove EBUSY. vCPU creation is atomic; `Vm.created_vcpus` may be raised by a test
-  to stand for a creation in flight.
+- The VM locks of sev_lock_two_vms are never contended here (no signals: its EINTR never
+  fires). kvm_lock_all_vcpus (MOVE step 7) is a real wait: `Vm.enable_cap_steps` yields the
+  vCPUs whose mutexes MOVE needs and the daemon resumes it once no KVM_RUN holds them.
+  Contention is `SevInfo.migration_in_progress`, which a test may set to prove EBUSY. vCPU
+  creation is atomic; `Vm.created_vcpus` may be raised by a test to stand for a creation in
+  flight.
 - Misc cgroups are flat: every cgroup is a child of the root "/", charges go to both, and
   each level checks its max and the capacity (misc_cg_try_charge: EBUSY over the limit,
   EINVAL for a zero capacity). `Host(cgroup_of=...)` maps an mm to its cgroup; by default
@@ -95,7 +97,7 @@ import errno
 import hashlib
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -615,6 +617,7 @@ class Vcpu:
         self.guest_state_protected = False
         self.pending: RunExit | None = None
         self.steps = 0
+        self.slice_left_ns = 0  # guest time left in the current KVM_RUN's slice
         self.fd_open = True
 
     def _gate(self, mm: int, what: str) -> None:
@@ -671,17 +674,46 @@ class Vcpu:
         """KVM_RUN: complete the pending exit, then run the guest for one slice.
 
         `interrupted` stands for a signal sent to the vCPU thread: checked between guest
-        steps, it ends the slice early with KVM_EXIT_INTR (the VMM's kick)."""
+        steps, it ends the slice early with KVM_EXIT_INTR (the VMM's kick). The daemon,
+        which interleaves the vCPUs of every VM, calls `enter` and then `run_for` in
+        quanta instead; this is the two in one go."""
+        failed = self.enter(
+            mm, immediate_exit=immediate_exit, io_data=io_data, hypercall_ret=hypercall_ret
+        )
+        if failed is not None:
+            return failed
+        exit_ = self.run_for(self.vm.host.slice_ns, interrupted)
+        return guest_program.INTR_EXIT if exit_ is None else exit_
+
+    def enter(
+        self,
+        mm: int,
+        *,
+        immediate_exit: bool = False,
+        io_data: bytes | None = None,
+        hypercall_ret: int | None = None,
+    ) -> RunExit | None:
+        """KVM_RUN up to the guest entry: the gate, the completion of the pending exit,
+        immediate_exit (EINTR), then the entry checks. Returns the exit KVM_RUN ends with
+        when the guest cannot be entered (KVM_EXIT_FAIL_ENTRY), None once it is entered; a
+        new slice of `Host.slice_ns` guest time starts."""
         self._gate(mm, "KVM_RUN")
-        vm = self.vm
-        host = vm.host
         # kvm_arch_vcpu_ioctl_run: complete_userspace_io first, then immediate_exit -> EINTR.
         self._complete_pending(io_data, hypercall_ret)
         if immediate_exit:
             raise _err(errno.EINTR, "KVM_RUN: immediate_exit")
+        pages = self._guest_pages()
+        if isinstance(pages, RunExit):
+            return pages
+        self.slice_left_ns = self.vm.host.slice_ns
+        return None
+
+    def _guest_pages(self) -> _GuestPages | RunExit:
+        """What the guest's accesses go through, or the exit of a failed VM entry."""
+        vm = self.vm
         vek: bytes | None = None
         if vm.sev.active:
-            ctx = host.firmware.contexts.get(vm.sev.handle) if vm.sev.handle else None
+            ctx = vm.host.firmware.contexts.get(vm.sev.handle) if vm.sev.handle else None
             if ctx is None or ctx.asid != vm.sev.asid:
                 return RunExit(exit_reason=KVM_EXIT_FAIL_ENTRY)
             if vm.sev.es_active and not self.guest_state_protected:
@@ -690,18 +722,38 @@ class Vcpu:
         memory = vm.memory
         if memory is None:
             raise _err(errno.EFAULT, f"KVM_RUN: VM {vm.id} has no memory slots")
-        exit_hypercall = bool(vm.exit_hypercall & KVM_EXIT_HYPERCALL_VALID_MASK)
+        return _GuestPages(memory, vek)
+
+    def run_for(
+        self, budget_ns: int, interrupted: Callable[[], bool] | None = None
+    ) -> RunExit | None:
+        """Run the entered guest for up to `budget_ns` (and no longer than what is left of
+        its slice). Returns the exit that ends this KVM_RUN (an exit for the VMM, or
+        KVM_EXIT_INTR when the slice is spent or `interrupted` said so), or None when only
+        the budget is spent: the vCPU is still in KVM_RUN and runs on when called again.
+        Registers and memory are consistent between calls, whatever happens."""
+        pages = self._guest_pages()
+        if isinstance(pages, RunExit):
+            return pages
+        host = self.vm.host
+        clock = host.clock
+        now = clock()
+        budget = min(budget_ns, self.slice_left_ns)
         regs, run_exit, steps = guest_program.run_slice(
             self._live_regs(),
-            _GuestPages(memory, vek),
-            now_ns=host.clock(),
-            budget_ns=host.slice_ns,
-            clock=host.clock,
-            exit_hypercall=exit_hypercall,
+            pages,
+            now_ns=now,
+            budget_ns=budget,
+            clock=clock,
+            exit_hypercall=bool(self.vm.exit_hypercall & KVM_EXIT_HYPERCALL_VALID_MASK),
             interrupted=interrupted,
         )
         self._set_live_regs(regs)
         self.steps += steps
+        if run_exit is guest_program.INTR_EXIT and not (interrupted is not None and interrupted()):
+            self.slice_left_ns -= clock() - now
+            if self.slice_left_ns > 0:
+                return None  # only this quantum is spent
         self.pending = run_exit
         return run_exit
 
@@ -868,13 +920,30 @@ class Vm:
     # -- KVM_ENABLE_CAP
 
     def enable_cap(self, mm: int, cap: int, flags: int, args: Sequence[int | Vm | None]) -> int:
-        """KVM_ENABLE_CAP on this VM (x86 kvm_vm_ioctl_enable_cap)."""
+        """KVM_ENABLE_CAP on this VM (x86 kvm_vm_ioctl_enable_cap), for a caller that runs
+        no vCPU meanwhile: every vCPU mutex MOVE asks for is free."""
+        steps = self.enable_cap_steps(mm, cap, flags, args)
+        try:
+            while True:
+                next(steps)
+        except StopIteration as done:
+            result: int = done.value
+            return result
+
+    def enable_cap_steps(
+        self, mm: int, cap: int, flags: int, args: Sequence[int | Vm | None]
+    ) -> Generator[list[Vcpu], None, int]:
+        """KVM_ENABLE_CAP as a generator. MOVE yields once, at section 1 step 7, the vCPUs
+        whose mutexes it takes (the destination's, then the source's): the caller resumes
+        it once it holds them all (a vCPU in KVM_RUN holds its own) and releases them when
+        the generator has finished. Closing it at the yield unwinds everything, as the
+        killable lock's EINTR does. Other capabilities never yield."""
         self._gate(mm, "KVM_ENABLE_CAP")  # section 1 step 1
         if flags:  # section 1 step 2
             raise _err(errno.EINVAL, f"KVM_ENABLE_CAP({cap}): flags must be 0")
         arg0 = args[0] if args else 0
         if cap == uapi.KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM:
-            self._move_enc_context_from(mm, arg0)
+            yield from self._move_enc_context_from(mm, arg0)
             return 0
         if cap == uapi.KVM_CAP_VM_COPY_ENC_CONTEXT_FROM:
             self._copy_enc_context_from(arg0)
@@ -911,8 +980,11 @@ class Vm:
         self.sev.migration_in_progress = False
         src.sev.migration_in_progress = False
 
-    def _move_enc_context_from(self, mm: int, arg: int | Vm | None) -> None:
-        """sev_vm_move_enc_context_from: the checks of section 1 in order, then section 2."""
+    def _move_enc_context_from(
+        self, mm: int, arg: int | Vm | None
+    ) -> Generator[list[Vcpu], None, None]:
+        """sev_vm_move_enc_context_from: the checks of section 1 in order, then section 2.
+        Yields at step 7 (see `enable_cap_steps`)."""
         what = "MOVE_ENC_CONTEXT_FROM"
         src = self._source_vm(arg, what)  # step 3
         self._lock_two_vms(src, what)  # step 4
@@ -933,11 +1005,13 @@ class Vm:
             if charged:
                 cgroups.try_charge(dst_cg, resource)
             try:
-                # Step 7: kvm_lock_all_vcpus(dst), then (src): never EINTR here.
+                # Step 7: kvm_lock_all_vcpus(dst), then (src), with the VM locks and the
+                # migration flags held: a vCPU in KVM_RUN makes the caller wait here.
+                yield [*self.vcpus, *src.vcpus]
                 # Step 8: sev_check_source_vcpus.
                 self._check_source_vcpus(src, what)
-            except OSError:
-                if charged:  # unwind: nothing changes on failure
+            except BaseException:
+                if charged:  # unwind: nothing changes on failure (or on EINTR at step 7)
                     cgroups.uncharge(dst_cg, resource)
                 raise
             # Step 9 (have_run_cpus ENOMEM) cannot fail here. Step 10: migrate, kill src.
