@@ -229,9 +229,11 @@ class _Cpu:
         if self._idle:
             self._idle.unpark_all()
 
-    def drop(self, end: _End) -> None:
-        """The vCPU's fd was released under a run: forget the run (its mutex goes with it)."""
+    def drop(self, end: _End) -> bool:
+        """The vCPU's fd was released: forget its run, if it was in one (True)."""
+        before = len(self._queue)
         self._queue = deque(r for r in self._queue if r.end is not end)
+        return len(self._queue) != before
 
     async def loop(self) -> None:
         queue_ns = self._quantum_ns
@@ -339,7 +341,10 @@ class Daemon:
         """The client end's last copy is closed (or we are shutting down): drop the fd."""
         end.sock.close()
         if end.mutex is not None:
-            self._cpu.drop(end)
+            if self._cpu.drop(end):
+                # The run's mutex, which a MOVE at step 7 may be waiting for. (In the kernel
+                # a KVM_RUN in flight holds its file; here the run ends with its last fd.)
+                end.mutex.release()
             if end.vcpu is not None:
                 self._mutexes.pop(end.vcpu, None)
         if end.run_page is not None:
