@@ -69,6 +69,37 @@ def parse(text_lines: Iterable[str], report: SerialReport | None = None) -> Seri
     return report
 
 
+class SerialTail:
+    """Follows growing serial logs, parsing only what was appended since the last read (a
+    reader that re-parsed whole logs would take a CPU from the guest it watches)."""
+
+    def __init__(self) -> None:
+        self._report = SerialReport()
+        self._offsets: dict[str, int] = {}
+        self._partial: dict[str, str] = {}
+
+    def read(self, paths: Iterable[str]) -> SerialReport:
+        """Everything in `paths` so far, in order: a snapshot the next read does not change.
+        A line still being written waits for its newline."""
+        for path in paths:
+            try:
+                with open(path, encoding="ascii", errors="replace") as f:
+                    f.seek(self._offsets.get(path, 0))
+                    text = self._partial.pop(path, "") + f.read()
+                    self._offsets[path] = f.tell()
+            except FileNotFoundError:
+                continue
+            complete, _, rest = text.rpartition("\n")
+            if rest:
+                self._partial[path] = rest
+            if complete:
+                parse(complete.split("\n"), self._report)
+        r = self._report
+        return SerialReport(
+            {v: list(entries) for v, entries in r.lines.items()}, list(r.panics), list(r.garbage)
+        )
+
+
 def read_logs(paths: Iterable[str]) -> SerialReport:
     """Parse several logs in order (a handoff may change the serial log path)."""
     report = SerialReport()

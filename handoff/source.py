@@ -258,10 +258,14 @@ async def _hand_off(
 
         # ---- blackout: the guest is paused from here until the target resumes it.
         app.emit("HANDOFF", {"id": rec.id, "status": "device"})
-        t_pause = time.perf_counter()
-        requests0, messages0 = client.requests_made(), peer.messages
         if app.control is not None:
             app.control.stop_accepting()
+        # Let vCPU tasks holding an exit issue their next KVM_RUN before the kick: a vCPU in
+        # KVM_RUN runs until the kick stops it within a quantum, while one left waiting on
+        # this task would stop early and lengthen the pause the guest sees.
+        await trio.lowlevel.checkpoint()
+        t_pause = time.perf_counter()
+        requests0, messages0 = client.requests_made(), peer.messages
         # One limit for the whole blackout, whatever step stalls (a hung target, or a stuck
         # step of our own): past it the failure rules take the guest back. Copying memory
         # (the --copy-memory baseline) takes as long as memory is large, so it has none.

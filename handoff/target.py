@@ -327,9 +327,11 @@ async def _receive(app: App, chan: Channel, nursery: trio.Nursery) -> bool:
     vmm.resume()
     rec.phase("resume")
     rec.downtime_ms = round((time.perf_counter() - t_sw) * 1e3, 3)
-    # The bookkeeping below is not urgent: a checkpoint between its pieces lets a vCPU task
-    # whose KVM_RUN came back issue the next one at once, so none of it lengthens the pause.
-    await trio.lowlevel.checkpoint()
+    # The bookkeeping below is not urgent. It waits until the guest has settled here (its
+    # first exits served while the old VMM exits and the host's CPUs are busiest), then
+    # runs in pieces with a checkpoint between them, so that a vCPU task whose KVM_RUN came
+    # back issues the next one at once. Clients of the control socket wait in its backlog.
+    await trio.sleep(SETTLE_SECONDS)
     _rename_control(app, control_path)
     await trio.lowlevel.checkpoint()
     app.start_control(nursery)
@@ -343,6 +345,11 @@ async def _receive(app: App, chan: Channel, nursery: trio.Nursery) -> bool:
     if pidfd is not None:
         os.close(pidfd)
     return True
+
+
+SETTLE_SECONDS = 0.02
+"""How long after the resume the new VMM leaves its bookkeeping (control socket, records,
+runtime entry, READY=1) to the vCPU tasks' turn."""
 
 
 def _rename_control(app: App, have: str) -> None:

@@ -57,7 +57,7 @@ from kvmstub import client
 from . import ops
 from .cli import strip_flags
 from .qmp_client import QMPClient
-from .seriallog import SerialReport, read_logs
+from .seriallog import SerialReport, SerialTail
 
 PROGRAM = [sys.executable, "-m", "handoff.cli"]
 _UCRED = struct.Struct("iII")
@@ -91,6 +91,7 @@ class VmmProcess:
         self.vcpus = vcpus
         self.control = str(self.runtime_dir / f"{name}.qmp")
         self.serial_logs = [str(self.dir / f"{name}-serial-0.log")]
+        self._tail = SerialTail()
         self.log_path = self.dir / f"{name}-vmm.log"
         self.argv = [
             *PROGRAM, "run", "--name", name, "--mode", mode, "--vcpus", str(vcpus),
@@ -169,7 +170,7 @@ class VmmProcess:
                     return data
 
     def report(self) -> SerialReport:
-        return read_logs(self.serial_logs)
+        return self._tail.read(self.serial_logs)
 
     async def wait_lines(self, more: int = 3, timeout: float = 20) -> SerialReport:
         """Wait until every vCPU printed `more` lines beyond what the log holds now."""

@@ -33,6 +33,7 @@ from handoff.config import parse_size
 from handoff.testing import VmmProcess
 
 TOOLS = Path(__file__).resolve().parent
+OBSERVER_QUIET_S = 0.1
 
 
 def progress(text: str) -> None:
@@ -106,6 +107,9 @@ async def run_config(cfg: Config, n: int, workdir: Path, kvm_sock: Path, idx: in
                 progress(f"  [{i + 1}/{n}] failed: {result.get('error-desc')}")
                 continue
             seqs = {v: s for v, s in enumerate(result.get("pause-seqs") or []) if s >= 0}
+            # Stay off the CPUs while the guest's first lines after the pause are written:
+            # the observer must not take them from the VMM and kvmstub it measures.
+            await trio.sleep(OBSERVER_QUIET_S)
             report = await vmm.wait_lines(more=2, timeout=60)
             pause = report.max_gap_after(seqs, lines=1) if seqs else None
             ordinary = [
