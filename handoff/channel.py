@@ -29,9 +29,11 @@ import contextlib
 import errno
 import os
 import pwd
+import select
 import socket
 import stat
 import struct
+import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -150,6 +152,19 @@ def _user_name(uid: int) -> str:
         return f"uid {uid}"
 
 
+def _poll_fd(fd: int, events: int, seconds: float) -> bool:
+    """Whether `fd` became ready for `events` (or hung up) within `seconds`, in poll(2)."""
+    poller = select.poll()
+    poller.register(fd, events)
+    return bool(poller.poll(max(1, int(seconds * 1000) + 1)))
+
+
+def _close_fds(fds: Iterable[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
 def _reason(exc: OSError) -> str:
     return os.strerror(exc.errno) if exc.errno is not None else str(exc)
 
@@ -244,6 +259,66 @@ class Channel:
             break
         await trio.lowlevel.cancel_shielded_checkpoint()
 
+    def send_now(self, data: bytes, fds: Sequence[int] = (), timeout: float = 1.0) -> None:
+        """`send` without yielding to other tasks: for the blackout's few small messages,
+        where every trip through the scheduler lengthens the guest's pause. Blocks this thread
+        (every task of it) only while the socket buffer is full, at most `timeout` seconds.
+
+        Raises:
+            TransportError: as `send`, or the buffer stayed full for `timeout` seconds.
+        """
+        if not data:
+            raise ValueError("a handoff datagram must carry at least one byte")
+        ancdata = (
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+        )
+        self._check_open()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._sock.sendmsg([data], ancdata)
+            except BlockingIOError:
+                self._poll(select.POLLOUT, deadline, "sending a handoff message")
+                continue
+            except OSError as exc:
+                raise self._send_error(exc, len(data)) from exc
+            return
+
+    def receive_now(
+        self, max_fds: int, timeout: float, max_size: int = MAX_MESSAGE_SIZE
+    ) -> tuple[bytes | None, list[int]]:
+        """`receive` without yielding to other tasks (see `send_now`): waits in poll(2),
+        blocking this thread, at most `timeout` seconds.
+
+        Raises:
+            trio.TooSlowError: nothing arrived within `timeout` seconds.
+            TransportError: as `receive`.
+        """
+        self._check_open()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                data, ancdata, flags, _ = self._sock.recvmsg(
+                    max_size, _ANC_BUFSIZE, socket.MSG_CMSG_CLOEXEC
+                )
+            except BlockingIOError:
+                self._poll(select.POLLIN, deadline, None)
+                continue
+            except ConnectionResetError:
+                data, ancdata, flags = b"", [], 0
+            except OSError as exc:
+                raise _transport_error("receiving on the handoff connection failed", exc) from exc
+            return self._take_datagram(data, ancdata, flags, max_fds, max_size)
+
+    def _poll(self, events: int, deadline: float, sending: str | None) -> None:
+        """Wait in poll(2) until the socket is ready for `events` or `deadline` passes."""
+        left = deadline - time.monotonic()
+        ready = left > 0 and _poll_fd(self._sock.fileno(), events, left)
+        if not ready:
+            if sending is not None:
+                raise TransportError(f"{sending}: the peer's socket buffer stayed full")
+            raise trio.TooSlowError
+
     async def receive(
         self, max_fds: int, max_size: int = MAX_MESSAGE_SIZE
     ) -> tuple[bytes | None, list[int]]:
@@ -278,13 +353,29 @@ class Channel:
             except OSError as exc:
                 raise _transport_error("receiving on the handoff connection failed", exc) from exc
             break
+        received = self._take_datagram(data, ancdata, flags, max_fds, max_size)
+        try:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        except BaseException:
+            _close_fds(received[1])
+            raise
+        return received
+
+    def _take_datagram(
+        self,
+        data: bytes,
+        ancdata: list[tuple[int, int, bytes]],
+        flags: int,
+        max_fds: int,
+        max_size: int,
+    ) -> tuple[bytes | None, list[int]]:
+        """Own the fds that came, check the datagram; `(None, [])` for end of file."""
         with OwnedFds() as owned:
             for level, kind, payload in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     usable = len(payload) - len(payload) % _FD_SIZE
                     owned.extend(array.array("i", payload[:usable]))
             self._check_datagram(data, owned, flags, max_fds, max_size)
-            await trio.lowlevel.cancel_shielded_checkpoint()
             if not data:
                 return None, []
             return data, owned.take()

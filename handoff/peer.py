@@ -54,10 +54,34 @@ class Peer:
             with trio.fail_after(self.timeout if timeout is None else timeout):
                 data, fds = await self.chan.receive(MAX_FDS)
         except trio.TooSlowError:
-            raise HandoffTimeout(
-                f"the peer sent nothing for {self.timeout:g} s while we waited for "
-                f"{expect.__name__}"
-            ) from None
+            raise self._timed_out(expect, timeout) from None
+        return self._judge(expect, data, fds)
+
+    def send_now(self, msg: protocol.Message, fds: Sequence[int] = ()) -> None:
+        """`send` without yielding to other tasks: the blackout's critical path, where each
+        trip through the scheduler lengthens the guest's pause (see Channel.send_now)."""
+        data = self.conn.send(msg)
+        self.chan.send_now(data, fds, self.timeout)
+        self.messages += 1
+
+    def receive_now(self, expect: type[M], timeout: float | None = None) -> tuple[M, OwnedFds]:
+        """`receive` without yielding to other tasks: this thread waits in poll(2), at most
+        `timeout` seconds (default: the peer timeout). Only for the blackout's replies, which
+        come within milliseconds; nothing else of this process runs meanwhile."""
+        try:
+            data, fds = self.chan.receive_now(MAX_FDS, self.timeout if timeout is None else timeout)
+        except trio.TooSlowError:
+            raise self._timed_out(expect, timeout) from None
+        return self._judge(expect, data, fds)
+
+    def _timed_out(self, expect: type, timeout: float | None) -> HandoffTimeout:
+        waited = self.timeout if timeout is None else timeout
+        return HandoffTimeout(
+            f"the peer sent nothing for {waited:g} s while we waited for {expect.__name__}"
+        )
+
+    def _judge(self, expect: type[M], data: bytes | None, fds: list[int]) -> tuple[M, OwnedFds]:
+        """Let the machine judge one datagram; the message and its fds, owned, if expected."""
         owned = OwnedFds(fds)
         self.messages += 1
         try:

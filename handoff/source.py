@@ -30,7 +30,7 @@ import signal
 import socket
 import subprocess
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
@@ -47,6 +47,8 @@ if TYPE_CHECKING:
     from .record import HandoffRecord
 
 log = logging.getLogger("handoff.source")
+
+M = TypeVar("M")
 
 SETUP_TIMEOUTS = 4  # the setup (connect .. Prepared) may take this many --handoff-timeouts
 
@@ -168,6 +170,18 @@ async def _wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> bool:
     return False
 
 
+def yield_cpus() -> None:
+    """Lowest CPU priority for a VMM that has handed its guest on. Nice alone is not enough:
+    with the scheduler's autogroups (the default on desktop and many server kernels) every
+    session shares the CPUs as one group whatever its tasks' nice, and the successor runs in
+    its own session; a running old VMM then kept the successor's first vCPU exits waiting
+    for milliseconds. So the autogroup is lowered too (a process may always lower its own)."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, 0, 19)
+    with contextlib.suppress(OSError), open("/proc/self/autogroup", "w") as f:
+        f.write("19")
+
+
 async def hand_off(
     app: App,
     path: str,
@@ -270,6 +284,23 @@ async def _hand_off(
         # step of our own): past it the failure rules take the guest back. Copying memory
         # (the --copy-memory baseline) takes as long as memory is large, so it has none.
         limit = math.inf if copy_memory else flags.handoff_timeout
+        too_late = (
+            f"the handoff did not finish within {limit:g} s of the pause "
+            "(--handoff-timeout); taking the guest back"
+        )
+        deadline = time.monotonic() + limit
+
+        async def reply(expect: type[M]) -> M:
+            """The target's next message. Inside the blackout it is awaited without yielding
+            to other tasks (Peer.receive_now): nothing else here may run before it, and each
+            trip through the scheduler would lengthen the pause."""
+            if copy_memory:
+                return (await peer.receive(expect))[0]
+            try:
+                return peer.receive_now(expect, max(0.001, deadline - time.monotonic()))[0]
+            except HandoffTimeout:
+                raise HandoffTimeout(too_late) from None
+
         with trio.move_on_after(limit) as blackout:
             paused = True  # (set first: a pause cut short by the deadline is undone too)
             await vmm.pause()
@@ -280,30 +311,26 @@ async def _hand_off(
             devices = vmm.devices.snapshot()
             rec.phase("pause")
             assert vmm.vm is not None
-            await peer.send(messages.switchover_from(devices, regs), [vmm.vm.fileno()])
+            peer.send_now(messages.switchover_from(devices, regs), [vmm.vm.fileno()])
             switched = True
             if stream is not None:
                 await vmm.send_memory(stream)
                 stream.close()
                 stream = None
             await app.faults.point("source", "switchover", peer)
-            await peer.receive(protocol.Moved)
+            await reply(protocol.Moved)
             await app.faults.point("source", "moved", peer)
             rec.phase("switchover")
-            await peer.send(protocol.Commit())
+            peer.send_now(protocol.Commit())
             committed = True
             await app.faults.point("source", "commit", peer)
             rec.phase("commit")
-            await peer.receive(protocol.Resumed)
+            await reply(protocol.Resumed)
         if blackout.cancelled_caught:
-            raise HandoffTimeout(
-                f"the handoff did not finish within {limit:g} s of the pause "
-                "(--handoff-timeout); taking the guest back"
-            )
+            raise HandoffTimeout(too_late)
         # From here this process only tears down: let the target and kvmstub have the CPUs
         # while the guest's first slices run there (on a small host this is the pause tail).
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, 0, 19)
+        yield_cpus()
         rec.phase("resume")
         rec.downtime_ms = round((time.perf_counter() - t_pause) * 1e3, 3)
         rec.requests_in_pause = client.requests_made() - requests0
