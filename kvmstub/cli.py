@@ -87,8 +87,9 @@ def _parser() -> argparse.ArgumentParser:
         type=_int_in(1, 1_000_000),
         default=None,
         metavar="N",
-        help="how long each vCPU in KVM_RUN runs before the next one's turn; every vCPU of "
-        "every VM takes turns on the daemon's CPU (default: 30)",
+        help="how long each vCPU in KVM_RUN runs before the next one's turn while at most 4 "
+        "take turns (shorter when more do); every vCPU of every VM takes turns on the "
+        "daemon's CPU (default: 30)",
     )
     serve.add_argument(
         "--log-level",

@@ -205,7 +205,9 @@ def _hung_up(sock: socket.socket) -> bool:
 
 
 DEFAULT_QUANTUM_NS = 30_000
-"""How long one vCPU in KVM_RUN runs before the next one's turn (a few guest steps)."""
+"""How long one vCPU in KVM_RUN runs before the next one's turn (a few guest steps), while at
+most _ROTATION vCPUs take turns; shorter when more do."""
+_ROTATION = 4
 
 
 class _Cpu:
@@ -235,16 +237,25 @@ class _Cpu:
         self._queue = deque(r for r in self._queue if r.end is not end)
         return len(self._queue) != before
 
+    def quantum_ns(self) -> int:
+        """This turn's length: the full quantum while a few vCPUs take turns, shrinking as
+        more do, so that a vCPU waits about _ROTATION quanta between turns however many are
+        in KVM_RUN (at least one guest step per turn, whatever the quantum)."""
+        waiting = len(self._queue)
+        if waiting <= _ROTATION:
+            return self._quantum_ns
+        return self._quantum_ns * _ROTATION // waiting
+
     async def loop(self) -> None:
-        queue_ns = self._quantum_ns
         while True:
             if not self._queue:
                 await self._idle.park()
                 continue
+            quantum_ns = self.quantum_ns()
             run = self._queue.popleft()
             reply: wire.Reply
             try:
-                exit_ = run.vcpu.run_for(queue_ns, run.end.kicked)
+                exit_ = run.vcpu.run_for(quantum_ns, run.end.kicked)
             except OSError as e:
                 reply = _error(run.rid, e.errno or errno.EFAULT, e.strerror or str(e))
             except Exception as e:

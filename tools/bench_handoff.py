@@ -266,6 +266,9 @@ def main() -> int:
     p.add_argument("--sweep", action="store_true", help="the whole sweep (see above)")
     p.add_argument("--quick", action="store_true", help="sweep with 5 handoffs, no 256 vCPUs")
     p.add_argument("--slice-us", type=int, default=None, help="kvmstub's KVM_RUN slice")
+    p.add_argument(
+        "--quantum-us", type=int, default=None, help="kvmstub's turn per vCPU in KVM_RUN"
+    )
     p.add_argument("--json", help="write the raw figures here")
     p.add_argument("--plot", help="write a PNG plot here (needs matplotlib)")
     args = p.parse_args()
@@ -281,7 +284,8 @@ def main() -> int:
         kvm_sock = workdir / "kvm.sock"
         daemon = subprocess.Popen(
             [sys.executable, "-m", "kvmstub.cli", "serve", "--socket", str(kvm_sock)]
-            + (["--slice-us", str(args.slice_us)] if args.slice_us else []),
+            + (["--slice-us", str(args.slice_us)] if args.slice_us else [])
+            + (["--quantum-us", str(args.quantum_us)] if args.quantum_us else []),
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
         )
