@@ -159,6 +159,17 @@ def _poll_fd(fd: int, events: int, seconds: float) -> bool:
     return bool(poller.poll(max(1, int(seconds * 1000) + 1)))
 
 
+def _ancillary(data: bytes, fds: Sequence[int]) -> list[tuple[int, int, bytes]]:
+    """The SCM_RIGHTS part of a datagram, after checking what the kernel would refuse."""
+    if not data:
+        raise ValueError("a handoff datagram must carry at least one byte")
+    if len(fds) > MAX_FDS_PER_MESSAGE:
+        raise ValueError(f"{len(fds)} fds in one datagram; the kernel allows at most 253")
+    if not fds:
+        return []
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+
+
 def _close_fds(fds: Iterable[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
@@ -239,13 +250,7 @@ class Channel:
             TransportError: the peer is gone (errno EPIPE), the message is larger than the
                 socket allows (EMSGSIZE), or another socket failure.
         """
-        if not data:
-            raise ValueError("a handoff datagram must carry at least one byte")
-        if len(fds) > MAX_FDS_PER_MESSAGE:
-            raise ValueError(f"{len(fds)} fds in one datagram; the kernel allows at most 253")
-        ancdata = (
-            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
-        )
+        ancdata = _ancillary(data, fds)
         self._check_open()
         await trio.lowlevel.checkpoint_if_cancelled()
         while True:
@@ -267,11 +272,7 @@ class Channel:
         Raises:
             TransportError: as `send`, or the buffer stayed full for `timeout` seconds.
         """
-        if not data:
-            raise ValueError("a handoff datagram must carry at least one byte")
-        ancdata = (
-            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
-        )
+        ancdata = _ancillary(data, fds)
         self._check_open()
         deadline = time.monotonic() + timeout
         while True:

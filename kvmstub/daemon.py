@@ -227,7 +227,10 @@ class _Cpu:
         return len(self._queue)
 
     def add(self, run: _InRun) -> None:
-        self._queue.append(run)
+        """A vCPU entering KVM_RUN takes the next turn: it comes back from its VMM (an exit
+        served, a pause lifted), as a thread just woken is favoured by the host's scheduler;
+        the vCPUs it passes have had their turns meanwhile."""
+        self._queue.appendleft(run)
         if self._idle:
             self._idle.unpark_all()
 

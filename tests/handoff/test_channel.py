@@ -14,6 +14,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -359,6 +360,328 @@ async def test_a_cancelled_receive_consumes_nothing() -> None:
     assert await b.receive(max_fds=0) == (b"after the timeout", [])
     a.close()
     b.close()
+
+
+async def test_receive_still_hands_over_a_datagram_and_its_fds_then_eof() -> None:
+    # A regression check of the refactor that moved the datagram checks into _take_datagram.
+    a, b = socketpair()
+    m1, m2 = make_memfd(b"one"), make_memfd(b"two")
+    try:
+        await a.send(b"with two fds", [m1, m2])
+        a.close()
+        data, fds = await b.receive(max_fds=2)
+        assert data == b"with two fds"
+        assert [os.pread(fd, 3, 0) for fd in fds] == [b"one", b"two"]
+        assert all(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC for fd in fds)
+        OwnedFds(fds).close()
+        assert await b.receive(max_fds=2) == (None, [])
+    finally:
+        os.close(m1)
+        os.close(m2)
+        b.close()
+
+
+async def test_a_receive_cancelled_during_its_last_schedule_point_still_returns_the_datagram(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The last checkpoint is shielded: a cancellation arriving there is delivered at the next
+    # checkpoint, after the caller has taken the datagram and its fds.
+    a, b = socketpair()
+    memfd = make_memfd(b"kept")
+    real_checkpoint = trio.lowlevel.cancel_shielded_checkpoint
+    try:
+        await a.send(b"arrives", [memfd])
+        got: list[tuple[bytes | None, list[int]]] = []
+        with trio.CancelScope() as scope:
+
+            async def cancel_meanwhile() -> None:
+                scope.cancel()
+                await real_checkpoint()
+
+            monkeypatch.setattr(trio.lowlevel, "cancel_shielded_checkpoint", cancel_meanwhile)
+            got.append(await b.receive(max_fds=1))
+            monkeypatch.undo()
+            await trio.lowlevel.checkpoint()
+        assert scope.cancelled_caught
+        ((data, fds),) = got
+        assert data == b"arrives"
+        assert [os.pread(fd, 4, 0) for fd in fds] == [b"kept"]
+        OwnedFds(fds).close()
+    finally:
+        os.close(memfd)
+        a.close()
+        b.close()
+
+
+async def test_a_receive_interrupted_at_its_last_schedule_point_closes_the_fds_it_took(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    a, b = socketpair()
+    memfd = make_memfd()
+    try:
+        await a.send(b"lost with its fds closed", [memfd, memfd])
+        before = open_fds()
+        with trio.CancelScope() as scope:
+
+            async def cancelled_here() -> None:
+                scope.cancel()
+                await trio.lowlevel.checkpoint()  # not shielded: Cancelled is raised here
+
+            monkeypatch.setattr(trio.lowlevel, "cancel_shielded_checkpoint", cancelled_here)
+            await b.receive(max_fds=2)
+            pytest.fail("the receive should have been cancelled")
+        monkeypatch.undo()
+        assert scope.cancelled_caught
+        assert open_fds() == before
+    finally:
+        os.close(memfd)
+        a.close()
+        b.close()
+
+
+# -- send_now and receive_now: the same, without yielding to other tasks ------------------------
+
+
+def filled_pair() -> tuple[Channel, socket.socket, int]:
+    """A channel whose peer (a bare blocking socket) has not read anything and whose buffer is
+    full, and how many 1 KiB filler datagrams it took to fill it."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    count = 0
+    while True:
+        try:
+            ours.send(b"f" * 1024)
+        except BlockingIOError:
+            break
+        count += 1
+    return Channel(ours), theirs, count
+
+
+async def test_send_now_and_receive_now_carry_a_datagram_and_its_fds() -> None:
+    a, b = socketpair()
+    memfd = make_memfd(b"page zero")
+    try:
+        a.send_now(b"switchover", [memfd])
+        data, fds = b.receive_now(max_fds=1, timeout=1.0)
+        assert data == b"switchover"
+        (received,) = fds
+        assert received != memfd
+        assert os.fstat(received).st_ino == os.fstat(memfd).st_ino
+        assert fcntl.fcntl(received, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+        assert os.pread(received, 9, 0) == b"page zero"
+        os.close(received)  # the caller owns it
+        assert os.pread(memfd, 9, 0) == b"page zero"  # the sender's fd is still open
+        a.send_now(b"no fds")
+        assert b.receive_now(max_fds=1, timeout=1.0) == (b"no fds", [])
+    finally:
+        os.close(memfd)
+        a.close()
+        b.close()
+
+
+async def test_send_now_and_async_receive_interoperate_both_ways() -> None:
+    a, b = socketpair()
+    with a, b:
+        a.send_now(b"now")
+        assert await b.receive(max_fds=0) == (b"now", [])
+        await b.send(b"later")
+        assert a.receive_now(max_fds=0, timeout=1.0) == (b"later", [])
+
+
+async def test_receive_now_takes_a_waiting_datagram_even_with_no_time_left() -> None:
+    a, b = socketpair()
+    with a, b:
+        await a.send(b"already here")
+        assert b.receive_now(max_fds=0, timeout=0) == (b"already here", [])
+
+
+async def test_receive_now_returns_none_at_eof_and_stays_there() -> None:
+    a, b = socketpair()
+    a.send_now(b"last words")
+    a.close()
+    assert b.receive_now(max_fds=0, timeout=1.0) == (b"last words", [])
+    assert b.receive_now(max_fds=0, timeout=1.0) == (None, [])
+    assert b.receive_now(max_fds=0, timeout=1.0) == (None, [])
+    b.close()
+
+
+async def test_receive_now_reads_a_peer_that_closed_with_unread_messages_as_eof() -> None:
+    a, b = socketpair()
+    b.send_now(b"never read by a")
+    a.close()  # ECONNRESET for b
+    assert b.receive_now(max_fds=0, timeout=1.0) == (None, [])
+    b.close()
+
+
+async def test_receive_now_wakes_for_a_peer_that_closes_while_it_waits() -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    channel = Channel(ours)
+    closer = threading.Timer(0.02, theirs.close)
+    closer.start()
+    try:
+        assert channel.receive_now(max_fds=0, timeout=5.0) == (None, [])
+    finally:
+        closer.join()
+        channel.close()
+
+
+async def test_receive_now_raises_too_slow_when_nothing_arrives_and_consumes_nothing() -> None:
+    a, b = socketpair()
+    with a, b:
+        with pytest.raises(trio.TooSlowError):
+            b.receive_now(max_fds=0, timeout=0.02)
+        a.send_now(b"after the timeout")
+        assert b.receive_now(max_fds=0, timeout=1.0) == (b"after the timeout", [])
+
+
+async def test_receive_now_closes_fds_beyond_max_fds_and_reports_them() -> None:
+    a, b = socketpair()
+    memfd = make_memfd()
+    before = open_fds()
+    try:
+        a.send_now(b"too many", [memfd, memfd, memfd])
+        with pytest.raises(TransportError, match="carried 3 fds where at most 2"):
+            b.receive_now(max_fds=2, timeout=1.0)
+        assert open_fds() == before
+        a.send_now(b"next")  # the connection is still usable
+        assert b.receive_now(max_fds=2, timeout=1.0) == (b"next", [])
+    finally:
+        os.close(memfd)
+        a.close()
+        b.close()
+
+
+async def test_receive_now_refuses_a_datagram_larger_than_max_size_with_its_fds_closed() -> None:
+    a, b = socketpair()
+    memfd = make_memfd()
+    before = open_fds()
+    try:
+        a.send_now(b"x" * 100, [memfd])
+        with pytest.raises(TransportError, match="larger than 16 bytes"):
+            b.receive_now(max_fds=1, timeout=1.0, max_size=16)
+        assert open_fds() == before
+    finally:
+        os.close(memfd)
+        a.close()
+        b.close()
+
+
+async def test_receive_now_refuses_an_empty_datagram_carrying_fds_with_its_fds_closed() -> None:
+    channel, raw = raw_socketpair()
+    memfd = make_memfd()
+    before = open_fds()
+    try:
+        send_raw(raw, b"", [memfd])
+        with pytest.raises(TransportError, match="empty handoff message carried 1 fds"):
+            channel.receive_now(max_fds=1, timeout=1.0)
+        assert open_fds() == before
+    finally:
+        os.close(memfd)
+        channel.close()
+        raw.close()
+
+
+async def test_receive_now_closes_fds_cut_short_by_a_full_fd_table() -> None:
+    a, b = socketpair()
+    memfd = make_memfd()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        a.send_now(b"ten fds", [memfd] * 10)
+        before = open_fds()
+        limit = 0
+        while limit - sum(1 for fd in before if fd < limit) < 2:
+            limit += 1
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+        try:
+            with pytest.raises(TransportError, match="MSG_CTRUNC"):
+                b.receive_now(max_fds=10, timeout=1.0)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert open_fds() == before
+    finally:
+        os.close(memfd)
+        a.close()
+        b.close()
+
+
+async def test_send_now_to_a_closed_peer_is_a_transport_error_naming_the_cause() -> None:
+    a, b = socketpair()
+    b.close()
+    with pytest.raises(TransportError, match="peer closed") as info:
+        a.send_now(b"hello?")
+    assert info.value.errno == errno.EPIPE
+    a.close()
+
+
+async def test_send_now_and_receive_now_after_close_are_transport_errors() -> None:
+    a, b = socketpair()
+    a.close()
+    with pytest.raises(TransportError, match="already closed"):
+        a.send_now(b"x")
+    with pytest.raises(TransportError, match="already closed"):
+        a.receive_now(max_fds=0, timeout=1.0)
+    b.close()
+
+
+async def test_send_now_refuses_an_empty_datagram_because_it_would_read_as_eof() -> None:
+    a, b = socketpair()
+    with a, b, pytest.raises(ValueError, match="at least one byte"):
+        a.send_now(b"")
+
+
+async def test_send_now_refuses_more_fds_than_the_kernel_carries_like_send() -> None:
+    a, b = socketpair()
+    memfd = make_memfd()
+    try:
+        with pytest.raises(ValueError, match="253"):
+            a.send_now(b"x", [memfd] * (MAX_FDS_PER_MESSAGE + 1))
+    finally:
+        os.close(memfd)
+        a.close()
+        b.close()
+
+
+async def test_a_message_too_large_for_the_socket_is_refused_by_send_now_with_emsgsize() -> None:
+    a, b = socketpair()
+    with a, b, pytest.raises(TransportError, match="larger than the socket buffer") as info:
+        a.send_now(b"x" * (1024 * 1024))
+    assert info.value.errno == errno.EMSGSIZE
+
+
+async def test_send_now_gives_up_on_a_full_peer_buffer_instead_of_hanging() -> None:
+    channel, theirs, count = filled_pair()
+    try:
+        with pytest.raises(TransportError, match="socket buffer stayed full"):
+            channel.send_now(b"does not fit", timeout=0.05)
+        # Nothing of the refused message went out: the peer finds only the filler.
+        for _ in range(count):
+            assert theirs.recv(2048) == b"f" * 1024
+        theirs.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            theirs.recv(2048)
+    finally:
+        channel.close()
+        theirs.close()
+
+
+async def test_send_now_waits_for_a_full_peer_buffer_to_drain_and_loses_nothing() -> None:
+    channel, theirs, count = filled_pair()
+    received: list[bytes] = []
+
+    def drain() -> None:
+        received.extend(theirs.recv(2048) for _ in range(count))
+
+    reader = threading.Timer(0.05, drain)
+    reader.start()
+    try:
+        channel.send_now(b"fits once drained", timeout=5.0)
+        reader.join()
+        assert received == [b"f" * 1024] * count
+        assert theirs.recv(2048) == b"fits once drained"
+    finally:
+        reader.join()
+        channel.close()
+        theirs.close()
 
 
 # -- peer credentials ---------------------------------------------------------------------------
