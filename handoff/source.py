@@ -291,13 +291,13 @@ async def _hand_off(
         deadline = time.monotonic() + limit
 
         async def reply(expect: type[M]) -> M:
-            """The target's next message. Inside the blackout it is awaited without yielding
-            to other tasks (Peer.receive_now): nothing else here may run before it, and each
-            trip through the scheduler would lengthen the pause."""
+            """The target's next message. Inside the blackout it is first awaited without
+            yielding to other tasks (Peer.receive_fast): each trip through the scheduler would
+            lengthen the pause."""
             if copy_memory:
                 return (await peer.receive(expect))[0]
             try:
-                return peer.receive_now(expect, max(0.001, deadline - time.monotonic()))[0]
+                return (await peer.receive_fast(expect, deadline - time.monotonic()))[0]
             except HandoffTimeout:
                 raise HandoffTimeout(too_late) from None
 

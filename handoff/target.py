@@ -267,9 +267,11 @@ async def _receive(app: App, chan: Channel, nursery: trio.Nursery) -> bool:
         moved = True
         t_moved = time.perf_counter()
         rec.phase("move")
-        await peer.send(protocol.Moved())
+        # Moved, Commit and Resumed go without a trip through the scheduler (Peer.send_now,
+        # receive_fast): nothing else here needs to run before the guest does.
+        peer.send_now(protocol.Moved())
         await app.faults.point("target", "moved", peer)
-        await peer.receive(protocol.Commit)
+        await peer.receive_fast(protocol.Commit)
         await app.faults.point("target", "commit", peer)
         rec.phase("commit")
     except (PeerGoneError, HandoffTimeout, PeerFailed, Refused, TransportError, OSError) as exc:
@@ -300,7 +302,7 @@ async def _receive(app: App, chan: Channel, nursery: trio.Nursery) -> bool:
     # Commit point passed (or the source is dead): this VMM owns the guest.
     if not takeover:
         try:
-            await peer.send(
+            peer.send_now(
                 messages.resumed_message(
                     conn,
                     int((t_prepared - t0) * 1e9),

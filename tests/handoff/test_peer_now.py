@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 
 import pytest
+import trio
 
 from handoff import protocol
 from handoff.channel import socketpair
@@ -258,3 +259,46 @@ async def test_send_now_to_a_peer_that_closed_is_a_transport_error(make_peers: M
     with pytest.raises(TransportError, match="peer closed"):
         source.send_now(Commit())
     assert source.messages == 0
+
+
+async def test_receive_fast_takes_a_prompt_reply_without_yielding(make_peers: MakePeers) -> None:
+    source, target = make_peers(State.SWITCHED_OVER)
+    target.send_now(Moved())
+    ran = []
+
+    async def other() -> None:
+        ran.append(True)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)
+        msg, owned = await source.receive_fast(Moved)
+        # The reply was there: no other task ran before receive_fast returned.
+        assert ran == []
+    assert (msg, len(owned)) == (Moved(), 0)
+
+
+async def test_receive_fast_lets_other_tasks_run_once_the_reply_is_late(
+    make_peers: MakePeers,
+) -> None:
+    source, target = make_peers(State.SWITCHED_OVER)
+    ticks = 0
+
+    async def late_reply() -> None:
+        nonlocal ticks
+        # Runs only once receive_fast stopped blocking: a signal or a QMP client would too.
+        while ticks < 5:
+            ticks += 1
+            await trio.sleep(0.001)
+        target.send_now(Moved())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(late_reply)
+        msg, _ = await source.receive_fast(Moved, timeout=5)
+    assert msg == Moved()
+    assert ticks == 5
+
+
+async def test_receive_fast_times_out_naming_the_whole_wait(make_peers: MakePeers) -> None:
+    source, _ = make_peers(State.SWITCHED_OVER, timeout=5.0)
+    with pytest.raises(HandoffTimeout, match=r"sent nothing for 0\.05 s while we waited for Moved"):
+        await source.receive_fast(Moved, timeout=0.05)
