@@ -735,6 +735,10 @@ class Vcpu:
         pages = self._guest_pages()
         if isinstance(pages, RunExit):
             return pages
+        if interrupted is not None and interrupted():
+            # A signal pending at guest entry: KVM_RUN ends before the guest runs.
+            self.pending = guest_program.INTR_EXIT
+            return guest_program.INTR_EXIT
         host = self.vm.host
         clock = host.clock
         now = clock()
