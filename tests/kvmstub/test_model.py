@@ -1673,3 +1673,60 @@ def test_without_exit_hypercall_the_guest_never_exits_for_map_gpa_range(
             vmm.pending[0] = {"io_data": vmm.sums.get(0, 0).to_bytes(4, "little")}
     assert uapi.KVM_EXIT_HYPERCALL not in reasons
     assert seqs(vmm.lines, 0) == [0, 1, 2]
+
+
+# --- KVM_RUN in turns (enter + run_for) and MOVE's step 7 as a generator -------------------
+
+
+def test_run_for_spends_the_slice_in_turns_and_a_kick_at_entry_runs_no_step(
+    memfd: Callable[[int], Memfd],
+) -> None:
+    host = make_host(slice_ns=10_000)  # FakeClock: 1 µs per reading, so a few steps a turn
+    ram = memfd(guest.required_memory(PARAMS))
+    vm = launch_guest(host, ram, "plain")
+    vcpu = vm.vcpus[0]
+    vcpu.run(PID)  # boot: the reset vector
+    assert vcpu.enter(PID) is None  # in the guest: a new slice of guest time
+    turns = 0
+    while (exit_ := vcpu.run_for(2_000)) is None:
+        turns += 1
+    assert turns >= 1  # the slice took several turns
+    assert vcpu.pending is exit_
+    # A kick pending when the vCPU's turn comes: the guest does not run at all.
+    assert vcpu.enter(PID, io_data=b"\0\0\0\0") is None
+    steps = vcpu.steps
+    assert vcpu.run_for(2_000, interrupted=lambda: True) is guest.INTR_EXIT
+    assert vcpu.steps == steps and vcpu.pending is guest.INTR_EXIT
+
+
+def test_move_stops_at_step_7_with_the_vcpus_to_lock_destination_first() -> None:
+    host = make_host()
+    src = sev_vm_create(host, es=True)
+    dst = aux_vm_create(host, True)
+    steps = dst.enable_cap_steps(PID, MOVE, 0, [src])
+    assert next(steps) == [*dst.vcpus, *src.vcpus]
+    # Held at step 7: both VMs are in a migration (another MOVE gets EBUSY), nothing moved yet.
+    assert dst.sev.migration_in_progress and src.sev.migration_in_progress
+    assert not dst.sev.active and src.sev.active
+    with pytest.raises(StopIteration) as done:
+        next(steps)
+    assert done.value.value == 0
+    assert dst.sev.active and src.dead and not src.sev.migration_in_progress
+
+
+def test_move_interrupted_at_step_7_changes_nothing() -> None:
+    # The killable vCPU locks give EINTR and everything unwinds, the cgroup charge included.
+    cgroups = {PID: "/old", PID + 1: "/new"}
+    host = make_host(cgroup_of=lambda mm: cgroups[mm])
+    src = sev_vm_create(host, es=True)
+    dst = host.create_vm(PID + 1)
+    for i in range(NR_VCPUS):
+        dst.create_vcpu(PID + 1, i)
+    before = snapshot(host)
+    steps = dst.enable_cap_steps(PID + 1, MOVE, 0, [src])
+    next(steps)
+    assert host.cgroups.usage["/new"]["sev"] == 1  # charged at step 6
+    steps.close()
+    assert snapshot(host) == before
+    assert host.cgroups.usage["/new"] == {"sev": 0, "sev_es": 0}
+    assert migrate(dst, src, mm=PID + 1) == 0  # and a MOVE after it goes through
