@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="how long each vCPU in KVM_RUN runs before the next one's turn while at most 4 "
         "take turns (shorter when more do); every vCPU of every VM takes turns on the "
-        "daemon's CPU (default: 30)",
+        "daemon's CPU (default: 10)",
     )
     serve.add_argument(
         "--log-level",

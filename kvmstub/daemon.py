@@ -204,7 +204,7 @@ def _hung_up(sock: socket.socket) -> bool:
     return any(events & select.POLLHUP for _, events in poller.poll(0))
 
 
-DEFAULT_QUANTUM_NS = 30_000
+DEFAULT_QUANTUM_NS = 10_000
 """How long one vCPU in KVM_RUN runs before the next one's turn (a few guest steps), while at
 most _ROTATION vCPUs take turns; shorter when more do."""
 _ROTATION = 4
