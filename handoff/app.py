@@ -31,7 +31,7 @@ from . import __version__, hardening, logs, notify, runtime
 # Everything (source, target and cli too) is imported at start, not when first needed: a VMM
 # runs for months, and by the time it hands off the package on disk may be a newer release (that
 # is what an upgrade in place looks like). This process must run only the release it started as.
-from .cli import apply_sets, check_run_args, strip_flags
+from .cli import apply_sets, check_run_args, checking_parser, strip_flags
 from .config import GuestConfig, HostFlags, format_size, read_token, write_token
 from .control import ControlServer, QMPCommandError
 from .errors import HandoffError
@@ -141,6 +141,7 @@ class App:
             log.warning("process hardening unavailable: %s", exc)
         if incoming is None:
             await self.launch()
+        checking_parser()  # built now, not inside an upgrade command (see its docstring)
         freeze_startup_objects()
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
@@ -457,7 +458,9 @@ class App:
         self._begin_handoff()
         token = secrets.token_hex(32).encode()
         try:
-            path, proc = self.spawn_successor(sets, exec_argv, token)
+            # In a thread: the parent of a vfork()ed child waits until it has exec()ed, about
+            # half a millisecond during which the guest's exits would wait for this loop.
+            path, proc = await trio.to_thread.run_sync(self.spawn_successor, sets, exec_argv, token)
         except Exception as exc:
             self.handoff_busy = False
             raise QMPCommandError(f"could not start the successor: {exc}") from exc
