@@ -155,7 +155,13 @@ async def test_sigterm_during_a_handoff_stops_only_once_the_handoff_has_ended(
                     await trio.sleep(0.01)
             assert vmm.process is not None and vmm.process.poll() is None  # still there
             # End the handoff: the successor dies; the source takes its guest back.
-            (successor,) = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            # The successor is a child of the VMM process (of whichever of its threads
+            # spawned it): look through every thread's children.
+            (successor,) = [
+                child
+                for task in Path(f"/proc/{pid}/task").iterdir()
+                for child in (task / "children").read_text().split()
+            ]
             os.kill(int(successor), signal.SIGKILL)
         assert results[0]["status"] == "failed"
         assert results[0]["recovery"] in ("rollback", "reclaim")
