@@ -43,7 +43,6 @@ import socket
 import stat
 import struct
 import sys
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
@@ -251,17 +250,13 @@ class _Cpu:
         return self._quantum_ns * _ROTATION // waiting
 
     async def loop(self) -> None:
-        # Requests are let in (a checkpoint) once a full quantum of turns has passed: after
-        # every turn while a few vCPUs take turns, every few turns when many take tiny ones.
-        clock = time.monotonic_ns
-        let_in_at = 0
         while True:
             if not self._queue:
                 await self._idle.park()
                 continue
             quantum_ns = self.quantum_ns()
             run = self._queue.popleft()
-            reply: wire.Reply | None = None
+            reply: wire.Reply
             try:
                 exit_ = run.vcpu.run_for(quantum_ns, run.end.kicked)
             except OSError as e:
@@ -272,14 +267,11 @@ class _Cpu:
             else:
                 if exit_ is None:
                     self._queue.append(run)
-                else:
-                    reply = wire.RunReply(run.rid, exit_)
-            if reply is not None:
-                self._daemon.end_run(run, reply)
-            now = clock()
-            if now >= let_in_at:
-                await trio.lowlevel.checkpoint()
-                let_in_at = now + self._quantum_ns
+                    await trio.lowlevel.checkpoint()
+                    continue
+                reply = wire.RunReply(run.rid, exit_)
+            self._daemon.end_run(run, reply)
+            await trio.lowlevel.checkpoint()
 
 
 class Daemon:
