@@ -152,6 +152,12 @@ def _user_name(uid: int) -> str:
         return f"uid {uid}"
 
 
+# recvmsg flags as plain ints (an operation on the socket module's flag enums costs about a
+# microsecond).
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_MSG_TRUNC = int(socket.MSG_TRUNC)
+
+
 def _poll_fd(fd: int, events: int, seconds: float) -> bool:
     """Whether `fd` became ready for `events` (or hung up) within `seconds`, in poll(2)."""
     poller = select.poll()
@@ -448,12 +454,12 @@ class Channel:
     def _check_datagram(
         data: bytes, owned: OwnedFds, flags: int, max_fds: int, max_size: int
     ) -> None:
-        if flags & socket.MSG_CTRUNC:
+        if flags & _MSG_CTRUNC:
             raise TransportError(
                 "a handoff message's fds were cut short (MSG_CTRUNC: the fd table is full or "
                 "the peer sent too many); the fds that did arrive were closed"
             )
-        if flags & socket.MSG_TRUNC:
+        if flags & _MSG_TRUNC:
             raise TransportError(
                 f"a handoff message was larger than {max_size} bytes and was cut short; "
                 "dropped, with its fds closed"

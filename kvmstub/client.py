@@ -206,13 +206,16 @@ class _KvmFile:
             except wire.WireError as e:
                 _close_all(fds)
                 raise OSError(errno.EPROTO, f"kvmstub: {e}") from None
-            if reply.id == request_id and not msg_flags & socket.MSG_CTRUNC:
+            if reply.id == request_id and not msg_flags & _MSG_CTRUNC:
                 if isinstance(reply, wire.Spilled):
                     return _read_spilled(fds, request_id), []
                 return reply, fds
             # The reply to a request whose task gave up, or to another process sharing this
             # fd (whose ioctls get EIO anyway): not ours.
             _close_all(fds)
+
+
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)  # an int: a flag enum operation costs a microsecond
 
 
 def _fds_of(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
