@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -23,6 +23,7 @@ import trio
 
 from handoff.channel import (
     MAX_FDS_PER_MESSAGE,
+    MAX_MESSAGE_SIZE,
     Channel,
     OwnedFds,
     connect,
@@ -64,23 +65,56 @@ def sockdir() -> Iterator[Path]:
         shutil.rmtree(top, ignore_errors=True)
 
 
+class Flavour:
+    """How a test moves datagrams: awaiting `send` and `receive`, or calling `send_now` and
+    `receive_now` (which never yield to other tasks). The checks on what crosses, and what is
+    refused, are the same for both."""
+
+    def __init__(self, now: bool) -> None:
+        self.now = now
+
+    async def send(self, channel: Channel, data: bytes, fds: Sequence[int] = ()) -> None:
+        if self.now:
+            channel.send_now(data, fds)
+        else:
+            await channel.send(data, fds)
+
+    async def receive(
+        self, channel: Channel, max_fds: int, max_size: int = MAX_MESSAGE_SIZE
+    ) -> tuple[bytes | None, list[int]]:
+        if self.now:
+            return channel.receive_now(max_fds=max_fds, timeout=1.0, max_size=max_size)
+        return await channel.receive(max_fds=max_fds, max_size=max_size)
+
+
+@pytest.fixture(params=[False, True], ids=["await", "now"])
+def flavour(request: pytest.FixtureRequest) -> Flavour:
+    """Each test taking it runs twice: with `send`/`receive` and with `send_now`/`receive_now`."""
+    return Flavour(now=request.param)
+
+
 # -- fds ----------------------------------------------------------------------------------------
 
 
-async def test_fds_cross_as_new_fds_on_the_same_file_and_the_sender_keeps_its_own() -> None:
+async def test_fds_cross_as_new_fds_on_the_same_file_and_the_sender_keeps_its_own(
+    flavour: Flavour,
+) -> None:
     a, b = socketpair()
     memfd = make_memfd(b"page zero")
     try:
-        await a.send(b"describe", [memfd])
-        data, fds = await b.receive(max_fds=1)
+        await flavour.send(a, b"describe", [memfd])
+        data, fds = await flavour.receive(b, max_fds=1)
         assert data == b"describe"
         assert len(fds) == 1
         (received,) = fds
         assert received != memfd
         assert os.fstat(received).st_ino == os.fstat(memfd).st_ino
+        assert fcntl.fcntl(received, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
         assert os.pread(received, 9, 0) == b"page zero"
-        os.close(received)
+        os.close(received)  # the caller owns it
         assert os.pread(memfd, 9, 0) == b"page zero"  # the sender's fd is still open
+        await flavour.send(a, b"no fds")
+        assert await flavour.receive(b, max_fds=1) == (b"no fds", [])
     finally:
         os.close(memfd)
         a.close()
@@ -123,15 +157,17 @@ async def test_message_boundaries_are_kept_and_each_message_brings_only_its_own_
         b.close()
 
 
-async def test_fds_beyond_max_fds_are_closed_and_reported() -> None:
+async def test_fds_beyond_max_fds_are_closed_and_reported(flavour: Flavour) -> None:
     a, b = socketpair()
     memfd = make_memfd()
     before = open_fds()
     try:
-        await a.send(b"too many", [memfd, memfd, memfd])
+        await flavour.send(a, b"too many", [memfd, memfd, memfd])
         with pytest.raises(TransportError, match="carried 3 fds where at most 2"):
-            await b.receive(max_fds=2)
+            await flavour.receive(b, max_fds=2)
         assert open_fds() == before
+        await flavour.send(a, b"next")  # the connection is still usable
+        assert await flavour.receive(b, max_fds=2) == (b"next", [])
     finally:
         os.close(memfd)
         a.close()
@@ -153,12 +189,12 @@ async def test_fds_sent_where_none_are_expected_are_closed_and_reported() -> Non
         b.close()
 
 
-async def test_fds_cut_short_by_a_full_fd_table_are_closed_and_fatal() -> None:
+async def test_fds_cut_short_by_a_full_fd_table_are_closed_and_fatal(flavour: Flavour) -> None:
     a, b = socketpair()
     memfd = make_memfd()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
-        await a.send(b"ten fds", [memfd] * 10)
+        await flavour.send(a, b"ten fds", [memfd] * 10)
         before = open_fds()
         # Leave exactly two free fd numbers, so the kernel installs two of the ten, sets
         # MSG_CTRUNC and drops the rest.
@@ -168,7 +204,7 @@ async def test_fds_cut_short_by_a_full_fd_table_are_closed_and_fatal() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
         try:
             with pytest.raises(TransportError, match="MSG_CTRUNC"):
-                await b.receive(max_fds=10)
+                await flavour.receive(b, max_fds=10)
         finally:
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         assert open_fds() == before
@@ -178,14 +214,16 @@ async def test_fds_cut_short_by_a_full_fd_table_are_closed_and_fatal() -> None:
         b.close()
 
 
-async def test_a_datagram_larger_than_max_size_is_refused_with_its_fds_closed() -> None:
+async def test_a_datagram_larger_than_max_size_is_refused_with_its_fds_closed(
+    flavour: Flavour,
+) -> None:
     a, b = socketpair()
     memfd = make_memfd()
     before = open_fds()
     try:
-        await a.send(b"x" * 100, [memfd])
+        await flavour.send(a, b"x" * 100, [memfd])
         with pytest.raises(TransportError, match="larger than 16 bytes"):
-            await b.receive(max_fds=1, max_size=16)
+            await flavour.receive(b, max_fds=1, max_size=16)
         assert open_fds() == before
     finally:
         os.close(memfd)
@@ -193,14 +231,16 @@ async def test_a_datagram_larger_than_max_size_is_refused_with_its_fds_closed() 
         b.close()
 
 
-async def test_an_empty_datagram_carrying_fds_is_refused_with_its_fds_closed() -> None:
+async def test_an_empty_datagram_carrying_fds_is_refused_with_its_fds_closed(
+    flavour: Flavour,
+) -> None:
     channel, raw = raw_socketpair()
     memfd = make_memfd()
     before = open_fds()
     try:
         send_raw(raw, b"", [memfd])
         with pytest.raises(TransportError, match="empty handoff message carried 1 fds"):
-            await channel.receive(max_fds=1)
+            await flavour.receive(channel, max_fds=1)
         assert open_fds() == before
     finally:
         os.close(memfd)
@@ -208,16 +248,24 @@ async def test_an_empty_datagram_carrying_fds_is_refused_with_its_fds_closed() -
         raw.close()
 
 
-async def test_send_refuses_an_empty_datagram_because_it_would_read_as_eof() -> None:
+async def test_send_refuses_an_empty_datagram_because_it_would_read_as_eof(
+    flavour: Flavour,
+) -> None:
     a, b = socketpair()
     with a, b, pytest.raises(ValueError, match="at least one byte"):
-        await a.send(b"")
+        await flavour.send(a, b"")
 
 
-async def test_send_refuses_more_fds_than_the_kernel_carries() -> None:
+async def test_send_refuses_more_fds_than_the_kernel_carries(flavour: Flavour) -> None:
     a, b = socketpair()
-    with a, b, pytest.raises(ValueError, match="253"):
-        await a.send(b"x", [0] * (MAX_FDS_PER_MESSAGE + 1))
+    memfd = make_memfd()
+    try:
+        with pytest.raises(ValueError, match="253"):
+            await flavour.send(a, b"x", [memfd] * (MAX_FDS_PER_MESSAGE + 1))
+    finally:
+        os.close(memfd)
+        a.close()
+        b.close()
 
 
 def test_owned_fds_close_on_error_unless_taken() -> None:
@@ -242,22 +290,24 @@ def test_owned_fds_close_on_error_unless_taken() -> None:
 # -- end of the connection ----------------------------------------------------------------------
 
 
-async def test_receive_returns_none_when_the_peer_closes() -> None:
+async def test_receive_returns_none_when_the_peer_closes(flavour: Flavour) -> None:
     a, b = socketpair()
-    await a.send(b"last words")
+    await flavour.send(a, b"last words")
     a.close()
-    assert await b.receive(max_fds=0) == (b"last words", [])
-    assert await b.receive(max_fds=0) == (None, [])
-    assert await b.receive(max_fds=0) == (None, [])  # and stays at EOF
+    assert await flavour.receive(b, max_fds=0) == (b"last words", [])
+    assert await flavour.receive(b, max_fds=0) == (None, [])
+    assert await flavour.receive(b, max_fds=0) == (None, [])  # and stays at EOF
     b.close()
 
 
-async def test_peer_closing_with_unread_messages_reads_as_eof_not_an_error() -> None:
+async def test_peer_closing_with_unread_messages_reads_as_eof_not_an_error(
+    flavour: Flavour,
+) -> None:
     # Closing a Unix socket with unread data gives the survivor ECONNRESET.
     a, b = socketpair()
-    await b.send(b"never read by a")
+    await flavour.send(b, b"never read by a")
     a.close()
-    assert await b.receive(max_fds=0) == (None, [])
+    assert await flavour.receive(b, max_fds=0) == (None, [])
     b.close()
 
 
@@ -279,22 +329,24 @@ async def test_receive_returns_none_when_the_peer_process_is_killed() -> None:
         channel.close()
 
 
-async def test_send_to_a_closed_peer_is_a_transport_error_naming_the_cause() -> None:
+async def test_send_to_a_closed_peer_is_a_transport_error_naming_the_cause(
+    flavour: Flavour,
+) -> None:
     a, b = socketpair()
     b.close()
     with pytest.raises(TransportError, match="peer closed") as info:
-        await a.send(b"hello?")
+        await flavour.send(a, b"hello?")
     assert info.value.errno == errno.EPIPE
     a.close()
 
 
-async def test_use_after_close_is_a_transport_error() -> None:
+async def test_use_after_close_is_a_transport_error(flavour: Flavour) -> None:
     a, b = socketpair()
     a.close()
     with pytest.raises(TransportError, match="already closed"):
-        await a.send(b"x")
+        await flavour.send(a, b"x")
     with pytest.raises(TransportError, match="already closed"):
-        await a.receive(max_fds=0)
+        await flavour.receive(a, max_fds=0)
     b.close()
 
 
@@ -342,13 +394,13 @@ async def test_send_waits_for_room_when_the_peer_is_slow_and_nothing_is_lost() -
     b.close()
 
 
-async def test_a_message_too_large_for_the_socket_is_refused_with_emsgsize() -> None:
+async def test_a_message_too_large_for_the_socket_is_refused_with_emsgsize(
+    flavour: Flavour,
+) -> None:
     a, b = socketpair()
-    with pytest.raises(TransportError, match="larger than the socket buffer") as info:
-        await a.send(b"x" * (1024 * 1024))
+    with a, b, pytest.raises(TransportError, match="larger than the socket buffer") as info:
+        await flavour.send(a, b"x" * (1024 * 1024))
     assert info.value.errno == errno.EMSGSIZE
-    a.close()
-    b.close()
 
 
 async def test_a_cancelled_receive_consumes_nothing() -> None:
@@ -439,7 +491,7 @@ async def test_a_receive_interrupted_at_its_last_schedule_point_closes_the_fds_i
         b.close()
 
 
-# -- send_now and receive_now: the same, without yielding to other tasks ------------------------
+# -- send_now and receive_now: what only they do (the rest runs above, in both flavours) --------
 
 
 def filled_pair() -> tuple[Channel, socket.socket, int]:
@@ -457,28 +509,6 @@ def filled_pair() -> tuple[Channel, socket.socket, int]:
     return Channel(ours), theirs, count
 
 
-async def test_send_now_and_receive_now_carry_a_datagram_and_its_fds() -> None:
-    a, b = socketpair()
-    memfd = make_memfd(b"page zero")
-    try:
-        a.send_now(b"switchover", [memfd])
-        data, fds = b.receive_now(max_fds=1, timeout=1.0)
-        assert data == b"switchover"
-        (received,) = fds
-        assert received != memfd
-        assert os.fstat(received).st_ino == os.fstat(memfd).st_ino
-        assert fcntl.fcntl(received, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
-        assert os.pread(received, 9, 0) == b"page zero"
-        os.close(received)  # the caller owns it
-        assert os.pread(memfd, 9, 0) == b"page zero"  # the sender's fd is still open
-        a.send_now(b"no fds")
-        assert b.receive_now(max_fds=1, timeout=1.0) == (b"no fds", [])
-    finally:
-        os.close(memfd)
-        a.close()
-        b.close()
-
-
 async def test_send_now_and_async_receive_interoperate_both_ways() -> None:
     a, b = socketpair()
     with a, b:
@@ -493,24 +523,6 @@ async def test_receive_now_takes_a_waiting_datagram_even_with_no_time_left() -> 
     with a, b:
         await a.send(b"already here")
         assert b.receive_now(max_fds=0, timeout=0) == (b"already here", [])
-
-
-async def test_receive_now_returns_none_at_eof_and_stays_there() -> None:
-    a, b = socketpair()
-    a.send_now(b"last words")
-    a.close()
-    assert b.receive_now(max_fds=0, timeout=1.0) == (b"last words", [])
-    assert b.receive_now(max_fds=0, timeout=1.0) == (None, [])
-    assert b.receive_now(max_fds=0, timeout=1.0) == (None, [])
-    b.close()
-
-
-async def test_receive_now_reads_a_peer_that_closed_with_unread_messages_as_eof() -> None:
-    a, b = socketpair()
-    b.send_now(b"never read by a")
-    a.close()  # ECONNRESET for b
-    assert b.receive_now(max_fds=0, timeout=1.0) == (None, [])
-    b.close()
 
 
 async def test_receive_now_wakes_for_a_peer_that_closes_while_it_waits() -> None:
@@ -532,120 +544,6 @@ async def test_receive_now_raises_too_slow_when_nothing_arrives_and_consumes_not
             b.receive_now(max_fds=0, timeout=0.02)
         a.send_now(b"after the timeout")
         assert b.receive_now(max_fds=0, timeout=1.0) == (b"after the timeout", [])
-
-
-async def test_receive_now_closes_fds_beyond_max_fds_and_reports_them() -> None:
-    a, b = socketpair()
-    memfd = make_memfd()
-    before = open_fds()
-    try:
-        a.send_now(b"too many", [memfd, memfd, memfd])
-        with pytest.raises(TransportError, match="carried 3 fds where at most 2"):
-            b.receive_now(max_fds=2, timeout=1.0)
-        assert open_fds() == before
-        a.send_now(b"next")  # the connection is still usable
-        assert b.receive_now(max_fds=2, timeout=1.0) == (b"next", [])
-    finally:
-        os.close(memfd)
-        a.close()
-        b.close()
-
-
-async def test_receive_now_refuses_a_datagram_larger_than_max_size_with_its_fds_closed() -> None:
-    a, b = socketpair()
-    memfd = make_memfd()
-    before = open_fds()
-    try:
-        a.send_now(b"x" * 100, [memfd])
-        with pytest.raises(TransportError, match="larger than 16 bytes"):
-            b.receive_now(max_fds=1, timeout=1.0, max_size=16)
-        assert open_fds() == before
-    finally:
-        os.close(memfd)
-        a.close()
-        b.close()
-
-
-async def test_receive_now_refuses_an_empty_datagram_carrying_fds_with_its_fds_closed() -> None:
-    channel, raw = raw_socketpair()
-    memfd = make_memfd()
-    before = open_fds()
-    try:
-        send_raw(raw, b"", [memfd])
-        with pytest.raises(TransportError, match="empty handoff message carried 1 fds"):
-            channel.receive_now(max_fds=1, timeout=1.0)
-        assert open_fds() == before
-    finally:
-        os.close(memfd)
-        channel.close()
-        raw.close()
-
-
-async def test_receive_now_closes_fds_cut_short_by_a_full_fd_table() -> None:
-    a, b = socketpair()
-    memfd = make_memfd()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
-        a.send_now(b"ten fds", [memfd] * 10)
-        before = open_fds()
-        limit = 0
-        while limit - sum(1 for fd in before if fd < limit) < 2:
-            limit += 1
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
-        try:
-            with pytest.raises(TransportError, match="MSG_CTRUNC"):
-                b.receive_now(max_fds=10, timeout=1.0)
-        finally:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-        assert open_fds() == before
-    finally:
-        os.close(memfd)
-        a.close()
-        b.close()
-
-
-async def test_send_now_to_a_closed_peer_is_a_transport_error_naming_the_cause() -> None:
-    a, b = socketpair()
-    b.close()
-    with pytest.raises(TransportError, match="peer closed") as info:
-        a.send_now(b"hello?")
-    assert info.value.errno == errno.EPIPE
-    a.close()
-
-
-async def test_send_now_and_receive_now_after_close_are_transport_errors() -> None:
-    a, b = socketpair()
-    a.close()
-    with pytest.raises(TransportError, match="already closed"):
-        a.send_now(b"x")
-    with pytest.raises(TransportError, match="already closed"):
-        a.receive_now(max_fds=0, timeout=1.0)
-    b.close()
-
-
-async def test_send_now_refuses_an_empty_datagram_because_it_would_read_as_eof() -> None:
-    a, b = socketpair()
-    with a, b, pytest.raises(ValueError, match="at least one byte"):
-        a.send_now(b"")
-
-
-async def test_send_now_refuses_more_fds_than_the_kernel_carries_like_send() -> None:
-    a, b = socketpair()
-    memfd = make_memfd()
-    try:
-        with pytest.raises(ValueError, match="253"):
-            a.send_now(b"x", [memfd] * (MAX_FDS_PER_MESSAGE + 1))
-    finally:
-        os.close(memfd)
-        a.close()
-        b.close()
-
-
-async def test_a_message_too_large_for_the_socket_is_refused_by_send_now_with_emsgsize() -> None:
-    a, b = socketpair()
-    with a, b, pytest.raises(TransportError, match="larger than the socket buffer") as info:
-        a.send_now(b"x" * (1024 * 1024))
-    assert info.value.errno == errno.EMSGSIZE
 
 
 async def test_send_now_gives_up_on_a_full_peer_buffer_instead_of_hanging() -> None:
