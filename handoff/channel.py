@@ -312,7 +312,7 @@ class Channel:
                 self._poll(select.POLLIN, deadline, None)
                 continue
             except ConnectionResetError:
-                data, ancdata, flags = b"", [], 0
+                data, ancdata, flags = self._after_reset(max_size)
             except OSError as exc:
                 raise _transport_error("receiving on the handoff connection failed", exc) from exc
             return self._take_datagram(data, ancdata, flags, max_fds, max_size)
@@ -355,8 +355,7 @@ class Channel:
                 await self._wait(trio.lowlevel.wait_readable)
                 continue
             except ConnectionResetError:
-                # The peer closed with our datagrams unread: it is gone, like EOF.
-                data, ancdata, flags = b"", [], 0
+                data, ancdata, flags = self._after_reset(max_size)
             except OSError as exc:
                 raise _transport_error("receiving on the handoff connection failed", exc) from exc
             break
@@ -367,6 +366,18 @@ class Channel:
             _close_fds(received[1])
             raise
         return received
+
+    def _after_reset(self, max_size: int) -> tuple[bytes, list[tuple[int, int, bytes]], int]:
+        """The peer closed with our datagrams unread: it is gone. The kernel reports that
+        (ECONNRESET) before the datagrams the peer sent before closing, which are still
+        queued: a refusal and its reason, typically. So read on once; end of file after."""
+        try:
+            data, ancdata, flags, _ = self._sock.recvmsg(
+                max_size, _ANC_BUFSIZE, socket.MSG_CMSG_CLOEXEC
+            )
+        except OSError:
+            return b"", [], 0
+        return data, ancdata, flags
 
     def _take_datagram(
         self,

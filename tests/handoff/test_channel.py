@@ -311,6 +311,20 @@ async def test_peer_closing_with_unread_messages_reads_as_eof_not_an_error(
     b.close()
 
 
+async def test_what_a_peer_sent_before_closing_on_our_unread_message_still_arrives(
+    flavour: Flavour,
+) -> None:
+    # A target that refuses at once closes with the source's Hello unread: the kernel reports
+    # ECONNRESET before the Refuse it queued, and the Refuse (its reason) must not be lost.
+    a, b = socketpair()
+    await flavour.send(b, b"hello, never read by a")
+    await flavour.send(a, b"refuse: here is why")
+    a.close()
+    assert await flavour.receive(b, max_fds=0) == (b"refuse: here is why", [])
+    assert await flavour.receive(b, max_fds=0) == (None, [])
+    b.close()
+
+
 async def test_receive_returns_none_when_the_peer_process_is_killed() -> None:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     child = subprocess.Popen(

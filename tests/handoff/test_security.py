@@ -118,7 +118,10 @@ try:
                                       nonce=secrets.token_bytes(32))))
 except BrokenPipeError:
     pass  # refused at once: the refusal still waits to be read
-data, anc, _, _ = s.recvmsg(1 << 16, socket.CMSG_SPACE(64 * 4))
+try:
+    data, anc, _, _ = s.recvmsg(1 << 16, socket.CMSG_SPACE(64 * 4))
+except ConnectionResetError:  # closed with our Hello unread: reported before its Refuse
+    data, anc, _, _ = s.recvmsg(1 << 16, socket.CMSG_SPACE(64 * 4))
 msg = protocol.decode(data) if data else None
 print(json.dumps({"fds": sum(len(p) // 4 for _, _, p in anc), "type": type(msg).__name__,
                   "code": getattr(msg, "code", None), "reason": getattr(msg, "reason", None)}))
