@@ -303,19 +303,9 @@ class Channel:
         """
         self._check_open()
         deadline = time.monotonic() + timeout
-        while True:
-            try:
-                data, ancdata, flags, _ = self._sock.recvmsg(
-                    max_size, _ANC_BUFSIZE, socket.MSG_CMSG_CLOEXEC
-                )
-            except BlockingIOError:
-                self._poll(select.POLLIN, deadline, None)
-                continue
-            except ConnectionResetError:
-                data, ancdata, flags = self._after_reset(max_size)
-            except OSError as exc:
-                raise _transport_error("receiving on the handoff connection failed", exc) from exc
-            return self._take_datagram(data, ancdata, flags, max_fds, max_size)
+        while (got := self._recv_once(max_size)) is None:
+            self._poll(select.POLLIN, deadline, None)
+        return self._take_datagram(*got, max_fds, max_size)
 
     def _poll(self, events: int, deadline: float, sending: str | None) -> None:
         """Wait in poll(2) until the socket is ready for `events` or `deadline` passes."""
@@ -346,20 +336,9 @@ class Channel:
         """
         self._check_open()
         await trio.lowlevel.checkpoint_if_cancelled()
-        while True:
-            try:
-                data, ancdata, flags, _ = self._sock.recvmsg(
-                    max_size, _ANC_BUFSIZE, socket.MSG_CMSG_CLOEXEC
-                )
-            except BlockingIOError:
-                await self._wait(trio.lowlevel.wait_readable)
-                continue
-            except ConnectionResetError:
-                data, ancdata, flags = self._after_reset(max_size)
-            except OSError as exc:
-                raise _transport_error("receiving on the handoff connection failed", exc) from exc
-            break
-        received = self._take_datagram(data, ancdata, flags, max_fds, max_size)
+        while (got := self._recv_once(max_size)) is None:
+            await self._wait(trio.lowlevel.wait_readable)
+        received = self._take_datagram(*got, max_fds, max_size)
         try:
             await trio.lowlevel.cancel_shielded_checkpoint()
         except BaseException:
@@ -367,17 +346,30 @@ class Channel:
             raise
         return received
 
-    def _after_reset(self, max_size: int) -> tuple[bytes, list[tuple[int, int, bytes]], int]:
-        """The peer closed with our datagrams unread: it is gone. The kernel reports that
-        (ECONNRESET) before the datagrams the peer sent before closing, which are still
-        queued: a refusal and its reason, typically. So read on once; end of file after."""
-        try:
-            data, ancdata, flags, _ = self._sock.recvmsg(
-                max_size, _ANC_BUFSIZE, socket.MSG_CMSG_CLOEXEC
-            )
-        except OSError:
-            return b"", [], 0
-        return data, ancdata, flags
+    def _recv_once(self, max_size: int) -> tuple[bytes, list[tuple[int, int, bytes]], int] | None:
+        """One non-blocking recvmsg: (data, ancdata, flags), or None when nothing is there.
+
+        ECONNRESET means the peer closed with our datagrams unread: it is gone. The kernel
+        reports that before the datagrams the peer sent before closing, which are still
+        queued (a refusal and its reason, typically): so read on once; end of file after."""
+        reset = False
+        while True:
+            try:
+                data, ancdata, flags, _ = self._sock.recvmsg(
+                    max_size, _ANC_BUFSIZE, socket.MSG_CMSG_CLOEXEC
+                )
+            except BlockingIOError:
+                return (b"", [], 0) if reset else None
+            except ConnectionResetError:
+                if reset:
+                    return b"", [], 0
+                reset = True
+                continue
+            except OSError as exc:
+                if reset:
+                    return b"", [], 0
+                raise _transport_error("receiving on the handoff connection failed", exc) from exc
+            return data, ancdata, flags
 
     def _take_datagram(
         self,

@@ -227,9 +227,6 @@ class _Cpu:
         self._queue: deque[_InRun] = deque()
         self._idle = trio.lowlevel.ParkingLot()
 
-    def __len__(self) -> int:
-        return len(self._queue)
-
     def add(self, run: _InRun) -> None:
         """A vCPU entering KVM_RUN takes the next turn: it comes back from its VMM (an exit
         served, a pause lifted), as a thread just woken is favoured by the host's scheduler;
