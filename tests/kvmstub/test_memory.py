@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from kvmstub import memory
 from kvmstub.memory import GuestMemory, xts_decrypt, xts_encrypt
 from kvmstub.uapi import (
     KVM_MEM_LOG_DIRTY_PAGES,
@@ -379,6 +380,35 @@ def test_cached_cipher_contexts_agree_with_fresh_ciphers(
             assert os.pread(fd, PAGE_SIZE, gpa) == reference_xts(vek, gpa, page, encrypt=True)
             assert mem.read_page(gpa, vek) == page
             assert mem.read_page(gpa, vek) == page
+
+
+def test_a_second_vm_over_the_same_memfd_reuses_the_hosts_cipher_contexts(
+    memfd: MakeMemfd,
+) -> None:
+    """After a move the new VM runs the guest under the same VEK at the same GPAs: its
+    accesses find the contexts the old VM made (no set-up in the handoff's pause), and
+    they still read and write what a fresh cipher would."""
+    fd = memfd(4 * PAGE_SIZE)
+    vek = os.urandom(64)  # a key no other test has cached
+    old, new = GuestMemory(), GuestMemory()
+    try:
+        old.set_region(0, 0, 0, 4 * PAGE_SIZE, fd, 0)
+        pages = [os.urandom(PAGE_SIZE) for _ in range(4)]
+        for i, page in enumerate(pages):
+            old.write_page(i * PAGE_SIZE, page, vek)
+            assert old.read_page(i * PAGE_SIZE, vek) == page
+        cached = memory.cached_cipher_contexts()
+        old.close()  # the source VM goes; its contexts stay for the destination
+        new.set_region(0, 0, 0, 4 * PAGE_SIZE, fd, 0)
+        for i, page in enumerate(pages):
+            gpa = i * PAGE_SIZE
+            assert new.read_page(gpa, vek) == page
+            new.write_page(gpa, page[::-1], vek)
+            assert os.pread(fd, PAGE_SIZE, gpa) == reference_xts(vek, gpa, page[::-1], encrypt=True)
+        assert memory.cached_cipher_contexts() == cached
+    finally:
+        old.close()
+        new.close()
 
 
 def test_xts_helpers_roundtrip_and_match_reference() -> None:
