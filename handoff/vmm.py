@@ -102,6 +102,7 @@ class VcpuRunner:
         self.index = index
         self.pending = False  # an exit whose completion the kernel has not taken yet
         self.exits = 0
+        self.parked = False  # waiting in the gate: `Vmm.resume` may start its KVM_RUN
 
     @property
     def vcpu(self) -> client.Vcpu:
@@ -124,9 +125,15 @@ class VcpuRunner:
     async def loop(self, gate: RunGate) -> None:
         try:
             while True:
-                if gate.pause_requested:
+                # A KVM_RUN that `Vmm.resume` started is taken first, even if a pause came
+                # meanwhile: the kick ends it at once.
+                if gate.pause_requested and not self.vcpu.run_in_flight:
                     await self.settle()
-                    await gate.park()
+                    self.parked = True
+                    try:
+                        await gate.park()
+                    finally:
+                        self.parked = False
                     continue
                 try:
                     exit_ = await self.vcpu.run()
@@ -330,8 +337,14 @@ class Vmm:
             self.status = "paused"
 
     def resume(self) -> None:
+        """Let the vCPUs run. The KVM_RUNs of the parked vCPU tasks are sent from here,
+        back to back, before the tasks wake: the guest's vCPUs come back together instead
+        of one task switch apart (about 20 us each on the pause's tail)."""
         for vcpu in self.vcpus:
             vcpu.kvm_run.immediate_exit = False
+        for runner in self.runners:
+            if runner.parked:
+                runner.vcpu.start_run()
         self.gate.resume()
         self.status = "running"
 

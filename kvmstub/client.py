@@ -60,11 +60,21 @@ class _FdLock:
 
     async def __aenter__(self) -> None:
         if self._held:
-            await self._waiters.park()  # woken by __aexit__, which hands the lock over
+            await self._waiters.park()  # woken by release(), which hands the lock over
         else:
             self._held = True
 
     async def __aexit__(self, *exc_info: object) -> None:
+        self.release()
+
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free (no waiting); the holder need not be a task."""
+        if self._held:
+            return False
+        self._held = True
+        return True
+
+    def release(self) -> None:
         if self._waiters:
             self._waiters.unpark()  # stays held: ownership passes to the next waiter
         else:
@@ -144,20 +154,36 @@ class _KvmFile:
                 raise OSError(errno.EBADF, f"{self._kind} fd is closed")
             try:
                 await self._send(sock, data, fd)
-                try:
-                    reply, fds = await self._receive(sock, request.id)
-                except trio.Cancelled:
-                    # Sent, so the daemon acts on it: the reply must still be read (and a
-                    # KVM_RUN's exit kept), like an ioctl that cannot be interrupted. The
-                    # cancellation is level-triggered: the caller's next checkpoint raises
-                    # it again. (Shielding every wait instead costs ~10% of a round trip.)
-                    with trio.CancelScope(shield=True):
-                        reply, fds = await self._receive(sock, request.id)
-                    # Swallowed here so the reply is not lost; the next call on this fd
-                    # raises it before sending anything (else a loop of calls never would).
-                    self._cancel_seen = True
             except trio.ClosedResourceError:
                 raise OSError(errno.EBADF, f"{self._kind} fd was closed") from None
+            reply, fds = await self._reply_to(sock, request.id)
+        return self._judge(reply, fds, expect)
+
+    async def _reply_to(
+        self, sock: socket.socket, request_id: int
+    ) -> tuple[wire.AnyReply, list[int]]:
+        """The reply to the request `request_id`, sent on `sock` under the lock."""
+        try:
+            try:
+                return await self._receive(sock, request_id)
+            except trio.Cancelled:
+                # Sent, so the daemon acts on it: the reply must still be read (and a
+                # KVM_RUN's exit kept), like an ioctl that cannot be interrupted. The
+                # cancellation is level-triggered: the caller's next checkpoint raises
+                # it again. (Shielding every wait instead costs ~10% of a round trip.)
+                with trio.CancelScope(shield=True):
+                    reply = await self._receive(sock, request_id)
+                # Swallowed here so the reply is not lost; the next call on this fd
+                # raises it before sending anything (else a loop of calls never would).
+                self._cancel_seen = True
+                return reply
+        except trio.ClosedResourceError:
+            raise OSError(errno.EBADF, f"{self._kind} fd was closed") from None
+
+    @staticmethod
+    def _judge(
+        reply: wire.AnyReply, fds: list[int], expect: type[_ReplyT]
+    ) -> tuple[_ReplyT, list[int]]:
         if type(reply) is expect:
             return reply, fds
         for received in fds:
@@ -434,6 +460,7 @@ class Vcpu(_KvmFile):
         super().__init__(sock)
         self._io_data: bytes | None = None
         self._hypercall_ret: int | None = None
+        self._started: int | None = None  # the id of a KVM_RUN sent by start_run()
         self.kvm_run = kvm_run or KvmRun(mmap.mmap(-1, KvmRun.SIZE))
 
     def close(self) -> None:
@@ -449,15 +476,65 @@ class Vcpu(_KvmFile):
         the u64 the kernel would see (e.g. -KVM_ENOSYS)."""
         self._hypercall_ret = ret & wire.U64_MAX
 
+    @property
+    def run_in_flight(self) -> bool:
+        """A KVM_RUN sent by `start_run` whose exit `run()` has not taken yet."""
+        return self._started is not None
+
+    def start_run(self) -> bool:
+        """Send KVM_RUN now, without waiting: the next `run()` takes its exit instead of
+        sending one. A VMM resuming many vCPUs starts them all from one task, back to back,
+        as its vCPU threads would enter KVM_RUN together, rather than one task switch
+        apart. Sends nothing and returns False when the fd is busy with another call (or
+        closed, or its socket full): `run()` then works as usual.
+
+        Until `run()` has taken the exit, other calls on this fd wait, as ioctls wait for
+        a vCPU's mutex while it is in KVM_RUN."""
+        sock = self._sock
+        if sock is None or self._started is not None or not self._lock.try_acquire():
+            return False
+        request = wire.Run(self._next_id(), False, self._io_data, self._hypercall_ret)
+        try:
+            sock.send(wire.encode(request), socket.MSG_NOSIGNAL)
+        except OSError:  # full or broken: run() sends (and reports) it the usual way
+            self._lock.release()
+            return False
+        _KvmFile.requests_made += 1
+        self._started = request.id
+        return True
+
     async def run(self, *, immediate_exit: bool = False) -> uapi.RunExit:
         """KVM_RUN: run a guest slice and return why it stopped. With `immediate_exit`, only
-        the pending completion is delivered (KVM answers EINTR)."""
+        the pending completion is delivered (KVM answers EINTR). After `start_run`, takes
+        that KVM_RUN's exit (`immediate_exit` must then be False)."""
+        if self._started is not None:
+            if immediate_exit:
+                raise RuntimeError("a KVM_RUN started by start_run() is in flight")
+            return await self._finish_run()
         request = wire.Run(self._next_id(), immediate_exit, self._io_data, self._hypercall_ret)
         try:
             reply, _ = await self._call(request, wire.RunReply)
         except InterruptedError:
             # EINTR (immediate_exit) still took the completion, as KVM does.
             self._io_data = self._hypercall_ret = None
+            raise
+        self._io_data = self._hypercall_ret = None
+        return reply.exit
+
+    async def _finish_run(self) -> uapi.RunExit:
+        request_id, self._started = self._started, None
+        assert request_id is not None
+        try:
+            sock = self._sock
+            if sock is None:
+                raise OSError(errno.EBADF, f"{self._kind} fd was closed")
+            raw, fds = await self._reply_to(sock, request_id)
+        finally:
+            self._lock.release()
+        try:
+            reply, _ = self._judge(raw, fds, wire.RunReply)
+        except InterruptedError:
+            self._io_data = self._hypercall_ret = None  # as in run()
             raise
         self._io_data = self._hypercall_ret = None
         return reply.exit

@@ -325,6 +325,71 @@ async def test_a_loop_of_runs_sees_its_cancellation(kvmstub_daemon: KvmstubDaemo
     assert runs > 0
 
 
+async def test_start_run_sends_now_and_run_takes_its_exit_with_the_completion(
+    kvmstub_daemon: KvmstubDaemon,
+) -> None:
+    kvm = await open_kvm(kvmstub_daemon)
+    g = await PlainGuest.boot(kvm, guest.GuestParams(vcpus=1, line_every=2, flip_every=10**9))
+    while True:
+        exit_ = await g.run_until(uapi.KVM_EXIT_IO)
+        assert exit_.io is not None
+        if exit_.io.port == uapi.DOORBELL_IN_PORT:
+            break
+    requests = client.requests_made()
+    assert g.vcpu.start_run()  # carries the IN answer run_until completed, as run() would
+    assert g.vcpu.run_in_flight
+    assert client.requests_made() == requests + 1
+    assert not g.vcpu.start_run()  # one at a time
+    exit_ = await g.vcpu.run()  # takes the started run's exit: no second request
+    assert client.requests_made() == requests + 1
+    assert not g.vcpu.run_in_flight
+    assert exit_.exit_reason in (uapi.KVM_EXIT_IO, uapi.KVM_EXIT_INTR, uapi.KVM_EXIT_HYPERCALL)
+    for _ in range(3):
+        await g.run_until(uapi.KVM_EXIT_IO)
+    assert b"PANIC" not in g.serial  # the guest got the right sum through start_run
+
+
+async def test_other_calls_wait_for_a_started_run_to_be_taken(
+    kvmstub_daemon: KvmstubDaemon,
+) -> None:
+    kvm = await open_kvm(kvmstub_daemon)
+    g = await PlainGuest.boot(kvm, guest.GuestParams(vcpus=1, line_every=10**6, flip_every=10**6))
+    assert g.vcpu.start_run()
+    with pytest.raises(RuntimeError, match="in flight"):
+        await g.vcpu.run(immediate_exit=True)
+    got: list[uapi.Regs] = []
+
+    async def read_regs() -> None:
+        got.append(await g.vcpu.get_regs())
+
+    with trio.fail_after(20):  # a hang guard
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_regs)
+            await trio.testing.wait_all_tasks_blocked()
+            assert got == []  # queued behind the run in flight, as behind vcpu->mutex
+            exit_ = await g.vcpu.run()
+    assert exit_.exit_reason == uapi.KVM_EXIT_INTR  # the slice ran out
+    assert got and got[0].rcx > 0  # its own reply (regs after guest steps), not the exit
+
+
+async def test_start_run_declines_a_busy_or_closed_fd(kvmstub_daemon: KvmstubDaemon) -> None:
+    kvm = await open_kvm(kvmstub_daemon)
+    g = await PlainGuest.boot(kvm, guest.GuestParams(vcpus=1, line_every=10**6, flip_every=10**6))
+    declined: list[bool] = []
+
+    async def busy() -> None:
+        await g.vcpu.run()  # holds the fd until its exit comes
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(busy)
+        await trio.testing.wait_all_tasks_blocked()
+        declined.append(g.vcpu.start_run())
+    assert declined == [False]
+    assert not g.vcpu.run_in_flight
+    g.vcpu.close()
+    assert not g.vcpu.start_run()
+
+
 # --- one fd, many tasks --------------------------------------------------------------------
 
 
