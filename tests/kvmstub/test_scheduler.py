@@ -356,3 +356,64 @@ async def test_a_5_us_quantum_runs_two_guests_to_their_exits(
         io = first_exit[i].io
         assert io is not None and io.port == uapi.SERIAL_PORT  # its first line, after 3 steps
         assert io.data.startswith(f"vcpu={i} seq=0 ".encode())
+
+
+# --- kicks ----------------------------------------------------------------------------------
+
+
+class _FakeEnd:
+    def __init__(self) -> None:
+        self.kick = False
+
+    def kicked(self) -> bool:
+        return self.kick
+
+
+class _FakeVcpu:
+    """A vCPU in KVM_RUN whose guest never exits by itself: one step per turn."""
+
+    def __init__(self) -> None:
+        self.turns = 0
+        self.steps = 0
+
+    def run_for(self, budget_ns: int, interrupted: Callable[[], bool]) -> uapi.RunExit | None:
+        self.turns += 1
+        if interrupted():
+            return guest.INTR_EXIT
+        self.steps += 1
+        return None
+
+
+class _Answers:
+    def __init__(self) -> None:
+        self.ended: list[tuple[int, int]] = []
+
+    def end_run(self, run: Any, reply: wire.RunReply) -> None:
+        self.ended.append((run.rid, reply.exit.exit_reason))
+
+
+def test_a_kick_found_at_one_turn_ends_every_kicked_run_without_waiting_for_their_turns() -> None:
+    """A kick stands for a signal to each vCPU thread: on a host with a CPU per vCPU they all
+    leave the guest together, so the vCPUs kicked by then leave with the first one found,
+    without a guest step, while the others keep their places."""
+    from kvmstub import daemon
+
+    answers = _Answers()
+    cpu = daemon._Cpu(answers, 10_000)  # type: ignore[arg-type]
+    runs = [daemon._InRun(_FakeEnd(), _FakeVcpu(), rid) for rid in range(4)]  # type: ignore[arg-type]
+    for run in runs:
+        cpu.add(run)
+    assert cpu.take_turn(runs[1], 10_000)  # not kicked: a guest step, still in KVM_RUN
+    for i in (0, 2, 3):
+        runs[i].end.kick = True  # type: ignore[attr-defined]
+    cpu.end_kicked()  # what the run queue does once a turn has found its vCPU kicked
+    assert sorted(answers.ended) == [(0, INTR), (2, INTR), (3, INTR)]
+    for i in (0, 2, 3):
+        assert runs[i].vcpu.steps == 0  # type: ignore[attr-defined]
+    assert runs[1].vcpu.steps == 1  # type: ignore[attr-defined]
+    assert cpu.quantum_ns() == 10_000
+    cpu.end_kicked()  # nothing more to end; the unkicked run stays queued
+    assert len(answers.ended) == 3
+    runs[1].end.kick = True  # type: ignore[attr-defined]
+    cpu.end_kicked()
+    assert sorted(answers.ended)[1] == (1, INTR)
