@@ -15,6 +15,7 @@ import trio
 from . import runtime
 from .config import format_size
 from .qmp_client import QMPClient, QMPError
+from .sched import waking_without_preempting
 
 PHASE_NAMES = {
     "connect": "connect to successor",
@@ -45,7 +46,7 @@ async def upgrade(
         args["exec"] = list(exec_argv)
     if copy_memory:
         args["copy-memory"] = True
-    with trio.fail_after(timeout):
+    with trio.fail_after(timeout), waking_without_preempting():
         async with await QMPClient.connect(control) as qmp:
             started = await qmp.execute("upgrade", args)
             if on_started is not None:

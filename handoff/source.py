@@ -40,6 +40,7 @@ from . import logs, messages, notify, protocol
 from .channel import Channel, connect
 from .errors import AuthRefused, CredentialsRefused, HandoffError, HandoffTimeout, TransportError
 from .peer import Peer
+from .sched import waking_without_preempting, yield_cpus
 from .vmm import collector_paused
 
 if TYPE_CHECKING:
@@ -168,18 +169,6 @@ async def _wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> bool:
             await trio.sleep(0.01)
         return True
     return False
-
-
-def yield_cpus() -> None:
-    """Lowest CPU priority for a VMM that has handed its guest on. Nice alone is not enough:
-    with the scheduler's autogroups (the default on desktop and many server kernels) every
-    session shares the CPUs as one group whatever its tasks' nice, and the successor runs in
-    its own session; a running old VMM then kept the successor's first vCPU exits waiting
-    for milliseconds. So the autogroup is lowered too (a process may always lower its own)."""
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, 0, 19)
-    with contextlib.suppress(OSError), open("/proc/self/autogroup", "w") as f:
-        f.write("19")
 
 
 async def hand_off(
@@ -325,7 +314,8 @@ async def _hand_off(
             committed = True
             await app.faults.point("source", "commit", peer)
             rec.phase("commit")
-            await reply(protocol.Resumed)
+            with waking_without_preempting():
+                await reply(protocol.Resumed)
         if blackout.cancelled_caught:
             raise HandoffTimeout(too_late)
         # From here this process only tears down: let the target and kvmstub have the CPUs

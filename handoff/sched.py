@@ -1,0 +1,61 @@
+"""CPU scheduling for the processes around a handoff. On a small host the guest-visible pause
+is decided as much by who has a CPU at each instant as by the work done: the old VMM, the new
+VMM, kvmstub and an operator's `handoff upgrade` all want one during the blackout."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+
+def yield_cpus() -> None:
+    """Lowest CPU priority for a VMM that has handed its guest on. Nice alone is not enough:
+    with the scheduler's autogroups (the default on desktop and many server kernels) every
+    session shares the CPUs as one group whatever its tasks' nice, and the successor runs in
+    its own session; a running old VMM then kept the successor's first vCPU exits waiting
+    for milliseconds. So the autogroup is lowered too (a process may always lower its own),
+    but only when this VMM leads its session: the autogroup is the whole session's, and a
+    VMM started from an operator's shell, a test runner or a benchmark shares it with them
+    and perhaps with kvmstub, whose guests would then all run at nice 19."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, 0, 19)
+    if _leads_session():
+        with contextlib.suppress(OSError), open("/proc/self/autogroup", "w") as f:
+            f.write("19")
+
+
+def _leads_session() -> bool:
+    try:
+        return os.getsid(0) == os.getpid()
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def waking_without_preempting() -> Iterator[None]:
+    """SCHED_BATCH for this thread meanwhile: its wake-ups then do not preempt the task
+    running on the CPU, which the kernel otherwise does for a task just woken. For those
+    that wake during the blackout but have nothing urgent to do there:
+
+    - the source waiting for Resumed: the target sends it and then, on the same CPU,
+      starts the guest's vCPUs; a source preempting it held the resume back by 0.8 ms in
+      about one handoff in three;
+    - an operator's `handoff upgrade` following the HANDOFF events: the "device" event
+      comes as the source pauses the guest, and the client took the source's CPU for
+      100 to 200 us of it while the other CPU went idle.
+
+    Back to SCHED_OTHER after, which an unprivileged process may always do from
+    SCHED_BATCH. Threads and children started meanwhile inherit SCHED_BATCH."""
+    try:
+        switched = os.sched_getscheduler(0) == os.SCHED_OTHER
+        if switched:
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except OSError:
+        switched = False
+    try:
+        yield
+    finally:
+        if switched:
+            with contextlib.suppress(OSError):
+                os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
