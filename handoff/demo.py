@@ -62,6 +62,7 @@ class Demo:
             [sys.executable, "-m", "kvmstub.cli", "serve", "--socket", self.kvm_sock],
             stdout=subprocess.PIPE,
             stderr=open(os.path.join(self.dir, "kvmstub.log"), "ab"),  # noqa: SIM115
+            start_new_session=True,  # its own CPU share, as a system service has
         )
         assert self.kvmstub.stdout is not None
         line = self.kvmstub.stdout.readline().decode().strip()

@@ -104,8 +104,15 @@ class VmmProcess:
 
     def start(self, timeout: float = 30) -> None:
         with open(self.log_path, "ab") as log:
+            # Its own session, as a VMM started by a service manager has (and as each
+            # successor has): the scheduler shares the CPUs between sessions first.
             self.process = subprocess.Popen(
-                self.argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=self.env
+                self.argv,
+                stdout=log,
+                stderr=log,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                start_new_session=True,
             )
         self.pids.append(self.process.pid)
         deadline = time.monotonic() + timeout
@@ -353,6 +360,7 @@ def start_kvmstub_daemon(directory: Path, *flags: str) -> KvmstubDaemon:
             stderr=log,
             stdin=subprocess.DEVNULL,
             text=True,
+            start_new_session=True,  # its own CPU share (autogroup), as a system service has
         )
     assert process.stdout is not None
     deadline = time.monotonic() + _READY_TIMEOUT

@@ -301,6 +301,10 @@ def main() -> int:
             + (["--quantum-us", str(args.quantum_us)] if args.quantum_us else []),
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
+            # Its own session, as a system service has: with the scheduler's autogroups the
+            # CPUs are shared between sessions first, and the guests it runs must not share
+            # a group with this observer or a VMM.
+            start_new_session=True,
         )
         assert daemon.stdout is not None
         daemon.stdout.readline()
