@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn
 
 import msgspec
@@ -121,6 +121,7 @@ class App:
         self.ready = False  # the guest runs here (READY=1 sent)
         self.stop_requested = False  # a signal asked us to stop during a handoff
         self.handed_off = False  # the guest went on to a successor: exit without finalizing
+        self._held_events: list[tuple[str, dict[str, Any], float]] | None = None
 
     # --------------------------------------------------------------- lifecycle
     async def main(self, incoming: str | None) -> int:
@@ -196,14 +197,35 @@ class App:
         self.control = ControlServer(self.control_sock, self.handlers())
         nursery.start_soon(self.control.serve)
 
-    def emit(self, event: str, data: dict[str, Any]) -> None:
+    def emit(self, event: str, data: dict[str, Any], at: float | None = None) -> None:
+        """A QMP event for every client (and a STATUS= line for some HANDOFF ones), now, or
+        when `events_held` ends; `at` (time.time()) stamps it, by default now."""
+        if self._held_events is not None:
+            self._held_events.append((event, data, time.time() if at is None else at))
+            return
         if self.control is not None:
-            self.control.emit(event, data)
+            self.control.emit(event, data, at)
         if event == "HANDOFF" and data.get("status") in HANDOFF_STATUS_LINES:
             # The source's own STATUS= lines cover the start and the end of a handoff.
             notify.notify(
                 f"STATUS=handoff {data.get('id', '')}: " + HANDOFF_STATUS_LINES[data["status"]]
             )
+
+    @contextlib.contextmanager
+    def events_held(self) -> Iterator[None]:
+        """Events raised meanwhile are delivered when it ends, in order, each stamped with the
+        time it was raised. For the blackout: a QMP client (an operator's `handoff upgrade`
+        following the HANDOFF events) or the service manager woken by one took a CPU from the
+        two VMMs and kvmstub for 100 to 300 us of it, whatever its own priority (the
+        scheduler shares CPUs between sessions first)."""
+        held: list[tuple[str, dict[str, Any], float]] = []
+        self._held_events = held
+        try:
+            yield
+        finally:
+            self._held_events = None
+            for event, data, at in held:
+                self.emit(event, data, at)
 
     async def _watch_context(self) -> None:
         await self.vmm.context_lost.wait()

@@ -368,10 +368,13 @@ class ControlServer:
 
     # -- events --------------------------------------------------------------------------------
 
-    def emit(self, event: str, data: Mapping[str, Any] | None = None) -> None:
-        """Send an event to every client that completed negotiation. Never blocks: a client too
-        far behind (MAX_PENDING messages) is disconnected rather than slowing the VMM."""
-        now = time.time()
+    def emit(
+        self, event: str, data: Mapping[str, Any] | None = None, at: float | None = None
+    ) -> None:
+        """Send an event to every client that completed negotiation, stamped `at` (time.time()
+        when it happened; by default now). Never blocks: a client too far behind
+        (MAX_PENDING messages) is disconnected rather than slowing the VMM."""
+        now = time.time() if at is None else at
         seconds = math.floor(now)
         message: dict[str, Any] = {
             "event": event,

@@ -41,9 +41,10 @@ def waking_without_preempting() -> Iterator[None]:
     - the source waiting for Resumed: the target sends it and then, on the same CPU,
       starts the guest's vCPUs; a source preempting it held the resume back by 0.8 ms in
       about one handoff in three;
-    - an operator's `handoff upgrade` following the HANDOFF events: the "device" event
-      comes as the source pauses the guest, and the client took the source's CPU for
-      100 to 200 us of it while the other CPU went idle.
+    - an operator's `handoff upgrade` following the HANDOFF events: a sched trace caught it
+      taking the source's CPU for 100 to 200 us of the blackout while the other CPU went
+      idle. (The events raised inside the blackout are now delivered after it, see
+      `App.events_held`, but the ones around it still wake the client.)
 
     Back to SCHED_OTHER after, which an unprivileged process may always do from
     SCHED_BATCH. Threads and children started meanwhile inherit SCHED_BATCH."""

@@ -260,7 +260,6 @@ async def _hand_off(
         assert peer is not None
 
         # ---- blackout: the guest is paused from here until the target resumes it.
-        app.emit("HANDOFF", {"id": rec.id, "status": "device"})
         if app.control is not None:
             app.control.stop_accepting()
         # Let vCPU tasks holding an exit issue their next KVM_RUN before the kick: a vCPU in
@@ -290,7 +289,9 @@ async def _hand_off(
             except HandoffTimeout:
                 raise HandoffTimeout(too_late) from None
 
-        with trio.move_on_after(limit) as blackout:
+        # Events raised inside the blackout reach QMP clients when it ends (events_held).
+        with app.events_held(), trio.move_on_after(limit) as blackout:
+            app.emit("HANDOFF", {"id": rec.id, "status": "device"})
             paused = True  # (set first: a pause cut short by the deadline is undone too)
             await vmm.pause()
             rec.pause_seqs = dict(vmm.devices.serial.last_seq)

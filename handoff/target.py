@@ -226,7 +226,10 @@ async def _receive(app: App, chan: Channel, nursery: trio.Nursery) -> bool:
                 else:
                     await vmm.prepare_incoming(fds.take())
                 # The vCPU tasks start now, parked: at the resume they only need waking.
+                # Wait for them to park here: left to the scheduler, their first steps ran
+                # when the target woke for Switchover, inside the blackout.
                 vmm.start(nursery)
+                await vmm.gate.pause()
                 vmm.sev = messages.sev_cache_of(describe)
                 control_path = describe.host_flags.get("control", "")
                 rec.phase("prepare")

@@ -100,43 +100,7 @@ async def run_config(cfg: Config, n: int, workdir: Path, kvm_sock: Path, idx: in
     try:
         vmm.start(timeout=120)
         await vmm.wait_lines(more=2, timeout=60)
-        for i in range(n):
-            before = vmm.report().last_seq()
-            t0 = time.perf_counter()
-            result = await vmm.upgrade(copy_memory=cfg.copy, timeout=300)
-            total = (time.perf_counter() - t0) * 1e3
-            if result.get("status") != "completed":
-                res.failures.append(str(result.get("error-desc")))
-                progress(f"  [{i + 1}/{n}] failed: {result.get('error-desc')}")
-                continue
-            seqs = {v: s for v, s in enumerate(result.get("pause-seqs") or []) if s >= 0}
-            # Stay off the CPUs while the guest's first lines after the pause are written:
-            # the observer must not take them from the VMM and kvmstub it measures.
-            await trio.sleep(OBSERVER_QUIET_S)
-            report = await vmm.wait_lines(more=2, timeout=60)
-            pause = report.max_gap_after(seqs, lines=1) if seqs else None
-            ordinary = [
-                g for v, entries in report.lines.items() for s, g in entries
-                if seqs.get(v, 0) - 30 < s < seqs.get(v, 0) - 1
-            ]  # fmt: skip
-            # Every gap from the upgrade command to OBSERVER_QUIET_S after the handoff (the
-            # successor's start, the pause, deferred work, the old VMM's exit), all vCPUs.
-            window = [
-                g for v, entries in report.lines.items() for s, g in entries
-                if s > before.get(v, -1)
-            ]  # fmt: skip
-            if window:
-                res.window_gap_ms.append(max(window) / 1000)
-            res.pauses_ms.append((pause or 0) / 1000)
-            res.downtimes_ms.append(float(result.get("downtime", 0.0)))
-            res.totals_ms.append(total)
-            res.phases.append(dict(result.get("phases", {})))
-            if ordinary:
-                res.baseline_gap_ms.append(statistics.median(ordinary) / 1000)
-            progress(
-                f"  [{i + 1}/{n}] pause {res.pauses_ms[-1]:.3f} ms, downtime "
-                f"{res.downtimes_ms[-1]:.3f} ms, total {total:.0f} ms"
-            )
+        await _handoffs(res, vmm, cfg, n)
         res.problems = vmm.report().problems(cfg.vcpus)
     except Exception as exc:  # a configuration that cannot run is reported, not fatal
         res.failures.append(f"{type(exc).__name__}: {exc}")
@@ -145,6 +109,47 @@ async def run_config(cfg: Config, n: int, workdir: Path, kvm_sock: Path, idx: in
         await vmm.quit()
         vmm.kill_all()
     return res
+
+
+async def _handoffs(res: Result, vmm: VmmProcess, cfg: Config, n: int) -> None:
+    """n handoffs of `vmm`, their figures into `res`."""
+    for i in range(n):
+        before = vmm.report().last_seq()
+        t0 = time.perf_counter()
+        result = await vmm.upgrade(copy_memory=cfg.copy, timeout=300)
+        total = (time.perf_counter() - t0) * 1e3
+        if result.get("status") != "completed":
+            res.failures.append(str(result.get("error-desc")))
+            progress(f"  [{i + 1}/{n}] failed: {result.get('error-desc')}")
+            continue
+        seqs = {v: s for v, s in enumerate(result.get("pause-seqs") or []) if s >= 0}
+        # Stay off the CPUs while the guest's first lines after the pause are written:
+        # the observer must not take them from the VMM and kvmstub it measures.
+        await trio.sleep(OBSERVER_QUIET_S)
+        report = await vmm.wait_lines(more=2, timeout=60)
+        pause = report.max_gap_after(seqs, lines=1) if seqs else None
+        ordinary = [
+            g for v, entries in report.lines.items() for s, g in entries
+            if seqs.get(v, 0) - 30 < s < seqs.get(v, 0) - 1
+        ]  # fmt: skip
+        # Every gap from the upgrade command to OBSERVER_QUIET_S after the handoff (the
+        # successor's start, the pause, deferred work, the old VMM's exit), all vCPUs.
+        window = [
+            g for v, entries in report.lines.items() for s, g in entries
+            if s > before.get(v, -1)
+        ]  # fmt: skip
+        if window:
+            res.window_gap_ms.append(max(window) / 1000)
+        res.pauses_ms.append((pause or 0) / 1000)
+        res.downtimes_ms.append(float(result.get("downtime", 0.0)))
+        res.totals_ms.append(total)
+        res.phases.append(dict(result.get("phases", {})))
+        if ordinary:
+            res.baseline_gap_ms.append(statistics.median(ordinary) / 1000)
+        progress(
+            f"  [{i + 1}/{n}] pause {res.pauses_ms[-1]:.3f} ms, downtime "
+            f"{res.downtimes_ms[-1]:.3f} ms, total {total:.0f} ms"
+        )
 
 
 def floor(kvm_sock: Path, workdir: Path) -> tuple[float, float]:

@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -441,6 +442,47 @@ async def test_events_reach_negotiated_clients_only_with_a_qmp_timestamp(
     assert await fresh.execute("qmp_capabilities", id=1) == {"return": {}, "id": 1}
     await negotiated.aclose()
     await fresh.aclose()
+
+
+async def test_an_event_carries_the_time_it_was_raised_when_given(
+    server: ControlServer, sock_path: Path
+) -> None:
+    client = await connect(sock_path)
+    await client.negotiate()
+    await trio.testing.wait_all_tasks_blocked()
+    server.emit("HANDOFF", {"status": "device"}, at=1234.5)
+    event = await client.read()
+    assert event["timestamp"] == {"seconds": 1234, "microseconds": 500000}
+    await client.aclose()
+
+
+def test_events_raised_inside_the_blackout_are_delivered_after_it_in_order() -> None:
+    """App.events_held: a QMP client woken inside the blackout takes a CPU from the VMMs, so
+    what is raised there is sent when it ends, stamped with when it happened."""
+    from handoff.app import App
+
+    sent: list[tuple[str, dict[str, Any], float | None]] = []
+
+    class Control:
+        def emit(self, event: str, data: dict[str, Any], at: float | None = None) -> None:
+            sent.append((event, data, at))
+
+    app = object.__new__(App)  # only the event plumbing: no VM, no flags
+    app.control = Control()  # type: ignore[assignment]
+    app._held_events = None
+    app.emit("HANDOFF", {"status": "active"})
+    assert [e for e, _, _ in sent] == ["HANDOFF"]
+    before = time.time()
+    with pytest.raises(RuntimeError), app.events_held():
+        app.emit("HANDOFF", {"status": "device"})
+        app.emit("STOP", {})
+        assert len(sent) == 1  # nothing goes out inside
+        raise RuntimeError("the blackout failed")  # delivered on the way out all the same
+    assert [(e, d) for e, d, _ in sent[1:]] == [("HANDOFF", {"status": "device"}), ("STOP", {})]
+    stamps = [at for _, _, at in sent[1:]]
+    assert all(at is not None and before <= at <= time.time() for at in stamps)
+    app.emit("HANDOFF", {"status": "failed"})
+    assert sent[-1][0:2] == ("HANDOFF", {"status": "failed"})
 
 
 async def test_an_event_reaches_a_client_while_its_own_command_is_still_running(
