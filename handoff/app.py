@@ -61,6 +61,10 @@ HANDOFF_STATUS_LINES = {
 }
 
 
+EVENTS_HELD_AT_MOST = 0.05
+"""Seconds events raised inside the blackout may be held back (App.events_held)."""
+
+
 def bind_control(path: str) -> socket.socket:
     """The QMP listening socket, created by the first VMM of a VM (directory 0700)."""
     parent = os.path.dirname(os.path.abspath(path))
@@ -212,20 +216,35 @@ class App:
             )
 
     @contextlib.contextmanager
-    def events_held(self) -> Iterator[None]:
-        """Events raised meanwhile are delivered when it ends, in order, each stamped with the
-        time it was raised. For the blackout: a QMP client (an operator's `handoff upgrade`
-        following the HANDOFF events) or the service manager woken by one took a CPU from the
-        two VMMs and kvmstub for 100 to 300 us of it, whatever its own priority (the
-        scheduler shares CPUs between sessions first)."""
+    def events_held(self, at_most: float = EVENTS_HELD_AT_MOST) -> Iterator[None]:
+        """Events raised meanwhile are delivered when it ends, or once it has lasted `at_most`
+        seconds, in order, each stamped with the time it was raised. For the blackout: a QMP
+        client (an operator's `handoff upgrade` following the HANDOFF events) or the service
+        manager woken by one took a CPU from the two VMMs and kvmstub for 100 to 300 us of
+        it, whatever its own priority (the scheduler shares CPUs between sessions first). A
+        blackout that lasts (a hung target) is still reported while it lasts."""
         held: list[tuple[str, dict[str, Any], float]] = []
         self._held_events = held
+        if self.nursery is not None:
+            self.nursery.start_soon(self._release_events, held, at_most)
         try:
             yield
         finally:
+            self._flush_events(held)
+
+    async def _release_events(
+        self, held: list[tuple[str, dict[str, Any], float]], after: float
+    ) -> None:
+        await trio.sleep(after)
+        self._flush_events(held)
+
+    def _flush_events(self, held: list[tuple[str, dict[str, Any], float]]) -> None:
+        if self._held_events is held:
             self._held_events = None
-            for event, data, at in held:
-                self.emit(event, data, at)
+        events = list(held)
+        held.clear()
+        for event, data, at in events:
+            self.emit(event, data, at)
 
     async def _watch_context(self) -> None:
         await self.vmm.context_lost.wait()

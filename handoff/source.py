@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -41,7 +42,6 @@ from .channel import Channel, connect
 from .errors import AuthRefused, CredentialsRefused, HandoffError, HandoffTimeout, TransportError
 from .peer import Peer
 from .sched import waking_without_preempting, yield_cpus
-from .vmm import collector_paused
 
 if TYPE_CHECKING:
     from .app import App
@@ -178,9 +178,20 @@ async def hand_off(
     token: bytes | None,
     copy_memory: bool = False,
 ) -> bool:
-    """Run one handoff as the source; return True when the target runs the guest."""
-    with collector_paused():  # no collector stall inside the blackout
-        return await _hand_off(app, path, proc, token, copy_memory)
+    """Run one handoff as the source; return True when the target runs the guest.
+
+    No collector stall inside the blackout: the cyclic collector is paused, and stays
+    paused after a completed handoff (this process only lingers and exits then, and a
+    collection would take a CPU from the guest's first milliseconds on the target)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    ok = False
+    try:
+        ok = await _hand_off(app, path, proc, token, copy_memory)
+        return ok
+    finally:
+        if was_enabled and not ok:
+            gc.enable()
 
 
 async def _hand_off(
@@ -341,6 +352,10 @@ async def _hand_off(
             )
 
     rec.finish("completed")
+    # Nothing here is urgent any more, and all of it (about 1 ms of CPU with the runtime
+    # entry) ran in the guest's first milliseconds on the target: on a small host the
+    # scheduler gave it a CPU even at nice 19 while kvmstub waited. Let the guest settle.
+    await trio.sleep(SETTLE_SECONDS)
     logs.handoff_summary(log, flags.name, rec)
     app.emit("HANDOFF", {"id": rec.id, "status": "completed", **rec.to_qmp()})
     notify.notify(f"MAINPID={peer_pid}", "STATUS=handed off to the successor")
@@ -350,6 +365,12 @@ async def _hand_off(
         # The target removes its socket once it has taken over; the directory is ours.
         shutil.rmtree(rec.workdir, ignore_errors=True)
     return True
+
+
+SETTLE_SECONDS = 0.01
+"""How long after Resumed the old VMM waits before its bookkeeping (the summary, the
+"completed" event, MAINPID=, the successor's directory, the runtime entry). Shorter than the
+new VMM's own settling (target.SETTLE_SECONDS), so that the two do not run together."""
 
 
 async def _failed(

@@ -470,6 +470,7 @@ def test_events_raised_inside_the_blackout_are_delivered_after_it_in_order() -> 
     app = object.__new__(App)  # only the event plumbing: no VM, no flags
     app.control = Control()  # type: ignore[assignment]
     app._held_events = None
+    app.nursery = None
     app.emit("HANDOFF", {"status": "active"})
     assert [e for e, _, _ in sent] == ["HANDOFF"]
     before = time.time()
@@ -483,6 +484,35 @@ def test_events_raised_inside_the_blackout_are_delivered_after_it_in_order() -> 
     assert all(at is not None and before <= at <= time.time() for at in stamps)
     app.emit("HANDOFF", {"status": "failed"})
     assert sent[-1][0:2] == ("HANDOFF", {"status": "failed"})
+
+
+async def test_events_held_in_a_blackout_that_lasts_go_out_after_the_limit() -> None:
+    """A hung target keeps the blackout going until the handoff's timeout: its "device"
+    event (and the STATUS= line) still reaches the operator, `at_most` seconds in."""
+    from handoff.app import App
+
+    sent: list[str] = []
+
+    class Control:
+        def emit(self, event: str, data: dict[str, Any], at: float | None = None) -> None:
+            sent.append(str(data.get("status")))
+
+    app = object.__new__(App)
+    app.control = Control()  # type: ignore[assignment]
+    app._held_events = None
+    async with trio.open_nursery() as nursery:
+        app.nursery = nursery
+        with app.events_held(at_most=0.05):
+            app.emit("HANDOFF", {"status": "device"})
+            await trio.sleep(0.01)
+            assert sent == []
+            with trio.fail_after(10):  # a hang guard
+                while not sent:
+                    await trio.sleep(0.01)
+            assert sent == ["device"]
+            app.emit("HANDOFF", {"status": "late"})  # after the limit: at once
+            assert sent == ["device", "late"]
+    assert sent == ["device", "late"]
 
 
 async def test_an_event_reaches_a_client_while_its_own_command_is_still_running(
