@@ -330,6 +330,10 @@ def control_path(ns: argparse.Namespace) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if "--incoming" in (sys.argv if argv is None else argv):
+        from .sched import lower_while_preparing
+
+        lower_while_preparing()  # first: before the imports and the preparation
     parser = build_parser()
     ns = parser.parse_args(argv)
     try:

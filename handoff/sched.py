@@ -60,3 +60,38 @@ def waking_without_preempting() -> Iterator[None]:
         if switched:
             with contextlib.suppress(OSError):
                 os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+
+
+_AUTOGROUP = "/proc/self/autogroup"
+_lowered_from: int | None = None  # the autogroup nice before `lower_while_preparing`
+
+
+def lower_while_preparing() -> None:
+    """For a new VMM (`handoff run --incoming`) from its first moment: its start-up and
+    its preparation (about 150 ms of CPU on a small host: the interpreter, the imports,
+    the VM and its vCPUs) run while the guest runs on the old VMM and kvmstub, and took
+    CPUs from them. Its autogroup goes to nice 19 until `restore_for_blackout`; only a
+    session leader's (a successor spawned by its old VMM is one), as in `yield_cpus`."""
+    global _lowered_from
+    if _lowered_from is not None or not _leads_session():
+        return
+    try:
+        with open(_AUTOGROUP) as f:
+            before = int(f.read().split()[-1])
+        with open(_AUTOGROUP, "w") as f:
+            f.write("19")
+    except (OSError, ValueError, IndexError):
+        return
+    _lowered_from = before
+
+
+def restore_for_blackout() -> None:
+    """Back to the priority it had before `lower_while_preparing`, before it tells the old
+    VMM it is prepared: inside the blackout it must have a CPU at once. (Raising an
+    autogroup's nice back to 0 or more needs no privilege.)"""
+    global _lowered_from
+    if _lowered_from is None:
+        return
+    with contextlib.suppress(OSError), open(_AUTOGROUP, "w") as f:
+        f.write(str(_lowered_from))
+    _lowered_from = None

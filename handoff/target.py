@@ -39,6 +39,7 @@ from .errors import (
     TransportError,
 )
 from .peer import Peer, PeerGoneError
+from .sched import restore_for_blackout
 from .vmm import collector_paused
 
 if TYPE_CHECKING:
@@ -238,6 +239,7 @@ async def _receive(app: App, chan: Channel, nursery: trio.Nursery) -> bool:
                 raise
         app.control_sock = socket.socket(fileno=control_fd)
         assert vmm.vm is not None
+        restore_for_blackout()  # the source pauses the guest once it has Prepared
         if stream_peer is not None:
             await peer.send(protocol.Prepared(stream=True), [vmm.vm.fileno(), stream_peer.fileno()])
             stream_peer.close()

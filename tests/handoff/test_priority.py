@@ -73,3 +73,39 @@ def test_waking_without_preempting_is_batch_meanwhile_and_undone_after() -> None
     with pytest.raises(RuntimeError), waking_without_preempting():
         raise RuntimeError("a failure inside")
     assert os.sched_getscheduler(0) == os.SCHED_OTHER
+
+
+PREPARING = """
+from handoff import sched
+def group():
+    return open("/proc/self/autogroup").read().split()[-1]
+before = group()
+sched.lower_while_preparing()
+lowered = group()
+sched.restore_for_blackout()
+print(before, lowered, group())
+"""
+
+
+@needs_autogroups
+def test_a_successor_prepares_at_nice_19_and_is_back_for_the_blackout() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", PREPARING],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        start_new_session=True,  # as its old VMM spawns it
+    )
+    before, lowered, after = done.stdout.split()
+    assert lowered == "19"
+    assert after == before
+
+
+@needs_autogroups
+def test_a_target_started_from_a_shell_leaves_its_sessions_priority_alone() -> None:
+    before = _group_nice()
+    done = subprocess.run(
+        [sys.executable, "-c", PREPARING], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.split() == [str(before)] * 3
