@@ -330,9 +330,6 @@ async def _hand_off(
                 await reply(protocol.Resumed)
         if blackout.cancelled_caught:
             raise HandoffTimeout(too_late)
-        # From here this process only tears down: let the target and kvmstub have the CPUs
-        # while the guest's first slices run there (on a small host this is the pause tail).
-        yield_cpus()
         rec.phase("resume")
         rec.downtime_ms = round((time.perf_counter() - t_pause) * 1e3, 3)
         rec.requests_in_pause = client.requests_made() - requests0
@@ -352,10 +349,13 @@ async def _hand_off(
             )
 
     rec.finish("completed")
-    # Nothing here is urgent any more, and all of it (about 1 ms of CPU with the runtime
-    # entry) ran in the guest's first milliseconds on the target: on a small host the
-    # scheduler gave it a CPU even at nice 19 while kvmstub waited. Let the guest settle.
-    await trio.sleep(SETTLE_SECONDS)
+    # From here this process only tears down. None of it is urgent, and all of it (about
+    # 1 ms of CPU with the runtime entry) ran in the guest's first milliseconds on the
+    # target, where on a small host the scheduler gave it a CPU even at nice 19 while
+    # kvmstub waited. So: asleep while the guest settles there; then the bookkeeping, at
+    # our own priority so that the operator hears "completed" at once; then off the CPUs.
+    with waking_without_preempting():
+        await trio.sleep(SETTLE_SECONDS)
     logs.handoff_summary(log, flags.name, rec)
     app.emit("HANDOFF", {"id": rec.id, "status": "completed", **rec.to_qmp()})
     notify.notify(f"MAINPID={peer_pid}", "STATUS=handed off to the successor")
@@ -364,6 +364,7 @@ async def _hand_off(
     if rec.workdir:
         # The target removes its socket once it has taken over; the directory is ours.
         shutil.rmtree(rec.workdir, ignore_errors=True)
+    yield_cpus()  # for the runtime entry, the linger and the exit (see App._run_handoff)
     return True
 
 
