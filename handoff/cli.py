@@ -330,7 +330,7 @@ def control_path(ns: argparse.Namespace) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    if "--incoming" in (sys.argv if argv is None else argv):
+    if any(a.partition("=")[0] == "--incoming" for a in (sys.argv if argv is None else argv)):
         from .sched import lower_while_preparing
 
         lower_while_preparing()  # first: before the imports and the preparation
