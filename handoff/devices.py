@@ -136,9 +136,15 @@ class Devices:
     def __init__(
         self, serial_log: str | None, vcpus: int, state: DeviceState | None = None
     ) -> None:
-        state = state or DeviceState()
+        self.vcpus = vcpus
         self.serial = Serial(serial_log)
-        self.doorbell = Doorbell(vcpus, state.doorbell_sums)
+        self.restore(state or DeviceState())
+
+    def restore(self, state: DeviceState) -> None:
+        """Take the state a snapshot carried (a handoff's Switchover). The serial log stays
+        as it is: it holds no state of its own, only the file, which the target opened at
+        its start (closing and reopening it cost 20-30 us inside the blackout)."""
+        self.doorbell = Doorbell(self.vcpus, state.doorbell_sums)
         self.shared = SharedRegions(state.shared_regions)
 
     def snapshot(self) -> DeviceState:

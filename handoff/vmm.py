@@ -312,9 +312,7 @@ class Vmm:
         self.restore_devices(devices)
 
     def restore_devices(self, state: DeviceState) -> None:
-        serial = self.devices.serial
-        self.devices.close()
-        self.devices = Devices(serial.path, self.cfg.vcpus, state)
+        self.devices.restore(state)
 
     def _make_runners(self) -> None:
         self.runners = [VcpuRunner(self, i) for i in range(len(self.vcpus))]
