@@ -363,21 +363,24 @@ async def _hand_off(
 
     rec.finish("completed")
     # From here this process only tears down. None of it is urgent, and all of it (about
-    # 1 ms of CPU with the runtime entry) ran in the guest's first milliseconds on the
+    # 1.5 ms of CPU with the runtime entry) ran in the guest's first milliseconds on the
     # target, where on a small host the scheduler gave it a CPU even at nice 19 while
-    # kvmstub waited. So: asleep while the guest settles there; then the bookkeeping, at
-    # our own priority so that the operator hears "completed" at once; then off the CPUs.
+    # kvmstub waited. So: asleep while the guest settles there; then what others wait for
+    # ("completed" for the operator, MAINPID= for systemd) at our own priority; then off
+    # the CPUs for the rest (the summary, the successor's directory, the runtime entry,
+    # the linger and the exit: see App._run_handoff).
     with waking_without_preempting():
         await trio.sleep(SETTLE_SECONDS)
-    logs.handoff_summary(log, flags.name, rec)
     app.emit("HANDOFF", {"id": rec.id, "status": "completed", **rec.to_qmp()})
     notify.notify(f"MAINPID={peer_pid}", "STATUS=handed off to the successor")
     vmm.status = "postmigrate"
+    yield_cpus()
+    await trio.lowlevel.checkpoint()
+    logs.handoff_summary(log, flags.name, rec)
     _close(peer, (escrow, pidfd, watch))
     if rec.workdir:
         # The target removes its socket once it has taken over; the directory is ours.
         shutil.rmtree(rec.workdir, ignore_errors=True)
-    yield_cpus()  # for the runtime entry, the linger and the exit (see App._run_handoff)
     return True
 
 
