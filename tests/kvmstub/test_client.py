@@ -75,6 +75,15 @@ class PlainGuest:
                 return exit_
         raise AssertionError(f"no exit {reason} in 10000 runs")
 
+    async def run_until_doorbell_in(self) -> None:
+        """Run until the guest stops at its doorbell IN: an exit whose completion (the IN
+        data, answered by run_until) the next KVM_RUN hands in."""
+        while True:
+            exit_ = await self.run_until(uapi.KVM_EXIT_IO)
+            assert exit_.io is not None
+            if exit_.io.port == uapi.DOORBELL_IN_PORT:
+                return
+
 
 # --- the system fd ---------------------------------------------------------------------------
 
@@ -251,11 +260,7 @@ async def test_immediate_exit_raises_eintr_after_taking_the_pending_completion(
 ) -> None:
     kvm = await open_kvm(kvmstub_daemon)
     g = await PlainGuest.boot(kvm, guest.GuestParams(vcpus=1, line_every=2, flip_every=10**9))
-    while True:
-        exit_ = await g.run_until(uapi.KVM_EXIT_IO)
-        assert exit_.io is not None
-        if exit_.io.port == uapi.DOORBELL_IN_PORT:
-            break
+    await g.run_until_doorbell_in()
     with pytest.raises(InterruptedError):
         await g.vcpu.run(immediate_exit=True)
     regs = await g.vcpu.get_regs()
@@ -270,11 +275,7 @@ async def test_immediate_exit_in_the_kvm_run_page_acts_like_the_flag(
 ) -> None:
     kvm = await open_kvm(kvmstub_daemon)
     g = await PlainGuest.boot(kvm, guest.GuestParams(vcpus=1, line_every=2, flip_every=10**9))
-    while True:
-        exit_ = await g.run_until(uapi.KVM_EXIT_IO)
-        assert exit_.io is not None
-        if exit_.io.port == uapi.DOORBELL_IN_PORT:
-            break
+    await g.run_until_doorbell_in()
     g.vcpu.kvm_run.immediate_exit = True  # written in shared memory, no request
     for _ in range(3):  # every KVM_RUN until it is cleared
         with pytest.raises(InterruptedError):
@@ -330,11 +331,7 @@ async def test_start_run_sends_now_and_run_takes_its_exit_with_the_completion(
 ) -> None:
     kvm = await open_kvm(kvmstub_daemon)
     g = await PlainGuest.boot(kvm, guest.GuestParams(vcpus=1, line_every=2, flip_every=10**9))
-    while True:
-        exit_ = await g.run_until(uapi.KVM_EXIT_IO)
-        assert exit_.io is not None
-        if exit_.io.port == uapi.DOORBELL_IN_PORT:
-            break
+    await g.run_until_doorbell_in()
     requests = client.requests_made()
     assert g.vcpu.start_run()  # carries the IN answer run_until completed, as run() would
     assert g.vcpu.run_in_flight
