@@ -21,8 +21,21 @@ def yield_cpus() -> None:
     with contextlib.suppress(OSError):
         os.setpriority(os.PRIO_PROCESS, 0, 19)
     if _leads_session():
-        with contextlib.suppress(OSError), open("/proc/self/autogroup", "w") as f:
-            f.write("19")
+        _set_autogroup_nice(19)
+
+
+_AUTOGROUP = "/proc/self/autogroup"
+
+
+def _set_autogroup_nice(nice: int) -> bool:
+    """Set this session's autogroup nice (any value >= 0 needs no privilege); False if the
+    kernel has no autogroups or refused."""
+    try:
+        with open(_AUTOGROUP, "w") as f:
+            f.write(str(nice))
+    except OSError:
+        return False
+    return True
 
 
 def _leads_session() -> bool:
@@ -62,7 +75,6 @@ def waking_without_preempting() -> Iterator[None]:
                 os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
 
 
-_AUTOGROUP = "/proc/self/autogroup"
 _lowered_from: int | None = None  # the autogroup nice before `lower_while_preparing`
 
 
@@ -78,11 +90,10 @@ def lower_while_preparing() -> None:
     try:
         with open(_AUTOGROUP) as f:
             before = int(f.read().split()[-1])
-        with open(_AUTOGROUP, "w") as f:
-            f.write("19")
     except (OSError, ValueError, IndexError):
         return
-    _lowered_from = before
+    if _set_autogroup_nice(19):
+        _lowered_from = before
 
 
 def restore_for_blackout() -> None:
@@ -92,6 +103,5 @@ def restore_for_blackout() -> None:
     global _lowered_from
     if _lowered_from is None:
         return
-    with contextlib.suppress(OSError), open(_AUTOGROUP, "w") as f:
-        f.write(str(_lowered_from))
+    _set_autogroup_nice(_lowered_from)
     _lowered_from = None
