@@ -27,9 +27,20 @@ def yield_cpus() -> None:
 _AUTOGROUP = "/proc/self/autogroup"
 
 
+def autogroup_nice() -> int | None:
+    """This session's autogroup nice; None where the kernel has no autogroups or shows
+    none for this process: it prints nothing for the root group, which holds every process
+    whose session never called setsid(2) (a CI runner's, for one)."""
+    try:
+        with open(_AUTOGROUP) as f:
+            return int(f.read().split()[-1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _set_autogroup_nice(nice: int) -> bool:
     """Set this session's autogroup nice (any value >= 0 needs no privilege); False if the
-    kernel has no autogroups or refused."""
+    kernel has no autogroups or refused (EINVAL for the root group)."""
     try:
         with open(_AUTOGROUP, "w") as f:
             f.write(str(nice))
@@ -87,12 +98,8 @@ def lower_while_preparing() -> None:
     global _lowered_from
     if _lowered_from is not None or not _leads_session():
         return
-    try:
-        with open(_AUTOGROUP) as f:
-            before = int(f.read().split()[-1])
-    except (OSError, ValueError, IndexError):
-        return
-    if _set_autogroup_nice(19):
+    before = autogroup_nice()
+    if before is not None and _set_autogroup_nice(19):
         _lowered_from = before
 
 

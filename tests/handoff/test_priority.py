@@ -17,50 +17,75 @@ needs_autogroups = pytest.mark.skipif(
     not AUTOGROUP.exists(), reason="this kernel has no scheduler autogroups"
 )
 
-PROBE = """
+# Every test runs its own "shell": a process leading a fresh session, so a fresh autogroup
+# at nice 0, whatever the test runner's own (a CI runner's session may never have called
+# setsid(2); the kernel then shows it no autogroup at all). The shell starts the probe in
+# its own session or in a new one, and prints its group's nice before and after, and what
+# the probe printed.
+SHELL = """
+import subprocess, sys
+from handoff.sched import autogroup_nice
+before = autogroup_nice()
+probe = subprocess.run([sys.executable, "-c", sys.argv[1]], capture_output=True, text=True,
+                       check=True, start_new_session=sys.argv[2] == "new")
+print(before, autogroup_nice(), probe.stdout)
+"""
+
+YIELDS = """
 import os
-from handoff.sched import yield_cpus
+from handoff.sched import autogroup_nice, yield_cpus
 yield_cpus()
-print(os.getpriority(os.PRIO_PROCESS, 0))
-print(open("/proc/self/autogroup").read().split()[-1])
+print(os.getpriority(os.PRIO_PROCESS, 0), autogroup_nice())
 """
 
 
-def _probe(*, new_session: bool) -> tuple[int, int]:
+def _in_a_shell(probe: str, *, session: str) -> list[str]:
     done = subprocess.run(
-        [sys.executable, "-c", PROBE],
+        [sys.executable, "-c", SHELL, probe, session],
         capture_output=True,
         text=True,
         check=True,
         timeout=60,
-        start_new_session=new_session,
+        start_new_session=True,
     )
-    nice, group_nice = done.stdout.split()
-    return int(nice), int(group_nice)
-
-
-def _group_nice() -> int:
-    return int(AUTOGROUP.read_text().split()[-1])
+    return done.stdout.split()
 
 
 @needs_autogroups
 def test_a_vmm_sharing_its_session_lowers_only_itself() -> None:
     """Started from a shell, a test runner or a benchmark, the VMM shares the session's
     autogroup with them (and maybe with kvmstub): lowering it would slow them all."""
-    before = _group_nice()
-    nice, group_nice = _probe(new_session=False)
-    assert nice == 19
-    assert group_nice == before
-    assert _group_nice() == before
+    before, after, nice, group_nice = _in_a_shell(YIELDS, session="same")
+    assert before == "0"
+    assert nice == "19"
+    assert group_nice == "0"
+    assert after == "0"
 
 
 @needs_autogroups
 def test_a_vmm_leading_its_session_lowers_its_autogroup_too() -> None:
-    before = _group_nice()
-    nice, group_nice = _probe(new_session=True)
-    assert nice == 19
-    assert group_nice == 19
-    assert _group_nice() == before
+    before, after, nice, group_nice = _in_a_shell(YIELDS, session="new")
+    assert (nice, group_nice) == ("19", "19")
+    assert before == after == "0"
+
+
+def test_the_root_group_reads_as_none_and_is_left_alone(tmp_path: Path) -> None:
+    """The kernel prints nothing for a process in the root autogroup, and refuses to set
+    its nice: nothing is lowered, nothing is restored, nothing fails."""
+    from handoff import sched
+
+    empty = tmp_path / "autogroup"
+    empty.write_text("")
+    saved = sched._AUTOGROUP
+    sched._AUTOGROUP = str(empty)
+    try:
+        assert sched.autogroup_nice() is None
+        assert sched._lowered_from is None
+        sched.lower_while_preparing()
+        assert sched._lowered_from is None
+        sched.restore_for_blackout()
+    finally:
+        sched._AUTOGROUP = saved
 
 
 def test_waking_without_preempting_is_batch_meanwhile_and_undone_after() -> None:
@@ -77,35 +102,24 @@ def test_waking_without_preempting_is_batch_meanwhile_and_undone_after() -> None
 
 PREPARING = """
 from handoff import sched
-def group():
-    return open("/proc/self/autogroup").read().split()[-1]
-before = group()
+before = sched.autogroup_nice()
 sched.lower_while_preparing()
-lowered = group()
+lowered = sched.autogroup_nice()
 sched.restore_for_blackout()
-print(before, lowered, group())
+print(before, lowered, sched.autogroup_nice())
 """
 
 
 @needs_autogroups
 def test_a_successor_prepares_at_nice_19_and_is_back_for_the_blackout() -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", PREPARING],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-        start_new_session=True,  # as its old VMM spawns it
-    )
-    before, lowered, after = done.stdout.split()
+    # in a new session, as its old VMM spawns it
+    _, _, before, lowered, after = _in_a_shell(PREPARING, session="new")
     assert lowered == "19"
-    assert after == before
+    assert after == before == "0"
 
 
 @needs_autogroups
 def test_a_target_started_from_a_shell_leaves_its_sessions_priority_alone() -> None:
-    before = _group_nice()
-    done = subprocess.run(
-        [sys.executable, "-c", PREPARING], capture_output=True, text=True, check=True, timeout=60
-    )
-    assert done.stdout.split() == [str(before)] * 3
+    shell_before, shell_after, *probe = _in_a_shell(PREPARING, session="same")
+    assert probe == ["0", "0", "0"]
+    assert shell_before == shell_after == "0"
