@@ -103,7 +103,9 @@ def _parser() -> argparse.ArgumentParser:
         "stats",
         help="show the daemon's VMs and ASIDs",
         description="Show the daemon's VMs (creator pid, dead, mode, ASID, firmware handle "
-        "and state, vCPUs, steps run) and its ASIDs in use and free.",
+        "and state, vCPUs, steps run, and for a VM that took a running guest over, the "
+        "longest pause its vCPUs saw: from their last step in the old VM to their first in "
+        "this one) and its ASIDs in use and free.",
     )
     stats.add_argument("--socket", default=None, metavar="PATH", help=socket_help)
     stats.add_argument("--json", action="store_true", help="print the raw statistics as JSON")
@@ -180,7 +182,10 @@ def _stats(args: argparse.Namespace) -> int:
 
 def format_stats(stats: dict[str, Any]) -> str:
     """The human table of `kvmstub stats`."""
-    columns = ["VM", "CREATOR", "DEAD", "MODE", "ASID", "HANDLE", "FW STATE", "VCPUS", "STEPS"]
+    columns = [
+        "VM", "CREATOR", "DEAD", "MODE", "ASID", "HANDLE", "FW STATE", "VCPUS", "STEPS",
+        "HANDOFF GAP",
+    ]  # fmt: skip
     rows: list[list[str]] = []
     for vm in stats.get("vms", []):
         vcpus = vm.get("vcpus", [])
@@ -198,6 +203,7 @@ def format_stats(stats: dict[str, Any]) -> str:
                 str(vm.get("firmware_state") or "-"),
                 str(len(vcpus)),
                 str(sum(v.get("steps", 0) for v in vcpus)),
+                _gap(vm.get("handoff_gap_us")),
             ]
         )
     widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(columns)]
@@ -213,6 +219,13 @@ def format_stats(stats: dict[str, Any]) -> str:
             f"of {counts.get('total', '?')}"
         )
     return "\n".join(lines)
+
+
+def _gap(us: Any) -> str:
+    """The HANDOFF GAP column: the blackout this VM's guest saw when the VM took it over."""
+    if not isinstance(us, int | float):
+        return "-"
+    return f"{us / 1000:.2f} ms" if us >= 1000 else f"{us:.0f} us"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

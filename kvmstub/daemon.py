@@ -107,6 +107,9 @@ class _End:
     run_page: mmap.mmap | None = None
     # vcpu->mutex: held by every ioctl on the vCPU, for a KVM_RUN until the run ends.
     mutex: trio.Semaphore | None = None
+    # For a vCPU end: whose guest vCPU it runs (see _Blackouts), and when it last stepped.
+    guest: tuple[int, int, int] | None = None
+    last_step_ns: int = 0
 
     def kicked(self) -> bool:
         """immediate_exit in the kvm_run page: what a signal to the vCPU thread stands for."""
@@ -214,6 +217,59 @@ most _ROTATION vCPUs take turns; shorter when more do."""
 _ROTATION = 4
 
 
+def _guest_of(vcpu: Vcpu) -> tuple[int, int, int] | None:
+    """Which guest vCPU `vcpu` runs: the memfd (inode) and file offset behind guest physical
+    address 0, and the vCPU's index. None while no memory slot covers address 0."""
+    memory = vcpu.vm.memory
+    for slot in memory.slots() if memory is not None else []:
+        if slot.guest_phys_addr == 0:
+            return slot.inode, slot.offset, vcpu.index
+    return None
+
+
+class _Blackouts:
+    """What a guest saw of each handoff, measured where its vCPUs step: for each vCPU, from
+    its last step in the VM it left to its first step in the VM that took it over. The
+    guest's own figure (the largest gap of the serial line the pause falls in) also holds
+    whatever stalled it just before or after; this one is the blackout alone. Reported per
+    VM by `kvmstub stats` (handoff_gap_us: the largest over its vCPUs).
+
+    A guest vCPU is known by where its memory lives, not by its VM: a VM that takes a guest
+    over maps the same memfd and pairs vCPUs by index, as the move of the encryption context
+    does. (A copy handoff maps a fresh memfd: its VM gets no figure, nor does one whose old
+    VM was gone before it first ran.) Costs one clock read and one store per stepping turn."""
+
+    def __init__(self, host: Host) -> None:
+        self._host = host
+        self._latest: dict[tuple[int, int, int], _End] = {}  # guest vCPU -> last end to step
+        self._gaps_ns: dict[int, dict[int, int]] = {}  # VM id -> vCPU index -> its blackout
+
+    def first_step(self, end: _End, vcpu: Vcpu, started_ns: int) -> None:
+        """`vcpu` (on `end`) took its first steps, in a turn that started at `started_ns`."""
+        end.guest = guest = _guest_of(vcpu)
+        if guest is None:
+            return
+        before = self._latest.get(guest)
+        self._latest[guest] = end
+        if before is None or before.vm is vcpu.vm or not before.last_step_ns:
+            return
+        for vm_id in [i for i in self._gaps_ns if i not in self._host.vms]:
+            del self._gaps_ns[vm_id]  # VMs gone since
+        self._gaps_ns.setdefault(vcpu.vm.id, {})[vcpu.index] = started_ns - before.last_step_ns
+
+    def released(self, end: _End) -> None:
+        """`end`'s last fd is closed: its steps can no longer be anyone's "before"."""
+        if end.guest is not None and self._latest.get(end.guest) is end:
+            del self._latest[end.guest]
+
+    def stats_of(self, vm_id: int) -> dict[str, Any]:
+        gaps = self._gaps_ns.get(vm_id, {})
+        return {
+            "handoff_gap_us": round(max(gaps.values()) / 1000, 1) if gaps else None,
+            "handoff_gap_vcpus": len(gaps),
+        }
+
+
 class _Cpu:
     """The CPU the guests run on: every vCPU in KVM_RUN takes turns of one quantum each, with
     a trio checkpoint after every turn so that requests (a KVM_RUN coming back from an exit,
@@ -223,6 +279,7 @@ class _Cpu:
 
     def __init__(self, daemon: Daemon, quantum_ns: int) -> None:
         self._daemon = daemon
+        self._clock = daemon.host_clock
         self._quantum_ns = quantum_ns
         self._queue: deque[_InRun] = deque()
         self._idle = trio.lowlevel.ParkingLot()
@@ -266,15 +323,23 @@ class _Cpu:
     def take_turn(self, run: _InRun, quantum_ns: int) -> bool:
         """Run `run`'s vCPU for one quantum. True while it stays in KVM_RUN; else its
         KVM_RUN has been answered."""
+        vcpu = run.vcpu
+        steps = vcpu.steps
+        clock = self._clock
+        started = 0 if steps else clock()
         reply: wire.Reply
         try:
-            exit_ = run.vcpu.run_for(quantum_ns, run.end.kicked)
+            exit_ = vcpu.run_for(quantum_ns, run.end.kicked)
         except OSError as e:
             reply = _error(run.rid, e.errno or errno.EFAULT, e.strerror or str(e))
         except Exception as e:
             log.exception("KVM_RUN failed inside the guest")
             reply = _error(run.rid, errno.EFAULT, f"kvmstub: internal error: {e!r}")
         else:
+            if vcpu.steps != steps:
+                if not steps:
+                    self._daemon.blackouts.first_step(run.end, vcpu, started)
+                run.end.last_step_ns = clock()
             if exit_ is None:
                 return True
             reply = wire.RunReply(run.rid, exit_)
@@ -310,6 +375,8 @@ class Daemon:
         self._nursery = nursery
         self._vms: dict[tuple[int, int], Vm] = {}  # client-end inode -> VM
         self._mutexes: dict[Vcpu, trio.Semaphore] = {}  # vcpu->mutex of each vCPU with an fd
+        self.host_clock = host.clock
+        self.blackouts = _Blackouts(host)
         self._cpu = _Cpu(self, quantum_ns)
         nursery.start_soon(self._cpu.loop)
         # One receive buffer for every task: a datagram is decoded before the next await.
@@ -384,6 +451,7 @@ class Daemon:
         if end.run_page is not None:
             end.run_page.close()
             end.run_page = None
+        self.blackouts.released(end)
         if end.key is not None:
             self._vms.pop(end.key, None)
         obj = end.vcpu if end.kind is Kind.VCPU else end.vm
@@ -588,7 +656,7 @@ class Daemon:
                 new_vm = host.create_vm(pid, request.vm_type)
                 return self._hand_out(rid, new_vm, None, new_vm.put)
             case wire.Stats():
-                return wire.StatsReply(rid, host.stats()), None
+                return wire.StatsReply(rid, self._stats()), None
             case wire.CreateVcpu():
                 assert vm is not None
                 new_vcpu = vm.create_vcpu(pid, request.vcpu_id)
@@ -699,6 +767,13 @@ class Daemon:
         except StopIteration as done:
             return wire.Ok(request.id, done.value), None
         raise AssertionError("KVM_ENABLE_CAP stopped twice")  # pragma: no cover
+
+    def _stats(self) -> dict[str, Any]:
+        """The model's statistics (`Host.stats`), and what the daemon measured of each VM."""
+        stats = self._host.stats()
+        for vm in stats.get("vms", []):
+            vm.update(self.blackouts.stats_of(vm["id"]))
+        return stats
 
     def _vm_of_fd(self, fd: int) -> Vm | None:
         """The VM whose client end `fd` is, or None: the kernel's file_is_kvm()."""

@@ -6,8 +6,11 @@ copy baseline; with the floor (bare trio SEQPACKET and kvmstub round trips) of t
     python tools/bench_handoff.py --sweep [--quick] --json out.json --plot out.png
 
 Per handoff: the guest-visible pause (the largest gap_us each vCPU reported in its first line
-after the pause, maximum over vCPUs), the source-side downtime (pause to Resumed) and phases
-from query-handoff, and the total wall time including spawning the successor. The sweep runs
+after the pause, maximum over vCPUs); the blackout kvmstub measured (each vCPU's last step in
+the old VM to its first in the new, maximum over vCPUs: the pause without the stalls around
+it that the guest's line also holds; none for the copy baseline); the source-side downtime
+(pause to Resumed) and phases from query-handoff; and the total wall time including spawning
+the successor. The sweep runs
 memory 256 MiB, 4 GiB, 64 GiB, 1 TiB (sparse) and 2 GiB fully populated; vCPUs 1, 4, 16, 64,
 256; modes plain, sev, sev-es; and the copy baseline (plain: memory streamed into fresh
 memfds during the blackout) at 256 MiB, 2 GiB populated and 4 GiB. Markdown on stdout,
@@ -31,6 +34,7 @@ import trio
 
 from handoff.config import parse_size
 from handoff.testing import VmmProcess
+from kvmstub.client import read_stats
 
 TOOLS = Path(__file__).resolve().parent
 OBSERVER_QUIET_S = 0.1
@@ -68,6 +72,7 @@ class Result:
     config: Config
     pauses_ms: list[float] = field(default_factory=list)
     downtimes_ms: list[float] = field(default_factory=list)
+    blackouts_ms: list[float] = field(default_factory=list)
     totals_ms: list[float] = field(default_factory=list)
     baseline_gap_ms: list[float] = field(default_factory=list)
     window_gap_ms: list[float] = field(default_factory=list)
@@ -80,6 +85,7 @@ class Result:
         for key, vals in (
             ("pause", self.pauses_ms),
             ("downtime", self.downtimes_ms),
+            ("blackout", self.blackouts_ms),
             ("total", self.totals_ms),
             ("gap", self.baseline_gap_ms),
             ("window", self.window_gap_ms),
@@ -115,6 +121,7 @@ async def _handoffs(res: Result, vmm: VmmProcess, cfg: Config, n: int) -> None:
     """n handoffs of `vmm`, their figures into `res`."""
     for i in range(n):
         before = vmm.report().last_seq()
+        vms_before = {vm["id"] for vm in read_stats(vmm.kvm_socket)["vms"]}
         t0 = time.perf_counter()
         result = await vmm.upgrade(copy_memory=cfg.copy, timeout=300)
         total = (time.perf_counter() - t0) * 1e3
@@ -142,14 +149,29 @@ async def _handoffs(res: Result, vmm: VmmProcess, cfg: Config, n: int) -> None:
             res.window_gap_ms.append(max(window) / 1000)
         res.pauses_ms.append((pause or 0) / 1000)
         res.downtimes_ms.append(float(result.get("downtime", 0.0)))
+        blackout = _blackout_ms(vmm.kvm_socket, vms_before)
+        if blackout is not None:
+            res.blackouts_ms.append(blackout)
         res.totals_ms.append(total)
         res.phases.append(dict(result.get("phases", {})))
         if ordinary:
             res.baseline_gap_ms.append(statistics.median(ordinary) / 1000)
         progress(
-            f"  [{i + 1}/{n}] pause {res.pauses_ms[-1]:.3f} ms, downtime "
-            f"{res.downtimes_ms[-1]:.3f} ms, total {total:.0f} ms"
+            f"  [{i + 1}/{n}] pause {res.pauses_ms[-1]:.3f} ms, blackout "
+            + (f"{blackout:.3f} ms" if blackout is not None else "-")
+            + f", downtime {res.downtimes_ms[-1]:.3f} ms, total {total:.0f} ms"
         )
+
+
+def _blackout_ms(kvm_socket: str, vms_before: set[int]) -> float | None:
+    """The blackout kvmstub measured for the VM the handoff created (the largest over its
+    vCPUs, from the last step in the old VM to the first in the new): the pause itself,
+    without the stalls around it that the guest's own figure also holds. None for a copy
+    handoff (a fresh memfd) or when no new VM has run every vCPU yet."""
+    for vm in read_stats(kvm_socket)["vms"]:
+        if vm["id"] not in vms_before and vm.get("handoff_gap_us") is not None:
+            return float(vm["handoff_gap_us"]) / 1000
+    return None
 
 
 def floor(kvm_sock: Path, workdir: Path) -> tuple[float, float]:
@@ -191,20 +213,21 @@ def table(results: list[Result], echo_us: float, kvm_us: float) -> str:
         f"{kvm_us:.1f} µs",
         "",
         "| configuration | pause median ms | pause p95 ms | pause in kvmstub RTTs | "
-        "downtime median ms | ordinary gap ms | worst gap around median ms | "
-        "total median ms | handoffs | continuity |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "blackout median ms | downtime median ms | ordinary gap ms | "
+        "worst gap around median ms | total median ms | handoffs | continuity |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         s = r.summary()
         if not r.pauses_ms:
-            lines.append(f"| {r.config.label} | - | - | - | - | - | - | - | 0 | "
+            lines.append(f"| {r.config.label} | - | - | - | - | - | - | - | - | 0 | "
                          f"failed: {'; '.join(r.failures)[:80]} |")  # fmt: skip
             continue
         ok = "ok" if not r.problems else "; ".join(r.problems[:2])
         lines.append(
             f"| {r.config.label} | {s['pause_median']:.3f} | {s['pause_p95']:.3f} | "
-            f"{s['pause_median'] * 1000 / kvm_us:.0f} | {s['downtime_median']:.3f} | "
+            f"{s['pause_median'] * 1000 / kvm_us:.0f} | "
+            f"{s.get('blackout_median', float('nan')):.3f} | {s['downtime_median']:.3f} | "
             f"{s.get('gap_median', float('nan')):.3f} | "
             f"{s.get('window_median', float('nan')):.3f} | {s['total_median']:.0f} | "
             f"{len(r.pauses_ms)} | {ok} |"

@@ -66,6 +66,32 @@ async def test_chain_of_ten_handoffs_keeps_guest_whole_and_memory_in_place(
     assert not os.path.exists(vmm.control)
 
 
+def new_vms(stats: dict[str, Any], before: set[int]) -> list[dict[str, Any]]:
+    return [vm for vm in stats["vms"] if vm["id"] not in before]
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_kvmstub_measures_the_blackout_each_handoff_gave_the_guest(
+    vmm_factory: Any, kvmstub_daemon: Any, mode: str
+) -> None:
+    """kvmstub times each vCPU from its last step in the old VM to its first in the new one:
+    the pause itself, which the guest's own figure (the largest gap in the serial line that
+    spans the pause) contains."""
+    vmm = vmm_factory(mode=mode, vcpus=2)
+    await vmm.wait_lines()
+    stats = kvmstub_daemon.stats()
+    assert [vm["handoff_gap_us"] for vm in stats["vms"]] == [None]  # launched, not taken over
+    for _ in range(2):
+        before = {vm["id"] for vm in kvmstub_daemon.stats()["vms"]}
+        result = await vmm.upgrade()
+        assert result["status"] == "completed", vmm.log()
+        report = await vmm.wait_lines(more=2)
+        (new,) = new_vms(kvmstub_daemon.stats(), before)
+        assert new["handoff_gap_vcpus"] == 2
+        seen_by_guest = report.max_gap_after(dict(enumerate(result["pause-seqs"])), lines=1)
+        assert 0 < new["handoff_gap_us"] <= seen_by_guest
+
+
 async def test_one_tib_sparse_guest_hands_off(vmm_factory: Any) -> None:
     vmm = vmm_factory(mode="sev-es", vcpus=2, memory="1T")
     await vmm.wait_lines()
@@ -78,16 +104,20 @@ async def test_one_tib_sparse_guest_hands_off(vmm_factory: Any) -> None:
 
 
 async def test_copy_memory_baseline_moves_a_plain_guest_into_fresh_memory(
-    vmm_factory: Any,
+    vmm_factory: Any, kvmstub_daemon: Any
 ) -> None:
     vmm = vmm_factory(mode="plain", vcpus=2, memory="32M")
     await vmm.wait_lines()
     before = await vmm.qmp("query-memfds")
+    vms = {vm["id"] for vm in kvmstub_daemon.stats()["vms"]}
     result = await vmm.upgrade(copy_memory=True)
     assert result["status"] == "completed", vmm.log()
     after = await vmm.qmp("query-memfds")
     assert after["inodes"] != before["inodes"]  # a copy, by construction
     await assert_guest_whole(vmm)
+    # Fresh memory is another guest as far as kvmstub can tell: no blackout measured.
+    (new,) = new_vms(kvmstub_daemon.stats(), vms)
+    assert new["handoff_gap_us"] is None
 
 
 async def test_copy_memory_is_refused_for_an_encrypted_guest(vmm_factory: Any) -> None:

@@ -533,3 +533,55 @@ def test_read_stats_is_the_blocking_stats_request(kvmstub_daemon: KvmstubDaemon)
     stats = client.read_stats(kvmstub_daemon.socket)
     assert stats["vms"] == []
     assert stats["asids"]["sev_es"]["free"] == 99
+
+
+# --- what the daemon measures of a handoff -----------------------------------------------------
+
+
+async def _take_over(kvm: client.Kvm, old: PlainGuest, params: guest.GuestParams) -> PlainGuest:
+    """A second VM over the same memory with the old vCPU's registers, as a plain handoff
+    makes one (the old vCPU stopped at a slice's end, so no exit is pending)."""
+    await old.run_until(uapi.KVM_EXIT_INTR)
+    regs = await old.vcpu.get_regs()
+    vm = await kvm.create_vm()
+    await vm.set_user_memory_region(0, 0, guest.required_memory(params), old.memfd)
+    vcpu = await vm.create_vcpu(0)
+    await vcpu.set_regs(regs)
+    new = PlainGuest(vm, vcpu, old.memfd)
+    new.doorbell_sum = old.doorbell_sum
+    return new
+
+
+async def test_a_vm_that_takes_a_guest_over_reports_the_blackout_its_vcpus_saw(
+    kvmstub_daemon: KvmstubDaemon,
+) -> None:
+    """From each vCPU's last step in the old VM to its first in the VM mapping the same
+    memory: the pause itself, reported by `kvmstub stats` as handoff_gap_us."""
+    kvm = await open_kvm(kvmstub_daemon)
+    params = guest.GuestParams(vcpus=1)
+    old = await PlainGuest.boot(kvm, params)
+    new = await _take_over(kvm, old, params)
+    await trio.sleep(0.02)  # the blackout, as long as the VMMs make it
+    await new.run_until(uapi.KVM_EXIT_IO)
+    first, second = (await kvm.stats())["vms"]
+    assert (first["handoff_gap_us"], first["handoff_gap_vcpus"]) == (None, 0)
+    assert second["handoff_gap_vcpus"] == 1
+    assert second["handoff_gap_us"] >= 20_000
+
+
+async def test_no_blackout_is_reported_once_the_old_vm_is_gone(
+    kvmstub_daemon: KvmstubDaemon,
+) -> None:
+    """A VM whose predecessor was gone before it ran (its VMM died, or the guest restarts
+    from its memory) did not take a running guest over: nothing to report."""
+    kvm = await open_kvm(kvmstub_daemon)
+    params = guest.GuestParams(vcpus=1)
+    old = await PlainGuest.boot(kvm, params)
+    new = await _take_over(kvm, old, params)
+    old.vcpu.close()
+    old.vm.close()
+    with trio.fail_after(10):
+        while len((await kvm.stats())["vms"]) > 1:
+            await trio.sleep(0.005)
+    await new.run_until(uapi.KVM_EXIT_IO)
+    assert [vm["handoff_gap_us"] for vm in (await kvm.stats())["vms"]] == [None]

@@ -276,9 +276,13 @@ async def test_stats_command_shows_vms_and_asids_as_a_table_and_as_json(
     table = (await trio.run_process(argv, capture_stdout=True)).stdout.decode()
     as_json = json.loads((await trio.run_process([*argv, "--json"], capture_stdout=True)).stdout)
     assert as_json["vms"][0]["creator"] == os.getpid()
+    assert as_json["vms"][0]["handoff_gap_us"] is None  # it took no guest over
     header, row = table.splitlines()[:2]
     assert header.split()[:4] == ["VM", "CREATOR", "DEAD", "MODE"]
-    assert row.split() == ["1", str(os.getpid()), "no", "sev-es", "1", "1", "LUPDATE", "4", "0"]
+    assert header.split()[-2:] == ["HANDOFF", "GAP"]
+    assert row.split() == [
+        "1", str(os.getpid()), "no", "sev-es", "1", "1", "LUPDATE", "4", "0", "-"
+    ]  # fmt: skip
     assert "SEV-ES ASIDs: 1 used, 98 free of 99" in table
 
 
@@ -762,6 +766,7 @@ class _BrokenHost:
     """A Host whose calls fail in ways the model never should."""
 
     move_into_dead_ok = False
+    clock = staticmethod(time.monotonic_ns)
 
     def get_api_version(self) -> int:
         raise RuntimeError("a bug in the model")
