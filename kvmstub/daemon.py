@@ -293,7 +293,11 @@ class _Cpu:
             self._idle.unpark_all()
 
     def drop(self, end: _End) -> bool:
-        """The vCPU's fd was released: forget its run, if it was in one (True)."""
+        """The vCPU's fd was released: forget its run, if it was in one (True). A vCPU in
+        KVM_RUN holds its mutex; with the mutex free there is no run to look for (an old
+        VMM closing its 256 vCPU fds used to scan the new VM's 256 runs for each)."""
+        if end.mutex is None or end.mutex.value:
+            return False
         before = len(self._queue)
         self._queue = deque(r for r in self._queue if r.end is not end)
         return len(self._queue) != before
