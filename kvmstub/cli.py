@@ -1,7 +1,7 @@
 """The `kvmstub` command: `kvmstub serve` runs the daemon, `kvmstub stats` shows its state.
 
     kvmstub serve [--socket PATH] [--sev-asids N] [--sev-es-asids N] [--slice-us N]
-                  [--quantum-us N]
+                  [--quantum-us N] [--halt-poll-us N]
     kvmstub stats [--socket PATH] [--json]
 
 The socket defaults to $KVMSTUB_SOCKET, else $XDG_RUNTIME_DIR/kvmstub/kvm.sock, else
@@ -93,6 +93,16 @@ def _parser() -> argparse.ArgumentParser:
         "daemon's CPU (default: 10)",
     )
     serve.add_argument(
+        "--halt-poll-us",
+        type=_int_in(0, 1_000_000),
+        default=0,
+        metavar="N",
+        help="with no vCPU to run, keep looking for work this long before sleeping, each "
+        "request served meanwhile starting it again, as KVM's halt_poll_ns does: the next "
+        "KVM_RUN or MOVE then needs no wake-up of the daemon. Spends up to that much CPU "
+        "each time; for a CPU the daemon has to itself (default: 0, off)",
+    )
+    serve.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error"],
         default="warning",
@@ -139,7 +149,16 @@ def _serve(args: argparse.Namespace) -> int:
     gc.collect()
     gc.freeze()
     try:
-        trio.run(partial(daemon.run, path, host, host_info=_host_info(host), quantum_ns=quantum_ns))
+        trio.run(
+            partial(
+                daemon.run,
+                path,
+                host,
+                host_info=_host_info(host),
+                quantum_ns=quantum_ns,
+                halt_poll_ns=args.halt_poll_us * 1000,
+            )
+        )
     except OSError as e:
         print(f"kvmstub: cannot serve {path}: {e.strerror or e}", file=sys.stderr)
         return 1

@@ -39,6 +39,7 @@ from kvmstub.client import read_stats
 
 TOOLS = Path(__file__).resolve().parent
 OBSERVER_QUIET_S = 0.1
+HALT_POLL_US = 500
 
 
 def progress(text: str) -> None:
@@ -338,6 +339,12 @@ def main() -> int:
         help="leave kvmstub and the VMMs to the scheduler on any CPU (default: kvmstub, where "
         "the guest's vCPUs run, on the last CPU; the VMMs and this benchmark on the others)",
     )
+    p.add_argument(
+        "--halt-poll-us",
+        type=int,
+        default=None,
+        help=f"kvmstub's halt polling (default: {HALT_POLL_US} when pinned, else 0)",
+    )
     p.add_argument("--json", help="write the raw figures here")
     p.add_argument("--plot", help="write a PNG plot here (needs matplotlib)")
     args = p.parse_args()
@@ -347,6 +354,10 @@ def main() -> int:
     else:
         configs = [Config(args.mode, args.vcpus, args.memory, args.populated, args.copy)]
         n = args.n
+    pin = not args.no_pin and len(os.sched_getaffinity(0)) > 1
+    halt_poll_us = (
+        args.halt_poll_us if args.halt_poll_us is not None else (HALT_POLL_US if pin else 0)
+    )
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="bench-handoff-") as d:
         workdir = Path(d)
@@ -354,7 +365,8 @@ def main() -> int:
         daemon = subprocess.Popen(
             [sys.executable, "-m", "kvmstub.cli", "serve", "--socket", str(kvm_sock)]
             + (["--slice-us", str(args.slice_us)] if args.slice_us else [])
-            + (["--quantum-us", str(args.quantum_us)] if args.quantum_us else []),
+            + (["--quantum-us", str(args.quantum_us)] if args.quantum_us else [])
+            + ["--halt-poll-us", str(halt_poll_us)],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             # Its own session, as a system service has: with the scheduler's autogroups the
@@ -364,7 +376,7 @@ def main() -> int:
         )
         assert daemon.stdout is not None
         daemon.stdout.readline()
-        pinning = "" if args.no_pin else pin_apart(daemon.pid)
+        pinning = pin_apart(daemon.pid) if pin else ""
         progress(pinning or "not pinned: kvmstub and the VMMs on any CPU")
         try:
             echo_us, kvm_us = floor(kvm_sock, workdir)
