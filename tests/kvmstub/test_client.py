@@ -585,3 +585,16 @@ async def test_no_blackout_is_reported_once_the_old_vm_is_gone(
             await trio.sleep(0.005)
     await new.run_until(uapi.KVM_EXIT_IO)
     assert [vm["handoff_gap_us"] for vm in (await kvm.stats())["vms"]] == [None]
+
+
+async def test_a_halt_polling_daemon_runs_guests_as_any_other(
+    kvmstub_dir: Any, kvmstub_factory: Any
+) -> None:
+    """`kvmstub serve --halt-poll-us`: the run queue empties at every exit here (one vCPU),
+    and each next KVM_RUN is found by the poll rather than by a wake-up."""
+    daemon = kvmstub_factory(kvmstub_dir, "--halt-poll-us", "200")
+    kvm = await client.open_kvm(daemon.socket)
+    g = await PlainGuest.boot(kvm, guest.GuestParams(vcpus=1, line_every=20))
+    for _ in range(3):
+        await g.run_until(uapi.KVM_EXIT_IO)
+    assert g.serial.count(b"\n") >= 1

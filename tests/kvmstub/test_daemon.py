@@ -243,6 +243,7 @@ def test_a_stale_socket_left_by_a_dead_daemon_is_replaced(
         (["--sev-asids", "-1"], "out of range"),
         (["--sev-es-asids", "lots"], "not an integer"),
         (["--slice-us", "0"], "out of range"),
+        (["--halt-poll-us", "-5"], "out of range"),
     ],
 )
 def test_bad_flag_values_are_refused_with_a_message(flags: list[str], complaint: str) -> None:
@@ -263,7 +264,7 @@ def test_help_explains_every_flag() -> None:
         text=True,
         timeout=30,
     )
-    for flag in ("--socket", "--sev-asids", "--sev-es-asids", "--slice-us"):
+    for flag in ("--socket", "--sev-asids", "--sev-es-asids", "--slice-us", "--halt-poll-us"):
         assert flag in result.stdout
 
 

@@ -426,3 +426,58 @@ def test_a_kick_found_at_one_turn_ends_every_kicked_run_without_waiting_for_thei
     runs[1].end.kick = True  # type: ignore[attr-defined]
     cpu.end_kicked()
     assert sorted(answers.ended)[1] == (1, INTR)
+
+
+class _Polled(_Answers):
+    """The daemon as the halt poll sees it: its clock (set by the test) and its count of
+    requests served."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0
+        self.requests_served = 0
+        self.host_clock = lambda: self.now  # type: ignore[method-assign, assignment]
+
+
+async def _rounds(n: int = 5) -> None:
+    for _ in range(n):
+        await trio.lowlevel.checkpoint()
+
+
+async def test_halt_polling_looks_for_work_until_quiet_for_its_whole_window() -> None:
+    """As KVM's halt_poll_ns: with no vCPU to run the CPU keeps looking for work, and every
+    request served meanwhile (the MOVE inside a handoff's blackout, say) starts the window
+    again; only a window without any lets it sleep."""
+    from kvmstub import daemon
+
+    polled = _Polled()
+    cpu = daemon._Cpu(polled, 10_000, halt_poll_ns=1000)  # type: ignore[arg-type]
+    found: list[bool] = []
+
+    async def poll() -> None:
+        found.append(await cpu._poll())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(poll)
+        await _rounds()
+        polled.now, polled.requests_served = 900, 1  # a request: a new window from 900
+        await _rounds()
+        polled.now = 1800
+        await _rounds()
+        assert found == []  # quiet for 900 of its 1000
+        polled.now = 1901
+        await _rounds()
+        assert found == [False]  # quiet for the whole window: sleep
+
+        nursery.start_soon(poll)
+        await _rounds()
+        cpu.add(daemon._InRun(_FakeEnd(), _FakeVcpu(), 1))  # type: ignore[arg-type]
+        await _rounds()
+        assert found == [False, True]  # a vCPU to run: no sleep
+
+
+async def test_without_halt_polling_the_cpu_sleeps_at_once() -> None:
+    from kvmstub import daemon
+
+    cpu = daemon._Cpu(_Polled(), 10_000)  # type: ignore[arg-type]
+    assert await cpu._poll() is False
