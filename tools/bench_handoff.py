@@ -20,6 +20,7 @@ progress on stderr.
 from __future__ import annotations
 
 import argparse
+import compileall
 import importlib.util
 import json
 import os
@@ -33,6 +34,8 @@ from pathlib import Path
 
 import trio
 
+import handoff
+import kvmstub
 from handoff.config import parse_size
 from handoff.testing import VmmProcess
 from kvmstub.client import read_stats
@@ -354,6 +357,10 @@ def main() -> int:
     else:
         configs = [Config(args.mode, args.vcpus, args.memory, args.populated, args.copy)]
         n = args.n
+    # Bytecode for every module a VMM imports, as an installed package has it: where
+    # PYTHONDONTWRITEBYTECODE is set, each successor compiled what changed since from source.
+    for package in (handoff, kvmstub):
+        compileall.compile_dir(os.path.dirname(package.__file__), quiet=1)
     pin = not args.no_pin and len(os.sched_getaffinity(0)) > 1
     halt_poll_us = (
         args.halt_poll_us if args.halt_poll_us is not None else (HALT_POLL_US if pin else 0)
