@@ -182,16 +182,6 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         help="also accept handoff peers with this uid (repeatable; own uid always)",
     )
     h.add_argument(
-        "--blackout-poll-us",
-        type=_int_in(0, 100_000, "--blackout-poll-us"),
-        default=0,
-        metavar="N",
-        help="inside a handoff's blackout, wait for kvmstub's answers (the vCPUs leaving the "
-        "guest at the pause, the MOVE) by polling for up to N microseconds instead of "
-        "sleeping: waking a sleeping process takes tens of microseconds on a virtual machine "
-        "host. Worth it for a VMM on CPUs apart from kvmstub's (default 0: sleep)",
-    )
-    h.add_argument(
         "--handoff-timeout",
         type=_timeout,
         default=10.0,
@@ -248,7 +238,6 @@ def host_flags(ns: argparse.Namespace) -> HostFlags:
         fault=ns.x_fault,
         token_file=ns.token_file,
         prefault=ns.x_prefault,
-        blackout_poll_us=ns.blackout_poll_us,
     )
 
 

@@ -144,7 +144,6 @@ class HostFlags(msgspec.Struct, frozen=True, kw_only=True):
     fault: str | None = None
     token_file: str | None = None
     prefault: bool = False
-    blackout_poll_us: int = 0  # see `sched.polling`
 
     def allowed_uids(self) -> frozenset[int]:
         return frozenset(self.allow_uids) | {os.getuid()}

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import AsyncIterator, Iterator
-
-import trio
+from collections.abc import Iterator
 
 
 def yield_cpus() -> None:
@@ -114,29 +112,3 @@ def restore_for_blackout() -> None:
         return
     _set_autogroup_nice(_lowered_from)
     _lowered_from = None
-
-
-@contextlib.asynccontextmanager
-async def polling(seconds: float) -> AsyncIterator[None]:
-    """Keep this process's event loop polling for I/O, instead of sleeping in epoll, for up
-    to `seconds` while the block runs: what it awaits from another CPU (kvmstub's answers
-    inside the blackout) is then seen as soon as it arrives. A sleeping process is woken by
-    an interrupt to its CPU, which on a virtual machine host costs tens of microseconds, each
-    hop of the blackout. Polling spends this CPU meanwhile: for a VMM that does not share
-    its CPU with kvmstub (`--blackout-poll-us`; 0 sleeps as usual)."""
-    if seconds <= 0:
-        yield
-        return
-    # A system task, not a nursery: what the block raises reaches the caller as it is.
-    spinning = trio.CancelScope(deadline=trio.current_time() + seconds)
-
-    async def spin() -> None:
-        with spinning:
-            while True:
-                await trio.lowlevel.checkpoint()  # one round of the loop: epoll_wait(0)
-
-    trio.lowlevel.spawn_system_task(spin, name="handoff.sched.polling")
-    try:
-        yield
-    finally:
-        spinning.cancel()

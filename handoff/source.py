@@ -41,7 +41,7 @@ from . import logs, messages, notify, protocol
 from .channel import Channel, connect
 from .errors import AuthRefused, CredentialsRefused, HandoffError, HandoffTimeout, TransportError
 from .peer import Peer
-from .sched import polling, waking_without_preempting, yield_cpus
+from .sched import waking_without_preempting, yield_cpus
 
 if TYPE_CHECKING:
     from .app import App
@@ -322,8 +322,7 @@ async def _hand_off(
         with app.events_held(), trio.move_on_after(limit) as blackout:
             app.emit("HANDOFF", {"id": rec.id, "status": "device"})
             paused = True  # (set first: a pause cut short by the deadline is undone too)
-            async with polling(flags.blackout_poll_us / 1e6):  # for the vCPUs' exits
-                await vmm.pause()
+            await vmm.pause()
             rec.pause_seqs = dict(vmm.devices.serial.last_seq)
             await app.faults.point("source", "paused", peer)
             if vmm.cfg.mode != "sev-es":

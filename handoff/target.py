@@ -39,7 +39,7 @@ from .errors import (
     TransportError,
 )
 from .peer import Peer, PeerGoneError
-from .sched import polling, restore_for_blackout
+from .sched import restore_for_blackout
 from .vmm import collector_paused
 
 if TYPE_CHECKING:
@@ -272,8 +272,7 @@ async def _receive(app: App, chan: Channel, nursery: trio.Nursery) -> bool:
     takeover = False
     moved = False
     try:
-        async with polling(flags.blackout_poll_us / 1e6):  # for the MOVE's answer
-            await vmm.complete_incoming(source_vm, regs, devices)
+        await vmm.complete_incoming(source_vm, regs, devices)
         moved = True
         t_moved = time.perf_counter()
         rec.phase("move")

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import trio
 
 AUTOGROUP = Path("/proc/self/autogroup")
 
@@ -124,42 +123,3 @@ def test_a_target_started_from_a_shell_leaves_its_sessions_priority_alone() -> N
     shell_before, shell_after, *probe = _in_a_shell(PREPARING, session="same")
     assert probe == ["0", "0", "0"]
     assert shell_before == shell_after == "0"
-
-
-class _SpinnerSteps(trio.abc.Instrument):
-    def __init__(self) -> None:
-        self.steps = 0
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        if task.name == "handoff.sched.polling":
-            self.steps += 1
-
-
-async def test_polling_keeps_the_event_loop_awake_only_inside_its_block() -> None:
-    """While a blackout step waits on kvmstub, the event loop polls (a round every few µs)
-    instead of sleeping until an interrupt wakes it; before and after, it sleeps as usual."""
-    from handoff.sched import polling
-
-    counter = _SpinnerSteps()
-    trio.lowlevel.add_instrument(counter)
-    try:
-        async with polling(0):
-            await trio.sleep(0.01)
-        assert counter.steps == 0
-        async with polling(5.0):
-            await trio.sleep(0.01)  # what the block awaits comes from elsewhere
-        inside = counter.steps
-        assert inside > 10
-        await trio.sleep(0.01)
-        assert counter.steps <= inside + 5  # stopped with the block (a round to unwind)
-    finally:
-        trio.lowlevel.remove_instrument(counter)
-
-
-async def test_what_fails_inside_polling_reaches_the_caller_as_it_is() -> None:
-    """No exception group: the blackout's handlers catch HandoffError and OSError."""
-    from handoff.sched import polling
-
-    with pytest.raises(OSError, match="the MOVE failed"):
-        async with polling(1.0):
-            raise OSError(16, "the MOVE failed")
