@@ -42,7 +42,7 @@ from kvmstub.client import read_stats
 
 TOOLS = Path(__file__).resolve().parent
 OBSERVER_QUIET_S = 0.1
-HALT_POLL_US = 500
+HALT_POLL_US = 1000
 
 
 def progress(text: str) -> None:
