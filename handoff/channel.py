@@ -33,6 +33,7 @@ import select
 import socket
 import stat
 import struct
+import threading
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -67,10 +68,18 @@ _FD_SIZE = array.array("i").itemsize
 # Room for every fd a peer could possibly attach, so an over-long fd list arrives whole, is
 # counted for the error message, and is closed by us (rather than silently dropped by the kernel).
 _ANC_BUFSIZE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * _FD_SIZE)
-# One receive buffer for the process, copied out at once (no await in between): recvmsg()
-# allocates a whole buffer per call, and at 128 KiB and up that is an mmap and a munmap, about
-# 15 µs more per message on a VM host, inside the blackout too.
-_RECV_VIEW = memoryview(bytearray(MAX_MESSAGE_SIZE))
+
+
+class _ReceiveBuffer(threading.local):
+    """One receive buffer per thread, copied out at once: recvmsg() allocates a whole buffer
+    per call, and at 128 KiB and up that is an mmap and a munmap, about 15 µs more per
+    message on a VM host, inside the blackout too."""
+
+    def __init__(self) -> None:
+        self.view = memoryview(bytearray(MAX_MESSAGE_SIZE))
+
+
+_RECEIVE = _ReceiveBuffer()
 _UCRED = struct.Struct("iII")  # struct ucred: pid_t pid; uid_t uid; gid_t gid
 _CONNECT_RETRY_S = 0.001
 _SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 for the terminating NUL
@@ -358,7 +367,8 @@ class Channel:
         queued (a refusal and its reason, typically): so read on once; end of file after."""
         reset = False
         while True:
-            buffer = _RECV_VIEW[:max_size] if max_size <= MAX_MESSAGE_SIZE else bytearray(max_size)
+            view = _RECEIVE.view
+            buffer = view[:max_size] if max_size <= len(view) else memoryview(bytearray(max_size))
             try:
                 nbytes, ancdata, flags, _ = self._sock.recvmsg_into(
                     [buffer], _ANC_BUFSIZE, socket.MSG_CMSG_CLOEXEC

@@ -29,6 +29,7 @@ import itertools
 import mmap
 import os
 import socket
+import threading
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
 
@@ -216,15 +217,16 @@ class _KvmFile:
         while True:
             # Wait first: the reply is never there the moment the request is sent.
             await trio.lowlevel.wait_readable(sock)
+            buffer = _RECEIVE.view
             try:
                 nbytes, ancdata, msg_flags, _ = sock.recvmsg_into(
-                    [_RECV_BUFFER], _ANCBUFSIZE, socket.MSG_CMSG_CLOEXEC
+                    [buffer], _ANCBUFSIZE, socket.MSG_CMSG_CLOEXEC
                 )
             except BlockingIOError:
                 continue
             except ConnectionResetError:
                 nbytes, ancdata, msg_flags = 0, [], 0
-            data = _RECV_VIEW[:nbytes]  # decoded before the next await: shared by every task
+            data = buffer[:nbytes]  # decoded before the next await: every task shares it
             fds = _fds_of(ancdata)
             if not nbytes and not ancdata:
                 raise OSError(errno.EIO, "kvmstub: daemon gone")
@@ -243,11 +245,19 @@ class _KvmFile:
 
 
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)  # an int: a flag enum operation costs a microsecond
-# One receive buffer for the process: recvmsg() allocates a whole MAX_DATAGRAM buffer per
-# call, which at 128 KiB is an mmap and a munmap, about 15 µs more per reply on a VM host (at
-# every exit a VMM serves). Replies are decoded from it before the next await.
-_RECV_BUFFER = bytearray(wire.MAX_DATAGRAM)
-_RECV_VIEW = memoryview(_RECV_BUFFER)
+
+
+class _ReceiveBuffer(threading.local):
+    """One receive buffer per thread (each runs its own event loop, as the kernel selftests'
+    threads do): recvmsg() allocates a whole MAX_DATAGRAM buffer per call, which at 128 KiB
+    is an mmap and a munmap, about 15 µs more per reply on a VM host, at every exit a VMM
+    serves. Replies are decoded from it before the next await."""
+
+    def __init__(self) -> None:
+        self.view = memoryview(bytearray(wire.MAX_DATAGRAM))
+
+
+_RECEIVE = _ReceiveBuffer()
 
 
 def _fds_of(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
