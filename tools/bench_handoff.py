@@ -360,7 +360,7 @@ def main() -> int:
     # Bytecode for every module a VMM imports, as an installed package has it: where
     # PYTHONDONTWRITEBYTECODE is set, each successor compiled what changed since from source.
     for package in (handoff, kvmstub):
-        compileall.compile_dir(os.path.dirname(package.__file__), quiet=1)
+        compileall.compile_dir(package.__path__[0], quiet=1)
     pin = not args.no_pin and len(os.sched_getaffinity(0)) > 1
     halt_poll_us = (
         args.halt_poll_us if args.halt_poll_us is not None else (HALT_POLL_US if pin else 0)
@@ -383,8 +383,10 @@ def main() -> int:
         )
         assert daemon.stdout is not None
         daemon.stdout.readline()
-        pinning = pin_apart(daemon.pid) if pin else ""
-        progress(pinning or "not pinned: kvmstub and the VMMs on any CPU")
+        placement = (
+            pin_apart(daemon.pid) if pin else "not pinned: kvmstub and the VMMs on any CPU"
+        ) + f"; kvmstub halt polling {halt_poll_us} µs"
+        progress(placement)
         try:
             echo_us, kvm_us = floor(kvm_sock, workdir)
             progress(f"floor: echo {echo_us:.1f} µs, kvmstub {kvm_us:.1f} µs")
@@ -395,11 +397,11 @@ def main() -> int:
             daemon.terminate()
             daemon.wait(timeout=10)
     print(table(results, echo_us, kvm_us))
-    print(f"\n{pinning or 'not pinned (--no-pin): kvmstub and the VMMs on any CPU'}")
+    print(f"\n{placement}")
     if args.json:
         raw = {
             "floor_us": {"echo": echo_us, "kvmstub": kvm_us},
-            "pinning": pinning or None,
+            "placement": placement,
             "results": [{**asdict(r), "summary": r.summary()} for r in results],
         }
         Path(args.json).write_text(json.dumps(raw, indent=1))
