@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import array
 import contextlib
-import gc
 import logging
 import math
 import os
@@ -42,6 +41,7 @@ from .channel import Channel, connect
 from .errors import AuthRefused, CredentialsRefused, HandoffError, HandoffTimeout, TransportError
 from .peer import Peer
 from .sched import waking_without_preempting, yield_cpus
+from .vmm import collector_paused
 
 if TYPE_CHECKING:
     from .app import App
@@ -196,15 +196,9 @@ async def hand_off(
     No collector stall inside the blackout: the cyclic collector is paused, and stays
     paused after a completed handoff (this process only lingers and exits then, and a
     collection would take a CPU from the guest's first milliseconds on the target)."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    ok = False
-    try:
-        ok = await _hand_off(app, path, proc, token, copy_memory)
-        return ok
-    finally:
-        if was_enabled and not ok:
-            gc.enable()
+    with collector_paused() as pause:
+        pause.keep_off = await _hand_off(app, path, proc, token, copy_memory)
+        return pause.keep_off
 
 
 async def _hand_off(

@@ -30,16 +30,23 @@ log = logging.getLogger("handoff.vmm")
 HC_EXIT_MASK = 1 << uapi.KVM_HC_MAP_GPA_RANGE
 
 
+class CollectorPause:
+    """What `collector_paused` yields: set `keep_off` to leave the collector off after it."""
+
+    keep_off = False
+
+
 @contextlib.contextmanager
-def collector_paused() -> Iterator[None]:
+def collector_paused() -> Iterator[CollectorPause]:
     """No cyclic garbage collection inside the blackout: a collection stalls the event loop
     for up to milliseconds. Reference counting still frees nearly everything meanwhile."""
     was = gc.isenabled()
     gc.disable()
+    pause = CollectorPause()
     try:
-        yield
+        yield pause
     finally:
-        if was:
+        if was and not pause.keep_off:
             gc.enable()
 
 
@@ -309,10 +316,7 @@ class Vmm:
             if regs is None or len(regs) != len(self.vcpus):
                 raise ValueError("switchover carried no registers for every vCPU")
             await self.set_all_regs(regs)
-        self.restore_devices(devices)
-
-    def restore_devices(self, state: DeviceState) -> None:
-        self.devices.restore(state)
+        self.devices.restore(devices)
 
     def _make_runners(self) -> None:
         self.runners = [VcpuRunner(self, i) for i in range(len(self.vcpus))]

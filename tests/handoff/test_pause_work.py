@@ -63,3 +63,25 @@ async def test_pause_work_grows_at_most_linearly_with_vcpus(
         assert tgt <= n + 2, counts
         # Messages: Switchover, Moved, Commit, Resumed on each side, whatever the size.
         assert msgs == counts[1][2] == 8, counts
+
+
+def test_the_collector_is_paused_for_the_blackout_and_back_unless_kept_off() -> None:
+    """A source keeps it off after a completed handoff (it only lingers and exits then);
+    after a failed one, and for a target, it is back as it was."""
+    import gc
+
+    from handoff.vmm import collector_paused
+
+    assert gc.isenabled()
+    try:
+        with collector_paused():
+            assert not gc.isenabled()
+        assert gc.isenabled()
+        with collector_paused() as pause:
+            pause.keep_off = True
+        assert not gc.isenabled()
+        with collector_paused():
+            pass
+        assert not gc.isenabled()  # it was off before: it stays off
+    finally:
+        gc.enable()
