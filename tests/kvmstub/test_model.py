@@ -88,11 +88,17 @@ def sev_vm_create(host: Host, es: bool, *, vcpus: int = NR_VCPUS, policy: int | 
     return vm
 
 
-def aux_vm_create(host: Host, with_vcpus: bool, *, vcpus: int = NR_VCPUS) -> Vm:
-    vm = host.create_vm(PID)
+def aux_vm_create(host: Host, with_vcpus: bool, *, vcpus: int = NR_VCPUS, mm: int = PID) -> Vm:
+    vm = host.create_vm(mm)
     for i in range(vcpus if with_vcpus else 0):
-        vm.create_vcpu(PID, i)
+        vm.create_vcpu(mm, i)
     return vm
+
+
+def cross_cgroup_host(**kwargs: Any) -> Host:
+    """A host where PID runs in misc cgroup /old and PID + 1 in /new."""
+    cgroups = {PID: "/old", PID + 1: "/new"}
+    return make_host(cgroup_of=lambda mm: cgroups[mm], **kwargs)
 
 
 def migrate(dst: Vm, src: Vm | int | None, *, mm: int = PID, flags: int = 0) -> int:
@@ -410,8 +416,7 @@ def test_move_sev_checks_come_before_the_cgroup_charge() -> None:
 
 
 def test_move_across_cgroups_over_the_limit_is_ebusy_before_the_vcpu_checks() -> None:
-    cgroups = {PID: "/old", PID + 1: "/new"}
-    host = make_host(cgroup_of=lambda mm: cgroups[mm])
+    host = cross_cgroup_host()
     src = sev_vm_create(host, es=True)
     dst = host.create_vm(PID + 1)  # 0 vCPUs: the ES count check would say EINVAL
     host.cgroups.set_max("/new", "sev", 0)
@@ -423,12 +428,9 @@ def test_move_across_cgroups_over_the_limit_is_ebusy_before_the_vcpu_checks() ->
 def test_move_of_sev_es_across_cgroups_with_no_sev_capacity_is_einval() -> None:
     # Section 1 step 6 observation: dst.es_active is still false when the charge is made,
     # so an SEV-ES move across cgroups charges the SEV resource, whose capacity is 0 here.
-    cgroups = {PID: "/old", PID + 1: "/new"}
-    host = make_host(sev_asids=0, sev_es_asids=4, cgroup_of=lambda mm: cgroups[mm])
+    host = cross_cgroup_host(sev_asids=0, sev_es_asids=4)
     src = sev_vm_create(host, es=True)
-    dst = host.create_vm(PID + 1)
-    for i in range(NR_VCPUS):
-        dst.create_vcpu(PID + 1, i)
+    dst = aux_vm_create(host, True, mm=PID + 1)
     before = snapshot(host)
     expect_errno(errno.EINVAL, lambda: migrate(dst, src, mm=PID + 1))
     assert snapshot(host) == before
@@ -459,8 +461,7 @@ def test_move_of_plain_sev_with_vcpu_creation_in_flight_is_ebusy() -> None:
 
 
 def test_move_that_fails_after_the_charge_gives_the_charge_back() -> None:
-    cgroups = {PID: "/old", PID + 1: "/new"}
-    host = make_host(cgroup_of=lambda mm: cgroups[mm])
+    host = cross_cgroup_host()
     src = sev_vm_create(host, es=True)
     dst = host.create_vm(PID + 1)  # 0 vCPUs: the ES count check fails after the charge
     before = snapshot(host)
@@ -638,8 +639,7 @@ def test_move_in_the_same_cgroup_charges_nothing() -> None:
 
 
 def test_move_across_cgroups_moves_the_charge() -> None:
-    cgroups = {PID: "/old", PID + 1: "/new"}
-    host = make_host(cgroup_of=lambda mm: cgroups[mm])
+    host = cross_cgroup_host()
     src = sev_vm_create(host, es=False)
     dst = host.create_vm(PID + 1)
     migrate(dst, src, mm=PID + 1)
@@ -651,12 +651,9 @@ def test_move_across_cgroups_moves_the_charge() -> None:
 
 def test_sev_es_move_across_cgroups_charges_sev_as_the_kernel_does() -> None:
     # Section 1 step 6 observation: the charge and the source's uncharge both use SEV.
-    cgroups = {PID: "/old", PID + 1: "/new"}
-    host = make_host(cgroup_of=lambda mm: cgroups[mm])
+    host = cross_cgroup_host()
     src = sev_vm_create(host, es=True)
-    dst = host.create_vm(PID + 1)
-    for i in range(NR_VCPUS):
-        dst.create_vcpu(PID + 1, i)
+    dst = aux_vm_create(host, True, mm=PID + 1)
     migrate(dst, src, mm=PID + 1)
     usage = host.cgroups.usage
     assert usage["/old"] == {"sev": -1, "sev_es": 1}
@@ -1716,12 +1713,9 @@ def test_move_stops_at_step_7_with_the_vcpus_to_lock_destination_first() -> None
 
 def test_move_interrupted_at_step_7_changes_nothing() -> None:
     # The killable vCPU locks give EINTR and everything unwinds, the cgroup charge included.
-    cgroups = {PID: "/old", PID + 1: "/new"}
-    host = make_host(cgroup_of=lambda mm: cgroups[mm])
+    host = cross_cgroup_host()
     src = sev_vm_create(host, es=True)
-    dst = host.create_vm(PID + 1)
-    for i in range(NR_VCPUS):
-        dst.create_vcpu(PID + 1, i)
+    dst = aux_vm_create(host, True, mm=PID + 1)
     before = snapshot(host)
     steps = dst.enable_cap_steps(PID + 1, MOVE, 0, [src])
     next(steps)
