@@ -203,10 +203,8 @@ def pin_apart(kvmstub_pid: int) -> str:
     wake-up of kvmstub by a VMM's request queued kvmstub on that VMM's CPU (a Unix socket
     wakes its reader as the writer's "sync" partner), where it waited about 90 µs for the
     VMM to sleep while the other CPU idled: at every exit served and every hop of the
-    blackout. Returns what was done, for the report ('' on a single CPU)."""
+    blackout. Needs two CPUs or more; returns what was done, for the report."""
     cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
-        return ""
     guest, vmms = cpus[-1:], cpus[:-1]
     os.sched_setaffinity(kvmstub_pid, guest)
     os.sched_setaffinity(0, vmms)
