@@ -182,6 +182,16 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         help="also accept handoff peers with this uid (repeatable; own uid always)",
     )
     h.add_argument(
+        "--blackout-poll-us",
+        type=_int_in(0, 100_000, "--blackout-poll-us"),
+        default=0,
+        metavar="N",
+        help="as the new VMM of a handoff, wait for kvmstub's answer to the MOVE (inside the "
+        "blackout) by polling for up to N microseconds instead of sleeping: waking a "
+        "sleeping process takes tens of microseconds on a virtual machine host. Only for "
+        "VMMs on CPUs apart from kvmstub's (see CPUs in the README); default 0: sleep",
+    )
+    h.add_argument(
         "--handoff-timeout",
         type=_timeout,
         default=10.0,
@@ -238,6 +248,7 @@ def host_flags(ns: argparse.Namespace) -> HostFlags:
         fault=ns.x_fault,
         token_file=ns.token_file,
         prefault=ns.x_prefault,
+        blackout_poll_us=ns.blackout_poll_us,
     )
 
 

@@ -144,6 +144,7 @@ class HostFlags(msgspec.Struct, frozen=True, kw_only=True):
     fault: str | None = None
     token_file: str | None = None
     prefault: bool = False
+    blackout_poll_us: int = 0  # see `Vmm.complete_incoming`
 
     def allowed_uids(self) -> frozenset[int]:
         return frozenset(self.allow_uids) | {os.getuid()}

@@ -24,12 +24,15 @@ This module imports only `kvmstub.uapi` and `kvmstub.wire`.
 from __future__ import annotations
 
 import array
+import contextlib
 import errno
 import itertools
 import mmap
 import os
 import socket
 import threading
+import time
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
 
@@ -214,9 +217,12 @@ class _KvmFile:
 
     @staticmethod
     async def _receive(sock: socket.socket, request_id: int) -> tuple[wire.AnyReply, list[int]]:
+        deadline = time.perf_counter() + _POLLING.seconds if _POLLING.seconds else 0.0
         while True:
-            # Wait first: the reply is never there the moment the request is sent.
-            await trio.lowlevel.wait_readable(sock)
+            # Wait first: the reply is never there the moment the request is sent. Inside
+            # `polling`, try again at once until its time is up, then wait.
+            if not deadline or time.perf_counter() >= deadline:
+                await trio.lowlevel.wait_readable(sock)
             buffer = _RECEIVE.view
             try:
                 nbytes, ancdata, msg_flags, _ = sock.recvmsg_into(
@@ -258,6 +264,30 @@ class _ReceiveBuffer(threading.local):
 
 
 _RECEIVE = _ReceiveBuffer()
+
+
+class _Polling(threading.local):
+    seconds = 0.0
+
+
+_POLLING = _Polling()
+
+
+@contextlib.contextmanager
+def polling(seconds: float) -> Iterator[None]:
+    """Inside this block (in this thread), a request's reply is awaited by polling its fd
+    for up to `seconds` after the request is sent, then by sleeping in the event loop as
+    usual. A process asleep is woken by an interrupt to its CPU: on a virtual machine host
+    tens of microseconds, paid by every request that crosses to kvmstub on another CPU.
+    Polling costs this CPU the wait, and the event loop runs nothing else meanwhile: for a
+    caller awaiting one urgent request at a time, with a CPU apart from kvmstub's (a VMM's
+    MOVE inside a handoff's blackout). `seconds <= 0` changes nothing."""
+    before = _POLLING.seconds
+    _POLLING.seconds = max(0.0, seconds)
+    try:
+        yield
+    finally:
+        _POLLING.seconds = before
 
 
 def _fds_of(ancdata: list[tuple[int, int, bytes]]) -> list[int]:

@@ -101,9 +101,11 @@ class Result:
         return out
 
 
-async def run_config(cfg: Config, n: int, workdir: Path, kvm_sock: Path, idx: int) -> Result:
+async def run_config(
+    cfg: Config, n: int, workdir: Path, kvm_sock: Path, idx: int, flags: list[str]
+) -> Result:
     res = Result(cfg)
-    extra = ["--x-prefault"] if cfg.populated else []
+    extra = ["--x-prefault", *flags] if cfg.populated else flags
     vmm = VmmProcess(
         workdir, kvm_sock, name=f"b{idx}", mode=cfg.mode, vcpus=cfg.vcpus, memory=cfg.memory,
         line_every=200, flip_every=50, extra=extra,
@@ -346,6 +348,13 @@ def main() -> int:
         default=None,
         help=f"kvmstub's halt polling (default: {HALT_POLL_US} when pinned, else 0)",
     )
+    p.add_argument(
+        "--blackout-poll-us",
+        type=int,
+        default=None,
+        help="the new VMM polls for the MOVE's answer (handoff run --blackout-poll-us; "
+        f"default: {HALT_POLL_US} when pinned, else 0)",
+    )
     p.add_argument("--json", help="write the raw figures here")
     p.add_argument("--plot", help="write a PNG plot here (needs matplotlib)")
     args = p.parse_args()
@@ -363,6 +372,10 @@ def main() -> int:
     halt_poll_us = (
         args.halt_poll_us if args.halt_poll_us is not None else (HALT_POLL_US if pin else 0)
     )
+    poll_us = (
+        args.blackout_poll_us if args.blackout_poll_us is not None else (HALT_POLL_US if pin else 0)
+    )
+    vmm_flags = ["--blackout-poll-us", str(poll_us)]
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="bench-handoff-") as d:
         workdir = Path(d)
@@ -383,14 +396,14 @@ def main() -> int:
         daemon.stdout.readline()
         placement = (
             pin_apart(daemon.pid) if pin else "not pinned: kvmstub and the VMMs on any CPU"
-        ) + f"; kvmstub halt polling {halt_poll_us} µs"
+        ) + f"; kvmstub halt polling {halt_poll_us} µs, the VMMs' blackout polling {poll_us} µs"
         progress(placement)
         try:
             echo_us, kvm_us = floor(kvm_sock, workdir)
             progress(f"floor: echo {echo_us:.1f} µs, kvmstub {kvm_us:.1f} µs")
             for i, cfg in enumerate(configs):
                 progress(f"[{i + 1}/{len(configs)}] {cfg.label}")
-                results.append(trio.run(run_config, cfg, n, workdir, kvm_sock, i))
+                results.append(trio.run(run_config, cfg, n, workdir, kvm_sock, i, vmm_flags))
         finally:
             daemon.terminate()
             daemon.wait(timeout=10)

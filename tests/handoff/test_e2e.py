@@ -296,3 +296,17 @@ async def test_peer_with_another_uid_is_refused_before_any_fd_crosses(
         shutil.rmtree(sock_dir, ignore_errors=True)
     assert await vmm.pid() == pid
     await assert_guest_whole(vmm)
+
+
+@pytest.mark.parametrize("mode", ["plain", "sev-es"])
+async def test_a_handoff_polling_for_the_move_keeps_the_guest_whole(
+    vmm_factory: Any, mode: str
+) -> None:
+    """`--blackout-poll-us`: the new VMM polls for the MOVE's answer (plain mode has no MOVE
+    and polls for nothing); the successor inherits the flag and polls in the next handoff."""
+    vmm = vmm_factory(mode=mode, vcpus=2, extra=["--blackout-poll-us", "500"])
+    await vmm.wait_lines()
+    for _ in range(2):
+        result = await vmm.upgrade()
+        assert result["status"] == "completed", vmm.log()
+        await assert_guest_whole(vmm)

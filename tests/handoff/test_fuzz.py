@@ -473,6 +473,7 @@ def test_random_datagrams_with_random_fds_never_get_a_vm_fd_and_leave_nothing(
         (["--name", "a/b"], "--name 'a/b': use 1 to 64 letters, digits"),
         (["--allow-uid", "-1"], "--allow-uid -1 is out of range: 0 to 4294967294"),
         (["--line-every", "0"], "--line-every 0 is out of range: 1 to 1000000"),
+        (["--blackout-poll-us", "-1"], "--blackout-poll-us -1 is out of range: 0 to 100000"),
         (["--x-fault", "target:lunch:crash"], "fault step 'lunch' for target: use one of"),
         (["--x-fault", "target:moved:melt"], "fault action 'melt': use one of crash, hang"),
         (["--x-fault", "nobody"], "fault 'nobody': use ROLE:STEP:ACTION"),

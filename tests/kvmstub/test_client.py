@@ -598,3 +598,64 @@ async def test_a_halt_polling_daemon_runs_guests_as_any_other(
     for _ in range(3):
         await g.run_until(uapi.KVM_EXIT_IO)
     assert g.serial.count(b"\n") >= 1
+
+
+class _Waits:
+    """Counts the client's sleeps in the event loop for a reply (trio's wait_readable)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        real = trio.lowlevel.wait_readable
+
+        async def counted(sock: Any) -> None:
+            self.count += 1
+            await real(sock)
+
+        monkeypatch.setattr(trio.lowlevel, "wait_readable", counted)
+
+
+async def test_inside_polling_a_reply_is_awaited_without_sleeping(
+    kvmstub_daemon: KvmstubDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`client.polling`: the MOVE of a handoff's blackout is answered while its caller polls
+    the fd, never sleeping in the event loop; outside the block, calls sleep as before."""
+    kvm = await open_kvm(kvmstub_daemon)
+    source = await sev_vm(kvm)
+    target = await kvm.create_vm()
+    waits = _Waits(monkeypatch)
+    with client.polling(10.0):
+        assert await target.enable_cap(MOVE, source) == 0
+        assert await kvm.get_api_version() == uapi.KVM_API_VERSION
+    assert waits.count == 0
+    assert await kvm.get_api_version() == uapi.KVM_API_VERSION
+    assert waits.count == 1
+
+
+async def test_polling_past_its_time_sleeps_for_the_reply(
+    kvmstub_daemon: KvmstubDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reply slower than the poll (a guest slice here) is still taken, by sleeping for it."""
+    kvm = await open_kvm(kvmstub_daemon)
+    g = await PlainGuest.boot(kvm, guest.GuestParams(vcpus=1, line_every=20))
+    waits = _Waits(monkeypatch)
+    with client.polling(1e-9):
+        await g.run_until(uapi.KVM_EXIT_IO)
+    assert waits.count >= 1
+
+
+async def test_polling_nests_is_per_thread_and_zero_changes_nothing(
+    kvmstub_daemon: KvmstubDaemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kvm = await open_kvm(kvmstub_daemon)
+    seen: list[float] = []
+    with client.polling(0.5):
+        with client.polling(0.25):
+            assert client._POLLING.seconds == 0.25
+            await trio.to_thread.run_sync(lambda: seen.append(client._POLLING.seconds))
+        assert client._POLLING.seconds == 0.5
+    assert seen == [0.0]  # another thread (its own event loop) does not poll
+    assert client._POLLING.seconds == 0.0
+    waits = _Waits(monkeypatch)
+    with client.polling(0), client.polling(-1):
+        await kvm.get_api_version()
+    assert waits.count == 1
