@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import trio
@@ -64,12 +64,14 @@ class Config:
     populated: bool = False
     copy: bool = False
     group: str = "single"
+    variant: str = ""  # KEY=VALUE of --alternate: the successors' flag in this row
 
     @property
     def label(self) -> str:
         kind = "copy" if self.copy else "zero-copy"
         pop = " populated" if self.populated else ""
-        return f"{self.mode} {self.vcpus} vCPU {self.memory}{pop} {kind}"
+        variant = f" [{self.variant}]" if self.variant else ""
+        return f"{self.mode} {self.vcpus} vCPU {self.memory}{pop} {kind}{variant}"
 
 
 @dataclass
@@ -102,9 +104,17 @@ class Result:
 
 
 async def run_config(
-    cfg: Config, n: int, workdir: Path, kvm_sock: Path, idx: int, flags: list[str]
-) -> Result:
-    res = Result(cfg)
+    cfg: Config,
+    n: int,
+    workdir: Path,
+    kvm_sock: Path,
+    idx: int,
+    flags: list[str],
+    variants: list[str],
+) -> list[Result]:
+    """n handoffs of one VMM; with `variants` (KEY=VALUE each), handoff i passes the i-th
+    (round robin) to its successor as `--set`, and each variant gets its own Result."""
+    results = [Result(replace(cfg, variant=v)) for v in variants or [""]]
     extra = ["--x-prefault", *flags] if cfg.populated else flags
     vmm = VmmProcess(
         workdir, kvm_sock, name=f"b{idx}", mode=cfg.mode, vcpus=cfg.vcpus, memory=cfg.memory,
@@ -113,28 +123,33 @@ async def run_config(
     try:
         vmm.start(timeout=120)
         await vmm.wait_lines(more=2, timeout=60)
-        await _handoffs(res, vmm, cfg, n)
-        res.problems = vmm.report().problems(cfg.vcpus)
+        await _handoffs(results, vmm, cfg, n)
+        problems = vmm.report().problems(cfg.vcpus)
+        for res in results:
+            res.problems = problems
     except Exception as exc:  # a configuration that cannot run is reported, not fatal
-        res.failures.append(f"{type(exc).__name__}: {exc}")
+        for res in results:
+            res.failures.append(f"{type(exc).__name__}: {exc}")
         progress(f"  failed: {exc}")
     finally:
         await vmm.quit()
         vmm.kill_all()
-    return res
+    return results
 
 
-async def _handoffs(res: Result, vmm: VmmProcess, cfg: Config, n: int) -> None:
-    """n handoffs of `vmm`, their figures into `res`."""
+async def _handoffs(results: list[Result], vmm: VmmProcess, cfg: Config, n: int) -> None:
+    """n handoffs of `vmm`, their figures into `results`, one each in turn."""
     for i in range(n):
+        res = results[i % len(results)]
+        sets = [res.config.variant] if res.config.variant else []
         before = vmm.report().last_seq()
         vms_before = {vm["id"] for vm in read_stats(vmm.kvm_socket)["vms"]}
         t0 = time.perf_counter()
-        result = await vmm.upgrade(copy_memory=cfg.copy, timeout=300)
+        result = await vmm.upgrade(sets, copy_memory=cfg.copy, timeout=300)
         total = (time.perf_counter() - t0) * 1e3
         if result.get("status") != "completed":
             res.failures.append(str(result.get("error-desc")))
-            progress(f"  [{i + 1}/{n}] failed: {result.get('error-desc')}")
+            progress(f"  [{i + 1}/{n}]{sets} failed: {result.get('error-desc')}")
             continue
         seqs = {v: s for v, s in enumerate(result.get("pause-seqs") or []) if s >= 0}
         # Stay off the CPUs while the guest's first lines after the pause are written:
@@ -163,8 +178,9 @@ async def _handoffs(res: Result, vmm: VmmProcess, cfg: Config, n: int) -> None:
         res.phases.append(dict(result.get("phases", {})))
         if ordinary:
             res.baseline_gap_ms.append(statistics.median(ordinary) / 1000)
+        variant = f" {sets[0]}" if sets else ""
         progress(
-            f"  [{i + 1}/{n}] pause {res.pauses_ms[-1]:.3f} ms, blackout "
+            f"  [{i + 1}/{n}]{variant} pause {res.pauses_ms[-1]:.3f} ms, blackout "
             + (f"{blackout:.3f} ms" if blackout is not None else "-")
             + f", downtime {res.downtimes_ms[-1]:.3f} ms, total {total:.0f} ms"
         )
@@ -355,9 +371,23 @@ def main() -> int:
         help="the new VMM polls for the MOVE's answer (handoff run --blackout-poll-us; "
         f"default: {HALT_POLL_US} when pinned, else 0)",
     )
+    p.add_argument(
+        "--alternate",
+        metavar="KEY=V1,V2,...",
+        help="successive handoffs give their successors `--set KEY=V1`, `KEY=V2`, ... in turn, "
+        "and the table has a row for each value: a comparison that the machine's drift over "
+        "minutes cannot skew. For a flag of the new VMM's side (a flag of the old VMM's side "
+        "shows in the next handoff's row)",
+    )
     p.add_argument("--json", help="write the raw figures here")
     p.add_argument("--plot", help="write a PNG plot here (needs matplotlib)")
     args = p.parse_args()
+    variants: list[str] = []
+    if args.alternate:
+        key, sep, values = args.alternate.partition("=")
+        if not sep or not key or not values:
+            p.error(f"--alternate {args.alternate!r}: use KEY=V1,V2,..., e.g. log-level=info,debug")
+        variants = [f"{key}={v}" for v in values.split(",")]
     if args.sweep:
         configs = sweep_configs(args.quick)
         n = 5 if args.quick else args.n
@@ -403,7 +433,7 @@ def main() -> int:
             progress(f"floor: echo {echo_us:.1f} µs, kvmstub {kvm_us:.1f} µs")
             for i, cfg in enumerate(configs):
                 progress(f"[{i + 1}/{len(configs)}] {cfg.label}")
-                results.append(trio.run(run_config, cfg, n, workdir, kvm_sock, i, vmm_flags))
+                results += trio.run(run_config, cfg, n, workdir, kvm_sock, i, vmm_flags, variants)
         finally:
             daemon.terminate()
             daemon.wait(timeout=10)
