@@ -43,6 +43,8 @@ from kvmstub.client import read_stats
 TOOLS = Path(__file__).resolve().parent
 OBSERVER_QUIET_S = 0.1
 HALT_POLL_US = 1000
+SIDE_BY_SIDE = "side by side"  # Config.group of configurations run together, in turn
+SIDE_BY_SIDE_SETTLE_S = 0.3  # after a handoff, before the next guest continues
 
 
 def progress(text: str) -> None:
@@ -71,7 +73,8 @@ class Config:
         kind = "copy" if self.copy else "zero-copy"
         pop = " populated" if self.populated else ""
         variant = f" [{self.variant}]" if self.variant else ""
-        return f"{self.mode} {self.vcpus} vCPU {self.memory}{pop} {kind}{variant}"
+        side = " (side by side)" if self.group == SIDE_BY_SIDE else ""
+        return f"{self.mode} {self.vcpus} vCPU {self.memory}{pop} {kind}{variant}{side}"
 
 
 @dataclass
@@ -103,6 +106,14 @@ class Result:
         return out
 
 
+def _vmm(cfg: Config, workdir: Path, kvm_sock: Path, name: str, flags: list[str]) -> VmmProcess:
+    extra = ["--x-prefault", *flags] if cfg.populated else flags
+    return VmmProcess(
+        workdir, kvm_sock, name=name, mode=cfg.mode, vcpus=cfg.vcpus, memory=cfg.memory,
+        line_every=200, flip_every=50, extra=extra,
+    )  # fmt: skip
+
+
 async def run_config(
     cfg: Config,
     n: int,
@@ -115,15 +126,13 @@ async def run_config(
     """n handoffs of one VMM; with `variants` (KEY=VALUE each), handoff i passes the i-th
     (round robin) to its successor as `--set`, and each variant gets its own Result."""
     results = [Result(replace(cfg, variant=v)) for v in variants or [""]]
-    extra = ["--x-prefault", *flags] if cfg.populated else flags
-    vmm = VmmProcess(
-        workdir, kvm_sock, name=f"b{idx}", mode=cfg.mode, vcpus=cfg.vcpus, memory=cfg.memory,
-        line_every=200, flip_every=50, extra=extra,
-    )  # fmt: skip
+    vmm = _vmm(cfg, workdir, kvm_sock, f"b{idx}", flags)
     try:
         vmm.start(timeout=120)
         await vmm.wait_lines(more=2, timeout=60)
-        await _handoffs(results, vmm, cfg, n)
+        for i in range(n):
+            res = results[i % len(results)]
+            await _handoff(res, vmm, [res.config.variant] if res.config.variant else [], i, n)
         problems = vmm.report().problems(cfg.vcpus)
         for res in results:
             res.problems = problems
@@ -137,53 +146,97 @@ async def run_config(
     return results
 
 
-async def _handoffs(results: list[Result], vmm: VmmProcess, cfg: Config, n: int) -> None:
-    """n handoffs of `vmm`, their figures into `results`, one each in turn."""
-    for i in range(n):
-        res = results[i % len(results)]
-        sets = [res.config.variant] if res.config.variant else []
-        before = vmm.report().last_seq()
-        vms_before = {vm["id"] for vm in read_stats(vmm.kvm_socket)["vms"]}
-        t0 = time.perf_counter()
-        result = await vmm.upgrade(sets, copy_memory=cfg.copy, timeout=300)
-        total = (time.perf_counter() - t0) * 1e3
-        if result.get("status") != "completed":
-            res.failures.append(str(result.get("error-desc")))
-            progress(f"  [{i + 1}/{n}]{sets} failed: {result.get('error-desc')}")
-            continue
-        seqs = {v: s for v, s in enumerate(result.get("pause-seqs") or []) if s >= 0}
-        # Stay off the CPUs while the guest's first lines after the pause are written:
-        # the observer must not take them from the VMM and kvmstub it measures.
-        await trio.sleep(OBSERVER_QUIET_S)
-        report = await vmm.wait_lines(more=2, timeout=60)
-        pause = report.max_gap_after(seqs, lines=1) if seqs else None
-        ordinary = [
-            g for v, entries in report.lines.items() for s, g in entries
-            if seqs.get(v, 0) - 30 < s < seqs.get(v, 0) - 1
-        ]  # fmt: skip
-        # Every gap from the upgrade command to OBSERVER_QUIET_S after the handoff (the
-        # successor's start, the pause, deferred work, the old VMM's exit), all vCPUs.
-        window = [
-            g for v, entries in report.lines.items() for s, g in entries
-            if s > before.get(v, -1)
-        ]  # fmt: skip
-        if window:
-            res.window_gap_ms.append(max(window) / 1000)
-        res.pauses_ms.append((pause or 0) / 1000)
-        res.downtimes_ms.append(float(result.get("downtime", 0.0)))
-        blackout = _blackout_ms(vmm.kvm_socket, vms_before)
-        if blackout is not None:
-            res.blackouts_ms.append(blackout)
-        res.totals_ms.append(total)
-        res.phases.append(dict(result.get("phases", {})))
-        if ordinary:
-            res.baseline_gap_ms.append(statistics.median(ordinary) / 1000)
-        variant = f" {sets[0]}" if sets else ""
-        progress(
-            f"  [{i + 1}/{n}]{variant} pause {res.pauses_ms[-1]:.3f} ms, blackout "
-            + (f"{blackout:.3f} ms" if blackout is not None else "-")
-            + f", downtime {res.downtimes_ms[-1]:.3f} ms, total {total:.0f} ms"
-        )
+async def run_side_by_side(
+    cfgs: list[Config], n: int, workdir: Path, kvm_sock: Path, idx: int, flags: list[str]
+) -> list[Result]:
+    """n handoffs of each configuration, taken in turn: one VMM each, the others' guests
+    stopped (QMP `stop`) meanwhile, so that every guest runs alone on kvmstub's CPU as in
+    `run_config`, and the machine's drift over minutes falls on all of them alike."""
+    results = [Result(cfg) for cfg in cfgs]
+    vmms = [_vmm(cfg, workdir, kvm_sock, f"b{idx}x{j}", flags) for j, cfg in enumerate(cfgs)]
+    try:
+        for vmm in vmms:
+            vmm.start(timeout=120)
+            await vmm.wait_lines(more=1, timeout=60)  # running, and serving QMP
+            await vmm.qmp("stop")
+        for i in range(n * len(cfgs)):
+            res, vmm = results[i % len(cfgs)], vmms[i % len(cfgs)]
+            await vmm.qmp("cont")
+            # Whole lines after `cont`: neither the line the handoff is measured by nor the
+            # ordinary gap may hold the stop (the first line after `cont` does).
+            stopped_until = vmm.report().last_seq()
+            await vmm.wait_lines(more=3, timeout=60)
+            await _handoff(res, vmm, [], i, n * len(cfgs), stopped_until)
+            await vmm.qmp("stop")
+            # The old VMM of this handoff lingers, then exits: not while the next guest runs.
+            await trio.sleep(SIDE_BY_SIDE_SETTLE_S)
+        for res, vmm in zip(results, vmms, strict=True):
+            res.problems = vmm.report().problems(res.config.vcpus)
+    except Exception as exc:  # reported, not fatal
+        for res in results:
+            res.failures.append(f"{type(exc).__name__}: {exc}")
+        progress(f"  failed: {exc}")
+    finally:
+        for vmm in vmms:
+            await vmm.quit()
+            vmm.kill_all()
+    return results
+
+
+async def _handoff(
+    res: Result,
+    vmm: VmmProcess,
+    sets: list[str],
+    i: int,
+    n: int,
+    stopped_until: dict[int, int] | None = None,
+) -> None:
+    """One handoff of `vmm` (`sets`: --set flags for its successor), its figures into `res`.
+    `stopped_until`: each vCPU's last line before the guest was last continued (the line
+    after it holds the stop, so it is no ordinary gap)."""
+    after = stopped_until or {}
+    before = vmm.report().last_seq()
+    vms_before = {vm["id"] for vm in read_stats(vmm.kvm_socket)["vms"]}
+    t0 = time.perf_counter()
+    result = await vmm.upgrade(sets, copy_memory=res.config.copy, timeout=300)
+    total = (time.perf_counter() - t0) * 1e3
+    label = f"  [{i + 1}/{n}] {res.config.label}:"
+    if result.get("status") != "completed":
+        res.failures.append(str(result.get("error-desc")))
+        progress(f"{label} failed: {result.get('error-desc')}")
+        return
+    seqs = {v: s for v, s in enumerate(result.get("pause-seqs") or []) if s >= 0}
+    # Stay off the CPUs while the guest's first lines after the pause are written:
+    # the observer must not take them from the VMM and kvmstub it measures.
+    await trio.sleep(OBSERVER_QUIET_S)
+    report = await vmm.wait_lines(more=2, timeout=60)
+    pause = report.max_gap_after(seqs, lines=1) if seqs else None
+    ordinary = [
+        g for v, entries in report.lines.items() for s, g in entries
+        if max(seqs.get(v, 0) - 30, after.get(v, -2) + 1) < s < seqs.get(v, 0) - 1
+    ]  # fmt: skip
+    # Every gap from the upgrade command to OBSERVER_QUIET_S after the handoff (the
+    # successor's start, the pause, deferred work, the old VMM's exit), all vCPUs.
+    window = [
+        g for v, entries in report.lines.items() for s, g in entries
+        if s > before.get(v, -1)
+    ]  # fmt: skip
+    if window:
+        res.window_gap_ms.append(max(window) / 1000)
+    res.pauses_ms.append((pause or 0) / 1000)
+    res.downtimes_ms.append(float(result.get("downtime", 0.0)))
+    blackout = _blackout_ms(vmm.kvm_socket, vms_before)
+    if blackout is not None:
+        res.blackouts_ms.append(blackout)
+    res.totals_ms.append(total)
+    res.phases.append(dict(result.get("phases", {})))
+    if ordinary:
+        res.baseline_gap_ms.append(statistics.median(ordinary) / 1000)
+    progress(
+        f"{label} pause {res.pauses_ms[-1]:.3f} ms, blackout "
+        + (f"{blackout:.3f} ms" if blackout is not None else "-")
+        + f", downtime {res.downtimes_ms[-1]:.3f} ms, total {total:.0f} ms"
+    )
 
 
 def _blackout_ms(kvm_socket: str, vms_before: set[int]) -> float | None:
@@ -230,6 +283,14 @@ def pin_apart(kvmstub_pid: int) -> str:
         f"pinned: kvmstub (the guest's vCPUs) on CPU {guest[0]}, the VMMs and the benchmark "
         f"on CPU {','.join(map(str, vmms))} (--no-pin: any CPU)"
     )
+
+
+def sweep_pairs() -> list[list[Config]]:
+    """The 1 TiB / 256 MiB comparison, each pair run side by side (`run_side_by_side`)."""
+    return [
+        [Config(mode, 4, mem, group=SIDE_BY_SIDE) for mem in ("256M", "1T")]
+        for mode in ("plain", "sev", "sev-es")
+    ]
 
 
 def sweep_configs(quick: bool) -> list[Config]:
@@ -282,13 +343,17 @@ def table(results: list[Result], echo_us: float, kvm_us: float) -> str:
         if z and c and z.pauses_ms and c.pauses_ms:
             ratio = statistics.median(c.pauses_ms) / statistics.median(z.pauses_ms)
             lines.append(f"\ncopy / zero-copy pause at {mem}{pop_s}: {ratio:.0f}x")
-    mem = [r for r in results if r.config.group == "memory" and not r.config.populated]
-    for mode in ["plain", "sev", "sev-es"]:
-        small = next((r for r in mem if r.config.mode == mode and r.config.memory == "256M"), None)
-        big = next((r for r in mem if r.config.mode == mode and r.config.memory == "1T"), None)
-        if small and big and small.pauses_ms and big.pauses_ms:
-            ratio = statistics.median(big.pauses_ms) / statistics.median(small.pauses_ms)
-            lines.append(f"{mode}: pause at 1 TiB / pause at 256 MiB = {ratio:.2f}")
+    for group in ("memory", SIDE_BY_SIDE):
+        mem = [r for r in results if r.config.group == group and not r.config.populated]
+        for mode in ["plain", "sev", "sev-es"]:
+            small = next(
+                (r for r in mem if r.config.mode == mode and r.config.memory == "256M"), None
+            )
+            big = next((r for r in mem if r.config.mode == mode and r.config.memory == "1T"), None)
+            if small and big and small.pauses_ms and big.pauses_ms:
+                ratio = statistics.median(big.pauses_ms) / statistics.median(small.pauses_ms)
+                how = " (side by side, in turn)" if group == SIDE_BY_SIDE else ""
+                lines.append(f"{mode}: pause at 1 TiB / pause at 256 MiB = {ratio:.2f}{how}")
     return "\n".join(lines)
 
 
@@ -379,6 +444,13 @@ def main() -> int:
         "minutes cannot skew. For a flag of the new VMM's side (a flag of the old VMM's side "
         "shows in the next handoff's row)",
     )
+    p.add_argument(
+        "--versus",
+        metavar="MEMORY",
+        help="also run the same guest with this much memory, side by side: one VMM each, "
+        "handoffs taken in turn, the other guest stopped meanwhile (the sweep does this for "
+        "256M against 1T)",
+    )
     p.add_argument("--json", help="write the raw figures here")
     p.add_argument("--plot", help="write a PNG plot here (needs matplotlib)")
     args = p.parse_args()
@@ -388,11 +460,23 @@ def main() -> int:
         if not sep or not key or not values:
             p.error(f"--alternate {args.alternate!r}: use KEY=V1,V2,..., e.g. log-level=info,debug")
         variants = [f"{key}={v}" for v in values.split(",")]
+    # What runs alone (one VMM, with --alternate's variants) and what runs side by side.
+    runs: list[list[Config]]
     if args.sweep:
-        configs = sweep_configs(args.quick)
+        runs = [[cfg] for cfg in sweep_configs(args.quick)] + sweep_pairs()
         n = 5 if args.quick else args.n
     else:
-        configs = [Config(args.mode, args.vcpus, args.memory, args.populated, args.copy)]
+        cfg = Config(args.mode, args.vcpus, args.memory, args.populated, args.copy)
+        runs = [[cfg]]
+        if args.versus:
+            if args.alternate:
+                p.error("--versus and --alternate cannot be combined")
+            runs = [
+                [
+                    replace(cfg, group=SIDE_BY_SIDE),
+                    replace(cfg, memory=args.versus, group=SIDE_BY_SIDE),
+                ]
+            ]
         n = args.n
     # Bytecode for every module a VMM imports, as an installed package has it: where
     # PYTHONDONTWRITEBYTECODE is set, each successor compiled what changed since from source.
@@ -431,9 +515,14 @@ def main() -> int:
         try:
             echo_us, kvm_us = floor(kvm_sock, workdir)
             progress(f"floor: echo {echo_us:.1f} µs, kvmstub {kvm_us:.1f} µs")
-            for i, cfg in enumerate(configs):
-                progress(f"[{i + 1}/{len(configs)}] {cfg.label}")
-                results += trio.run(run_config, cfg, n, workdir, kvm_sock, i, vmm_flags, variants)
+            for i, run in enumerate(runs):
+                progress(f"[{i + 1}/{len(runs)}] " + " | ".join(c.label for c in run))
+                if len(run) == 1:
+                    results += trio.run(
+                        run_config, run[0], n, workdir, kvm_sock, i, vmm_flags, variants
+                    )
+                else:
+                    results += trio.run(run_side_by_side, run, n, workdir, kvm_sock, i, vmm_flags)
         finally:
             daemon.terminate()
             daemon.wait(timeout=10)
