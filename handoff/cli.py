@@ -344,7 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(a.partition("=")[0] == "--incoming" for a in (sys.argv if argv is None else argv)):
         from .sched import lower_while_preparing
 
-        lower_while_preparing()  # first: before the imports and the preparation
+        # Before the preparation; `python -m handoff` and the `handoff` command did it before
+        # the imports already (handoff.__main__), and then this does nothing.
+        lower_while_preparing()
     parser = build_parser()
     ns = parser.parse_args(argv)
     try:
@@ -353,7 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             args = list(sys.argv[1:] if argv is None else argv)
             run_args = args[args.index("run") + 1 :]
-            program = [sys.executable, "-m", "handoff.cli"]
+            program = [sys.executable, "-m", "handoff"]
             return run_main(guest_config(ns), host_flags(ns), ns.incoming, program, run_args)
         if ns.command == "upgrade":
             from .ops import upgrade_main

@@ -33,7 +33,7 @@ RELEASE_1 = [sys.executable, "-m", "handoff.cli"]  # plays the older release (pr
 
 def _release_2() -> list[str]:
     script = shutil.which("handoff")
-    return [script] if script else [sys.executable, "-m", "handoff.cli"]
+    return [script] if script else [sys.executable, "-m", "handoff"]
 
 
 def say(text: str = "") -> None:

@@ -59,7 +59,7 @@ from .cli import strip_flags
 from .qmp_client import QMPClient
 from .seriallog import SerialReport, SerialTail
 
-PROGRAM = [sys.executable, "-m", "handoff.cli"]
+PROGRAM = [sys.executable, "-m", "handoff"]
 _UCRED = struct.Struct("iII")
 
 

@@ -123,3 +123,41 @@ def test_a_target_started_from_a_shell_leaves_its_sessions_priority_alone() -> N
     shell_before, shell_after, *probe = _in_a_shell(PREPARING, session="same")
     assert probe == ["0", "0", "0"]
     assert shell_before == shell_after == "0"
+
+
+ENTRY = """
+import sys, types
+from handoff import sched
+calls = []
+def spy():
+    calls.append(("lower", "trio" in sys.modules))
+    real()
+real, sched.lower_while_preparing = sched.lower_while_preparing, spy
+# The command itself is not run: only what happens before it.
+sys.modules["handoff.cli"] = types.SimpleNamespace(main=lambda: calls.append(("cli", None)) or 0)
+sys.argv = ["handoff"] + sys.argv[1:]
+import handoff.__main__
+handoff.__main__.main()
+print(calls, sched.autogroup_nice())
+"""
+
+
+@needs_autogroups
+@pytest.mark.parametrize("incoming", [True, False])
+def test_the_handoff_command_lowers_a_new_vmm_before_its_imports(incoming: bool) -> None:
+    """`handoff run --incoming` (how an old VMM starts its successor, `python -m handoff`)
+    goes to nice 19 before trio and the rest are imported (about 100 ms of CPU beside the
+    old VMM), then runs the command; any other command keeps its priority."""
+    args = ["run", "--name", "probe"] + (["--incoming", "unix:/x.sock"] if incoming else [])
+    done = subprocess.run(
+        [sys.executable, "-c", ENTRY, *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        start_new_session=True,
+    )
+    if incoming:
+        assert done.stdout.split() == ["[('lower',", "False),", "('cli',", "None)]", "19"]
+    else:
+        assert done.stdout.split() == ["[('cli',", "None)]", "0"]
