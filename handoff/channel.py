@@ -641,10 +641,11 @@ def bind_unix_socket(
     _remove_if_stale(path, sock_type)
     sock = socket.socket(socket.AF_UNIX, sock_type | socket.SOCK_CLOEXEC)
     try:
+        # Linux creates the file with the socket inode's mode (less the umask): 0600 from
+        # its first moment, not the umask's mode until a chmod after bind.
+        os.fchmod(sock.fileno(), 0o600)
         sock.bind(str(path))
-        # Between bind and chmod the file has the umask's mode; harmless, because the directory
-        # (checked above) lets no other user reach it.
-        os.chmod(path, 0o600)
+        os.chmod(path, 0o600)  # (kept: a kernel that ignores the inode's mode)
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
