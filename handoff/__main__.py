@@ -11,10 +11,9 @@ import sys
 
 
 def main() -> int:
-    if any(arg.partition("=")[0] == "--incoming" for arg in sys.argv[1:]):
-        from handoff.sched import lower_while_preparing
+    from handoff.sched import lower_if_incoming
 
-        lower_while_preparing()
+    lower_if_incoming(sys.argv[1:])
     from handoff.cli import main as cli_main
 
     return cli_main()

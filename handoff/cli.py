@@ -341,12 +341,11 @@ def control_path(ns: argparse.Namespace) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    if any(a.partition("=")[0] == "--incoming" for a in (sys.argv if argv is None else argv)):
-        from .sched import lower_while_preparing
+    from .sched import lower_if_incoming
 
-        # Before the preparation; `python -m handoff` and the `handoff` command did it before
-        # the imports already (handoff.__main__), and then this does nothing.
-        lower_while_preparing()
+    # Before the preparation; `python -m handoff` and the `handoff` command did it before the
+    # imports already (handoff.__main__), and then this does nothing.
+    lower_if_incoming(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     ns = parser.parse_args(argv)
     try:

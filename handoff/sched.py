@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 
 def yield_cpus() -> None:
@@ -101,6 +101,12 @@ def lower_while_preparing() -> None:
     before = autogroup_nice()
     if before is not None and _set_autogroup_nice(19):
         _lowered_from = before
+
+
+def lower_if_incoming(argv: Sequence[str]) -> None:
+    """`lower_while_preparing` when `argv` is a new VMM's command line (`--incoming`)."""
+    if any(arg.partition("=")[0] == "--incoming" for arg in argv):
+        lower_while_preparing()
 
 
 def restore_for_blackout() -> None:
