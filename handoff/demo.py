@@ -25,10 +25,12 @@ import trio
 from kvmstub import client
 
 from .ops import format_phases, query, upgrade
+from .sched import place_apart
 from .seriallog import read_logs
 from .testing import pid_alive
 
 RELEASE_1 = [sys.executable, "-m", "handoff.cli"]  # plays the older release (protocol 1)
+POLL_US = 1000  # kvmstub's halt polling and the VMMs' blackout polling, CPUs apart
 
 
 def _release_2() -> list[str]:
@@ -55,11 +57,16 @@ class Demo:
         self.inodes: list[list[int]] = []
         self.pauses: list[tuple[str, int | None, float]] = []
         self.failures: list[str] = []
+        # With two CPUs or more, run as contrib/systemd advises for a small host: kvmstub and
+        # the VMMs on CPUs apart, kvmstub halt polling, a new VMM polling for the MOVE.
+        self.apart = len(os.sched_getaffinity(0)) > 1
+        self.poll = ["--blackout-poll-us", str(POLL_US)] if self.apart else []
 
     # ------------------------------------------------------------- processes
     def start_kvmstub(self) -> None:
         self.kvmstub = subprocess.Popen(
-            [sys.executable, "-m", "kvmstub.cli", "serve", "--socket", self.kvm_sock],
+            [sys.executable, "-m", "kvmstub.cli", "serve", "--socket", self.kvm_sock]
+            + (["--halt-poll-us", str(POLL_US)] if self.apart else []),
             stdout=subprocess.PIPE,
             stderr=open(os.path.join(self.dir, "kvmstub.log"), "ab"),  # noqa: SIM115
             start_new_session=True,  # its own CPU share, as a system service has
@@ -69,13 +76,16 @@ class Demo:
         if "ready" not in line:
             raise RuntimeError(f"kvmstub did not start: {line!r}")
         say(f"  {line}")
+        placement = place_apart(self.kvmstub.pid) if self.apart else None
+        if placement:
+            say(f"  {placement}; kvmstub halt polling and the VMMs' blackout polling {POLL_US} µs")
 
     def start_vmm(self) -> int:
         argv = [
             *RELEASE_1, "run", "--name", "demo", "--mode", self.mode,
             "--vcpus", str(self.vcpus), "--memory", str(self.memory),
             "--kvm", self.kvm_sock, "--control", self.control,
-            "--serial-log", self.serial_logs[0], "--max-protocol", "1",
+            "--serial-log", self.serial_logs[0], "--max-protocol", "1", *self.poll,
         ]  # fmt: skip
         log = open(self.vmm_log, "ab")  # noqa: SIM115
         proc = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)

@@ -37,6 +37,7 @@ import trio
 import handoff
 import kvmstub
 from handoff.config import parse_size
+from handoff.sched import place_apart
 from handoff.testing import VmmProcess
 from kvmstub.client import read_stats
 
@@ -266,25 +267,6 @@ def floor(kvm_sock: Path, workdir: Path) -> tuple[float, float]:
     return float(echo_us), float(kvm_us)
 
 
-def pin_apart(kvmstub_pid: int) -> str:
-    """Pin kvmstub (whose CPU loop runs every guest vCPU) to the last CPU we may use, and this
-    process, so every VMM it starts and their successors, to the others, as a deployment
-    pins vCPU threads and a VMM's own threads apart (libvirt's vcpupin and emulatorpin;
-    systemd's CPUAffinity= in contrib/systemd). Left to the scheduler on a small host, the
-    wake-up of kvmstub by a VMM's request queued kvmstub on that VMM's CPU (a Unix socket
-    wakes its reader as the writer's "sync" partner), where it waited about 90 µs for the
-    VMM to sleep while the other CPU idled: at every exit served and every hop of the
-    blackout. Needs two CPUs or more; returns what was done, for the report."""
-    cpus = sorted(os.sched_getaffinity(0))
-    guest, vmms = cpus[-1:], cpus[:-1]
-    os.sched_setaffinity(kvmstub_pid, guest)
-    os.sched_setaffinity(0, vmms)
-    return (
-        f"pinned: kvmstub (the guest's vCPUs) on CPU {guest[0]}, the VMMs and the benchmark "
-        f"on CPU {','.join(map(str, vmms))} (--no-pin: any CPU)"
-    )
-
-
 def sweep_pairs() -> list[list[Config]]:
     """The 1 TiB / 256 MiB comparison, each pair run side by side (`run_side_by_side`)."""
     return [
@@ -509,7 +491,9 @@ def main() -> int:
         assert daemon.stdout is not None
         daemon.stdout.readline()
         placement = (
-            pin_apart(daemon.pid) if pin else "not pinned: kvmstub and the VMMs on any CPU"
+            f"pinned: {place_apart(daemon.pid)}, this benchmark with the VMMs (--no-pin: any CPU)"
+            if pin
+            else "not pinned: kvmstub and the VMMs on any CPU"
         ) + f"; kvmstub halt polling {halt_poll_us} µs, the VMMs' blackout polling {poll_us} µs"
         progress(placement)
         try:
