@@ -4,6 +4,7 @@ preempting others for a while."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -161,3 +162,34 @@ def test_the_handoff_command_lowers_a_new_vmm_before_its_imports(incoming: bool)
         assert done.stdout.split() == ["[('lower',", "False),", "('cli',", "None)]", "19"]
     else:
         assert done.stdout.split() == ["[('cli',", "None)]", "0"]
+
+
+PLACE = """
+import json, os, subprocess, sys
+from handoff.sched import place_apart
+other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+try:
+    cpus = sorted(os.sched_getaffinity(0))
+    said = place_apart(other.pid)
+    print(json.dumps([cpus, said, sorted(os.sched_getaffinity(0)),
+                      sorted(os.sched_getaffinity(other.pid))]))
+finally:
+    other.kill()
+"""
+
+
+def test_place_apart_gives_kvmstub_the_last_cpu_and_the_caller_the_others() -> None:
+    """`sched.place_apart` (the benchmark and the demo): in a process of its own, so that the
+    test runner keeps its CPUs. With one CPU it does nothing."""
+    done = subprocess.run(
+        [sys.executable, "-c", PLACE], capture_output=True, text=True, check=True, timeout=60
+    )
+    cpus, said, mine, its = json.loads(done.stdout)
+    if len(cpus) < 2:
+        assert said is None and mine == its == cpus
+        return
+    assert its == cpus[-1:] and mine == cpus[:-1]
+    assert said == (
+        f"kvmstub (the guest's vCPUs) on CPU {cpus[-1]}, "
+        f"the VMMs on CPU {','.join(map(str, cpus[:-1]))}"
+    )
