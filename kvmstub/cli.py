@@ -11,7 +11,6 @@ The socket defaults to $KVMSTUB_SOCKET, else $XDG_RUNTIME_DIR/kvmstub/kvm.sock, 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import resource
@@ -143,11 +142,6 @@ def _serve(args: argparse.Namespace) -> int:
     quantum_ns = daemon.DEFAULT_QUANTUM_NS if args.quantum_us is None else args.quantum_us * 1000
     _harden()
     path = args.socket or client.default_socket()
-    # Everything alive now (modules, classes, functions: about 29000 objects) lives as long
-    # as the daemon: out of the collector's scans. Left in them, each full collection took
-    # 13 ms on 2 cores, in which no guest ran a step.
-    gc.collect()
-    gc.freeze()
     try:
         trio.run(
             partial(

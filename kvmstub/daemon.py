@@ -993,8 +993,10 @@ async def run(
                     halt_poll_ns=halt_poll_ns,
                 )
             )
-            # Everything alive now lives as long as the daemon: keep it out of the cyclic
-            # collector's scans, whose pauses every guest would feel (guests run in here).
+            # Everything alive now (modules, classes, functions: about 29000 objects) lives as
+            # long as the daemon: keep it out of the cyclic collector's scans, whose pauses
+            # every guest would feel (guests run in here): a full collection took 13 ms on 2
+            # cores, in which no guest ran a step.
             gc.collect()
             gc.freeze()
             print(ready_line(path, host_info), file=out, flush=True)
