@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 from collections.abc import Iterator, Sequence
 
 
@@ -88,19 +89,39 @@ def waking_without_preempting() -> Iterator[None]:
 
 _lowered_from: int | None = None  # the autogroup nice before `lower_while_preparing`
 
+# How long a new VMM stays lowered at most, in seconds of wall time. Its start and its
+# preparation take 0.2 to 0.4 s on a small host. Where every CPU is busy (other guests, a
+# build), nice 19 leaves it about 1.5 % of a CPU, and its ~150 ms of CPU took longer than
+# its old VMM waits for its socket (15 s): every handoff on a busy host failed. Past this
+# bound it prepares at the priority it started with.
+LOWERED_AT_MOST_S = 1.0
 
-def lower_while_preparing() -> None:
+
+def lower_while_preparing(at_most_s: float = LOWERED_AT_MOST_S) -> None:
     """For a new VMM (`handoff run --incoming`) from its first moment: its start-up and
     its preparation (about 150 ms of CPU on a small host: the interpreter, the imports,
     the VM and its vCPUs) run while the guest runs on the old VMM and kvmstub, and took
-    CPUs from them. Its autogroup goes to nice 19 until `restore_for_blackout`; only a
-    session leader's (a successor spawned by its old VMM is one), as in `yield_cpus`."""
+    CPUs from them. Its autogroup goes to nice 19 until `restore_for_blackout`, or for
+    `at_most_s` (a SIGALRM restores it); only a session leader's (a successor spawned by
+    its old VMM is one), as in `yield_cpus`. Call it from the main thread, before any
+    other user of SIGALRM (the VMM has none)."""
     global _lowered_from
     if _lowered_from is not None or not _leads_session():
         return
     before = autogroup_nice()
-    if before is not None and _set_autogroup_nice(19):
+    if before is None:
+        return
+    try:
+        signal.signal(signal.SIGALRM, _restore_on_alarm)
+    except ValueError:  # not the main thread: no bound, so not lowered
+        return
+    if _set_autogroup_nice(19):
         _lowered_from = before
+        signal.setitimer(signal.ITIMER_REAL, at_most_s)
+
+
+def _restore_on_alarm(signum: int, frame: object) -> None:
+    restore_for_blackout()
 
 
 def lower_if_incoming(argv: Sequence[str]) -> None:
@@ -112,12 +133,14 @@ def lower_if_incoming(argv: Sequence[str]) -> None:
 def restore_for_blackout() -> None:
     """Back to the priority it had before `lower_while_preparing`, before it tells the old
     VMM it is prepared: inside the blackout it must have a CPU at once. (Raising an
-    autogroup's nice back to 0 or more needs no privilege.)"""
+    autogroup's nice back to 0 or more needs no privilege.) Also what the bound's SIGALRM
+    runs; the handler stays, doing nothing after."""
     global _lowered_from
-    if _lowered_from is None:
+    before, _lowered_from = _lowered_from, None
+    if before is None:
         return
-    _set_autogroup_nice(_lowered_from)
-    _lowered_from = None
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    _set_autogroup_nice(before)
 
 
 def place_apart(kvmstub_pid: int) -> str | None:

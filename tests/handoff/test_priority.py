@@ -119,6 +119,40 @@ def test_a_successor_prepares_at_nice_19_and_is_back_for_the_blackout() -> None:
     assert after == before == "0"
 
 
+BOUNDED = """
+import signal, time
+from handoff import sched
+sched.lower_while_preparing(at_most_s=0.2)
+lowered = sched.autogroup_nice()
+time.sleep(1.0)  # the alarm comes in the middle; the sleep goes on after its handler
+print(lowered, sched.autogroup_nice(), sched._lowered_from, signal.getitimer(signal.ITIMER_REAL)[0])
+"""
+
+
+@needs_autogroups
+def test_a_successor_slow_to_prepare_is_lowered_no_longer_than_the_bound() -> None:
+    """On a host whose CPUs are all busy, nice 19 leaves a successor so little CPU that its
+    old VMM gave up waiting for its socket: past the bound it is back at its priority."""
+    _, _, lowered, after, remembered, timer = _in_a_shell(BOUNDED, session="new")
+    assert (lowered, after, remembered, timer) == ("19", "0", "None", "0.0")
+
+
+RESTORED = """
+import signal
+from handoff import sched
+sched.lower_while_preparing()
+armed = signal.getitimer(signal.ITIMER_REAL)[0] > 0
+sched.restore_for_blackout()
+print(armed, signal.getitimer(signal.ITIMER_REAL)[0], sched.autogroup_nice())
+"""
+
+
+@needs_autogroups
+def test_restoring_in_time_disarms_the_bound() -> None:
+    _, _, armed, timer, after = _in_a_shell(RESTORED, session="new")
+    assert (armed, timer, after) == ("True", "0.0", "0")
+
+
 @needs_autogroups
 def test_a_target_started_from_a_shell_leaves_its_sessions_priority_alone() -> None:
     shell_before, shell_after, *probe = _in_a_shell(PREPARING, session="same")
