@@ -115,13 +115,10 @@ class VmmProcess:
                 start_new_session=True,
             )
         self.pids.append(self.process.pid)
-        deadline = time.monotonic() + timeout
-        while not os.path.exists(self.control):
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the VMM exited with {self.process.returncode}: {self.log()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the VMM did not start within {timeout} s: {self.log()}")
-            time.sleep(0.01)
+        try:
+            wait_listening(self.control, self.process, timeout, "the VMM")
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}: {self.log()}") from None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
@@ -160,11 +157,10 @@ class VmmProcess:
         with open(self.log_path, "ab") as log:
             proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         self.pids.append(proc.pid)
-        deadline = time.monotonic() + 30
-        while not os.path.exists(path):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the target did not listen on {path}: {self.log()}")
-            time.sleep(0.01)
+        try:
+            wait_listening(path, proc, 30, "the target")
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}: {self.log()}") from None
         return proc, path
 
     async def hand_off_to(self, path: str) -> dict[str, Any]:
@@ -217,6 +213,40 @@ class VmmProcess:
         if self.process is not None:
             with contextlib.suppress(Exception):
                 self.process.wait(timeout=5)
+
+
+_SO_ACCEPTCON = 0x10000  # /proc/net/unix "Flags": the socket listens
+
+
+def listening(path: str | os.PathLike[str]) -> bool:
+    """Something listens on the AF_UNIX socket at `path`. Its file appears at bind(2), a
+    moment before listen(2); a connect in between is refused, so a test that waits for the
+    file must wait for this. Read from /proc/net/unix, without connecting: a handoff target
+    would take a probe's connection for its peer."""
+    want = os.path.abspath(path)
+    try:
+        with open("/proc/net/unix") as f:
+            next(f)
+            for line in f:
+                fields = line.rstrip("\n").split(None, 7)  # the path may hold spaces
+                if len(fields) >= 8 and fields[7] == want and int(fields[3], 16) & _SO_ACCEPTCON:
+                    return True
+    except OSError:
+        return os.path.exists(want)
+    return False
+
+
+def wait_listening(
+    path: str | os.PathLike[str], proc: subprocess.Popen[bytes], timeout: float, what: str
+) -> None:
+    """Until `proc` listens on `path`; RuntimeError if it exits or `timeout` passes first."""
+    deadline = time.monotonic() + timeout
+    while not listening(path):
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode} before it listened on {path}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not listen on {path} within {timeout:g} s")
+        time.sleep(0.01)
 
 
 def pid_alive(pid: int) -> bool:

@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 
 from handoff import protocol
 from handoff.protocol import HandoffConnection, MemfdSlot, Role
+from handoff.testing import wait_listening
 
 MEMORY = 8 << 20
 PROGRAM = [sys.executable, "-m", "handoff.cli"]
@@ -81,11 +82,10 @@ def start_target(tmp_path: Path, kvmstub_daemon: Any) -> Iterator[Callable[..., 
             proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         target = Target(proc, path, log_path)
         started.append(target)
-        deadline = time.monotonic() + 30
-        while not path.exists():
-            assert proc.poll() is None, target.log()
-            assert time.monotonic() < deadline, "the target did not listen"
-            time.sleep(0.01)
+        try:
+            wait_listening(path, proc, 30, "the target")
+        except RuntimeError as exc:
+            raise AssertionError(f"{exc}: {target.log()}") from None
         return target
 
     yield start

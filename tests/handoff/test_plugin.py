@@ -44,3 +44,21 @@ def test_a_users_own_handoff_tests_run_on_the_plugin_fixtures_alone(tmp_path: Pa
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert "2 passed" in done.stdout
+
+
+def test_listening_is_true_only_between_listen_and_close(tmp_path: Path) -> None:
+    """What the harness waits for before it connects: the socket's file appears at bind(2),
+    and a connect before listen(2) is refused."""
+    import socket
+
+    from handoff.testing import listening
+
+    path = tmp_path / "s.sock"
+    assert not listening(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.bind(str(path))
+    assert path.exists() and not listening(path)
+    sock.listen(1)
+    assert listening(path)
+    sock.close()
+    assert not listening(path)
