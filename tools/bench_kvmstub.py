@@ -7,7 +7,11 @@
    SEV guest (private pages go through AES-XTS), with 1 and with 4 vCPUs each running in its
    own task on its own fd;
 3. MOVE_ENC_CONTEXT_FROM of a launched SEV-ES VM with 1 and with 256 vCPUs: the time of the
-   `enable_cap` call (one round trip plus the model's work), median over a chain of moves.
+   `enable_cap` call (one round trip plus the model's work), median over a chain of moves;
+4. one request on each of 256 vCPU fds at once (KVM_GET_REGS, one task each, as a plain VM's
+   pause reads its registers): the cost per vCPU of every per-vCPU step of a blackout (the
+   kick's exits, the registers, the KVM_RUNs of the resume, the first turns), which decides
+   the pause of a guest with many vCPUs.
 
 Aims (issue 2): a round trip within 1.5x of the bare echo; MOVE with 256 vCPUs under 1 ms.
 
@@ -166,6 +170,32 @@ async def bench_move(kvm: client.Kvm, nr_vcpus: int, moves: int) -> Row:
     )
 
 
+# --- one request per vCPU, all at once -------------------------------------------------------
+
+
+async def bench_fan_out(kvm: client.Kvm, nr_vcpus: int, rounds: int) -> Row:
+    """Median time for KVM_GET_REGS on every vCPU of a plain VM at once, one task each (as
+    `Vmm.get_all_regs` does), and that time per vCPU."""
+    vm = await kvm.create_vm()
+    vcpus = [await vm.create_vcpu(i) for i in range(nr_vcpus)]
+    times: list[float] = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for vcpu in vcpus:
+                nursery.start_soon(vcpu.get_regs)
+        times.append(time.perf_counter() - start)
+    for vcpu in vcpus:
+        vcpu.close()
+    vm.close()
+    median = statistics.median(times)
+    return Row(
+        f"KVM_GET_REGS on each of {nr_vcpus} vCPU fds at once",
+        f"{median * 1e3:.2f} ms (median of {rounds}); {median / nr_vcpus * 1e6:.1f} us per vCPU",
+        f"min {min(times) * 1e3:.2f} ms; every per-vCPU step of a blackout costs about this",
+    )
+
+
 async def _bench_kvmstub(kvm_path: str, args: argparse.Namespace) -> list[Row]:
     rows: list[Row] = []
     kvm = await client.open_kvm(kvm_path)
@@ -174,6 +204,7 @@ async def _bench_kvmstub(kvm_path: str, args: argparse.Namespace) -> list[Row]:
             rows.append(await bench_run_rate(kvm, nr_vcpus, sev, args.run_seconds))
     for nr_vcpus in (1, 256):
         rows.append(await bench_move(kvm, nr_vcpus, args.moves))
+    rows.append(await bench_fan_out(kvm, 256, args.moves))
     kvm.close()
     return rows
 
