@@ -7,6 +7,9 @@ kvmstub by its stats (one live VM holds the guest; ASIDs conserved).
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -310,3 +313,34 @@ async def test_a_handoff_polling_for_the_move_keeps_the_guest_whole(
         result = await vmm.upgrade()
         assert result["status"] == "completed", vmm.log()
         await assert_guest_whole(vmm)
+
+
+@pytest.fixture
+def every_cpu_busy() -> Iterator[None]:
+    """A busy loop on every CPU, each leading a session of its own (so an autogroup of its
+    own, as another service's process has): a host with no CPU to spare."""
+    loops = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+        for _ in os.sched_getaffinity(0)
+    ]
+    try:
+        yield
+    finally:
+        for loop in loops:
+            loop.kill()
+            loop.wait()
+
+
+async def test_a_handoff_on_a_host_with_every_cpu_busy_completes(
+    vmm_factory: Any, every_cpu_busy: None
+) -> None:
+    """The successor prepares at nice 19, but not for long: lowered from its first instant
+    and for as long as it took, it got so little CPU here that its old VMM stopped waiting
+    for its socket (--handoff-timeout: 15 s by default, 10 here), and every handoff on a busy
+    host failed. Here its socket appears after 2 to 3 s (0.7 s never lowered, 10 to 15 s
+    lowered for as long as it took)."""
+    vmm = vmm_factory(mode="sev-es", vcpus=1, extra=["--handoff-timeout", "10"])
+    await vmm.wait_lines()
+    result = await vmm.upgrade()
+    assert result["status"] == "completed", vmm.log()
+    await assert_guest_whole(vmm)
