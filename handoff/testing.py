@@ -115,10 +115,7 @@ class VmmProcess:
                 start_new_session=True,
             )
         self.pids.append(self.process.pid)
-        try:
-            wait_listening(self.control, self.process, timeout, "the VMM")
-        except RuntimeError as exc:
-            raise RuntimeError(f"{exc}: {self.log()}") from None
+        wait_listening(self.control, self.process, timeout, "the VMM", self.log)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
@@ -157,10 +154,7 @@ class VmmProcess:
         with open(self.log_path, "ab") as log:
             proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         self.pids.append(proc.pid)
-        try:
-            wait_listening(path, proc, 30, "the target")
-        except RuntimeError as exc:
-            raise RuntimeError(f"{exc}: {self.log()}") from None
+        wait_listening(path, proc, 30, "the target", self.log)
         return proc, path
 
     async def hand_off_to(self, path: str) -> dict[str, Any]:
@@ -237,16 +231,24 @@ def listening(path: str | os.PathLike[str]) -> bool:
 
 
 def wait_listening(
-    path: str | os.PathLike[str], proc: subprocess.Popen[bytes], timeout: float, what: str
+    path: str | os.PathLike[str],
+    proc: subprocess.Popen[bytes],
+    timeout: float,
+    what: str,
+    log: Callable[[], str],
 ) -> None:
-    """Until `proc` listens on `path`; RuntimeError if it exits or `timeout` passes first."""
+    """Until `proc` listens on `path`; RuntimeError (with its `log()`) if it exits or
+    `timeout` passes first."""
     deadline = time.monotonic() + timeout
     while not listening(path):
         if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode} before it listened on {path}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not listen on {path} within {timeout:g} s")
-        time.sleep(0.01)
+            failure = f"{what} exited with {proc.returncode} before it listened on {path}"
+        elif time.monotonic() > deadline:
+            failure = f"{what} did not listen on {path} within {timeout:g} s"
+        else:
+            time.sleep(0.01)
+            continue
+        raise RuntimeError(f"{failure}: {log()}")
 
 
 def pid_alive(pid: int) -> bool:

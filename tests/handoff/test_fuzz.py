@@ -82,10 +82,7 @@ def start_target(tmp_path: Path, kvmstub_daemon: Any) -> Iterator[Callable[..., 
             proc = subprocess.Popen(argv, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
         target = Target(proc, path, log_path)
         started.append(target)
-        try:
-            wait_listening(path, proc, 30, "the target")
-        except RuntimeError as exc:
-            raise AssertionError(f"{exc}: {target.log()}") from None
+        wait_listening(path, proc, 30, "the target", target.log)
         return target
 
     yield start
