@@ -58,6 +58,7 @@ from . import ops
 from .cli import strip_flags
 from .qmp_client import QMPClient
 from .seriallog import SerialReport, SerialTail
+from .system.procs import pid_alive
 
 PROGRAM = [sys.executable, "-m", "handoff"]
 _UCRED = struct.Struct("iII")
@@ -249,20 +250,6 @@ def wait_listening(
             time.sleep(0.01)
             continue
         raise RuntimeError(f"{failure}: {log()}")
-
-
-def pid_alive(pid: int) -> bool:
-    """Alive and not a zombie (a dead child not yet reaped counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rpartition(")")[2].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    if state == "Z":
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, os.WNOHANG)
-        return False
-    return True
 
 
 class NotifySocket:

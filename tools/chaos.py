@@ -55,7 +55,8 @@ import trio
 
 from handoff.faults import ACTIONS, STEPS
 from handoff.qmp_client import QMPClient, QMPError
-from handoff.testing import VmmProcess, pid_alive
+from handoff.system.procs import pid_alive
+from handoff.testing import VmmProcess
 from kvmstub import client
 
 MODES = ("plain", "sev", "sev-es")
