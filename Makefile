@@ -30,6 +30,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check kvmstub handoff tests tools
 	$(VENV)/bin/ruff format --check kvmstub handoff tests tools
 	$(VENV)/bin/mypy kvmstub handoff
+	$(VENV)/bin/lint-imports --no-cache
 
 test: $(STAMP) bytecode lint
 	$(PY) -m pytest -q
