@@ -1,0 +1,197 @@
+"""What a VMM's machine asks of a kernel: `Hypervisor`, `Vm`, `Vcpu`, and the opaque
+`VcpuState` that crosses a handoff.
+
+Every backend (kvmstub over its socket, the kvmstub model in-process for tests, and the real
+/dev/kvm) keeps the kernel's conventions: failures are `OSError`s with the kernel's errno (EIO
+from KVM_RUN: this VM no longer holds the guest; EINTR: the run was kicked before the guest was
+entered), exits carry the kernel's exit reasons (`handoff.hv.abi`), and a VM is named to the
+kernel by a file descriptor, which is what crosses SCM_RIGHTS in a handoff.
+
+A vCPU's state is opaque above this layer: the backend that read it is the only one that can
+write it back, and it says so (`VcpuState.backend`, `.version`), so a target refuses state from
+another kernel with a message instead of loading garbage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from typing import Protocol, runtime_checkable
+
+import msgspec
+
+
+class VcpuState(msgspec.Struct, frozen=True, kw_only=True):
+    """One vCPU's architectural state as its backend reads and writes it, opaque to every
+    layer above `hv`. `version` is the backend's format, bumped when the blob changes."""
+
+    backend: str
+    version: int
+    blob: bytes
+
+
+class StateMismatch(ValueError):
+    """A `VcpuState` written by another backend or format than the one asked to load it."""
+
+
+def check_state(state: VcpuState, backend: str, version: int) -> None:
+    """Refuse state this backend did not write, naming both sides."""
+    if state.backend != backend or state.version != version:
+        raise StateMismatch(
+            f"vCPU state from backend {state.backend!r} format {state.version} cannot be "
+            f"loaded by backend {backend!r} format {version}; both VMMs of a handoff must "
+            "run on the same kernel"
+        )
+
+
+class IoExitView(Protocol):
+    """kvm_run.io: `data` holds size*count bytes for OUT; IN's bytes go back with the next run."""
+
+    @property
+    def direction(self) -> int: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def count(self) -> int: ...
+    @property
+    def data(self) -> bytes: ...
+
+
+class HypercallExitView(Protocol):
+    """kvm_run.hypercall: `ret` goes back with the next run."""
+
+    @property
+    def nr(self) -> int: ...
+    @property
+    def args(self) -> tuple[int, int, int, int, int, int]: ...
+
+
+class ExitView(Protocol):
+    """One KVM_RUN's exit, in the kernel's terms (`handoff.hv.abi.EXIT_*`)."""
+
+    @property
+    def exit_reason(self) -> int: ...
+    @property
+    def io(self) -> IoExitView | None: ...
+    @property
+    def hypercall(self) -> HypercallExitView | None: ...
+
+
+class SevLaunch(msgspec.Struct, frozen=True, kw_only=True):
+    """What the SEV launch sequence reported: LAUNCH_MEASURE's digest, GUEST_STATUS."""
+
+    measurement: bytes | None
+    status: dict[str, int]
+
+
+@runtime_checkable
+class Vcpu(Protocol):
+    """One vCPU of a `Vm`, created in index order (what a context move pairs vCPUs by)."""
+
+    index: int
+
+    def fileno(self) -> int: ...
+
+    async def run(self, *, immediate_exit: bool = False) -> ExitView:
+        """KVM_RUN: deliver the completion of the last exit, then run the guest until its next
+        exit. With `immediate_exit` (or after `kick`), only the completion: EINTR."""
+        ...
+
+    @property
+    def run_in_flight(self) -> bool:
+        """A KVM_RUN started with `start_run` whose exit `run` has not collected yet."""
+        ...
+
+    def start_run(self) -> bool:
+        """Start a KVM_RUN now, to be collected by the next `run` (a resume starts every
+        vCPU's back to back). False where the backend cannot, or one is in flight."""
+        ...
+
+    def kick(self) -> None:
+        """Make the KVM_RUN in flight end at once and the next ones not enter the guest
+        (kvm_run.immediate_exit, plus whatever interrupts a running vCPU), until `unkick`."""
+        ...
+
+    def unkick(self) -> None: ...
+
+    def complete_io(self, data: bytes) -> None:
+        """IN data for the exit just served, handed to the kernel with the next run."""
+        ...
+
+    def complete_hypercall(self, ret: int) -> None: ...
+
+    async def get_state(self) -> VcpuState: ...
+
+    async def set_state(self, state: VcpuState) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Vm(Protocol):
+    """One VM: its file descriptor is its name to the kernel (and what a handoff sends)."""
+
+    def fileno(self) -> int: ...
+
+    async def set_memory_region(
+        self, slot: int, guest_phys_addr: int, size: int, fd: int, offset: int = 0
+    ) -> None:
+        """KVM_SET_USER_MEMORY_REGION over `fd` (the caller keeps its fd)."""
+        ...
+
+    async def create_vcpu(self, index: int) -> Vcpu: ...
+
+    async def enable_exit_hypercall(self) -> None:
+        """KVM_CAP_EXIT_HYPERCALL for MAP_GPA_RANGE (a guest flipping page encryption)."""
+        ...
+
+    async def sev_init(self, *, es: bool) -> None: ...
+
+    async def sev_launch(self, image_len: int, policy: int, *, es: bool) -> SevLaunch:
+        """LAUNCH_START, UPDATE_DATA over the image at GPA 0, UPDATE_VMSA (SEV-ES), MEASURE,
+        FINISH, then GUEST_STATUS."""
+        ...
+
+    async def move_enc_context_from(self, source_fd: int) -> None:
+        """KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM: the encryption context of the VM `source_fd`
+        names moves into this one, which must not be SEV yet."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Hypervisor(Protocol):
+    """One kernel, as a VMM process holds it open."""
+
+    name: str
+
+    async def create_vm(self) -> Vm: ...
+
+    def witness_image(self, vcpus: int, line_every: int, flip_every: int) -> bytes:
+        """The witness guest's launch image for this kernel (placed at GPA 0)."""
+        ...
+
+    def witness_initial_state(self, index: int) -> VcpuState:
+        """vCPU `index`'s state before the witness guest's first instruction."""
+        ...
+
+    def polling(self, seconds: float) -> AbstractContextManager[None]:
+        """Within it, answers are polled for up to `seconds` instead of slept for, where the
+        backend can (a blackout's one request whose answer nothing else waits beside)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def no_polling(seconds: float) -> AbstractContextManager[None]:
+    """`Hypervisor.polling` for a backend that has nothing to poll."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def nothing() -> Iterator[None]:
+        yield
+
+    return nothing()

@@ -1,0 +1,158 @@
+"""The kvmstub backend: the kernel stand-in's daemon, reached over its socket.
+
+The only module of handoff's product code that imports `kvmstub` (with `hv.model`, its
+in-process twin for tests). A vCPU's state here is `struct kvm_regs`, which is all the witness
+guest keeps in registers: the rest of its state is guest memory, which a handoff never copies.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import AbstractContextManager
+
+import msgspec
+
+from kvmstub import client, guest, uapi
+
+from .base import SevLaunch, VcpuState, check_state
+
+NAME = "kvmstub"
+STATE_VERSION = 1  # VcpuState.blob: msgpack of kvmstub.uapi.Regs
+
+_regs_encoder = msgspec.msgpack.Encoder()
+_regs_decoder = msgspec.msgpack.Decoder(uapi.Regs)
+
+
+def regs_state(regs: uapi.Regs) -> VcpuState:
+    return VcpuState(backend=NAME, version=STATE_VERSION, blob=_regs_encoder.encode(regs))
+
+
+def state_regs(state: VcpuState) -> uapi.Regs:
+    check_state(state, NAME, STATE_VERSION)
+    try:
+        return _regs_decoder.decode(state.blob)
+    except msgspec.DecodeError as exc:
+        raise ValueError(
+            f"vCPU state ({NAME} format {STATE_VERSION}) is malformed: {exc}"
+        ) from None
+
+
+class KvmstubVcpu:
+    """A kvmstub vCPU fd and its kvm_run page."""
+
+    def __init__(self, vcpu: client.Vcpu, index: int) -> None:
+        self._vcpu = vcpu
+        self.index = index
+        # The calls of every exit, bound once: the vCPU loop is the hot path.
+        self.run = vcpu.run
+        self.start_run = vcpu.start_run
+        self.complete_io = vcpu.complete_io
+        self.complete_hypercall = vcpu.complete_hypercall
+        self.fileno = vcpu.fileno
+
+    @property
+    def run_in_flight(self) -> bool:
+        return self._vcpu.run_in_flight
+
+    def kick(self) -> None:
+        # kvmstub checks kvm_run's immediate_exit between guest steps: a slice in flight ends
+        # at its next step and queued KVM_RUNs only deliver their completions.
+        self._vcpu.kvm_run.immediate_exit = True
+
+    def unkick(self) -> None:
+        self._vcpu.kvm_run.immediate_exit = False
+
+    async def get_state(self) -> VcpuState:
+        return regs_state(await self._vcpu.get_regs())
+
+    async def set_state(self, state: VcpuState) -> None:
+        await self._vcpu.set_regs(state_regs(state))
+
+    def close(self) -> None:
+        self._vcpu.close()
+
+
+class KvmstubVm:
+    def __init__(self, vm: client.Vm) -> None:
+        self._vm = vm
+        self.fileno = vm.fileno
+
+    async def set_memory_region(
+        self, slot: int, guest_phys_addr: int, size: int, fd: int, offset: int = 0
+    ) -> None:
+        await self._vm.set_user_memory_region(slot, guest_phys_addr, size, fd, offset)
+
+    async def create_vcpu(self, index: int) -> KvmstubVcpu:
+        return KvmstubVcpu(await self._vm.create_vcpu(index), index)
+
+    async def enable_exit_hypercall(self) -> None:
+        await self._vm.enable_cap(uapi.KVM_CAP_EXIT_HYPERCALL, 1 << uapi.KVM_HC_MAP_GPA_RANGE)
+
+    async def sev_init(self, *, es: bool) -> None:
+        await self._vm.sev_ioctl(uapi.KVM_SEV_ES_INIT if es else uapi.KVM_SEV_INIT)
+
+    async def sev_launch(self, image_len: int, policy: int, *, es: bool) -> SevLaunch:
+        vm = self._vm
+        await vm.sev_ioctl(uapi.KVM_SEV_LAUNCH_START, handle=0, policy=policy)
+        await vm.sev_ioctl(uapi.KVM_SEV_LAUNCH_UPDATE_DATA, uaddr=0, len=image_len)
+        if es:
+            await vm.sev_ioctl(uapi.KVM_SEV_LAUNCH_UPDATE_VMSA)
+        measure = await vm.sev_ioctl(uapi.KVM_SEV_LAUNCH_MEASURE)
+        await vm.sev_ioctl(uapi.KVM_SEV_LAUNCH_FINISH)
+        status = await vm.sev_ioctl(uapi.KVM_SEV_GUEST_STATUS)
+        m = measure.get("measurement")
+        return SevLaunch(
+            measurement=m if isinstance(m, bytes) else None,
+            status={k: v for k, v in status.items() if isinstance(v, int)},
+        )
+
+    async def move_enc_context_from(self, source_fd: int) -> None:
+        await self._vm.enable_cap(uapi.KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM, source_fd)
+
+    def close(self) -> None:
+        self._vm.close()
+
+
+class KvmstubHypervisor:
+    name = NAME
+
+    def __init__(self, kvm: client.Kvm, path: str) -> None:
+        self._kvm = kvm
+        self.path = path
+
+    async def create_vm(self) -> KvmstubVm:
+        return KvmstubVm(await self._kvm.create_vm())
+
+    def witness_image(self, vcpus: int, line_every: int, flip_every: int) -> bytes:
+        params = guest.GuestParams(vcpus=vcpus, line_every=line_every, flip_every=flip_every)
+        return guest.build_launch_image(params)
+
+    def witness_initial_state(self, index: int) -> VcpuState:
+        return regs_state(guest.initial_regs(index))
+
+    def polling(self, seconds: float) -> AbstractContextManager[None]:
+        return client.polling(seconds)
+
+    async def stats(self) -> dict[str, object]:
+        return await self._kvm.stats()
+
+    def close(self) -> None:
+        self._kvm.close()
+
+
+async def open_kvmstub(path: str | os.PathLike[str]) -> KvmstubHypervisor:
+    """Connect to `kvmstub serve` at `path`, with a message that says what to check."""
+    try:
+        kvm = await client.open_kvm(path)
+    except OSError as exc:
+        raise OSError(
+            exc.errno,
+            f"cannot open kvmstub at {os.fspath(path)} ({exc.strerror or exc}); "
+            "is `kvmstub serve` running there? (--kvm PATH)",
+        ) from exc
+    return KvmstubHypervisor(kvm, os.fspath(path))
+
+
+def requests_made() -> int:
+    """How many requests this process has sent to kvmstub (the benchmark counts them)."""
+    return client.requests_made()

@@ -1,0 +1,231 @@
+"""The in-process test backend: `kvmstub.model` (the kernel stand-in's pure core) run inside
+the calling process, with no daemon and no sockets, the way httpcore tests against a mock
+backend. Two `ModelHypervisor`s over one `ModelKernel` are two VMM processes on one host:
+each has its own `mm`, so the kernel's gates (only a VM's creator may drive it) hold between
+them, and source and target can be driven against each other in one test.
+
+A VM is still named by a real file descriptor (an empty memfd: an inode of its own), so it
+can cross a real SCM_RIGHTS socketpair; the kernel finds the VM by the fd's inode, as the
+daemon does.
+A VM lives while any copy of its fd is open in this process, as `struct kvm` lives while any
+file refers to it: the copies are counted from /proc/self/fd when one is closed.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+from contextlib import AbstractContextManager
+
+import trio
+
+from kvmstub import guest, model, uapi
+
+from .base import SevLaunch, VcpuState, no_polling
+from .kvmstub import regs_state, state_regs
+
+NAME = "kvmstub"  # the model *is* kvmstub's kernel: its state is kvmstub's, and moves to it
+
+
+def _inode(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+class ModelKernel:
+    """One host's kernel: a `kvmstub.model.Host` and the VMs its fds name."""
+
+    def __init__(self, host: model.Host | None = None) -> None:
+        self.host = host or model.Host()
+        self._vms: dict[tuple[int, int], model.Vm] = {}
+        self._released: set[tuple[int, int]] = set()  # the creator closed its copy
+        self._mms = itertools.count(1000)
+
+    def next_mm(self) -> int:
+        return next(self._mms)
+
+    def register(self, fd: int, vm: model.Vm) -> None:
+        self._vms[_inode(fd)] = vm
+
+    def vm_of_fd(self, fd: int) -> model.Vm | None:
+        """The kernel's file_is_kvm(): the VM `fd` names, or None."""
+        self.sweep()
+        try:
+            key = _inode(fd)
+        except OSError:
+            return None
+        return self._vms.get(key)
+
+    def released(self, key: tuple[int, int]) -> None:
+        self._released.add(key)
+        self.sweep()
+
+    def sweep(self) -> None:
+        """Drop the fd reference of every VM no fd of this process refers to any more."""
+        if not self._released:
+            return
+        open_keys: set[tuple[int, int]] = set()
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                open_keys.add(_inode(int(name)))
+            except OSError:
+                continue
+        for key in list(self._released):
+            if key not in open_keys:
+                self._released.discard(key)
+                vm = self._vms.pop(key, None)
+                if vm is not None and not vm.destroyed:
+                    vm.put()
+
+
+class ModelVcpu:
+    def __init__(self, kernel: ModelKernel, mm: int, vcpu: model.Vcpu, index: int) -> None:
+        self._kernel = kernel
+        self._mm = mm
+        self._vcpu = vcpu
+        self.index = index
+        self._kicked = False
+        self._io_data: bytes | None = None
+        self._hypercall_ret: int | None = None
+        self._closed = False
+
+    def fileno(self) -> int:
+        return -1  # an in-process vCPU has no fd of its own
+
+    @property
+    def run_in_flight(self) -> bool:
+        return False
+
+    def start_run(self) -> bool:
+        return False
+
+    def kick(self) -> None:
+        self._kicked = True
+
+    def unkick(self) -> None:
+        self._kicked = False
+
+    def complete_io(self, data: bytes) -> None:
+        self._io_data = bytes(data)
+
+    def complete_hypercall(self, ret: int) -> None:
+        self._hypercall_ret = ret & uapi.U64_MASK
+
+    async def run(self, *, immediate_exit: bool = False) -> uapi.RunExit:
+        if self._closed:
+            raise OSError(errno.EBADF, "vCPU fd was closed")
+        io_data, ret = self._io_data, self._hypercall_ret
+        self._io_data = self._hypercall_ret = None
+        try:
+            exit_ = self._vcpu.run(
+                self._mm,
+                immediate_exit=immediate_exit or self._kicked,
+                io_data=io_data,
+                hypercall_ret=ret,
+                interrupted=lambda: self._kicked,
+            )
+        finally:
+            await trio.lowlevel.checkpoint()
+        return exit_
+
+    async def get_state(self) -> VcpuState:
+        await trio.lowlevel.checkpoint()
+        return regs_state(self._vcpu.get_regs(self._mm))
+
+    async def set_state(self, state: VcpuState) -> None:
+        await trio.lowlevel.checkpoint()
+        self._vcpu.set_regs(self._mm, state_regs(state))
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._vcpu.put()
+
+
+class ModelVm:
+    def __init__(self, kernel: ModelKernel, mm: int, vm: model.Vm) -> None:
+        self._kernel = kernel
+        self._mm = mm
+        self._vm = vm
+        self._fd = os.memfd_create(f"kvm-vm-{vm.id}", os.MFD_CLOEXEC)  # an inode of its own
+        self._key = _inode(self._fd)
+        kernel.register(self._fd, vm)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    async def set_memory_region(
+        self, slot: int, guest_phys_addr: int, size: int, fd: int, offset: int = 0
+    ) -> None:
+        await trio.lowlevel.checkpoint()
+        self._vm.set_user_memory_region(self._mm, slot, 0, guest_phys_addr, size, fd, offset)
+
+    async def create_vcpu(self, index: int) -> ModelVcpu:
+        await trio.lowlevel.checkpoint()
+        return ModelVcpu(self._kernel, self._mm, self._vm.create_vcpu(self._mm, index), index)
+
+    async def enable_exit_hypercall(self) -> None:
+        await trio.lowlevel.checkpoint()
+        mask = 1 << uapi.KVM_HC_MAP_GPA_RANGE
+        self._vm.enable_cap(self._mm, uapi.KVM_CAP_EXIT_HYPERCALL, 0, [mask])
+
+    def _sev(self, cmd: int, **fields: int | bytes) -> dict[str, int | bytes]:
+        return self._vm.sev_ioctl(self._mm, cmd, fields)
+
+    async def sev_init(self, *, es: bool) -> None:
+        await trio.lowlevel.checkpoint()
+        self._sev(uapi.KVM_SEV_ES_INIT if es else uapi.KVM_SEV_INIT)
+
+    async def sev_launch(self, image_len: int, policy: int, *, es: bool) -> SevLaunch:
+        await trio.lowlevel.checkpoint()
+        self._sev(uapi.KVM_SEV_LAUNCH_START, handle=0, policy=policy)
+        self._sev(uapi.KVM_SEV_LAUNCH_UPDATE_DATA, uaddr=0, len=image_len)
+        if es:
+            self._sev(uapi.KVM_SEV_LAUNCH_UPDATE_VMSA)
+        measure = self._sev(uapi.KVM_SEV_LAUNCH_MEASURE)
+        self._sev(uapi.KVM_SEV_LAUNCH_FINISH)
+        status = self._sev(uapi.KVM_SEV_GUEST_STATUS)
+        m = measure.get("measurement")
+        return SevLaunch(
+            measurement=m if isinstance(m, bytes) else None,
+            status={k: v for k, v in status.items() if isinstance(v, int)},
+        )
+
+    async def move_enc_context_from(self, source_fd: int) -> None:
+        await trio.lowlevel.checkpoint()
+        source = self._kernel.vm_of_fd(source_fd)
+        self._vm.enable_cap(self._mm, uapi.KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM, 0, [source])
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            self._kernel.released(self._key)
+
+
+class ModelHypervisor:
+    """One VMM process's view of a `ModelKernel` (its own `mm`)."""
+
+    name = NAME
+
+    def __init__(self, kernel: ModelKernel) -> None:
+        self.kernel = kernel
+        self.mm = kernel.next_mm()
+
+    async def create_vm(self) -> ModelVm:
+        await trio.lowlevel.checkpoint()
+        return ModelVm(self.kernel, self.mm, self.kernel.host.create_vm(self.mm))
+
+    def witness_image(self, vcpus: int, line_every: int, flip_every: int) -> bytes:
+        params = guest.GuestParams(vcpus=vcpus, line_every=line_every, flip_every=flip_every)
+        return guest.build_launch_image(params)
+
+    def witness_initial_state(self, index: int) -> VcpuState:
+        return regs_state(guest.initial_regs(index))
+
+    def polling(self, seconds: float) -> AbstractContextManager[None]:
+        return no_polling(seconds)
+
+    def close(self) -> None:
+        pass
