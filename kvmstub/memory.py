@@ -3,7 +3,8 @@
 This is the kernel's side of KVM_SET_USER_MEMORY_REGION. The daemon cannot see a VMM's
 address space, so a slot names its backing as (fd, offset) instead of `userspace_addr`; the
 checks and their order are those of `kvm_set_memory_region` (virt/kvm/kvm_main.c), with the
-fd standing in for the host virtual address.
+fd standing in for the host virtual address. An fd that the VMM could not have mapped fails
+with the errno the VMM's mmap would have got (`_check_mappable`).
 
 Private pages are stored encrypted with the guest's VEK (AES-256-XTS, tweak = the page's guest
 physical address), shared pages in plaintext, so a VMM reading its own memfd sees what it would
@@ -28,6 +29,7 @@ import errno
 import fcntl
 import mmap
 import os
+import stat
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
@@ -223,6 +225,75 @@ def cached_cipher_contexts() -> int:
 # --- the slots ----------------------------------------------------------------------------
 
 
+_F_SEAL_FUTURE_WRITE = 0x0010  # include/uapi/linux/fcntl.h (not in Python 3.11's fcntl)
+
+
+def _check_mappable(fd: int, st: os.stat_result, flags: int) -> None:
+    """Refuse a backing no VMM could have mapped, with the errno its mmap would have got.
+
+    With KVM the slot's backing is a userspace address: the VMM first maps its file with
+    mmap(NULL, memory_size, PROT_READ | PROT_WRITE (PROT_READ alone for KVM_MEM_READONLY),
+    MAP_SHARED, fd, offset), then passes the address. KVM never sees the fd and never looks
+    at the mapping when the slot is set: __kvm_set_memory_region (virt/kvm/kvm_main.c) checks
+    only that userspace_addr is page aligned and access_ok(). (Only guest_memfd, through
+    KVM_SET_USER_MEMORY_REGION2, names an fd; kvm_gmem_bind in virt/kvm/guest_memfd.c answers
+    EBADF for no file and EINVAL for a file that is not a guest_memfd of this VM. kvmstub has
+    no guest_memfd.) So a bad fd here is one whose mmap fails, and it fails with mmap's errno,
+    in do_mmap's order (mm/mmap.c; tests/kvmstub/test_hostile_slots.py checks each case
+    against the host's KVM where /dev/kvm works):
+
+    - an O_PATH fd: EBADF (the mmap syscall's fget() refuses it);
+    - a writable slot over an fd not open for writing: EACCES (MAP_SHARED with PROT_WRITE);
+    - an fd not open for reading: EACCES;
+    - a file without an mmap method (directory, pipe, socket, eventfd, /dev/null): ENODEV;
+    - a memfd sealed against writes, for a writable slot: EPERM (mm/memfd.c refuses a shared
+      writable mapping).
+
+    A regular file is accepted, as KVM accepts it: a VMM may map any regular file MAP_SHARED
+    (QEMU's memory-backend-file) and KVM faults its pages in like a memfd's; a file that
+    cannot be sealed is reached with pread/pwrite, so truncating it under the slot is EFAULT
+    as in KVM_RUN. Other mappable kinds (a block device, /dev/zero) are ENODEV here: this is
+    kvmstub's limit, not the kernel's; it reaches a slot's memory through the fd, and only a
+    file's contents are memory the fd names.
+    """
+    mode = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if mode & os.O_PATH:
+        raise OSError(errno.EBADF, "an O_PATH fd cannot be mapped")
+    access = mode & os.O_ACCMODE
+    if not flags & KVM_MEM_READONLY and access != os.O_RDWR:
+        raise OSError(
+            errno.EACCES, "a writable slot needs a backing fd open for reading and writing"
+        )
+    if access == os.O_WRONLY:
+        raise OSError(errno.EACCES, "the backing fd is not open for reading")
+    if not stat.S_ISREG(st.st_mode):
+        raise OSError(
+            errno.ENODEV,
+            f"a {_file_kind(st.st_mode)} cannot back a memory slot: mmap has nothing to map "
+            "(use a memfd or a regular file)",
+        )
+    if not flags & KVM_MEM_READONLY:
+        try:
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        except OSError:  # not a memfd: no seals
+            seals = 0
+        if seals & (fcntl.F_SEAL_WRITE | _F_SEAL_FUTURE_WRITE):
+            raise OSError(errno.EPERM, "the memfd is sealed against writes; the slot is writable")
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISFIFO, "pipe"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+    ):
+        if test(mode):
+            return name
+    return "file of this kind (not a regular file)"
+
+
 def _shrink_sealed(fd: int) -> bool:
     try:
         return bool(fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK)
@@ -251,7 +322,8 @@ class GuestMemory:
             flags: KVM_MEM_LOG_DIRTY_PAGES and/or KVM_MEM_READONLY.
             guest_phys_addr: where the slot starts in guest physical memory.
             memory_size: its length; 0 deletes the slot.
-            fd: the memfd backing it. Duplicated: the caller keeps its own fd.
+            fd: the memfd (or regular file) backing it; it stands for the VMM's mapping of
+                that file, see `_check_mappable`. Duplicated: the caller keeps its own fd.
             offset: where in the memfd the slot starts (the kernel's userspace_addr).
 
         Raises:
@@ -259,7 +331,8 @@ class GuestMemory:
                 address/size/offset, a memfd shorter than offset+memory_size, deleting a
                 slot that does not exist, or changing an existing slot's size, backing or
                 read-only flag; EEXIST for an overlap with another slot; EBADF for a bad fd;
-                whatever mmap reports when mapping fails.
+                for an fd no VMM could have mapped, mmap's errno (ENODEV, EACCES, EBADF,
+                EPERM: see `_check_mappable`).
         """
         # kvm_vm_ioctl_set_memory_region
         if not 0 <= slot <= 0xFFFFFFFF or (slot & 0xFFFF) >= KVM_USER_MEM_SLOTS:
@@ -277,6 +350,7 @@ class GuestMemory:
         st: os.stat_result | None = None
         if memory_size:  # access_ok(): the backing must cover the whole slot
             st = os.fstat(fd)
+            _check_mappable(fd, st, flags)
             if st.st_size < offset + memory_size:
                 raise _einval(
                     f"memfd is {st.st_size} bytes, shorter than offset+memory_size "
