@@ -43,7 +43,11 @@ def parse_size(text: str) -> int:
     if size % uapi.PAGE_SIZE:
         raise ConfigError(f"memory size {text!r} is not a multiple of 4 KiB pages")
     if not 0 < size <= MAX_MEMORY:
-        raise ConfigError(f"memory size {text!r} is out of range (1 page to 64 TiB)")
+        raise ConfigError(
+            f"memory size {text!r} is out of range: 4K to at most {format_size(MAX_MEMORY)} "
+            f"(a handoff passes at most {MAX_MEMORY // SLOT_MAX} memory slots of "
+            f"{format_size(SLOT_MAX)}, one memfd each, in one message)"
+        )
     return size
 
 

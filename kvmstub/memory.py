@@ -18,7 +18,9 @@ touching a mapped page beyond the new end of file raises SIGBUS, which would kil
 (the whole "host kernel") at the whim of one VMM. So a slot is mapped MAP_SHARED only when its
 memfd carries F_SEAL_SHRINK (seals cannot be removed); otherwise its pages are reached with
 pread/pwrite, which report a truncated backing as a short read: EFAULT, as KVM_RUN reports a
-guest access to a truncated memfd. Both paths see the same page cache.
+guest access to a truncated memfd. Both paths see the same page cache. A sealed memfd is
+reached with pread/pwrite too when mapping it fails for want of address space (ENOMEM): this
+one process maps the slots of every VM, which the kernel never does.
 
 Not thread safe: one thread at a time per GuestMemory (the cached cipher contexts hold state).
 """
@@ -396,16 +398,24 @@ class GuestMemory:
     def _create(
         self, sid: int, flags: int, gpa: int, size: int, fd: int, offset: int, st: os.stat_result
     ) -> None:
+        mapping = None
         if _shrink_sealed(fd):
             # mmap keeps its own dup of the fd: that copy is the slot's reference.
             prot = mmap.PROT_READ
             if not flags & KVM_MEM_READONLY:
                 prot |= mmap.PROT_WRITE
-            mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot, offset=offset)
-            dup = -1
-        else:
-            mapping = None
-            dup = os.dup(fd)
+            try:
+                mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot, offset=offset)
+            except OSError as exc:
+                # Out of address space. The kernel maps no guest memory of its own (each VMM
+                # maps its guest; KVM uses the VMM's page tables), but this one process maps
+                # every slot of every VM into its 128 TiB: a 64 TiB guest during a handoff
+                # (its slots for the old VM and again for the new one) does not fit, and
+                # failing here would be a limit no kernel has. pread/pwrite reach the same
+                # page cache, so such a slot works without a mapping.
+                if exc.errno != errno.ENOMEM:
+                    raise
+        dup = os.dup(fd) if mapping is None else -1
         backing = _Backing(sid, flags, gpa, size, dup, offset, st.st_dev, st.st_ino, mapping)
         self._slots[sid] = backing
         self._insert(backing)
