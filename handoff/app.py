@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -32,7 +33,7 @@ from . import __version__, hardening, logs, notify, runtime
 # runs for months, and by the time it hands off the package on disk may be a newer release (that
 # is what an upgrade in place looks like). This process must run only the release it started as.
 from .cli import apply_sets, check_run_args, checking_parser, strip_flags
-from .config import GuestConfig, HostFlags, format_size, read_token, write_token
+from .config import GuestConfig, HostFlags, format_size, read_token, read_token_fd
 from .control import ControlServer, QMPCommandError
 from .errors import HandoffError
 from .faults import Faults, FaultSpecError
@@ -114,13 +115,20 @@ class App:
         self.record = HandoffRecord()
         self.faults = Faults(flags.fault)
         # The operator's token for `handoff {uri}` (and for the handoff this VMM receives).
-        self.token: bytes | None = read_token(flags.token_file) if flags.token_file else None
+        self.token: bytes | None = None
+        if flags.token_fd is not None:  # a successor: its old VMM's one-time token, on a pipe
+            self.token = read_token_fd(flags.token_fd)
+        elif flags.token_file:
+            self.token = read_token(flags.token_file)
         self.handoff_busy = False
         self.finished = trio.Event()
         self.exit_code = 0
         self.started = time.time()
         self.hardening: dict[str, Any] = {}
         self.successor: subprocess.Popen[bytes] | None = None
+        # A pidfd of the successor we spawned, taken before it could be reaped: only that very
+        # process may take the guest (see source._check_successor).
+        self.successor_pidfd: int | None = None
         self.nursery: trio.Nursery | None = None
         self.ready = False  # the guest runs here (READY=1 sent)
         self.stop_requested = False  # a signal asked us to stop during a handoff
@@ -514,26 +522,48 @@ class App:
         self, sets: Sequence[str], exec_argv: Sequence[str] | None, token: bytes
     ) -> tuple[str, subprocess.Popen[bytes]]:
         """Start the successor, listening in a private directory, with a one-time token that
-        only the two of us know (so a process of the same uid that races for its socket
-        cannot take the guest)."""
-        run_args = strip_flags(self.run_args, ("--incoming", "--uuid", "--token-file"))
+        only the two of us know. The token goes down a pipe the successor inherits (never a
+        file, nor its command line, which every process may read), and the source accepts no
+        peer but this very process (its pid, checked through a pidfd taken here): a process
+        of the same uid that races for its socket cannot take the guest."""
+        run_args = strip_flags(self.run_args, UPGRADE_FLAGS)
         run_args = apply_sets(run_args, sets)
         if exec_argv is None:
             check_run_args(run_args)  # the same program: refuse a bad --set before starting
         workdir = tempfile.mkdtemp(prefix=f"handoff-{self.flags.name}-")
         path = os.path.join(workdir, "incoming.sock")
-        token_path = os.path.join(workdir, "token")
-        write_token(token_path, token)
         program = list(exec_argv) if exec_argv else self.program
-        argv = [
-            *program, "run", *run_args, "--uuid", self.flags.uuid,
-            "--incoming", f"unix:{path}", "--token-file", token_path,
-        ]  # fmt: skip
-        log.info("starting successor: %s", " ".join(argv))
-        proc = subprocess.Popen(argv, start_new_session=True, stdin=subprocess.DEVNULL)
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        try:
+            os.write(write_end, token)  # 64 bytes: far below a pipe's buffer, never blocks
+            os.close(write_end)
+            write_end = -1
+            argv = [
+                *program, "run", *run_args, "--uuid", self.flags.uuid,
+                "--incoming", f"unix:{path}", "--token-fd", str(read_end),
+            ]  # fmt: skip
+            log.info("starting successor: %s", " ".join(argv))
+            proc = subprocess.Popen(
+                argv, start_new_session=True, stdin=subprocess.DEVNULL, pass_fds=(read_end,)
+            )
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        finally:
+            os.close(read_end)
+            if write_end >= 0:
+                os.close(write_end)
+        try:
+            pidfd = os.pidfd_open(proc.pid)  # not reaped yet: it is this child, alive or a zombie
+        except OSError:
+            proc.kill()
+            proc.wait()
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
         self.successor = proc
         self.record.workdir = workdir
         return path, proc
+        self.successor_pidfd = pidfd
 
     async def _run_handoff(
         self,
@@ -548,6 +578,9 @@ class App:
             self.handoff_busy = False
         await self.record_handoff()
         if ok:
+            if self.successor_pidfd is not None:
+                os.close(self.successor_pidfd)
+                self.successor_pidfd = None
             # Not shutdown(): the service goes on in the successor, so no STOPPING=1 (not even
             # on a signal now). The source sent MAINPID=<successor>; exit once systemd read it.
             self.ready = False
@@ -564,6 +597,9 @@ class App:
 
 HANDED_OFF_LINGER = 0.1
 """Seconds a VMM that handed its guest on waits before it exits (see App._run_handoff)."""
+#: Flags of a successor's command line that the upgrade itself sets (or must not pass on).
+UPGRADE_FLAGS = ("--incoming", "--uuid", "--token-file", "--token-fd")
+
 
 
 def exit_now(code: int) -> NoReturn:

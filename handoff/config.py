@@ -8,6 +8,7 @@ starts, with messages that name the value and what would be accepted.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
@@ -147,6 +148,8 @@ class HostFlags(msgspec.Struct, frozen=True, kw_only=True):
     handoff_timeout: float = 10.0
     fault: str | None = None
     token_file: str | None = None
+    # An upgrade's one-time token arrives on this inherited fd (a pipe), never in a file or argv.
+    token_fd: int | None = None
     prefault: bool = False
     blackout_poll_us: int = 0  # see `Vmm.complete_incoming`
 
@@ -194,12 +197,26 @@ def read_token(path: str) -> bytes:
     return data
 
 
-def write_token(path: str, token: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+def read_token_fd(fd: int) -> bytes:
+    """An upgrade's one-time token, read to its end from the pipe its old VMM left on `fd`
+    (which is closed here: nothing else of this process may read it)."""
+    chunks: list[bytes] = []
     try:
-        os.write(fd, token)
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            raise ConfigError(f"--token-fd {fd}: not a pipe (it is set by `handoff upgrade`)")
+        while len(b"".join(chunks)) <= 4096 and (chunk := os.read(fd, 4097)):
+            chunks.append(chunk)
+    except OSError as exc:
+        raise ConfigError(f"--token-fd {fd}: cannot read it ({exc.strerror})") from None
     finally:
-        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    data = b"".join(chunks).strip()
+    if not 16 <= len(data) <= 4096:
+        raise ConfigError(
+            f"--token-fd {fd}: the token must be 16 to 4096 bytes (it has {len(data)})"
+        )
+    return data
 
 
 def new_uuid() -> str:

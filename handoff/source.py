@@ -25,6 +25,7 @@ import contextlib
 import logging
 import math
 import os
+import select
 import shutil
 import signal
 import socket
@@ -37,7 +38,7 @@ import trio
 from kvmstub import client, uapi
 
 from . import logs, messages, notify, protocol
-from .channel import Channel, connect
+from .channel import Channel, PeerCredentials, connect
 from .errors import AuthRefused, CredentialsRefused, HandoffError, HandoffTimeout, TransportError
 from .peer import Peer
 from .sched import waking_without_preempting, yield_cpus
@@ -87,6 +88,32 @@ async def _connect(path: str, proc: subprocess.Popen[bytes] | None, timeout: flo
 
 SUCCESSOR_POLL_S = 0.002
 """How often the old VMM looks for its just-spawned successor's handoff socket."""
+
+
+def _check_successor(
+    creds: PeerCredentials, proc: subprocess.Popen[bytes], pidfd: int | None, path: str
+) -> None:
+    """Accept only the successor we spawned: the process listening on `path` must be that
+    child (its pid, as SO_PEERCRED recorded at listen(2)), and the child must still be alive
+    (its pidfd, taken before it could be reaped, is not readable), so that its pid cannot
+    have been reused. Anything else is a process of the same uid that took the successor's
+    socket path (it could not have the token: that went down a pipe to the child)."""
+    peer_pid = creds.pid
+    alive = pidfd is not None and not select.select([pidfd], [], [], 0)[0]
+    if peer_pid == proc.pid and alive:
+        return
+    why = (
+        f"pid {peer_pid}, not the successor this VMM started (pid {proc.pid})"
+        if peer_pid != proc.pid
+        else f"pid {peer_pid}, the successor this VMM started, but it has exited"
+    )
+    raise CredentialsRefused(
+        f"the process listening on {path} is {why}: another process took the successor's "
+        "socket path, so it is refused before any fd crosses; the guest keeps running here",
+        pid=peer_pid,
+        uid=creds.uid,
+        gid=creds.gid,
+    )
 
 
 def _pidfd(pid: int) -> int | None:
@@ -231,15 +258,20 @@ async def _hand_off(
         with trio.move_on_after(setup_limit) as setup:
             chan = await _connect(path, proc, flags.handoff_timeout)
             watch = os.dup(chan.fileno())  # to find a late Resumed even if `chan` is closed
+            conn = protocol.HandoffConnection(protocol.Role.SOURCE, max_version=flags.max_protocol)
             try:
                 creds = chan.check_peer(flags.allowed_uids())
-            except CredentialsRefused:
+                if proc is not None:
+                    _check_successor(creds, proc, app.successor_pidfd, path)
+            except CredentialsRefused as exc:
+                # Told before anything else crosses (a Refuse carries no fd), then dropped.
+                with contextlib.suppress(Exception):
+                    await Peer(chan, conn, flags.handoff_timeout).refuse("credentials", str(exc))
                 chan.close()
                 raise
             peer_pid = creds.pid
             rec.peer_pid = creds.pid
             pidfd = _pidfd(creds.pid)
-            conn = protocol.HandoffConnection(protocol.Role.SOURCE, max_version=flags.max_protocol)
             peer = Peer(chan, conn, flags.handoff_timeout)
             rec.phase("connect")
             # The setup runs in this VMM's event loop while the guest runs, and its pieces
@@ -370,7 +402,12 @@ async def _hand_off(
     # the linger and the exit: see App._run_handoff).
     with waking_without_preempting():
         await trio.sleep(SETTLE_SECONDS)
-    app.emit("HANDOFF", {"id": rec.id, "status": "completed", **rec.to_qmp()})
+    # "successor-pid": the process that took the guest, as the kernel names the peer of the
+    # connection (SO_PEERCRED), not merely the one we started.
+    app.emit(
+        "HANDOFF",
+        {"id": rec.id, "status": "completed", **rec.to_qmp(), "successor-pid": peer_pid},
+    )
     notify.notify(f"MAINPID={peer_pid}", "STATUS=handed off to the successor")
     vmm.status = "postmigrate"
     yield_cpus()

@@ -78,18 +78,21 @@ async def _take_over(app: App, path: str, nursery: trio.Nursery) -> bool:
                 refusals.cancel_scope.cancel()
     finally:
         listener.close()
-        _remove_private_dir(path, flags.token_file)
+        _remove_private_dir(path, flags.token_file, spawned=flags.token_fd is not None)
     return ok
 
 
-def _remove_private_dir(path: str, token_file: str | None) -> None:
-    """An upgrade's successor listens in a private directory beside its one-time token: once
-    the listener is closed neither is needed, and a source that died cannot remove them."""
+def _remove_private_dir(path: str, token_file: str | None, *, spawned: bool) -> None:
+    """An upgrade's successor (`spawned`: its token came on an inherited fd) listens in a
+    private directory of its own: once the listener is closed it is not needed, and a source
+    that died cannot remove it. (An older release's old VMM put its one-time token in a file
+    beside the socket instead.)"""
     directory = os.path.dirname(os.path.abspath(path))
-    if token_file is None or os.path.dirname(os.path.abspath(token_file)) != directory:
-        return  # an operator's own token file: not ours to remove
-    with contextlib.suppress(OSError):
-        os.unlink(token_file)
+    if token_file is not None and os.path.dirname(os.path.abspath(token_file)) == directory:
+        with contextlib.suppress(OSError):
+            os.unlink(token_file)
+    elif not spawned:
+        return  # an operator's own directory and token file: not ours to remove
     with contextlib.suppress(OSError):
         os.rmdir(directory)  # only if empty: nothing else is ever removed
 

@@ -77,9 +77,12 @@ async def test_control_and_handoff_sockets_are_0600_in_directories_of_mode_0700(
             time.sleep(0.01)
         assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
         assert stat.S_IMODE(sock.stat().st_mode) == 0o600
-        tokens = list(sock.parent.glob("token"))
-        assert tokens and stat.S_IMODE(tokens[0].stat().st_mode) == 0o600
         assert sock.parent.stat().st_uid == os.getuid()
+        # The one-time token is in no file and on no command line: it came down a pipe.
+        assert [p.name for p in sock.parent.iterdir()] == ["incoming.sock"]
+        argv = Path(f"/proc/{started['pid']}/cmdline").read_bytes().split(b"\0")
+        assert b"--token-file" not in argv and b"--token-fd" in argv
+        assert not any(len(arg) >= 32 and arg.isalnum() for arg in argv)
 
 
 def test_target_refuses_to_listen_in_a_directory_others_can_reach(tmp_path: Path) -> None:

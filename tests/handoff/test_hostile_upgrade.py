@@ -1,0 +1,342 @@
+"""`handoff upgrade` against a hostile neighbour of the same uid, and a stop that comes in the
+middle of one (issue 14, items 1 and 6, and parts of 9).
+
+The hijack test runs kvmstub, the VMMs and the attacker as one ordinary uid (nobody, through
+setpriv) with real processes, so it needs root to start them and is skipped otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from handoff.testing import VmmProcess
+
+NOBODY = 65534
+AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+needs_root = pytest.mark.skipif(
+    os.getuid() != 0 or shutil.which("setpriv") is None,
+    reason="running the VMMs and the attacker as another uid needs root and setpriv",
+)
+# What nobody runs: the test's own modules, on an interpreter nobody may execute (a venv's
+# interpreter may live under a home directory nobody cannot reach, and a VMM execs its own
+# interpreter to start its successor).
+NOBODY_ENV = {
+    "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).resolve().parents[2]), *(p for p in sys.path if "site-packages" in p)]
+    ),
+    "PYTHONDONTWRITEBYTECODE": "1",
+}
+
+
+def nobody_python() -> str:
+    """An interpreter that nobody can run and that can start itself again as nobody."""
+    probe = (
+        "import subprocess, sys; "
+        "subprocess.run([sys.executable, '-c', 'import handoff.app'], check=True)"
+    )
+    for candidate in (
+        sys.executable,
+        f"/usr/bin/python{sys.version_info[0]}.{sys.version_info[1]}",
+    ):
+        done = subprocess.run(
+            [*AS_NOBODY, candidate, "-c", probe],
+            env={**os.environ, **NOBODY_ENV}, capture_output=True, cwd="/",
+        )  # fmt: skip
+        if done.returncode == 0:
+            return candidate
+    pytest.skip("no Python interpreter that nobody may run with these modules")
+
+
+# --- a raw QMP client: it talks to a VMM of another uid whatever checks the CLI's client adds --
+
+
+class RawQMP:
+    def __init__(self, path: str, timeout: float = 60) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self.file = self.sock.makefile("rb")
+        self.events: list[dict[str, Any]] = []
+        self._read()  # greeting
+        self.execute("qmp_capabilities")
+
+    def _read(self) -> dict[str, Any]:
+        line = self.file.readline()
+        if not line:
+            raise ConnectionError("the VMM closed the QMP connection")
+        return dict(json.loads(line))
+
+    def execute(self, command: str, args: dict[str, Any] | None = None) -> Any:
+        msg: dict[str, Any] = {"execute": command}
+        if args:
+            msg["arguments"] = args
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+        while True:
+            reply = self._read()
+            if "event" in reply:
+                self.events.append(reply)
+            elif "error" in reply:
+                raise RuntimeError(reply["error"].get("desc"))
+            else:
+                return reply.get("return")
+
+    def next_handoff_event(self) -> dict[str, Any]:
+        while True:
+            event = self.events.pop(0) if self.events else self._read()
+            if event.get("event") == "HANDOFF":
+                return dict(event["data"])
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+def qmp(path: str, command: str, args: dict[str, Any] | None = None) -> Any:
+    client = RawQMP(path)
+    try:
+        return client.execute(command, args)
+    finally:
+        client.close()
+
+
+# --- the same-uid attacker ---------------------------------------------------------------------
+
+# Runs as the VMMs' uid. It watches $TMPDIR for an upgrade's private directory, takes the
+# successor's socket path for itself (before or after the successor listens there), steals the
+# one-time token wherever it can be read (a file beside the socket, or the successor's inherited
+# fd through /proc), and answers the old VMM as a target would. It reports what reached it.
+_ATTACKER = r"""
+import json, os, re, secrets, socket, sys, time
+from handoff import protocol
+
+tmp, name, until = sys.argv[1], sys.argv[2], time.monotonic() + float(sys.argv[3])
+report = {"bound": [], "token": False, "connections": 0, "fds": 0, "got": [], "refusals": []}
+listeners = {}
+
+def steal(directory):
+    try:
+        with open(os.path.join(directory, "token"), "rb") as f:
+            data = f.read().strip()
+            if data:
+                return data
+    except OSError:
+        pass
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if not any(directory in a for a in argv):
+            continue
+        for i, a in enumerate(argv):
+            if a.startswith("--token-fd"):
+                fd = a.partition("=")[2] or argv[i + 1]
+                try:
+                    r = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK)
+                    data = os.read(r, 4096).strip()
+                    os.close(r)
+                    if data:
+                        return data
+                except OSError:
+                    pass
+    return None
+
+def serve(conn, directory):
+    conn.settimeout(10)
+    token = None
+    for _ in range(200):
+        token = steal(directory)
+        if token:
+            break
+        time.sleep(0.005)
+    report["token"] = report["token"] or token is not None
+    data = conn.recv(1 << 16)
+    if not data:
+        return  # a probe (the successor checking whether its path is taken)
+    report["connections"] += 1
+    msg = protocol.decode(data)
+    report["got"].append(type(msg).__name__)
+    if isinstance(msg, protocol.Refuse):
+        report["refusals"].append(msg.reason)
+        return
+    tc = protocol.HandoffConnection(protocol.Role.TARGET)
+    tc.receive(data, 0)
+    proof = protocol.token_proof(token, msg.nonce, protocol.Role.TARGET) if token else b""
+    features = (protocol.TOKEN_FEATURE,) if token else ()
+    conn.send(tc.send(tc.make_hello(vm_name=msg.vm_name, vm_uuid=msg.vm_uuid,
+                                    nonce=secrets.token_bytes(32), features=features,
+                                    proof=proof)))
+    data, anc, _, _ = conn.recvmsg(1 << 20, socket.CMSG_SPACE(80 * 4))
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            for i in range(0, len(payload) - len(payload) % 4, 4):
+                report["fds"] += 1
+                os.close(int.from_bytes(payload[i:i + 4], sys.byteorder))
+    if data:
+        msg = protocol.decode(data)
+        report["got"].append(type(msg).__name__)
+        if isinstance(msg, protocol.Refuse):
+            report["refusals"].append(msg.reason)
+
+print("watching", flush=True)
+while time.monotonic() < until:
+    for entry in os.listdir(tmp):
+        directory = os.path.join(tmp, entry)
+        if not entry.startswith(f"handoff-{name}-") or directory in listeners:
+            continue
+        path = os.path.join(directory, "incoming.sock")
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            s.bind(path)
+            s.listen(16)
+        except OSError:
+            s.close()
+            continue
+        s.setblocking(False)
+        listeners[directory] = s
+        report["bound"].append(path)
+    for directory, s in list(listeners.items()):
+        try:
+            conn, _ = s.accept()
+        except (BlockingIOError, OSError):
+            continue
+        with conn:
+            try:
+                serve(conn, directory)
+            except (OSError, protocol.ProtocolError) as exc:
+                report["got"].append(f"error: {exc}")
+    time.sleep(0.001)
+print(json.dumps(report), flush=True)
+"""
+
+
+@pytest.fixture
+def nobody_dir() -> Iterator[Path]:
+    """A short directory owned by nobody (mode 0700): its kvmstub, VMMs, sockets and $TMPDIR."""
+    path = Path(tempfile.mkdtemp(prefix="hh-"))
+    for sub in ("tmp",):
+        (path / sub).mkdir(mode=0o700)
+    for p in (path, path / "tmp"):
+        os.chown(p, NOBODY, NOBODY)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def start_kvmstub_as_nobody(directory: Path, python: str) -> subprocess.Popen[str]:
+    sock = directory / "kvm.sock"
+    log = open(directory / "kvmstub.log", "w")  # noqa: SIM115 (the child owns it from here)
+    with log:
+        proc = subprocess.Popen(
+            [*AS_NOBODY, python, "-m", "kvmstub.cli", "serve", "--socket", str(sock)],
+            stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True,
+            start_new_session=True, env={**os.environ, **NOBODY_ENV}, cwd="/",
+        )  # fmt: skip
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("kvmstub: ready"), (directory / "kvmstub.log").read_text()
+    return proc
+
+
+def vmm_as_nobody(directory: Path, python: str, **kwargs: Any) -> VmmProcess:
+    env = {"TMPDIR": str(directory / "tmp"), **NOBODY_ENV}
+    vmm = VmmProcess(directory, directory / "kvm.sock", env=env, **kwargs)
+    assert vmm.argv[0] == sys.executable
+    vmm.argv = [*AS_NOBODY, python, *vmm.argv[1:]]
+    vmm.start()
+    return vmm
+
+
+@needs_root
+async def test_a_same_uid_process_cannot_take_the_guest_during_an_upgrade(
+    nobody_dir: Path,
+) -> None:
+    python = nobody_python()
+    kvmstub = start_kvmstub_as_nobody(nobody_dir, python)
+    vmm: VmmProcess | None = None
+    attacker: subprocess.Popen[str] | None = None
+    try:
+        vmm = vmm_as_nobody(nobody_dir, python, name="web", mode="sev-es", vcpus=2)
+        await vmm.wait_lines()
+        old_pid = qmp(vmm.control, "query-status")["pid"]
+        attacker = subprocess.Popen(
+            [*AS_NOBODY, python, "-c", _ATTACKER, str(nobody_dir / "tmp"), "web", "25"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, **NOBODY_ENV}, cwd="/",
+        )  # fmt: skip
+        assert attacker.stdout is not None
+        assert attacker.stdout.readline().strip() == "watching"
+        results = []
+        for _ in range(3):
+            client = RawQMP(vmm.control)
+            try:
+                started = client.execute("upgrade", {"set": []})
+                vmm.pids.append(started["pid"])
+                while (data := client.next_handoff_event())["status"] not in (
+                    "completed",
+                    "failed",
+                ):
+                    pass
+            finally:
+                client.close()
+            results.append((started, data))
+            await vmm.settle()
+        out, err = attacker.communicate(timeout=60)
+        report = json.loads(out.strip().splitlines()[-1])
+        # The attacker was in place, and reached by the old VMM...
+        assert report["bound"], (report, err)
+        assert report["connections"] >= 1, (report, err, vmm.log())
+        # ...but no fd ever crossed to it: it was refused before the Hello, by its pid.
+        assert report["fds"] == 0, (report, vmm.log())
+        assert "Describe" not in report["got"], report
+        assert report["refusals"], report
+        assert all("not the successor" in r for r in report["refusals"]), report
+        for _started, data in results:
+            if data["status"] == "failed":
+                assert "not the successor" in data["error-desc"], data
+                assert data.get("recovery", "none") == "none", data
+        # The guest stays with the chain: the old VMM, or a successor it spawned itself.
+        status = qmp(vmm.control, "query-status")
+        spawned = {started["pid"] for started, _ in results}
+        assert status["pid"] in spawned | {old_pid}
+        assert status["status"] == "running"
+        report_lines = await vmm.wait_lines()
+        assert report_lines.problems(vmm.vcpus) == [], vmm.log()
+        # With the attacker gone, the chain upgrades as ever; the result names the process
+        # that took the guest, as the kernel saw it.
+        client = RawQMP(vmm.control)
+        try:
+            started = client.execute("upgrade", {"set": []})
+            vmm.pids.append(started["pid"])
+            while (data := client.next_handoff_event())["status"] not in ("completed", "failed"):
+                pass
+        finally:
+            client.close()
+        assert data["status"] == "completed", (data, vmm.log())
+        assert data["successor-pid"] == started["pid"] == qmp(vmm.control, "query-status")["pid"]
+        assert (await vmm.wait_lines()).problems(vmm.vcpus) == []
+    finally:
+        if attacker is not None:
+            attacker.kill()
+            attacker.communicate()
+        if vmm is not None:
+            vmm.kill_all()
+        kvmstub.kill()
+        kvmstub.communicate()
