@@ -210,10 +210,6 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         "any fd crosses; the file must be mode 600. Upgrades always use a fresh one-time "
         "token of their own",
     )
-    # Set by `handoff upgrade` only: the successor's one-time token comes on this inherited fd.
-    h.add_argument(
-        "--token-fd", type=_int_in(3, 1 << 20, "--token-fd"), default=None, help=argparse.SUPPRESS
-    )
     # Benchmarks: allocate every guest page up front ("fully populated" memory).
     h.add_argument("--x-prefault", action="store_true", help=argparse.SUPPRESS)
     # Fault injection for tests and tools/chaos.py (ROLE:STEP:ACTION, see handoff.faults).
@@ -251,7 +247,6 @@ def host_flags(ns: argparse.Namespace) -> HostFlags:
         handoff_timeout=ns.handoff_timeout,
         fault=ns.x_fault,
         token_file=ns.token_file,
-        token_fd=ns.token_fd,
         prefault=ns.x_prefault,
         blackout_poll_us=ns.blackout_poll_us,
     )
@@ -261,8 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="handoff",
         description="Hand a running VM (plain, SEV or SEV-ES) from one VMM process to another "
-        "on the same host: zero-copy, a pause of about a millisecond, and no process death "
-        "at any step loses the guest.",
+        "on the same host: zero-copy, with a pause of about a millisecond. If the new VMM dies "
+        "at any step before it reports Resumed, the old VMM keeps the guest or takes it back; "
+        "if the old VMM dies after it sent Switchover (its VM), the new VMM takes the guest "
+        "over. A death where one process alone holds the guest loses it, as with any VMM: the "
+        "old VMM's before Switchover (during the setup or the pause), the new VMM's after it "
+        "reported Resumed.",
     )
     parser.add_argument("--version", action="version", version=f"handoff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -281,8 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace a running VMM, guest running throughout",
         description="Ask a running VMM (over QMP) to spawn its successor and "
         "hand the guest to it. Shows each phase and the guest-visible pause; "
-        "exits 0 on success, non-zero with the reason on failure (the old VMM "
-        "then still runs the guest).",
+        "exits 0 once the successor runs the guest. Otherwise exits non-zero with the reason and "
+        "who holds the guest, as far as it can check: the old VMM (it refused, or the handoff "
+        "failed and it kept or took back the guest, as it reports), the successor (the old "
+        "VMM died after Switchover and the successor took over: it answers on the control "
+        "socket), nobody (the old VMM died before Switchover, or the successor after it "
+        "resumed the guest: both processes are gone), or 'outcome unknown' with where to look.",
     )
     up.add_argument("target", nargs="?", help="VM name (control socket in the runtime dir)")
     up.add_argument("--control", help="QMP control socket of the running VMM")
@@ -345,6 +348,13 @@ def control_path(ns: argparse.Namespace) -> str:
     raise ConfigError("name the VM (handoff upgrade NAME) or give --control PATH")
 
 
+def status_hint(ns: argparse.Namespace) -> str:
+    """The `handoff status` command for the VM a command named."""
+    if ns.control:
+        return f"handoff status --control {ns.control}"
+    return f"handoff status {ns.target}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from .sched import lower_if_incoming
 
@@ -364,7 +374,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.command == "upgrade":
             from .ops import upgrade_main
 
-            return upgrade_main(control_path(ns), ns.set, ns.exec, ns.json, ns.timeout)
+            return upgrade_main(
+                control_path(ns), ns.set, ns.exec, ns.json, ns.timeout, status_hint(ns)
+            )
         if ns.command == "status":
             from .ops import status_main
 

@@ -4,9 +4,11 @@ over QMP or read the runtime directory."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import msgspec
@@ -14,7 +16,7 @@ import trio
 
 from . import runtime
 from .config import format_size
-from .qmp_client import QMPClient, QMPError
+from .qmp_client import QMPClient, QMPConnectionError, QMPError
 from .sched import waking_without_preempting
 
 PHASE_NAMES = {
@@ -28,6 +30,28 @@ PHASE_NAMES = {
 }
 
 
+@dataclass
+class UpgradeSeen:
+    """What `upgrade` learned before it ended, however it ended: the old VMM's pid (from
+    query-status), whether the upgrade command was sent, and the successor's pid (from its
+    reply). Each pid comes with its process's start time, so a reused pid is not mistaken for
+    it."""
+
+    old_pid: int = 0
+    successor_pid: int = 0
+    sent: bool = False
+    starts: dict[int, int] = field(default_factory=dict)
+
+    def note(self, pid: int) -> int:
+        if pid:
+            self.starts[pid] = runtime.process_start_time(pid)
+        return pid
+
+    def alive(self, pid: int) -> bool:
+        """Whether `pid` still names the process it named when we learned it."""
+        return runtime.process_alive(pid, self.starts.get(pid, 0))
+
+
 async def upgrade(
     control: str,
     sets: Sequence[str] = (),
@@ -37,10 +61,14 @@ async def upgrade(
     on_event: Callable[[dict[str, Any]], None] | None = None,
     copy_memory: bool = False,
     on_started: Callable[[dict[str, Any]], None] | None = None,
+    seen: UpgradeSeen | None = None,
 ) -> dict[str, Any]:
     """Ask the VMM at `control` to upgrade itself; return the final HANDOFF event's data
-    (status "completed" or "failed") plus the successor's pid. `on_started` gets the upgrade
-    command's reply (the successor's pid), `on_event` each HANDOFF event's data."""
+    (status "completed" or "failed") plus the successor's pid ("successor-pid": the peer that
+    took the guest as the event names it, else the process the old VMM started). `on_started`
+    gets the upgrade command's reply (the successor's pid), `on_event` each HANDOFF event's
+    data; `seen` is filled in as the pids become known."""
+    seen = seen if seen is not None else UpgradeSeen()
     args: dict[str, Any] = {"set": list(sets)}
     if exec_argv:
         args["exec"] = list(exec_argv)
@@ -48,7 +76,11 @@ async def upgrade(
         args["copy-memory"] = True
     with trio.fail_after(timeout), waking_without_preempting():
         async with await QMPClient.connect(control) as qmp:
+            status = await qmp.execute("query-status")
+            seen.old_pid = seen.note(int(status.get("pid") or 0))
+            seen.sent = True
             started = await qmp.execute("upgrade", args)
+            seen.successor_pid = seen.note(int(started.get("pid") or 0))
             if on_started is not None:
                 on_started(started)
             while True:
@@ -57,8 +89,143 @@ async def upgrade(
                 if on_event is not None:
                     on_event(data)
                 if data.get("status") in ("completed", "failed"):
-                    data["successor-pid"] = started.get("pid", 0)
+                    spawned = int(started.get("pid") or 0)
+                    took = int(data.get("peer-pid") or 0) if data["status"] == "completed" else 0
+                    data["successor-pid"] = seen.note(took) or spawned
+                    data["spawned-pid"] = spawned
+                    data["old-pid"] = seen.old_pid
                     return data
+
+
+# ---- after the control connection broke: who holds the guest now?
+
+#: How long `handoff upgrade` looks for the guest's holder once the old VMM disconnected (a
+#: successor that takes over a dead source answers on the control socket well within this).
+PROBE_WAIT = 10.0
+PROBE_EVERY = 0.1
+PROBE_ANSWER = 1.0  # one try at the control socket (during a blackout nobody accepts)
+
+#: HANDOFF statuses of a handoff still under way.
+UNDER_WAY = ("setup", "active", "device")
+
+
+@dataclass
+class Sighting:
+    """One look at the VM: what answers on its control socket (pid, VM status, the status of
+    its last handoff), or None; and the pid the runtime entry names (0: none)."""
+
+    answer: dict[str, Any] | None
+    entry_pid: int
+
+
+@dataclass
+class Outcome:
+    """Who holds the guest: "successor", "old", "other" (a process that is neither), "none"
+    (every process that could is gone), or "unknown"; its pid; and the words for the operator."""
+
+    holder: str
+    pid: int
+    text: str
+
+
+def judge(old: int, successor: int, seen: Sighting, alive: Callable[[int], bool]) -> Outcome | None:
+    """The outcome this sighting proves, or None when it proves none yet (look again).
+
+    Proof is either a VMM that answers on the control socket and says it holds the guest, or
+    the death of every process that could hold it: the old VMM, its successor (known only from
+    the upgrade command's reply) and the process the runtime entry names."""
+    if seen.answer is not None:
+        pid = int(seen.answer.get("pid") or 0)
+        status = str(seen.answer.get("status"))
+        if seen.answer.get("handoff") in UNDER_WAY or status == "postmigrate":
+            return None  # a handoff is under way, or this VMM handed the guest on: look again
+        runs = "runs the guest now" if status == "running" else f"holds the guest ({status})"
+        if pid == successor and pid:
+            gone = "" if alive(old) else f"; the old VMM (pid {old}) has exited"
+            return Outcome("successor", pid, f"the successor (pid {pid}) {runs}{gone}")
+        if pid == old and pid:
+            return Outcome("old", pid, f"the old VMM (pid {pid}) still {runs.replace(' now', '')}")
+        return Outcome(
+            "other", pid,
+            f"VMM pid {pid} {runs}: neither the old VMM (pid {old}) nor the successor "
+            f"(pid {successor or 'unknown'})",
+        )  # fmt: skip
+    if not successor or alive(old) or alive(successor):
+        return None
+    if seen.entry_pid and seen.entry_pid not in (old, successor) and alive(seen.entry_pid):
+        return None
+    return Outcome(
+        "none", 0,
+        f"no VMM runs the guest: the old VMM (pid {old}) and its successor (pid {successor}) "
+        "have both exited and nothing answers on the control socket; the guest is lost",
+    )  # fmt: skip
+
+
+def unknown_outcome(
+    old: int,
+    successor: int,
+    seen: Sighting,
+    control: str,
+    alive: Callable[[int], bool],
+    status_hint: str,
+) -> Outcome:
+    """What can be said when nothing was proven within PROBE_WAIT."""
+    facts = []
+    for who, pid in (("the old VMM", old), ("the successor", successor)):
+        if pid:
+            facts.append(f"{who} (pid {pid}) is {'alive' if alive(pid) else 'gone'}")
+    if not successor:
+        facts.append("the successor's pid is unknown (no reply to the upgrade command)")
+    if seen.entry_pid and seen.entry_pid not in (old, successor):
+        state = "alive" if alive(seen.entry_pid) else "gone"
+        facts.append(f"the runtime entry names pid {seen.entry_pid} ({state})")
+    return Outcome(
+        "unknown", 0,
+        f"outcome unknown: the VMM disconnected and nothing answered on {control} as the "
+        f"guest's holder; {', '.join(facts)}. Look at the VMMs' log (the old VMM's stderr, or "
+        f"its journal under systemd) and `{status_hint}`",
+    )  # fmt: skip
+
+
+async def look(control: str) -> Sighting:
+    """Ask whoever answers on `control` what it holds; read the runtime entry beside it."""
+    answer: dict[str, Any] | None = None
+    with trio.move_on_after(PROBE_ANSWER):
+        try:
+            async with await QMPClient.connect(control) as qmp:
+                status = await qmp.execute("query-status")
+                handoff = await qmp.execute("query-handoff")
+            answer = {
+                "pid": status.get("pid"),
+                "status": status.get("status"),
+                "handoff": handoff.get("status"),
+            }
+        except (QMPError, OSError):
+            pass
+    path = runtime.entry_path(control)
+    entry_pid = 0
+    for item in runtime.list_vms(os.path.dirname(path) or "."):
+        if item.path == path:
+            entry_pid = item.entry.pid
+    return Sighting(answer, entry_pid)
+
+
+async def find_holder(
+    control: str, seen: UpgradeSeen, status_hint: str, wait: float = PROBE_WAIT
+) -> Outcome:
+    """Who holds the guest after the control connection broke during an upgrade: looked for
+    until proven or `wait` has passed."""
+    sighting = Sighting(None, 0)
+    with trio.move_on_after(wait):
+        while True:
+            sighting = await look(control)
+            outcome = judge(seen.old_pid, seen.successor_pid, sighting, seen.alive)
+            if outcome is not None:
+                return outcome
+            await trio.sleep(PROBE_EVERY)
+    return unknown_outcome(
+        seen.old_pid, seen.successor_pid, sighting, control, seen.alive, status_hint
+    )
 
 
 async def query(control: str, *commands: str) -> list[Any]:
@@ -71,7 +238,7 @@ STATUS_TEXT = {
     "setup": "connecting to the successor: versions, credentials (guest running)",
     "active": "successor builds its VM over the same memory (guest running)",
     "device": "guest paused: switchover, context move, commit",
-    "completed": "successor runs the guest",
+    "completed": "the successor resumed the guest",
     "failed": "handoff failed",
 }
 
@@ -153,8 +320,15 @@ def upgrade_main(
     exec_argv: Sequence[str] | None,
     as_json: bool,
     timeout: float,
+    status_hint: str = "",
 ) -> int:
+    """`handoff upgrade`. Reports only what it can verify: the old VMM's own word while it is
+    connected ("completed", or "failed" with its recovery), else, once the connection broke or
+    the time ran out, who answers on the control socket or which processes are gone."""
+    status_hint = status_hint or f"handoff status --control {control}"
     progress = None if as_json else make_progress()
+    seen = UpgradeSeen()
+    broken = ""
     try:
         data = trio.run(
             lambda: upgrade(
@@ -164,31 +338,84 @@ def upgrade_main(
                 timeout=timeout,
                 on_event=progress.event if progress else None,
                 on_started=progress.started if progress else None,
+                seen=seen,
             )
         )
+    except QMPConnectionError as exc:
+        data = {"status": "failed", "error-desc": str(exc)}
+        broken = "disconnected"
     except QMPError as exc:
         data = {"status": "failed", "error-desc": str(exc)}
+        broken = "" if seen.sent else "disconnected"
     except trio.TooSlowError:
         data = {"status": "failed", "error-desc": f"no result within {timeout:g} s"}
+        broken = "too slow"
     finally:
         if progress is not None:
             progress.close()
-    ok = data.get("status") == "completed"
+    outcome = _outcome(control, seen, data, broken, status_hint)
+    data.setdefault("old-pid", seen.old_pid)
+    data.setdefault("successor-pid", seen.successor_pid)
+    data["guest-holder"] = outcome.holder
+    data["guest-holder-pid"] = outcome.pid
+    data["outcome-desc"] = outcome.text
+    ok = data.get("status") == "completed" and outcome.holder == "successor"
     if as_json:
         print(json.dumps(data, sort_keys=True))
         return 0 if ok else 1
-    if ok:
+    if data.get("status") == "completed":
         print(f"upgrade completed: successor pid {data.get('successor-pid')}")
         print(format_phases(data))
         print(
             f"  downtime (source side): {data.get('downtime', 0):.3f} ms, "
             f"total {data.get('total-time', 0):.3f} ms"
         )
+        if not ok:
+            print(f"  but {outcome.text}", file=sys.stderr)
+            return 1
         return 0
-    recovery = data.get("recovery") or "none"
-    print(f"upgrade failed: {data.get('error-desc', 'unknown error')}", file=sys.stderr)
-    print(f"  the old VMM keeps running the guest (recovery: {recovery})", file=sys.stderr)
+    print(describe_outcome(data), file=sys.stderr)
     return 1
+
+
+def describe_outcome(data: dict[str, Any]) -> str:
+    """The words for an upgrade that did not complete (from `upgrade_main`'s result)."""
+    return f"upgrade failed: {data.get('error-desc', 'unknown error')}\n  {data['outcome-desc']}"
+
+
+def _outcome(
+    control: str, seen: UpgradeSeen, data: dict[str, Any], broken: str, status_hint: str
+) -> Outcome:
+    """Who holds the guest after `upgrade` ended with `data` (see upgrade_main)."""
+    if data.get("status") == "completed":
+        # The old VMM's word: the peer took the guest. Still there? It may have died since.
+        pid = int(data.get("successor-pid") or 0)
+        if pid and not seen.alive(pid):
+            return Outcome(
+                "none", 0,
+                f"the successor (pid {pid}) has exited since it resumed the guest: no VMM "
+                f"runs the guest now (the old VMM handed it on); see the VMMs' log",
+            )  # fmt: skip
+        spawned = int(data.get("spawned-pid") or 0)
+        if spawned and pid != spawned:
+            return Outcome(
+                "other", pid,
+                f"pid {pid} took the guest, not the successor the old VMM started "
+                f"(pid {spawned})",
+            )  # fmt: skip
+        return Outcome("successor", pid, f"the successor (pid {pid}) runs the guest")
+    if not seen.sent:
+        # Nothing was asked of any VMM: the connection failed before the upgrade command.
+        return Outcome("unknown" if broken else "old", seen.old_pid, "no upgrade was started")
+    if not broken:
+        # The old VMM answered (an error reply, or a "failed" event with its recovery) and is
+        # still connected: its word is the proof.
+        recovery = data.get("recovery") or "none"
+        return Outcome(
+            "old", seen.old_pid,
+            f"the old VMM (pid {seen.old_pid}) keeps running the guest (recovery: {recovery})",
+        )  # fmt: skip
+    return trio.run(find_holder, control, seen, status_hint)
 
 
 def status_main(control: str, as_json: bool) -> int:
