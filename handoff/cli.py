@@ -210,6 +210,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         "any fd crosses; the file must be mode 600. Upgrades always use a fresh one-time "
         "token of their own",
     )
+    # Set by `handoff upgrade` only: the successor's one-time token comes on this inherited fd.
+    h.add_argument(
+        "--token-fd", type=_int_in(3, 1 << 20, "--token-fd"), default=None, help=argparse.SUPPRESS
+    )
     # Benchmarks: allocate every guest page up front ("fully populated" memory).
     h.add_argument("--x-prefault", action="store_true", help=argparse.SUPPRESS)
     # Fault injection for tests and tools/chaos.py (ROLE:STEP:ACTION, see handoff.faults).
@@ -247,6 +251,7 @@ def host_flags(ns: argparse.Namespace) -> HostFlags:
         handoff_timeout=ns.handoff_timeout,
         fault=ns.x_fault,
         token_file=ns.token_file,
+        token_fd=ns.token_fd,
         prefault=ns.x_prefault,
         blackout_poll_us=ns.blackout_poll_us,
     )
