@@ -530,9 +530,9 @@ class App:
         run_args = apply_sets(run_args, sets)
         if exec_argv is None:
             check_run_args(run_args)  # the same program: refuse a bad --set before starting
+        program = list(exec_argv) if exec_argv else self.program
         workdir = tempfile.mkdtemp(prefix=f"handoff-{self.flags.name}-")
         path = os.path.join(workdir, "incoming.sock")
-        program = list(exec_argv) if exec_argv else self.program
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
         try:
             os.write(write_end, token)  # 64 bytes: far below a pipe's buffer, never blocks
@@ -561,9 +561,9 @@ class App:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
         self.successor = proc
+        self.successor_pidfd = pidfd
         self.record.workdir = workdir
         return path, proc
-        self.successor_pidfd = pidfd
 
     async def _run_handoff(
         self,
@@ -576,11 +576,11 @@ class App:
             ok = await hand_off(self, path, proc, token, copy_memory)
         finally:
             self.handoff_busy = False
-        await self.record_handoff()
-        if ok:
             if self.successor_pidfd is not None:
                 os.close(self.successor_pidfd)
                 self.successor_pidfd = None
+        await self.record_handoff()
+        if ok:
             # Not shutdown(): the service goes on in the successor, so no STOPPING=1 (not even
             # on a signal now). The source sent MAINPID=<successor>; exit once systemd read it.
             self.ready = False
@@ -595,11 +595,11 @@ class App:
             self.shutdown(0)
 
 
-HANDED_OFF_LINGER = 0.1
-"""Seconds a VMM that handed its guest on waits before it exits (see App._run_handoff)."""
 #: Flags of a successor's command line that the upgrade itself sets (or must not pass on).
 UPGRADE_FLAGS = ("--incoming", "--uuid", "--token-file", "--token-fd")
 
+HANDED_OFF_LINGER = 0.1
+"""Seconds a VMM that handed its guest on waits before it exits (see App._run_handoff)."""
 
 
 def exit_now(code: int) -> NoReturn:
