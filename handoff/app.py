@@ -132,6 +132,13 @@ class App:
         self.nursery: trio.Nursery | None = None
         self.ready = False  # the guest runs here (READY=1 sent)
         self.stop_requested = False  # a signal asked us to stop during a handoff
+        self.stop_signal = ""  # its name, for the logs and the handoff's error
+        # Set by the source while its handoff's setup runs (a stop then cancels it), and once
+        # the guest is about to be paused (a stop then waits for the outcome: see
+        # _stop_during_handoff); and, once it handed the guest on, who took it (pid, pidfd).
+        self.setup_scope: trio.CancelScope | None = None
+        self.handoff_pausing = False
+        self.handed_to: tuple[int, int] | None = None
         self.handed_off = False  # the guest went on to a successor: exit without finalizing
         self._held_events: list[tuple[str, dict[str, Any], float]] | None = None
 
@@ -263,18 +270,63 @@ class App:
         self.finished.set()
 
     async def _watch_signals(self, *, task_status: trio.TaskStatus[None]) -> None:
-        """SIGTERM (systemctl stop) and SIGINT stop the VM cleanly; during a handoff, once it
-        has finished, so that a stop never cuts a handoff between its commit and its end."""
+        """SIGTERM (systemctl stop) and SIGINT stop the VM cleanly, wherever the guest is:
+        during a handoff's setup they cancel it (the guest never left) and stop it here; once
+        the guest was paused for a handoff they wait for its outcome, so that a stop never
+        cuts a handoff between its commit and its end, and then stop the guest where it runs:
+        here, or in the successor (the stop is passed on to it)."""
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             task_status.started()
             async for signum in signals:
                 name = signal.Signals(signum).name
-                if self.handoff_busy or not self.ready:
-                    log.warning("%s during a handoff: stopping once it has finished", name)
-                    self.stop_requested = True
+                if self.handoff_busy:
+                    self.stop_requested, self.stop_signal = True, name
+                    self._stop_during_handoff(name)
+                elif self.handed_to is not None:
+                    self.pass_stop_on(name)
+                elif not self.ready:
+                    log.warning(
+                        "%s while the guest is not running here yet: stopping it once it is", name
+                    )
+                    self.stop_requested, self.stop_signal = True, name
                 else:
                     log.info("%s: stopping the VM", name)
                     self.shutdown(0)
+
+    def _stop_during_handoff(self, name: str) -> None:
+        if not self.handoff_pausing:
+            log.warning(
+                "%s during a handoff's setup: cancelling the handoff; the guest stays here "
+                "and stops with this VMM",
+                name,
+            )
+            if self.setup_scope is not None:
+                self.setup_scope.cancel()  # (not started yet: the source checks at its start)
+        else:
+            log.warning(
+                "%s during a handoff, after the guest was paused for it: waiting for its "
+                "outcome; the guest stops where it then runs (passed on to the successor if "
+                "it took the guest, here if not)",
+                name,
+            )
+
+    def pass_stop_on(self, name: str) -> None:
+        """Stop the guest in the successor that took it from us (SIGTERM through a pidfd)."""
+        assert self.handed_to is not None
+        pid, pidfd = self.handed_to
+        try:
+            signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+        except OSError as exc:
+            log.warning(
+                "%s: could not pass the stop on to the successor (pid %d): %s", name, pid, exc
+            )
+            return
+        log.warning(
+            "%s after the handoff: passed the stop on to the successor (pid %d), which runs the "
+            "guest now and stops it",
+            name,
+            pid,
+        )
 
     def shutdown(self, code: int = 0) -> None:
         notify.notify("STOPPING=1")
@@ -576,9 +628,15 @@ class App:
             ok = await hand_off(self, path, proc, token, copy_memory)
         finally:
             self.handoff_busy = False
+            self.setup_scope = None
+            self.handoff_pausing = False
             if self.successor_pidfd is not None:
                 os.close(self.successor_pidfd)
                 self.successor_pidfd = None
+        if ok and self.stop_requested and self.handed_to is not None:
+            self.pass_stop_on(self.stop_signal)  # at once: the guest must not run on there
+        elif not ok and self.stop_requested and proc is not None:
+            await _end_successor(proc, self.record.workdir)  # before we go: it holds nothing
         await self.record_handoff()
         if ok:
             # Not shutdown(): the service goes on in the successor, so no STOPPING=1 (not even
@@ -597,6 +655,19 @@ class App:
 
 #: Flags of a successor's command line that the upgrade itself sets (or must not pass on).
 UPGRADE_FLAGS = ("--incoming", "--uuid", "--token-file", "--token-fd")
+
+
+async def _end_successor(proc: subprocess.Popen[bytes], workdir: str) -> None:
+    """Kill a successor that failed to take the guest (so holds none of it) and remove its
+    private directory, now: this VMM is stopping, and would not wait to reap it later."""
+    if proc.poll() is None:
+        proc.kill()
+        with trio.move_on_after(5):
+            while proc.poll() is None:
+                await trio.sleep(0.01)
+    if workdir:
+        shutil.rmtree(workdir, ignore_errors=True)
+
 
 HANDED_OFF_LINGER = 0.1
 """Seconds a VMM that handed its guest on waits before it exits (see App._run_handoff)."""

@@ -3,10 +3,11 @@
 A spec is `ROLE:STEP:ACTION`, set with the hidden run flag `--x-fault` (so `handoff upgrade
 --set x-fault=...` arms a successor) or at run time with the QMP command `x-set-fault`.
 ROLE is `source` or `target`; STEP is a point in the protocol (see STEPS); ACTION is one of
-`crash` (SIGKILL ourselves), `hang` (stop answering), `exit` (exit 1 at once, fds closed by
-the kernel), `close` (close the handoff connection), `garbage` (send undecodable bytes),
-`truncated` (send half a message), `extra-fds` (send a message with an fd it did not
-declare). Tests and tools/chaos.py drive it; it costs one comparison per step otherwise.
+`crash` (SIGKILL ourselves), `hang` (stop answering), `slow` (go on after SLOW_SECONDS, to
+hold a window open), `exit` (exit 1 at once, fds closed by the kernel), `close` (close the
+handoff connection), `garbage` (send undecodable bytes), `truncated` (send half a message),
+`extra-fds` (send a message with an fd it did not declare). Tests and tools/chaos.py drive
+it; it costs one comparison per step otherwise.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ STEPS = {
     "source": ("hello", "describe", "prepared", "paused", "switchover", "moved", "commit"),
     "target": ("hello", "describe", "prepared", "switchover", "moved", "commit", "resumed"),
 }
-ACTIONS = ("crash", "hang", "exit", "close", "garbage", "truncated", "extra-fds")
+ACTIONS = ("crash", "hang", "slow", "exit", "close", "garbage", "truncated", "extra-fds")
+SLOW_SECONDS = 1.0
+"""How long the `slow` action holds its step: well within any --handoff-timeout."""
 
 
 class FaultSpecError(ValueError):
@@ -71,6 +74,8 @@ class Faults:
             os._exit(1)
         elif action == "hang":
             await trio.sleep_forever()
+        elif action == "slow":
+            await trio.sleep(SLOW_SECONDS)
         elif peer is not None:
             # What we send the peer is the fault; a peer that is gone already is not ours to
             # report (it would turn the fault into a crash of this process).

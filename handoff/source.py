@@ -256,6 +256,10 @@ async def _hand_off(
         # stuck step of our own, which would hold the target's VM in escrow for ever).
         setup_limit = SETUP_TIMEOUTS * flags.handoff_timeout
         with trio.move_on_after(setup_limit) as setup:
+            # A stop (SIGTERM) before the pause cancels the setup (App._stop_during_handoff).
+            app.setup_scope = setup
+            if app.stop_requested:
+                setup.cancel()
             chan = await _connect(path, proc, flags.handoff_timeout)
             watch = os.dup(chan.fileno())  # to find a late Resumed even if `chan` is closed
             conn = protocol.HandoffConnection(protocol.Role.SOURCE, max_version=flags.max_protocol)
@@ -307,12 +311,19 @@ async def _hand_off(
             await app.faults.point("source", "prepared", peer)
             rec.phase("prepare")
             rec.setup_ms = round(sum(rec.phases.values()), 3)
+        app.setup_scope = None
+        if setup.cancelled_caught and app.stop_requested:
+            raise HandoffError(
+                f"{app.stop_signal or 'a stop'} asked this VMM to stop before the guest was "
+                "paused: the handoff is cancelled; the guest stays here and stops with this VMM"
+            )
         if setup.cancelled_caught:
             raise HandoffTimeout(
                 f"the handoff's setup did not finish within {setup_limit:g} s "
                 f"({SETUP_TIMEOUTS} x --handoff-timeout); the guest keeps running here"
             )
         assert peer is not None
+        app.handoff_pausing = True  # from here a stop waits for the outcome (see App)
 
         # ---- blackout: the guest is paused from here until the target resumes it.
         if app.control is not None:
@@ -413,6 +424,8 @@ async def _hand_off(
     yield_cpus()
     await trio.lowlevel.checkpoint()
     logs.handoff_summary(log, flags.name, rec)
+    if pidfd is not None:
+        app.handed_to = (peer_pid, os.dup(pidfd))  # a stop from now on is passed on to it
     _close(peer, (escrow, pidfd, watch))
     if rec.workdir:
         # The target removes its socket once it has taken over; the directory is ours.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -19,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
-from handoff.testing import VmmProcess
+from handoff.qmp_client import QMPClient
+from handoff.testing import VmmProcess, pid_alive
 
 NOBODY = 65534
 AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
@@ -340,3 +343,66 @@ async def test_a_same_uid_process_cannot_take_the_guest_during_an_upgrade(
             vmm.kill_all()
         kvmstub.kill()
         kvmstub.communicate()
+
+
+# --- a stop (SIGTERM) in the middle of an upgrade ------------------------------------------------
+
+
+def live_vms(daemon: Any) -> list[dict[str, Any]]:
+    return [vm for vm in daemon.stats()["vms"] if not vm["dead"] and vm["vcpus"]]
+
+
+async def wait_gone(pids: list[int], timeout: float = 20) -> list[int]:
+    """Until none of `pids` is alive; those still alive after `timeout`."""
+    with trio.move_on_after(timeout):
+        while any(pid_alive(p) for p in pids):
+            await trio.sleep(0.02)
+    return [p for p in pids if pid_alive(p)]
+
+
+async def upgrade_with_sigterm_at(vmm: VmmProcess, fault: str, at: str) -> dict[str, Any]:
+    """Upgrade `vmm` with the successor armed with `fault`; SIGTERM the old VMM when the
+    HANDOFF event `at` arrives; the final event's data (with the successor's pid)."""
+    old_pid = await vmm.pid()
+    async with await QMPClient.connect(vmm.control) as client:
+        started = await client.execute("upgrade", {"set": [f"x-fault={fault}"]})
+        vmm.pids.append(started["pid"])
+        while True:
+            data = dict((await client.next_event("HANDOFF")).data)
+            if data["status"] == at:
+                os.kill(old_pid, signal.SIGTERM)
+            if data["status"] in ("completed", "failed"):
+                return {**data, "spawned": started["pid"], "old": old_pid}
+
+
+async def test_sigterm_before_the_pause_cancels_the_upgrade_and_stops_the_guest_here(
+    vmm_factory: Any, kvmstub_daemon: Any
+) -> None:
+    vmm = vmm_factory(mode="sev-es", vcpus=2)
+    await vmm.wait_lines()
+    # The successor stops answering once it has the guest's description: the setup waits.
+    result = await upgrade_with_sigterm_at(vmm, "target:describe:hang", "active")
+    assert result["status"] == "failed", result
+    assert "SIGTERM" in result["error-desc"], result
+    assert result.get("recovery", "none") == "none", result
+    assert await wait_gone([result["old"], result["spawned"]]) == [], vmm.log()
+    assert "SIGTERM during a handoff's setup: cancelling the handoff" in vmm.log()
+    assert not os.path.exists(vmm.control)
+    assert live_vms(kvmstub_daemon) == []
+
+
+async def test_sigterm_after_the_pause_passes_the_stop_to_the_successor(
+    vmm_factory: Any, kvmstub_daemon: Any
+) -> None:
+    vmm = vmm_factory(mode="sev-es", vcpus=2)
+    await vmm.wait_lines()
+    # The successor takes a second to answer Commit: the stop comes inside the blackout.
+    result = await upgrade_with_sigterm_at(vmm, "target:commit:slow", "device")
+    assert result["status"] == "completed", (result, vmm.log())
+    assert result["successor-pid"] == result["spawned"]
+    # The guest does not run on in the successor: it stops there, cleanly.
+    assert await wait_gone([result["old"], result["spawned"]]) == [], vmm.log()
+    log = vmm.log()
+    assert f"passed the stop on to the successor (pid {result['spawned']})" in log
+    assert not os.path.exists(vmm.control)
+    assert live_vms(kvmstub_daemon) == []

@@ -151,7 +151,7 @@ async def test_sigterm_during_a_handoff_stops_only_once_the_handoff_has_ended(
                     await trio.sleep(0.005)
             os.kill(pid, signal.SIGTERM)
             with trio.fail_after(10):
-                while "SIGTERM during a handoff: stopping once it has finished" not in vmm.log():
+                while "SIGTERM during a handoff, after the guest was paused" not in vmm.log():
                     await trio.sleep(0.01)
             assert vmm.process is not None and vmm.process.poll() is None  # still there
             # End the handoff: the successor dies; the source takes its guest back.
