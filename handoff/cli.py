@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -349,7 +350,17 @@ def control_path(ns: argparse.Namespace) -> str:
     if ns.control:
         return str(ns.control)
     if ns.target:
-        return os.path.join(runtime_dir(), f"{validate_name(ns.target)}.qmp")
+        name = validate_name(ns.target)
+        directory = runtime_dir()
+        path = os.path.join(directory, f"{name}.qmp")
+        if not os.path.lexists(path):
+            raise ConfigError(
+                f"no VM named {name}: there is no control socket {name}.qmp in the runtime "
+                f"directory {directory} ($HANDOFF_RUNTIME_DIR, else /run/handoff for root, "
+                "else $XDG_RUNTIME_DIR/handoff); `handoff list` shows the VMs there, or give "
+                "--control PATH"
+            )
+        return path
     raise ConfigError("name the VM (handoff upgrade NAME) or give --control PATH")
 
 
@@ -358,6 +369,16 @@ def status_hint(ns: argparse.Namespace) -> str:
     if ns.control:
         return f"handoff status --control {ns.control}"
     return f"handoff status {ns.target}"
+
+
+def _stdout_gone() -> int:
+    """The reader of our output went away (`handoff list | head -1`): exit quietly, as a
+    command killed by SIGPIPE does (the shell shows 141), without the interpreter's complaint
+    when it flushes stdout at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + signal.SIGPIPE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -379,17 +400,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.command == "upgrade":
             from .ops import upgrade_main
 
-            return upgrade_main(
-                control_path(ns), ns.set, ns.exec, ns.json, ns.timeout, status_hint(ns)
+            return _flushed(
+                upgrade_main(
+                    control_path(ns), ns.set, ns.exec, ns.json, ns.timeout, status_hint(ns)
+                )
             )
         if ns.command == "status":
             from .ops import status_main
 
-            return status_main(control_path(ns), ns.json)
+            return _flushed(status_main(control_path(ns), ns.json))
         if ns.command == "list":
             from .ops import list_main
 
-            return list_main(runtime_dir(), ns.json, ns.prune)
+            return _flushed(list_main(runtime_dir(), ns.json, ns.prune))
         if ns.command == "demo":
             from .demo import demo_main
 
@@ -398,7 +421,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"handoff: {exc}\n")
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        if ns.command == "run":
+            raise  # not our output: a VMM reports its own errors
+        return _stdout_gone()
     return 2
+
+
+def _flushed(code: int) -> int:
+    """`code`, once our output has reached the pipe (a closed one raises here, in main)."""
+    sys.stdout.flush()
+    return code
 
 
 def apply_sets(argv: list[str], sets: Sequence[str]) -> list[str]:

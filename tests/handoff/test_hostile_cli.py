@@ -1,9 +1,11 @@
 """The operator commands under hard faults and hostile use: what `handoff upgrade` says when
-the old VMM dies during the handoff (who holds the guest now, checked against what happened)."""
+the old VMM dies during the handoff (who holds the guest now, checked against what happened),
+an unknown VM name, and output into a pipe its reader closed."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -144,3 +146,33 @@ def test_unknown_outcome_says_where_to_look() -> None:
     assert got.text.startswith("outcome unknown: the VMM disconnected")
     assert "handoff status web" in got.text and "log" in got.text
     assert "the old VMM (pid 10) is alive" in got.text
+
+
+# ---- item 9: an unknown name; a reader that closed the pipe
+
+
+def test_upgrade_of_an_unknown_name_says_there_is_no_such_vm_and_where_it_looked(
+    tmp_path: Path,
+) -> None:
+    rt = tmp_path / "rt"
+    rt.mkdir(mode=0o700)
+    env = {**os.environ, "HANDOFF_RUNTIME_DIR": str(rt)}
+    for command in ("upgrade", "status"):
+        done = run_cli(env, command, "nosuch")
+        out = done.stdout + done.stderr
+        assert done.returncode != 0
+        assert "no VM named nosuch" in out, out
+        assert str(rt) in out
+        assert "keeps running" not in out and "Traceback" not in out
+
+
+@pytest.mark.parametrize("command", [["status", "web"], ["list"], ["status", "web", "--json"]])
+def test_output_into_a_closed_pipe_exits_quietly(web: VmmProcess, command: list[str]) -> None:
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before a byte is written: as `| head -0`, deterministically
+    try:
+        done = run_cli(web.env, *command, stdout=w)
+    finally:
+        os.close(w)
+    assert done.stderr == "", done.stderr
+    assert done.returncode == 141  # 128 + SIGPIPE, what a shell shows for `head` closing early
