@@ -90,7 +90,9 @@ async def upgrade(
                     on_event(data)
                 if data.get("status") in ("completed", "failed"):
                     spawned = int(started.get("pid") or 0)
-                    took = int(data.get("peer-pid") or 0) if data["status"] == "completed" else 0
+                    took = 0  # the peer that took the guest, as the old VMM names it
+                    if data["status"] == "completed":
+                        took = int(data.get("successor-pid") or data.get("peer-pid") or 0)
                     data["successor-pid"] = seen.note(took) or spawned
                     data["spawned-pid"] = spawned
                     data["old-pid"] = seen.old_pid
