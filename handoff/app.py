@@ -489,6 +489,12 @@ class App:
     async def qmp_cont(self, args: dict[str, Any]) -> dict[str, Any]:
         if self.handoff_busy:
             raise QMPCommandError("a handoff is in progress; try again when it has finished")
+        if self.record.role == "source" and self.record.status == "completed":
+            # Resuming here would run a second copy of a guest that the successor runs now.
+            raise QMPCommandError(
+                f"the guest was handed off to the successor (pid {self.record.peer_pid}), "
+                "which runs it now; this VMM is exiting: send 'cont' to the successor"
+            )
         if self.vmm.status in ("guest-panicked", "shutdown"):
             raise QMPCommandError(f"the guest is {self.vmm.status}; it cannot continue")
         self.vmm.resume()
@@ -555,6 +561,10 @@ class App:
             or not all(isinstance(s, str) for s in exec_argv)
         ):
             raise QMPCommandError("'exec' must be a non-empty list: PROGRAM ARGS...")
+        for item in sets:
+            _check_set(item)
+        if exec_argv is not None:
+            _check_exec_program(exec_argv[0])
         copy_memory = self._copy_memory_arg(args)
         self._begin_handoff()
         token = secrets.token_hex(32).encode()
@@ -655,6 +665,42 @@ class App:
 
 #: Flags of a successor's command line that the upgrade itself sets (or must not pass on).
 UPGRADE_FLAGS = ("--incoming", "--uuid", "--token-file", "--token-fd")
+
+
+def _check_set(item: str) -> None:
+    """Refuse a `--set` that would name a flag the upgrade itself sets (or `help`, which
+    would only print the successor's help into this VMM's log), before anything starts.
+    A key names every flag it abbreviates, as the successor's parser would read it."""
+    key = item.partition("=")[0].strip().lstrip("-")
+    if not key:
+        return  # apply_sets says what is wrong with it
+    if "help".startswith(key):
+        raise QMPCommandError(
+            f"--set {item!r}: the successor would only print its help (into this VMM's log) "
+            "and exit; see `handoff run --help` for the flags --set may change"
+        )
+    for flag in UPGRADE_FLAGS:
+        if flag[2:].startswith(key):
+            raise QMPCommandError(
+                f"--set {item!r}: {flag} is set by the upgrade itself (for the successor it "
+                "starts); it cannot be changed with --set"
+            )
+
+
+def _check_exec_program(program: str) -> None:
+    """The program of `handoff upgrade --exec` must be an absolute path to an executable file:
+    a relative one would resolve against this VMM's working directory, not the caller's."""
+    if not os.path.isabs(program):
+        raise QMPCommandError(
+            f"'exec' program {program!r} is not an absolute path: it would resolve against "
+            "the running VMM's working directory; give its full path (`handoff upgrade` "
+            "resolves a relative one against the caller's directory)"
+        )
+    if not os.path.isfile(program) or not os.access(program, os.X_OK):
+        what = "is not an executable file" if os.path.exists(program) else "does not exist"
+        raise QMPCommandError(
+            f"'exec' program {program} {what}; nothing was started, the guest keeps running here"
+        )
 
 
 async def _end_successor(proc: subprocess.Popen[bytes], workdir: str) -> None:

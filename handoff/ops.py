@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -70,8 +71,9 @@ async def upgrade(
     data; `seen` is filled in as the pids become known."""
     seen = seen if seen is not None else UpgradeSeen()
     args: dict[str, Any] = {"set": list(sets)}
-    if exec_argv:
-        args["exec"] = list(exec_argv)
+    if exec_argv:  # resolved here, where the caller is: the VMM runs elsewhere (its cwd, PATH)
+        program = shutil.which(exec_argv[0]) or exec_argv[0]
+        args["exec"] = [os.path.abspath(program), *exec_argv[1:]]
     if copy_memory:
         args["copy-memory"] = True
     with trio.fail_after(timeout), waking_without_preempting():

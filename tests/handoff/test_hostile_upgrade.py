@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -22,7 +23,7 @@ from typing import Any
 import pytest
 import trio
 
-from handoff.qmp_client import QMPClient
+from handoff.qmp_client import QMPClient, QMPError
 from handoff.testing import VmmProcess, pid_alive
 
 NOBODY = 65534
@@ -406,3 +407,76 @@ async def test_sigterm_after_the_pause_passes_the_stop_to_the_successor(
     assert f"passed the stop on to the successor (pid {result['spawned']})" in log
     assert not os.path.exists(vmm.control)
     assert live_vms(kvmstub_daemon) == []
+
+
+# --- smaller holes (issue 14, item 9) ----------------------------------------------------------
+
+
+def private_dirs(vmm: VmmProcess) -> list[str]:
+    tmp = tempfile.gettempdir()
+    return sorted(e for e in os.listdir(tmp) if e.startswith(f"handoff-{vmm.name}-"))
+
+
+async def test_exec_of_a_missing_program_names_it_and_leaves_nothing_behind(
+    vmm_factory: Any, tmp_path: Path
+) -> None:
+    vmm = vmm_factory(mode="plain", vcpus=1)
+    await vmm.wait_lines()
+    pid = await vmm.pid()
+    before = private_dirs(vmm)
+    missing = str(tmp_path / "no-such-handoff")
+    for _ in range(2):
+        with pytest.raises(QMPError, match=f"{missing}.*does not exist"):
+            await vmm.qmp("upgrade", set=[], exec=[missing])
+    assert private_dirs(vmm) == before
+    # A relative program would resolve against the VMM's working directory: refused.
+    with pytest.raises(QMPError, match="not an absolute path"):
+        await vmm.qmp("upgrade", set=[], exec=["bin/handoff"])
+    assert private_dirs(vmm) == before
+    assert await vmm.pid() == pid
+
+
+async def test_the_cli_resolves_a_relative_exec_against_the_callers_directory(
+    vmm_factory: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vmm = vmm_factory(mode="plain", vcpus=1)
+    await vmm.wait_lines()
+    # A wrapper in the caller's directory that runs this program: found from there.
+    here = tmp_path / "caller"
+    here.mkdir()
+    wrapper = here / "handoff-wrapper"
+    wrapper.write_text(f"#!/bin/sh\nexec {sys.executable} -m handoff \"$@\"\n")
+    wrapper.chmod(0o755)
+    monkeypatch.chdir(here)
+    result = await vmm.upgrade([], ["./handoff-wrapper"])
+    assert result["status"] == "completed", (result, vmm.log())
+    assert f"starting successor: {wrapper} run" in vmm.log()
+
+
+@pytest.mark.parametrize(
+    ("item", "says"),
+    [
+        ("help=1", "help"),
+        ("h=", "help"),
+        ("incoming=", "--incoming is set by the upgrade itself"),
+        ("incoming=unix:/tmp/x.sock", "--incoming is set by the upgrade itself"),
+        ("token-file=", "--token-file is set by the upgrade itself"),
+        ("token-file=/etc/passwd", "--token-file is set by the upgrade itself"),
+        ("--token-fd=5", "--token-fd is set by the upgrade itself"),
+        ("uuid=", "--uuid is set by the upgrade itself"),
+        ("inc=unix:/tmp/x.sock", "--incoming is set by the upgrade itself"),
+    ],
+)
+async def test_a_set_that_names_a_flag_the_upgrade_controls_is_refused_before_spawning(
+    vmm_factory: Any, item: str, says: str
+) -> None:
+    vmm = vmm_factory(mode="plain", vcpus=1)
+    await vmm.wait_lines()
+    pid = await vmm.pid()
+    before = private_dirs(vmm)
+    with pytest.raises(QMPError, match=re.escape(says)):
+        await vmm.qmp("upgrade", set=[item])
+    assert "starting successor" not in vmm.log()
+    assert "usage:" not in vmm.log()
+    assert private_dirs(vmm) == before
+    assert await vmm.pid() == pid
