@@ -9,6 +9,7 @@ starts, with messages that name the value and what would be accepted.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import stat
@@ -167,6 +168,99 @@ def validate_name(name: str) -> str:
             "starting with a letter or digit"
         )
     return name
+
+
+# The serial log is often put in a shared directory (/tmp, /var/tmp), where another user could
+# plant a symbolic link (to make us append to a file of their choosing) or a file of their own
+# (to read or truncate what the guest prints). So the last component must not be a link, and a
+# regular file must be ours; a character device (/dev/null, a tty) only root can make.
+_SERIAL_LOG_FLAGS = (
+    os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY
+)
+
+
+def _serial_log_refusal(path: str, st: os.stat_result) -> str | None:
+    """Why an existing `path` with this stat cannot be the serial log, or None."""
+    if stat.S_ISLNK(st.st_mode):
+        return (
+            f"--serial-log {path} is a symbolic link: give the file's own path "
+            "(a link in a shared directory could point anywhere)"
+        )
+    if stat.S_ISDIR(st.st_mode):
+        return f"--serial-log {path} is a directory: name a file in it, e.g. {path}/serial.log"
+    if stat.S_ISCHR(st.st_mode):
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return f"--serial-log {path} is not a regular file (nor a character device)"
+    if st.st_uid != os.getuid():
+        return (
+            f"--serial-log {path} is owned by uid {st.st_uid}, not by us (uid {os.getuid()}): "
+            "remove it or pick another path"
+        )
+    return None
+
+
+def _serial_log_open_error(path: str, exc: OSError) -> str:
+    parent = os.path.dirname(path) or "."
+    if exc.errno == errno.ELOOP:
+        with contextlib.suppress(OSError):
+            refusal = _serial_log_refusal(path, os.lstat(path))
+            if refusal:
+                return refusal
+    if exc.errno == errno.EISDIR:
+        return f"--serial-log {path} is a directory: name a file in it, e.g. {path}/serial.log"
+    if exc.errno == errno.ENXIO:
+        return f"--serial-log {path} is not a regular file (nor a character device)"
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR) and not os.path.isdir(parent):
+        return f"--serial-log {path}: directory {parent} does not exist"
+    return f"--serial-log {path}: cannot open it for appending ({exc.strerror or exc})"
+
+
+def check_serial_log(path: str) -> str:
+    """Refuse a serial log path that `open_serial_log` would refuse, without creating it (a
+    successor's flags are checked in the running VMM before it starts the successor)."""
+    if not path:
+        raise ConfigError("--serial-log needs a file path")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        parent = os.path.dirname(path) or "."
+        if not os.path.isdir(parent):
+            raise ConfigError(f"--serial-log {path}: directory {parent} does not exist") from None
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError(
+                f"--serial-log {path}: cannot create it (directory {parent} is not writable)"
+            ) from None
+        return path
+    except OSError as exc:
+        raise ConfigError(_serial_log_open_error(path, exc)) from None
+    refusal = _serial_log_refusal(path, st)
+    if refusal:
+        raise ConfigError(refusal)
+    return path
+
+
+def open_serial_log(path: str) -> int:
+    """Open (or create, mode 640) the serial log for appending; return its fd.
+
+    Raises ConfigError for a symbolic link as the last component, a directory, a FIFO, a
+    socket, a missing directory, or a regular file another uid owns: checked on the open
+    file, so nothing can be swapped in between a check and the open.
+    """
+    try:
+        # O_NONBLOCK: a FIFO planted there must not block us until someone reads it.
+        fd = os.open(path, _SERIAL_LOG_FLAGS | os.O_NONBLOCK, 0o640)
+    except OSError as exc:
+        raise ConfigError(_serial_log_open_error(path, exc)) from None
+    try:
+        refusal = _serial_log_refusal(path, os.fstat(fd))
+        if refusal:
+            raise ConfigError(refusal)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def read_token(path: str) -> bytes:

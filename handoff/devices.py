@@ -13,6 +13,8 @@ import msgspec
 
 from kvmstub import uapi
 
+from .config import open_serial_log
+
 SUM_MASK = 0xFFFF_FFFF
 
 
@@ -49,7 +51,7 @@ class Serial:
         # after it (whose gap_us holds the pause the guest saw) can be found.
         self.last_seq: dict[int, int] = {}
         if path is not None:
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            self._fd = open_serial_log(path)
 
     def write(self, data: bytes) -> None:
         buf = self._partial + data
