@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import secrets
+import select
 import shutil
 import signal
 import socket
@@ -265,9 +266,37 @@ class App:
         await self.vmm.context_lost.wait()
         if self.record.status in ("device", "completed"):
             return  # our own handoff moved it: expected
-        log.error("this VM lost the guest's context (another VMM holds it now); exiting")
+        # KVM_RUN says EIO both when another VM took the context and when kvmstub is gone:
+        # only in the second case has kvmstub closed our connections.
+        if await self._kvmstub_gone():
+            log.error(
+                "kvmstub (%s) is gone: it closed this VMM's connections, and the guest it ran "
+                "with them; exiting",
+                self.flags.kvm,
+            )
+        else:
+            log.error("this VM lost the guest's context (another VMM holds it now); exiting")
         self.exit_code = 3
         self.finished.set()
+
+    async def _kvmstub_gone(self, within: float = 0.5) -> bool:
+        """Whether kvmstub hung up on this VMM's VM fd (the daemon exited or was killed).
+        A dying daemon's fds close one by one: the vCPU's that reported EIO may close a
+        moment before this one, so it is given `within` seconds to hang up too."""
+        vm = self.vmm.vm
+        if vm is None:
+            return False
+        try:
+            poller = select.poll()
+            poller.register(vm.fileno(), select.POLLRDHUP)
+        except OSError:
+            return False
+        hung_up = select.POLLHUP | select.POLLRDHUP | select.POLLERR
+        with trio.move_on_after(within):
+            while not any(ev & hung_up for _, ev in poller.poll(0)):
+                await trio.sleep(0.01)
+            return True
+        return False
 
     async def _watch_signals(self, *, task_status: trio.TaskStatus[None]) -> None:
         """SIGTERM (systemctl stop) and SIGINT stop the VM cleanly, wherever the guest is:
@@ -448,6 +477,8 @@ class App:
             "memory": self.cfg.memory,
             "uptime": round(time.time() - self.started, 3),
             "hardening": self.hardening,
+            # The guest's output the serial log could not take (a full disk, an I/O error).
+            "serial-log": self.vmm.devices.serial.status(),
         }
 
     async def qmp_query_name(self, args: dict[str, Any]) -> dict[str, Any]:

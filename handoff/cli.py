@@ -157,7 +157,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     h.add_argument(
         "--serial-log",
         default=None,
-        help="append the guest's serial lines to this file (flushed per line)",
+        help="append the guest's serial lines to this file (flushed per line; not a symlink, "
+        "not a file another uid owns); lines it cannot take (a full disk) are dropped, counted "
+        "in query-status and warned about, and the guest runs on",
     )
     h.add_argument(
         "--incoming",

@@ -7,13 +7,21 @@ Their state is what a handoff must carry besides the guest's own CPU and memory 
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
+import math
 import os
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import msgspec
 
 from kvmstub import uapi
 
 from .config import open_serial_log
+
+log = logging.getLogger("handoff.devices")
 
 SUM_MASK = 0xFFFF_FFFF
 
@@ -34,24 +42,71 @@ class DeviceState(msgspec.Struct, frozen=True):
         return tuple(int.from_bytes(blob[i : i + 4], "little") for i in range(0, len(blob), 4))
 
 
+class LogFile(Protocol):
+    """Where the serial device writes its lines: `write` as `os.write` (may write less)."""
+
+    def write(self, data: bytes | memoryview) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class _FdLog:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def write(self, data: bytes | memoryview) -> int:
+        return os.write(self.fd, data)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # a failing file system must not stop a shutdown
+            os.close(self.fd)
+
+
+# While the serial log keeps failing, at most one warning in this many seconds (the first
+# failure of an outage is warned about at once).
+WARN_EVERY = 10.0
+
+
 class Serial:
     """The 16550 at 0x3f8, reduced to what the guest uses: whole lines, appended to a log.
 
     The log is opened in append mode and flushed per line, so a successor VMM appending to the
     same path continues the same file, and a crash loses at most the line being written.
+
+    A log that fails (a full disk, a file over its size limit, an I/O error) never stops the
+    guest: the line is dropped and counted (`status()`, in query-status), a warning says so
+    (rate-limited), and the next line tries again, so writing resumes when the file takes
+    writes again. Each line costs one write attempt, failing or not.
     """
 
-    def __init__(self, path: str | None) -> None:
+    def __init__(
+        self,
+        path: str | None,
+        *,
+        out: LogFile | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.path = path
-        self._fd: int | None = None
+        self._out: LogFile | None = out
         self._partial = b""
         self.lines = 0
         self.panicked: str | None = None
         # The last seq each vCPU printed: a handoff records it at the pause, so the first line
         # after it (whose gap_us holds the pause the guest saw) can be found.
         self.last_seq: dict[int, int] = {}
-        if path is not None:
-            self._fd = open_serial_log(path)
+        # Output the log could not take: totals, the current error (None while writes work),
+        # and what was dropped since the last warning.
+        self.lost_bytes = 0
+        self.lost_lines = 0
+        self.error: str | None = None
+        self._torn = False  # a short write left part of a line, without its newline, in the log
+        self._clock = clock
+        self._warned_at = -math.inf
+        self._outage_warned = False
+        self._unwarned_bytes = 0
+        self._unwarned_lines = 0
+        if out is None and path is not None:
+            self._out = _FdLog(open_serial_log(path))
 
     def write(self, data: bytes) -> None:
         buf = self._partial + data
@@ -65,13 +120,89 @@ class Serial:
                         self.last_seq[int(fields[0][5:])] = int(fields[1][4:])
             elif line.startswith(b"PANIC") and self.panicked is None:
                 self.panicked = line.decode("ascii", "replace")
-            if self._fd is not None:
-                os.write(self._fd, line + b"\n")
+            if self._out is not None:
+                self._append(line + b"\n")
+
+    def _append(self, data: bytes) -> None:
+        assert self._out is not None
+        # After a torn line, a newline first: the piece stays a line of its own.
+        lead = b"\n" if self._torn else b""
+        buf = memoryview(lead + data)
+        done = 0
+        try:
+            while done < len(buf):
+                n = self._out.write(buf[done:])
+                if n <= 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                done += n
+        except OSError as exc:
+            if done:
+                self._torn = buf[done - 1] != ord("\n")
+            self._dropped(len(data) - max(0, done - len(lead)), exc)
+            return
+        self._torn = False
+        if self.error is not None:
+            self._resumed()
+
+    def _dropped(self, nbytes: int, exc: OSError) -> None:
+        self.lost_bytes += nbytes
+        self.lost_lines += 1
+        self._unwarned_bytes += nbytes
+        self._unwarned_lines += 1
+        self.error = exc.strerror or str(exc)
+        now = self._clock()
+        if now - self._warned_at < WARN_EVERY:
+            return
+        if not self._outage_warned:
+            log.warning(
+                "serial log %s: cannot write (%s): the guest keeps running; its output is "
+                "dropped and counted (query-status) until the file takes writes again",
+                self.path,
+                self.error,
+            )
+        else:
+            log.warning(
+                "serial log %s: still cannot write (%s): %d lines (%d bytes) dropped since "
+                "the last warning, %d lines (%d bytes) in all",
+                self.path,
+                self.error,
+                self._unwarned_lines,
+                self._unwarned_bytes,
+                self.lost_lines,
+                self.lost_bytes,
+            )
+        self._warned_at = now
+        self._outage_warned = True
+        self._unwarned_bytes = self._unwarned_lines = 0
+
+    def _resumed(self) -> None:
+        if self._outage_warned:
+            log.warning(
+                "serial log %s: writing again; %d lines (%d bytes) of guest output were "
+                "dropped in all",
+                self.path,
+                self.lost_lines,
+                self.lost_bytes,
+            )
+            self._outage_warned = False
+            self._unwarned_bytes = self._unwarned_lines = 0
+        self.error = None
+
+    def status(self) -> dict[str, Any] | None:
+        """For query-status: the log's path, the output it lost, and why (None: it works)."""
+        if self.path is None and self._out is None:
+            return None
+        return {
+            "path": self.path,
+            "lost-bytes": self.lost_bytes,
+            "lost-lines": self.lost_lines,
+            "error": self.error,
+        }
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self._out is not None:
+            self._out.close()
+            self._out = None
 
 
 class Doorbell:
