@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 import uuid
@@ -93,6 +94,7 @@ def describe_from(
     proof: bytes = b"",
     *,
     copy_memory: bool = False,
+    handoff_id: str = "",
 ) -> protocol.Describe:
     slots = tuple(
         protocol.MemfdSlot(slot=s.slot, guest_phys_addr=s.guest_phys_addr, size=s.size, offset=0)
@@ -111,6 +113,10 @@ def describe_from(
         "control": flags.control or "",
         "serial_log": flags.serial_log or "",
     }
+    if handoff_id:
+        # So that both sides log the handoff under one id. A host flag, which every protocol
+        # version carries and an older target ignores.
+        host[HANDOFF_ID_FLAG] = handoff_id
     return protocol.Describe(
         vcpus=cfg.vcpus,
         memory_bytes=cfg.memory,
@@ -124,6 +130,16 @@ def describe_from(
         proof=proof,
         copy_memory=copy_memory,
     )
+
+
+HANDOFF_ID_FLAG = "handoff_id"
+_HANDOFF_ID_RE = re.compile(r"^[0-9a-f]{8,32}$")
+
+
+def handoff_id_of(d: protocol.Describe) -> str | None:
+    """The source's id for this handoff, if it sent a well-formed one."""
+    hid = d.host_flags.get(HANDOFF_ID_FLAG, "")
+    return hid if _HANDOFF_ID_RE.match(hid) else None
 
 
 def guest_config_of(d: protocol.Describe) -> GuestConfig:

@@ -298,7 +298,7 @@ async def _hand_off(
             assert app.control_sock is not None
             describe = messages.describe_from(
                 vmm.cfg, flags, vmm.sev, vmm.measurement, messages.source_proof(conn, token),
-                copy_memory=copy_memory,
+                copy_memory=copy_memory, handoff_id=rec.id,
             )  # fmt: skip
             memfds = [] if copy_memory else vmm.memfds
             await peer.send(describe, [*memfds, app.control_sock.fileno()])

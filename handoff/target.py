@@ -191,6 +191,7 @@ async def _receive(app: App, chan: Channel, nursery: trio.Nursery) -> bool:
         await peer.send(hello)
         rec.protocol = conn.version or 0
         describe, fds = await peer.receive(protocol.Describe)
+        rec.id = messages.handoff_id_of(describe) or rec.id  # one id on both sides
         await app.faults.point("target", "describe", peer)
         with fds:
             try:

@@ -480,3 +480,21 @@ async def test_a_set_that_names_a_flag_the_upgrade_controls_is_refused_before_sp
     assert "usage:" not in vmm.log()
     assert private_dirs(vmm) == before
     assert await vmm.pid() == pid
+
+
+HANDOFF_LINE = re.compile(r"handoff (\w+) completed: .* role (source|target), protocol (\d)")
+
+
+@pytest.mark.parametrize("protocol", [2, 1])
+async def test_source_and_target_log_one_id_for_one_handoff(
+    vmm_factory: Any, protocol: int
+) -> None:
+    vmm = vmm_factory(mode="sev", vcpus=1)
+    await vmm.wait_lines()
+    result = await vmm.upgrade([f"max-protocol={protocol}"])
+    assert result["status"] == "completed", vmm.log()
+    await vmm.settle()
+    ids = {role: (hid, int(p)) for hid, role, p in HANDOFF_LINE.findall(vmm.log())}
+    assert ids["source"] == ids["target"] == (result["id"], protocol), vmm.log()
+    handoff = await vmm.qmp("query-handoff")
+    assert handoff["role"] == "target" and handoff["id"] == result["id"]
