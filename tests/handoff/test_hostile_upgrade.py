@@ -498,3 +498,14 @@ async def test_source_and_target_log_one_id_for_one_handoff(
     assert ids["source"] == ids["target"] == (result["id"], protocol), vmm.log()
     handoff = await vmm.qmp("query-handoff")
     assert handoff["role"] == "target" and handoff["id"] == result["id"]
+
+
+async def test_a_vmm_whose_kvmstub_died_says_so(vmm_factory: Any, kvmstub_daemon: Any) -> None:
+    vmm = vmm_factory(mode="plain", vcpus=2)
+    await vmm.wait_lines()
+    kvmstub_daemon.process.kill()
+    kvmstub_daemon.process.wait()
+    assert await wait_gone(vmm.pids) == []
+    log = vmm.log()
+    assert "kvmstub" in log and "is gone" in log, log
+    assert "another VMM holds it now" not in log
