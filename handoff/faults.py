@@ -31,7 +31,10 @@ STEPS = {
     "source": ("hello", "describe", "prepared", "paused", "switchover", "moved", "commit"),
     "target": ("hello", "describe", "prepared", "switchover", "moved", "commit", "resumed"),
 }
-ACTIONS = ("crash", "hang", "slow", "exit", "close", "garbage", "truncated", "extra-fds")
+ACTIONS = ("crash", "hang", "exit", "close", "garbage", "truncated", "extra-fds")
+# Not a fault (the handoff goes on and completes), so not in the chaos matrix of ACTIONS: it
+# holds a step's window open for a test (a signal in the blackout, say).
+DELAYS = ("slow",)
 SLOW_SECONDS = 1.0
 """How long the `slow` action holds its step: well within any --handoff-timeout."""
 
@@ -49,8 +52,8 @@ def parse(spec: str) -> tuple[str, str, str]:
         raise FaultSpecError(f"fault role {role!r}: use one of {', '.join(ROLES)}")
     if step not in STEPS[role]:
         raise FaultSpecError(f"fault step {step!r} for {role}: use one of {', '.join(STEPS[role])}")
-    if action not in ACTIONS:
-        raise FaultSpecError(f"fault action {action!r}: use one of {', '.join(ACTIONS)}")
+    if action not in ACTIONS + DELAYS:
+        raise FaultSpecError(f"fault action {action!r}: use one of {', '.join(ACTIONS + DELAYS)}")
     return role, step, action
 
 
