@@ -97,6 +97,33 @@ def _remove_private_dir(path: str, token_file: str | None, *, spawned: bool) -> 
         os.rmdir(directory)  # only if empty: nothing else is ever removed
 
 
+def _ancestors() -> list[int]:
+    """This process's parent, its parent, and so on (from /proc)."""
+    out: list[int] = []
+    pid = os.getppid()
+    while pid > 1 and pid not in out:
+        out.append(pid)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return out
+
+
+def _check_spawner(source_pid: int) -> None:
+    """A successor spawned by an upgrade (its token came on an inherited fd) takes a guest
+    only from the VMM that started it, an ancestor of ours (its child, or a wrapper's): a
+    process of the same uid that read the token (from the pipe, through /proc, before we
+    did) must not hand us a guest of its own."""
+    if source_pid not in _ancestors():
+        raise CredentialsRefused(
+            f"source process {source_pid} did not start this VMM: a successor spawned by "
+            "`handoff upgrade` takes a guest only from the VMM that started it",
+            pid=source_pid,
+        )
+
+
 async def _refuse_others(listener: Listener, max_version: int) -> None:
     """One handoff at a time: a second source gets a clear refusal, not a hang."""
     while True:
@@ -158,6 +185,8 @@ async def _receive(app: App, chan: Channel, nursery: trio.Nursery) -> bool:
     rec.begin("target")
     try:
         creds = chan.check_peer(flags.allowed_uids())
+        if flags.token_fd is not None:
+            _check_spawner(creds.pid)
     except CredentialsRefused as exc:
         log.error("%s", exc)
         conn = protocol.HandoffConnection(protocol.Role.TARGET, max_version=flags.max_protocol)

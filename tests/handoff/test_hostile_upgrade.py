@@ -509,3 +509,58 @@ async def test_a_vmm_whose_kvmstub_died_says_so(vmm_factory: Any, kvmstub_daemon
     log = vmm.log()
     assert "kvmstub" in log and "is gone" in log, log
     assert "another VMM holds it now" not in log
+
+
+_TOKEN_HOLDER_SOURCE = r"""
+import json, secrets, socket, sys, uuid
+from handoff import protocol
+path, token = sys.argv[1], sys.argv[2].encode()
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.settimeout(20)
+s.connect(path)
+conn = protocol.HandoffConnection(protocol.Role.SOURCE)
+s.send(conn.send(conn.make_hello(vm_name="vm", vm_uuid=uuid.uuid4(),
+                                  nonce=secrets.token_bytes(32),
+                                  features=(protocol.TOKEN_FEATURE,))))
+msg = protocol.decode(s.recv(1 << 16))
+print(json.dumps({"type": type(msg).__name__, "reason": getattr(msg, "reason", "")}))
+"""
+
+
+async def test_a_spawned_successor_takes_a_guest_only_from_the_vmm_that_started_it(
+    tmp_path: Path, kvmstub_daemon: Any
+) -> None:
+    """Even with the token (read from its pipe through /proc, say), a process of the same uid
+    that is not the successor's ancestor cannot hand it a guest of its own."""
+    token = b"t" * 64
+    read_end, write_end = os.pipe()
+    os.write(write_end, token)
+    os.close(write_end)
+    directory = tmp_path / "in"
+    directory.mkdir(mode=0o700)
+    path = directory / "incoming.sock"
+    log_path = tmp_path / "successor.log"
+    with open(log_path, "wb") as log:
+        successor = subprocess.Popen(
+            [sys.executable, "-m", "handoff", "run", "--kvm", str(kvmstub_daemon.socket),
+             "--control", str(tmp_path / "c.qmp"), "--memory", "64M", "--handoff-timeout", "3",
+             "--incoming", f"unix:{path}", "--token-fd", str(read_end)],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL, pass_fds=(read_end,),
+        )  # fmt: skip
+    os.close(read_end)
+    try:
+        with trio.fail_after(30):
+            while not path.exists():
+                await trio.sleep(0.01)
+        done = subprocess.run(
+            [sys.executable, "-c", _TOKEN_HOLDER_SOURCE, str(path), token.decode()],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        seen = json.loads(done.stdout)
+        assert seen["type"] == "Refuse", (seen, log_path.read_text())
+        assert "did not start this VMM" in seen["reason"]
+        assert successor.wait(30) == 1
+    finally:
+        successor.kill()
+        successor.wait()
