@@ -51,10 +51,15 @@ __all__ = [
     "Listener",
     "OwnedFds",
     "PeerCredentials",
+    "bind_owned",
     "bind_unix_socket",
+    "check_directory",
     "connect",
+    "file_identity",
     "listen",
+    "socket_answers",
     "socketpair",
+    "unlink_if_same",
 ]
 
 #: The kernel's SCM_MAX_FD: the most fds one sendmsg can carry.
@@ -496,11 +501,13 @@ class Channel:
 class Listener:
     """A listening handoff socket at `path`. Closing it removes its file (if still its own)."""
 
-    def __init__(self, sock: socket.socket, path: Path) -> None:
+    def __init__(
+        self, sock: socket.socket, path: Path, identity: tuple[int, int] | None = None
+    ) -> None:
         sock.setblocking(False)
         self._sock = sock
         self.path = path
-        self._inode = os.stat(path).st_ino
+        self._identity = identity if identity is not None else file_identity(path)
         self._closed = False
 
     def fileno(self) -> int:
@@ -538,9 +545,7 @@ class Listener:
         if self._closed:
             return
         self._closed = True
-        with contextlib.suppress(OSError):
-            if os.stat(self.path).st_ino == self._inode:
-                os.unlink(self.path)
+        unlink_if_same(self.path, self._identity)
         trio.lowlevel.notify_closing(self._sock)
         self._sock.close()
 
@@ -563,9 +568,10 @@ class Listener:
         return f"<Listener {self.path}>"
 
 
-def _secure_directory(directory: Path) -> None:
-    """Create `directory` (mode 0700) if missing; refuse it if others can reach into it."""
-    if not directory.exists():
+def _secure_directory(directory: Path, *, create: bool = True) -> None:
+    """Create `directory` (mode 0700) if missing and `create`; refuse it if another uid owns
+    it or others can reach into it (a missing directory is fine when not `create`)."""
+    if create and not directory.exists():
         try:
             directory.mkdir(mode=0o700, parents=True)
         except FileExistsError:
@@ -576,6 +582,10 @@ def _secure_directory(directory: Path) -> None:
             ) from exc
     try:
         st = os.stat(directory)
+    except FileNotFoundError:
+        if not create:
+            return
+        raise Refused(f"the socket directory {directory} vanished as it was created") from None
     except OSError as exc:
         raise Refused(f"cannot inspect the socket directory {directory}: {_reason(exc)}") from exc
     if not stat.S_ISDIR(st.st_mode):
@@ -595,42 +605,90 @@ def _secure_directory(directory: Path) -> None:
         )
 
 
+def check_directory(directory: str | os.PathLike[str]) -> None:
+    """Refuse an existing `directory` that another uid owns or others can reach (the rule
+    every socket's directory follows); a missing one is fine (it will be created 0700).
+
+    Raises:
+        Refused: what is wrong with it and what to do.
+    """
+    _secure_directory(Path(directory).absolute(), create=False)
+
+
+def file_identity(path: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of the file at `path` itself (not a symlink's target), or None."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def unlink_if_same(path: str | os.PathLike[str], identity: tuple[int, int] | None) -> bool:
+    """Remove the socket file at `path` only if it is still the inode `identity` (the one this
+    process bound or took over): never another process's socket that replaced it, nor a file
+    or directory put there since."""
+    if identity is None:
+        return False
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISSOCK(st.st_mode) or (st.st_dev, st.st_ino) != identity:
+            return False
+        os.unlink(path)
+    except OSError:
+        return False
+    return True
+
+
+def socket_answers(path: str | os.PathLike[str], sock_type: int = socket.SOCK_STREAM) -> bool:
+    """Whether something listens on the socket at `path`; True for anything at `path` that is
+    not a socket file (so that a caller never removes it as stale)."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return True
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    probe = socket.socket(socket.AF_UNIX, sock_type | socket.SOCK_CLOEXEC)
+    probe.setblocking(False)
+    try:
+        probe.connect(os.fspath(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:
+        return True  # EAGAIN (backlog full), EPROTOTYPE (another kind of socket): alive
+    finally:
+        probe.close()
+    return True
+
+
 def _remove_if_stale(path: Path, sock_type: int) -> None:
     """Remove a socket file that nothing answers on; refuse to touch anything else."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return
+    if stat.S_ISDIR(st.st_mode):
+        raise Refused(f"{path} is a directory; give the socket's own path, not its directory")
     if not stat.S_ISSOCK(st.st_mode):
-        raise Refused(f"{path} exists and is not a socket; refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, sock_type)
-    probe.setblocking(False)
-    try:
-        probe.connect(str(path))
-    except ConnectionRefusedError:
-        os.unlink(path)  # a leftover of a process that died: nothing listens
-        return
-    except FileNotFoundError:
-        return  # removed meanwhile
-    except OSError:
-        pass  # EAGAIN (backlog full), EPROTOTYPE (another kind of socket): something is alive
-    finally:
-        probe.close()
-    raise Refused(f"another process is already listening on {path}; stop it or choose another path")
+        raise Refused(
+            f"{path} exists and is not a socket; refusing to replace it (move it away or "
+            "choose another path)"
+        )
+    if socket_answers(path, sock_type):
+        raise Refused(
+            f"another process is already listening on {path}; stop it or choose another path"
+        )
+    # A leftover of a process that died: nothing listens. Remove that very inode only.
+    unlink_if_same(path, (st.st_dev, st.st_ino))
 
 
-def bind_unix_socket(
+def bind_owned(
     path: str | os.PathLike[str], sock_type: int, backlog: int = 16
-) -> socket.socket:
-    """A listening AF_UNIX socket at `path`, placed safely in the file system.
-
-    The parent directory is created with mode 0700 if missing and refused if it is reachable by
-    other users or owned by another uid; the socket file gets mode 0600; an existing socket file
-    is removed only if nothing answers on it.
-
-    Raises:
-        Refused: the directory is unsafe, the path is taken, or binding failed (with the reason).
-    """
+) -> tuple[socket.socket, tuple[int, int]]:
+    """`bind_unix_socket`, plus the (st_dev, st_ino) of the socket file it created: remove
+    it later with `unlink_if_same`, so that only this very file is ever removed."""
     path = Path(path).absolute()
     if len(os.fsencode(path)) > _SUN_PATH_MAX:
         raise Refused(
@@ -645,12 +703,28 @@ def bind_unix_socket(
         # its first moment, not the umask's mode until a chmod after bind.
         os.fchmod(sock.fileno(), 0o600)
         sock.bind(str(path))
+        st = os.lstat(path)
         os.chmod(path, 0o600)  # (kept: a kernel that ignores the inode's mode)
         sock.listen(backlog)
     except OSError as exc:
         sock.close()
         raise Refused(f"cannot listen on {path}: {_reason(exc)}") from exc
-    return sock
+    return sock, (st.st_dev, st.st_ino)
+
+
+def bind_unix_socket(
+    path: str | os.PathLike[str], sock_type: int, backlog: int = 16
+) -> socket.socket:
+    """A listening AF_UNIX socket at `path`, placed safely in the file system.
+
+    The parent directory is created with mode 0700 if missing and refused if it is reachable by
+    other users or owned by another uid; the socket file gets mode 0600; an existing socket file
+    is removed only if nothing answers on it (anything else there is refused, never removed).
+
+    Raises:
+        Refused: the directory is unsafe, the path is taken, or binding failed (with the reason).
+    """
+    return bind_owned(path, sock_type, backlog)[0]
 
 
 async def listen(path: str | os.PathLike[str], backlog: int = 16) -> Listener:
@@ -660,8 +734,8 @@ async def listen(path: str | os.PathLike[str], backlog: int = 16) -> Listener:
         Refused: the directory is unsafe or the path is taken.
     """
     await trio.lowlevel.checkpoint()
-    sock = bind_unix_socket(path, socket.SOCK_SEQPACKET, backlog)
-    return Listener(sock, Path(path).absolute())
+    sock, identity = bind_owned(path, socket.SOCK_SEQPACKET, backlog)
+    return Listener(sock, Path(path).absolute(), identity)
 
 
 async def connect(path: str | os.PathLike[str]) -> Channel:

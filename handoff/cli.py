@@ -34,14 +34,35 @@ from .config import (
 
 
 def runtime_dir() -> str:
-    """The host-wide directory where each VMM keeps its control socket under its VM name."""
+    """The host-wide directory where each VMM keeps its control socket under its VM name.
+
+    Checked as every socket's directory is (owned by this uid, mode 0700): another user who
+    made it first could replace a VMM's socket with a fake one. A missing one is fine (`handoff
+    run` creates it, 0700).
+
+    Raises:
+        ConfigError: it exists but is unsafe; the message says what to fix.
+    """
     if os.environ.get("HANDOFF_RUNTIME_DIR"):
-        return os.environ["HANDOFF_RUNTIME_DIR"]
-    if os.getuid() == 0:
-        return "/run/handoff"
-    if os.environ.get("XDG_RUNTIME_DIR"):
-        return os.path.join(os.environ["XDG_RUNTIME_DIR"], "handoff")
-    return f"/tmp/handoff-{os.getuid()}"
+        path, origin = os.environ["HANDOFF_RUNTIME_DIR"], "$HANDOFF_RUNTIME_DIR"
+    elif os.getuid() == 0:
+        path, origin = "/run/handoff", "the default for root"
+    elif os.environ.get("XDG_RUNTIME_DIR"):
+        path = os.path.join(os.environ["XDG_RUNTIME_DIR"], "handoff")
+        origin = "the default under $XDG_RUNTIME_DIR"
+    else:
+        path, origin = f"/tmp/handoff-{os.getuid()}", "the default without $XDG_RUNTIME_DIR"
+    from .channel import check_directory
+    from .errors import Refused
+
+    try:
+        check_directory(path)
+    except Refused as exc:
+        raise ConfigError(
+            f"unsafe runtime directory {path} ({origin}): {exc}. Set HANDOFF_RUNTIME_DIR to a "
+            "directory of your own (mode 0700), or remove this one if it is not yours"
+        ) from None
+    return path
 
 
 def _int_in(lo: int, hi: int, what: str) -> Callable[[str], int]:

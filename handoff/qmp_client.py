@@ -23,6 +23,10 @@ import collections
 import itertools
 import logging
 import os
+import pwd
+import socket
+import stat
+import struct
 from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Self
@@ -30,9 +34,11 @@ from typing import Any, Self
 import msgspec
 import trio
 
-__all__ = ["QMPClient", "QMPConnectionError", "QMPError", "QMPEvent"]
+__all__ = ["QMPClient", "QMPConnectionError", "QMPError", "QMPEvent", "check_socket_place"]
 
 log = logging.getLogger(__name__)
+
+_UCRED = struct.Struct("iII")  # struct ucred: pid_t pid; uid_t uid; gid_t gid
 
 #: Longest reply line accepted from the server.
 MAX_REPLY = 16 * 1024 * 1024
@@ -76,6 +82,75 @@ class _Pending:
         self.error: QMPError | None = None
 
 
+def _user(uid: int) -> str:
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _trusted_uids() -> tuple[int, int]:
+    return os.geteuid(), 0
+
+
+def check_socket_place(path: str) -> None:
+    """Before talking to the control socket at `path`: it must be a socket owned by us (or
+    root) in a directory that only we (or root) can change. Otherwise another user may have
+    put a fake VMM there, whose answers a client would print as the VM's. A missing socket is
+    left to connect() to report.
+
+    Raises:
+        QMPConnectionError: who owns what, and what to do.
+    """
+    mine = _trusted_uids()
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise QMPConnectionError(f"cannot inspect the control socket {path}: {exc}") from exc
+    if not stat.S_ISSOCK(st.st_mode):
+        raise QMPConnectionError(f"{path} is not a socket, so not a VMM's control socket")
+    if st.st_uid not in mine:
+        raise QMPConnectionError(
+            f"the control socket {path} is owned by {_user(st.st_uid)}, not by you "
+            f"({_user(os.geteuid())}) or root: another user may have put a fake VMM there; "
+            "refusing to talk to it (check who runs that VM and who owns its directory)"
+        )
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        dst = os.stat(directory)
+    except OSError as exc:
+        raise QMPConnectionError(f"cannot inspect {directory}: {exc}") from exc
+    if dst.st_uid not in mine:
+        raise QMPConnectionError(
+            f"the control socket's directory {directory} is owned by {_user(dst.st_uid)}, "
+            f"not by you ({_user(os.geteuid())}) or root, who could replace the socket; "
+            "refusing to talk to it (use a runtime directory of your own, mode 0700)"
+        )
+    if dst.st_mode & 0o022 and not dst.st_mode & stat.S_ISVTX:
+        raise QMPConnectionError(
+            f"the control socket's directory {directory} has mode "
+            f"{stat.S_IMODE(dst.st_mode):04o}: others can replace the socket in it; refusing "
+            f"to talk to it (run `chmod 700 {directory}` or use a private directory)"
+        )
+
+
+def _check_server(stream: trio.SocketStream, where: str) -> None:
+    """The process listening there must run as us (or root): the kernel's record of it, not
+    the file's owner (a socket can be renamed into place)."""
+    try:
+        raw = stream.socket.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    except OSError:
+        return  # not a Unix socket with credentials (a test double): the file checks held
+    pid, uid, _gid = _UCRED.unpack(raw)
+    if uid not in _trusted_uids():
+        raise QMPConnectionError(
+            f"the control socket {where} is served by process {pid} running as {_user(uid)}, "
+            f"not by you ({_user(os.geteuid())}) or root: refusing to talk to it"
+        )
+
+
 class QMPClient:
     """A negotiated QMP session over a connected stream. Create it with `QMPClient.connect`."""
 
@@ -98,6 +173,7 @@ class QMPClient:
             QMPConnectionError: nothing listens there, or it is not a QMP server.
         """
         where = os.fspath(path)
+        check_socket_place(where)
         try:
             stream = await trio.open_unix_socket(where)
         except OSError as exc:
@@ -106,6 +182,11 @@ class QMPClient:
                 f"cannot connect to the control socket {where}: {reason} "
                 f"(is a VMM running with --control {where}?)"
             ) from exc
+        try:
+            _check_server(stream, where)
+        except BaseException:
+            await stream.aclose()
+            raise
         client = cls(stream, {})
         try:
             greeting = await client._read_message()

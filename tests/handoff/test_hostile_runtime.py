@@ -1,0 +1,195 @@
+"""Hostile neighbours in the file system (issue 14, items 2, 4 and 5): a runtime directory or a
+control socket that another uid planted, a successor renamed onto another VM, a name run twice,
+and a VMM that must remove only the socket it bound itself.
+
+The tests with another uid run real processes under it (`setpriv`), and are skipped unless
+this runs as root."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from handoff import runtime
+from handoff.channel import bind_unix_socket
+from handoff.cli import strip_flags
+from handoff.qmp_client import QMPClient, QMPConnectionError
+from handoff.testing import PROGRAM, VmmProcess
+
+NOBODY = 65534
+OTHER_USER = 54321  # a uid with no account: the "ordinary user" who runs `handoff`
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="runs processes under other uids (setpriv): needs root",
+)
+
+
+def as_uid(uid: int) -> list[str]:
+    return ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+
+
+@pytest.fixture
+def shared() -> Iterator[Path]:
+    """A world-writable sticky directory, as /tmp is (short: socket paths are limited)."""
+    path = Path(tempfile.mkdtemp(prefix="hr-"))
+    path.chmod(0o1777)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def vmms(kvmstub_daemon: Any) -> Iterator[list[VmmProcess]]:
+    made: list[VmmProcess] = []
+    yield made
+    for vmm in made:
+        vmm.kill_all()
+
+
+def start(
+    made: list[VmmProcess], tmp_path: Path, kvm: Any, name: str, *, by_name: bool = False
+) -> VmmProcess:
+    """A VM in tmp_path/run; `by_name`: without --control (its path from the runtime dir)."""
+    vmm = VmmProcess(tmp_path, kvm.socket, name=name, vcpus=1, memory="32M")
+    if by_name:
+        vmm.argv = strip_flags(vmm.argv, ["--control"])
+    made.append(vmm)
+    vmm.start()
+    return vmm
+
+
+def handoff_cli(
+    env: dict[str, str], *args: str, prefix: list[str] | None = None, timeout: float = 60
+) -> Any:
+    return subprocess.run(
+        [*(prefix or []), *PROGRAM, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd="/",
+    )
+
+
+async def wait_entry(path: Path, pid: int) -> runtime.VmEntry:
+    with trio.fail_after(10):
+        while True:
+            entries = [i.entry for i in runtime.list_vms(str(path.parent))]
+            for entry in entries:
+                if runtime.entry_path(entry.control) == str(path) and entry.pid == pid:
+                    return entry
+            await trio.sleep(0.02)
+
+
+# -- item 2: directories and sockets another uid owns ---------------------------------------------
+
+
+@needs_root
+def test_run_refuses_a_runtime_directory_another_uid_created(
+    shared: Path, kvmstub_daemon: Any
+) -> None:
+    planted = shared / "rt"
+    subprocess.run([*as_uid(NOBODY), "mkdir", "-m", "0700", str(planted)], check=True)
+    env = {**os.environ, "HANDOFF_RUNTIME_DIR": str(planted)}
+    done = handoff_cli(
+        env,
+        "run",
+        "--name",
+        "web",
+        "--kvm",
+        str(kvmstub_daemon.socket),
+        "--memory",
+        "32M",
+        timeout=20,
+    )
+    assert done.returncode != 0
+    assert f"{planted} is owned by uid {NOBODY}" in done.stderr, done.stderr
+    assert "HANDOFF_RUNTIME_DIR" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert os.listdir(planted) == []
+    assert kvmstub_daemon.stats()["vms"] == []
+
+
+@needs_root
+def test_the_default_runtime_directory_planted_by_another_user_is_refused(
+    shared: Path, kvmstub_daemon: Any
+) -> None:
+    # An ordinary user's default is $XDG_RUNTIME_DIR/handoff: another user made it first.
+    subprocess.run([*as_uid(NOBODY), "mkdir", "-m", "0777", str(shared / "handoff")], check=True)
+    env = {k: v for k, v in os.environ.items() if k != "HANDOFF_RUNTIME_DIR"}
+    env["XDG_RUNTIME_DIR"] = str(shared)
+    for args in (["run", "--name", "web", "--kvm", "/nonexistent"], ["status", "web"], ["list"]):
+        done = handoff_cli(env, *args, prefix=as_uid(OTHER_USER))
+        assert done.returncode != 0, (args, done.stdout)
+        assert f"{shared / 'handoff'} is owned by uid {NOBODY}" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+    assert os.listdir(shared / "handoff") == []
+
+
+FAKE_QMP = """
+import json, os, socket, sys
+path = sys.argv[1]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind(path)
+os.chmod(path, 0o777)
+s.listen()
+print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    f = c.makefile("rwb")
+    f.write(b'{"QMP": {"version": {}, "capabilities": []}}\\n'); f.flush()
+    for line in f:
+        req = json.loads(line)
+        ret = {"pid": 4242, "status": "running", "name": "FAKE", "id": "FAKE"}
+        f.write(json.dumps({"return": ret, "id": req.get("id")}).encode() + b"\\n")
+        f.flush()
+"""
+
+
+@needs_root
+async def test_clients_refuse_a_control_socket_another_uid_planted(shared: Path) -> None:
+    path = shared / "web.qmp"
+    fake = subprocess.Popen(
+        [*as_uid(NOBODY), sys.executable, "-c", FAKE_QMP, str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert fake.stdout is not None and fake.stdout.readline() == "ready\n"
+        assert path.stat().st_uid == NOBODY
+        for args in (["status", "--control", str(path)], ["upgrade", "--control", str(path)]):
+            done = handoff_cli(dict(os.environ), *args)
+            assert done.returncode != 0, done.stdout
+            assert f"owned by uid {NOBODY}" in done.stderr, done.stderr
+            assert "4242" not in done.stdout + done.stderr and "FAKE" not in done.stdout
+        with trio.fail_after(5), pytest.raises(QMPConnectionError, match=f"uid {NOBODY}"):
+            await QMPClient.connect(path)
+    finally:
+        fake.kill()
+        fake.wait()
+
+
+async def test_clients_refuse_a_socket_in_a_directory_others_may_write(tmp_path: Path) -> None:
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    sock = bind_unix_socket(tmp_path / "ok" / "vm.qmp", socket.SOCK_STREAM)
+    try:
+        os.rename(tmp_path / "ok" / "vm.qmp", open_dir / "vm.qmp")
+        with trio.fail_after(5), pytest.raises(QMPConnectionError, match="others can replace"):
+            await QMPClient.connect(open_dir / "vm.qmp")
+    finally:
+        sock.close()
