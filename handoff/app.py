@@ -33,6 +33,7 @@ from . import __version__, hardening, logs, notify, runtime
 # Everything (source, target and cli too) is imported at start, not when first needed: a VMM
 # runs for months, and by the time it hands off the package on disk may be a newer release (that
 # is what an upgrade in place looks like). This process must run only the release it started as.
+from .channel import bind_owned, unlink_if_same
 from .cli import apply_sets, check_run_args, checking_parser, strip_flags
 from .config import GuestConfig, HostFlags, format_size, read_token, read_token_fd
 from .control import ControlServer, QMPCommandError
@@ -67,32 +68,19 @@ EVENTS_HELD_AT_MOST = 0.05
 """Seconds events raised inside the blackout may be held back (App.events_held)."""
 
 
-def bind_control(path: str) -> socket.socket:
-    """The QMP listening socket, created by the first VMM of a VM (directory 0700)."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, mode=0o700, exist_ok=True)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        if os.path.exists(path):
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-            except OSError:
-                os.unlink(path)  # stale: nothing answers there
-            else:
-                raise HandoffError(f"control socket {path} is in use by a running VMM")
-            finally:
-                probe.close()
-        old = os.umask(0o177)  # a socket file's mode is 0777 less the umask: 0600
-        try:
-            sock.bind(path)
-        finally:
-            os.umask(old)
-        sock.listen(16)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+def bind_control(path: str) -> tuple[socket.socket, tuple[int, int]]:
+    """The QMP listening socket, created by the first VMM of a VM, and the identity of its file
+    (to remove only that file at exit). The same binder as the handoff socket's: the directory
+    is created 0700 or must be ours and private, the socket is 0600 from bind, and nothing but
+    a stale socket is ever removed. A name whose entry names a live VMM is refused."""
+    owner = runtime.live_owner(path)
+    if owner is not None and owner.pid != os.getpid():
+        raise HandoffError(
+            f"VM {owner.name!r} is already running under pid {owner.pid} (its entry "
+            f"{runtime.entry_path(path)}, control socket {path}); stop it first, or choose "
+            "another --name or --control"
+        )
+    return bind_owned(path, socket.SOCK_STREAM)
 
 
 class App:
@@ -112,6 +100,7 @@ class App:
         self.vmm = Vmm(cfg, flags)
         self.control: ControlServer | None = None
         self.control_sock: socket.socket | None = None
+        self.control_file: tuple[int, int] | None = None  # (st_dev, st_ino) of its socket file
         self.control_path = flags.control or ""
         self.record = HandoffRecord()
         self.faults = Faults(flags.fault)
@@ -195,7 +184,7 @@ class App:
         self._t_launch = time.perf_counter()
         await self.vmm.launch()
         assert self.flags.control is not None
-        self.control_sock = bind_control(self.flags.control)
+        self.control_sock, self.control_file = bind_control(self.flags.control)
 
     def start_running(self, nursery: trio.Nursery) -> None:
         t0 = self._t_launch
@@ -368,8 +357,9 @@ class App:
         if self.control_sock is not None:
             if remove_control and self.control_path:
                 runtime.remove_entry(runtime.entry_path(self.control_path), os.getpid())
-                with contextlib.suppress(OSError):
-                    os.unlink(self.control_path)
+                # Only the socket file this VMM bound or took over: never one that another
+                # VMM put at the same path meanwhile, nor anything that is not that socket.
+                unlink_if_same(self.control_path, self.control_file)
             self.control_sock.close()
             self.control_sock = None
         self.vmm.close()
@@ -383,7 +373,21 @@ class App:
         rec = self.record
         took_over = rec.role == "target" and rec.recovery == "takeover"
 
-        def change(old: runtime.VmEntry | None) -> runtime.VmEntry:
+        def change(old: runtime.VmEntry | None) -> runtime.VmEntry | None:
+            if (
+                old is not None
+                and old.pid not in (os.getpid(), rec.peer_pid)
+                and runtime.process_alive(old.pid, old.pid_start)
+            ):
+                # Another live VMM's entry (its socket was removed, or ours was put beside it):
+                # never overwrite it; `handoff run` refuses such a name before it starts.
+                log.warning(
+                    "not writing the runtime entry beside %s: it is VM %r's, run by pid %d",
+                    self.control_path,
+                    old.name,
+                    old.pid,
+                )
+                return None
             keep = old if old is not None and old.name == self.flags.name else None
             handoffs = keep.handoffs if keep is not None else 0
             last = keep.last_handoff if keep is not None else None

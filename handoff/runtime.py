@@ -31,6 +31,8 @@ __all__ = [
     "VmListing",
     "entry_path",
     "list_vms",
+    "live_owner",
+    "process_alive",
     "process_start_time",
     "prune",
     "remove_entry",
@@ -98,6 +100,15 @@ def process_alive(pid: int, start: int) -> bool:
     """Whether `pid` still names the process that started at `start` (0: any process)."""
     now = process_start_time(pid)
     return now != 0 and (start == 0 or now == start)
+
+
+def live_owner(control: str) -> VmEntry | None:
+    """The entry beside the control socket path `control` if the VMM it names is alive: that
+    VM's name and socket are taken (None: free, or only a stale entry there)."""
+    entry = _read(entry_path(control))
+    if entry is None or not process_alive(entry.pid, entry.pid_start):
+        return None
+    return entry
 
 
 @contextlib.contextmanager
@@ -234,7 +245,10 @@ def prune(directory: str) -> list[VmListing]:
                 continue  # taken over meanwhile
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(item.path)
-        if not _answers(current.control):
+        # Only the socket beside the entry (an entry names its own socket; one that names a
+        # path elsewhere was not written by a VMM), and only if it is a socket nothing answers.
+        beside = os.path.abspath(entry_path(current.control)) == os.path.abspath(item.path)
+        if beside and not _answers(current.control):
             with contextlib.suppress(OSError):
                 os.unlink(current.control)
         removed.append(item)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -21,10 +22,10 @@ import pytest
 import trio
 
 from handoff import runtime
-from handoff.channel import bind_unix_socket
+from handoff.channel import bind_owned, bind_unix_socket, file_identity
 from handoff.cli import strip_flags
 from handoff.qmp_client import QMPClient, QMPConnectionError
-from handoff.testing import PROGRAM, VmmProcess
+from handoff.testing import PROGRAM, VmmProcess, pid_alive
 
 NOBODY = 65534
 OTHER_USER = 54321  # a uid with no account: the "ordinary user" who runs `handoff`
@@ -193,3 +194,90 @@ async def test_clients_refuse_a_socket_in_a_directory_others_may_write(tmp_path:
             await QMPClient.connect(open_dir / "vm.qmp")
     finally:
         sock.close()
+
+
+# -- item 5: one name, one VMM; each VMM removes only its own socket -------------------------------
+
+
+def run_again(vmm: VmmProcess, *extra: str, timeout: float = 30) -> Any:
+    """The same `handoff run` once more (its output), expected to refuse and exit."""
+    try:
+        return subprocess.run(
+            [*vmm.argv, *extra],
+            env=vmm.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"`handoff run` did not refuse: {exc.stderr!r}") from None
+
+
+async def test_a_name_whose_vmm_lives_cannot_be_run_twice(
+    vmms: list[VmmProcess], tmp_path: Path, kvmstub_daemon: Any
+) -> None:
+    first = start(vmms, tmp_path, kvmstub_daemon, "d1", by_name=True)
+    pid = await first.pid()
+    entry_file = Path(runtime.entry_path(first.control))
+    before = await wait_entry(entry_file, pid)
+    os.unlink(first.control)  # `rm rt/d1.qmp`
+    done = run_again(first)
+    assert done.returncode != 0
+    assert f"already running under pid {pid}" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert not os.path.exists(first.control)
+    assert runtime.list_vms(str(entry_file.parent))[0].entry == before
+    assert pid_alive(pid)
+
+
+async def test_a_vmm_removes_only_the_socket_file_it_bound(
+    vmms: list[VmmProcess], tmp_path: Path, kvmstub_daemon: Any
+) -> None:
+    first = start(vmms, tmp_path, kvmstub_daemon, "d1")
+    pid = await first.pid()
+    await wait_entry(Path(runtime.entry_path(first.control)), pid)
+    # Another VMM's socket now sits at the same path (its first was removed meanwhile).
+    os.unlink(first.control)
+    other, ident = bind_owned(first.control, socket.SOCK_STREAM)
+    try:
+        os.kill(pid, signal.SIGTERM)
+        with trio.fail_after(20):
+            while pid_alive(pid):
+                await trio.sleep(0.02)
+        assert file_identity(first.control) == ident, first.log()
+        assert not os.path.exists(runtime.entry_path(first.control))  # its own entry: removed
+    finally:
+        other.close()
+
+
+@pytest.mark.parametrize("what", ["file", "directory", "live socket"])
+def test_run_never_removes_what_is_not_a_stale_socket(
+    tmp_path: Path, kvmstub_daemon: Any, what: str
+) -> None:
+    vmm = VmmProcess(tmp_path, kvmstub_daemon.socket, name="x", vcpus=1, memory="32M")
+    control = Path(vmm.control)
+    control.parent.mkdir(mode=0o700)
+    live: socket.socket | None = None
+    if what == "file":
+        control.write_text("precious")
+    elif what == "directory":
+        control.mkdir()
+        (control / "inside").write_text("precious")
+    else:
+        live = bind_unix_socket(control, socket.SOCK_STREAM)
+    before = file_identity(control)
+    try:
+        done = run_again(vmm)
+        assert done.returncode != 0
+        assert "Traceback" not in done.stderr
+        assert str(control) in done.stderr, done.stderr
+        assert file_identity(control) == before
+        if what == "file":
+            assert control.read_text() == "precious"
+        elif what == "directory":
+            assert (control / "inside").read_text() == "precious"
+        assert kvmstub_daemon.stats()["vms"] == []
+    finally:
+        if live is not None:
+            live.close()
