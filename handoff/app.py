@@ -9,6 +9,7 @@ resume on, so its path never changes for clients.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import secrets
@@ -33,8 +34,8 @@ from . import __version__, hardening, logs, notify, runtime
 # Everything (source, target and cli too) is imported at start, not when first needed: a VMM
 # runs for months, and by the time it hands off the package on disk may be a newer release (that
 # is what an upgrade in place looks like). This process must run only the release it started as.
-from .channel import bind_owned, unlink_if_same
-from .cli import apply_sets, check_run_args, checking_parser, strip_flags
+from .channel import bind_owned, socket_answers, unlink_if_same
+from .cli import apply_sets, check_run_args, checking_parser, host_flags, strip_flags
 from .config import GuestConfig, HostFlags, format_size, read_token, read_token_fd
 from .control import ControlServer, QMPCommandError
 from .errors import HandoffError
@@ -598,6 +599,7 @@ class App:
             raise QMPCommandError("'exec' must be a non-empty list: PROGRAM ARGS...")
         for item in sets:
             _check_set(item)
+        self._check_successor_place(sets)
         if exec_argv is not None:
             _check_exec_program(exec_argv[0])
         copy_memory = self._copy_memory_arg(args)
@@ -613,6 +615,46 @@ class App:
         assert self.nursery is not None
         self.nursery.start_soon(self._run_handoff, path, proc, token, copy_memory)
         return {"pid": proc.pid, "uri": f"unix:{path}"}
+
+    def _check_successor_place(self, sets: Sequence[str]) -> None:
+        """A successor must not take another VM's name, control socket or entry: refuse (before
+        anything starts) a --set that empties the name or the control path, or that would move
+        the control socket onto a path another live VM (or anything else) holds. The
+        successor's own move is no-replace too (target._rename_control)."""
+        for item in sets:
+            key, _, value = item.partition("=")
+            key = key.strip().lstrip("-")
+            if key in ("name", "control") and not value.strip():
+                raise QMPCommandError(
+                    f"--set {item!r}: an empty {key} would give the successor the default "
+                    f"{'name (vm0)' if key == 'name' else 'control path'}, another VM's perhaps; "
+                    f"give a {key}, or leave it out to keep this VM's"
+                )
+        if not any(("name".startswith(k) or "control".startswith(k)) and k for k in _keys(sets)):
+            return
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                ns = checking_parser().parse_args(
+                    ["run", *apply_sets(strip_flags(self.run_args, UPGRADE_FLAGS), sets)]
+                )
+            want = host_flags(ns).control
+        except (SystemExit, HandoffError, ValueError):
+            return  # a bad --set: check_run_args says what is wrong with it
+        if not want or os.path.abspath(want) == os.path.abspath(self.control_path or want):
+            return
+        owner = runtime.live_owner(want)
+        if owner is not None and owner.pid != os.getpid():
+            raise QMPCommandError(
+                f"the successor's control socket {want} is VM {owner.name!r}'s, run by pid "
+                f"{owner.pid}: it would take over that VM's socket and entry; choose another "
+                "name or --control"
+            )
+        if socket_answers(want):
+            raise QMPCommandError(
+                f"the successor's control socket {want} is taken (something answers there, or "
+                "it is not a socket); choose another name or --control"
+            )
 
     # --------------------------------------------------------------- handoff
     def spawn_successor(
@@ -700,6 +742,10 @@ class App:
 
 #: Flags of a successor's command line that the upgrade itself sets (or must not pass on).
 UPGRADE_FLAGS = ("--incoming", "--uuid", "--token-file", "--token-fd")
+
+
+def _keys(sets: Sequence[str]) -> list[str]:
+    return [item.partition("=")[0].strip().lstrip("-") for item in sets]
 
 
 def _check_set(item: str) -> None:

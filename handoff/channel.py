@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import array
 import contextlib
+import ctypes
 import errno
+import functools
 import os
 import pwd
 import select
@@ -57,6 +59,7 @@ __all__ = [
     "connect",
     "file_identity",
     "listen",
+    "rename_noreplace",
     "socket_answers",
     "socketpair",
     "unlink_if_same",
@@ -661,6 +664,31 @@ def socket_answers(path: str | os.PathLike[str], sock_type: int = socket.SOCK_ST
     finally:
         probe.close()
     return True
+
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+def rename_noreplace(old: str | os.PathLike[str], new: str | os.PathLike[str]) -> None:
+    """Rename `old` to `new` unless `new` exists (then FileExistsError, nothing changed):
+    renameat2(RENAME_NOREPLACE), or a hard link and an unlink where the file system or the C
+    library lacks it. Never replaces what is at `new`, whoever put it there meanwhile."""
+    src, dst = os.fsencode(old), os.fsencode(new)
+    renameat2 = getattr(_libc(), "renameat2", None)
+    if renameat2 is not None:
+        if renameat2(_AT_FDCWD, src, _AT_FDCWD, dst, _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS):
+            raise OSError(err, os.strerror(err), os.fsdecode(dst))
+    os.link(src, dst)  # EEXIST if taken: atomic
+    os.unlink(src)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def _remove_if_stale(path: Path, sock_type: int) -> None:

@@ -25,8 +25,18 @@ import trio
 
 from kvmstub import client
 
-from . import logs, messages, protocol
-from .channel import Channel, Listener, OwnedFds, listen
+from . import logs, messages, protocol, runtime
+from .channel import (
+    Channel,
+    Listener,
+    OwnedFds,
+    check_directory,
+    file_identity,
+    listen,
+    rename_noreplace,
+    socket_answers,
+    unlink_if_same,
+)
 from .config import GuestConfig
 from .errors import (
     AuthRefused,
@@ -402,22 +412,45 @@ runtime entry, READY=1) to the vCPU tasks' turn."""
 def _rename_control(app: App, have: str) -> None:
     """Serve the received listening socket; if our --control names another path, move the
     socket file there (a rename keeps the same listening socket). `have` is where the source
-    served it (a socket's own name is stale once renamed, so the source tells us)."""
+    served it (a socket's own name is stale once renamed, so the source tells us).
+
+    The move never replaces anything: not another live VM's socket or entry (a successor
+    started with another VM's name or --control keeps the socket where it is, and says whose
+    the other path is), nor anything that appeared there meanwhile (a no-replace rename). A
+    stale socket with no live entry is removed first, as `handoff run` would."""
     sock = app.control_sock
     want = app.flags.control
     app.control_path = have or want or ""
-    if sock is None or want is None:
+    if sock is not None and want and have and os.path.abspath(have) != os.path.abspath(want):
+        _move_control(app, have, want)
+    if sock is not None:
+        # What this VMM removes at exit: that very socket file, never one put there later.
+        app.control_file = file_identity(app.control_path) if app.control_path else None
+
+
+def _move_control(app: App, have: str, want: str) -> None:
+    owner = runtime.live_owner(want)
+    if owner is not None and owner.pid != os.getpid():
+        log.warning(
+            "not moving the control socket to %s: it is VM %r's, run by pid %d; it stays at %s",
+            want,
+            owner.name,
+            owner.pid,
+            have,
+        )
         return
-    if have and os.path.abspath(have) != os.path.abspath(want):
-        try:
-            os.makedirs(os.path.dirname(os.path.abspath(want)), mode=0o700, exist_ok=True)
-            os.rename(have, want)
-            app.control_path = want
-            log.info("control socket moved from %s to %s", have, want)
-        except OSError as exc:
-            log.warning(
-                "could not move the control socket to %s (%s); it stays at %s", want, exc, have
-            )
+    try:
+        check_directory(os.path.dirname(os.path.abspath(want)))
+        os.makedirs(os.path.dirname(os.path.abspath(want)), mode=0o700, exist_ok=True)
+        if socket_answers(want):
+            raise FileExistsError(f"{want} is taken (a socket something answers on, or a file)")
+        unlink_if_same(want, file_identity(want))  # a stale socket, as `handoff run` removes
+        rename_noreplace(have, want)
+    except (OSError, Refused) as exc:
+        log.warning("could not move the control socket to %s (%s); it stays at %s", want, exc, have)
+        return
+    app.control_path = want
+    log.info("control socket moved from %s to %s", have, want)
 
 
 def _drop(app: App, peer: Peer, source_vm: int | None, pidfd: int | None) -> None:

@@ -14,8 +14,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -24,7 +26,8 @@ import trio
 from handoff import runtime
 from handoff.channel import bind_owned, bind_unix_socket, file_identity
 from handoff.cli import strip_flags
-from handoff.qmp_client import QMPClient, QMPConnectionError
+from handoff.qmp_client import QMPClient, QMPConnectionError, QMPError
+from handoff.target import _rename_control
 from handoff.testing import PROGRAM, VmmProcess, pid_alive
 
 NOBODY = 65534
@@ -194,6 +197,112 @@ async def test_clients_refuse_a_socket_in_a_directory_others_may_write(tmp_path:
             await QMPClient.connect(open_dir / "vm.qmp")
     finally:
         sock.close()
+
+
+# -- item 4: a successor never takes another VM's socket or entry ----------------------------------
+
+
+async def name_and_pid(control: str) -> tuple[str, int]:
+    with trio.fail_after(10):
+        async with await QMPClient.connect(control) as qmp:
+            name = (await qmp.execute("query-name"))["name"]
+            pid = (await qmp.execute("query-status"))["pid"]
+    return name, pid
+
+
+@pytest.mark.parametrize("how", ["name=b", "control", "name="])
+async def test_an_upgrade_never_takes_over_another_vms_socket_or_entry(
+    vmms: list[VmmProcess], tmp_path: Path, kvmstub_daemon: Any, how: str
+) -> None:
+    a = start(vmms, tmp_path, kvmstub_daemon, "a", by_name=True)
+    b = start(vmms, tmp_path, kvmstub_daemon, "b", by_name=True)
+    # `--set name=` drops --name: the successor would be the default vm0, which runs too.
+    vm0 = start(vmms, tmp_path, kvmstub_daemon, "vm0", by_name=True) if how == "name=" else None
+    b_pid = await b.pid()
+    a_pid = await a.pid()
+    b_entry = Path(runtime.entry_path(b.control))
+    await wait_entry(b_entry, b_pid)
+    sets = {"name=b": ["name=b"], "control": [f"control={b.control}"], "name=": ["name="]}[how]
+    try:
+        result = await a.upgrade(sets, timeout=60)
+    except QMPError as exc:  # refused before anything started: what we want
+        assert "pid" in str(exc) or "empty" in str(exc), str(exc)
+    else:
+        raise AssertionError(f"upgrade with {sets} was not refused: {result}\n{a.log()}")
+    await a.settle()
+    # b is untouched: its socket answers as b, from its own VMM, and its entry is its own.
+    assert await name_and_pid(b.control) == ("b", b_pid)
+    entry = runtime.list_vms(str(b_entry.parent))
+    assert {e.entry.name: e.entry.pid for e in entry}["b"] == b_pid
+    assert await name_and_pid(a.control) == ("a", a_pid)
+    if vm0 is not None:
+        assert await name_and_pid(vm0.control) == ("vm0", await vm0.pid())
+
+
+def test_the_successors_move_of_the_control_socket_never_replaces_anything(
+    tmp_path: Path,
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    have = run / "a.qmp"
+    sock_a, ident_a = bind_owned(have, socket.SOCK_STREAM)
+    sleeper = subprocess.Popen(["sleep", "60"])
+    opened: list[socket.socket] = [sock_a]
+
+    def successor(want: Path) -> Any:
+        app = SimpleNamespace(
+            control_sock=sock_a,
+            flags=SimpleNamespace(control=str(want)),
+            control_path="",
+            control_file=None,
+        )
+        _rename_control(app, str(have))  # type: ignore[arg-type]
+        return app
+
+    try:
+        # b: a live VM, its socket answering and its entry naming a live process.
+        b_sock, b_ident = bind_owned(run / "b.qmp", socket.SOCK_STREAM)
+        opened.append(b_sock)
+        runtime.write_entry(str(run / "b.json"), entry_of("b", sleeper.pid, run / "b.qmp"))
+        app = successor(run / "b.qmp")
+        assert app.control_path == str(have)
+        assert file_identity(have) == ident_a == app.control_file
+        assert file_identity(run / "b.qmp") == b_ident
+        # Its socket removed (rm), its entry alive: the name is still b's.
+        os.unlink(run / "b.qmp")
+        app = successor(run / "b.qmp")
+        assert app.control_path == str(have) and not (run / "b.qmp").exists()
+        # A regular file, or a directory, where the socket would go: kept, not replaced.
+        (run / "c.qmp").write_text("precious")
+        (run / "d.qmp").mkdir()
+        for want in (run / "c.qmp", run / "d.qmp"):
+            app = successor(want)
+            assert app.control_path == str(have)
+        assert (run / "c.qmp").read_text() == "precious" and (run / "d.qmp").is_dir()
+        # A free name: moved (the same socket file, so still ours to remove).
+        app = successor(run / "e.qmp")
+        assert app.control_path == str(run / "e.qmp") and not have.exists()
+        assert app.control_file == ident_a
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        for sock in opened:
+            sock.close()
+
+
+def entry_of(name: str, pid: int, control: Path) -> runtime.VmEntry:
+    return runtime.VmEntry(
+        name=name,
+        pid=pid,
+        pid_start=runtime.process_start_time(pid),
+        version="0",
+        mode="plain",
+        vcpus=1,
+        memory=1 << 25,
+        control=str(control),
+        started=time.time(),
+        vmm_started=time.time(),
+    )
 
 
 # -- item 5: one name, one VMM; each VMM removes only its own socket -------------------------------
