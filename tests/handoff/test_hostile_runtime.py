@@ -390,3 +390,15 @@ def test_run_never_removes_what_is_not_a_stale_socket(
     finally:
         if live is not None:
             live.close()
+
+
+async def test_a_successor_removes_the_socket_it_took_over_when_it_quits(
+    vmms: list[VmmProcess], tmp_path: Path, kvmstub_daemon: Any
+) -> None:
+    vmm = start(vmms, tmp_path, kvmstub_daemon, "web")
+    result = await vmm.upgrade()
+    assert result["status"] == "completed", vmm.log()
+    await vmm.settle()
+    await wait_entry(Path(runtime.entry_path(vmm.control)), result["successor-pid"])
+    await vmm.quit()
+    assert os.listdir(vmm.runtime_dir) == [], vmm.log()
