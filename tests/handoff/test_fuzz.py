@@ -459,7 +459,7 @@ def test_random_datagrams_with_random_fds_never_get_a_vm_fd_and_leave_nothing(
         (["--vcpus", "four"], "--vcpus 'four' is not a whole number"),
         (["--memory", "12Q"], "memory size '12Q' is not a size: use a number with K, M, G or T"),
         (["--memory", "1000"], "memory size '1000' is not a multiple of 4 KiB pages"),
-        (["--memory", "128T"], "memory size '128T' is out of range (1 page to 64 TiB)"),
+        (["--memory", "128T"], "memory size '128T' is out of range: 4K to at most 64T"),
         (["--mode", "tdx"], "invalid choice: 'tdx' (choose from"),
         (["--policy", "zz"], "policy 'zz' is not hexadecimal"),
         (["--mode", "sev-es", "--policy", "0x1"], "--policy 0x1 lacks the ES bit (0x4)"),
