@@ -677,9 +677,13 @@ class App:
             os.write(write_end, token)  # 64 bytes: far below a pipe's buffer, never blocks
             os.close(write_end)
             write_end = -1
+            if exec_argv is None or _takes_token_fd(program):
+                token_args = ["--token-fd", str(read_end)]
+            else:
+                token_args = ["--token-file", _legacy_token_file(workdir, token, program[0])]
             argv = [
                 *program, "run", *run_args, "--uuid", self.flags.uuid,
-                "--incoming", f"unix:{path}", "--token-fd", str(read_end),
+                "--incoming", f"unix:{path}", *token_args,
             ]  # fmt: skip
             log.info("starting successor: %s", " ".join(argv))
             proc = subprocess.Popen(
@@ -741,6 +745,47 @@ class App:
 
 
 #: Flags of a successor's command line that the upgrade itself sets (or must not pass on).
+def _takes_token_fd(program: Sequence[str]) -> bool:
+    """Whether `program` (an `upgrade --exec` successor, perhaps an older release) takes its
+    one-time token on an inherited fd: its `run --help` lists --token-fd. Asked in the setup,
+    while the guest runs (one start of the program, a few hundred ms of CPU)."""
+    try:
+        proc = subprocess.run(
+            [*program, "run", "--help"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=30,
+            start_new_session=True,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise HandoffError(f"{program[0]} run --help did not answer ({exc})") from None
+    if proc.returncode != 0:
+        raise HandoffError(
+            f"{program[0]} run --help exited with status {proc.returncode}: is it a handoff "
+            "program? " + proc.stderr.decode(errors="replace").strip()[-300:]
+        )
+    return b"--token-fd" in proc.stdout
+
+
+def _legacy_token_file(workdir: str, token: bytes, program: str) -> str:
+    """The token for a successor of a release that reads it only from a file: a 0600 file in
+    the successor's private directory (0700), which it removes once it has read it. A process
+    of our uid could read it meanwhile, but the token alone takes no guest: we hand ours only
+    to the very child we start (its pid, checked through a pidfd, `source._check_successor`)."""
+    path = os.path.join(workdir, "token")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.write(fd, token)
+    finally:
+        os.close(fd)
+    log.warning(
+        "%s does not take its one-time token on an inherited fd (a release older than this "
+        "one): its token is in a 0600 file in its private directory for this handoff",
+        program,
+    )
+    return path
+
+
 UPGRADE_FLAGS = ("--incoming", "--uuid", "--token-file", "--token-fd")
 
 

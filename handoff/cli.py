@@ -235,9 +235,15 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         "any fd crosses; the file must be mode 600. Upgrades always use a fresh one-time "
         "token of their own",
     )
-    # Set by `handoff upgrade` only: the successor's one-time token comes on this inherited fd.
+    # Set by `handoff upgrade` only. Shown in --help: an old VMM looks for it there to tell
+    # whether the program it is about to start as its successor takes the token this way.
     h.add_argument(
-        "--token-fd", type=_int_in(3, 1 << 20, "--token-fd"), default=None, help=argparse.SUPPRESS
+        "--token-fd",
+        type=_int_in(3, 1 << 20, "--token-fd"),
+        default=None,
+        metavar="FD",
+        help="read the one-time handoff token from inherited fd FD (how `handoff upgrade` "
+        "passes it to the successor it starts; never a file or the command line)",
     )
     # Benchmarks: allocate every guest page up front ("fully populated" memory).
     h.add_argument("--x-prefault", action="store_true", help=argparse.SUPPRESS)

@@ -1,0 +1,92 @@
+"""Rollback to the previous release, run from its own source: the last release before the
+upgrade's one-time token moved from a file to an inherited fd (`--token-fd`), which that
+release does not know. Rolling back to it, and forward again from it, must keep working."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from handoff.testing import PROGRAM, serial_checked
+
+PREVIOUS_RELEASE = "5592034"  # protocol 2; takes its token with --token-file only
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def previous_release(tmp_path: Path) -> list[str]:
+    """A program that runs the previous release's handoff (and its kvmstub client)."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout: the previous release's source is not at hand")
+    known = subprocess.run(
+        ["git", "-C", str(ROOT), "cat-file", "-e", f"{PREVIOUS_RELEASE}^{{commit}}"],
+        capture_output=True,
+    )
+    if known.returncode != 0:
+        pytest.skip(f"release {PREVIOUS_RELEASE} is not in this clone's history")
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", PREVIOUS_RELEASE, "handoff", "kvmstub"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    source = tmp_path / "previous-release"
+    source.mkdir()
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(source, filter="data")
+    program = tmp_path / "handoff-previous"
+    program.write_text(f'#!/bin/sh\nPYTHONPATH={source} exec {sys.executable} -P -m handoff "$@"\n')
+    program.chmod(0o755)
+    return [str(program)]
+
+
+async def test_rollback_to_the_previous_release_and_forward_again(
+    vmm_factory: Any, previous_release: list[str]
+) -> None:
+    vmm = vmm_factory(mode="sev-es", vcpus=2)
+    await vmm.wait_lines()
+    result = await vmm.upgrade([], previous_release)
+    assert result["status"] == "completed", vmm.log()
+    assert result["protocol"] == 2
+    status = await vmm.qmp("query-status")
+    assert status["status"] == "running"
+    # Forward again: the previous release spawns this one (with its token in a file).
+    result = await vmm.upgrade([], PROGRAM)
+    assert result["status"] == "completed", vmm.log()
+    await serial_checked(vmm)
+
+
+@pytest.mark.parametrize(
+    ("script", "expect"),
+    [
+        ('echo "  --token-fd FD  read the one-time handoff token"', True),
+        ('echo "  --token-file FILE"', False),
+        ('echo "no such command" >&2; exit 1', "exited with status 1: is it a handoff program?"),
+    ],
+)
+def test_the_old_vmm_asks_an_exec_program_how_it_takes_its_token(
+    tmp_path: Path, script: str, expect: bool | str
+) -> None:
+    from handoff.app import _takes_token_fd
+    from handoff.errors import HandoffError
+
+    program = tmp_path / "program"
+    program.write_text(f"#!/bin/sh\n{script}\n")
+    program.chmod(0o755)
+    if isinstance(expect, bool):
+        assert _takes_token_fd([str(program)]) is expect
+    else:
+        with pytest.raises(HandoffError, match=expect):
+            _takes_token_fd([str(program)])
+
+
+def test_this_release_lists_token_fd_in_its_run_help() -> None:
+    from handoff.app import _takes_token_fd
+
+    assert _takes_token_fd(PROGRAM)
