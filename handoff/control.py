@@ -24,8 +24,17 @@ Framing: QEMU's parser is a stream parser, and clients rely on it: QEMU's own Py
 (`qemu.qmp`) sends each command as one JSON object with no newline after it. So a request ends
 where its outermost object (or array) closes, as in QEMU's json-streamer; a newline also ends
 whatever came before it on the line, so a line-based client (socat, our own) that sends an
-unbalanced or garbled line gets a "JSON parse error" for that line and goes on. A request longer
-than `max_line` bytes is discarded with one error.
+unbalanced or garbled line gets a "JSON parse error" for that line and goes on.
+
+Limits, so that no client can freeze the guest or take the socket from others (QEMU's parser
+has the first two too): a request longer than `max_line` bytes is discarded with one error
+(never held whole); one nested deeper than `MAX_NESTING` is refused before it is parsed ("JSON
+nesting depth limit exceeded"); an object with a key twice is refused ("JSON parse error,
+duplicate key") rather than letting the last one win. A client's input is read and scanned in
+bounded steps (READ_PER_TURN bytes, SCAN_PER_TURN tokens, one request) with the event loop served
+in between, so a flood costs the guest's exits no more than one step's wait. At most
+`max_clients` clients are served at once; one more gets an error instead of the greeting and
+is closed. Warnings a client can provoke are logged at most once per WARNING_INTERVAL.
 
 Per client, commands run one at a time in arrival order, as in QEMU without out-of-band
 execution; different clients run concurrently. A handler is an async callable taking the
@@ -36,6 +45,7 @@ any other exception is logged and reported as a GenericError, never ending the s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -52,7 +62,9 @@ from handoff import __version__
 from handoff.errors import HandoffError
 
 __all__ = [
+    "MAX_CLIENTS",
     "MAX_LINE",
+    "MAX_NESTING",
     "QMP_VERSION",
     "ControlServer",
     "Handler",
@@ -67,10 +79,28 @@ QMP_VERSION = {"micro": 0, "minor": 0, "major": 9}
 #: The longest command line accepted, in bytes.
 MAX_LINE = 64 * 1024
 
+#: QEMU's limit on how deeply a request nests objects and arrays (MAX_NESTING in its
+#: json-streamer.c); deeper requests are refused before they are parsed.
+MAX_NESTING = 1024
+
+#: Clients served at once; one more is refused with an error instead of the greeting.
+MAX_CLIENTS = 64
+
 #: Messages (events, mostly) waiting for one slow client before it is disconnected.
 MAX_PENDING = 1024
 
-_RECV_SIZE = 65536
+#: Bytes read from one client before the event loop serves its other tasks (the guest's
+#: exits): a client that floods the socket never holds the loop for longer than this takes.
+READ_PER_TURN = 16 * 1024
+
+#: Tokens (brackets, runs of them, strings, newlines) scanned for request ends per turn.
+SCAN_PER_TURN = 256
+
+#: Seconds between two warnings of one kind (see `_Throttled`).
+WARNING_INTERVAL = 10.0
+
+NESTING_TOO_DEEP = "JSON nesting depth limit exceeded"
+
 _UCRED = struct.Struct("iII")
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any]]
@@ -93,6 +123,16 @@ class QMPCommandError(Exception):
         self.error_class = error_class
 
 
+def _peer(conn: socket.socket) -> tuple[int, int]:
+    """The pid and uid of a unix socket's peer (SO_PEERCRED); -1, -1 if unknown."""
+    try:
+        raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    except OSError:
+        return -1, -1
+    pid, uid, _ = _UCRED.unpack(raw)
+    return pid, uid
+
+
 def _encode(message: Mapping[str, Any]) -> bytes:
     return _encoder.encode(message) + b"\n"
 
@@ -104,77 +144,160 @@ def _error(error_class: str, desc: str, request_id: Any = None, has_id: bool = F
     return _encode(message)
 
 
-_SCAN_OUTSIDE = re.compile(rb'["{}\[\]\n]')
-_SCAN_STRING = re.compile(rb'["\\\n]')
+_SPECIAL = re.compile(rb'["{}\[\]\n]')
+_OPENERS = re.compile(rb"[{\[]*")
+_CLOSERS = re.compile(rb"[}\]]*")
+_STRING_REST = re.compile(rb'(?:[^"\\\n]|\\.)*+')
 
-#: What `_RequestSplitter.feed` yields for a request that grew beyond the limit.
-TOO_LONG = None
+
+def _end_of(pattern: re.Pattern[bytes], buf: bytearray, pos: int) -> int:
+    """Where a match of `pattern` (which may match nothing) at `pos` ends."""
+    match = pattern.match(buf, pos)
+    return pos if match is None else match.end()
 
 
 class _RequestSplitter:
     """Cut a QMP byte stream into requests (see "Framing" above).
 
     A request ends when its outermost `{`/`[` closes (brackets inside strings do not count), or
-    at a newline outside a string (which ends a blank, scalar, unbalanced or garbled line). A
-    request that grows beyond `max_len` bytes yields `TOO_LONG` once and is dropped up to its
-    end.
+    at a newline (which ends a blank, scalar, unbalanced or garbled line). `feed` returns the
+    requests that ended, in order, and in their place a `str`, the description of the error to
+    answer, for one that is refused before parsing: one longer than `max_len` bytes, or nested
+    deeper than `MAX_NESTING` (QEMU's json-streamer limits). A refused request is dropped up to
+    its end; no more than `max_len` bytes of it are ever held.
+
+    The cost of a `feed` is linear in the data it scans: runs of brackets count at once,
+    strings are skipped by one regular expression, and the buffer is compacted once per call.
+    With a `budget` it scans at most that many tokens (brackets, runs, strings, newlines) and
+    leaves the rest for the next call (`more` says whether some is left).
     """
 
     def __init__(self, max_len: int) -> None:
         self.max_len = max_len
+        self.too_long = f"QMP input line is longer than {max_len} bytes; discarded"
         self.buf = bytearray()
+        self.start = 0  # the current request begins here
         self.pos = 0  # scanned up to here
         self.depth = 0
         self.in_string = False
         self.discarding = False
+        self.more = False  # the last feed left data unscanned (its budget ran out)
 
-    def feed(self, data: bytes) -> list[bytes | None]:
-        self.buf += data
-        out: list[bytes | None] = []
-        while True:
-            pattern = _SCAN_STRING if self.in_string else _SCAN_OUTSIDE
-            match = pattern.search(self.buf, self.pos)
+    def feed(self, data: bytes, budget: int = -1) -> list[bytes | str]:
+        buf = self.buf
+        buf += data
+        out: list[bytes | str] = []
+        pos, size = self.pos, len(buf)
+        self.more = False
+        while pos < size:
+            if budget == 0:
+                self.more = True
+                break
+            budget -= 1
+            if self.in_string:
+                stop = _end_of(_STRING_REST, buf, pos)
+                if stop == size or (buf[stop] == 0x5C and stop + 1 == size):
+                    pos = stop  # the string (or its escape) goes on in the next data
+                    break
+                self.in_string = False
+                # A quote ends the string; a newline (raw, or after a backslash) ends the line,
+                # as it does outside strings: a raw one in a string is invalid JSON anyway.
+                pos = stop + 1 if buf[stop] != 0x0A else stop
+                continue
+            match = _SPECIAL.search(buf, pos)
             if match is None:
-                self.pos = max(self.pos, len(self.buf))  # past an escape at the very end
+                pos = size
                 break
             i = match.start()
-            char = self.buf[i]
-            self.pos = i + 1
-            if char == 0x0A:  # newline (a raw one inside a string is invalid JSON anyway)
-                self._emit(out, i, i + 1)
-            elif self.in_string:
-                if char == 0x5C:  # backslash: the next byte is escaped
-                    self.pos = i + 2
-                else:
-                    self.in_string = False
-            elif char == 0x22:
+            char = buf[i]
+            if char == 0x22:
                 self.in_string = True
+                pos = i + 1
+            elif char == 0x0A:
+                pos = self._emit(out, i, i + 1)
             elif char in b"{[":
-                self.depth += 1
-            else:  # } or ]
-                self.depth -= 1
-                if self.depth <= 0:
-                    self._emit(out, i + 1, i + 1)
-        if len(self.buf) > self.max_len:
-            if not self.discarding:
-                out.append(TOO_LONG)
-                self.discarding = True
-            # Keep the scanning state (the request's end is still to come), drop its bytes.
-            cut = min(self.pos, len(self.buf))
-            del self.buf[:cut]
-            self.pos -= cut
+                run_end = _end_of(_OPENERS, buf, i)
+                self.depth += run_end - i
+                pos = run_end
+                if self.depth > MAX_NESTING and not self.discarding:
+                    out.append(NESTING_TOO_DEEP)
+                    self.discarding = True
+            elif self.depth <= 0:  # a stray closer ends what came before it, with it
+                pos = self._emit(out, i + 1, i + 1)
+            else:
+                run = _end_of(_CLOSERS, buf, i) - i
+                if run >= self.depth:  # the outermost bracket closes in this run
+                    pos = self._emit(out, i + self.depth, i + self.depth)
+                else:
+                    self.depth -= run
+                    pos = i + run
+        if not self.discarding and pos - self.start > self.max_len:
+            out.append(self.too_long)
+            self.discarding = True
+        if self.discarding:
+            self.start = pos  # keep the scanning state (its end is still to come), not its bytes
+        del buf[: self.start]
+        self.pos = pos - self.start
+        self.start = 0
         return out
 
-    def _emit(self, out: list[bytes | None], end: int, consumed: int) -> None:
-        request = bytes(self.buf[:end])
-        del self.buf[:consumed]
-        self.pos = 0
+    def _emit(self, out: list[bytes | str], end: int, consumed: int) -> int:
+        request = bytes(self.buf[self.start : end])
+        self.start = consumed
         self.depth = 0
         self.in_string = False
         if self.discarding:
             self.discarding = False
+        elif len(request) > self.max_len:
+            out.append(self.too_long)
         elif request.strip():
             out.append(request)
+        return consumed
+
+
+class _Throttled:
+    """A warning logged at most once per `WARNING_INTERVAL` seconds; the next one logged says how
+    many were left out, so a client that repeats its fault cannot flood the log."""
+
+    def __init__(self) -> None:
+        self.next_at = 0.0
+        self.left_out = 0
+
+    def warning(self, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now < self.next_at:
+            self.left_out += 1
+            return
+        if self.left_out:
+            message += " (%d more like this since the last one, not logged)"
+            args = (*args, self.left_out)
+        log.warning(message, *args)
+        self.left_out = 0
+        self.next_at = now + WARNING_INTERVAL
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*+"', re.DOTALL)
+
+
+def _has_duplicate_keys(line: bytes, value: Any) -> bool:
+    """Whether a decoded request had a key twice in one object (the decoder keeps the last).
+
+    In valid JSON every member has exactly one colon outside strings, so the members written
+    are counted in the text and compared with the members the decoded objects hold.
+    """
+    written = _JSON_STRING.sub(b"", line).count(b":")
+    if written == 0:
+        return False
+    held = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            held += len(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return held != written
 
 
 class _Client:
@@ -237,7 +360,7 @@ class _Client:
         """Some bytes from the client; b"" at end of file (or when the client broke off)."""
         while True:
             try:
-                return self.sock.recv(_RECV_SIZE)
+                return self.sock.recv(READ_PER_TURN)
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(self.sock)
             except OSError as exc:
@@ -260,6 +383,9 @@ class ControlServer:
         allowed_uids: if given, a client whose uid (SO_PEERCRED) is not in it is disconnected
             before the greeting.
         max_line: the longest command line accepted, in bytes.
+        max_clients: clients served at once (connections still being checked count); one
+            more is answered with a QMP error instead of the greeting and disconnected, so
+            that idle connections cannot exhaust the VMM's file descriptors.
     """
 
     def __init__(
@@ -270,6 +396,7 @@ class ControlServer:
         package: str = f"handoff {__version__}",
         allowed_uids: Collection[int] | None = None,
         max_line: int = MAX_LINE,
+        max_clients: int = MAX_CLIENTS,
     ) -> None:
         listen_sock.setblocking(False)
         self._listen_sock = listen_sock
@@ -284,6 +411,17 @@ class ControlServer:
         )
         self._allowed_uids = None if allowed_uids is None else frozenset(allowed_uids)
         self._max_line = max_line
+        self._max_clients = max_clients
+        self._too_many = _error(
+            "GenericError",
+            f"too many QMP clients: this VM serves at most {max_clients} at once; "
+            "disconnect one and try again",
+        )
+        self._connections = 0  # accepted and not yet closed: clients, and those being checked
+        self._warn_accept = _Throttled()
+        self._warn_refused = _Throttled()
+        self._warn_uid = _Throttled()
+        self._warn_slow = _Throttled()
         self._clients: set[_Client] = set()
         self._client_count = 0
         self._accepting = True
@@ -385,7 +523,7 @@ class ControlServer:
         encoded = _encode(message)
         for client in list(self._clients):
             if client.negotiated and not client.queue(encoded):
-                log.warning(
+                self._warn_slow.warning(
                     "QMP client %d is not reading its events; disconnecting it", client.number
                 )
                 client.close()
@@ -411,9 +549,13 @@ class ControlServer:
                         continue
                     except OSError as exc:
                         # EMFILE and friends: keep the socket for later rather than spin.
-                        log.warning("QMP accept failed: %s", exc)
+                        self._warn_accept.warning("QMP accept failed: %s", exc)
                         await trio.sleep(0.1)
                         continue
+                    if self._connections >= self._max_clients:
+                        self._refuse(conn)
+                        continue
+                    self._connections += 1
                     nursery.start_soon(self._serve_client, conn)
             self._accept_scope = None
 
@@ -425,17 +567,28 @@ class ControlServer:
     def _is_closing(self) -> bool:
         return self._closing
 
+    def _refuse(self, conn: socket.socket) -> None:
+        """Answer a client over the limit with an error instead of the greeting, and close it
+        at once: it never waits for a slot, holding an fd."""
+        pid, uid = _peer(conn)
+        with contextlib.suppress(OSError):
+            conn.send(self._too_many, socket.MSG_DONTWAIT)  # a new socket's buffer is empty
+        conn.close()
+        self._warn_refused.warning(
+            "QMP client pid %d (uid %d) refused: too many QMP clients (%d connected, the most "
+            "this VM serves at once)",
+            pid,
+            uid,
+            self._connections,
+        )
+
     def _peer_allowed(self, conn: socket.socket) -> bool:
         if self._allowed_uids is None:
             return True
-        try:
-            raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-        except OSError:
-            return False
-        pid, uid, _ = _UCRED.unpack(raw)
+        pid, uid = _peer(conn)
         if uid in self._allowed_uids:
             return True
-        log.warning(
+        self._warn_uid.warning(
             "QMP client pid %d runs as uid %d, which may not control this VM (allowed: %s); "
             "disconnected",
             pid,
@@ -447,6 +600,12 @@ class ControlServer:
     # -- one client ----------------------------------------------------------------------------
 
     async def _serve_client(self, conn: socket.socket) -> None:
+        try:
+            await self._serve_checked_client(conn)
+        finally:
+            self._connections -= 1
+
+    async def _serve_checked_client(self, conn: socket.socket) -> None:
         if not self._peer_allowed(conn):
             conn.close()
             return
@@ -480,18 +639,22 @@ class ControlServer:
             client.read_scope = None
             if not data:
                 return
-            for request in splitter.feed(data):
-                if request is TOO_LONG or len(request) > self._max_line:
-                    await client.write(self._too_long())
-                else:
-                    await client.write(await self._dispatch(client, request))
-                if self._is_closing():
-                    return
-
-    def _too_long(self) -> bytes:
-        return _error(
-            "GenericError", f"QMP input line is longer than {self._max_line} bytes; discarded"
-        )
+            # Bounded work per turn, so that the guest's exits are served in between however
+            # this client writes: at most READ_PER_TURN bytes read, SCAN_PER_TURN tokens
+            # scanned, one request run.
+            while True:
+                for request in splitter.feed(data, SCAN_PER_TURN):
+                    if isinstance(request, str):  # refused before parsing: too long, too deep
+                        await client.write(_error("GenericError", request))
+                    else:
+                        await client.write(await self._dispatch(client, request))
+                    if self._is_closing():
+                        return
+                    await trio.lowlevel.checkpoint()
+                await trio.lowlevel.checkpoint()
+                if not splitter.more:
+                    break
+                data = b""
 
     async def _dispatch(self, client: _Client, line: bytes) -> bytes:
         """One request line -> one encoded reply line (QEMU's qmp_dispatch, in its order)."""
@@ -499,8 +662,12 @@ class ControlServer:
             request = msgspec.json.decode(line)
         except msgspec.DecodeError as exc:
             return _error("GenericError", f"JSON parse error, {exc}")
-        except RecursionError:
-            return _error("GenericError", "JSON parse error, nesting too deep")
+        except RecursionError:  # within MAX_NESTING, but deeper than the decoder recurses
+            return _error("GenericError", NESTING_TOO_DEEP)
+        if _has_duplicate_keys(line, request):
+            # The decoder keeps the last of two equal keys: `{"execute": "query-name",
+            # "execute": "quit"}` would quit. QEMU's parser refuses them; so do we.
+            return _error("GenericError", "JSON parse error, duplicate key")
         if not isinstance(request, dict):
             return _error("GenericError", "QMP input must be a JSON object")
         has_id = "id" in request
