@@ -25,9 +25,7 @@ def without_test_extra(tmp_path: Path) -> dict[str, str]:
             f"raise ImportError('{name} is a test-only extra, not installed here')\n"
         )
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(shadow), env.get("PYTHONPATH", "")]).rstrip(
-        os.pathsep
-    )
+    env["PYTHONPATH"] = os.pathsep.join([str(shadow), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
 
 
