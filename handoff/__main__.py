@@ -11,7 +11,7 @@ import sys
 
 
 def main() -> int:
-    from handoff.sched import lower_if_incoming
+    from handoff.system.sched import lower_if_incoming
 
     lower_if_incoming(sys.argv[1:])
     from handoff.cli import main as cli_main

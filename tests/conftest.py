@@ -18,14 +18,13 @@ and must have removed its socket. `vmm_factory`, `upgrade` and `serial_check`: s
 
 from __future__ import annotations
 
-from handoff.testing import (  # noqa: F401 (fixtures and the hook, re-exported for pytest)
-    KvmstubDaemon,
+from handoff.testing import KvmstubDaemon, start_kvmstub_daemon  # noqa: F401
+from handoff.testing.plugin import (  # noqa: F401 (fixtures and the hook, re-exported for pytest)
     kvmstub_daemon,
     kvmstub_dir,
     kvmstub_factory,
     pytest_configure,
     serial_check,
-    start_kvmstub_daemon,
     upgrade,
     vmm_factory,
 )

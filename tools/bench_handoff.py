@@ -36,8 +36,8 @@ import trio
 
 import handoff
 import kvmstub
-from handoff.config import parse_size
-from handoff.sched import place_apart
+from handoff.machine.config import parse_size
+from handoff.system.sched import place_apart
 from handoff.testing import VmmProcess
 from kvmstub.client import read_stats
 

@@ -53,8 +53,8 @@ from typing import Any
 
 import trio
 
-from handoff.faults import ACTIONS, STEPS
-from handoff.qmp_client import QMPClient, QMPError
+from handoff.migration.faults import ACTIONS, STEPS
+from handoff.qmp.client import QMPClient, QMPError
 from handoff.system.procs import pid_alive
 from handoff.testing import VmmProcess
 from kvmstub import client

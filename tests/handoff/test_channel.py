@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from handoff.channel import (
+from handoff.errors import CredentialsRefused, Refused, TransportError
+from handoff.transport.unix import (
     MAX_FDS_PER_MESSAGE,
     MAX_MESSAGE_SIZE,
     Channel,
@@ -30,7 +31,6 @@ from handoff.channel import (
     listen,
     socketpair,
 )
-from handoff.errors import CredentialsRefused, Refused, TransportError
 
 
 def open_fds() -> set[int]:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from handoff.faults import ACTIONS, STEPS
+from handoff.migration.faults import ACTIONS, STEPS
 from handoff.testing import VmmProcess
 
 ROOT = Path(__file__).resolve().parents[2]

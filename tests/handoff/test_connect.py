@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from handoff import source
 from handoff.errors import HandoffError, HandoffTimeout
+from handoff.migration import source
 
 
 def _listen(path: Path) -> socket.socket:

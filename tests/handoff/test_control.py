@@ -18,9 +18,9 @@ import trio
 import trio.testing
 
 from handoff import __version__
-from handoff.channel import bind_unix_socket, socketpair
-from handoff.control import ControlServer, QMPCommandError
 from handoff.errors import Incompatible
+from handoff.qmp.server import ControlServer, QMPCommandError
+from handoff.transport.unix import bind_unix_socket, socketpair
 
 NEGOTIATION = "Expecting capabilities negotiation with 'qmp_capabilities'"
 
@@ -459,7 +459,7 @@ async def test_an_event_carries_the_time_it_was_raised_when_given(
 def test_events_raised_inside_the_blackout_are_delivered_after_it_in_order() -> None:
     """App.events_held: a QMP client woken inside the blackout takes a CPU from the VMMs, so
     what is raised there is sent when it ends, stamped with when it happened."""
-    from handoff.app import App
+    from handoff.process.app import App
 
     sent: list[tuple[str, dict[str, Any], float | None]] = []
 
@@ -489,7 +489,7 @@ def test_events_raised_inside_the_blackout_are_delivered_after_it_in_order() -> 
 async def test_events_held_in_a_blackout_that_lasts_go_out_after_the_limit() -> None:
     """A hung target keeps the blackout going until the handoff's timeout: its "device"
     event (and the STATUS= line) still reaches the operator, `at_most` seconds in."""
-    from handoff.app import App
+    from handoff.process.app import App
 
     sent: list[str] = []
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from handoff.devices import Devices, DeviceState
+from handoff.machine.devices import Devices, DeviceState
 from kvmstub import uapi
 
 

@@ -124,7 +124,7 @@ async def test_copy_memory_baseline_moves_a_plain_guest_into_fresh_memory(
 
 
 async def test_copy_memory_is_refused_for_an_encrypted_guest(vmm_factory: Any) -> None:
-    from handoff.qmp_client import QMPError
+    from handoff.qmp.client import QMPError
 
     vmm = vmm_factory(mode="sev", vcpus=1)
     with pytest.raises(QMPError, match="copy-memory"):
@@ -173,7 +173,7 @@ async def test_incompatible_successor_is_refused_and_source_keeps_running(
 
 
 async def test_bad_set_value_is_refused_before_any_successor_starts(vmm_factory: Any) -> None:
-    from handoff.qmp_client import QMPError
+    from handoff.qmp.client import QMPError
 
     vmm = vmm_factory(mode="plain", vcpus=1)
     with pytest.raises(QMPError, match="--vcpus 'banana' is not a whole number"):
@@ -185,7 +185,7 @@ async def test_bad_set_value_is_refused_before_any_successor_starts(vmm_factory:
 
 
 async def test_second_handoff_while_one_is_in_progress_is_refused(vmm_factory: Any) -> None:
-    from handoff.qmp_client import QMPClient, QMPError
+    from handoff.qmp.client import QMPClient, QMPError
 
     vmm = vmm_factory(mode="plain", vcpus=1)
     await vmm.wait_lines()

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import trio
 
-from handoff import ops
+from handoff.process import ops
 from handoff.system.procs import pid_alive
 from handoff.testing import PROGRAM, VmmProcess
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from handoff import config
+from handoff.machine import config
 from handoff.testing import PROGRAM, VmmProcess
 from kvmstub.memory import GuestMemory
 from kvmstub.uapi import PAGE_SIZE

@@ -20,12 +20,12 @@ from typing import Any
 import pytest
 import trio
 
-from handoff import control as control_module
-from handoff.app import App
-from handoff.channel import bind_unix_socket
-from handoff.config import GuestConfig, HostFlags
-from handoff.control import MAX_NESTING, ControlServer, QMPCommandError
+from handoff.machine.config import GuestConfig, HostFlags
+from handoff.process.app import App
+from handoff.qmp import server as control_module
+from handoff.qmp.server import MAX_NESTING, ControlServer, QMPCommandError
 from handoff.testing import VmmProcess
+from handoff.transport.unix import bind_unix_socket
 
 NESTING_ERROR = {"class": "GenericError", "desc": "JSON nesting depth limit exceeded"}
 SO_SNDBUFFORCE = 32  # Linux; not in the socket module

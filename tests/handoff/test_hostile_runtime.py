@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,12 +24,12 @@ from typing import Any
 import pytest
 import trio
 
-from handoff import runtime
-from handoff.channel import bind_owned, bind_unix_socket, file_identity
-from handoff.cli import strip_flags
-from handoff.qmp_client import QMPClient, QMPConnectionError, QMPError
-from handoff.target import _rename_control
+from handoff.process import runtime
+from handoff.process.app import App
+from handoff.process.flags import strip_flags
+from handoff.qmp.client import QMPClient, QMPConnectionError, QMPError
 from handoff.testing import PROGRAM, VmmProcess, pid_alive
+from handoff.transport.unix import bind_owned, bind_unix_socket, file_identity
 
 NOBODY = 65534
 OTHER_USER = 54321  # a uid with no account: the "ordinary user" who runs `handoff`
@@ -256,7 +257,8 @@ def test_the_successors_move_of_the_control_socket_never_replaces_anything(
             control_path="",
             control_file=None,
         )
-        _rename_control(app, str(have))  # type: ignore[arg-type]
+        app._move_control = types.MethodType(App._move_control, app)
+        App.adopt_control(app, str(have))  # type: ignore[arg-type]
         return app
 
     try:

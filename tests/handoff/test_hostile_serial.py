@@ -22,10 +22,10 @@ from typing import Any
 import pytest
 import trio
 
-from handoff import devices
-from handoff.cli import check_run_args
-from handoff.config import ConfigError, open_serial_log
-from handoff.devices import Serial
+from handoff.machine import devices
+from handoff.machine.config import ConfigError, open_serial_log
+from handoff.machine.devices import Serial
+from handoff.process.flags import check_run_args
 from handoff.testing import KvmstubDaemon, VmmProcess
 
 NOBODY = 65534

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import trio
 
-from handoff.qmp_client import QMPClient, QMPError
+from handoff.qmp.client import QMPClient, QMPError
 from handoff.testing import VmmProcess, pid_alive
 
 NOBODY = 65534

@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 import trio
 
-from handoff.devices import Devices
 from handoff.hv import Hypervisor, StateMismatch, Vcpu, VcpuState, Vm, abi
 from handoff.hv.kvmstub import open_kvmstub
 from handoff.hv.model import ModelHypervisor, ModelKernel
+from handoff.machine.devices import Devices
 from handoff.testing import KvmstubDaemon
 
 MEMORY = 1 << 20  # one slot of 1 MiB: the witness guest needs a few pages

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from handoff import logs
-from handoff.record import HandoffRecord
+from handoff.migration.record import HandoffRecord, handoff_summary
+from handoff.system import logs
 from handoff.testing import VmmProcess
 
 
@@ -93,7 +93,7 @@ def test_json_lines_are_one_object_each_with_level_logger_pid_vm_and_message() -
 def test_a_handoff_summary_is_one_line_naming_id_peers_phases_and_pause() -> None:
     logger, stream = capture(logs.TextFormatter(journald=False))
     rec = record()
-    logs.handoff_summary(logger, "web", rec)
+    handoff_summary(logger, "web", rec)
     (line,) = stream.getvalue().splitlines()
     assert f"INFO {logger.name}: handoff {rec.id} completed: vm web, " in line
     assert f"source pid {os.getpid()} -> target pid 4242, role source, protocol 2, " in line
@@ -104,7 +104,7 @@ def test_a_handoff_summary_is_one_line_naming_id_peers_phases_and_pause() -> Non
 def test_a_failed_handoff_summary_is_an_error_with_recovery_and_reason_in_json() -> None:
     logger, stream = capture(logs.JsonFormatter(journald=True, vm="web"))
     rec = record("failed", error="target died", recovery="reclaim")
-    logs.handoff_summary(logger, "web", rec)
+    handoff_summary(logger, "web", rec)
     text = stream.getvalue()
     assert text.startswith("<3>{")
     line = json.loads(text[3:])

@@ -70,7 +70,7 @@ def test_the_collector_is_paused_for_the_blackout_and_back_unless_kept_off() -> 
     after a failed one, and for a target, it is back as it was."""
     import gc
 
-    from handoff.vmm import collector_paused
+    from handoff.machine.vmm import collector_paused
 
     assert gc.isenabled()
     try:

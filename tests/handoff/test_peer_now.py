@@ -14,9 +14,8 @@ import pytest
 import trio
 
 from handoff import protocol
-from handoff.channel import socketpair
 from handoff.errors import HandoffTimeout, PeerFailed, Refused, TransportError
-from handoff.peer import Peer, PeerGoneError
+from handoff.migration.peer import Peer, PeerGoneError
 from handoff.protocol import (
     NONCE_SIZE,
     Commit,
@@ -27,13 +26,14 @@ from handoff.protocol import (
     Prepared,
     Refuse,
     RefuseCode,
+    Regs,
     Resumed,
     Role,
     State,
     Switchover,
     TargetTimings,
 )
-from kvmstub.uapi import Regs
+from handoff.transport.unix import socketpair
 
 SOURCE, TARGET = Role.SOURCE, Role.TARGET
 VM_UUID = uuid.UUID("6f1e9a52-3c7d-4b8e-9a01-2b3c4d5e6f70")

@@ -30,7 +30,7 @@ def readme_example() -> str:
 
 def test_the_plugin_is_registered_under_the_pytest11_entry_point() -> None:
     plugins = {ep.name: ep.value for ep in entry_points(group="pytest11")}
-    assert plugins.get("handoff.testing") == "handoff.testing"
+    assert plugins.get("handoff.testing") == "handoff.testing.plugin"
 
 
 def test_a_users_own_handoff_tests_run_on_the_plugin_fixtures_alone(tmp_path: Path) -> None:

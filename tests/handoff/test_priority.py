@@ -25,7 +25,7 @@ needs_autogroups = pytest.mark.skipif(
 # the probe printed.
 SHELL = """
 import subprocess, sys
-from handoff.sched import autogroup_nice
+from handoff.system.sched import autogroup_nice
 before = autogroup_nice()
 probe = subprocess.run([sys.executable, "-c", sys.argv[1]], capture_output=True, text=True,
                        check=True, start_new_session=sys.argv[2] == "new")
@@ -34,7 +34,7 @@ print(before, autogroup_nice(), probe.stdout)
 
 YIELDS = """
 import os
-from handoff.sched import autogroup_nice, yield_cpus
+from handoff.system.sched import autogroup_nice, yield_cpus
 yield_cpus()
 print(os.getpriority(os.PRIO_PROCESS, 0), autogroup_nice())
 """
@@ -73,7 +73,7 @@ def test_a_vmm_leading_its_session_lowers_its_autogroup_too() -> None:
 def test_the_root_group_reads_as_none_and_is_left_alone(tmp_path: Path) -> None:
     """The kernel prints nothing for a process in the root autogroup, and refuses to set
     its nice: nothing is lowered, nothing is restored, nothing fails."""
-    from handoff import sched
+    from handoff.system import sched
 
     empty = tmp_path / "autogroup"
     empty.write_text("")
@@ -90,7 +90,7 @@ def test_the_root_group_reads_as_none_and_is_left_alone(tmp_path: Path) -> None:
 
 
 def test_waking_without_preempting_is_batch_meanwhile_and_undone_after() -> None:
-    from handoff.sched import waking_without_preempting
+    from handoff.system.sched import waking_without_preempting
 
     assert os.sched_getscheduler(0) == os.SCHED_OTHER
     with waking_without_preempting():
@@ -102,7 +102,7 @@ def test_waking_without_preempting_is_batch_meanwhile_and_undone_after() -> None
 
 
 PREPARING = """
-from handoff import sched
+from handoff.system import sched
 before = sched.autogroup_nice()
 sched.lower_while_preparing()
 lowered = sched.autogroup_nice()
@@ -121,7 +121,7 @@ def test_a_successor_prepares_at_nice_19_and_is_back_for_the_blackout() -> None:
 
 BOUNDED = """
 import signal, time
-from handoff import sched
+from handoff.system import sched
 sched.lower_while_preparing(at_most_s=0.2)
 lowered = sched.autogroup_nice()
 time.sleep(1.0)  # the alarm comes in the middle; the sleep goes on after its handler
@@ -139,7 +139,7 @@ def test_a_successor_slow_to_prepare_is_lowered_no_longer_than_the_bound() -> No
 
 RESTORED = """
 import signal
-from handoff import sched
+from handoff.system import sched
 sched.lower_while_preparing()
 armed = signal.getitimer(signal.ITIMER_REAL)[0] > 0
 sched.restore_for_blackout()
@@ -162,7 +162,7 @@ def test_a_target_started_from_a_shell_leaves_its_sessions_priority_alone() -> N
 
 ENTRY = """
 import sys, types
-from handoff import sched
+from handoff.system import sched
 calls = []
 def spy():
     calls.append(("lower", "trio" in sys.modules))
@@ -200,7 +200,7 @@ def test_the_handoff_command_lowers_a_new_vmm_before_its_imports(incoming: bool)
 
 PLACE = """
 import json, os, subprocess, sys
-from handoff.sched import place_apart
+from handoff.system.sched import place_apart
 other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
 try:
     cpus = sorted(os.sched_getaffinity(0))

@@ -41,6 +41,7 @@ from handoff.protocol import (
     Recovery,
     Refuse,
     RefuseCode,
+    Regs,
     RemoteProtocolError,
     Resumed,
     Role,
@@ -59,7 +60,6 @@ from kvmstub.uapi import (
     SEV_GUEST_STATE_RUNNING,
     SEV_POLICY_ES,
     SEV_POLICY_NODBG,
-    Regs,
 )
 
 SOURCE, TARGET = Role.SOURCE, Role.TARGET
@@ -1258,3 +1258,16 @@ def test_a_hostile_peer_ends_in_a_clean_refusal_and_the_guest_in_exactly_one_vmm
     # The live peer holds the guest: a target once it sent Resumed, a source until then.
     peer_runs = done if role is SOURCE else not done
     assert ours_runs + peer_runs == 1
+
+
+def test_the_wire_regs_are_the_kernels_struct_field_for_field() -> None:
+    """Versions 1 and 2 carry struct kvm_regs; the protocol keeps its own copy of it (it may
+    not import a hypervisor), which must stay the backend's field for field and byte for byte."""
+    from handoff import protocol
+    from kvmstub import uapi
+
+    assert protocol.Regs.__struct_fields__ == uapi.Regs.__struct_fields__
+    regs = uapi.Regs(rax=1, rip=0x1000, rflags=0x202)
+    assert msgspec.msgpack.encode(regs) == msgspec.msgpack.encode(
+        protocol.Regs(*msgspec.structs.astuple(regs))
+    )

@@ -13,9 +13,9 @@ import pytest
 import trio
 import trio.testing
 
-from handoff.channel import bind_unix_socket
-from handoff.control import ControlServer, QMPCommandError
-from handoff.qmp_client import QMPClient, QMPConnectionError, QMPError, QMPEvent
+from handoff.qmp.client import QMPClient, QMPConnectionError, QMPError, QMPEvent
+from handoff.qmp.server import ControlServer, QMPCommandError
+from handoff.transport.unix import bind_unix_socket
 
 
 @pytest.fixture

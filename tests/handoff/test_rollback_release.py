@@ -73,8 +73,8 @@ async def test_rollback_to_the_previous_release_and_forward_again(
 def test_the_old_vmm_asks_an_exec_program_how_it_takes_its_token(
     tmp_path: Path, script: str, expect: bool | str
 ) -> None:
-    from handoff.app import _takes_token_fd
     from handoff.errors import HandoffError
+    from handoff.process.app import _takes_token_fd
 
     program = tmp_path / "program"
     program.write_text(f"#!/bin/sh\n{script}\n")
@@ -87,6 +87,6 @@ def test_the_old_vmm_asks_an_exec_program_how_it_takes_its_token(
 
 
 def test_this_release_lists_token_fd_in_its_run_help() -> None:
-    from handoff.app import _takes_token_fd
+    from handoff.process.app import _takes_token_fd
 
     assert _takes_token_fd(PROGRAM)

@@ -17,7 +17,8 @@ import msgspec
 import pytest
 import trio
 
-from handoff import __version__, runtime
+from handoff import __version__
+from handoff.process import runtime
 from handoff.testing import PROGRAM, VmmProcess
 
 # -- entries, without a VMM ------------------------------------------------------------------------

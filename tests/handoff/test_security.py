@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from handoff.qmp_client import QMPClient
+from handoff.qmp.client import QMPClient
 from handoff.testing import VmmProcess
 
 NOBODY = 65534

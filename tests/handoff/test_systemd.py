@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import trio
 
-from handoff import notify
+from handoff.system import notify
 from handoff.testing import NotifySocket, VmmProcess
 
 

@@ -61,7 +61,14 @@ def test_upgrade_of_a_vm_that_is_not_there_fails_with_the_reason() -> None:
 def test_a_vmm_loads_every_module_it_will_run_when_it_starts() -> None:
     # An upgrade in place replaces the package on disk under a running VMM; it must not pick up
     # the new release's source/target/cli halfway through its life.
-    code = "import sys, handoff.app; print(' '.join(m for m in sys.modules if 'handoff' in m))"
+    code = (
+        "import sys, handoff.process.app; print(' '.join(m for m in sys.modules if 'handoff' in m))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     loaded = set(out.stdout.split())
-    assert {"handoff.source", "handoff.target", "handoff.cli", "handoff.logs"} <= loaded
+    assert {
+        "handoff.migration.source",
+        "handoff.migration.target",
+        "handoff.process.flags",
+        "handoff.system.logs",
+    } <= loaded

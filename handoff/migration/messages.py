@@ -12,12 +12,13 @@ import time
 import uuid
 from collections.abc import Sequence
 
-from kvmstub import uapi
+import msgspec
 
-from . import protocol
-from .config import GuestConfig, HostFlags
-from .devices import DeviceState
-from .errors import AuthRefused, Incompatible, PeerFailed
+from handoff import protocol
+from handoff.errors import AuthRefused, Incompatible, PeerFailed
+from handoff.machine.config import GuestConfig, HostFlags
+from handoff.machine.devices import DeviceState
+from kvmstub import uapi
 
 
 def _features(token: bytes | None) -> tuple[str, ...]:
@@ -168,19 +169,22 @@ def sev_cache_of(d: protocol.Describe) -> dict[str, int]:
     return {"handle": d.sev.handle, "state": d.sev.state, "policy": d.policy}
 
 
+_wire_regs = protocol.Regs  # field for field kvmstub.uapi.Regs (struct kvm_regs)
+
+
 def switchover_from(state: DeviceState, regs: Sequence[uapi.Regs] | None) -> protocol.Switchover:
     return protocol.Switchover(
         doorbell_sum=sum(state.doorbell_sums) & 0xFFFF_FFFF,
         device_blobs={"doorbell": state.doorbell_blob()},
         shared_regions=tuple((gpa, pages) for gpa, pages in state.shared_regions),
-        regs=tuple(regs) if regs is not None else None,
+        regs=None if regs is None else tuple(_wire_regs(*msgspec.structs.astuple(r)) for r in regs),
         paused_at_ns=time.monotonic_ns(),
     )
 
 
 def switchover_state(sw: protocol.Switchover) -> tuple[list[uapi.Regs] | None, DeviceState]:
     regions = [(int(r[0]), int(r[1])) for r in sw.shared_regions]
-    regs = list(sw.regs) if sw.regs is not None else None
+    regs = None if sw.regs is None else [uapi.Regs(*msgspec.structs.astuple(r)) for r in sw.regs]
     try:
         sums = DeviceState.sums_from_blob(sw.device_blobs.get("doorbell", b""))
     except ValueError as exc:

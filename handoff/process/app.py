@@ -27,23 +27,37 @@ from typing import Any, NoReturn
 import msgspec
 import trio
 
-from kvmstub import uapi
-
-from . import __version__, hardening, logs, notify, runtime
+from handoff import __version__
+from handoff.errors import HandoffError, Refused
+from handoff.machine.config import GuestConfig, HostFlags, format_size, read_token, read_token_fd
+from handoff.machine.vmm import Vmm, freeze_startup_objects
+from handoff.migration.faults import Faults, FaultSpecError
+from handoff.migration.record import HandoffRecord
+from handoff.migration.source import hand_off
+from handoff.migration.target import take_over
+from handoff.process import runtime
+from handoff.process.flags import (
+    apply_sets,
+    check_run_args,
+    checking_parser,
+    host_flags,
+    strip_flags,
+)
+from handoff.qmp.server import ControlServer, QMPCommandError
+from handoff.system import hardening, logs, notify
 
 # Everything (source, target and cli too) is imported at start, not when first needed: a VMM
 # runs for months, and by the time it hands off the package on disk may be a newer release (that
 # is what an upgrade in place looks like). This process must run only the release it started as.
-from .channel import bind_owned, socket_answers, unlink_if_same
-from .cli import apply_sets, check_run_args, checking_parser, host_flags, strip_flags
-from .config import GuestConfig, HostFlags, format_size, read_token, read_token_fd
-from .control import ControlServer, QMPCommandError
-from .errors import HandoffError
-from .faults import Faults, FaultSpecError
-from .record import HandoffRecord
-from .source import hand_off
-from .target import take_over
-from .vmm import Vmm, freeze_startup_objects
+from handoff.transport.unix import (
+    bind_owned,
+    check_directory,
+    file_identity,
+    rename_noreplace,
+    socket_answers,
+    unlink_if_same,
+)
+from kvmstub import uapi
 
 log = logging.getLogger("handoff.app")
 
@@ -201,6 +215,50 @@ class App:
             (time.perf_counter() - t0) * 1e3,
             self.flags.control,
         )
+
+    def adopt_control(self, have: str) -> None:
+        """Serve the received listening socket; if our --control names another path, move the
+        socket file there (a rename keeps the same listening socket). `have` is where the source
+        served it (a socket's own name is stale once renamed, so the source tells us).
+
+        The move never replaces anything: not another live VM's socket or entry (a successor
+        started with another VM's name or --control keeps the socket where it is, and says whose
+        the other path is), nor anything that appeared there meanwhile (a no-replace rename). A
+        stale socket with no live entry is removed first, as `handoff run` would."""
+        sock = self.control_sock
+        want = self.flags.control
+        self.control_path = have or want or ""
+        if sock is not None and want and have and os.path.abspath(have) != os.path.abspath(want):
+            self._move_control(have, want)
+        if sock is not None:
+            # What this VMM removes at exit: that very socket file, never one put there later.
+            self.control_file = file_identity(self.control_path) if self.control_path else None
+
+    def _move_control(self, have: str, want: str) -> None:
+        owner = runtime.live_owner(want)
+        if owner is not None and owner.pid != os.getpid():
+            log.warning(
+                "not moving the control socket to %s: it is VM %r's, run by pid %d; it stays at %s",
+                want,
+                owner.name,
+                owner.pid,
+                have,
+            )
+            return
+        try:
+            check_directory(os.path.dirname(os.path.abspath(want)))
+            os.makedirs(os.path.dirname(os.path.abspath(want)), mode=0o700, exist_ok=True)
+            if socket_answers(want):
+                raise FileExistsError(f"{want} is taken (a socket something answers on, or a file)")
+            unlink_if_same(want, file_identity(want))  # a stale socket, as `handoff run` removes
+            rename_noreplace(have, want)
+        except (OSError, Refused) as exc:
+            log.warning(
+                "could not move the control socket to %s (%s); it stays at %s", want, exc, have
+            )
+            return
+        self.control_path = want
+        log.info("control socket moved from %s to %s", have, want)
 
     def start_control(self, nursery: trio.Nursery) -> None:
         assert self.control_sock is not None

@@ -15,9 +15,9 @@ from typing import TypeVar
 
 import trio
 
-from . import protocol
-from .channel import Channel, OwnedFds
-from .errors import HandoffTimeout, PeerFailed, Refused, TransportError
+from handoff import protocol
+from handoff.errors import HandoffTimeout, PeerFailed, Refused, TransportError
+from handoff.transport.unix import Channel, OwnedFds
 
 log = logging.getLogger("handoff.peer")
 

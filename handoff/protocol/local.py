@@ -119,10 +119,17 @@ from typing import Annotated, Final, Literal, TypeAlias
 
 import msgspec
 
-from kvmstub.uapi import KVM_USER_MEM_SLOTS, SEV_GUEST_STATE_SENT, Regs
-
 __all__ = [
+    "LIVE_STATES",
+    "MAX_DEVICE_BLOBS",
+    "MAX_DEVICE_BLOB_BYTES",
+    "MAX_HOST_FLAGS",
     "MAX_MESSAGE_BYTES",
+    "MAX_NAME_LENGTH",
+    "MAX_SHARED_REGIONS",
+    "MAX_SLOTS",
+    "MAX_TEXT_LENGTH",
+    "MAX_VCPUS",
     "NONCE_SIZE",
     "PROTOCOL_MAX_VERSION",
     "PROTOCOL_MIN_VERSION",
@@ -143,6 +150,7 @@ __all__ = [
     "Recovery",
     "Refuse",
     "RefuseCode",
+    "Regs",
     "RemoteProtocolError",
     "Resumed",
     "Role",
@@ -156,6 +164,35 @@ __all__ = [
     "token_proof",
     "verify_token_proof",
 ]
+
+# The kernel's numbers the messages are bounded by (include/uapi/linux/kvm.h, psp-sev.h).
+KVM_USER_MEM_SLOTS: Final = 32764
+SEV_GUEST_STATE_SENT: Final = 6  # the highest SEV guest state (UNINIT 0 .. SENT 6)
+
+
+class Regs(msgspec.Struct, frozen=True):
+    """struct kvm_regs (x86) as `Switchover` carries it: the general purpose registers, rip
+    and rflags. The wire format of versions 1 and 2, field for field the kernel's struct."""
+
+    rax: int = 0
+    rbx: int = 0
+    rcx: int = 0
+    rdx: int = 0
+    rsi: int = 0
+    rdi: int = 0
+    rsp: int = 0
+    rbp: int = 0
+    r8: int = 0
+    r9: int = 0
+    r10: int = 0
+    r11: int = 0
+    r12: int = 0
+    r13: int = 0
+    r14: int = 0
+    r15: int = 0
+    rip: int = 0
+    rflags: int = 0x2
+
 
 PROTOCOL_MIN_VERSION: Final = 1
 PROTOCOL_MAX_VERSION: Final = 2

@@ -1,7 +1,8 @@
-"""Building blocks for two-process handoff tests, and the pytest plugin that serves them.
+"""Building blocks for two-process handoff tests, without pytest; `handoff.testing.plugin`
+serves them as fixtures.
 
-As a pytest plugin (registered under the `pytest11` entry point, so installing handoff is all it
-takes; async tests need pytest-trio) it provides these fixtures:
+As a pytest plugin (`handoff.testing.plugin`, registered under the `pytest11` entry point, so
+installing handoff with its test extra is all it takes; async tests need pytest-trio) they are:
 
 - `kvmstub_daemon`: a fresh `kvmstub serve` for the test (`KvmstubDaemon`: `.socket`,
   `.stats()`); stopped with SIGTERM afterwards, which must exit 0 and remove its socket.
@@ -37,28 +38,24 @@ import array
 import contextlib
 import os
 import selectors
-import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 
+from handoff.process import ops
+from handoff.process.flags import strip_flags
+from handoff.qmp.client import QMPClient
+from handoff.seriallog import SerialReport, SerialTail
+from handoff.system.procs import pid_alive
 from kvmstub import client
-
-from . import ops
-from .cli import strip_flags
-from .qmp_client import QMPClient
-from .seriallog import SerialReport, SerialTail
-from .system.procs import pid_alive
 
 PROGRAM = [sys.executable, "-m", "handoff"]
 _UCRED = struct.Struct("iII")
@@ -408,78 +405,6 @@ def _stop_and_check(daemon: KvmstubDaemon) -> None:
         assert not daemon.socket.exists(), "kvmstub left its socket behind"
 
 
-# -- the pytest plugin ----------------------------------------------------------------------------
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "kvmstub_args(*flags): extra `kvmstub serve` flags for kvmstub_daemon"
-    )
-
-
-@pytest.fixture
-def kvmstub_dir() -> Iterator[Path]:
-    """A short private directory (a socket path must fit in 108 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="kvmstub-"))
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def kvmstub_daemon(request: pytest.FixtureRequest, kvmstub_dir: Path) -> Iterator[KvmstubDaemon]:
-    """A fresh kvmstub daemon for one test; stopped with SIGTERM afterwards, which must
-    exit 0 and remove the socket."""
-    marker = request.node.get_closest_marker("kvmstub_args")
-    flags = [str(flag) for flag in marker.args] if marker else []
-    daemon = start_kvmstub_daemon(kvmstub_dir, *flags)
-    try:
-        yield daemon
-    finally:
-        _stop_and_check(daemon)
-
-
-@pytest.fixture
-def kvmstub_factory() -> Iterator[Callable[..., KvmstubDaemon]]:
-    """`start(directory, *flags)`: more daemons; each is stopped and checked afterwards."""
-    started: list[KvmstubDaemon] = []
-
-    def start(directory: Path, *flags: str) -> KvmstubDaemon:
-        daemon = start_kvmstub_daemon(directory, *flags)
-        started.append(daemon)
-        return daemon
-
-    try:
-        yield start
-    finally:
-        for daemon in started:
-            _stop_and_check(daemon)
-
-
-@pytest.fixture
-def vmm_factory(
-    tmp_path: Path, kvmstub_daemon: KvmstubDaemon
-) -> Iterator[Callable[..., VmmProcess]]:
-    """`make(**kwargs)`: start a VM on the test's kvmstub daemon (the `VmmProcess` arguments:
-    mode, vcpus, memory, line_every, flip_every, extra, env; name defaults to vm0, vm1, ...).
-    Every VMM of every chain is killed after the test."""
-    made: list[VmmProcess] = []
-
-    def make(**kwargs: Any) -> VmmProcess:
-        kwargs.setdefault("name", f"vm{len(made)}")
-        vmm = VmmProcess(tmp_path, kvmstub_daemon.socket, **kwargs)
-        made.append(vmm)
-        vmm.start()
-        return vmm
-
-    try:
-        yield make
-    finally:
-        for vmm in made:
-            vmm.kill_all()
-
-
 async def upgrade_checked(
     vmm: VmmProcess,
     *sets: str,
@@ -498,12 +423,6 @@ async def upgrade_checked(
     return result
 
 
-@pytest.fixture
-def upgrade() -> Callable[..., Awaitable[dict[str, Any]]]:
-    """`await upgrade(vmm, *sets, exec_argv=None, expect="completed")`: see `upgrade_checked`."""
-    return upgrade_checked
-
-
 async def serial_checked(
     vmm: VmmProcess, more: int = 3, max_pause_us: int | None = None, timeout: float = 20
 ) -> SerialReport:
@@ -517,9 +436,3 @@ async def serial_checked(
         worst = max((gap for lines in report.lines.values() for _, gap in lines), default=0)
         assert worst <= max_pause_us, f"the guest saw a pause of {worst} us"
     return report
-
-
-@pytest.fixture
-def serial_check() -> Callable[..., Awaitable[SerialReport]]:
-    """`await serial_check(vmm, more=3, max_pause_us=None)`: see `serial_checked`."""
-    return serial_checked

@@ -22,12 +22,11 @@ from typing import Any
 
 import trio
 
+from handoff.process.ops import format_phases, query, upgrade
+from handoff.seriallog import read_logs
+from handoff.system.procs import pid_alive
+from handoff.system.sched import place_apart
 from kvmstub import client
-
-from .ops import format_phases, query, upgrade
-from .sched import place_apart
-from .seriallog import read_logs
-from .system.procs import pid_alive
 
 RELEASE_1 = [sys.executable, "-m", "handoff.cli"]  # plays the older release (protocol 1)
 POLL_US = 1000  # kvmstub's halt polling and the VMMs' blackout polling, CPUs apart

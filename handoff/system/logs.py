@@ -20,15 +20,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any, TextIO
 
 import msgspec
 
-if TYPE_CHECKING:
-    from .record import HandoffRecord
-
-__all__ = ["FORMATS", "handoff_summary", "journald_stream", "setup"]
+__all__ = ["FORMATS", "journald_stream", "setup"]
 
 FORMATS = ("text", "json")
 
@@ -117,43 +113,3 @@ def setup(level: str, fmt: str = "text", vm: str = "") -> None:
     formatter = JsonFormatter(journald, vm) if fmt == "json" else TextFormatter(journald)
     handler.setFormatter(formatter)
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
-
-
-def handoff_summary(log: logging.Logger, vm: str, rec: HandoffRecord) -> None:
-    """Log the one summary line of a handoff that ended (completed or failed), on either side.
-
-    The line names the handoff's id, the VM, both peers' pids (source -> target), this side's
-    role, the protocol version, the pause this side measured, the total, and every phase; a
-    failure adds the recovery and the reason. In JSON the same facts are in `handoff`.
-    """
-    me = os.getpid()
-    source, target = (me, rec.peer_pid) if rec.role == "source" else (rec.peer_pid, me)
-    phases = " ".join(f"{name}={ms:.3f}" for name, ms in rec.phases.items())
-    text = (
-        f"handoff {rec.id} {rec.status}: vm {vm}, source pid {source} -> target pid {target}, "
-        f"role {rec.role}, protocol {rec.protocol}, pause {rec.downtime_ms:.3f} ms, "
-        f"total {rec.total_ms:.3f} ms, phases {phases or '-'}"
-    )
-    if rec.recovery:
-        text += f", recovery {rec.recovery}"
-    if rec.error:
-        text += f": {rec.error}"
-    fields = {
-        "handoff": {
-            "id": rec.id,
-            "vm": vm,
-            "status": rec.status,
-            "role": rec.role,
-            "source-pid": source,
-            "target-pid": target,
-            "protocol": rec.protocol,
-            "pause-ms": rec.downtime_ms,
-            "total-ms": rec.total_ms,
-            "phases": dict(rec.phases),
-            "recovery": rec.recovery,
-            "error": rec.error,
-            "at": round(time.time(), 6),
-        }
-    }
-    level = logging.INFO if rec.status == "completed" else logging.ERROR
-    log.log(level, "%s", text, extra={"fields": fields})

@@ -20,10 +20,9 @@ from collections.abc import Iterator, Sequence
 
 import trio
 
+from handoff.machine.config import GuestConfig, HostFlags
+from handoff.machine.devices import Devices, DeviceState
 from kvmstub import client, guest, uapi
-
-from .config import GuestConfig, HostFlags
-from .devices import Devices, DeviceState
 
 log = logging.getLogger("handoff.vmm")
 

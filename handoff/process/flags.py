@@ -1,10 +1,7 @@
-"""`handoff`: run a VM under a VMM that can hand it to its successor, and drive such handoffs.
-
-handoff run      run a VMM (or, with --incoming, wait to take one over)
-handoff upgrade  replace a running VMM by a new process, the guest running throughout
-handoff status   show a VMM's state and its last handoff
-handoff list     every VM in the runtime directory (pid, version, shape, uptime, last pause)
-handoff demo     the whole story on embedded defaults (what `make demo` runs)
+"""The command line of `handoff`: every subcommand's flags, their parsing and validation into a
+`GuestConfig` and `HostFlags`, and the rewriting of a running VMM's flags for its successor
+(`apply_sets`, `strip_flags`, `check_run_args`). The VMM process uses it at each upgrade; the
+`handoff` command (`handoff.cli`) parses with it.
 """
 
 from __future__ import annotations
@@ -12,14 +9,10 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import signal
-import sys
 from collections.abc import Callable, Sequence
 
-from kvmstub import client, uapi
-
-from . import __version__
-from .config import (
+from handoff import __version__
+from handoff.machine.config import (
     LOG_LEVELS,
     MODES,
     ConfigError,
@@ -31,6 +24,7 @@ from .config import (
     validate_guest,
     validate_name,
 )
+from kvmstub import client, uapi
 
 
 def runtime_dir() -> str:
@@ -52,8 +46,8 @@ def runtime_dir() -> str:
         origin = "the default under $XDG_RUNTIME_DIR"
     else:
         path, origin = f"/tmp/handoff-{os.getuid()}", "the default without $XDG_RUNTIME_DIR"
-    from .channel import check_directory
-    from .errors import Refused
+    from handoff.errors import Refused
+    from handoff.transport.unix import check_directory
 
     try:
         check_directory(path)
@@ -106,7 +100,7 @@ def _incoming(text: str) -> str:
 
 
 def _fault(text: str) -> str:
-    from .faults import FaultSpecError, parse
+    from handoff.migration.faults import FaultSpecError, parse
 
     try:
         parse(text)
@@ -376,94 +370,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def control_path(ns: argparse.Namespace) -> str:
-    if ns.control:
-        return str(ns.control)
-    if ns.target:
-        name = validate_name(ns.target)
-        directory = runtime_dir()
-        path = os.path.join(directory, f"{name}.qmp")
-        if not os.path.lexists(path):
-            raise ConfigError(
-                f"no VM named {name}: there is no control socket {name}.qmp in the runtime "
-                f"directory {directory} ($HANDOFF_RUNTIME_DIR, else /run/handoff for root, "
-                "else $XDG_RUNTIME_DIR/handoff); `handoff list` shows the VMs there, or give "
-                "--control PATH"
-            )
-        return path
-    raise ConfigError("name the VM (handoff upgrade NAME) or give --control PATH")
-
-
-def status_hint(ns: argparse.Namespace) -> str:
-    """The `handoff status` command for the VM a command named."""
-    if ns.control:
-        return f"handoff status --control {ns.control}"
-    return f"handoff status {ns.target}"
-
-
-def _stdout_gone() -> int:
-    """The reader of our output went away (`handoff list | head -1`): exit quietly, as a
-    command killed by SIGPIPE does (the shell shows 141), without the interpreter's complaint
-    when it flushes stdout at exit."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
-    return 128 + signal.SIGPIPE
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from .sched import lower_if_incoming
-
-    # Before the preparation; `python -m handoff` and the `handoff` command did it before the
-    # imports already (handoff.__main__), and then this does nothing.
-    lower_if_incoming(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    try:
-        if ns.command == "run":
-            from .app import run_main
-
-            args = list(sys.argv[1:] if argv is None else argv)
-            run_args = args[args.index("run") + 1 :]
-            program = [sys.executable, "-m", "handoff"]
-            return run_main(guest_config(ns), host_flags(ns), ns.incoming, program, run_args)
-        if ns.command == "upgrade":
-            from .ops import upgrade_main
-
-            return _flushed(
-                upgrade_main(
-                    control_path(ns), ns.set, ns.exec, ns.json, ns.timeout, status_hint(ns)
-                )
-            )
-        if ns.command == "status":
-            from .ops import status_main
-
-            return _flushed(status_main(control_path(ns), ns.json))
-        if ns.command == "list":
-            from .ops import list_main
-
-            return _flushed(list_main(runtime_dir(), ns.json, ns.prune))
-        if ns.command == "demo":
-            from .demo import demo_main
-
-            return demo_main(ns.workdir, ns.mode, ns.vcpus, ns.memory)
-    except ConfigError as exc:
-        parser.exit(2, f"handoff: {exc}\n")
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:
-        if ns.command == "run":
-            raise  # not our output: a VMM reports its own errors
-        return _stdout_gone()
-    return 2
-
-
-def _flushed(code: int) -> int:
-    """`code`, once our output has reached the pipe (a closed one raises here, in main)."""
-    sys.stdout.flush()
-    return code
-
-
 def apply_sets(argv: list[str], sets: Sequence[str]) -> list[str]:
     """Replace (or add) `--key value` in a `run` command line for each `key=value`."""
     out = list(argv)
@@ -520,7 +426,3 @@ def check_run_args(run_args: Sequence[str]) -> None:
         raise ConfigError(lines[-1] if lines else "invalid run flags") from None
     guest_config(ns)
     host_flags(ns)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

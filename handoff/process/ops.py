@@ -15,10 +15,10 @@ from typing import Any, TextIO
 import msgspec
 import trio
 
-from . import runtime
-from .config import format_size
-from .qmp_client import QMPClient, QMPConnectionError, QMPError
-from .sched import waking_without_preempting
+from handoff.machine.config import format_size
+from handoff.process import runtime
+from handoff.qmp.client import QMPClient, QMPConnectionError, QMPError
+from handoff.system.sched import waking_without_preempting
 
 PHASE_NAMES = {
     "connect": "connect to successor",

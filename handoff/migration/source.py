@@ -35,18 +35,26 @@ from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
+from handoff import protocol
+from handoff.errors import (
+    AuthRefused,
+    CredentialsRefused,
+    HandoffError,
+    HandoffTimeout,
+    TransportError,
+)
+from handoff.machine.vmm import collector_paused
+from handoff.migration import messages
+from handoff.migration.host import VmmHost
+from handoff.migration.peer import Peer
+from handoff.migration.record import handoff_summary
+from handoff.system import notify
+from handoff.system.sched import waking_without_preempting, yield_cpus
+from handoff.transport.unix import Channel, PeerCredentials, connect
 from kvmstub import client, uapi
 
-from . import logs, messages, notify, protocol
-from .channel import Channel, PeerCredentials, connect
-from .errors import AuthRefused, CredentialsRefused, HandoffError, HandoffTimeout, TransportError
-from .peer import Peer
-from .sched import waking_without_preempting, yield_cpus
-from .vmm import collector_paused
-
 if TYPE_CHECKING:
-    from .app import App
-    from .record import HandoffRecord
+    from handoff.migration.record import HandoffRecord
 
 log = logging.getLogger("handoff.source")
 
@@ -212,7 +220,7 @@ async def _wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> bool:
 
 
 async def hand_off(
-    app: App,
+    app: VmmHost,
     path: str,
     proc: subprocess.Popen[bytes] | None,
     token: bytes | None,
@@ -229,7 +237,7 @@ async def hand_off(
 
 
 async def _hand_off(
-    app: App,
+    app: VmmHost,
     path: str,
     proc: subprocess.Popen[bytes] | None,
     token: bytes | None,
@@ -423,7 +431,7 @@ async def _hand_off(
     vmm.status = "postmigrate"
     yield_cpus()
     await trio.lowlevel.checkpoint()
-    logs.handoff_summary(log, flags.name, rec)
+    handoff_summary(log, flags.name, rec)
     if pidfd is not None:
         app.handed_to = (peer_pid, os.dup(pidfd))  # a stop from now on is passed on to it
     _close(peer, (escrow, pidfd, watch))
@@ -440,7 +448,7 @@ new VMM's own settling (target.SETTLE_SECONDS), so that the two do not run toget
 
 
 async def _failed(
-    app: App,
+    app: VmmHost,
     rec: HandoffRecord,
     reason: str,
     recovery: str,
@@ -450,7 +458,7 @@ async def _failed(
     proc: subprocess.Popen[bytes] | None,
 ) -> bool:
     rec.finish("failed", reason, recovery)
-    logs.handoff_summary(log, app.flags.name, rec)
+    handoff_summary(log, app.flags.name, rec)
     app.emit(
         "HANDOFF",
         {"id": rec.id, "status": "failed", "error-desc": reason, "recovery": recovery},
@@ -466,7 +474,7 @@ async def _failed(
 
 
 async def _recover(
-    app: App,
+    app: VmmHost,
     paused: bool,
     switched: bool,
     escrow: int | None,

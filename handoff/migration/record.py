@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 import uuid
 from typing import Any
@@ -75,3 +77,43 @@ class HandoffRecord:
         if self.recovery:
             out["recovery"] = self.recovery
         return out
+
+
+def handoff_summary(log: logging.Logger, vm: str, rec: HandoffRecord) -> None:
+    """Log the one summary line of a handoff that ended (completed or failed), on either side.
+
+    The line names the handoff's id, the VM, both peers' pids (source -> target), this side's
+    role, the protocol version, the pause this side measured, the total, and every phase; a
+    failure adds the recovery and the reason. In JSON the same facts are in `handoff`.
+    """
+    me = os.getpid()
+    source, target = (me, rec.peer_pid) if rec.role == "source" else (rec.peer_pid, me)
+    phases = " ".join(f"{name}={ms:.3f}" for name, ms in rec.phases.items())
+    text = (
+        f"handoff {rec.id} {rec.status}: vm {vm}, source pid {source} -> target pid {target}, "
+        f"role {rec.role}, protocol {rec.protocol}, pause {rec.downtime_ms:.3f} ms, "
+        f"total {rec.total_ms:.3f} ms, phases {phases or '-'}"
+    )
+    if rec.recovery:
+        text += f", recovery {rec.recovery}"
+    if rec.error:
+        text += f": {rec.error}"
+    fields = {
+        "handoff": {
+            "id": rec.id,
+            "vm": vm,
+            "status": rec.status,
+            "role": rec.role,
+            "source-pid": source,
+            "target-pid": target,
+            "protocol": rec.protocol,
+            "pause-ms": rec.downtime_ms,
+            "total-ms": rec.total_ms,
+            "phases": dict(rec.phases),
+            "recovery": rec.recovery,
+            "error": rec.error,
+            "at": round(time.time(), 6),
+        }
+    }
+    level = logging.INFO if rec.status == "completed" else logging.ERROR
+    log.log(level, "%s", text, extra={"fields": fields})

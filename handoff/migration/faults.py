@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .errors import HandoffError
+from handoff.errors import HandoffError
 
 if TYPE_CHECKING:
-    from .peer import Peer
+    from handoff.migration.peer import Peer
 
 log = logging.getLogger("handoff.faults")
 

@@ -19,26 +19,11 @@ import os
 import socket
 import stat
 import time
-from typing import TYPE_CHECKING
 
 import trio
 
-from kvmstub import client
-
-from . import logs, messages, protocol, runtime
-from .channel import (
-    Channel,
-    Listener,
-    OwnedFds,
-    check_directory,
-    file_identity,
-    listen,
-    rename_noreplace,
-    socket_answers,
-    unlink_if_same,
-)
-from .config import GuestConfig
-from .errors import (
+from handoff import protocol
+from handoff.errors import (
     AuthRefused,
     CredentialsRefused,
     HandoffError,
@@ -48,25 +33,33 @@ from .errors import (
     Refused,
     TransportError,
 )
-from .peer import Peer, PeerGoneError
-from .sched import restore_for_blackout
-from .vmm import collector_paused
-
-if TYPE_CHECKING:
-    from .app import App
+from handoff.machine.config import GuestConfig
+from handoff.machine.vmm import collector_paused
+from handoff.migration import messages
+from handoff.migration.host import VmmHost
+from handoff.migration.peer import Peer, PeerGoneError
+from handoff.migration.record import handoff_summary
+from handoff.system.sched import restore_for_blackout
+from handoff.transport.unix import (
+    Channel,
+    Listener,
+    OwnedFds,
+    listen,
+)
+from kvmstub import client
 
 log = logging.getLogger("handoff.target")
 
 ACCEPT_TIMEOUT_FACTOR = 6  # how many handoff timeouts a fresh target waits for its source
 
 
-async def take_over(app: App, path: str, nursery: trio.Nursery) -> bool:
+async def take_over(app: VmmHost, path: str, nursery: trio.Nursery) -> bool:
     """Wait on `path` for a source, take its guest, and leave it running; False if not."""
     with collector_paused():  # no collector stall inside the blackout
         return await _take_over(app, path, nursery)
 
 
-async def _take_over(app: App, path: str, nursery: trio.Nursery) -> bool:
+async def _take_over(app: VmmHost, path: str, nursery: trio.Nursery) -> bool:
     """Wait on `path` for a source, take its guest, and leave it running; False if not."""
     flags = app.flags
     listener = await listen(path)
@@ -190,7 +183,7 @@ def _check_memfds(fds: OwnedFds, cfg: GuestConfig) -> str | None:
     return None
 
 
-async def _receive(app: App, chan: Channel, nursery: trio.Nursery) -> bool:
+async def _receive(app: VmmHost, chan: Channel, nursery: trio.Nursery) -> bool:
     flags, vmm, rec = app.flags, app.vmm, app.record
     rec.begin("target")
     try:
@@ -389,12 +382,12 @@ async def _receive(app: App, chan: Channel, nursery: trio.Nursery) -> bool:
     # runs in pieces with a checkpoint between them, so that a vCPU task whose KVM_RUN came
     # back issues the next one at once. Clients of the control socket wait in its backlog.
     await trio.sleep(SETTLE_SECONDS)
-    _rename_control(app, control_path)
+    app.adopt_control(control_path)
     await trio.lowlevel.checkpoint()
     app.start_control(nursery)
     await trio.lowlevel.checkpoint()
     rec.finish("completed", recovery="takeover" if takeover else "")
-    logs.handoff_summary(log, flags.name, rec)
+    handoff_summary(log, flags.name, rec)
     await trio.lowlevel.checkpoint()
     peer.close()
     with contextlib.suppress(OSError):
@@ -409,51 +402,7 @@ SETTLE_SECONDS = 0.02
 runtime entry, READY=1) to the vCPU tasks' turn."""
 
 
-def _rename_control(app: App, have: str) -> None:
-    """Serve the received listening socket; if our --control names another path, move the
-    socket file there (a rename keeps the same listening socket). `have` is where the source
-    served it (a socket's own name is stale once renamed, so the source tells us).
-
-    The move never replaces anything: not another live VM's socket or entry (a successor
-    started with another VM's name or --control keeps the socket where it is, and says whose
-    the other path is), nor anything that appeared there meanwhile (a no-replace rename). A
-    stale socket with no live entry is removed first, as `handoff run` would."""
-    sock = app.control_sock
-    want = app.flags.control
-    app.control_path = have or want or ""
-    if sock is not None and want and have and os.path.abspath(have) != os.path.abspath(want):
-        _move_control(app, have, want)
-    if sock is not None:
-        # What this VMM removes at exit: that very socket file, never one put there later.
-        app.control_file = file_identity(app.control_path) if app.control_path else None
-
-
-def _move_control(app: App, have: str, want: str) -> None:
-    owner = runtime.live_owner(want)
-    if owner is not None and owner.pid != os.getpid():
-        log.warning(
-            "not moving the control socket to %s: it is VM %r's, run by pid %d; it stays at %s",
-            want,
-            owner.name,
-            owner.pid,
-            have,
-        )
-        return
-    try:
-        check_directory(os.path.dirname(os.path.abspath(want)))
-        os.makedirs(os.path.dirname(os.path.abspath(want)), mode=0o700, exist_ok=True)
-        if socket_answers(want):
-            raise FileExistsError(f"{want} is taken (a socket something answers on, or a file)")
-        unlink_if_same(want, file_identity(want))  # a stale socket, as `handoff run` removes
-        rename_noreplace(have, want)
-    except (OSError, Refused) as exc:
-        log.warning("could not move the control socket to %s (%s); it stays at %s", want, exc, have)
-        return
-    app.control_path = want
-    log.info("control socket moved from %s to %s", have, want)
-
-
-def _drop(app: App, peer: Peer, source_vm: int | None, pidfd: int | None) -> None:
+def _drop(app: VmmHost, peer: Peer, source_vm: int | None, pidfd: int | None) -> None:
     peer.close()
     for fd in (source_vm, pidfd):
         if fd is not None:

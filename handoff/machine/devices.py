@@ -17,9 +17,8 @@ from typing import Any, Protocol
 
 import msgspec
 
+from handoff.machine.config import open_serial_log
 from kvmstub import uapi
-
-from .config import open_serial_log
 
 log = logging.getLogger("handoff.devices")
 

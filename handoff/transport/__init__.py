@@ -1,0 +1,2 @@
+"""Transports under the handoff protocol (DESIGN section 7, layer L1): `unix` (SEQPACKET,
+SCM_RIGHTS, SO_PEERCRED, the one safe binder). Nothing here knows what the bytes mean."""
