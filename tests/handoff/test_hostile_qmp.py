@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import trio
+from test_control import RawClient  # the byte-exact QMP client of the server's own tests
 
 from handoff.machine.config import GuestConfig, HostFlags
 from handoff.process.app import App
@@ -30,46 +31,6 @@ from handoff.transport.unix import bind_unix_socket
 NESTING_ERROR = {"class": "GenericError", "desc": "JSON nesting depth limit exceeded"}
 SO_SNDBUFFORCE = 32  # Linux; not in the socket module
 DUPLICATE_ERROR = {"class": "GenericError", "desc": "JSON parse error, duplicate key"}
-
-
-class RawClient:
-    """A QMP client that sends exactly the bytes a test gives it."""
-
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.buffer = b""
-
-    @classmethod
-    async def connect(cls, path: Path) -> RawClient:
-        return cls(await trio.open_unix_socket(str(path)))
-
-    async def send(self, data: bytes) -> None:
-        await self.stream.send_all(data)
-
-    async def execute(self, name: str, **request: Any) -> dict[str, Any]:
-        await self.send(json.dumps({"execute": name, **request}).encode() + b"\n")
-        return await self.read()
-
-    async def read(self) -> dict[str, Any]:
-        while b"\n" not in self.buffer:
-            data = await self.stream.receive_some(65536)
-            if not data:
-                raise EOFError(f"server closed the connection; unparsed: {self.buffer!r}")
-            self.buffer += data
-        line, self.buffer = self.buffer.split(b"\n", 1)
-        message = json.loads(line)
-        assert isinstance(message, dict)
-        return message
-
-    async def at_eof(self) -> bool:
-        return self.buffer == b"" and await self.stream.receive_some(65536) == b""
-
-    async def negotiate(self) -> None:
-        assert "QMP" in await self.read()
-        assert await self.execute("qmp_capabilities") == {"return": {}}
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
 
 
 @pytest.fixture
