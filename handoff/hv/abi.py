@@ -22,3 +22,19 @@ ENOSYS = 1000  # -KVM_ENOSYS is what the guest gets for a hypercall nobody serve
 
 U64_MASK = (1 << 64) - 1
 PAGE_SIZE = 4096
+
+# kvm_map_gpa_range attributes (the hypercall's third argument)
+MAP_GPA_RANGE_PAGE_SZ_4K = 0
+MAP_GPA_RANGE_ENCRYPTED = 1 << 4
+EINVAL = 22  # -KVM_EINVAL: a MAP_GPA_RANGE the VMM refuses
+
+# SEV firmware ABI: guest policy bits and GUEST_STATUS states
+SEV_POLICY_ES = 1 << 2
+SEV_POLICY_NOSEND = 1 << 3
+SEV_GUEST_STATE_UNINIT = 0
+SEV_GUEST_STATE_LUPDATE = 1
+SEV_GUEST_STATE_LSECRET = 2
+SEV_GUEST_STATE_RUNNING = 3
+SEV_GUEST_STATE_SUPDATE = 4
+SEV_GUEST_STATE_RUPDATE = 5
+SEV_GUEST_STATE_SENT = 6

@@ -167,6 +167,8 @@ class Hypervisor(Protocol):
     """One kernel, as a VMM process holds it open."""
 
     name: str
+    # The SEV firmware's version as query-sev reports it: API major, API minor, build id.
+    sev_api: tuple[int, int, int]
 
     async def create_vm(self) -> Vm: ...
 
@@ -181,6 +183,11 @@ class Hypervisor(Protocol):
     def polling(self, seconds: float) -> AbstractContextManager[None]:
         """Within it, answers are polled for up to `seconds` instead of slept for, where the
         backend can (a blackout's one request whose answer nothing else waits beside)."""
+        ...
+
+    def requests_made(self) -> int:
+        """How many requests this process has made of the kernel so far (the benchmark counts
+        those inside a handoff's pause); 0 where the backend does not count them."""
         ...
 
     def close(self) -> None: ...

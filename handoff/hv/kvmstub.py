@@ -113,8 +113,12 @@ class KvmstubVm:
         self._vm.close()
 
 
+SEV_API = (uapi.SEV_API_MAJOR, uapi.SEV_API_MINOR, uapi.SEV_BUILD)
+
+
 class KvmstubHypervisor:
     name = NAME
+    sev_api = SEV_API
 
     def __init__(self, kvm: client.Kvm, path: str) -> None:
         self._kvm = kvm
@@ -132,6 +136,9 @@ class KvmstubHypervisor:
 
     def polling(self, seconds: float) -> AbstractContextManager[None]:
         return client.polling(seconds)
+
+    def requests_made(self) -> int:
+        return client.requests_made()
 
     async def stats(self) -> dict[str, object]:
         return await self._kvm.stats()
@@ -151,6 +158,11 @@ async def open_kvmstub(path: str | os.PathLike[str]) -> KvmstubHypervisor:
             "is `kvmstub serve` running there? (--kvm PATH)",
         ) from exc
     return KvmstubHypervisor(kvm, os.fspath(path))
+
+
+def default_socket() -> str:
+    """Where kvmstub's daemon listens unless `--kvm` says otherwise."""
+    return client.default_socket()
 
 
 def requests_made() -> int:

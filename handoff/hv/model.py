@@ -23,7 +23,7 @@ import trio
 from kvmstub import guest, model, uapi
 
 from .base import SevLaunch, VcpuState, no_polling
-from .kvmstub import regs_state, state_regs
+from .kvmstub import SEV_API, regs_state, state_regs
 
 NAME = "kvmstub"  # the model *is* kvmstub's kernel: its state is kvmstub's, and moves to it
 
@@ -208,6 +208,7 @@ class ModelHypervisor:
     """One VMM process's view of a `ModelKernel` (its own `mm`)."""
 
     name = NAME
+    sev_api = SEV_API
 
     def __init__(self, kernel: ModelKernel) -> None:
         self.kernel = kernel
@@ -226,6 +227,9 @@ class ModelHypervisor:
 
     def polling(self, seconds: float) -> AbstractContextManager[None]:
         return no_polling(seconds)
+
+    def requests_made(self) -> int:
+        return 0  # in-process: no requests to count
 
     def close(self) -> None:
         pass

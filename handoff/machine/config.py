@@ -18,7 +18,7 @@ from typing import Literal
 
 import msgspec
 
-from kvmstub import guest, uapi
+from handoff.hv import abi, witness
 
 Mode = Literal["plain", "sev", "sev-es"]
 MODES: tuple[Mode, ...] = ("plain", "sev", "sev-es")
@@ -42,7 +42,7 @@ def parse_size(text: str) -> int:
     if not m:
         raise ConfigError(f"memory size {text!r} is not a size: use a number with K, M, G or T")
     size = int(m.group(1)) * _UNITS[m.group(2).upper()]
-    if size % uapi.PAGE_SIZE:
+    if size % abi.PAGE_SIZE:
         raise ConfigError(f"memory size {text!r} is not a multiple of 4 KiB pages")
     if not 0 < size <= MAX_MEMORY:
         raise ConfigError(
@@ -76,11 +76,6 @@ class GuestConfig(msgspec.Struct, frozen=True, kw_only=True):
     line_every: int
     flip_every: int
 
-    def params(self) -> guest.GuestParams:
-        return guest.GuestParams(
-            vcpus=self.vcpus, line_every=self.line_every, flip_every=self.flip_every
-        )
-
     def slots(self) -> list[SlotLayout]:
         out: list[SlotLayout] = []
         gpa = 0
@@ -113,20 +108,20 @@ def validate_guest(cfg: GuestConfig) -> None:
         raise ConfigError(f"--policy {cfg.policy:#x} is not a 32-bit SEV policy")
     if cfg.mode == "plain" and cfg.policy:
         raise ConfigError("--policy is for --mode sev or sev-es; a plain guest has no policy")
-    if cfg.mode == "sev-es" and not cfg.policy & uapi.SEV_POLICY_ES:
+    if cfg.mode == "sev-es" and not cfg.policy & abi.SEV_POLICY_ES:
         raise ConfigError(
             f"--policy {cfg.policy:#x} lacks the ES bit (0x4) that --mode sev-es requires"
         )
-    if cfg.mode == "sev" and cfg.policy & uapi.SEV_POLICY_ES:
+    if cfg.mode == "sev" and cfg.policy & abi.SEV_POLICY_ES:
         raise ConfigError(f"--policy {cfg.policy:#x} has the ES bit (0x4): use --mode sev-es")
-    if cfg.policy & uapi.SEV_POLICY_NOSEND:
+    if cfg.policy & abi.SEV_POLICY_NOSEND:
         # Intra-host MOVE does not use SEND_START, so NOSEND does not forbid it; allowed.
         pass
     if not 1 <= cfg.line_every <= 1_000_000:
         raise ConfigError(f"--line-every {cfg.line_every} is out of range: 1 to 1000000")
     if not 1 <= cfg.flip_every <= 1_000_000:
         raise ConfigError(f"--flip-every {cfg.flip_every} is out of range: 1 to 1000000")
-    need = guest.required_memory(cfg.params())
+    need = witness.required_memory(cfg.vcpus)
     if cfg.memory < need:
         raise ConfigError(
             f"--memory {format_size(cfg.memory)} is too small for {cfg.vcpus} vCPUs: "

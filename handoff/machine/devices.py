@@ -17,8 +17,8 @@ from typing import Any, Protocol
 
 import msgspec
 
+from handoff.hv import IoExitView, abi, witness
 from handoff.machine.config import open_serial_log
-from kvmstub import uapi
 
 log = logging.getLogger("handoff.devices")
 
@@ -236,16 +236,16 @@ class SharedRegions:
         self._pages: set[int] = set()
         for gpa, npages in regions or []:
             for i in range(npages):
-                self._pages.add(gpa + i * uapi.PAGE_SIZE)
+                self._pages.add(gpa + i * abi.PAGE_SIZE)
 
     def map_gpa_range(self, gpa: int, npages: int, attrs: int) -> int:
         """Apply one hypercall; return the value for the guest's RAX (0 or -KVM_EINVAL)."""
-        if gpa % uapi.PAGE_SIZE or npages <= 0 or npages > (1 << 40) or attrs & ~0x1F:
-            return -uapi.KVM_EINVAL
-        if attrs & 0xF != uapi.KVM_MAP_GPA_RANGE_PAGE_SZ_4K:
-            return -uapi.KVM_EINVAL
-        pages = range(gpa, gpa + npages * uapi.PAGE_SIZE, uapi.PAGE_SIZE)
-        if attrs & uapi.KVM_MAP_GPA_RANGE_ENCRYPTED:
+        if gpa % abi.PAGE_SIZE or npages <= 0 or npages > (1 << 40) or attrs & ~0x1F:
+            return -abi.EINVAL
+        if attrs & 0xF != abi.MAP_GPA_RANGE_PAGE_SZ_4K:
+            return -abi.EINVAL
+        pages = range(gpa, gpa + npages * abi.PAGE_SIZE, abi.PAGE_SIZE)
+        if attrs & abi.MAP_GPA_RANGE_ENCRYPTED:
             self._pages.difference_update(pages)
         else:
             self._pages.update(pages)
@@ -255,7 +255,7 @@ class SharedRegions:
         """The shared pages as sorted (gpa, page count) runs."""
         out: list[tuple[int, int]] = []
         for page in sorted(self._pages):
-            if out and out[-1][0] + out[-1][1] * uapi.PAGE_SIZE == page:
+            if out and out[-1][0] + out[-1][1] * abi.PAGE_SIZE == page:
                 out[-1] = (out[-1][0], out[-1][1] + 1)
             else:
                 out.append((page, 1))
@@ -282,16 +282,16 @@ class Devices:
     def snapshot(self) -> DeviceState:
         return DeviceState(tuple(self.doorbell.sums), self.shared.regions())
 
-    def handle_io(self, vcpu: int, io: uapi.IoExit) -> bytes | None:
+    def handle_io(self, vcpu: int, io: IoExitView) -> bytes | None:
         """Serve one port I/O exit; return the IN data to hand back with the next KVM_RUN."""
-        if io.direction == uapi.KVM_EXIT_IO_OUT:
-            if io.port == uapi.SERIAL_PORT:
+        if io.direction == abi.IO_OUT:
+            if io.port == witness.SERIAL_PORT:
                 self.serial.write(io.data)
-            elif io.port == uapi.DOORBELL_OUT_PORT:
+            elif io.port == witness.DOORBELL_OUT_PORT:
                 self.doorbell.out(vcpu, io.data)
             return None
         nbytes = io.size * io.count
-        if io.port == uapi.DOORBELL_IN_PORT:
+        if io.port == witness.DOORBELL_IN_PORT:
             return self.doorbell.read(vcpu, nbytes)
         # An unclaimed port reads as all ones, as on a PC.
         return b"\xff" * nbytes

@@ -1,4 +1,5 @@
-"""The VMM's machine: guest memory, the VM and its vCPUs on kvmstub, and the vCPU loops.
+"""The VMM's machine: guest memory, the VM and its vCPUs on a hypervisor (`handoff.hv`), and
+the vCPU loops.
 
 A `Vmm` is built one of two ways: `launch()` boots a fresh guest (memfds, VM, launch
 sequence), or `prepare_incoming()` + `complete_incoming()` take over a guest handed off by
@@ -20,13 +21,16 @@ from collections.abc import Iterator, Sequence
 
 import trio
 
+from handoff.hv import ExitView, Hypervisor, Vcpu, VcpuState, Vm, abi
 from handoff.machine.config import GuestConfig, HostFlags
 from handoff.machine.devices import Devices, DeviceState
-from kvmstub import client, guest, uapi
 
 log = logging.getLogger("handoff.vmm")
 
-HC_EXIT_MASK = 1 << uapi.KVM_HC_MAP_GPA_RANGE
+_EXIT_INTR = abi.EXIT_INTR
+_EXIT_IO = abi.EXIT_IO
+_EXIT_HYPERCALL = abi.EXIT_HYPERCALL
+_EXIT_SHUTDOWN = abi.EXIT_SHUTDOWN
 
 
 class CollectorPause:
@@ -111,7 +115,7 @@ class VcpuRunner:
         self.parked = False  # waiting in the gate: `Vmm.resume` may start its KVM_RUN
 
     @property
-    def vcpu(self) -> client.Vcpu:
+    def vcpu(self) -> Vcpu:
         # Looked up each time: a reclaim swaps in the vCPUs of a fresh VM under parked tasks.
         return self.vmm.vcpus[self.index]
 
@@ -163,12 +167,12 @@ class VcpuRunner:
         finally:
             gate.retire()
 
-    def _serve(self, exit_: uapi.RunExit) -> bool:
+    def _serve(self, exit_: ExitView) -> bool:
         self.exits += 1
         reason = exit_.exit_reason
-        if reason == uapi.KVM_EXIT_INTR:
+        if reason == _EXIT_INTR:
             return True
-        if reason == uapi.KVM_EXIT_IO and exit_.io is not None:
+        if reason == _EXIT_IO and exit_.io is not None:
             data = self.vmm.devices.handle_io(self.index, exit_.io)
             if data is not None:
                 self.vcpu.complete_io(data)
@@ -177,16 +181,16 @@ class VcpuRunner:
             if panic and self.vmm.status != "guest-panicked":
                 log.error("guest: %s", panic)
             return True
-        if reason == uapi.KVM_EXIT_HYPERCALL and exit_.hypercall is not None:
+        if reason == _EXIT_HYPERCALL and exit_.hypercall is not None:
             hc = exit_.hypercall
-            if hc.nr == uapi.KVM_HC_MAP_GPA_RANGE:
+            if hc.nr == abi.HC_MAP_GPA_RANGE:
                 ret = self.vmm.devices.shared.map_gpa_range(hc.args[0], hc.args[1], hc.args[2])
             else:
-                ret = -uapi.KVM_ENOSYS
-            self.vcpu.complete_hypercall(ret & uapi.U64_MASK)
+                ret = -abi.ENOSYS
+            self.vcpu.complete_hypercall(ret & abi.U64_MASK)
             self.pending = True
             return True
-        if reason == uapi.KVM_EXIT_SHUTDOWN:
+        if reason == _EXIT_SHUTDOWN:
             self.vmm.status = "guest-panicked" if self.vmm.devices.serial.panicked else "shutdown"
             log.error("vCPU %d: guest shut down (%s)", self.index, self.vmm.status)
             return False
@@ -195,14 +199,18 @@ class VcpuRunner:
 
 
 class Vmm:
-    """A VM as one VMM process holds it."""
+    """A VM as one VMM process holds it, on one `Hypervisor`: the kvmstub daemon at
+    `flags.kvm` (opened by `open()`), or one given here (a test's in-process model)."""
 
-    def __init__(self, cfg: GuestConfig, flags: HostFlags) -> None:
+    def __init__(
+        self, cfg: GuestConfig, flags: HostFlags, hypervisor: Hypervisor | None = None
+    ) -> None:
         self.cfg = cfg
         self.flags = flags
-        self.kvm: client.Kvm | None = None
-        self.vm: client.Vm | None = None
-        self.vcpus: list[client.Vcpu] = []
+        self.hypervisor: Hypervisor | None = hypervisor
+        self._owns_hypervisor = hypervisor is None
+        self.vm: Vm | None = None
+        self.vcpus: list[Vcpu] = []
         self.memfds: list[int] = []
         self.devices = Devices(flags.serial_log, cfg.vcpus)
         self.runners: list[VcpuRunner] = []
@@ -215,15 +223,13 @@ class Vmm:
         self.measurement: bytes | None = None
 
     # ----------------------------------------------------------------- building
-    async def open(self) -> None:
-        try:
-            self.kvm = await client.open_kvm(self.flags.kvm)
-        except OSError as exc:
-            raise OSError(
-                exc.errno,
-                f"cannot open kvmstub at {self.flags.kvm} ({exc.strerror or exc}); "
-                "is `kvmstub serve` running there? (--kvm PATH)",
-            ) from exc
+    async def open(self) -> Hypervisor:
+        """The hypervisor: the one given, else kvmstub's daemon at `flags.kvm`, opened here."""
+        if self.hypervisor is None:
+            from handoff.hv.kvmstub import open_kvmstub
+
+            self.hypervisor = await open_kvmstub(self.flags.kvm)
+        return self.hypervisor
 
     def create_memory(self) -> None:
         """One sparse memfd per slot; pages are allocated only where the guest writes."""
@@ -234,31 +240,28 @@ class Vmm:
             )
             self.memfds.append(fd)
             os.ftruncate(fd, layout.size)
-            # Sealed against shrinking, kvmstub may map it: nobody can truncate guest memory
+            # Sealed against shrinking, the kernel may map it: nobody can truncate guest memory
             # under a mapping (which would SIGBUS whoever touches it).
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
             if self.flags.prefault:
                 os.posix_fallocate(fd, 0, layout.size)
 
-    async def _create_vm(self, *, sev_init: bool) -> client.Vm:
-        assert self.kvm is not None
-        vm = await self.kvm.create_vm()
+    async def _create_vm(self, *, sev_init: bool) -> Vm:
+        assert self.hypervisor is not None
+        vm = await self.hypervisor.create_vm()
         try:
             if sev_init:
-                cmd = uapi.KVM_SEV_ES_INIT if self.cfg.mode == "sev-es" else uapi.KVM_SEV_INIT
-                await vm.sev_ioctl(cmd)
+                await vm.sev_init(es=self.cfg.mode == "sev-es")
             for layout, fd in zip(self.cfg.slots(), self.memfds, strict=True):
-                await vm.set_user_memory_region(
-                    layout.slot, layout.guest_phys_addr, layout.size, fd
-                )
-            await vm.enable_cap(uapi.KVM_CAP_EXIT_HYPERCALL, HC_EXIT_MASK)
+                await vm.set_memory_region(layout.slot, layout.guest_phys_addr, layout.size, fd)
+            await vm.enable_exit_hypercall()
         except BaseException:
             vm.close()
             raise
         return vm
 
-    async def _create_vcpus(self, vm: client.Vm) -> list[client.Vcpu]:
-        vcpus: list[client.Vcpu] = []
+    async def _create_vcpus(self, vm: Vm) -> list[Vcpu]:
+        vcpus: list[Vcpu] = []
         try:
             for i in range(self.cfg.vcpus):
                 vcpus.append(await vm.create_vcpu(i))
@@ -270,27 +273,20 @@ class Vmm:
 
     async def launch(self) -> None:
         """Boot a fresh guest: image into memory, then for SEV the whole launch sequence."""
-        await self.open()
+        hypervisor = await self.open()
         self.create_memory()
-        image = guest.build_launch_image(self.cfg.params())
+        cfg = self.cfg
+        image = hypervisor.witness_image(cfg.vcpus, cfg.line_every, cfg.flip_every)
         os.pwrite(self.memfds[0], image, 0)
-        sev = self.cfg.mode != "plain"
+        sev = cfg.mode != "plain"
         self.vm = await self._create_vm(sev_init=sev)
         self.vcpus = await self._create_vcpus(self.vm)
         for i, vcpu in enumerate(self.vcpus):
-            await vcpu.set_regs(guest.initial_regs(i))
+            await vcpu.set_state(hypervisor.witness_initial_state(i))
         if sev:
-            vm = self.vm
-            await vm.sev_ioctl(uapi.KVM_SEV_LAUNCH_START, handle=0, policy=self.cfg.policy)
-            await vm.sev_ioctl(uapi.KVM_SEV_LAUNCH_UPDATE_DATA, uaddr=0, len=len(image))
-            if self.cfg.mode == "sev-es":
-                await vm.sev_ioctl(uapi.KVM_SEV_LAUNCH_UPDATE_VMSA)
-            measure = await vm.sev_ioctl(uapi.KVM_SEV_LAUNCH_MEASURE)
-            await vm.sev_ioctl(uapi.KVM_SEV_LAUNCH_FINISH)
-            status = await vm.sev_ioctl(uapi.KVM_SEV_GUEST_STATUS)
-            self.sev = {k: int(v) for k, v in status.items() if isinstance(v, int)}
-            m = measure.get("measurement", b"")
-            self.measurement = m if isinstance(m, bytes) else None
+            launch = await self.vm.sev_launch(len(image), cfg.policy, es=cfg.mode == "sev-es")
+            self.sev = dict(launch.status)
+            self.measurement = launch.measurement
         self._make_runners()
         self.status = "paused"
 
@@ -305,21 +301,21 @@ class Vmm:
         self.status = "inmigrate"
 
     async def complete_incoming(
-        self, source_vm: int, regs: Sequence[uapi.Regs] | None, devices: DeviceState
+        self, source_vm: int, states: Sequence[VcpuState] | None, devices: DeviceState
     ) -> None:
-        """Protocol step 7: take the context, the registers and the device state."""
-        assert self.vm is not None
+        """Protocol step 7: take the context, the vCPU states and the device state."""
+        assert self.vm is not None and self.hypervisor is not None
         if self.cfg.mode != "plain":
             # The one request of the blackout whose answer nothing else here waits beside:
-            # polled for when kvmstub has a CPU apart (--blackout-poll-us), it is seen the
+            # polled for when the kernel has a CPU apart (--blackout-poll-us), it is seen the
             # moment it comes instead of after this process is woken (about 0.1 ms a handoff
             # in paired runs on a 2-CPU virtual machine).
-            with client.polling(self.flags.blackout_poll_us / 1e6):
-                await self.vm.enable_cap(uapi.KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM, source_vm)
+            with self.hypervisor.polling(self.flags.blackout_poll_us / 1e6):
+                await self.vm.move_enc_context_from(source_vm)
         if self.cfg.mode != "sev-es":
-            if regs is None or len(regs) != len(self.vcpus):
+            if states is None or len(states) != len(self.vcpus):
                 raise ValueError("switchover carried no registers for every vCPU")
-            await self.set_all_regs(regs)
+            await self.set_all_states(states)
         self.devices.restore(devices)
 
     def _make_runners(self) -> None:
@@ -337,7 +333,7 @@ class Vmm:
         a memory write) ends a slice in flight at its next guest step and turns KVM_RUNs
         still queued into mere completions, so the pause does not wait out whole slices."""
         for vcpu in self.vcpus:
-            vcpu.kvm_run.immediate_exit = True
+            vcpu.kick()
         await self.gate.pause()
         if self.status == "running":
             self.status = "paused"
@@ -347,28 +343,29 @@ class Vmm:
         back to back, before the tasks wake: the guest's vCPUs come back together instead
         of one task switch apart (about 20 us each on the pause's tail)."""
         for vcpu in self.vcpus:
-            vcpu.kvm_run.immediate_exit = False
+            vcpu.unkick()
         for runner in self.runners:
             if runner.parked:
                 runner.vcpu.start_run()
         self.gate.resume()
         self.status = "running"
 
-    async def get_all_regs(self) -> list[uapi.Regs]:
-        out: list[uapi.Regs | None] = [None] * len(self.vcpus)
+    async def get_all_states(self) -> list[VcpuState]:
+        """Every vCPU's state, opaque (the backend's), in vCPU order."""
+        out: list[VcpuState | None] = [None] * len(self.vcpus)
 
         async def one(i: int) -> None:
-            out[i] = await self.vcpus[i].get_regs()
+            out[i] = await self.vcpus[i].get_state()
 
         async with trio.open_nursery() as n:
             for i in range(len(self.vcpus)):
                 n.start_soon(one, i)
         return [r for r in out if r is not None]
 
-    async def set_all_regs(self, regs: Sequence[uapi.Regs]) -> None:
+    async def set_all_states(self, states: Sequence[VcpuState]) -> None:
         async with trio.open_nursery() as n:
-            for vcpu, r in zip(self.vcpus, regs, strict=True):
-                n.start_soon(vcpu.set_regs, r)
+            for vcpu, state in zip(self.vcpus, states, strict=True):
+                n.start_soon(vcpu.set_state, state)
 
     async def holds_context(self) -> bool:
         """Whether this VM may still run the guest: KVM_RUN with immediate_exit says EINTR
@@ -381,7 +378,7 @@ class Vmm:
             return exc.errno != errno.EIO
         return True
 
-    async def reclaim(self, escrow: int, regs: Sequence[uapi.Regs] | None) -> None:
+    async def reclaim(self, escrow: int, states: Sequence[VcpuState] | None) -> None:
         """Move the guest back from the escrowed VM into a fresh VM of our own.
 
         Used when a handoff failed after the context moved: our old VM is dead (EIO), so a new
@@ -391,10 +388,10 @@ class Vmm:
         self.vm = await self._create_vm(sev_init=False)
         try:
             self.vcpus = await self._create_vcpus(self.vm)
-            await self.vm.enable_cap(uapi.KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM, escrow)
+            await self.vm.move_enc_context_from(escrow)
             if self.cfg.mode != "sev-es":
-                assert regs is not None
-                await self.set_all_regs(regs)
+                assert states is not None
+                await self.set_all_states(states)
         except BaseException:
             for v in self.vcpus if self.vcpus is not old_vcpus else []:
                 v.close()
@@ -452,6 +449,10 @@ class Vmm:
 
         return await trio.to_thread.run_sync(receive)
 
+    def requests_made(self) -> int:
+        """Requests this process has made of the kernel so far (`Hypervisor.requests_made`)."""
+        return 0 if self.hypervisor is None else self.hypervisor.requests_made()
+
     def memfd_inodes(self) -> list[int]:
         return [os.fstat(fd).st_ino for fd in self.memfds]
 
@@ -468,7 +469,7 @@ class Vmm:
         for fd in self.memfds:
             os.close(fd)
         self.memfds = []
-        if self.kvm is not None:
-            self.kvm.close()
-            self.kvm = None
+        if self.hypervisor is not None and self._owns_hypervisor:
+            self.hypervisor.close()
+            self.hypervisor = None
         self.devices.close()

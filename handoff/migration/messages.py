@@ -16,9 +16,9 @@ import msgspec
 
 from handoff import protocol
 from handoff.errors import AuthRefused, Incompatible, PeerFailed
+from handoff.hv import VcpuState, abi
 from handoff.machine.config import GuestConfig, HostFlags
 from handoff.machine.devices import DeviceState
-from kvmstub import uapi
 
 
 def _features(token: bytes | None) -> tuple[str, ...]:
@@ -105,7 +105,7 @@ def describe_from(
     if cfg.mode != "plain":
         sev_ctx = protocol.SevContext(
             handle=sev.get("handle", 0),
-            state=sev.get("state", uapi.SEV_GUEST_STATE_RUNNING),
+            state=sev.get("state", abi.SEV_GUEST_STATE_RUNNING),
             measurement=measurement if measurement and len(measurement) == 32 else None,
         )
     host = {
@@ -169,22 +169,52 @@ def sev_cache_of(d: protocol.Describe) -> dict[str, int]:
     return {"handle": d.sev.handle, "state": d.sev.state, "policy": d.policy}
 
 
-_wire_regs = protocol.Regs  # field for field kvmstub.uapi.Regs (struct kvm_regs)
+# Protocol versions 1 and 2 carry a vCPU's state as struct kvm_regs (`protocol.Regs`), which is
+# what the kvmstub backend's `VcpuState` holds: its blob is msgpack of kvm_regs as a map, the
+# encoding `protocol.Regs` reads and writes. State of another backend cannot cross them.
+KVM_REGS_BACKEND = "kvmstub"
+KVM_REGS_VERSION = 1
+_regs_decoder = msgspec.msgpack.Decoder(protocol.Regs)
+_regs_encoder = msgspec.msgpack.Encoder()
 
 
-def switchover_from(state: DeviceState, regs: Sequence[uapi.Regs] | None) -> protocol.Switchover:
+def wire_regs(state: VcpuState) -> protocol.Regs:
+    """A vCPU's state as protocol 1 and 2 carry it (struct kvm_regs); `Incompatible` for
+    state these versions cannot carry."""
+    if state.backend != KVM_REGS_BACKEND or state.version != KVM_REGS_VERSION:
+        raise Incompatible(
+            f"vCPU state of backend {state.backend!r} format {state.version} cannot cross "
+            f"protocol 1 or 2, which carry only {KVM_REGS_BACKEND}'s kvm_regs "
+            f"(format {KVM_REGS_VERSION})"
+        )
+    try:
+        return _regs_decoder.decode(state.blob)
+    except msgspec.DecodeError as exc:
+        raise Incompatible(f"vCPU state is not kvm_regs: {exc}") from None
+
+
+def regs_state(regs: protocol.Regs) -> VcpuState:
+    """The kvmstub backend's `VcpuState` for kvm_regs received over protocol 1 or 2."""
+    return VcpuState(
+        backend=KVM_REGS_BACKEND, version=KVM_REGS_VERSION, blob=_regs_encoder.encode(regs)
+    )
+
+
+def switchover_from(state: DeviceState, states: Sequence[VcpuState] | None) -> protocol.Switchover:
     return protocol.Switchover(
         doorbell_sum=sum(state.doorbell_sums) & 0xFFFF_FFFF,
         device_blobs={"doorbell": state.doorbell_blob()},
         shared_regions=tuple((gpa, pages) for gpa, pages in state.shared_regions),
-        regs=None if regs is None else tuple(_wire_regs(*msgspec.structs.astuple(r)) for r in regs),
+        regs=None if states is None else tuple(wire_regs(s) for s in states),
         paused_at_ns=time.monotonic_ns(),
     )
 
 
-def switchover_state(sw: protocol.Switchover) -> tuple[list[uapi.Regs] | None, DeviceState]:
+def switchover_state(
+    sw: protocol.Switchover,
+) -> tuple[list[VcpuState] | None, DeviceState]:
     regions = [(int(r[0]), int(r[1])) for r in sw.shared_regions]
-    regs = None if sw.regs is None else [uapi.Regs(*msgspec.structs.astuple(r)) for r in sw.regs]
+    regs = None if sw.regs is None else [regs_state(r) for r in sw.regs]
     try:
         sums = DeviceState.sums_from_blob(sw.device_blobs.get("doorbell", b""))
     except ValueError as exc:

@@ -43,6 +43,7 @@ from handoff.errors import (
     HandoffTimeout,
     TransportError,
 )
+from handoff.hv import VcpuState
 from handoff.machine.vmm import collector_paused
 from handoff.migration import messages
 from handoff.migration.host import VmmHost
@@ -51,7 +52,6 @@ from handoff.migration.record import handoff_summary
 from handoff.system import notify
 from handoff.system.sched import waking_without_preempting, yield_cpus
 from handoff.transport.unix import Channel, PeerCredentials, connect
-from kvmstub import client, uapi
 
 if TYPE_CHECKING:
     from handoff.migration.record import HandoffRecord
@@ -341,7 +341,7 @@ async def _hand_off(
         # this task would stop early and lengthen the pause the guest sees.
         await trio.lowlevel.checkpoint()
         t_pause = time.perf_counter()
-        requests0, messages0 = client.requests_made(), peer.messages
+        requests0, messages0 = vmm.requests_made(), peer.messages
         # One limit for the whole blackout, whatever step stalls (a hung target, or a stuck
         # step of our own): past it the failure rules take the guest back. Copying memory
         # (the --copy-memory baseline) takes as long as memory is large, so it has none.
@@ -371,7 +371,7 @@ async def _hand_off(
             rec.pause_seqs = dict(vmm.devices.serial.last_seq)
             await app.faults.point("source", "paused", peer)
             if vmm.cfg.mode != "sev-es":
-                regs = await vmm.get_all_regs()
+                regs = await vmm.get_all_states()
             devices = vmm.devices.snapshot()
             rec.phase("pause")
             assert vmm.vm is not None
@@ -395,7 +395,7 @@ async def _hand_off(
             raise HandoffTimeout(too_late)
         rec.phase("resume")
         rec.downtime_ms = round((time.perf_counter() - t_pause) * 1e3, 3)
-        rec.requests_in_pause = client.requests_made() - requests0
+        rec.requests_in_pause = vmm.requests_made() - requests0
         rec.messages_in_pause = peer.messages - messages0
     except (HandoffError, OSError, trio.TooSlowError) as exc:
         reason = str(exc) or type(exc).__name__
@@ -478,7 +478,7 @@ async def _recover(
     paused: bool,
     switched: bool,
     escrow: int | None,
-    regs: list[uapi.Regs] | None,
+    regs: list[VcpuState] | None,
     pidfd: int | None,
     proc: subprocess.Popen[bytes] | None,
     peer_pid: int,

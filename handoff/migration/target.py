@@ -46,7 +46,6 @@ from handoff.transport.unix import (
     OwnedFds,
     listen,
 )
-from kvmstub import client
 
 log = logging.getLogger("handoff.target")
 
@@ -293,7 +292,7 @@ async def _receive(app: VmmHost, chan: Channel, nursery: trio.Nursery) -> bool:
             protocol.Switchover, timeout=flags.handoff_timeout
         )
         t_sw = time.perf_counter()
-        requests0, messages0 = client.requests_made(), peer.messages - 1
+        requests0, messages0 = vmm.requests_made(), peer.messages - 1
         source_vm = fds.take()[0]
         await app.faults.point("target", "switchover", peer)
         regs, devices = messages.switchover_state(switchover)
@@ -372,7 +371,7 @@ async def _receive(app: VmmHost, chan: Channel, nursery: trio.Nursery) -> bool:
             log.warning("could not send Resumed (%s), but the source is dead: taking over", exc)
             takeover = True
         await app.faults.point("target", "resumed", peer)
-    rec.requests_in_pause = client.requests_made() - requests0
+    rec.requests_in_pause = vmm.requests_made() - requests0
     rec.messages_in_pause = peer.messages - messages0
     vmm.resume()
     rec.phase("resume")

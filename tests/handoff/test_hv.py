@@ -17,10 +17,13 @@ from typing import Any
 import pytest
 import trio
 
-from handoff.hv import Hypervisor, StateMismatch, Vcpu, VcpuState, Vm, abi
+from handoff import protocol
+from handoff.errors import Incompatible
+from handoff.hv import Hypervisor, StateMismatch, Vcpu, VcpuState, Vm, abi, witness
 from handoff.hv.kvmstub import open_kvmstub
 from handoff.hv.model import ModelHypervisor, ModelKernel
 from handoff.machine.devices import Devices
+from handoff.migration import messages
 from handoff.testing import KvmstubDaemon
 
 MEMORY = 1 << 20  # one slot of 1 MiB: the witness guest needs a few pages
@@ -80,7 +83,7 @@ async def serve_until(
         for v in vcpus:
             exit_ = await v.run()
             if exit_.exit_reason == abi.EXIT_IO and exit_.io is not None:
-                data = devices.handle_io(v.index, exit_.io)  # type: ignore[arg-type]
+                data = devices.handle_io(v.index, exit_.io)
                 if data is not None:
                     v.complete_io(data)
             elif exit_.exit_reason == abi.EXIT_HYPERCALL and exit_.hypercall is not None:
@@ -105,6 +108,9 @@ def seqs(devices: Devices) -> dict[int, int]:
 async def test_backends_satisfy_the_interfaces(two_processes: tuple[Any, Any]) -> None:
     hv, _ = two_processes
     assert isinstance(hv, Hypervisor)
+    from kvmstub import uapi
+
+    assert hv.sev_api == (uapi.SEV_API_MAJOR, uapi.SEV_API_MINOR, uapi.SEV_BUILD)  # query-sev
     mem = memfd()
     vm, vcpus = await build(hv, mem, es=None)
     try:
@@ -202,3 +208,67 @@ async def test_a_vm_fd_copy_keeps_the_model_vm_alive() -> None:
     kernel.sweep()
     assert not kernel.host.vms
     await trio.lowlevel.checkpoint()
+
+
+def test_abi_and_witness_numbers_are_the_kernels() -> None:
+    """hv.abi and hv.witness restate kvmstub's numbers without importing it: they must agree."""
+    from kvmstub import guest, uapi
+
+    assert (abi.EXIT_IO, abi.EXIT_HYPERCALL, abi.EXIT_SHUTDOWN, abi.EXIT_INTR) == (
+        uapi.KVM_EXIT_IO,
+        uapi.KVM_EXIT_HYPERCALL,
+        uapi.KVM_EXIT_SHUTDOWN,
+        uapi.KVM_EXIT_INTR,
+    )
+    assert (abi.IO_IN, abi.IO_OUT) == (uapi.KVM_EXIT_IO_IN, uapi.KVM_EXIT_IO_OUT)
+    assert (abi.HC_MAP_GPA_RANGE, abi.ENOSYS, abi.EINVAL) == (
+        uapi.KVM_HC_MAP_GPA_RANGE,
+        uapi.KVM_ENOSYS,
+        uapi.KVM_EINVAL,
+    )
+    assert (abi.MAP_GPA_RANGE_PAGE_SZ_4K, abi.MAP_GPA_RANGE_ENCRYPTED) == (
+        uapi.KVM_MAP_GPA_RANGE_PAGE_SZ_4K,
+        uapi.KVM_MAP_GPA_RANGE_ENCRYPTED,
+    )
+    assert (abi.SEV_POLICY_ES, abi.SEV_POLICY_NOSEND) == (
+        uapi.SEV_POLICY_ES,
+        uapi.SEV_POLICY_NOSEND,
+    )
+    for name in ("UNINIT", "LUPDATE", "LSECRET", "RUNNING", "SUPDATE", "RUPDATE", "SENT"):
+        assert getattr(abi, f"SEV_GUEST_STATE_{name}") == getattr(uapi, f"SEV_GUEST_STATE_{name}")
+    assert (abi.PAGE_SIZE, abi.U64_MASK) == (uapi.PAGE_SIZE, uapi.U64_MASK)
+    assert (witness.SERIAL_PORT, witness.DOORBELL_OUT_PORT, witness.DOORBELL_IN_PORT) == (
+        uapi.SERIAL_PORT,
+        uapi.DOORBELL_OUT_PORT,
+        uapi.DOORBELL_IN_PORT,
+    )
+    for vcpus in (1, 4, 256):
+        assert witness.required_memory(vcpus) == guest.required_memory(guest.GuestParams(vcpus))
+
+
+async def test_state_crosses_protocol_1_and_2_as_kvm_regs(two_processes: tuple[Any, Any]) -> None:
+    """A backend's state becomes the kvm_regs that protocol versions 1 and 2 carry, and back,
+    unchanged; state of another backend is refused with a message, not sent as garbage."""
+    hv, _ = two_processes
+    requests = hv.requests_made()
+    mem = memfd()
+    devices = Devices(None, VCPUS)
+    vm, vcpus = await build(hv, mem, es=False)
+    try:
+        await serve_until(vcpus, devices, lambda: len(seqs(devices)) == VCPUS)
+        state = await vcpus[1].get_state()
+        regs = messages.wire_regs(state)
+        assert isinstance(regs, protocol.Regs) and regs.rbx == 1  # the vCPU index
+        assert messages.regs_state(regs) == state
+        await vcpus[1].set_state(messages.regs_state(regs))
+        assert await vcpus[1].get_state() == state
+        assert hv.requests_made() >= requests
+    finally:
+        for v in vcpus:
+            v.close()
+        vm.close()
+        os.close(mem)
+        devices.close()
+    other = VcpuState(backend="kvm", version=1, blob=b"")
+    with pytest.raises(Incompatible, match="protocol 1 or 2"):
+        messages.wire_regs(other)

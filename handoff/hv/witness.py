@@ -1,0 +1,16 @@
+"""The witness guest's contract with its VMM (DESIGN section 5): the ports it talks on and the
+memory it needs. Every backend runs the same witness guest (`Hypervisor.witness_image`), so a
+machine serves it without knowing which kernel runs it."""
+
+from __future__ import annotations
+
+from .abi import PAGE_SIZE
+
+SERIAL_PORT = 0x3F8  # OUT: the guest's serial lines
+DOORBELL_OUT_PORT = 0x510  # OUT: a seq the doorbell adds up
+DOORBELL_IN_PORT = 0x511  # IN: the doorbell's sum so far
+
+
+def required_memory(vcpus: int) -> int:
+    """Bytes of guest RAM (from GPA 0) the witness guest uses: image, journals, flip pages."""
+    return (1 + 2 * vcpus) * PAGE_SIZE
