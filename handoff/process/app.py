@@ -29,6 +29,7 @@ import trio
 
 from handoff import __version__
 from handoff.errors import HandoffError, Refused
+from handoff.hv import abi
 from handoff.machine.config import GuestConfig, HostFlags, format_size, read_token, read_token_fd
 from handoff.machine.vmm import Vmm, freeze_startup_objects
 from handoff.migration.faults import Faults, FaultSpecError
@@ -57,18 +58,17 @@ from handoff.transport.unix import (
     socket_answers,
     unlink_if_same,
 )
-from kvmstub import uapi
 
 log = logging.getLogger("handoff.app")
 
 SEV_STATES = {
-    uapi.SEV_GUEST_STATE_UNINIT: "uninit",
-    uapi.SEV_GUEST_STATE_LUPDATE: "launch-update",
-    uapi.SEV_GUEST_STATE_LSECRET: "launch-secret",
-    uapi.SEV_GUEST_STATE_RUNNING: "running",
-    uapi.SEV_GUEST_STATE_SUPDATE: "send-update",
-    uapi.SEV_GUEST_STATE_RUPDATE: "receive-update",
-    uapi.SEV_GUEST_STATE_SENT: "sent",
+    abi.SEV_GUEST_STATE_UNINIT: "uninit",
+    abi.SEV_GUEST_STATE_LUPDATE: "launch-update",
+    abi.SEV_GUEST_STATE_LSECRET: "launch-secret",
+    abi.SEV_GUEST_STATE_RUNNING: "running",
+    abi.SEV_GUEST_STATE_SUPDATE: "send-update",
+    abi.SEV_GUEST_STATE_RUPDATE: "receive-update",
+    abi.SEV_GUEST_STATE_SENT: "sent",
 }
 
 
@@ -550,12 +550,14 @@ class App:
     async def qmp_query_sev(self, args: dict[str, Any]) -> dict[str, Any]:
         if self.cfg.mode == "plain":
             raise QMPCommandError("SEV feature is not available")
-        state = self.vmm.sev.get("state", uapi.SEV_GUEST_STATE_RUNNING)
+        state = self.vmm.sev.get("state", abi.SEV_GUEST_STATE_RUNNING)
+        hypervisor = self.vmm.hypervisor
+        major, minor, build = (0, 0, 0) if hypervisor is None else hypervisor.sev_api
         return {
             "enabled": True,
-            "api-major": uapi.SEV_API_MAJOR,
-            "api-minor": uapi.SEV_API_MINOR,
-            "build-id": uapi.SEV_BUILD,
+            "api-major": major,
+            "api-minor": minor,
+            "build-id": build,
             "policy": self.cfg.policy,
             "state": SEV_STATES.get(state, "uninit"),
             "handle": self.vmm.sev.get("handle", 0),

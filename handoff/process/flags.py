@@ -12,6 +12,8 @@ import os
 from collections.abc import Callable, Sequence
 
 from handoff import __version__
+from handoff.hv import abi
+from handoff.hv import kvmstub as hv_kvmstub
 from handoff.machine.config import (
     LOG_LEVELS,
     MODES,
@@ -24,7 +26,6 @@ from handoff.machine.config import (
     validate_guest,
     validate_name,
 )
-from kvmstub import client, uapi
 
 
 def runtime_dir() -> str:
@@ -248,7 +249,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 def guest_config(ns: argparse.Namespace) -> GuestConfig:
     policy = ns.policy
     if policy is None:
-        policy = uapi.SEV_POLICY_ES if ns.mode == "sev-es" else 0
+        policy = abi.SEV_POLICY_ES if ns.mode == "sev-es" else 0
     cfg = GuestConfig(
         vcpus=ns.vcpus,
         memory=ns.memory,
@@ -266,7 +267,7 @@ def host_flags(ns: argparse.Namespace) -> HostFlags:
     return HostFlags(
         name=name,
         uuid=ns.uuid or new_uuid(),
-        kvm=ns.kvm or client.default_socket(),
+        kvm=ns.kvm or hv_kvmstub.default_socket(),
         control=ns.control or os.path.join(runtime_dir(), f"{name}.qmp"),
         serial_log=None if ns.serial_log is None else check_serial_log(ns.serial_log),
         log_level=ns.log_level,
