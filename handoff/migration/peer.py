@@ -46,7 +46,12 @@ class Peer:
         self.messages += 1
 
     async def refuse(self, code: str, reason: str) -> None:
-        """Tell the peer why we stop, if the connection still allows it; never raises."""
+        """Tell the peer why we stop, if the connection still allows it; never raises.
+
+        Not once `Commit` crossed (nor after a refusal or a protocol error): the machine would
+        take the attempt for a protocol error of ours, and the recovery is the same."""
+        if not self.conn.may_refuse():
+            return
         try:
             await self.send(protocol.Refuse(code=code, reason=reason))
         except Exception as exc:  # the peer may be gone already

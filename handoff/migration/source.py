@@ -5,13 +5,18 @@ target building its VM) happens while the guest runs. The blackout is: park the 
 registers (plain, sev), snapshot devices, send `Switchover` with our VM fd, wait for `Moved`,
 send `Commit`, wait for `Resumed`.
 
-Failure rules, applied in `_recover`:
-- before `Switchover` was sent: the guest never left; resume it (rollback).
-- after: first make sure the target can no longer act (SIGKILL through a pidfd taken when it
-  connected, then wait for it to be gone; after `Commit` it is frozen first and spared if a
-  `Resumed` of its crossed our failure: then the guest runs there), then resume our own VM if
-  it still holds the context, else move the context back from the escrowed target VM into a
-  fresh VM (reclaim).
+Failure rules: `_recover` executes `conn.recovery()`, the protocol's table (DESIGN.md section 4,
+`handoff.protocol.local`), one function per `Recovery`:
+- NOTHING_TO_DO (before `Prepared`) and ROLLBACK (before `Switchover`): the guest never left;
+  resume it if the handoff paused it.
+- RESUME_OR_RECLAIM (after `Switchover`) and RECLAIM: first make sure the target can no longer
+  act (SIGKILL through a pidfd taken when it connected, then wait for it to be gone), then
+  resume our own VM if it still holds the context, else move the context back from the
+  escrowed target VM into a fresh VM (reclaim).
+- FENCE_THEN_RECLAIM (after `Commit`, the target not known to be gone): the target may have
+  resumed the guest already, its `Resumed` crossing our failure. It is frozen (SIGSTOP) and
+  what it had sent is handed to the machine (`conn.fenced`): with a `Resumed` the answer is
+  DONE and the target, thawed, keeps the guest; else RECLAIM as above.
 - the whole blackout has one limit (--handoff-timeout): whatever stalls, the guest is taken
   back when it has passed.
   Because the target sends `Resumed` before it lets a vCPU run, the registers we snapshotted
@@ -31,7 +36,9 @@ import signal
 import socket
 import subprocess
 import time
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, TypeVar
 
 import trio
 
@@ -131,40 +138,38 @@ def _pidfd(pid: int) -> int | None:
         return None
 
 
-async def _fence(
-    pidfd: int | None,
-    proc: subprocess.Popen[bytes] | None,
-    pid: int,
-    watch: int | None,
-    committed: bool,
-) -> bool:
-    """Make sure the target can no longer act before we take the guest back.
+@dataclass
+class _Recovering:
+    """What a recovery acts on: this VMM, the connection (whose state says which recovery),
+    what the target sent us (its VM fd in escrow) and its process."""
 
-    Returns True when it turns out that the target had already resumed the guest: then the guest
-    is its, and it is left running. After `Commit` the target may resume at any moment, sending
-    `Resumed` just before its first KVM_RUN; a SIGKILL then would kill the guest's only holder.
-    So a committed target is first frozen (SIGSTOP) and, once it is stopped, the connection is
-    searched for a `Resumed` that crossed our failure: none there means the guest never ran on
-    the target, and SIGKILL is safe.
-    """
-    if pidfd is None:
-        log.warning("target pid %d cannot be fenced (no pidfd); recovering anyway", pid)
-        return False
-    if committed:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            signal.pidfd_send_signal(pidfd, signal.SIGSTOP)
-        await _wait_stopped(pid)
-        if watch is not None and _resumed_queued(watch):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                signal.pidfd_send_signal(pidfd, signal.SIGCONT)
-            return True
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    app: VmmHost
+    conn: protocol.HandoffConnection
+    escrow: int | None
+    regs: list[VcpuState] | None
+    pidfd: int | None  # the target's, taken when it connected
+    proc: subprocess.Popen[bytes] | None  # the target, if we started it
+    pid: int
+    watch: int | None  # a dup of the connection's socket: what the target sent is read there
+
+
+async def _kill_target(r: _Recovering) -> None:
+    """Make sure the target can no longer act before we take the guest back: SIGKILL through
+    its pidfd (a frozen target too), then wait for it to be gone."""
+    if r.pidfd is None:
+        log.warning("target pid %d cannot be fenced (no pidfd); recovering anyway", r.pid)
+        return
+    _signal_target(r, signal.SIGKILL)
     with trio.move_on_after(5):
-        await trio.lowlevel.wait_readable(pidfd)
-    if proc is not None:
-        await _wait_exit(proc, 1.0)
-    return False
+        await trio.lowlevel.wait_readable(r.pidfd)
+    if r.proc is not None:
+        await _wait_exit(r.proc, 1.0)
+
+
+def _signal_target(r: _Recovering, sig: signal.Signals) -> None:
+    if r.pidfd is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            signal.pidfd_send_signal(r.pidfd, sig)
 
 
 async def _wait_stopped(pid: int) -> None:
@@ -183,29 +188,33 @@ async def _wait_stopped(pid: int) -> None:
             await trio.sleep(0.001)
 
 
-def _resumed_queued(watch: int) -> bool:
-    """Whether a `Resumed` waits unread on the connection (`watch`: a dup of its socket; any
-    fds that came along are closed)."""
+def _queued(watch: int | None) -> list[tuple[bytes | None, int]]:
+    """Every datagram waiting unread on the connection (`watch`: a dup of its socket), as
+    (bytes, fd count), ending with (None, 0) at EOF; any fds that came along are closed."""
+    if watch is None:
+        return []
+    out: list[tuple[bytes | None, int]] = []
     sock = socket.socket(fileno=os.dup(watch))
     try:
         while True:
             try:
                 data, ancdata, _flags, _ = sock.recvmsg(
-                    256 * 1024,
+                    protocol.MAX_MESSAGE_BYTES,
                     socket.CMSG_SPACE(253 * 4),
                     socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC,
                 )
             except OSError:
-                return False  # EAGAIN: nothing more; or the connection is gone
+                return out  # EAGAIN: nothing more; or the connection is gone
+            nfds = 0
             for level, kind, payload in ancdata:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     for fd in array.array("i", payload[: len(payload) - len(payload) % 4]):
                         os.close(fd)
+                        nfds += 1
             if not data:
-                return False
-            with contextlib.suppress(protocol.ProtocolError):
-                if isinstance(protocol.decode(data), protocol.Resumed):
-                    return True
+                out.append((None, 0))
+                return out
+            out.append((data, nfds))
     finally:
         sock.close()
 
@@ -255,7 +264,6 @@ async def _hand_off(
     peer_pid = proc.pid if proc is not None else 0
     escrow: int | None = None
     watch: int | None = None
-    paused = switched = committed = False
     regs = None
     stream: socket.socket | None = None
     t_pause = 0.0
@@ -366,8 +374,7 @@ async def _hand_off(
         # Events raised inside the blackout reach QMP clients when it ends (events_held).
         with app.events_held(), trio.move_on_after(limit) as blackout:
             app.emit("HANDOFF", {"id": rec.id, "status": "device"})
-            paused = True  # (set first: a pause cut short by the deadline is undone too)
-            await vmm.pause()
+            await vmm.pause()  # (a pause cut short by the deadline is undone too: _rollback)
             rec.pause_seqs = dict(vmm.devices.serial.last_seq)
             await app.faults.point("source", "paused", peer)
             if vmm.cfg.mode != "sev-es":
@@ -376,7 +383,6 @@ async def _hand_off(
             rec.phase("pause")
             assert vmm.vm is not None
             peer.send_now(messages.switchover_from(devices, regs), [vmm.vm.fileno()])
-            switched = True
             if stream is not None:
                 await vmm.send_memory(stream)
                 stream.close()
@@ -386,7 +392,6 @@ async def _hand_off(
             await app.faults.point("source", "moved", peer)
             rec.phase("switchover")
             peer.send_now(protocol.Commit())
-            committed = True
             await app.faults.point("source", "commit", peer)
             rec.phase("commit")
             with waking_without_preempting():
@@ -401,8 +406,9 @@ async def _hand_off(
         reason = str(exc) or type(exc).__name__
         if peer is not None:
             await peer.refuse("internal", reason)
+        conn = peer.conn if peer is not None else protocol.HandoffConnection(protocol.Role.SOURCE)
         recovery = await _recover(
-            app, paused, switched, escrow, regs, pidfd, proc, peer_pid, watch, committed
+            _Recovering(app, conn, escrow, regs, pidfd, proc, peer_pid, watch)
         )
         if recovery == "committed":
             log.warning("%s; but the target had already resumed the guest: it keeps it", reason)
@@ -473,41 +479,93 @@ async def _failed(
     return False
 
 
-async def _recover(
-    app: VmmHost,
-    paused: bool,
-    switched: bool,
-    escrow: int | None,
-    regs: list[VcpuState] | None,
-    pidfd: int | None,
-    proc: subprocess.Popen[bytes] | None,
-    peer_pid: int,
-    watch: int | None,
-    committed: bool,
-) -> str:
-    """Apply the failure rules; the recovery taken, or "committed" when the target turned out
-    to run the guest already (see `_fence`)."""
-    vmm = app.vmm
-    if not switched:
-        if app.control is not None:
-            app.control.start_accepting()
-        if paused:
-            vmm.resume()
-            return "rollback"
+async def _recover(r: _Recovering) -> str:
+    """Execute the recovery of the protocol's table for the state the connection ended in
+    (`conn.recovery()`). Returns the word for it that the record, the QMP event and the CLI
+    show: "none", "rollback", "reclaim", or "committed" when the target turned out to run the
+    guest already (then the handoff completed)."""
+    return await _RECOVERIES[r.conn.recovery()](r)
+
+
+def _accept_again(app: VmmHost) -> None:
+    if app.control is not None:
+        app.control.start_accepting()
+
+
+async def _nothing_to_do(r: _Recovering) -> str:
+    """Before `Prepared`: the guest was never paused; it keeps running here."""
+    _accept_again(r.app)
+    return "none"
+
+
+async def _rollback(r: _Recovering) -> str:
+    """Before `Switchover`: the guest never left; resume it if the handoff paused it (a pause
+    cut short by the deadline too). The escrow is dropped by the caller."""
+    vmm = r.app.vmm
+    _accept_again(r.app)
+    if not vmm.gate.pause_requested:
         return "none"
-    if await _fence(pidfd, proc, peer_pid, watch, committed):
-        return "committed"
+    vmm.resume()
+    return "rollback"
+
+
+async def _resume_or_reclaim(r: _Recovering) -> str:
+    """After `Switchover`, before `Commit`: the target never ran the guest. Fence it, then
+    resume our own VM if it still holds the context, else reclaim it from escrow."""
+    await _kill_target(r)
+    return await _take_back(r)
+
+
+async def _fence_then_reclaim(r: _Recovering) -> str:
+    """After `Commit`, the target not known to be gone: it may have resumed the guest, its
+    `Resumed` crossing our failure, and killing it then would kill the guest's only holder.
+    Freeze it, hand what it had sent to the machine, and execute the answer: DONE (thaw it:
+    the guest is its) or RECLAIM."""
+    _signal_target(r, signal.SIGSTOP)
+    if r.pidfd is not None:
+        await _wait_stopped(r.pid)
+    answer = r.conn.fenced(_queued(r.watch))
+    if answer is protocol.Recovery.DONE:
+        _signal_target(r, signal.SIGCONT)
+    return await _RECOVERIES[answer](r)
+
+
+async def _reclaim(r: _Recovering) -> str:
+    """After `Commit`, the target silent (gone, or frozen with no `Resumed` sent): the guest
+    never ran on it. Fence it and take the guest back (from escrow when the context moved;
+    a plain guest never left our VM, and the probe says so)."""
+    await _kill_target(r)
+    return await _take_back(r)
+
+
+async def _done(r: _Recovering) -> str:
+    """The target sent `Resumed`: it runs the guest; the handoff completed."""
+    return "committed"
+
+
+async def _take_back(r: _Recovering) -> str:
+    vmm = r.app.vmm
     if await vmm.holds_context():
         recovery = "rollback"
     else:
-        if escrow is None:
+        if r.escrow is None:
             raise RuntimeError("context moved but no escrow: cannot happen")
-        await vmm.reclaim(escrow, regs)
+        await vmm.reclaim(r.escrow, r.regs)
         recovery = "reclaim"
-    if app.control is not None:
-        app.control.start_accepting()
+    _accept_again(r.app)
     vmm.resume()
     return recovery
+
+
+_RECOVERIES: Final[dict[protocol.Recovery, Callable[[_Recovering], Awaitable[str]]]] = {
+    protocol.Recovery.NOTHING_TO_DO: _nothing_to_do,
+    protocol.Recovery.ROLLBACK: _rollback,
+    protocol.Recovery.RESUME_OR_RECLAIM: _resume_or_reclaim,
+    protocol.Recovery.FENCE_THEN_RECLAIM: _fence_then_reclaim,
+    protocol.Recovery.RECLAIM: _reclaim,
+    protocol.Recovery.DONE: _done,
+}
+"""One function per source recovery (`protocol.recovery_for`)."""
 
 
 def _close(peer: Peer | None, fds: tuple[int | None, ...]) -> None:

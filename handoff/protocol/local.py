@@ -44,7 +44,9 @@ ordinary messages, and the machine accepts the races the protocol allows:
 input that returns `PeerGone`, not an exception. Anything else that breaks the rules (bytes that
 do not decode, a field out of bounds, a message out of order, a wrong fd count) raises
 `RemoteProtocolError` and puts the connection in the sticky `ERROR` state; a message we try to
-send out of order raises `LocalProtocolError`, with the same effect, as in h11.
+send out of order raises `LocalProtocolError`, with the same effect, as in h11. (One exception,
+see the failure rules: a source whose conversation broke after `Commit` still accepts the
+target's `Resumed`, which says that the target runs the guest.)
 
 Versions
 ========
@@ -82,7 +84,15 @@ Source:
   * `Switchover` sent, `Commit` not sent: `RESUME_OR_RECLAIM`: resume the own VM if it still
     has the guest's context; if KVM_RUN says EIO (the target moved it), move the context back
     from the escrowed target VM into a fresh VM of our own.
-  * `Commit` sent, `Resumed` not received: `RECLAIM`: take the guest back from escrow.
+  * `Commit` sent, `Resumed` not received, and the target is gone (EOF): `RECLAIM`: take the
+    guest back from escrow.
+  * `Commit` sent, `Resumed` not received, the target not known to be gone (we gave up
+    waiting, our own step failed, it broke the protocol or refused while `Commit` was in
+    flight): `FENCE_THEN_RECLAIM`. The target may have resumed the guest already, its
+    `Resumed` crossing our failure, and killing it then would kill the guest's only holder. So
+    the shell first freezes the target (SIGSTOP), reads whatever it had sent, and hands it to
+    `HandoffConnection.fenced`. A `Resumed` among it completes the handoff (`DONE`: the guest
+    is the target's, which is left running); otherwise the answer becomes `RECLAIM`.
   * `Resumed` received: `DONE`: drop the escrow and exit.
 
 Target:
@@ -109,11 +119,12 @@ an EOF is how the peer learns that we are gone.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import hmac
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Annotated, Final, Literal, TypeAlias
 
@@ -310,13 +321,14 @@ LIVE_STATES: Final = frozenset(
 class Recovery(enum.Enum):
     """What a side must do about the guest when the connection ends (see the module docstring).
 
-    Source values: NOTHING_TO_DO, ROLLBACK, RESUME_OR_RECLAIM, RECLAIM, DONE.
+    Source values: NOTHING_TO_DO, ROLLBACK, RESUME_OR_RECLAIM, FENCE_THEN_RECLAIM, RECLAIM, DONE.
     Target values: ABORT, TAKEOVER, DONE.
     """
 
     NOTHING_TO_DO = "nothing-to-do"  # source: never paused; keep running
     ROLLBACK = "rollback"  # source: resume own VM (if paused), drop the escrow
     RESUME_OR_RECLAIM = "resume-or-reclaim"  # source: resume own VM, or reclaim on EIO
+    FENCE_THEN_RECLAIM = "fence-then-reclaim"  # source: freeze the target, read what it sent
     RECLAIM = "reclaim"  # source: move the guest back from the escrowed target VM
     ABORT = "abort"  # target: drop everything and exit
     TAKEOVER = "takeover"  # target: the source is gone: complete the move and resume
@@ -565,7 +577,7 @@ _SOURCE_RECOVERY: Final = {
     State.PREPARED: Recovery.ROLLBACK,
     State.SWITCHED_OVER: Recovery.RESUME_OR_RECLAIM,
     State.MOVED: Recovery.RESUME_OR_RECLAIM,
-    State.COMMITTED: Recovery.RECLAIM,
+    State.COMMITTED: Recovery.FENCE_THEN_RECLAIM,  # RECLAIM once the target is silent
     State.DONE: Recovery.DONE,
 }
 # The target takes over only from a source that is gone, and only once it holds the source VM.
@@ -578,8 +590,11 @@ def recovery_for(role: Role, ended_in: State, *, peer_lost: bool) -> Recovery:
     Args:
         role: our role.
         ended_in: the last live state (or DONE) before the connection ended.
-        peer_lost: True if it ended because the peer went away (EOF), False if a side refused
-            or broke the protocol (the peer may be alive and will recover on its own side).
+        peer_lost: True if it ended because the peer went away (EOF), or the peer can send
+            nothing more and all it sent was received (the source's shell froze the target
+            and drained the connection: `HandoffConnection.fenced`); False if a side
+            refused or broke the protocol, or we gave up waiting (the peer may be alive and
+            will recover on its own side, or, after `Commit`, may have resumed the guest).
 
     Returns:
         What to do about the guest; see `Recovery` and the module docstring.
@@ -590,6 +605,9 @@ def recovery_for(role: Role, ended_in: State, *, peer_lost: bool) -> Recovery:
     if ended_in is not State.DONE and ended_in not in LIVE_STATES:
         raise ValueError(f"a connection cannot end in state {ended_in.name}")
     if role is Role.SOURCE:
+        if ended_in is State.COMMITTED and peer_lost:
+            # Nothing more can come: a Resumed would have been read before the EOF.
+            return Recovery.RECLAIM
         return _SOURCE_RECOVERY[ended_in]
     if ended_in is State.DONE:
         return Recovery.DONE
@@ -726,6 +744,7 @@ class HandoffConnection:
         self._peer_view: State | None = None
         self._ended_in: State | None = None
         self._ending: _Ending | None = None
+        self._peer_silent = False
 
     @property
     def state(self) -> State:
@@ -740,13 +759,42 @@ class HandoffConnection:
         """What to do about the guest now (see `recovery_for`).
 
         Once the connection has ended (refused, peer gone, protocol error, done) this is the
-        rule for the state it ended in; while it is live, the rule for losing the peer now.
+        rule for the state it ended in; while it is live, the rule for giving up now: for the
+        target, the source counts as lost (its shell takes over only from a source whose
+        process is gone); for the source, the target does not, until it is `fenced`.
         """
         if self._ended_in is None:
-            return recovery_for(self.our_role, self._state, peer_lost=True)
-        return recovery_for(
-            self.our_role, self._ended_in, peer_lost=self._ending is _Ending.PEER_LOST
-        )
+            lost = self.our_role is Role.TARGET or self._peer_silent
+            return recovery_for(self.our_role, self._state, peer_lost=lost)
+        lost = self._ending is _Ending.PEER_LOST or self._peer_silent
+        return recovery_for(self.our_role, self._ended_in, peer_lost=lost)
+
+    def may_refuse(self) -> bool:
+        """Whether we may send `Refuse` now (a side may not once `Commit` crossed, nor twice)."""
+        return Refuse in TRANSITIONS[self.our_role].get(self._state, {})
+
+    def fenced(self, queued: Iterable[tuple[bytes | None, int]]) -> Recovery:
+        """Executing `Recovery.FENCE_THEN_RECLAIM`: the shell froze the peer (SIGSTOP), so it
+        can send nothing more, and read every datagram it had queued (bytes and fd count; None
+        for EOF). Each is taken as `receive` would; the recovery that follows is returned:
+        `DONE` if a `Resumed` was among them (the target runs the guest; leave it running),
+        else `RECLAIM` (the guest never ran on the target).
+
+        Unlike `receive`, this accepts the target's `Resumed` even after the conversation broke
+        after `Commit` (the target sent something else first, say): the target does not know
+        that it broke anything, and runs the guest once it has sent `Resumed`.
+        """
+        for data, nfds in queued:
+            if self._state is State.ERROR:
+                if self._late_resumed(data, nfds) is not None:
+                    break
+                continue
+            if self._state in (State.DONE, State.CLOSED):
+                break  # nothing more is read
+            with contextlib.suppress(RemoteProtocolError):
+                self.receive(data, nfds)
+        self._peer_silent = True
+        return self.recovery()
 
     # ---- building messages ------------------------------------------------------------------
 
@@ -882,6 +930,29 @@ class HandoffConnection:
             f"the {sender.value} may not send {type(message).__name__} in state "
             f"{self._state.name} (it may send: {expected})"
         )
+
+    def _late_resumed(self, data: bytes | None, nfds: int) -> Resumed | None:
+        """The one exception to a sticky ERROR: a source whose conversation broke after
+        `Commit` (the target sent something else first, say) still learns of the target's
+        `Resumed`, found while fencing: the target runs the guest, so the handoff is DONE."""
+        if not (
+            self.our_role is Role.SOURCE
+            and self._ended_in is State.COMMITTED
+            and data is not None
+            and nfds == 0
+        ):
+            return None
+        try:
+            message = _decode(data)
+            if not isinstance(message, Resumed):
+                return None
+            self._check(self.their_role, message)
+        except _Violation:
+            return None
+        self._state = State.DONE
+        self._ended_in = State.DONE
+        self._ending = _Ending.COMPLETED
+        return message
 
     def _receive_crossing(self, message: Message, nfds: int) -> None:
         """After our Refuse: accept what the peer may send before it reads it."""

@@ -123,6 +123,15 @@ RECOVERY_WHEN_PEER_LOST = {
 }
 
 
+def recovery_when_ended(role: Role, state: State, *, peer_lost: bool) -> Recovery:
+    """The rule for a connection that ended in `state` some other way than by EOF (a refusal,
+    a protocol error, or we gave up): as for a lost peer, except that a source after Commit
+    must first fence the target, whose Resumed may be on its way."""
+    if role is SOURCE and state is State.COMMITTED and not peer_lost:
+        return Recovery.FENCE_THEN_RECLAIM
+    return RECOVERY_WHEN_PEER_LOST[role][state]
+
+
 # ---- building blocks ---------------------------------------------------------------------------
 
 
@@ -621,7 +630,7 @@ def test_either_side_may_refuse_before_commit_and_each_side_knows_its_recovery(
         assert conn.ended_in is state
     # A refusal is not a lost peer: the target never takes over from a source that refused
     # or that it refused; the source recovers as for a loss in the same state.
-    assert pair.source.recovery() is RECOVERY_WHEN_PEER_LOST[SOURCE][state]
+    assert pair.source.recovery() is recovery_when_ended(SOURCE, state, peer_lost=False)
     assert pair.target.recovery() is Recovery.ABORT
     # The EOF that follows changes nothing.
     gone = pair.target.receive(None)
@@ -646,7 +655,9 @@ def test_target_that_refuses_while_commit_is_in_flight_leaves_the_source_to_recl
     # The source, having sent Commit, sees a refusal that crossed it.
     assert pair.source.receive(refuse, 0) == refusal
     assert pair.source.state is State.REFUSED
-    assert pair.source.recovery() is Recovery.RECLAIM
+    # The target did not resume (it refused); the source still fences it before reclaiming.
+    assert pair.source.recovery() is Recovery.FENCE_THEN_RECLAIM
+    assert pair.source.fenced([]) is Recovery.RECLAIM
     # The target sees Commit after it refused: returned for the log, but it changes nothing.
     assert pair.target.receive(commit, 0) == Commit()
     assert pair.target.state is State.REFUSED
@@ -719,7 +730,8 @@ def test_peer_lost_in_each_state_gives_the_recovery_of_design_section_4(
     pair.advance_to(state)
     conn = pair.conn(role)
     expected = RECOVERY_WHEN_PEER_LOST[role][state]
-    assert conn.recovery() is expected  # what losing the peer now would mean
+    # What giving up now would mean (the target: if the source turns out dead).
+    assert conn.recovery() is recovery_when_ended(role, state, peer_lost=role is TARGET)
     event = conn.receive(None)
     assert event == PeerGone(lost_in=state, recovery=expected)
     assert conn.state is State.CLOSED
@@ -730,7 +742,7 @@ def test_peer_lost_in_each_state_gives_the_recovery_of_design_section_4(
 
 
 @pytest.mark.parametrize(
-    ("role", "expected"), [(SOURCE, Recovery.RECLAIM), (TARGET, Recovery.ABORT)]
+    ("role", "expected"), [(SOURCE, Recovery.FENCE_THEN_RECLAIM), (TARGET, Recovery.ABORT)]
 )
 def test_protocol_error_after_commit_never_lets_the_target_run_the_guest(
     role: Role, expected: Recovery
@@ -760,7 +772,7 @@ def test_local_protocol_error_ends_the_connection_with_the_recovery_of_its_state
         pair.source.send(Commit())
     assert pair.source.state is State.ERROR
     assert pair.source.ended_in is State.COMMITTED
-    assert pair.source.recovery() is Recovery.RECLAIM
+    assert pair.source.recovery() is Recovery.FENCE_THEN_RECLAIM
 
 
 @pytest.mark.parametrize("state", [State.REFUSED, State.CLOSED, State.ERROR])
@@ -1103,7 +1115,10 @@ def test_any_sequence_of_peer_messages_follows_the_protocol_or_ends_in_a_protoco
         except RemoteProtocolError:
             assert conn.state is State.ERROR
             assert conn.ended_in is not None
-            assert conn.recovery() in RECOVERY_WHEN_PEER_LOST[role].values()
+            assert conn.recovery() in {
+                *RECOVERY_WHEN_PEER_LOST[role].values(),
+                recovery_when_ended(role, conn.ended_in, peer_lost=False),
+            }
             with pytest.raises(RemoteProtocolError):
                 conn.receive(raw(message), nfds)
             return
@@ -1187,6 +1202,7 @@ SOURCE_KEEPS = {
 
 
 def runs_guest(role: Role, recovery: Recovery, *, peer_dead: bool) -> bool:
+    assert recovery is not Recovery.FENCE_THEN_RECLAIM, "fence first (HandoffConnection.fenced)"
     if role is SOURCE:
         return recovery in SOURCE_KEEPS
     return recovery is Recovery.DONE or (recovery is Recovery.TAKEOVER and peer_dead)
@@ -1254,10 +1270,101 @@ def test_a_hostile_peer_ends_in_a_clean_refusal_and_the_guest_in_exactly_one_vmm
         except RemoteProtocolError:
             break
     done = conn.ended_in is State.DONE or conn.state is State.DONE
-    ours_runs = runs_guest(role, conn.recovery(), peer_dead=False)
+    recovery = conn.recovery()
+    if recovery is Recovery.FENCE_THEN_RECLAIM:
+        recovery = conn.fenced([])  # frozen, it had nothing more queued: then killed
+    ours_runs = runs_guest(role, recovery, peer_dead=False)
     # The live peer holds the guest: a target once it sent Resumed, a source until then.
     peer_runs = done if role is SOURCE else not done
     assert ours_runs + peer_runs == 1
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    mode=st.sampled_from(MODES),
+    garbage_first=st.booleans(),
+    resumed=st.booleans(),
+    target_dies=st.booleans(),
+    own_error=st.booleans(),
+    data=st.data(),
+)
+def test_a_source_failing_after_commit_fences_and_a_crossing_resumed_leaves_one_holder(
+    mode: Mode,
+    garbage_first: bool,
+    resumed: bool,
+    target_dies: bool,
+    own_error: bool,
+    data: st.DataObject,
+) -> None:
+    """After Commit the target may resume at any moment, sending Resumed just before its first
+    KVM_RUN, while the source fails (it gives up waiting, a step of its own breaks, or the
+    target sent something else first). The source's recovery, executed as the shell does
+    (freeze the target, hand what it had queued to `fenced`, then kill it or, if it resumed,
+    let it run), leaves the guest in exactly one VMM, and the source takes it back only when
+    it never ran on the target. Any interleaving: the source reads any prefix of what the
+    target sent before it fails, and the target may die after it (its EOF queued last)."""
+    pair = Pair(mode)
+    pair.advance_to(State.COMMITTED)
+    assert pair.target.version is not None
+    queue: list[tuple[bytes | None, int]] = []
+    if garbage_first:
+        queue.append((b"\xc1", 0))  # a fault-injected target, unaware that it broke anything
+    if resumed:
+        queue.append((pair.target.send(make_resumed(pair.target.version)), 0))
+    if target_dies:
+        queue.append((None, 0))
+    source = pair.source
+    read = data.draw(st.integers(0, len(queue)), label="read before the failure")
+    unread = queue[read:]
+    for i, (datagram, nfds) in enumerate(queue[:read]):
+        try:
+            source.receive(datagram, nfds)
+        except RemoteProtocolError:
+            unread = queue[i + 1 :]  # the shell stops at the error: the rest stays queued
+            break
+    if own_error and source.state is State.COMMITTED:
+        with pytest.raises(LocalProtocolError):
+            source.send(make_refuse())  # not allowed after Commit; the shell's own bug
+    recovery = source.recovery()
+    if recovery is Recovery.FENCE_THEN_RECLAIM:
+        recovery = source.fenced(unread)
+    # The target resumed exactly when it sent Resumed; the source must then leave it the guest.
+    assert recovery is (Recovery.DONE if resumed else Recovery.RECLAIM)
+    source_runs = runs_guest(SOURCE, recovery, peer_dead=target_dies)
+    # Fenced: killed unless the source found its Resumed (then let go on: SIGCONT).
+    target_runs = resumed and not target_dies and recovery is Recovery.DONE
+    holder_died = resumed and target_dies
+    assert source_runs + target_runs == (0 if holder_died else 1)
+
+
+def test_fenced_takes_a_resumed_that_follows_a_protocol_error_after_commit() -> None:
+    pair = Pair("sev")
+    pair.advance_to(State.COMMITTED)
+    with pytest.raises(RemoteProtocolError):
+        pair.source.receive(b"\xc1", 0)
+    assert pair.source.recovery() is Recovery.FENCE_THEN_RECLAIM
+    resumed = pair.target.send(make_resumed(2))
+    # receive stays sticky; only fencing reads what the target had queued.
+    with pytest.raises(RemoteProtocolError):
+        pair.source.receive(resumed, 0)
+    assert pair.source.fenced([(resumed, 0)]) is Recovery.DONE
+    assert pair.source.state is State.DONE
+    assert pair.source.ended_in is State.DONE
+
+
+def test_fenced_refuses_a_late_resumed_with_fds_or_before_commit() -> None:
+    pair = Pair("sev")
+    pair.advance_to(State.COMMITTED)
+    with pytest.raises(RemoteProtocolError):
+        pair.source.receive(b"\xc1", 0)
+    late = pair.target.send(make_resumed(2))
+    assert pair.source.fenced([(late, 1)]) is Recovery.RECLAIM
+    # Before Commit a Resumed is no news of a resumed guest: fencing changes nothing.
+    pair = Pair("sev")
+    pair.advance_to(State.MOVED)
+    pair.source.send(make_refuse())
+    assert pair.source.recovery() is Recovery.RESUME_OR_RECLAIM
+    assert pair.source.fenced([(raw(make_resumed(2)), 0)]) is Recovery.RESUME_OR_RECLAIM
 
 
 def test_the_wire_regs_are_the_kernels_struct_field_for_field() -> None:
