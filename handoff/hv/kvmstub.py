@@ -37,6 +37,16 @@ def state_regs(state: VcpuState) -> uapi.Regs:
         ) from None
 
 
+def witness_image(vcpus: int, line_every: int, flip_every: int) -> bytes:
+    """The witness guest's launch image as kvmstub's guest program reads it."""
+    params = guest.GuestParams(vcpus=vcpus, line_every=line_every, flip_every=flip_every)
+    return guest.build_launch_image(params)
+
+
+def witness_initial_state(index: int) -> VcpuState:
+    return regs_state(guest.initial_regs(index))
+
+
 class KvmstubVcpu:
     """A kvmstub vCPU fd and its kvm_run page."""
 
@@ -128,11 +138,10 @@ class KvmstubHypervisor:
         return KvmstubVm(await self._kvm.create_vm())
 
     def witness_image(self, vcpus: int, line_every: int, flip_every: int) -> bytes:
-        params = guest.GuestParams(vcpus=vcpus, line_every=line_every, flip_every=flip_every)
-        return guest.build_launch_image(params)
+        return witness_image(vcpus, line_every, flip_every)
 
     def witness_initial_state(self, index: int) -> VcpuState:
-        return regs_state(guest.initial_regs(index))
+        return witness_initial_state(index)
 
     def polling(self, seconds: float) -> AbstractContextManager[None]:
         return client.polling(seconds)

@@ -20,10 +20,10 @@ from contextlib import AbstractContextManager
 
 import trio
 
-from kvmstub import guest, model, uapi
+from kvmstub import model, uapi
 
 from .base import SevLaunch, VcpuState, no_polling
-from .kvmstub import SEV_API, regs_state, state_regs
+from .kvmstub import SEV_API, regs_state, state_regs, witness_image, witness_initial_state
 
 NAME = "kvmstub"  # the model *is* kvmstub's kernel: its state is kvmstub's, and moves to it
 
@@ -219,11 +219,10 @@ class ModelHypervisor:
         return ModelVm(self.kernel, self.mm, self.kernel.host.create_vm(self.mm))
 
     def witness_image(self, vcpus: int, line_every: int, flip_every: int) -> bytes:
-        params = guest.GuestParams(vcpus=vcpus, line_every=line_every, flip_every=flip_every)
-        return guest.build_launch_image(params)
+        return witness_image(vcpus, line_every, flip_every)
 
     def witness_initial_state(self, index: int) -> VcpuState:
-        return regs_state(guest.initial_regs(index))
+        return witness_initial_state(index)
 
     def polling(self, seconds: float) -> AbstractContextManager[None]:
         return no_polling(seconds)
