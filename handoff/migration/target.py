@@ -6,9 +6,10 @@ over them, and send our VM fd as escrow. After `Switchover` we move the encrypti
 (sev, sev-es), set registers (plain, sev), restore devices, answer `Moved`, and resume only after
 `Commit`, sending `Resumed` before any vCPU runs.
 
-If the source is lost after `Switchover`, we take over only when its process is really gone
-(a pidfd taken when it connected becomes readable); a source that is alive but silent keeps the
-guest (it still holds our VM in escrow), and we step aside.
+If the handoff fails after `Switchover`, the protocol's table decides (`conn.recovery()`): after
+a refusal or a protocol error, ABORT; if the source is lost or silent, TAKEOVER, which we do only
+when its process is really gone (a pidfd taken when it connected becomes readable); a source
+that is alive but silent keeps the guest (it still holds our VM in escrow), and we step aside.
 """
 
 from __future__ import annotations
@@ -322,10 +323,15 @@ async def _receive(app: VmmHost, chan: Channel, nursery: trio.Nursery) -> bool:
         await app.faults.point("target", "commit", peer)
         rec.phase("commit")
     except (PeerGoneError, HandoffTimeout, PeerFailed, Refused, TransportError, OSError) as exc:
-        # The source is gone or silent after Switchover. Take over only if it is dead.
+        # The protocol's table says what to do (conn.recovery()): ABORT after a refusal or a
+        # protocol error (the source, alive, takes the guest back), TAKEOVER when the source is
+        # gone or silent after Switchover, which this shell does only if its process is dead.
         if isinstance(exc, OSError) and not moved:
-            log.error("could not take the guest (%s); the source keeps it", exc)
+            # Our own step failed before we held the guest: refused, so the table says ABORT.
             await peer.refuse("internal", f"{exc}; the source keeps running")
+        recovery = conn.recovery()
+        if recovery is not protocol.Recovery.TAKEOVER:
+            log.error("handoff failed after switchover (%s); the source keeps the guest", exc)
             _drop(app, peer, source_vm, pidfd)
             return False
         if not await _wait_source_dead(pidfd, 1.0):
