@@ -96,11 +96,14 @@ Source:
   * `Resumed` received: `DONE`: drop the escrow and exit.
 
 Target:
-  * the source is gone (EOF) after `Switchover` arrived: `TAKEOVER`: the target holds the
-    source VM fd, completes the move if it has not yet, and resumes. Nobody else will.
+  * the conversation ended after `Switchover` arrived, however (the source gone, silent, or
+    refusing or breaking the protocol), unless we refused: `TAKEOVER`: the target holds the
+    source VM fd; its shell waits (briefly) for the source's process to be gone, and only then
+    completes the move if it has not yet, and resumes: nobody else will. A source that is
+    still alive recovers the guest itself (it fences us first), so the shell steps aside.
   * `Resumed` sent: `DONE`: the guest is ours.
-  * anything else (before `Switchover`, or a refusal or protocol error at any point before
-    `Resumed`): `ABORT`: drop everything and exit. A source that is still alive recovers the
+  * anything else (before `Switchover`, or our own refusal: our step failed before we held
+    the guest): `ABORT`: drop everything and exit. A source that is still alive recovers the
     guest itself, and the escrow it holds keeps our VM, and the context in it, alive.
 
 One subtle rule makes `RECLAIM` exact: the target sends `Resumed` *before* it lets its vCPUs
@@ -108,8 +111,9 @@ run. If the target dies before `Resumed`, the guest never ran on it, so the sour
 snapshot (sent in `Switchover`) and guest memory are exactly the guest's state. If the target
 sent `Resumed` and then died, the datagram is already queued at the source, which reads it
 before the EOF: the source sees `DONE`, never a loss in `COMMITTED`. For the same reason a
-target that cannot send `Resumed` (a protocol error after `Commit`) must not run the guest: its
-recovery is `ABORT`, and the source reclaims.
+target that cannot send `Resumed` (a protocol error after `Commit`) must not run the guest
+while the source lives: its recovery is `TAKEOVER`, which its shell carries out only once the
+source's process is gone; a live source fences it and reclaims.
 
 A peer that refused or broke the protocol may still be finishing its current step (a target
 moving the context, say). The shell acts on `recovery()` once the peer is gone (EOF or process
@@ -584,7 +588,9 @@ _SOURCE_RECOVERY: Final = {
 _TARGET_TAKEOVER_STATES: Final = frozenset({State.SWITCHED_OVER, State.MOVED, State.COMMITTED})
 
 
-def recovery_for(role: Role, ended_in: State, *, peer_lost: bool) -> Recovery:
+def recovery_for(
+    role: Role, ended_in: State, *, peer_lost: bool, we_refused: bool = False
+) -> Recovery:
     """The failure rule for a connection that ended in `ended_in`.
 
     Args:
@@ -595,6 +601,8 @@ def recovery_for(role: Role, ended_in: State, *, peer_lost: bool) -> Recovery:
             and drained the connection: `HandoffConnection.fenced`); False if a side
             refused or broke the protocol, or we gave up waiting (the peer may be alive and
             will recover on its own side, or, after `Commit`, may have resumed the guest).
+        we_refused: the conversation ended with our own `Refuse` (the target: our step failed
+            before we held the guest).
 
     Returns:
         What to do about the guest; see `Recovery` and the module docstring.
@@ -611,7 +619,9 @@ def recovery_for(role: Role, ended_in: State, *, peer_lost: bool) -> Recovery:
         return _SOURCE_RECOVERY[ended_in]
     if ended_in is State.DONE:
         return Recovery.DONE
-    if peer_lost and ended_in in _TARGET_TAKEOVER_STATES:
+    if ended_in in _TARGET_TAKEOVER_STATES and (peer_lost or not we_refused):
+        # Whatever ended it, the source may be gone: taking over from a dead source is the
+        # guest's only way on (the shell does it only once the source's process is gone).
         return Recovery.TAKEOVER
     return Recovery.ABORT
 
@@ -767,7 +777,12 @@ class HandoffConnection:
             lost = self.our_role is Role.TARGET or self._peer_silent
             return recovery_for(self.our_role, self._state, peer_lost=lost)
         lost = self._ending is _Ending.PEER_LOST or self._peer_silent
-        return recovery_for(self.our_role, self._ended_in, peer_lost=lost)
+        return recovery_for(
+            self.our_role,
+            self._ended_in,
+            peer_lost=lost,
+            we_refused=self.refused_by is self.our_role,
+        )
 
     def may_refuse(self) -> bool:
         """Whether we may send `Refuse` now (a side may not once `Commit` crossed, nor twice)."""

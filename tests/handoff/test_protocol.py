@@ -628,14 +628,16 @@ def test_either_side_may_refuse_before_commit_and_each_side_knows_its_recovery(
         assert conn.refusal == refusal
         assert conn.refused_by is refuser
         assert conn.ended_in is state
-    # A refusal is not a lost peer: the target never takes over from a source that refused
-    # or that it refused; the source recovers as for a loss in the same state.
+    # The source recovers as for a loss in the same state. The target never takes over after
+    # its own refusal; after the source's it may, from Switchover on, once the source's process
+    # is gone (its shell checks): a source that refused and died leaves the guest to it.
     assert pair.source.recovery() is recovery_when_ended(SOURCE, state, peer_lost=False)
-    assert pair.target.recovery() is Recovery.ABORT
+    target_rule = Recovery.ABORT if refuser is TARGET else RECOVERY_WHEN_PEER_LOST[TARGET][state]
+    assert pair.target.recovery() is target_rule
     # The EOF that follows changes nothing.
     gone = pair.target.receive(None)
     assert isinstance(gone, PeerGone)
-    assert gone.recovery is Recovery.ABORT
+    assert gone.recovery is target_rule
 
 
 @pytest.mark.parametrize("role", [SOURCE, TARGET])
@@ -742,13 +744,14 @@ def test_peer_lost_in_each_state_gives_the_recovery_of_design_section_4(
 
 
 @pytest.mark.parametrize(
-    ("role", "expected"), [(SOURCE, Recovery.FENCE_THEN_RECLAIM), (TARGET, Recovery.ABORT)]
+    ("role", "expected"), [(SOURCE, Recovery.FENCE_THEN_RECLAIM), (TARGET, Recovery.TAKEOVER)]
 )
-def test_protocol_error_after_commit_never_lets_the_target_run_the_guest(
+def test_protocol_error_after_commit_leaves_the_guest_to_the_source_while_it_lives(
     role: Role, expected: Recovery
 ) -> None:
-    # The target can only run the guest after sending Resumed; if the connection breaks
-    # instead, the source (alive: it sent garbage, or received it) takes the guest back.
+    # The target runs the guest after a broken connection only as a takeover: its shell does
+    # that only once the source's process is gone. While the source lives (it sent garbage,
+    # or received it) the target steps aside and the source fences it and takes the guest back.
     pair = Pair("sev")
     pair.advance_to(State.COMMITTED)
     conn = pair.conn(role)
@@ -757,11 +760,21 @@ def test_protocol_error_after_commit_never_lets_the_target_run_the_guest(
     assert conn.recovery() is expected
 
 
-def test_target_protocol_error_after_switchover_aborts_rather_than_takes_over() -> None:
+def test_target_protocol_error_after_switchover_takes_over_if_the_source_is_gone() -> None:
+    """A source that broke the protocol after Switchover and then died leaves the guest to
+    the target, which holds its VM fd (the shell takes over only once it is gone)."""
     pair = Pair("sev-es")
     pair.advance_to(State.MOVED)
     with pytest.raises(RemoteProtocolError):
         pair.target.receive(raw(Moved()), 0)
+    assert pair.target.recovery() is Recovery.TAKEOVER
+
+
+def test_target_that_refused_after_switchover_aborts() -> None:
+    """Our own step failed before we held the guest: we refused, and the source reclaims."""
+    pair = Pair("sev-es")
+    pair.advance_to(State.SWITCHED_OVER)
+    pair.target.send(Refuse(code=RefuseCode.INTERNAL, reason="the move failed"))
     assert pair.target.recovery() is Recovery.ABORT
 
 
