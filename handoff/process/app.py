@@ -56,6 +56,7 @@ from handoff.transport.unix import (
     file_identity,
     rename_noreplace,
     socket_answers,
+    unix_uri_path,
     unlink_if_same,
 )
 
@@ -626,13 +627,13 @@ class App:
         self.handoff_busy = True
 
     async def qmp_handoff(self, args: dict[str, Any]) -> dict[str, Any]:
-        uri = args.get("uri")
-        if not isinstance(uri, str) or not uri.startswith("unix:") or len(uri) <= 5:
+        path = unix_uri_path(args.get("uri"))
+        if path is None:
             raise QMPCommandError("'uri' must be unix:PATH, the target's handoff socket")
         copy_memory = self._copy_memory_arg(args)
         self._begin_handoff()
         assert self.nursery is not None
-        self.nursery.start_soon(self._run_handoff, uri[5:], None, self.token, copy_memory)
+        self.nursery.start_soon(self._run_handoff, path, None, self.token, copy_memory)
         return {}
 
     def _copy_memory_arg(self, args: dict[str, Any]) -> bool:

@@ -26,6 +26,7 @@ from handoff.machine.config import (
     validate_guest,
     validate_name,
 )
+from handoff.transport.unix import unix_uri_path
 
 
 def runtime_dir() -> str:
@@ -93,11 +94,12 @@ def _policy(text: str) -> int:
 
 
 def _incoming(text: str) -> str:
-    if not text.startswith("unix:") or len(text) <= 5:
+    path = unix_uri_path(text)
+    if path is None:
         raise argparse.ArgumentTypeError(
             f"--incoming {text!r}: use unix:PATH (the handoff socket to listen on)"
         )
-    return text[5:]
+    return path
 
 
 def _fault(text: str) -> str:
@@ -220,7 +222,14 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     )
     # Pins the newest protocol version this VMM speaks, so tests can play an older release.
     h.add_argument(
-        "--max-protocol", type=_int_in(1, 2, "--max-protocol"), default=2, help=argparse.SUPPRESS
+        "--max-protocol", type=_int_in(1, 3, "--max-protocol"), default=3, help=argparse.SUPPRESS
+    )
+    # Protocol 3 sends vCPU states above this many bytes in a sealed memfd (tests force it).
+    h.add_argument(
+        "--vcpu-states-inline-max",
+        type=_int_in(0, 1 << 20, "--vcpu-states-inline-max"),
+        default=128 * 1024,
+        help=argparse.SUPPRESS,
     )
     h.add_argument(
         "--token-file",
@@ -274,6 +283,7 @@ def host_flags(ns: argparse.Namespace) -> HostFlags:
         log_format=ns.log_format,
         allow_uids=tuple(ns.allow_uid),
         max_protocol=ns.max_protocol,
+        vcpu_states_inline_max=ns.vcpu_states_inline_max,
         handoff_timeout=ns.handoff_timeout,
         fault=ns.x_fault,
         token_file=ns.token_file,

@@ -800,6 +800,14 @@ async def connect(path: str | os.PathLike[str]) -> Channel:
     return Channel(sock)
 
 
+def unix_uri_path(uri: object) -> str | None:
+    """The path of a `unix:PATH` handoff address, or None if `uri` is not one (the one
+    parser of addresses: `--incoming` and QMP `handoff` both take them)."""
+    if not isinstance(uri, str) or not uri.startswith("unix:") or len(uri) <= len("unix:"):
+        return None
+    return uri[len("unix:") :]
+
+
 def socketpair() -> tuple[Channel, Channel]:
     """Two connected channels in this process (for tests and in-process plumbing)."""
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
