@@ -22,11 +22,11 @@ from typing import Any
 
 import trio
 
+from handoff.hv.kvmstub import read_stats
 from handoff.process.ops import format_phases, query, upgrade
 from handoff.seriallog import read_logs
 from handoff.system.procs import pid_alive
 from handoff.system.sched import place_apart
-from kvmstub import client
 
 RELEASE_1 = [sys.executable, "-m", "handoff.cli"]  # plays the older release (protocol 1)
 POLL_US = 1000  # kvmstub's halt polling and the VMMs' blackout polling, CPUs apart
@@ -99,11 +99,7 @@ class Demo:
 
     # ------------------------------------------------------------- steps
     async def stats(self) -> dict[str, Any]:
-        kvm = await client.open_kvm(self.kvm_sock)
-        try:
-            return await kvm.stats()
-        finally:
-            kvm.close()
+        return await trio.to_thread.run_sync(read_stats, self.kvm_sock)
 
     async def wait_lines(self, before: dict[int, int], more: int = 3, timeout: float = 20) -> None:
         with trio.move_on_after(timeout):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from contextlib import AbstractContextManager
+from typing import Any
 
 import msgspec
 
@@ -177,3 +178,8 @@ def default_socket() -> str:
 def requests_made() -> int:
     """How many requests this process has sent to kvmstub (the benchmark counts them)."""
     return client.requests_made()
+
+
+def read_stats(path: str | os.PathLike[str], timeout: float = 10.0) -> dict[str, Any]:
+    """Blocking: kvmstub's statistics (VMs, vCPUs, ASIDs) on a connection of its own."""
+    return client.read_stats(path, timeout)

@@ -50,12 +50,12 @@ from typing import Any
 
 import trio
 
+from handoff.hv.kvmstub import read_stats
 from handoff.process import ops
 from handoff.process.flags import strip_flags
 from handoff.qmp.client import QMPClient
 from handoff.seriallog import SerialReport, SerialTail
 from handoff.system.procs import pid_alive
-from kvmstub import client
 
 PROGRAM = [sys.executable, "-m", "handoff"]
 _UCRED = struct.Struct("iII")
@@ -317,7 +317,7 @@ class KvmstubDaemon:
     """A running `kvmstub serve` subprocess.
 
     Attributes:
-        socket: the socket path to give `client.open_kvm`.
+        socket: the socket path to give `handoff.hv.kvmstub.open_kvmstub` (or `client.open_kvm`).
         pid: the daemon's pid.
         process: the subprocess.Popen.
         ready_line: what it printed when ready.
@@ -333,7 +333,7 @@ class KvmstubDaemon:
 
     def stats(self) -> dict[str, Any]:
         """The daemon's statistics (`kvmstub stats --json`), read synchronously."""
-        return client.read_stats(self.socket)
+        return read_stats(self.socket)
 
     def vm_ids(self) -> list[int]:
         """Ids of the VMs alive in the daemon."""
