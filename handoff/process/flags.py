@@ -251,7 +251,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     )
     # Benchmarks: allocate every guest page up front ("fully populated" memory).
     h.add_argument("--x-prefault", action="store_true", help=argparse.SUPPRESS)
-    # Fault injection for tests and tools/chaos.py (ROLE:STEP:ACTION, see handoff.faults).
+    # Fault injection for tests and tools/chaos.py (ROLE:STEP:ACTION, see handoff.migration.faults).
     h.add_argument("--x-fault", type=_fault, default=None, help=argparse.SUPPRESS)
 
 

@@ -1,4 +1,5 @@
-"""handoff.channel: datagrams and fds over SOCK_SEQPACKET, owned fds, peer checks, safe paths."""
+"""handoff.transport.unix: datagrams and fds over SOCK_SEQPACKET, owned fds, peer checks,
+safe paths."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""handoff.control: the QMP server, its negotiation rule, errors, events, and a listening socket
+"""handoff.qmp.server: the QMP server, its negotiation rule, errors, events, and a listening socket
 that outlives the server that first served it."""
 
 from __future__ import annotations

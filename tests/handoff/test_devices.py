@@ -1,4 +1,4 @@
-"""handoff.devices: the state a handoff carries, restored on the new VMM's devices."""
+"""handoff.machine.devices: the state a handoff carries, restored on the new VMM's devices."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A hostile QMP client against handoff.control: floods, deep nesting, too many clients,
+"""A hostile QMP client against handoff.qmp.server: floods, deep nesting, too many clients,
 duplicate keys; and `cont` on a VMM whose guest went on to a successor."""
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ def nobody_python() -> str:
     """An interpreter that nobody can run and that can start itself again as nobody."""
     probe = (
         "import subprocess, sys; "
-        "subprocess.run([sys.executable, '-c', 'import handoff.app'], check=True)"
+        "subprocess.run([sys.executable, '-c', 'import handoff.process.app'], check=True)"
     )
     for candidate in (
         sys.executable,
@@ -485,7 +485,7 @@ async def test_a_set_that_names_a_flag_the_upgrade_controls_is_refused_before_sp
 HANDOFF_LINE = re.compile(r"handoff (\w+) completed: .* role (source|target), protocol (\d)")
 
 
-@pytest.mark.parametrize("protocol", [2, 1])
+@pytest.mark.parametrize("protocol", [3, 2, 1])
 async def test_source_and_target_log_one_id_for_one_handoff(
     vmm_factory: Any, protocol: int
 ) -> None:

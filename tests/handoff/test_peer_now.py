@@ -1,4 +1,5 @@
-"""handoff.peer: the blackout's send_now / receive_now between two Peers over a real socketpair.
+"""handoff.migration.peer: the blackout's send_now / receive_now between two Peers over a real
+socketpair.
 
 The two protocol machines are first stepped in memory (as `Pair` in test_protocol.py does) to
 the state where the blackout starts; from there the messages cross the socket, fds included.
@@ -26,12 +27,12 @@ from handoff.protocol import (
     Prepared,
     Refuse,
     RefuseCode,
-    Regs,
     Resumed,
     Role,
     State,
     Switchover,
     TargetTimings,
+    VcpuStateWire,
 )
 from handoff.transport.unix import socketpair
 
@@ -64,8 +65,10 @@ def describe() -> Describe:
 
 
 def switchover() -> Switchover:
-    regs = tuple(Regs(rax=i, rip=0x1000 + i, rsp=0x8000, rflags=0x202) for i in range(VCPUS))
-    return Switchover(doorbell_sum=42, regs=regs, paused_at_ns=5_000_000_000)
+    states = tuple(
+        VcpuStateWire(backend="kvmstub", version=1, blob=bytes([i]) * 100) for i in range(VCPUS)
+    )
+    return Switchover(doorbell_sum=42, regs=None, vcpu_states=states, paused_at_ns=5_000_000_000)
 
 
 def resumed(version: int | None) -> Resumed:

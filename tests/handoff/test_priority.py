@@ -1,4 +1,4 @@
-"""handoff.sched: how an old VMM gets off the CPUs once its guest has gone (its own nice
+"""handoff.system.sched: how an old VMM gets off the CPUs once its guest has gone (its own nice
 always, its session's autogroup only when the session is its own), and how a waiter stops
 preempting others for a while."""
 

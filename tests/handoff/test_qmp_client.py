@@ -1,4 +1,4 @@
-"""handoff.qmp_client against handoff.control: commands, errors, events, broken connections."""
+"""handoff.qmp.client against handoff.qmp.server: commands, errors, events, broken connections."""
 
 from __future__ import annotations
 
