@@ -1,7 +1,8 @@
 """The VMM's logs: text or JSON lines on stderr, journald priorities under systemd, and the one
 summary line every handoff logs.
 
-- `--log-format text`: `2025-01-01 12:00:00,000 handoff[PID] INFO handoff.app: message` (loggers keep the modules' short names).
+- `--log-format text`: `2025-01-01 12:00:00,000 handoff[PID] INFO handoff.app: message`
+  (loggers keep the modules' short names).
 - `--log-format json`: one object per line: `ts` (seconds since the epoch), `level`, `logger`,
   `pid`, `vm`, `msg`, plus structured fields a call adds (a handoff summary adds `handoff`).
 - Under systemd, when stderr is the journal stream (`$JOURNAL_STREAM` names its device and
