@@ -140,7 +140,8 @@ class HostFlags(msgspec.Struct, frozen=True, kw_only=True):
     log_level: str = "info"
     log_format: str = "text"
     allow_uids: tuple[int, ...] = ()
-    max_protocol: int = 2
+    max_protocol: int = 3
+    vcpu_states_inline_max: int = 128 * 1024  # protocol 3: larger vCPU states go in a memfd
     handoff_timeout: float = 10.0
     fault: str | None = None
     token_file: str | None = None

@@ -6,8 +6,11 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import re
 import secrets
+import stat
 import time
 import uuid
 from collections.abc import Sequence
@@ -19,6 +22,7 @@ from handoff.errors import AuthRefused, Incompatible, PeerFailed
 from handoff.hv import VcpuState, abi
 from handoff.machine.config import GuestConfig, HostFlags
 from handoff.machine.devices import DeviceState
+from handoff.transport.unix import OwnedFds
 
 
 def _features(token: bytes | None) -> tuple[str, ...]:
@@ -172,6 +176,7 @@ def sev_cache_of(d: protocol.Describe) -> dict[str, int]:
 # Protocol versions 1 and 2 carry a vCPU's state as struct kvm_regs (`protocol.Regs`), which is
 # what the kvmstub backend's `VcpuState` holds: its blob is msgpack of kvm_regs as a map, the
 # encoding `protocol.Regs` reads and writes. State of another backend cannot cross them.
+# Version 3 carries every backend's `VcpuState` as it is (`protocol.VcpuStateWire`).
 KVM_REGS_BACKEND = "kvmstub"
 KVM_REGS_VERSION = 1
 _regs_decoder = msgspec.msgpack.Decoder(protocol.Regs)
@@ -200,28 +205,136 @@ def regs_state(regs: protocol.Regs) -> VcpuState:
     )
 
 
-def switchover_from(state: DeviceState, states: Sequence[VcpuState] | None) -> protocol.Switchover:
-    return protocol.Switchover(
+#: The seals a version-3 vCPU state memfd must carry: nobody can change it once sent.
+VCPU_STATES_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
+
+
+def switchover_from(
+    state: DeviceState,
+    states: Sequence[VcpuState] | None,
+    *,
+    version: int,
+    inline_max: int = protocol.INLINE_VCPU_STATES_BYTES,
+) -> tuple[protocol.Switchover, OwnedFds]:
+    """The Switchover for protocol `version`, and the fds to send after the source VM's (a
+    sealed memfd of the vCPU states when version 3 would carry more than `inline_max` bytes
+    of them inline; none otherwise). The caller sends, then closes those fds."""
+    regs: tuple[protocol.Regs, ...] | None = None
+    wire: tuple[protocol.VcpuStateWire, ...] | None = None
+    memfd_size: int | None = None
+    extra = OwnedFds()
+    if states is not None:
+        if version < protocol.VCPU_STATES_VERSION:
+            regs = tuple(wire_regs(s) for s in states)
+        else:
+            wire = tuple(_wire_state(s) for s in states)
+            if sum(len(s.blob) for s in wire) > inline_max:
+                data = protocol.encode_vcpu_states(wire)
+                extra.append(_sealed_memfd(data))
+                wire, memfd_size = None, len(data)
+    sw = protocol.Switchover(
         doorbell_sum=sum(state.doorbell_sums) & 0xFFFF_FFFF,
         device_blobs={"doorbell": state.doorbell_blob()},
         shared_regions=tuple((gpa, pages) for gpa, pages in state.shared_regions),
-        regs=None if states is None else tuple(wire_regs(s) for s in states),
+        regs=regs,
+        vcpu_states=wire,
+        vcpu_states_memfd=memfd_size,
         paused_at_ns=time.monotonic_ns(),
     )
+    return sw, extra
+
+
+def _wire_state(state: VcpuState) -> protocol.VcpuStateWire:
+    if len(state.blob) > protocol.MAX_VCPU_STATE_BYTES:
+        raise Incompatible(
+            f"a {len(state.blob)}-byte vCPU state of backend {state.backend!r} exceeds the "
+            f"protocol's {protocol.MAX_VCPU_STATE_BYTES}-byte bound"
+        )
+    return protocol.VcpuStateWire(backend=state.backend, version=state.version, blob=state.blob)
+
+
+def _sealed_memfd(data: bytes) -> int:
+    with OwnedFds(
+        [os.memfd_create("handoff-vcpu-states", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)]
+    ) as fd:
+        view = memoryview(data)
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd[0], view[done:], done)
+        fcntl.fcntl(fd[0], fcntl.F_ADD_SEALS, VCPU_STATES_SEALS)
+        return fd.pop()
+
+
+def read_vcpu_states_memfd(fd: int, size: int) -> bytes:
+    """The content of a peer's vCPU state memfd, checked before anything is read: a sealed
+    memfd (VCPU_STATES_SEALS) of exactly `size` bytes, at most the protocol's bound.
+    `PeerFailed` otherwise. The caller owns (and closes) `fd`."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise PeerFailed("the source's vCPU state fd is not a memfd (not a regular file)")
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        raise PeerFailed("the source's vCPU state fd is not a memfd (it takes no seals)") from None
+    if seals & VCPU_STATES_SEALS != VCPU_STATES_SEALS:
+        raise PeerFailed(
+            f"the source's vCPU state memfd is not sealed (seals {seals:#x}, needed "
+            f"{VCPU_STATES_SEALS:#x}): it could change while we read it"
+        )
+    if st.st_size > protocol.MAX_VCPU_STATES_BYTES or st.st_size != size:
+        raise PeerFailed(
+            f"the source's vCPU state memfd holds {st.st_size} bytes, Switchover said {size} "
+            f"(at most {protocol.MAX_VCPU_STATES_BYTES})"
+        )
+    chunks: list[bytes] = []
+    done = 0
+    while done < size:
+        chunk = os.pread(fd, size - done, done)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        done += len(chunk)
+    if done != size:
+        raise PeerFailed(f"the source's vCPU state memfd ended after {done} of {size} bytes")
+    return b"".join(chunks)
 
 
 def switchover_state(
-    sw: protocol.Switchover,
+    sw: protocol.Switchover, describe: protocol.Describe, extra: OwnedFds | None = None
 ) -> tuple[list[VcpuState] | None, DeviceState]:
-    regions = [(int(r[0]), int(r[1])) for r in sw.shared_regions]
-    regs = None if sw.regs is None else [regs_state(r) for r in sw.regs]
-    try:
-        sums = DeviceState.sums_from_blob(sw.device_blobs.get("doorbell", b""))
-    except ValueError as exc:
-        raise PeerFailed(f"switchover carried unusable device state: {exc}") from None
-    if sum(sums) & 0xFFFF_FFFF != sw.doorbell_sum:
-        raise PeerFailed("switchover's doorbell state does not add up to its declared sum")
-    return regs, DeviceState(doorbell_sums=sums, shared_regions=regions)
+    """The vCPU and device state a received Switchover carries. `extra` holds the fds that
+    came after the source VM's (the vCPU state memfd, version 3): read here and closed on
+    every path. `PeerFailed` if anything is unusable."""
+    with extra if extra is not None else OwnedFds() as owned:
+        regions = [(int(r[0]), int(r[1])) for r in sw.shared_regions]
+        states: list[VcpuState] | None = None
+        if sw.regs is not None:
+            states = [regs_state(r) for r in sw.regs]
+        elif sw.vcpu_states is not None:
+            states = [_hv_state(s) for s in sw.vcpu_states]
+        elif sw.vcpu_states_memfd is not None:
+            if len(owned) != 1:
+                raise PeerFailed(
+                    f"Switchover said its vCPU states are in a memfd; {len(owned)} fds came "
+                    "besides the source VM's"
+                )
+            data = read_vcpu_states_memfd(owned[0], sw.vcpu_states_memfd)
+            try:
+                wire = protocol.decode_vcpu_states(data, describe)
+            except protocol.RemoteProtocolError as exc:
+                raise PeerFailed(str(exc)) from None
+            states = [_hv_state(s) for s in wire]
+        try:
+            sums = DeviceState.sums_from_blob(sw.device_blobs.get("doorbell", b""))
+        except ValueError as exc:
+            raise PeerFailed(f"switchover carried unusable device state: {exc}") from None
+        if sum(sums) & 0xFFFF_FFFF != sw.doorbell_sum:
+            raise PeerFailed("switchover's doorbell state does not add up to its declared sum")
+        return states, DeviceState(doorbell_sums=sums, shared_regions=regions)
+
+
+def _hv_state(s: protocol.VcpuStateWire) -> VcpuState:
+    return VcpuState(backend=s.backend, version=s.version, blob=s.blob)
 
 
 def resumed_message(

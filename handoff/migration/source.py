@@ -382,7 +382,11 @@ async def _hand_off(
             devices = vmm.devices.snapshot()
             rec.phase("pause")
             assert vmm.vm is not None
-            peer.send_now(messages.switchover_from(devices, regs), [vmm.vm.fileno()])
+            switchover, states_fd = messages.switchover_from(
+                devices, regs, version=conn.version or 1, inline_max=flags.vcpu_states_inline_max
+            )
+            with states_fd:  # the vCPU state memfd (protocol 3, large states): sent, then closed
+                peer.send_now(switchover, [vmm.vm.fileno(), *states_fd])
             if stream is not None:
                 await vmm.send_memory(stream)
                 stream.close()

@@ -294,9 +294,11 @@ async def _receive(app: VmmHost, chan: Channel, nursery: trio.Nursery) -> bool:
         )
         t_sw = time.perf_counter()
         requests0, messages0 = vmm.requests_made(), peer.messages - 1
-        source_vm = fds.take()[0]
+        source_vm = fds.pop(0)
+        assert conn.description is not None
+        # Reads and closes the rest of the fds (the vCPU state memfd of protocol 3).
+        regs, devices = messages.switchover_state(switchover, conn.description, fds)
         await app.faults.point("target", "switchover", peer)
-        regs, devices = messages.switchover_state(switchover)
         if stream is not None:
             copied = await vmm.receive_memory(stream)
             log.info("copied %d bytes of guest memory from the source", copied)

@@ -54,9 +54,12 @@ Versions
 The source's `Hello` carries its version range, the target answers with its range and the
 version it chose: the highest one both speak. With no common version the target sends
 `version_refusal()` instead, naming both ranges. Version 2 adds `Resumed.timings` (what the
-target measured of the blackout); in version 1 `Resumed` carries nothing. A connection
-constructed with `max_version=1` plays a version-1 peer, so a newer release can be tested
-against an older one.
+target measured of the blackout); in version 1 `Resumed` carries nothing. Version 3 carries vCPU
+state as opaque per-backend blobs (`Switchover.vcpu_states`, `VcpuStateWire`) instead of struct
+kvm_regs (`Switchover.regs`), inline or, when large, in a sealed memfd sent as a second fd with
+`Switchover` (`vcpu_states_memfd`, read with `decode_vcpu_states`); each version refuses the
+other's fields. A connection constructed with `max_version=1` (or 2) plays a peer of that
+version, so a newer release can be tested against an older one.
 
 Token challenge
 ===============
@@ -135,6 +138,7 @@ from typing import Annotated, Final, Literal, TypeAlias
 import msgspec
 
 __all__ = [
+    "INLINE_VCPU_STATES_BYTES",
     "LIVE_STATES",
     "MAX_DEVICE_BLOBS",
     "MAX_DEVICE_BLOB_BYTES",
@@ -145,11 +149,14 @@ __all__ = [
     "MAX_SLOTS",
     "MAX_TEXT_LENGTH",
     "MAX_VCPUS",
+    "MAX_VCPU_STATES_BYTES",
+    "MAX_VCPU_STATE_BYTES",
     "NONCE_SIZE",
     "PROTOCOL_MAX_VERSION",
     "PROTOCOL_MIN_VERSION",
     "TOKEN_FEATURE",
     "TRANSITIONS",
+    "VCPU_STATES_VERSION",
     "Commit",
     "Describe",
     "HandoffConnection",
@@ -173,8 +180,11 @@ __all__ = [
     "State",
     "Switchover",
     "TargetTimings",
+    "VcpuStateWire",
     "check_peer_token",
     "decode",
+    "decode_vcpu_states",
+    "encode_vcpu_states",
     "recovery_for",
     "token_proof",
     "verify_token_proof",
@@ -210,7 +220,10 @@ class Regs(msgspec.Struct, frozen=True):
 
 
 PROTOCOL_MIN_VERSION: Final = 1
-PROTOCOL_MAX_VERSION: Final = 2
+PROTOCOL_MAX_VERSION: Final = 3
+#: The first version that carries vCPU state as opaque per-backend blobs (`VcpuStateWire`)
+#: instead of struct kvm_regs (`Regs`).
+VCPU_STATES_VERSION: Final = 3
 
 #: The largest datagram either side sends or accepts. It matches the channel's receive buffer
 #: and a default SO_SNDBUF (208 KiB); the bounds below keep every valid message inside it.
@@ -229,6 +242,15 @@ MAX_DEVICE_BLOBS: Final = 8
 MAX_DEVICE_BLOB_BYTES: Final = 8192
 MAX_NAME_LENGTH: Final = 64
 MAX_TEXT_LENGTH: Final = 1024
+#: One vCPU's state blob (version 3). Real x86 state (regs, sregs2, xsave, MSRs, LAPIC, ...)
+#: is about 10 KiB; the bound leaves room for larger xsave areas.
+MAX_VCPU_STATE_BYTES: Final = 64 * 1024
+#: The largest sealed memfd of vCPU states a side sends or accepts (version 3): every vCPU at
+#: its bound, with room for the msgpack framing.
+MAX_VCPU_STATES_BYTES: Final = MAX_VCPUS * (MAX_VCPU_STATE_BYTES + 256)
+#: Above this many bytes of state blobs, `Switchover` carries the states in a sealed memfd
+#: rather than inline, so that the datagram stays well inside `MAX_MESSAGE_BYTES`.
+INLINE_VCPU_STATES_BYTES: Final = 128 * 1024
 
 #: The feature a side lists in its `Hello` when it was given a token (see `check_peer_token`).
 TOKEN_FEATURE: Final = "token"
@@ -438,12 +460,33 @@ class Prepared(_Message, frozen=True, kw_only=True, tag="prepared"):
         return 2 if self.stream else 1
 
 
-class Switchover(_Message, frozen=True, kw_only=True, tag="switchover"):
-    """Step 6, source -> target, sent after the pause. fd: the source's VM.
+class VcpuStateWire(msgspec.Struct, frozen=True, kw_only=True):
+    """One vCPU's state as version 3 carries it: opaque to the protocol, named by the
+    hypervisor backend that wrote it and its format version (the target's backend checks
+    both before loading it)."""
 
-    `regs` has one entry per vCPU in order for plain and sev, and is None for sev-es (the
-    registers are in the VMSA and move with the context). `paused_at_ns` is CLOCK_MONOTONIC
-    at the pause (one host, one clock), so the target can measure the blackout.
+    backend: Name
+    version: U32
+    blob: Annotated[bytes, msgspec.Meta(max_length=MAX_VCPU_STATE_BYTES)]
+
+
+VcpuStates: TypeAlias = Annotated[tuple[VcpuStateWire, ...], msgspec.Meta(max_length=MAX_VCPUS)]
+
+
+class Switchover(_Message, frozen=True, kw_only=True, tag="switchover"):
+    """Step 6, source -> target, sent after the pause. fds: the source's VM, then (version 3,
+    with `vcpu_states_memfd`) the sealed memfd holding the vCPU states.
+
+    The vCPU state, for plain and sev, one entry per vCPU in order; none for sev-es (the
+    registers are in the VMSA and move with the context):
+
+    * versions 1 and 2: `regs` (struct kvm_regs); `vcpu_states` and `vcpu_states_memfd` absent.
+    * version 3: no `regs`; either `vcpu_states` inline, or `vcpu_states_memfd`, the size in
+      bytes of a sealed memfd (F_SEAL_SHRINK|GROW|WRITE|SEAL) whose whole content is
+      `encode_vcpu_states` of them, when inline they would make the datagram too large.
+
+    `paused_at_ns` is CLOCK_MONOTONIC at the pause (one host, one clock), so the target can
+    measure the blackout.
     """
 
     doorbell_sum: U32
@@ -455,9 +498,11 @@ class Switchover(_Message, frozen=True, kw_only=True, tag="switchover"):
     )  # opaque state of further devices, by device name
     regs: Annotated[tuple[Regs, ...], msgspec.Meta(max_length=MAX_VCPUS)] | None
     paused_at_ns: U64
+    vcpu_states: VcpuStates | None = None
+    vcpu_states_memfd: Annotated[int, msgspec.Meta(ge=1, le=MAX_VCPU_STATES_BYTES)] | None = None
 
     def nfds(self) -> int:
-        return 1
+        return 1 if self.vcpu_states_memfd is None else 2
 
 
 class Moved(_Message, frozen=True, kw_only=True, tag="moved"):
@@ -513,6 +558,37 @@ def decode(data: bytes) -> Message:
         return _decode(data)
     except _Violation as exc:
         raise RemoteProtocolError(str(exc)) from None
+
+
+_vcpu_states_decoder: Final = msgspec.msgpack.Decoder(VcpuStates)
+
+
+def encode_vcpu_states(states: Iterable[VcpuStateWire]) -> bytes:
+    """The content of a version-3 vCPU-state memfd (see `Switchover`)."""
+    return _encoder.encode(tuple(states))
+
+
+def decode_vcpu_states(data: bytes, describe: Describe) -> tuple[VcpuStateWire, ...]:
+    """Read the content of a version-3 vCPU-state memfd received with `Switchover`, for the
+    guest that `describe` announced: one bounded state per vCPU.
+
+    Raises:
+        RemoteProtocolError: too large, not valid, or not one state per vCPU.
+    """
+    if len(data) > MAX_VCPU_STATES_BYTES:
+        raise RemoteProtocolError(
+            f"a {len(data)}-byte vCPU state memfd exceeds the {MAX_VCPU_STATES_BYTES}-byte limit"
+        )
+    try:
+        states = _vcpu_states_decoder.decode(data)
+    except (msgspec.MsgspecError, ValueError, TypeError) as exc:
+        raise RemoteProtocolError(f"malformed vCPU states in the memfd: {exc}") from None
+    if describe.mode == "sev-es" or len(states) != describe.vcpus:
+        raise RemoteProtocolError(
+            f"the vCPU state memfd holds {len(states)} states for a {describe.mode} guest "
+            f"of {describe.vcpus} vCPUs"
+        )
+    return states
 
 
 def _decode(data: bytes) -> Message:
@@ -1005,7 +1081,7 @@ class HandoffConnection:
                 )
         elif isinstance(message, Switchover):
             assert self.description is not None  # the table puts Describe before Switchover
-            _check_switchover(self.description, message)
+            _check_switchover(self.description, message, self.version)
         elif isinstance(message, Resumed):
             if self.version == 1 and message.timings is not None:
                 raise _Violation("Resumed carries no timings in protocol version 1")
@@ -1107,7 +1183,15 @@ def _check_describe(describe: Describe) -> None:
         )
 
 
-def _check_switchover(describe: Describe, switchover: Switchover) -> None:
+def _check_switchover(describe: Describe, switchover: Switchover, version: int | None) -> None:
+    if version is not None and version >= VCPU_STATES_VERSION:
+        _check_vcpu_states(describe, switchover, version)
+        return
+    if switchover.vcpu_states is not None or switchover.vcpu_states_memfd is not None:
+        raise _Violation(
+            f"Switchover carries no vcpu_states in protocol version {version} "
+            f"(registers go in regs; opaque vCPU states need version {VCPU_STATES_VERSION})"
+        )
     if describe.mode == "sev-es":
         if switchover.regs is not None:
             raise _Violation("Switchover carries no registers for sev-es (they are in the VMSA)")
@@ -1116,4 +1200,27 @@ def _check_switchover(describe: Describe, switchover: Switchover) -> None:
         raise _Violation(
             f"Switchover in mode {describe.mode} must carry registers for each of the "
             f"{describe.vcpus} vCPUs, it carries {got}"
+        )
+
+
+def _check_vcpu_states(describe: Describe, switchover: Switchover, version: int) -> None:
+    if switchover.regs is not None:
+        raise _Violation(
+            f"Switchover carries no regs in protocol version {version}: vCPU state goes in "
+            "vcpu_states (or its memfd)"
+        )
+    inline, memfd = switchover.vcpu_states, switchover.vcpu_states_memfd
+    if describe.mode == "sev-es":
+        if inline is not None or memfd is not None:
+            raise _Violation("Switchover carries no vCPU state for sev-es (it is in the VMSA)")
+        return
+    if inline is not None and memfd is not None:
+        raise _Violation("Switchover carries vCPU states either inline or in a memfd, not both")
+    if memfd is not None:
+        return  # the count is checked when the memfd is read (decode_vcpu_states)
+    if inline is None or len(inline) != describe.vcpus:
+        got = "none" if inline is None else len(inline)
+        raise _Violation(
+            f"Switchover in mode {describe.mode} must carry a vCPU state for each of the "
+            f"{describe.vcpus} vCPUs (inline or in a memfd), it carries {got}"
         )

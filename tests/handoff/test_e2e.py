@@ -344,3 +344,21 @@ async def test_a_handoff_on_a_host_with_every_cpu_busy_completes(
     result = await vmm.upgrade()
     assert result["status"] == "completed", vmm.log()
     await assert_guest_whole(vmm)
+
+
+async def test_many_vcpus_move_by_sealed_memfd_in_protocol_3_and_by_regs_on_rollback(
+    vmm_factory: Any,
+) -> None:
+    # A threshold of 0 sends every vCPU state in a sealed memfd (protocol 3): the path that
+    # real x86 state (~10 KiB a vCPU) takes with many vCPUs.
+    vmm = vmm_factory(mode="plain", vcpus=64, memory="64M", extra=["--vcpu-states-inline-max", "0"])
+    await vmm.wait_lines()
+    result = await vmm.upgrade()
+    assert result["status"] == "completed", vmm.log()
+    assert result["protocol"] == 3
+    await assert_guest_whole(vmm)
+    # Rollback to a release speaking protocol 2: kvm_regs again, inline.
+    result = await vmm.upgrade(["max-protocol=2"])
+    assert result["status"] == "completed", vmm.log()
+    assert result["protocol"] == 2
+    await assert_guest_whole(vmm)

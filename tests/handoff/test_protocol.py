@@ -24,9 +24,13 @@ from handoff.protocol import (
     MAX_SHARED_REGIONS,
     MAX_SLOTS,
     MAX_TEXT_LENGTH,
+    MAX_VCPU_STATE_BYTES,
+    MAX_VCPU_STATES_BYTES,
     MAX_VCPUS,
     NONCE_SIZE,
+    PROTOCOL_MAX_VERSION,
     TOKEN_FEATURE,
+    VCPU_STATES_VERSION,
     Commit,
     Describe,
     HandoffConnection,
@@ -49,8 +53,11 @@ from handoff.protocol import (
     State,
     Switchover,
     TargetTimings,
+    VcpuStateWire,
     check_peer_token,
     decode,
+    decode_vcpu_states,
+    encode_vcpu_states,
     recovery_for,
     token_proof,
     verify_token_proof,
@@ -159,15 +166,28 @@ def make_describe(mode: Mode = "plain", *, vcpus: int = 2, proof: bytes = b"") -
     )
 
 
-def make_switchover(mode: Mode = "plain", *, vcpus: int = 2) -> Switchover:
+def make_states(vcpus: int = 2) -> tuple[VcpuStateWire, ...]:
+    return tuple(
+        VcpuStateWire(backend="kvmstub", version=1, blob=bytes([i]) * 300) for i in range(vcpus)
+    )
+
+
+def make_switchover(
+    mode: Mode = "plain", *, vcpus: int = 2, version: int = PROTOCOL_MAX_VERSION
+) -> Switchover:
+    """A valid Switchover for `version`: kvm_regs in 1 and 2, opaque states inline in 3."""
     regs = None
-    if mode != "sev-es":
+    states = None
+    if mode != "sev-es" and version < VCPU_STATES_VERSION:
         regs = tuple(Regs(rax=i, rip=0x1000 + i, rsp=0x8000, rflags=0x202) for i in range(vcpus))
+    elif mode != "sev-es":
+        states = make_states(vcpus)
     return Switchover(
         doorbell_sum=123456,
         shared_regions=((0x3000, 1), (0x5000, 2)),
         device_blobs={"serial": b"partial line"},
         regs=regs,
+        vcpu_states=states,
         paused_at_ns=5_000_000_000,
     )
 
@@ -221,9 +241,9 @@ class Pair:
         self,
         mode: Mode = "plain",
         *,
-        source_max: int = 2,
+        source_max: int = PROTOCOL_MAX_VERSION,
         source_min: int = 1,
-        target_max: int = 2,
+        target_max: int = PROTOCOL_MAX_VERSION,
         target_min: int = 1,
     ) -> None:
         self.mode = mode
@@ -253,7 +273,7 @@ class Pair:
             fixed: dict[State, Message] = {
                 State.GREETED: make_describe(self.mode),
                 State.DESCRIBED: Prepared(),
-                State.PREPARED: make_switchover(self.mode),
+                State.PREPARED: make_switchover(self.mode, version=self.source.version or 1),
                 State.SWITCHED_OVER: Moved(),
                 State.MOVED: Commit(),
             }
@@ -284,7 +304,7 @@ def test_whole_handoff_reaches_done_on_both_sides_with_every_message_intact(mode
     assert kinds == [kind for _, _, kind in CONVERSATION]
     for conn in (pair.source, pair.target):
         assert conn.state is State.DONE
-        assert conn.version == 2
+        assert conn.version == PROTOCOL_MAX_VERSION
         assert conn.recovery() is Recovery.DONE
     assert pair.target.description == make_describe(mode)
     assert pair.source.peer_hello == pair.target.our_hello
@@ -362,7 +382,7 @@ def test_sev_es_switchover_with_registers_is_refused_both_ways() -> None:
 def test_plain_and_sev_switchover_must_carry_registers_for_every_vcpu(
     mode: Mode, regs_count: int | None
 ) -> None:
-    pair = Pair(mode)
+    pair = Pair(mode, source_max=2, target_max=2)
     pair.advance_to(State.PREPARED)
     regs = None if regs_count is None else tuple(Regs() for _ in range(regs_count))
     bad = Switchover(doorbell_sum=0, regs=regs, paused_at_ns=0)
@@ -397,9 +417,9 @@ def test_describe_whose_slots_do_not_add_up_or_repeat_is_a_protocol_error() -> N
 def test_version_negotiation_picks_the_highest_common_version() -> None:
     pair = Pair()
     pair.advance_to(State.GREETED)
-    assert pair.source.version == pair.target.version == 2
+    assert pair.source.version == pair.target.version == PROTOCOL_MAX_VERSION == 3
     assert pair.source.peer_hello is not None
-    assert pair.source.peer_hello.chosen_version == 2
+    assert pair.source.peer_hello.chosen_version == 3
 
 
 @pytest.mark.parametrize("pinned", [SOURCE, TARGET])
@@ -509,7 +529,7 @@ def test_hello_with_an_empty_version_range_is_a_protocol_error() -> None:
         target.receive(raw(hello), 0)
 
 
-@pytest.mark.parametrize(("low", "high"), [(0, 2), (1, 3), (2, 1)])
+@pytest.mark.parametrize(("low", "high"), [(0, 2), (1, PROTOCOL_MAX_VERSION + 1), (2, 1)])
 def test_connection_refuses_a_version_range_it_does_not_implement(low: int, high: int) -> None:
     with pytest.raises(ValueError, match="not a range"):
         HandoffConnection(SOURCE, min_version=low, max_version=high)
@@ -1391,3 +1411,143 @@ def test_the_wire_regs_are_the_kernels_struct_field_for_field() -> None:
     assert msgspec.msgpack.encode(regs) == msgspec.msgpack.encode(
         protocol.Regs(*msgspec.structs.astuple(regs))
     )
+
+
+# ---- version 3: opaque vCPU states, inline or in a sealed memfd --------------------------------
+
+
+@pytest.mark.parametrize("pinned", [SOURCE, TARGET])
+@pytest.mark.parametrize("old", [1, 2])
+def test_a_v3_side_talks_the_older_version_both_ways_and_switchover_carries_regs(
+    pinned: Role, old: int
+) -> None:
+    pair = Pair(source_max=old) if pinned is SOURCE else Pair(target_max=old)
+    pair.advance_to(State.PREPARED)
+    assert pair.source.version == pair.target.version == old
+    sent, received = pair.step()
+    assert isinstance(received, Switchover) and received == sent
+    assert received.regs is not None and len(received.regs) == 2
+    assert received.vcpu_states is None and received.vcpu_states_memfd is None
+    assert received.nfds() == 1
+    pair.advance_to(State.DONE)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_v3_switchover_carries_opaque_states_inline_and_no_regs(mode: Mode) -> None:
+    pair = Pair(mode)
+    pair.advance_to(State.PREPARED)
+    sent, received = pair.step()
+    assert received == sent
+    assert isinstance(received, Switchover) and received.regs is None
+    if mode == "sev-es":
+        assert received.vcpu_states is None
+    else:
+        assert received.vcpu_states == make_states()
+    assert received.nfds() == 1
+
+
+def test_v3_switchover_with_states_in_a_memfd_carries_a_second_fd() -> None:
+    states = make_states()
+    data = encode_vcpu_states(states)
+    sw = Switchover(doorbell_sum=0, regs=None, vcpu_states_memfd=len(data), paused_at_ns=1)
+    assert sw.nfds() == 2
+    pair = Pair()
+    pair.advance_to(State.PREPARED)
+    with pytest.raises(RemoteProtocolError, match="must carry 2 fds, the datagram carried 1"):
+        pair.target.receive(raw(sw), 1)
+    pair = Pair()
+    pair.advance_to(State.PREPARED)
+    assert pair.deliver(SOURCE, sw) == sw
+    assert pair.target.description is not None
+    assert decode_vcpu_states(data, pair.target.description) == states
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_v1_and_v2_refuse_vcpu_states_inline_or_in_a_memfd(version: int) -> None:
+    for bad in (
+        msgspec.structs.replace(make_switchover(version=version), vcpu_states=make_states()),
+        msgspec.structs.replace(make_switchover(version=version), vcpu_states_memfd=100),
+    ):
+        pair = Pair(source_max=version)
+        pair.advance_to(State.PREPARED)
+        with pytest.raises(
+            RemoteProtocolError, match=f"no vcpu_states in protocol version {version}"
+        ):
+            pair.target.receive(raw(bad), bad.nfds())
+        assert pair.target.state is State.ERROR
+        with pytest.raises(LocalProtocolError, match="no vcpu_states"):
+            pair.source.send(bad)
+
+
+@pytest.mark.parametrize("mode", ["plain", "sev"])
+def test_v3_refuses_regs_both_or_neither_and_a_wrong_count(mode: Mode) -> None:
+    regs = make_switchover(mode, version=2).regs
+    cases = [
+        (Switchover(doorbell_sum=0, regs=regs, paused_at_ns=0), "no regs in protocol version 3"),
+        (
+            Switchover(doorbell_sum=0, regs=regs, vcpu_states=make_states(), paused_at_ns=0),
+            "no regs in protocol version 3",
+        ),
+        (
+            Switchover(
+                doorbell_sum=0,
+                regs=None,
+                vcpu_states=make_states(),
+                vcpu_states_memfd=10,
+                paused_at_ns=0,
+            ),
+            "not both",
+        ),
+        (Switchover(doorbell_sum=0, regs=None, paused_at_ns=0), "for each of the 2 vCPUs"),
+        (
+            Switchover(doorbell_sum=0, regs=None, vcpu_states=make_states(3), paused_at_ns=0),
+            "for each of the 2 vCPUs",
+        ),
+    ]
+    for bad, why in cases:
+        pair = Pair(mode)
+        pair.advance_to(State.PREPARED)
+        with pytest.raises(RemoteProtocolError, match=why):
+            pair.target.receive(raw(bad), bad.nfds())
+        assert pair.target.state is State.ERROR
+
+
+def test_v3_sev_es_switchover_with_vcpu_states_is_refused() -> None:
+    for bad in (
+        make_switchover("plain"),
+        Switchover(doorbell_sum=0, regs=None, vcpu_states_memfd=10, paused_at_ns=0),
+    ):
+        pair = Pair("sev-es")
+        pair.advance_to(State.PREPARED)
+        with pytest.raises(RemoteProtocolError, match="VMSA"):
+            pair.target.receive(raw(bad), bad.nfds())
+
+
+def test_vcpu_states_are_bounded_in_the_message_and_in_the_memfd() -> None:
+    big = VcpuStateWire(backend="kvmstub", version=1, blob=b"x" * (MAX_VCPU_STATE_BYTES + 1))
+    with pytest.raises(RemoteProtocolError, match="malformed"):
+        decode(raw(Switchover(doorbell_sum=0, regs=None, vcpu_states=(big,), paused_at_ns=0)))
+    too_big = Switchover(
+        doorbell_sum=0, regs=None, vcpu_states_memfd=MAX_VCPU_STATES_BYTES + 1, paused_at_ns=0
+    )
+    with pytest.raises(RemoteProtocolError, match="malformed"):
+        decode(raw(too_big))
+    describe = make_describe()
+    with pytest.raises(RemoteProtocolError, match="malformed"):
+        decode_vcpu_states(encode_vcpu_states((big, big)), describe)
+    with pytest.raises(RemoteProtocolError, match="exceeds"):
+        decode_vcpu_states(b"\x00" * (MAX_VCPU_STATES_BYTES + 1), describe)
+    with pytest.raises(RemoteProtocolError, match="holds 3 states"):
+        decode_vcpu_states(encode_vcpu_states(make_states(3)), describe)
+    with pytest.raises(RemoteProtocolError, match="malformed"):
+        decode_vcpu_states(b"\xc1garbage", describe)
+    # The largest valid memfd content decodes within the bound.
+    largest = tuple(
+        VcpuStateWire(
+            backend="k" * MAX_NAME_LENGTH, version=0xFFFF_FFFF, blob=b"b" * MAX_VCPU_STATE_BYTES
+        )
+        for _ in range(MAX_VCPUS)
+    )
+    data = encode_vcpu_states(largest)
+    assert len(data) <= MAX_VCPU_STATES_BYTES
+    assert decode_vcpu_states(data, msgspec.structs.replace(describe, vcpus=MAX_VCPUS)) == largest
