@@ -196,7 +196,7 @@ class Demo:
 
         release_2 = _release_2()
         await self.handoff(
-            "upgrade 1: release 1 -> release 2 (protocol 2)", ["max-protocol=2"], release_2
+            "upgrade 1: release 1 -> release 2 (protocol 3)", ["max-protocol=3"], release_2
         )
         log2 = os.path.join(self.dir, "serial-2.log")
         self.serial_logs.append(log2)
