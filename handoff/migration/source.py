@@ -32,7 +32,6 @@ import math
 import os
 import select
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -53,7 +52,7 @@ from handoff.errors import (
 from handoff.hv import VcpuState
 from handoff.machine.vmm import collector_paused
 from handoff.migration import messages
-from handoff.migration.host import VmmHost
+from handoff.migration.host import PeerOpener, PeerProcess, PidfdProcess, VmmHost
 from handoff.migration.peer import Peer
 from handoff.migration.record import handoff_summary
 from handoff.system import notify
@@ -131,13 +130,6 @@ def _check_successor(
     )
 
 
-def _pidfd(pid: int) -> int | None:
-    try:
-        return os.pidfd_open(pid)
-    except OSError:
-        return None
-
-
 @dataclass
 class _Recovering:
     """What a recovery acts on: this VMM, the connection (whose state says which recovery),
@@ -147,45 +139,27 @@ class _Recovering:
     conn: protocol.HandoffConnection
     escrow: int | None
     regs: list[VcpuState] | None
-    pidfd: int | None  # the target's, taken when it connected
+    pidfd: int | None  # the target's, taken when it connected (or `target`)
     proc: subprocess.Popen[bytes] | None  # the target, if we started it
     pid: int
     watch: int | None  # a dup of the connection's socket: what the target sent is read there
+    target: PeerProcess | None = None  # the target's process, as the fence acts on it
+
+    def __post_init__(self) -> None:
+        if self.target is None and self.pidfd is not None:
+            self.target = PidfdProcess(self.pid, self.pidfd, owned=False)
 
 
 async def _kill_target(r: _Recovering) -> None:
     """Make sure the target can no longer act before we take the guest back: SIGKILL through
     its pidfd (a frozen target too), then wait for it to be gone."""
-    if r.pidfd is None:
+    if r.target is None:
         log.warning("target pid %d cannot be fenced (no pidfd); recovering anyway", r.pid)
         return
-    _signal_target(r, signal.SIGKILL)
-    with trio.move_on_after(5):
-        await trio.lowlevel.wait_readable(r.pidfd)
+    r.target.kill()
+    await r.target.wait_gone(5)
     if r.proc is not None:
         await _wait_exit(r.proc, 1.0)
-
-
-def _signal_target(r: _Recovering, sig: signal.Signals) -> None:
-    if r.pidfd is not None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            signal.pidfd_send_signal(r.pidfd, sig)
-
-
-async def _wait_stopped(pid: int) -> None:
-    """Until every thread of `pid` is stopped (or the process is gone)."""
-    with trio.move_on_after(5):
-        while True:
-            try:
-                states = []
-                for tid in os.listdir(f"/proc/{pid}/task"):
-                    with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                        states.append(f.read().rpartition(")")[2].split()[0])
-            except (OSError, IndexError):
-                return  # gone
-            if all(state in "TtZX" for state in states):
-                return
-            await trio.sleep(0.001)
 
 
 def _queued(watch: int | None) -> list[tuple[bytes | None, int]]:
@@ -234,14 +208,17 @@ async def hand_off(
     proc: subprocess.Popen[bytes] | None,
     token: bytes | None,
     copy_memory: bool = False,
+    peer_process: PeerOpener = PidfdProcess.open,
 ) -> bool:
     """Run one handoff as the source; return True when the target runs the guest.
 
     No collector stall inside the blackout: the cyclic collector is paused, and stays
     paused after a completed handoff (this process only lingers and exits then, and a
-    collection would take a CPU from the guest's first milliseconds on the target)."""
+    collection would take a CPU from the guest's first milliseconds on the target).
+    `peer_process` gives the target's process, as the fence acts on it, from its pid (a
+    pidfd; a test running both roles in one process gives a fake)."""
     with collector_paused() as pause:
-        pause.keep_off = await _hand_off(app, path, proc, token, copy_memory)
+        pause.keep_off = await _hand_off(app, path, proc, token, copy_memory, peer_process)
         return pause.keep_off
 
 
@@ -251,6 +228,7 @@ async def _hand_off(
     proc: subprocess.Popen[bytes] | None,
     token: bytes | None,
     copy_memory: bool = False,
+    peer_process: PeerOpener = PidfdProcess.open,
 ) -> bool:
     """Run one handoff as the source; return True when the target runs the guest."""
     vmm, flags, rec = app.vmm, app.flags, app.record
@@ -260,7 +238,7 @@ async def _hand_off(
     app.emit("HANDOFF", {"id": rec.id, "status": "setup"})
     notify.notify("STATUS=handoff: connecting to the target")
     peer: Peer | None = None
-    pidfd: int | None = None
+    target: PeerProcess | None = None
     peer_pid = proc.pid if proc is not None else 0
     escrow: int | None = None
     watch: int | None = None
@@ -291,7 +269,7 @@ async def _hand_off(
                 raise
             peer_pid = creds.pid
             rec.peer_pid = creds.pid
-            pidfd = _pidfd(creds.pid)
+            target = peer_process(creds.pid)
             peer = Peer(chan, conn, flags.handoff_timeout)
             rec.phase("connect")
             # The setup runs in this VMM's event loop while the guest runs, and its pieces
@@ -412,14 +390,14 @@ async def _hand_off(
             await peer.refuse("internal", reason)
         conn = peer.conn if peer is not None else protocol.HandoffConnection(protocol.Role.SOURCE)
         recovery = await _recover(
-            _Recovering(app, conn, escrow, regs, pidfd, proc, peer_pid, watch)
+            _Recovering(app, conn, escrow, regs, None, proc, peer_pid, watch, target)
         )
         if recovery == "committed":
             log.warning("%s; but the target had already resumed the guest: it keeps it", reason)
         else:
-            return await _failed(
-                app, rec, reason, recovery, peer, (escrow, pidfd, watch), stream, proc
-            )
+            if target is not None:
+                target.close()
+            return await _failed(app, rec, reason, recovery, peer, (escrow, watch), stream, proc)
 
     rec.finish("completed")
     # From here this process only tears down. None of it is urgent, and all of it (about
@@ -442,9 +420,12 @@ async def _hand_off(
     yield_cpus()
     await trio.lowlevel.checkpoint()
     handoff_summary(log, flags.name, rec)
+    pidfd = target.pidfd() if target is not None else None
     if pidfd is not None:
         app.handed_to = (peer_pid, os.dup(pidfd))  # a stop from now on is passed on to it
-    _close(peer, (escrow, pidfd, watch))
+    if target is not None:
+        target.close()
+    _close(peer, (escrow, watch))
     if rec.workdir:
         # The target removes its socket once it has taken over; the directory is ours.
         shutil.rmtree(rec.workdir, ignore_errors=True)
@@ -525,12 +506,12 @@ async def _fence_then_reclaim(r: _Recovering) -> str:
     `Resumed` crossing our failure, and killing it then would kill the guest's only holder.
     Freeze it, hand what it had sent to the machine, and execute the answer: DONE (thaw it:
     the guest is its) or RECLAIM."""
-    _signal_target(r, signal.SIGSTOP)
-    if r.pidfd is not None:
-        await _wait_stopped(r.pid)
+    if r.target is not None:
+        r.target.stop()
+        await r.target.wait_stopped(5)
     answer = r.conn.fenced(_queued(r.watch))
-    if answer is protocol.Recovery.DONE:
-        _signal_target(r, signal.SIGCONT)
+    if answer is protocol.Recovery.DONE and r.target is not None:
+        r.target.cont()
     return await _RECOVERIES[answer](r)
 
 

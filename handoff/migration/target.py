@@ -37,7 +37,7 @@ from handoff.errors import (
 from handoff.machine.config import GuestConfig
 from handoff.machine.vmm import collector_paused
 from handoff.migration import messages
-from handoff.migration.host import VmmHost
+from handoff.migration.host import PeerOpener, PeerProcess, PidfdProcess, VmmHost
 from handoff.migration.peer import Peer, PeerGoneError
 from handoff.migration.record import handoff_summary
 from handoff.system.sched import restore_for_blackout
@@ -53,13 +53,19 @@ log = logging.getLogger("handoff.target")
 ACCEPT_TIMEOUT_FACTOR = 6  # how many handoff timeouts a fresh target waits for its source
 
 
-async def take_over(app: VmmHost, path: str, nursery: trio.Nursery) -> bool:
-    """Wait on `path` for a source, take its guest, and leave it running; False if not."""
+async def take_over(
+    app: VmmHost, path: str, nursery: trio.Nursery, peer_process: PeerOpener = PidfdProcess.open
+) -> bool:
+    """Wait on `path` for a source, take its guest, and leave it running; False if not.
+    `peer_process` gives the source's process from its pid (a pidfd; a test running both
+    roles in one process gives a fake)."""
     with collector_paused():  # no collector stall inside the blackout
-        return await _take_over(app, path, nursery)
+        return await _take_over(app, path, nursery, peer_process)
 
 
-async def _take_over(app: VmmHost, path: str, nursery: trio.Nursery) -> bool:
+async def _take_over(
+    app: VmmHost, path: str, nursery: trio.Nursery, peer_process: PeerOpener
+) -> bool:
     """Wait on `path` for a source, take its guest, and leave it running; False if not."""
     flags = app.flags
     listener = await listen(path)
@@ -76,7 +82,7 @@ async def _take_over(app: VmmHost, path: str, nursery: trio.Nursery) -> bool:
         async with trio.open_nursery() as refusals:
             refusals.start_soon(_refuse_others, listener, flags.max_protocol)
             try:
-                ok = await _receive(app, chan, nursery)
+                ok = await _receive(app, chan, nursery, peer_process)
             finally:
                 refusals.cancel_scope.cancel()
     finally:
@@ -144,13 +150,10 @@ async def _refuse_others(listener: Listener, max_version: int) -> None:
         chan.close()
 
 
-async def _wait_source_dead(pidfd: int | None, timeout: float) -> bool:
-    if pidfd is None:
+async def _wait_source_dead(source: PeerProcess | None, timeout: float) -> bool:
+    if source is None:
         return False
-    with trio.move_on_after(timeout):
-        await trio.lowlevel.wait_readable(pidfd)
-        return True
-    return False
+    return await source.wait_gone(timeout)
 
 
 def _check_control(fd: int) -> str | None:
@@ -183,7 +186,9 @@ def _check_memfds(fds: OwnedFds, cfg: GuestConfig) -> str | None:
     return None
 
 
-async def _receive(app: VmmHost, chan: Channel, nursery: trio.Nursery) -> bool:
+async def _receive(
+    app: VmmHost, chan: Channel, nursery: trio.Nursery, peer_process: PeerOpener
+) -> bool:
     flags, vmm, rec = app.flags, app.vmm, app.record
     rec.begin("target")
     try:
@@ -198,10 +203,7 @@ async def _receive(app: VmmHost, chan: Channel, nursery: trio.Nursery) -> bool:
         chan.close()
         return False
     rec.peer_pid = creds.pid
-    try:
-        pidfd: int | None = os.pidfd_open(creds.pid)
-    except OSError:
-        pidfd = None
+    pidfd = peer_process(creds.pid)  # the source's process (named so for the lines below)
     conn = protocol.HandoffConnection(protocol.Role.TARGET, max_version=flags.max_protocol)
     peer = Peer(chan, conn, flags.handoff_timeout)
     source_vm: int | None = None
@@ -400,7 +402,7 @@ async def _receive(app: VmmHost, chan: Channel, nursery: trio.Nursery) -> bool:
     with contextlib.suppress(OSError):
         os.close(source_vm)
     if pidfd is not None:
-        os.close(pidfd)
+        pidfd.close()
     return True
 
 
@@ -409,12 +411,13 @@ SETTLE_SECONDS = 0.02
 runtime entry, READY=1) to the vCPU tasks' turn."""
 
 
-def _drop(app: VmmHost, peer: Peer, source_vm: int | None, pidfd: int | None) -> None:
+def _drop(app: VmmHost, peer: Peer, source_vm: int | None, source: PeerProcess | None) -> None:
     peer.close()
-    for fd in (source_vm, pidfd):
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+    if source_vm is not None:
+        with contextlib.suppress(OSError):
+            os.close(source_vm)
+    if source is not None:
+        source.close()
     if app.control_sock is not None:
         app.control_sock.close()
         app.control_sock = None
