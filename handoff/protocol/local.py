@@ -2,10 +2,11 @@
 
 This module is the whole of DESIGN.md section 4 that can be decided without I/O. It is sans-IO
 in the style of h11: no sockets, no trio, no clocks, no randomness. The trio shell
-(`handoff.channel`, `handoff.peer`) reads a datagram and its fds, hands the bytes and the fd
-count to `HandoffConnection.receive`, and gets back a message (or `PeerGone`); it asks
-`HandoffConnection.send` for the bytes of a message and attaches the fds the message declares
-(`Message.nfds()`). What to do when the connection ends early is `HandoffConnection.recovery()`.
+(`handoff.transport.unix`, `handoff.migration.peer`) reads a datagram and its fds, hands the
+bytes and the fd count to `HandoffConnection.receive`, and gets back a message (or
+`PeerGone`); it asks `HandoffConnection.send` for the bytes of a message and attaches the fds
+the message declares (`Message.nfds()`). What to do when the connection ends early is
+`HandoffConnection.recovery()`.
 
 Theory of operation
 ===================
