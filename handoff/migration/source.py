@@ -25,7 +25,6 @@ Failure rules: `_recover` executes `conn.recovery()`, the protocol's table (DESI
 
 from __future__ import annotations
 
-import array
 import contextlib
 import logging
 import math
@@ -57,7 +56,7 @@ from handoff.migration.peer import Peer
 from handoff.migration.record import handoff_summary
 from handoff.system import notify
 from handoff.system.sched import waking_without_preempting, yield_cpus
-from handoff.transport.unix import Channel, PeerCredentials, connect
+from handoff.transport.unix import Channel, OwnedFds, PeerCredentials, connect, fds_of
 
 if TYPE_CHECKING:
     from handoff.migration.record import HandoffRecord
@@ -179,12 +178,9 @@ def _queued(watch: int | None) -> list[tuple[bytes | None, int]]:
                 )
             except OSError:
                 return out  # EAGAIN: nothing more; or the connection is gone
-            nfds = 0
-            for level, kind, payload in ancdata:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    for fd in array.array("i", payload[: len(payload) - len(payload) % 4]):
-                        os.close(fd)
-                        nfds += 1
+            fds = fds_of(ancdata)
+            OwnedFds(fds).close()
+            nfds = len(fds)
             if not data:
                 out.append((None, 0))
                 return out

@@ -34,7 +34,6 @@ Without pytest, the same pieces work by hand:
 
 from __future__ import annotations
 
-import array
 import contextlib
 import os
 import selectors
@@ -56,6 +55,7 @@ from handoff.process.flags import strip_flags
 from handoff.qmp.client import QMPClient
 from handoff.seriallog import SerialReport, SerialTail
 from handoff.system.procs import pid_alive
+from handoff.transport.unix import OwnedFds, fds_of
 
 PROGRAM = [sys.executable, "-m", "handoff"]
 _UCRED = struct.Struct("iII")
@@ -276,11 +276,7 @@ class NotifySocket:
             for level, kind, payload in ancillary:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
                     pid = _UCRED.unpack(payload[: _UCRED.size])[0]
-                elif level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds = array.array("i")
-                    fds.frombytes(payload[: len(payload) - len(payload) % 4])
-                    for fd in fds:
-                        os.close(fd)
+            OwnedFds(fds_of(ancillary)).close()
             self.messages.append((pid, data.decode(errors="replace")))
 
     def from_pid(self, pid: int) -> list[str]:

@@ -403,11 +403,7 @@ class Channel:
         max_size: int,
     ) -> tuple[bytes | None, list[int]]:
         """Own the fds that came, check the datagram; `(None, [])` for end of file."""
-        with OwnedFds() as owned:
-            for level, kind, payload in ancdata:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    usable = len(payload) - len(payload) % _FD_SIZE
-                    owned.extend(array.array("i", payload[:usable]))
+        with OwnedFds(fds_of(ancdata)) as owned:
             self._check_datagram(data, owned, flags, max_fds, max_size)
             if not data:
                 return None, []
@@ -798,6 +794,17 @@ async def connect(path: str | os.PathLike[str]) -> Channel:
         sock.close()
         raise
     return Channel(sock)
+
+
+def fds_of(ancdata: Iterable[tuple[int, int, bytes]]) -> list[int]:
+    """The fds an SCM_RIGHTS control message brought (the one parser of them): the caller owns
+    them from here on. A trailing partial fd number (a truncated message) is ignored."""
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % _FD_SIZE
+            fds.extend(array.array("i", payload[:usable]))
+    return fds
 
 
 def unix_uri_path(uri: object) -> str | None:
