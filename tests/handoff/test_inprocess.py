@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-import re
 import socket
 import uuid
 from collections.abc import Callable, Iterator
@@ -43,7 +42,6 @@ from handoff.seriallog import read_logs
 
 VCPUS = 2
 TIMEOUT = 0.2  # --handoff-timeout: a hang ends within a few of these
-LINE = re.compile(rb"vcpu=(\d+) seq=(\d+) ")
 ACTIONS = ("crash", "hang", "garbage", "close")
 # A source that dies before its Switchover reached the target takes the guest with it (as a
 # target that dies after its Resumed does).
