@@ -17,7 +17,8 @@ import trio
 
 from handoff import protocol
 from handoff.errors import HandoffTimeout, PeerFailed, Refused, TransportError
-from handoff.transport.unix import Channel, OwnedFds
+from handoff.transport.base import Connection
+from handoff.transport.unix import OwnedFds
 
 log = logging.getLogger("handoff.peer")
 
@@ -33,7 +34,7 @@ class PeerGoneError(PeerFailed):
 
 
 class Peer:
-    def __init__(self, chan: Channel, conn: protocol.HandoffConnection, timeout: float) -> None:
+    def __init__(self, chan: Connection, conn: protocol.HandoffConnection, timeout: float) -> None:
         self.chan = chan
         self.conn = conn
         self.timeout = timeout

@@ -792,3 +792,15 @@ async def test_listen_refuses_a_path_too_long_for_af_unix_naming_the_limit(sockd
     path = sockdir / ("d" * 60) / ("s" * 60)
     with pytest.raises(Refused, match="at most 107"):
         await listen(path)
+
+
+async def test_a_unix_channel_is_a_transport_connection() -> None:
+    """The protocol's shell (migration.peer) takes any transport.base.Connection."""
+    from handoff.transport.base import Connection
+
+    a, b = socketpair()
+    try:
+        assert isinstance(a, Connection) and isinstance(b, Connection)
+    finally:
+        a.close()
+        b.close()
