@@ -1080,7 +1080,11 @@ def _our_next(conn: HandoffConnection) -> Message | None:
         return conn.make_hello(vm_name="guest-a", vm_uuid=VM_UUID, nonce=TARGET_NONCE)
     if state is State.PREPARED:
         assert conn.description is not None
-        return make_switchover(conn.description.mode, vcpus=conn.description.vcpus)
+        return make_switchover(
+            conn.description.mode,
+            vcpus=conn.description.vcpus,
+            version=conn.version or PROTOCOL_MAX_VERSION,
+        )
     if state is State.COMMITTED:
         assert conn.version is not None
         return make_resumed(conn.version)
@@ -1114,7 +1118,11 @@ def _right_peer_message(conn: HandoffConnection) -> Message:
         return make_describe("sev-es")
     if state is State.PREPARED:
         assert conn.description is not None
-        return make_switchover(conn.description.mode, vcpus=conn.description.vcpus)
+        return make_switchover(
+            conn.description.mode,
+            vcpus=conn.description.vcpus,
+            version=conn.version or PROTOCOL_MAX_VERSION,
+        )
     if state is State.COMMITTED:
         assert conn.version is not None
         return make_resumed(conn.version)
