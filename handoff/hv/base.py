@@ -14,7 +14,7 @@ another kernel with a message instead of loading garbage.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
 from contextlib import AbstractContextManager
 from typing import Protocol, runtime_checkable
 
@@ -195,10 +195,4 @@ class Hypervisor(Protocol):
 
 def no_polling(seconds: float) -> AbstractContextManager[None]:
     """`Hypervisor.polling` for a backend that has nothing to poll."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def nothing() -> Iterator[None]:
-        yield
-
-    return nothing()
+    return contextlib.nullcontext()

@@ -90,7 +90,7 @@ def bind_control(path: str) -> tuple[socket.socket, tuple[int, int]]:
     is created 0700 or must be ours and private, the socket is 0600 from bind, and nothing but
     a stale socket is ever removed. A name whose entry names a live VMM is refused."""
     owner = runtime.live_owner(path)
-    if owner is not None and owner.pid != os.getpid():
+    if owner is not None:
         raise HandoffError(
             f"VM {owner.name!r} is already running under pid {owner.pid} (its entry "
             f"{runtime.entry_path(path)}, control socket {path}); stop it first, or choose "
@@ -237,7 +237,7 @@ class App:
 
     def _move_control(self, have: str, want: str) -> None:
         owner = runtime.live_owner(want)
-        if owner is not None and owner.pid != os.getpid():
+        if owner is not None:
             log.warning(
                 "not moving the control socket to %s: it is VM %r's, run by pid %d; it stays at %s",
                 want,
@@ -705,7 +705,7 @@ class App:
         if not want or os.path.abspath(want) == os.path.abspath(self.control_path or want):
             return
         owner = runtime.live_owner(want)
-        if owner is not None and owner.pid != os.getpid():
+        if owner is not None:
             raise QMPCommandError(
                 f"the successor's control socket {want} is VM {owner.name!r}'s, run by pid "
                 f"{owner.pid}: it would take over that VM's socket and entry; choose another "

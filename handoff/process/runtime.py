@@ -103,10 +103,11 @@ def process_alive(pid: int, start: int) -> bool:
 
 
 def live_owner(control: str) -> VmEntry | None:
-    """The entry beside the control socket path `control` if the VMM it names is alive: that
-    VM's name and socket are taken (None: free, or only a stale entry there)."""
+    """The entry beside the control socket path `control` if the VMM it names is alive and is
+    another process than this one: that VM's name and socket are taken (None: free, ours, or
+    only a stale entry there)."""
     entry = _read(entry_path(control))
-    if entry is None or not process_alive(entry.pid, entry.pid_start):
+    if entry is None or entry.pid == os.getpid() or not process_alive(entry.pid, entry.pid_start):
         return None
     return entry
 
