@@ -1,26 +1,16 @@
 """The source role: hand our running guest to a target VMM (DESIGN.md section 4).
 
-Everything that does not need the guest paused (connect, credentials, Hello, Describe, the
-target building its VM) happens while the guest runs. The blackout is: park the vCPUs, read
-registers (plain, sev), snapshot devices, send `Switchover` with our VM fd, wait for `Moved`,
-send `Commit`, wait for `Resumed`.
+The role is one step per protocol state (`SETUP_STEPS`, `BLACKOUT_STEPS`), each advancing the
+conversation by one message; the protocol machine (`handoff.protocol.local`) says which state
+it is in, so the steps cannot run out of order. Everything that does not need the guest paused
+(connect, credentials, Hello, Describe, the target building its VM) happens while the guest
+runs. The blackout is: park the vCPUs, read their state (plain, sev), snapshot devices, send
+`Switchover` with our VM fd, wait for `Moved`, send `Commit`, wait for `Resumed`. The whole
+blackout has one limit (--handoff-timeout): whatever stalls, the guest is taken back when it
+has passed.
 
-Failure rules: `_recover` executes `conn.recovery()`, the protocol's table (DESIGN.md section 4,
-`handoff.protocol.local`), one function per `Recovery`:
-- NOTHING_TO_DO (before `Prepared`) and ROLLBACK (before `Switchover`): the guest never left;
-  resume it if the handoff paused it.
-- RESUME_OR_RECLAIM (after `Switchover`) and RECLAIM: first make sure the target can no longer
-  act (SIGKILL through a pidfd taken when it connected, then wait for it to be gone), then
-  resume our own VM if it still holds the context, else move the context back from the
-  escrowed target VM into a fresh VM (reclaim).
-- FENCE_THEN_RECLAIM (after `Commit`, the target not known to be gone): the target may have
-  resumed the guest already, its `Resumed` crossing our failure. It is frozen (SIGSTOP) and
-  what it had sent is handed to the machine (`conn.fenced`): with a `Resumed` the answer is
-  DONE and the target, thawed, keeps the guest; else RECLAIM as above.
-- the whole blackout has one limit (--handoff-timeout): whatever stalls, the guest is taken
-  back when it has passed.
-  Because the target sends `Resumed` before it lets a vCPU run, the registers we snapshotted
-  at the pause are exact whenever we get the guest back.
+Failures: `recovery.recover_source` executes `conn.recovery()`, the protocol's table; this
+module has no rule of its own.
 """
 
 from __future__ import annotations
@@ -54,9 +44,10 @@ from handoff.migration import messages
 from handoff.migration.host import PeerOpener, PeerProcess, PidfdProcess, VmmHost
 from handoff.migration.peer import Peer
 from handoff.migration.record import handoff_summary
+from handoff.migration.recovery import SourceFailure, recover_source, wait_exit
 from handoff.system import notify
 from handoff.system.sched import waking_without_preempting, yield_cpus
-from handoff.transport.unix import Channel, OwnedFds, PeerCredentials, connect, fds_of
+from handoff.transport.unix import Channel, PeerCredentials, connect
 
 if TYPE_CHECKING:
     from handoff.migration.record import HandoffRecord
@@ -129,75 +120,6 @@ def _check_successor(
     )
 
 
-@dataclass
-class _Recovering:
-    """What a recovery acts on: this VMM, the connection (whose state says which recovery),
-    what the target sent us (its VM fd in escrow) and its process."""
-
-    app: VmmHost
-    conn: protocol.HandoffConnection
-    escrow: int | None
-    regs: list[VcpuState] | None
-    pidfd: int | None  # the target's, taken when it connected (or `target`)
-    proc: subprocess.Popen[bytes] | None  # the target, if we started it
-    pid: int
-    watch: int | None  # a dup of the connection's socket: what the target sent is read there
-    target: PeerProcess | None = None  # the target's process, as the fence acts on it
-
-    def __post_init__(self) -> None:
-        if self.target is None and self.pidfd is not None:
-            self.target = PidfdProcess(self.pid, self.pidfd, owned=False)
-
-
-async def _kill_target(r: _Recovering) -> None:
-    """Make sure the target can no longer act before we take the guest back: SIGKILL through
-    its pidfd (a frozen target too), then wait for it to be gone."""
-    if r.target is None:
-        log.warning("target pid %d cannot be fenced (no pidfd); recovering anyway", r.pid)
-        return
-    r.target.kill()
-    await r.target.wait_gone(5)
-    if r.proc is not None:
-        await _wait_exit(r.proc, 1.0)
-
-
-def _queued(watch: int | None) -> list[tuple[bytes | None, int]]:
-    """Every datagram waiting unread on the connection (`watch`: a dup of its socket), as
-    (bytes, fd count), ending with (None, 0) at EOF; any fds that came along are closed."""
-    if watch is None:
-        return []
-    out: list[tuple[bytes | None, int]] = []
-    sock = socket.socket(fileno=os.dup(watch))
-    try:
-        while True:
-            try:
-                data, ancdata, _flags, _ = sock.recvmsg(
-                    protocol.MAX_MESSAGE_BYTES,
-                    socket.CMSG_SPACE(253 * 4),
-                    socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC,
-                )
-            except OSError:
-                return out  # EAGAIN: nothing more; or the connection is gone
-            fds = fds_of(ancdata)
-            OwnedFds(fds).close()
-            nfds = len(fds)
-            if not data:
-                out.append((None, 0))
-                return out
-            out.append((data, nfds))
-    finally:
-        sock.close()
-
-
-async def _wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> bool:
-    """Poll a child without blocking the guest's event loop; True once it has exited."""
-    with trio.move_on_after(timeout):
-        while proc.poll() is None:
-            await trio.sleep(0.01)
-        return True
-    return False
-
-
 async def hand_off(
     app: VmmHost,
     path: str,
@@ -218,6 +140,188 @@ async def hand_off(
         return pause.keep_off
 
 
+@dataclass
+class _Source:
+    """One handoff as the source holds it, from connect to the end: what the steps share."""
+
+    app: VmmHost
+    path: str
+    proc: subprocess.Popen[bytes] | None
+    token: bytes | None
+    copy_memory: bool
+    peer_process: PeerOpener
+    conn: protocol.HandoffConnection
+    peer: Peer | None = None
+    target: PeerProcess | None = None
+    peer_pid: int = 0
+    escrow: int | None = None  # the target's VM fd (Prepared)
+    watch: int | None = None  # a dup of the connection: a late Resumed is read there
+    states: list[VcpuState] | None = None  # what the pause read; the recovery loads it back
+    stream: socket.socket | None = None  # the --copy-memory baseline's stream
+    deadline: float = math.inf  # the blackout's end (time.monotonic)
+    too_late: str = ""
+
+    @property
+    def live(self) -> Peer:
+        assert self.peer is not None
+        return self.peer
+
+    async def reply(self, expect: type[M]) -> M:
+        """The target's next message inside the blackout. It is first awaited without yielding
+        to other tasks (Peer.receive_fast): each trip through the scheduler would lengthen the
+        pause."""
+        if self.copy_memory:
+            return (await self.live.receive(expect))[0]
+        try:
+            return (await self.live.receive_fast(expect, self.deadline - time.monotonic()))[0]
+        except HandoffTimeout:
+            raise HandoffTimeout(self.too_late) from None
+
+
+# ---- the steps: one per protocol state, each taking the conversation to the next ---------------
+
+
+async def _connect_step(s: _Source) -> None:
+    """START: connect, check who listens (before anything crosses), send Hello."""
+    app, flags, rec = s.app, s.app.flags, s.app.record
+    chan = await _connect(s.path, s.proc, flags.handoff_timeout)
+    s.watch = os.dup(chan.fileno())  # to find a late Resumed even if `chan` is closed
+    try:
+        creds = chan.check_peer(flags.allowed_uids())
+        if s.proc is not None:
+            _check_successor(creds, s.proc, app.successor_pidfd, s.path)
+    except CredentialsRefused as exc:
+        # Told before anything else crosses (a Refuse carries no fd), then dropped.
+        with contextlib.suppress(Exception):
+            await Peer(chan, s.conn, flags.handoff_timeout).refuse("credentials", str(exc))
+        chan.close()
+        raise
+    s.peer_pid = rec.peer_pid = creds.pid
+    s.target = s.peer_process(creds.pid)
+    s.peer = Peer(chan, s.conn, flags.handoff_timeout)
+    rec.phase("connect")
+    # The setup runs in this VMM's event loop while the guest runs, and its pieces take 100-300
+    # us of CPU each: exits that came back meanwhile are served between them (each a stall of
+    # its vCPU otherwise).
+    await trio.lowlevel.checkpoint()
+    await s.live.send(messages.source_hello(s.conn, flags, s.token))
+
+
+async def _greeted_step(s: _Source) -> None:
+    """HELLO: the target's Hello: the version it chose, its token proof."""
+    hello, _ = await s.live.receive(protocol.Hello)
+    try:
+        messages.check_token(s.conn, s.token, hello.proof)
+    except AuthRefused as exc:
+        await s.live.refuse("auth", str(exc))
+        raise
+    await s.app.faults.point("source", "hello", s.peer)
+    s.app.record.protocol = s.conn.version or 0
+    s.app.record.phase("hello")
+    await trio.lowlevel.checkpoint()  # (see _connect_step)
+
+
+async def _describe_step(s: _Source) -> None:
+    """GREETED: Describe, with the memfds and the listening control socket."""
+    app, vmm, rec = s.app, s.app.vmm, s.app.record
+    assert app.control_sock is not None
+    describe = messages.describe_from(
+        vmm.cfg, app.flags, vmm.sev, vmm.measurement, messages.source_proof(s.conn, s.token),
+        copy_memory=s.copy_memory, handoff_id=rec.id,
+    )  # fmt: skip
+    memfds = [] if s.copy_memory else vmm.memfds
+    await s.live.send(describe, [*memfds, app.control_sock.fileno()])
+    await app.faults.point("source", "describe", s.peer)
+    app.emit("HANDOFF", {"id": rec.id, "status": "active"})
+
+
+async def _prepared_step(s: _Source) -> None:
+    """DESCRIBED: the target built its VM; its VM fd comes in escrow."""
+    rec = s.app.record
+    _prepared, fds = await s.live.receive(protocol.Prepared)
+    got = fds.take()
+    s.escrow = got[0]
+    s.stream = socket.socket(fileno=got[1]) if s.copy_memory else None
+    await s.app.faults.point("source", "prepared", s.peer)
+    rec.phase("prepare")
+    rec.setup_ms = round(sum(rec.phases.values()), 3)
+
+
+async def _switchover_step(s: _Source) -> None:
+    """PREPARED: pause the guest, read its state, send Switchover with our VM fd."""
+    app, vmm, rec = s.app, s.app.vmm, s.app.record
+    app.emit("HANDOFF", {"id": rec.id, "status": "device"})
+    await vmm.pause()  # (a pause cut short by the deadline is undone too: the rollback)
+    rec.pause_seqs = dict(vmm.devices.serial.last_seq)
+    await app.faults.point("source", "paused", s.peer)
+    if vmm.cfg.mode != "sev-es":
+        s.states = await vmm.get_all_states()
+    devices = vmm.devices.snapshot()
+    rec.phase("pause")
+    assert vmm.vm is not None
+    switchover, states_fd = messages.switchover_from(
+        devices,
+        s.states,
+        version=s.conn.version or 1,
+        inline_max=app.flags.vcpu_states_inline_max,
+    )
+    with states_fd:  # the vCPU state memfd (protocol 3, large states): sent, then closed
+        s.live.send_now(switchover, [vmm.vm.fileno(), *states_fd])
+    if s.stream is not None:
+        await vmm.send_memory(s.stream)
+        s.stream.close()
+        s.stream = None
+    await app.faults.point("source", "switchover", s.peer)
+
+
+async def _moved_step(s: _Source) -> None:
+    """SWITCHED_OVER: the target holds the guest, not running it."""
+    await s.reply(protocol.Moved)
+    await s.app.faults.point("source", "moved", s.peer)
+    s.app.record.phase("switchover")
+
+
+async def _commit_step(s: _Source) -> None:
+    """MOVED: the commit point."""
+    s.live.send_now(protocol.Commit())
+    await s.app.faults.point("source", "commit", s.peer)
+    s.app.record.phase("commit")
+
+
+async def _resumed_step(s: _Source) -> None:
+    """COMMITTED: the target sends Resumed before it lets a vCPU run."""
+    with waking_without_preempting():
+        await s.reply(protocol.Resumed)
+
+
+SETUP_STEPS: Final[dict[protocol.State, Callable[[_Source], Awaitable[None]]]] = {
+    protocol.State.START: _connect_step,
+    protocol.State.HELLO: _greeted_step,
+    protocol.State.GREETED: _describe_step,
+    protocol.State.DESCRIBED: _prepared_step,
+}
+"""The steps while the guest runs here, by the state the conversation is in."""
+
+BLACKOUT_STEPS: Final[dict[protocol.State, Callable[[_Source], Awaitable[None]]]] = {
+    protocol.State.PREPARED: _switchover_step,
+    protocol.State.SWITCHED_OVER: _moved_step,
+    protocol.State.MOVED: _commit_step,
+    protocol.State.COMMITTED: _resumed_step,
+}
+"""The steps of the blackout, from the pause to the target's Resumed."""
+
+
+async def _run_steps(
+    s: _Source, steps: dict[protocol.State, Callable[[_Source], Awaitable[None]]]
+) -> None:
+    """Take the step for the conversation's state until it leaves `steps`; each step advances
+    the conversation by one message (the protocol machine says where it went)."""
+    while (step := steps.get(s.conn.state)) is not None:
+        before = s.conn.state
+        await step(s)
+        assert s.conn.state is not before, f"{step.__name__} left the conversation in {before}"
+
+
 async def _hand_off(
     app: VmmHost,
     path: str,
@@ -227,181 +331,103 @@ async def _hand_off(
     peer_process: PeerOpener = PidfdProcess.open,
 ) -> bool:
     """Run one handoff as the source; return True when the target runs the guest."""
-    vmm, flags, rec = app.vmm, app.flags, app.record
+    flags, rec = app.flags, app.record
     workdir = rec.workdir  # the successor's private directory: begin() starts a fresh record
     rec.begin("source")
     rec.workdir = workdir
     app.emit("HANDOFF", {"id": rec.id, "status": "setup"})
     notify.notify("STATUS=handoff: connecting to the target")
-    peer: Peer | None = None
-    target: PeerProcess | None = None
-    peer_pid = proc.pid if proc is not None else 0
-    escrow: int | None = None
-    watch: int | None = None
-    regs = None
-    stream: socket.socket | None = None
-    t_pause = 0.0
+    conn = protocol.HandoffConnection(protocol.Role.SOURCE, max_version=flags.max_protocol)
+    s = _Source(app, path, proc, token, copy_memory, peer_process, conn)
+    s.peer_pid = proc.pid if proc is not None else 0
     try:
-        # The setup has a limit too (each wait for the target has one; this also bounds a
-        # stuck step of our own, which would hold the target's VM in escrow for ever).
-        setup_limit = SETUP_TIMEOUTS * flags.handoff_timeout
-        with trio.move_on_after(setup_limit) as setup:
-            # A stop (SIGTERM) before the pause cancels the setup (App._stop_during_handoff).
-            app.setup_scope = setup
-            if app.stop_requested:
-                setup.cancel()
-            chan = await _connect(path, proc, flags.handoff_timeout)
-            watch = os.dup(chan.fileno())  # to find a late Resumed even if `chan` is closed
-            conn = protocol.HandoffConnection(protocol.Role.SOURCE, max_version=flags.max_protocol)
-            try:
-                creds = chan.check_peer(flags.allowed_uids())
-                if proc is not None:
-                    _check_successor(creds, proc, app.successor_pidfd, path)
-            except CredentialsRefused as exc:
-                # Told before anything else crosses (a Refuse carries no fd), then dropped.
-                with contextlib.suppress(Exception):
-                    await Peer(chan, conn, flags.handoff_timeout).refuse("credentials", str(exc))
-                chan.close()
-                raise
-            peer_pid = creds.pid
-            rec.peer_pid = creds.pid
-            target = peer_process(creds.pid)
-            peer = Peer(chan, conn, flags.handoff_timeout)
-            rec.phase("connect")
-            # The setup runs in this VMM's event loop while the guest runs, and its pieces
-            # take 100-300 us of CPU each: exits that came back meanwhile are served
-            # between them (each a stall of its vCPU otherwise).
-            await trio.lowlevel.checkpoint()
-
-            await peer.send(messages.source_hello(conn, flags, token))
-            hello, _ = await peer.receive(protocol.Hello)
-            try:
-                messages.check_token(conn, token, hello.proof)
-            except AuthRefused as exc:
-                await peer.refuse("auth", str(exc))
-                raise
-            await app.faults.point("source", "hello", peer)
-            rec.protocol = conn.version or 0
-            rec.phase("hello")
-            await trio.lowlevel.checkpoint()  # (see above)
-
-            assert app.control_sock is not None
-            describe = messages.describe_from(
-                vmm.cfg, flags, vmm.sev, vmm.measurement, messages.source_proof(conn, token),
-                copy_memory=copy_memory, handoff_id=rec.id,
-            )  # fmt: skip
-            memfds = [] if copy_memory else vmm.memfds
-            await peer.send(describe, [*memfds, app.control_sock.fileno()])
-            await app.faults.point("source", "describe", peer)
-            app.emit("HANDOFF", {"id": rec.id, "status": "active"})
-            _prepared, fds = await peer.receive(protocol.Prepared)
-            got = fds.take()
-            escrow = got[0]
-            stream = socket.socket(fileno=got[1]) if copy_memory else None
-            await app.faults.point("source", "prepared", peer)
-            rec.phase("prepare")
-            rec.setup_ms = round(sum(rec.phases.values()), 3)
-        app.setup_scope = None
-        if setup.cancelled_caught and app.stop_requested:
-            raise HandoffError(
-                f"{app.stop_signal or 'a stop'} asked this VMM to stop before the guest was "
-                "paused: the handoff is cancelled; the guest stays here and stops with this VMM"
-            )
-        if setup.cancelled_caught:
-            raise HandoffTimeout(
-                f"the handoff's setup did not finish within {setup_limit:g} s "
-                f"({SETUP_TIMEOUTS} x --handoff-timeout); the guest keeps running here"
-            )
-        assert peer is not None
-        app.handoff_pausing = True  # from here a stop waits for the outcome (see App)
-
-        # ---- blackout: the guest is paused from here until the target resumes it.
-        if app.control is not None:
-            app.control.stop_accepting()
-        # Let vCPU tasks holding an exit issue their next KVM_RUN before the kick: a vCPU in
-        # KVM_RUN runs until the kick stops it within a quantum, while one left waiting on
-        # this task would stop early and lengthen the pause the guest sees.
-        await trio.lowlevel.checkpoint()
-        t_pause = time.perf_counter()
-        requests0, messages0 = vmm.requests_made(), peer.messages
-        # One limit for the whole blackout, whatever step stalls (a hung target, or a stuck
-        # step of our own): past it the failure rules take the guest back. Copying memory
-        # (the --copy-memory baseline) takes as long as memory is large, so it has none.
-        limit = math.inf if copy_memory else flags.handoff_timeout
-        too_late = (
-            f"the handoff did not finish within {limit:g} s of the pause "
-            "(--handoff-timeout); taking the guest back"
-        )
-        deadline = time.monotonic() + limit
-
-        async def reply(expect: type[M]) -> M:
-            """The target's next message. Inside the blackout it is first awaited without
-            yielding to other tasks (Peer.receive_fast): each trip through the scheduler would
-            lengthen the pause."""
-            if copy_memory:
-                return (await peer.receive(expect))[0]
-            try:
-                return (await peer.receive_fast(expect, deadline - time.monotonic()))[0]
-            except HandoffTimeout:
-                raise HandoffTimeout(too_late) from None
-
-        # Events raised inside the blackout reach QMP clients when it ends (events_held).
-        with app.events_held(), trio.move_on_after(limit) as blackout:
-            app.emit("HANDOFF", {"id": rec.id, "status": "device"})
-            await vmm.pause()  # (a pause cut short by the deadline is undone too: _rollback)
-            rec.pause_seqs = dict(vmm.devices.serial.last_seq)
-            await app.faults.point("source", "paused", peer)
-            if vmm.cfg.mode != "sev-es":
-                regs = await vmm.get_all_states()
-            devices = vmm.devices.snapshot()
-            rec.phase("pause")
-            assert vmm.vm is not None
-            switchover, states_fd = messages.switchover_from(
-                devices, regs, version=conn.version or 1, inline_max=flags.vcpu_states_inline_max
-            )
-            with states_fd:  # the vCPU state memfd (protocol 3, large states): sent, then closed
-                peer.send_now(switchover, [vmm.vm.fileno(), *states_fd])
-            if stream is not None:
-                await vmm.send_memory(stream)
-                stream.close()
-                stream = None
-            await app.faults.point("source", "switchover", peer)
-            await reply(protocol.Moved)
-            await app.faults.point("source", "moved", peer)
-            rec.phase("switchover")
-            peer.send_now(protocol.Commit())
-            await app.faults.point("source", "commit", peer)
-            rec.phase("commit")
-            with waking_without_preempting():
-                await reply(protocol.Resumed)
-        if blackout.cancelled_caught:
-            raise HandoffTimeout(too_late)
-        rec.phase("resume")
-        rec.downtime_ms = round((time.perf_counter() - t_pause) * 1e3, 3)
-        rec.requests_in_pause = vmm.requests_made() - requests0
-        rec.messages_in_pause = peer.messages - messages0
+        await _setup(s)
+        await _blackout(s)
     except (HandoffError, OSError, trio.TooSlowError) as exc:
         reason = str(exc) or type(exc).__name__
-        if peer is not None:
-            await peer.refuse("internal", reason)
-        conn = peer.conn if peer is not None else protocol.HandoffConnection(protocol.Role.SOURCE)
-        recovery = await _recover(
-            _Recovering(app, conn, escrow, regs, None, proc, peer_pid, watch, target)
+        if s.peer is not None:
+            await s.peer.refuse("internal", reason)
+        recovery = await recover_source(
+            SourceFailure(app, conn, s.escrow, s.states, None, proc, s.peer_pid, s.watch, s.target)
         )
         if recovery == "committed":
             log.warning("%s; but the target had already resumed the guest: it keeps it", reason)
         else:
-            if target is not None:
-                target.close()
-            return await _failed(app, rec, reason, recovery, peer, (escrow, watch), stream, proc)
+            if s.target is not None:
+                s.target.close()
+            return await _failed(
+                app, rec, reason, recovery, s.peer, (s.escrow, s.watch), s.stream, proc
+            )
+    return await _completed(s)
 
+
+async def _setup(s: _Source) -> None:
+    """Connect .. Prepared, while the guest runs. It has a limit too (each wait for the target
+    has one; this also bounds a stuck step of our own, which would hold the target's VM in
+    escrow for ever), and a stop (SIGTERM) before the pause cancels it
+    (App._stop_during_handoff)."""
+    app = s.app
+    setup_limit = SETUP_TIMEOUTS * app.flags.handoff_timeout
+    with trio.move_on_after(setup_limit) as setup:
+        app.setup_scope = setup
+        if app.stop_requested:
+            setup.cancel()
+        await _run_steps(s, SETUP_STEPS)
+    app.setup_scope = None
+    if setup.cancelled_caught and app.stop_requested:
+        raise HandoffError(
+            f"{app.stop_signal or 'a stop'} asked this VMM to stop before the guest was "
+            "paused: the handoff is cancelled; the guest stays here and stops with this VMM"
+        )
+    if setup.cancelled_caught:
+        raise HandoffTimeout(
+            f"the handoff's setup did not finish within {setup_limit:g} s "
+            f"({SETUP_TIMEOUTS} x --handoff-timeout); the guest keeps running here"
+        )
+
+
+async def _blackout(s: _Source) -> None:
+    """The pause .. Resumed: the guest is paused from here until the target resumes it."""
+    app, vmm, rec = s.app, s.app.vmm, s.app.record
+    app.handoff_pausing = True  # from here a stop waits for the outcome (see App)
+    if app.control is not None:
+        app.control.stop_accepting()
+    # Let vCPU tasks holding an exit issue their next KVM_RUN before the kick: a vCPU in
+    # KVM_RUN runs until the kick stops it within a quantum, while one left waiting on this
+    # task would stop early and lengthen the pause the guest sees.
+    await trio.lowlevel.checkpoint()
+    t_pause = time.perf_counter()
+    requests0, messages0 = vmm.requests_made(), s.live.messages
+    # One limit for the whole blackout, whatever step stalls (a hung target, or a stuck step
+    # of our own): past it the failure rules take the guest back. Copying memory (the
+    # --copy-memory baseline) takes as long as memory is large, so it has none.
+    limit = math.inf if s.copy_memory else app.flags.handoff_timeout
+    s.too_late = (
+        f"the handoff did not finish within {limit:g} s of the pause "
+        "(--handoff-timeout); taking the guest back"
+    )
+    s.deadline = time.monotonic() + limit
+    # Events raised inside the blackout reach QMP clients when it ends (events_held).
+    with app.events_held(), trio.move_on_after(limit) as blackout:
+        await _run_steps(s, BLACKOUT_STEPS)
+    if blackout.cancelled_caught:
+        raise HandoffTimeout(s.too_late)
+    rec.phase("resume")
+    rec.downtime_ms = round((time.perf_counter() - t_pause) * 1e3, 3)
+    rec.requests_in_pause = vmm.requests_made() - requests0
+    rec.messages_in_pause = s.live.messages - messages0
+
+
+async def _completed(s: _Source) -> bool:
+    """The target runs the guest: tell who waits, then tear down."""
+    app, flags, rec, vmm, peer_pid = s.app, s.app.flags, s.app.record, s.app.vmm, s.peer_pid
     rec.finish("completed")
     # From here this process only tears down. None of it is urgent, and all of it (about
     # 1.5 ms of CPU with the runtime entry) ran in the guest's first milliseconds on the
     # target, where on a small host the scheduler gave it a CPU even at nice 19 while
-    # kvmstub waited. So: asleep while the guest settles there; then what others wait for
-    # ("completed" for the operator, MAINPID= for systemd) at our own priority; then off
-    # the CPUs for the rest (the summary, the successor's directory, the runtime entry,
+    # the kernel's vCPUs waited. So: asleep while the guest settles there; then what others
+    # wait for ("completed" for the operator, MAINPID= for systemd) at our own priority; then
+    # off the CPUs for the rest (the summary, the successor's directory, the runtime entry,
     # the linger and the exit: see App._run_handoff).
     with waking_without_preempting():
         await trio.sleep(SETTLE_SECONDS)
@@ -416,12 +442,13 @@ async def _hand_off(
     yield_cpus()
     await trio.lowlevel.checkpoint()
     handoff_summary(log, flags.name, rec)
+    target = s.target
     pidfd = target.pidfd() if target is not None else None
     if pidfd is not None:
         app.handed_to = (peer_pid, os.dup(pidfd))  # a stop from now on is passed on to it
     if target is not None:
         target.close()
-    _close(peer, (escrow, watch))
+    _close(s.peer, (s.escrow, s.watch))
     if rec.workdir:
         # The target removes its socket once it has taken over; the directory is ours.
         shutil.rmtree(rec.workdir, ignore_errors=True)
@@ -460,95 +487,6 @@ async def _failed(
     return False
 
 
-async def _recover(r: _Recovering) -> str:
-    """Execute the recovery of the protocol's table for the state the connection ended in
-    (`conn.recovery()`). Returns the word for it that the record, the QMP event and the CLI
-    show: "none", "rollback", "reclaim", or "committed" when the target turned out to run the
-    guest already (then the handoff completed)."""
-    return await _RECOVERIES[r.conn.recovery()](r)
-
-
-def _accept_again(app: VmmHost) -> None:
-    if app.control is not None:
-        app.control.start_accepting()
-
-
-async def _nothing_to_do(r: _Recovering) -> str:
-    """Before `Prepared`: the guest was never paused; it keeps running here."""
-    _accept_again(r.app)
-    return "none"
-
-
-async def _rollback(r: _Recovering) -> str:
-    """Before `Switchover`: the guest never left; resume it if the handoff paused it (a pause
-    cut short by the deadline too). The escrow is dropped by the caller."""
-    vmm = r.app.vmm
-    _accept_again(r.app)
-    if not vmm.gate.pause_requested:
-        return "none"
-    vmm.resume()
-    return "rollback"
-
-
-async def _resume_or_reclaim(r: _Recovering) -> str:
-    """After `Switchover`, before `Commit`: the target never ran the guest. Fence it, then
-    resume our own VM if it still holds the context, else reclaim it from escrow."""
-    await _kill_target(r)
-    return await _take_back(r)
-
-
-async def _fence_then_reclaim(r: _Recovering) -> str:
-    """After `Commit`, the target not known to be gone: it may have resumed the guest, its
-    `Resumed` crossing our failure, and killing it then would kill the guest's only holder.
-    Freeze it, hand what it had sent to the machine, and execute the answer: DONE (thaw it:
-    the guest is its) or RECLAIM."""
-    if r.target is not None:
-        r.target.stop()
-        await r.target.wait_stopped(5)
-    answer = r.conn.fenced(_queued(r.watch))
-    if answer is protocol.Recovery.DONE and r.target is not None:
-        r.target.cont()
-    return await _RECOVERIES[answer](r)
-
-
-async def _reclaim(r: _Recovering) -> str:
-    """After `Commit`, the target silent (gone, or frozen with no `Resumed` sent): the guest
-    never ran on it. Fence it and take the guest back (from escrow when the context moved;
-    a plain guest never left our VM, and the probe says so)."""
-    await _kill_target(r)
-    return await _take_back(r)
-
-
-async def _done(r: _Recovering) -> str:
-    """The target sent `Resumed`: it runs the guest; the handoff completed."""
-    return "committed"
-
-
-async def _take_back(r: _Recovering) -> str:
-    vmm = r.app.vmm
-    if await vmm.holds_context():
-        recovery = "rollback"
-    else:
-        if r.escrow is None:
-            raise RuntimeError("context moved but no escrow: cannot happen")
-        await vmm.reclaim(r.escrow, r.regs)
-        recovery = "reclaim"
-    _accept_again(r.app)
-    vmm.resume()
-    return recovery
-
-
-_RECOVERIES: Final[dict[protocol.Recovery, Callable[[_Recovering], Awaitable[str]]]] = {
-    protocol.Recovery.NOTHING_TO_DO: _nothing_to_do,
-    protocol.Recovery.ROLLBACK: _rollback,
-    protocol.Recovery.RESUME_OR_RECLAIM: _resume_or_reclaim,
-    protocol.Recovery.FENCE_THEN_RECLAIM: _fence_then_reclaim,
-    protocol.Recovery.RECLAIM: _reclaim,
-    protocol.Recovery.DONE: _done,
-}
-"""One function per source recovery (`protocol.recovery_for`)."""
-
-
 def _close(peer: Peer | None, fds: tuple[int | None, ...]) -> None:
     if peer is not None:
         peer.close()
@@ -560,8 +498,8 @@ def _close(peer: Peer | None, fds: tuple[int | None, ...]) -> None:
 
 async def _reap(proc: subprocess.Popen[bytes] | None, workdir: str) -> None:
     """A failed successor must not linger: give it a moment to exit, then kill it."""
-    if proc is not None and not await _wait_exit(proc, 2.0):
+    if proc is not None and not await wait_exit(proc, 2.0):
         proc.kill()
-        await _wait_exit(proc, 2.0)
+        await wait_exit(proc, 2.0)
     if workdir:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -1,15 +1,16 @@
 """The target role: take over a guest that a running VMM hands to us (DESIGN.md section 4).
 
-Before the source pauses we check its credentials, agree a protocol version, check that the
-guest it describes is the one we were asked to run, map its memfds and build our VM and vCPUs
-over them, and send our VM fd as escrow. After `Switchover` we move the encryption context
-(sev, sev-es), set registers (plain, sev), restore devices, answer `Moved`, and resume only after
+One step per protocol state (`STEPS`), each advancing the conversation by one message. Before
+the source pauses we check its credentials, agree a protocol version, check that the guest it
+describes is the one we were asked to run, map its memfds and build our VM and vCPUs over them,
+and send our VM fd as escrow. After `Switchover` we move the encryption context (sev, sev-es),
+load the vCPU states (plain, sev), restore devices, answer `Moved`, and resume only after
 `Commit`, sending `Resumed` before any vCPU runs.
 
-If the handoff fails after `Switchover`, the protocol's table decides (`conn.recovery()`): after
-a refusal or a protocol error, ABORT; if the source is lost or silent, TAKEOVER, which we do only
-when its process is really gone (a pidfd taken when it connected becomes readable); a source
-that is alive but silent keeps the guest (it still holds our VM in escrow), and we step aside.
+Failures: `recovery.recover_target` executes `conn.recovery()`, the protocol's table: ABORT
+after a refusal or a protocol error; TAKEOVER when the source is lost after `Switchover` (a
+failed `Resumed` too: `HandoffConnection.undelivered`), done only once its process is really
+gone (a pidfd taken when it connected turns readable).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ import os
 import socket
 import stat
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final
 
 import trio
 
@@ -28,18 +32,18 @@ from handoff.errors import (
     AuthRefused,
     CredentialsRefused,
     HandoffError,
-    HandoffTimeout,
     Incompatible,
-    PeerFailed,
     Refused,
-    TransportError,
 )
+from handoff.hv import VcpuState
 from handoff.machine.config import GuestConfig
+from handoff.machine.devices import DeviceState
 from handoff.machine.vmm import collector_paused
 from handoff.migration import messages
 from handoff.migration.host import PeerOpener, PeerProcess, PidfdProcess, VmmHost
 from handoff.migration.peer import Peer, PeerGoneError
 from handoff.migration.record import handoff_summary
+from handoff.migration.recovery import recover_target
 from handoff.system.sched import restore_for_blackout
 from handoff.transport.unix import (
     Channel,
@@ -186,223 +190,295 @@ def _check_memfds(fds: OwnedFds, cfg: GuestConfig) -> str | None:
     return None
 
 
+@dataclass
+class _Target:
+    """One handoff as the target holds it: what the steps share."""
+
+    app: VmmHost
+    nursery: trio.Nursery
+    conn: protocol.HandoffConnection
+    peer: Peer
+    source: PeerProcess | None  # the source's process, as a takeover waits for it to be gone
+    source_vm: int | None = None  # Switchover's first fd
+    control_path: str = ""
+    stream: socket.socket | None = None  # the --copy-memory baseline's stream
+    states: list[VcpuState] | None = None
+    devices: DeviceState | None = None
+    moved: bool = False  # complete_incoming done: this VMM holds the guest, not running it
+    t0: float = 0.0
+    t_prepared: float = 0.0
+    t_switchover: float = 0.0
+    t_moved: float = 0.0
+    requests0: int = 0
+    messages0: int = 0
+
+    def __post_init__(self) -> None:
+        self.t0 = self.t_prepared = self.t_switchover = self.t_moved = time.perf_counter()
+
+
+# ---- the steps: one per protocol state, each taking the conversation to the next ---------------
+
+
+async def _hello_step(t: _Target) -> None:
+    """START: the source's Hello."""
+    await t.peer.receive(protocol.Hello)
+    await t.app.faults.point("target", "hello", t.peer)
+
+
+async def _greet_step(t: _Target) -> None:
+    """HELLO: our Hello, with the version we chose (or a refusal: no common version, token)."""
+    try:
+        hello = messages.target_hello(t.conn, t.app.flags, t.app.token)
+    except Incompatible as exc:
+        await t.peer.refuse("version", str(exc))
+        raise
+    except AuthRefused as exc:
+        await t.peer.refuse("auth", str(exc))
+        raise
+    await t.peer.send(hello)
+    t.app.record.protocol = t.conn.version or 0
+
+
+async def _describe_step(t: _Target) -> None:
+    """GREETED: Describe: check the guest is the one we were asked to run, then build our VM
+    and vCPUs over its memfds (protocol step 3). Nothing of the guest is touched."""
+    app, vmm, rec = t.app, t.app.vmm, t.app.record
+    describe, fds = await t.peer.receive(protocol.Describe)
+    rec.id = messages.handoff_id_of(describe) or rec.id  # one id on both sides
+    await app.faults.point("target", "describe", t.peer)
+    with fds:
+        try:
+            messages.check_token(t.conn, app.token, describe.proof)
+        except AuthRefused as exc:
+            await t.peer.refuse("auth", str(exc))
+            raise
+        diffs = app.cfg.differences(messages.guest_config_of(describe))
+        layout = messages.slots_match(describe, app.cfg)
+        if layout and not diffs:
+            diffs = [layout]
+        if diffs:
+            reason = (
+                "guest-visible config must match: "
+                + "; ".join(diffs)
+                + "; the source keeps running"
+            )
+            await t.peer.refuse("incompatible", reason)
+            raise Refused(reason)
+        control_fd = fds.pop()
+        try:
+            problem = _check_control(control_fd) or (
+                None if describe.copy_memory else _check_memfds(fds, app.cfg)
+            )
+            if problem:
+                await t.peer.refuse("incompatible", problem + "; the source keeps running")
+                raise Refused(problem)
+            t.t0 = time.perf_counter()
+            if describe.copy_memory:
+                # The baseline: fresh memory of our own, filled from a stream later.
+                vmm.create_memory()
+                await vmm.prepare_incoming(list(vmm.memfds))
+            else:
+                await vmm.prepare_incoming(fds.take())
+            # The vCPU tasks start now, parked: at the resume they only need waking. Wait for
+            # them to park here: left to the scheduler, their first steps ran when the target
+            # woke for Switchover, inside the blackout.
+            vmm.start(t.nursery)
+            await vmm.gate.pause()
+            vmm.sev = messages.sev_cache_of(describe)
+            t.control_path = describe.host_flags.get("control", "")
+            rec.phase("prepare")
+        except BaseException:
+            os.close(control_fd)
+            raise
+    app.control_sock = socket.socket(fileno=control_fd)
+
+
+async def _prepared_step(t: _Target) -> None:
+    """DESCRIBED: Prepared, with our VM fd in escrow."""
+    vmm = t.app.vmm
+    assert vmm.vm is not None
+    restore_for_blackout()  # the source pauses the guest once it has Prepared
+    # Sent without a trip through the scheduler, and Switchover awaited the same way: the
+    # source, woken by Prepared, takes this CPU at once, and whatever we had left to do (a
+    # round of the event loop: 40 to 70 us) ran after its Switchover, in the blackout.
+    assert t.conn.description is not None
+    if t.conn.description.copy_memory:
+        t.stream, stream_peer = socket.socketpair(
+            socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC
+        )
+        with stream_peer:
+            t.peer.send_now(protocol.Prepared(stream=True), [vmm.vm.fileno(), stream_peer.fileno()])
+    else:
+        t.peer.send_now(protocol.Prepared(), [vmm.vm.fileno()])
+    t.t_prepared = time.perf_counter()
+    await t.app.faults.point("target", "prepared", t.peer)
+
+
+async def _switchover_step(t: _Target) -> None:
+    """PREPARED: the source paused the guest; its Switchover starts our part of the blackout.
+    It comes within a millisecond or so, and is awaited without a trip through the scheduler."""
+    vmm = t.app.vmm
+    switchover, fds = await t.peer.receive_fast(
+        protocol.Switchover, timeout=t.app.flags.handoff_timeout
+    )
+    t.t_switchover = time.perf_counter()
+    t.requests0, t.messages0 = vmm.requests_made(), t.peer.messages - 1
+    t.source_vm = fds.pop(0)
+    assert t.conn.description is not None
+    # Reads and closes the rest of the fds (the vCPU state memfd of protocol 3).
+    t.states, t.devices = messages.switchover_state(switchover, t.conn.description, fds)
+    await t.app.faults.point("target", "switchover", t.peer)
+    if t.stream is not None:
+        copied = await vmm.receive_memory(t.stream)
+        log.info("copied %d bytes of guest memory from the source", copied)
+
+
+async def _moved_step(t: _Target) -> None:
+    """SWITCHED_OVER: take the guest (context, vCPU state, devices); answer Moved. Moved, Commit
+    and Resumed go without a trip through the scheduler (Peer.send_now, receive_fast): nothing
+    else here needs to run before the guest does."""
+    await _take_guest(t)
+    t.app.record.phase("move")
+    t.peer.send_now(protocol.Moved())
+    await t.app.faults.point("target", "moved", t.peer)
+
+
+async def _commit_step(t: _Target) -> None:
+    """MOVED: wait for the commit point."""
+    await t.peer.receive_fast(protocol.Commit)
+    await t.app.faults.point("target", "commit", t.peer)
+    t.app.record.phase("commit")
+
+
+async def _resumed_step(t: _Target) -> None:
+    """COMMITTED: Resumed, before the first KVM_RUN (a source that did not get it takes the
+    guest back: `HandoffConnection.undelivered` says what a failed send means)."""
+    t.peer.send_now(
+        messages.resumed_message(
+            t.conn,
+            int((t.t_prepared - t.t0) * 1e9),
+            int((t.t_moved - t.t_switchover) * 1e9),
+            int((time.perf_counter() - t.t_moved) * 1e9),
+        )
+    )
+    await t.app.faults.point("target", "resumed", t.peer)
+
+
+STEPS: Final[dict[protocol.State, Callable[[_Target], Awaitable[None]]]] = {
+    protocol.State.START: _hello_step,
+    protocol.State.HELLO: _greet_step,
+    protocol.State.GREETED: _describe_step,
+    protocol.State.DESCRIBED: _prepared_step,
+    protocol.State.PREPARED: _switchover_step,
+    protocol.State.SWITCHED_OVER: _moved_step,
+    protocol.State.MOVED: _commit_step,
+    protocol.State.COMMITTED: _resumed_step,
+}
+"""The target's steps, by the state the conversation is in."""
+
+
+async def _take_guest(t: _Target) -> None:
+    """Protocol step 7: the context, the vCPU states, the device state."""
+    assert t.source_vm is not None and t.devices is not None
+    await t.app.vmm.complete_incoming(t.source_vm, t.states, t.devices)
+    t.moved = True
+    t.t_moved = time.perf_counter()
+
+
 async def _receive(
     app: VmmHost, chan: Channel, nursery: trio.Nursery, peer_process: PeerOpener
 ) -> bool:
     flags, vmm, rec = app.flags, app.vmm, app.record
     rec.begin("target")
+    conn = protocol.HandoffConnection(protocol.Role.TARGET, max_version=flags.max_protocol)
     try:
         creds = chan.check_peer(flags.allowed_uids())
         if flags.token_fd is not None:
             _check_spawner(creds.pid)
     except CredentialsRefused as exc:
         log.error("%s", exc)
-        conn = protocol.HandoffConnection(protocol.Role.TARGET, max_version=flags.max_protocol)
         with contextlib.suppress(Exception):
             await chan.send(conn.send(protocol.Refuse(code="credentials", reason=str(exc))))
         chan.close()
         return False
     rec.peer_pid = creds.pid
-    pidfd = peer_process(creds.pid)  # the source's process (named so for the lines below)
-    conn = protocol.HandoffConnection(protocol.Role.TARGET, max_version=flags.max_protocol)
-    peer = Peer(chan, conn, flags.handoff_timeout)
-    source_vm: int | None = None
-    control_path = ""
-    stream: socket.socket | None = None
-    stream_peer: socket.socket | None = None
-    t0 = t_prepared = t_moved = time.perf_counter()
+    t = _Target(
+        app, nursery, conn, Peer(chan, conn, flags.handoff_timeout), peer_process(creds.pid)
+    )
     try:
-        await peer.receive(protocol.Hello)
-        await app.faults.point("target", "hello", peer)
-        try:
-            hello = messages.target_hello(conn, flags, app.token)
-        except Incompatible as exc:
-            await peer.refuse("version", str(exc))
-            raise
-        except AuthRefused as exc:
-            await peer.refuse("auth", str(exc))
-            raise
-        await peer.send(hello)
-        rec.protocol = conn.version or 0
-        describe, fds = await peer.receive(protocol.Describe)
-        rec.id = messages.handoff_id_of(describe) or rec.id  # one id on both sides
-        await app.faults.point("target", "describe", peer)
-        with fds:
-            try:
-                messages.check_token(conn, app.token, describe.proof)
-            except AuthRefused as exc:
-                await peer.refuse("auth", str(exc))
-                raise
-            theirs = messages.guest_config_of(describe)
-            diffs = app.cfg.differences(theirs)
-            layout = messages.slots_match(describe, app.cfg)
-            if layout and not diffs:
-                diffs = [layout]
-            if diffs:
-                reason = (
-                    "guest-visible config must match: "
-                    + "; ".join(diffs)
-                    + "; the source keeps running"
-                )
-                await peer.refuse("incompatible", reason)
-                raise Refused(reason)
-            control_fd = fds.pop()
-            try:
-                problem = _check_control(control_fd) or (
-                    None if describe.copy_memory else _check_memfds(fds, app.cfg)
-                )
-                if problem:
-                    await peer.refuse("incompatible", problem + "; the source keeps running")
-                    raise Refused(problem)
-                t0 = time.perf_counter()
-                if describe.copy_memory:
-                    # The baseline: fresh memory of our own, filled from a stream later.
-                    vmm.create_memory()
-                    await vmm.prepare_incoming(list(vmm.memfds))
-                    stream, stream_peer = socket.socketpair(
-                        socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC
-                    )
-                else:
-                    await vmm.prepare_incoming(fds.take())
-                # The vCPU tasks start now, parked: at the resume they only need waking.
-                # Wait for them to park here: left to the scheduler, their first steps ran
-                # when the target woke for Switchover, inside the blackout.
-                vmm.start(nursery)
-                await vmm.gate.pause()
-                vmm.sev = messages.sev_cache_of(describe)
-                control_path = describe.host_flags.get("control", "")
-                rec.phase("prepare")
-            except BaseException:
-                os.close(control_fd)
-                raise
-        app.control_sock = socket.socket(fileno=control_fd)
-        assert vmm.vm is not None
-        restore_for_blackout()  # the source pauses the guest once it has Prepared
-        # Sent without a trip through the scheduler, and awaited the same way below: the
-        # source, woken by Prepared, takes this CPU at once, and whatever we had left to do
-        # (a round of the event loop: 40 to 70 µs) ran after its Switchover, in the blackout.
-        if stream_peer is not None:
-            peer.send_now(protocol.Prepared(stream=True), [vmm.vm.fileno(), stream_peer.fileno()])
-            stream_peer.close()
-        else:
-            peer.send_now(protocol.Prepared(), [vmm.vm.fileno()])
-        t_prepared = time.perf_counter()
-        await app.faults.point("target", "prepared", peer)
-        # The source pauses now; its Switchover starts our part of the blackout.
-        # The source pauses the guest as soon as it has Prepared: its Switchover comes within
-        # a millisecond or so, and is awaited without a trip through the scheduler.
-        switchover, fds = await peer.receive_fast(
-            protocol.Switchover, timeout=flags.handoff_timeout
-        )
-        t_sw = time.perf_counter()
-        requests0, messages0 = vmm.requests_made(), peer.messages - 1
-        source_vm = fds.pop(0)
-        assert conn.description is not None
-        # Reads and closes the rest of the fds (the vCPU state memfd of protocol 3).
-        regs, devices = messages.switchover_state(switchover, conn.description, fds)
-        await app.faults.point("target", "switchover", peer)
-        if stream is not None:
-            copied = await vmm.receive_memory(stream)
-            log.info("copied %d bytes of guest memory from the source", copied)
+        while (step := STEPS.get(conn.state)) is not None:
+            before = conn.state
+            await step(t)
+            assert conn.state is not before, f"{step.__name__} left the conversation in {before}"
+        takeover = False
     except (HandoffError, OSError) as exc:
-        # Nothing of the guest was touched: the source keeps (or resumes) it.
-        log.error("handoff refused or failed before switchover: %s", exc)
-        if not isinstance(exc, Refused | PeerGoneError):
-            await peer.refuse("internal", f"{exc}; the source keeps running")
-        _drop(app, peer, source_vm, pidfd)
-        return False
-
-    takeover = False
-    moved = False
-    try:
-        await vmm.complete_incoming(source_vm, regs, devices)
-        moved = True
-        t_moved = time.perf_counter()
-        rec.phase("move")
-        # Moved, Commit and Resumed go without a trip through the scheduler (Peer.send_now,
-        # receive_fast): nothing else here needs to run before the guest does.
-        peer.send_now(protocol.Moved())
-        await app.faults.point("target", "moved", peer)
-        await peer.receive_fast(protocol.Commit)
-        await app.faults.point("target", "commit", peer)
-        rec.phase("commit")
-    except (PeerGoneError, HandoffTimeout, PeerFailed, Refused, TransportError, OSError) as exc:
-        # The protocol's table says what to do (conn.recovery()): ABORT after a refusal or a
-        # protocol error (the source, alive, takes the guest back), TAKEOVER when the source is
-        # gone or silent after Switchover, which this shell does only if its process is dead.
-        if isinstance(exc, OSError) and not moved:
-            # Our own step failed before we held the guest: refused, so the table says ABORT.
-            await peer.refuse("internal", f"{exc}; the source keeps running")
-        recovery = conn.recovery()
-        if recovery is not protocol.Recovery.TAKEOVER:
-            log.error("handoff failed after switchover (%s); the source keeps the guest", exc)
-            _drop(app, peer, source_vm, pidfd)
+        if not await _recover(t, exc):
+            _drop(t)
             return False
-        if not await _wait_source_dead(pidfd, 1.0):
-            log.error(
-                "source lost after switchover (%s) but still alive: it keeps the guest "
-                "(our VM is in its escrow); stepping aside",
-                exc,
-            )
-            _drop(app, peer, source_vm, pidfd)
-            return False
-        log.warning("source died after switchover (%s): taking over", exc)
-        if not moved:
-            try:
-                await vmm.complete_incoming(source_vm, regs, devices)
-            except OSError as exc2:
-                log.error("takeover failed: %s", exc2)
-                _drop(app, peer, source_vm, pidfd)
-                return False
         takeover = True
 
     # Commit point passed (or the source is dead): this VMM owns the guest.
-    if not takeover:
-        try:
-            peer.send_now(
-                messages.resumed_message(
-                    conn,
-                    int((t_prepared - t0) * 1e9),
-                    int((t_moved - t_sw) * 1e9),
-                    int((time.perf_counter() - t_moved) * 1e9),
-                )
-            )
-        except (HandoffError, OSError) as exc:
-            # Resumed must come before the first KVM_RUN: a source that did not get it takes
-            # the guest back. So run it only if the source is dead (then nobody else will).
-            if not await _wait_source_dead(pidfd, 1.0):
-                log.error(
-                    "could not send Resumed (%s) and the source is alive: it takes the guest "
-                    "back; stepping aside",
-                    exc,
-                )
-                _drop(app, peer, source_vm, pidfd)
-                return False
-            log.warning("could not send Resumed (%s), but the source is dead: taking over", exc)
-            takeover = True
-        await app.faults.point("target", "resumed", peer)
-    rec.requests_in_pause = vmm.requests_made() - requests0
-    rec.messages_in_pause = peer.messages - messages0
+    rec.requests_in_pause = vmm.requests_made() - t.requests0
+    rec.messages_in_pause = t.peer.messages - t.messages0
     vmm.resume()
     rec.phase("resume")
-    rec.downtime_ms = round((time.perf_counter() - t_sw) * 1e3, 3)
+    rec.downtime_ms = round((time.perf_counter() - t.t_switchover) * 1e3, 3)
     # The bookkeeping below is not urgent. It waits until the guest has settled here (its
     # first exits served while the old VMM exits and the host's CPUs are busiest), then
     # runs in pieces with a checkpoint between them, so that a vCPU task whose KVM_RUN came
     # back issues the next one at once. Clients of the control socket wait in its backlog.
     await trio.sleep(SETTLE_SECONDS)
-    app.adopt_control(control_path)
+    app.adopt_control(t.control_path)
     await trio.lowlevel.checkpoint()
     app.start_control(nursery)
     await trio.lowlevel.checkpoint()
     rec.finish("completed", recovery="takeover" if takeover else "")
     handoff_summary(log, flags.name, rec)
     await trio.lowlevel.checkpoint()
-    peer.close()
-    with contextlib.suppress(OSError):
-        os.close(source_vm)
-    if pidfd is not None:
-        pidfd.close()
+    t.peer.close()
+    if t.source_vm is not None:
+        with contextlib.suppress(OSError):
+            os.close(t.source_vm)
+    if t.source is not None:
+        t.source.close()
+    return True
+
+
+async def _recover(t: _Target, exc: HandoffError | OSError) -> bool:
+    """A step failed: tell the source why where the failure is ours, then execute the protocol's
+    table (`recovery.recover_target`). True when this VMM must run the guest now (a takeover
+    from a source that is gone), False when it steps aside."""
+    conn = t.conn
+    switched = t.devices is not None  # a usable Switchover came: we can hold the guest
+    if conn.state is protocol.State.DONE:
+        # Our Resumed could not be sent: the source never learnt it (see `undelivered`).
+        conn.undelivered()
+    elif not isinstance(exc, Refused | PeerGoneError) and (
+        not switched or (isinstance(exc, OSError) and not t.moved)
+    ):
+        # A failure of ours before we held the guest: refused, so the table says ABORT and the
+        # source keeps (or takes back) the guest.
+        await t.peer.refuse("internal", f"{exc}; the source keeps running")
+    if not switched:
+        log.error("handoff refused or failed before switchover: %s", exc)
+        return False
+    if conn.recovery() is not protocol.Recovery.TAKEOVER:
+        log.error("handoff failed after switchover (%s); the source keeps the guest", exc)
+        return False
+    if not await recover_target(conn, t.source):
+        log.error(
+            "source lost after switchover (%s) but still alive: it keeps the guest (our VM is "
+            "in its escrow, or its own VM was never touched); stepping aside",
+            exc,
+        )
+        return False
+    log.warning("source died after switchover (%s): taking over", exc)
+    if not t.moved:
+        try:
+            await _take_guest(t)
+        except OSError as exc2:
+            log.error("takeover failed: %s", exc2)
+            return False
     return True
 
 
@@ -411,13 +487,16 @@ SETTLE_SECONDS = 0.02
 runtime entry, READY=1) to the vCPU tasks' turn."""
 
 
-def _drop(app: VmmHost, peer: Peer, source_vm: int | None, source: PeerProcess | None) -> None:
-    peer.close()
-    if source_vm is not None:
+def _drop(t: _Target) -> None:
+    t.peer.close()
+    if t.source_vm is not None:
         with contextlib.suppress(OSError):
-            os.close(source_vm)
-    if source is not None:
-        source.close()
+            os.close(t.source_vm)
+    if t.source is not None:
+        t.source.close()
+    if t.stream is not None:
+        t.stream.close()
+    app = t.app
     if app.control_sock is not None:
         app.control_sock.close()
         app.control_sock = None

@@ -888,6 +888,27 @@ class HandoffConnection:
         self._peer_silent = True
         return self.recovery()
 
+    def undelivered(self) -> Recovery:
+        """The transport could not deliver the message we sent last (a SEQPACKET datagram is
+        sent whole or not at all, so the peer never read it): the conversation ends in the
+        state before that message, with the peer lost, and the recovery for it is returned.
+
+        This is how the target's failed `Resumed` is decided: it ends in COMMITTED, so
+        TAKEOVER, which the shell does only once the source's process is gone; a source that
+        lives never saw `Resumed` and takes the guest back (it fences the target first, and
+        the target has not let a vCPU run). A `Refuse` that could not be sent changes nothing.
+        """
+        before = self._peer_may_lag_in
+        if before is None:
+            raise LocalProtocolError("no message of ours is waiting to be read by the peer")
+        if self.refused_by is self.our_role:
+            return self.recovery()
+        self._ended_in = before
+        self._ending = _Ending.PEER_LOST
+        self._state = State.CLOSED
+        self._peer_may_lag_in = None
+        return self.recovery()
+
     # ---- building messages ------------------------------------------------------------------
 
     def make_hello(

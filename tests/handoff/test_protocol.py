@@ -1559,3 +1559,48 @@ def test_vcpu_states_are_bounded_in_the_message_and_in_the_memfd() -> None:
     data = encode_vcpu_states(largest)
     assert len(data) <= MAX_VCPU_STATES_BYTES
     assert decode_vcpu_states(data, msgspec.structs.replace(describe, vcpus=MAX_VCPUS)) == largest
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("steps", range(len(CONVERSATION)))
+def test_a_message_a_dead_peer_never_read_leaves_the_guest_with_exactly_one_vmm(
+    mode: Mode, steps: int
+) -> None:
+    """A send fails whole when the peer is gone (SEQPACKET): the sender's `undelivered` ends
+    the conversation in the state before its message, and its recovery, with the peer dead,
+    keeps the guest running unless the dead peer was the one holding it. The target's failed
+    Resumed is the case that matters: it takes over only because the source is gone."""
+    pair = Pair(mode)
+    for _ in range(steps):
+        pair.step()
+    sender, message = pair.next_message()
+    target_state = pair.target.state
+    pair.conn(sender).send(message)
+    recovery = pair.conn(sender).undelivered()
+    assert pair.conn(sender).state is State.CLOSED
+    runs = runs_guest(sender, recovery, peer_dead=True)
+    holder_died = sender is TARGET and target_state not in (
+        State.SWITCHED_OVER,
+        State.MOVED,
+        State.COMMITTED,
+    )
+    assert runs == (0 if holder_died else 1)
+
+
+def test_a_resumed_that_could_not_be_sent_is_a_takeover_only_from_a_dead_source() -> None:
+    pair = Pair("plain")
+    pair.advance_to(State.COMMITTED)
+    assert pair.target.version is not None
+    pair.target.send(make_resumed(pair.target.version))
+    assert pair.target.undelivered() is Recovery.TAKEOVER
+    assert pair.target.ended_in is State.COMMITTED
+    # The source, alive, never saw it: it fences the target and takes the guest back.
+    assert pair.source.recovery() is Recovery.FENCE_THEN_RECLAIM
+    assert pair.source.fenced([]) is Recovery.RECLAIM
+    assert not runs_guest(TARGET, Recovery.TAKEOVER, peer_dead=False)
+
+
+def test_undelivered_needs_a_message_of_ours_in_flight() -> None:
+    pair = Pair("plain")
+    with pytest.raises(LocalProtocolError):
+        pair.source.undelivered()

@@ -1,4 +1,4 @@
-"""The source's recovery is the protocol's table, executed: `source._recover` dispatches on
+"""The source's recovery is the protocol's table, executed: `recovery.recover_source` dispatches on
 `conn.recovery()` (one function per `Recovery`) and has no rule of its own.
 
 Each test drives a real `HandoffConnection` to the state a failure leaves it in, and runs the
@@ -21,7 +21,7 @@ import pytest
 import trio
 
 from handoff import protocol
-from handoff.migration import source
+from handoff.migration import recovery
 from handoff.migration.host import VmmHost
 from handoff.migration.peer import Peer
 from handoff.protocol import (
@@ -159,9 +159,9 @@ def recovering(
     watch: int | None = None,
     pidfd: int | None = None,
     proc: subprocess.Popen[bytes] | None = None,
-) -> source._Recovering:
+) -> recovery.SourceFailure:
     pid = proc.pid if proc is not None else 0
-    return source._Recovering(cast(VmmHost, app), conn, ESCROW, None, pidfd, proc, pid, watch)
+    return recovery.SourceFailure(cast(VmmHost, app), conn, ESCROW, None, pidfd, proc, pid, watch)
 
 
 @pytest.fixture
@@ -182,7 +182,7 @@ def test_every_source_recovery_of_the_table_has_exactly_one_function() -> None:
         for state in (*protocol.LIVE_STATES, State.DONE)
         for lost in (True, False)
     }
-    assert set(source._RECOVERIES) == source_values
+    assert set(recovery.SOURCE_RECOVERIES) == source_values
     assert Recovery.FENCE_THEN_RECLAIM in source_values
 
 
@@ -191,7 +191,7 @@ async def test_a_failure_before_prepared_leaves_the_running_guest_alone(state: S
     app = FakeApp(paused=False)
     conn = source_refused_in(state)
     assert conn.recovery() is Recovery.NOTHING_TO_DO
-    assert await source._recover(recovering(app, conn)) == "none"
+    assert await recovery.recover_source(recovering(app, conn)) == "none"
     assert app.calls == ["accept"]
 
 
@@ -202,7 +202,7 @@ async def test_a_failure_before_switchover_resumes_the_guest_if_the_handoff_paus
     app = FakeApp(paused=paused)
     conn = source_refused_in(State.PREPARED)
     assert conn.recovery() is Recovery.ROLLBACK
-    assert await source._recover(recovering(app, conn)) == word
+    assert await recovery.recover_source(recovering(app, conn)) == word
     assert app.calls == (["accept", "resume"] if paused else ["accept"])
 
 
@@ -220,7 +220,7 @@ async def test_a_failure_after_switchover_resumes_our_vm_or_reclaims_from_escrow
     app = FakeApp(holds=holds)
     conn = source_refused_in(state)
     assert conn.recovery() is Recovery.RESUME_OR_RECLAIM
-    assert await source._recover(recovering(app, conn)) == word
+    assert await recovery.recover_source(recovering(app, conn)) == word
     assert app.calls == calls
 
 
@@ -229,7 +229,7 @@ async def test_a_target_gone_after_commit_is_reclaimed_from() -> None:
     conn, _ = conversation(State.COMMITTED)
     conn.receive(None)
     assert conn.recovery() is Recovery.RECLAIM
-    assert await source._recover(recovering(app, conn)) == "reclaim"
+    assert await recovery.recover_source(recovering(app, conn)) == "reclaim"
     assert app.calls == ["probe", ("reclaim", ESCROW), "accept", "resume"]
 
 
@@ -240,7 +240,7 @@ async def test_a_silent_committed_target_is_fenced_then_reclaimed_from(
     app = FakeApp()
     conn, _ = conversation(State.COMMITTED)  # we gave up waiting for Resumed: still live
     assert conn.recovery() is Recovery.FENCE_THEN_RECLAIM
-    assert await source._recover(recovering(app, conn, watch=ours.fileno())) == "reclaim"
+    assert await recovery.recover_source(recovering(app, conn, watch=ours.fileno())) == "reclaim"
     assert app.calls == ["probe", ("reclaim", ESCROW), "accept", "resume"]
     assert conn.recovery() is Recovery.RECLAIM
 
@@ -256,7 +256,7 @@ async def test_a_resumed_that_crossed_our_failure_completes_the_handoff(
         with pytest.raises(protocol.RemoteProtocolError):
             conn.receive(b"\xc1")
     theirs.send(target_conn.send(RESUMED))
-    assert await source._recover(recovering(app, conn, watch=ours.fileno())) == "committed"
+    assert await recovery.recover_source(recovering(app, conn, watch=ours.fileno())) == "committed"
     assert app.calls == []  # the guest is the target's: nothing here touches it
     assert conn.state is State.DONE
     assert conn.recovery() is Recovery.DONE
@@ -265,7 +265,7 @@ async def test_a_resumed_that_crossed_our_failure_completes_the_handoff(
 async def test_after_resumed_there_is_nothing_to_recover() -> None:
     app = FakeApp()
     conn, _ = conversation(State.DONE)
-    assert await source._recover(recovering(app, conn)) == "committed"
+    assert await recovery.recover_source(recovering(app, conn)) == "committed"
     assert app.calls == []
 
 
@@ -305,7 +305,7 @@ async def test_the_fence_kills_a_committed_target_that_had_not_resumed(
     app = FakeApp()
     conn, _ = conversation(State.COMMITTED)
     r = recovering(app, conn, watch=ours.fileno(), pidfd=pidfd, proc=proc)
-    assert await source._recover(r) == "reclaim"
+    assert await recovery.recover_source(r) == "reclaim"
     assert proc.wait(5) == -signal.SIGKILL
 
 
@@ -319,7 +319,7 @@ async def test_the_fence_lets_a_target_that_resumed_run_on(
     conn, target_conn = conversation(State.COMMITTED)
     theirs.send(target_conn.send(RESUMED))
     r = recovering(app, conn, watch=ours.fileno(), pidfd=pidfd, proc=proc)
-    assert await source._recover(r) == "committed"
+    assert await recovery.recover_source(r) == "committed"
     await trio.sleep(0.05)
     assert proc.poll() is None
     assert _state_of(proc.pid) not in "Tt"  # frozen, then let go on (SIGCONT)
