@@ -9,6 +9,8 @@ from .abi import PAGE_SIZE
 SERIAL_PORT = 0x3F8  # OUT: the guest's serial lines
 DOORBELL_OUT_PORT = 0x510  # OUT: a seq the doorbell adds up
 DOORBELL_IN_PORT = 0x511  # IN: the doorbell's sum so far
+IDLE_PORT = 0x512  # OUT: microseconds the guest asks to idle before its next step
+MAX_IDLE_US = 1_000_000  # a longer ask is cut to this (the guest is idle, not gone)
 
 
 def required_memory(vcpus: int) -> int:

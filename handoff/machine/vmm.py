@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 
 import trio
 
-from handoff.hv import ExitView, Hypervisor, Vcpu, VcpuState, Vm, abi
+from handoff.hv import ExitView, Hypervisor, Vcpu, VcpuState, Vm, abi, witness
 from handoff.machine.config import GuestConfig, HostFlags
 from handoff.machine.devices import Devices, DeviceState
 
@@ -73,8 +73,14 @@ class RunGate:
         self._resumed = trio.Event()
         self._parked = 0
         self._all_parked = trio.Event()
+        self._pause_asked = trio.Event()
+        self._pause_asked.set()
         if count == 0:
             self._all_parked.set()
+
+    async def wait_pause_asked(self) -> None:
+        """Returns once a pause is asked (at once while one is)."""
+        await self._pause_asked.wait()
 
     async def park(self) -> None:
         resumed = self._resumed
@@ -93,10 +99,12 @@ class RunGate:
         if not self.pause_requested:
             self.pause_requested = True
             self._resumed = trio.Event()
+            self._pause_asked.set()
         await self._all_parked.wait()
 
     def resume(self) -> None:
         self.pause_requested = False
+        self._pause_asked = trio.Event()
         self._parked = 0
         self._all_parked = trio.Event()
         if self.count == 0:
@@ -113,6 +121,7 @@ class VcpuRunner:
         self.pending = False  # an exit whose completion the kernel has not taken yet
         self.exits = 0
         self.parked = False  # waiting in the gate: `Vmm.resume` may start its KVM_RUN
+        self.idle_s = 0.0  # the guest asked to idle this long before its next step
 
     @property
     def vcpu(self) -> Vcpu:
@@ -159,6 +168,12 @@ class VcpuRunner:
                 self.pending = False
                 if not self._serve(exit_):
                     return
+                if self.idle_s:
+                    # The guest waits for time to pass: the vCPU sleeps here, not in the
+                    # kernel, and a pause (a handoff) does not wait for it to wake.
+                    idle, self.idle_s = self.idle_s, 0.0
+                    with trio.move_on_after(idle):
+                        await gate.wait_pause_asked()
         except ContextLost:
             log.error(
                 "vCPU %d: KVM_RUN failed with EIO: this VM no longer holds the guest", self.index
@@ -173,6 +188,12 @@ class VcpuRunner:
         if reason == _EXIT_INTR:
             return True
         if reason == _EXIT_IO and exit_.io is not None:
+            io = exit_.io
+            if io.port == witness.IDLE_PORT and io.direction == abi.IO_OUT:
+                asked = int.from_bytes(io.data[:4], "little")
+                self.idle_s = min(asked, witness.MAX_IDLE_US) / 1e6
+                self.pending = True
+                return True
             data = self.vmm.devices.handle_io(self.index, exit_.io)
             if data is not None:
                 self.vcpu.complete_io(data)

@@ -324,3 +324,46 @@ async def test_the_fence_lets_a_target_that_resumed_run_on(
     assert proc.poll() is None
     assert _state_of(proc.pid) not in "Tt"  # frozen, then let go on (SIGCONT)
     assert app.calls == []
+
+
+# ---- the target ------------------------------------------------------------------------------
+
+
+class FakeSource:
+    """The source's process as the target's recovery waits on it."""
+
+    def __init__(self, gone: bool) -> None:
+        self.gone = gone
+        self.waited = 0
+
+    async def wait_gone(self, timeout: float) -> bool:
+        self.waited += 1
+        return self.gone
+
+
+def test_every_target_recovery_of_the_table_is_handled() -> None:
+    values = {
+        protocol.recovery_for(TARGET, state, peer_lost=lost, we_refused=refused)
+        for state in (*protocol.LIVE_STATES, State.DONE)
+        for lost in (True, False)
+        for refused in (True, False)
+    }
+    assert values == recovery.TARGET_RECOVERIES
+
+
+@pytest.mark.parametrize("gone", [True, False])
+async def test_the_target_takes_over_only_from_a_source_whose_process_is_gone(gone: bool) -> None:
+    _, target = conversation(State.SWITCHED_OVER)
+    target.receive(None)
+    assert target.recovery() is Recovery.TAKEOVER
+    proc = FakeSource(gone)
+    assert await recovery.recover_target(target, cast(Any, proc)) is gone
+    assert proc.waited == 1
+
+
+async def test_a_target_that_refused_aborts_without_waiting_for_anything() -> None:
+    target = HandoffConnection(TARGET)
+    target.send(Refuse(code="busy", reason="already taking over a guest"))
+    proc = FakeSource(True)
+    assert await recovery.recover_target(target, cast(Any, proc)) is False
+    assert proc.waited == 0
