@@ -15,7 +15,9 @@ another kernel with a message instead of loading garbage.
 from __future__ import annotations
 
 import contextlib
+import os
 from contextlib import AbstractContextManager
+from types import TracebackType
 from typing import Protocol, runtime_checkable
 
 import msgspec
@@ -42,6 +44,47 @@ def check_state(state: VcpuState, backend: str, version: int) -> None:
             f"loaded by backend {backend!r} format {version}; both VMMs of a handoff must "
             "run on the same kernel"
         )
+
+
+class PeerVm:
+    """A VM another process created, held by the fd it sent us: a handoff's escrow, or the
+    source of a context move. All a kernel lets us do with it is name it (its VM and vCPU
+    ioctls are the creator's: EIO here). Owns its fd: `close` (or the `with` block) closes it
+    once, and a closed handle refuses to name anything."""
+
+    __slots__ = ("_fd",)
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def fileno(self) -> int:
+        if self._fd < 0:
+            raise ValueError("this peer VM's fd is already closed")
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def __enter__(self) -> PeerVm:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"PeerVm(fd={self._fd})" if self._fd >= 0 else "PeerVm(closed)"
 
 
 class IoExitView(Protocol):
@@ -154,9 +197,9 @@ class Vm(Protocol):
         FINISH, then GUEST_STATUS."""
         ...
 
-    async def move_enc_context_from(self, source_fd: int) -> None:
-        """KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM: the encryption context of the VM `source_fd`
-        names moves into this one, which must not be SEV yet."""
+    async def move_enc_context_from(self, source: PeerVm) -> None:
+        """KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM: the encryption context of the VM `source` names
+        moves into this one, which must not be SEV yet (the caller keeps `source`)."""
         ...
 
     def close(self) -> None: ...

@@ -15,7 +15,7 @@ import msgspec
 
 from kvmstub import client, guest, uapi
 
-from .base import SevLaunch, VcpuState, check_state
+from .base import PeerVm, SevLaunch, VcpuState, check_state
 
 NAME = "kvmstub"
 STATE_VERSION = 1  # VcpuState.blob: msgpack of kvmstub.uapi.Regs
@@ -117,8 +117,8 @@ class KvmstubVm:
             status={k: v for k, v in status.items() if isinstance(v, int)},
         )
 
-    async def move_enc_context_from(self, source_fd: int) -> None:
-        await self._vm.enable_cap(uapi.KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM, source_fd)
+    async def move_enc_context_from(self, source: PeerVm) -> None:
+        await self._vm.enable_cap(uapi.KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM, source.fileno())
 
     def close(self) -> None:
         self._vm.close()

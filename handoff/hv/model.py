@@ -22,7 +22,7 @@ import trio
 
 from kvmstub import model, uapi
 
-from .base import SevLaunch, VcpuState, no_polling
+from .base import PeerVm, SevLaunch, VcpuState, no_polling
 from .kvmstub import SEV_API, regs_state, state_regs, witness_image, witness_initial_state
 
 NAME = "kvmstub"  # the model *is* kvmstub's kernel: its state is kvmstub's, and moves to it
@@ -192,10 +192,10 @@ class ModelVm:
             status={k: v for k, v in status.items() if isinstance(v, int)},
         )
 
-    async def move_enc_context_from(self, source_fd: int) -> None:
+    async def move_enc_context_from(self, source: PeerVm) -> None:
         await trio.lowlevel.checkpoint()
-        source = self._kernel.vm_of_fd(source_fd)
-        self._vm.enable_cap(self._mm, uapi.KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM, 0, [source])
+        vm = self._kernel.vm_of_fd(source.fileno())
+        self._vm.enable_cap(self._mm, uapi.KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM, 0, [vm])
 
     def close(self) -> None:
         if self._fd >= 0:

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 
 import trio
 
-from handoff.hv import ExitView, Hypervisor, Vcpu, VcpuState, Vm, abi, witness
+from handoff.hv import ExitView, Hypervisor, PeerVm, Vcpu, VcpuState, Vm, abi, witness
 from handoff.machine.config import GuestConfig, HostFlags
 from handoff.machine.devices import Devices, DeviceState
 
@@ -322,7 +322,7 @@ class Vmm:
         self.status = "inmigrate"
 
     async def complete_incoming(
-        self, source_vm: int, states: Sequence[VcpuState] | None, devices: DeviceState
+        self, source_vm: PeerVm, states: Sequence[VcpuState] | None, devices: DeviceState
     ) -> None:
         """Protocol step 7: take the context, the vCPU states and the device state."""
         assert self.vm is not None and self.hypervisor is not None
@@ -399,7 +399,7 @@ class Vmm:
             return exc.errno != errno.EIO
         return True
 
-    async def reclaim(self, escrow: int, states: Sequence[VcpuState] | None) -> None:
+    async def reclaim(self, escrow: PeerVm, states: Sequence[VcpuState] | None) -> None:
         """Move the guest back from the escrowed VM into a fresh VM of our own.
 
         Used when a handoff failed after the context moved: our old VM is dead (EIO), so a new

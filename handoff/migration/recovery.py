@@ -40,7 +40,7 @@ from typing import Final
 import trio
 
 from handoff import protocol
-from handoff.hv import VcpuState
+from handoff.hv import PeerVm, VcpuState
 from handoff.migration.host import PeerProcess, PidfdProcess, VmmHost
 from handoff.transport.unix import OwnedFds, fds_of
 
@@ -57,7 +57,7 @@ class SourceFailure:
 
     app: VmmHost
     conn: protocol.HandoffConnection
-    escrow: int | None
+    escrow: PeerVm | None  # the target's VM (Prepared); the caller closes it
     states: list[VcpuState] | None
     pidfd: int | None  # the target's, taken when it connected (or `target`)
     proc: subprocess.Popen[bytes] | None  # the target, if we started it

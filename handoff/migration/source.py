@@ -38,7 +38,7 @@ from handoff.errors import (
     HandoffTimeout,
     TransportError,
 )
-from handoff.hv import VcpuState
+from handoff.hv import PeerVm, VcpuState
 from handoff.machine.vmm import collector_paused
 from handoff.migration import messages
 from handoff.migration.host import PeerOpener, PeerProcess, PidfdProcess, VmmHost
@@ -50,7 +50,7 @@ from handoff.system.sched import waking_without_preempting, yield_cpus
 from handoff.transport.unix import Channel, PeerCredentials, connect
 
 if TYPE_CHECKING:
-    from handoff.migration.record import HandoffRecord
+    pass
 
 log = logging.getLogger("handoff.source")
 
@@ -154,7 +154,7 @@ class _Source:
     peer: Peer | None = None
     target: PeerProcess | None = None
     peer_pid: int = 0
-    escrow: int | None = None  # the target's VM fd (Prepared)
+    escrow: PeerVm | None = None  # the target's VM (Prepared)
     watch: int | None = None  # a dup of the connection: a late Resumed is read there
     states: list[VcpuState] | None = None  # what the pause read; the recovery loads it back
     stream: socket.socket | None = None  # the --copy-memory baseline's stream
@@ -240,7 +240,7 @@ async def _prepared_step(s: _Source) -> None:
     rec = s.app.record
     _prepared, fds = await s.live.receive(protocol.Prepared)
     got = fds.take()
-    s.escrow = got[0]
+    s.escrow = PeerVm(got[0])
     s.stream = socket.socket(fileno=got[1]) if s.copy_memory else None
     await s.app.faults.point("source", "prepared", s.peer)
     rec.phase("prepare")
@@ -355,9 +355,7 @@ async def _hand_off(
         else:
             if s.target is not None:
                 s.target.close()
-            return await _failed(
-                app, rec, reason, recovery, s.peer, (s.escrow, s.watch), s.stream, proc
-            )
+            return await _failed(s, reason, recovery)
     return await _completed(s)
 
 
@@ -448,7 +446,7 @@ async def _completed(s: _Source) -> bool:
         app.handed_to = (peer_pid, os.dup(pidfd))  # a stop from now on is passed on to it
     if target is not None:
         target.close()
-    _close(s.peer, (s.escrow, s.watch))
+    _close(s)
     if rec.workdir:
         # The target removes its socket once it has taken over; the directory is ours.
         shutil.rmtree(rec.workdir, ignore_errors=True)
@@ -461,16 +459,8 @@ SETTLE_SECONDS = 0.01
 new VMM's own settling (target.SETTLE_SECONDS), so that the two do not run together."""
 
 
-async def _failed(
-    app: VmmHost,
-    rec: HandoffRecord,
-    reason: str,
-    recovery: str,
-    peer: Peer | None,
-    fds: tuple[int | None, ...],
-    stream: socket.socket | None,
-    proc: subprocess.Popen[bytes] | None,
-) -> bool:
+async def _failed(s: _Source, reason: str, recovery: str) -> bool:
+    app, rec = s.app, s.app.record
     rec.finish("failed", reason, recovery)
     handoff_summary(log, app.flags.name, rec)
     app.emit(
@@ -478,22 +468,26 @@ async def _failed(
         {"id": rec.id, "status": "failed", "error-desc": reason, "recovery": recovery},
     )
     notify.notify(f"STATUS=handoff failed ({recovery}): guest running here")
-    _close(peer, fds)
-    if stream is not None:
-        stream.close()
+    _close(s)
     if app.nursery is not None:
         # Reaping may take a moment; the VMM is free for the next command meanwhile.
-        app.nursery.start_soon(_reap, proc, rec.workdir)
+        app.nursery.start_soon(_reap, s.proc, rec.workdir)
     return False
 
 
-def _close(peer: Peer | None, fds: tuple[int | None, ...]) -> None:
-    if peer is not None:
-        peer.close()
-    for fd in fds:
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+def _close(s: _Source) -> None:
+    """Let go of everything the handoff held: the connection, the escrow, the stream."""
+    if s.peer is not None:
+        s.peer.close()
+    if s.escrow is not None:
+        s.escrow.close()
+    if s.watch is not None:
+        with contextlib.suppress(OSError):
+            os.close(s.watch)
+        s.watch = None
+    if s.stream is not None:
+        s.stream.close()
+        s.stream = None
 
 
 async def _reap(proc: subprocess.Popen[bytes] | None, workdir: str) -> None:

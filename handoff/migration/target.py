@@ -35,7 +35,7 @@ from handoff.errors import (
     Incompatible,
     Refused,
 )
-from handoff.hv import VcpuState
+from handoff.hv import PeerVm, VcpuState
 from handoff.machine.config import GuestConfig
 from handoff.machine.devices import DeviceState
 from handoff.machine.vmm import collector_paused
@@ -199,7 +199,7 @@ class _Target:
     conn: protocol.HandoffConnection
     peer: Peer
     source: PeerProcess | None  # the source's process, as a takeover waits for it to be gone
-    source_vm: int | None = None  # Switchover's first fd
+    source_vm: PeerVm | None = None  # Switchover's first fd
     control_path: str = ""
     stream: socket.socket | None = None  # the --copy-memory baseline's stream
     states: list[VcpuState] | None = None
@@ -323,7 +323,7 @@ async def _switchover_step(t: _Target) -> None:
     )
     t.t_switchover = time.perf_counter()
     t.requests0, t.messages0 = vmm.requests_made(), t.peer.messages - 1
-    t.source_vm = fds.pop(0)
+    t.source_vm = PeerVm(fds.pop(0))
     assert t.conn.description is not None
     # Reads and closes the rest of the fds (the vCPU state memfd of protocol 3).
     t.states, t.devices = messages.switchover_state(switchover, t.conn.description, fds)
@@ -437,8 +437,7 @@ async def _receive(
     await trio.lowlevel.checkpoint()
     t.peer.close()
     if t.source_vm is not None:
-        with contextlib.suppress(OSError):
-            os.close(t.source_vm)
+        t.source_vm.close()
     if t.source is not None:
         t.source.close()
     return True
@@ -490,8 +489,7 @@ runtime entry, READY=1) to the vCPU tasks' turn."""
 def _drop(t: _Target) -> None:
     t.peer.close()
     if t.source_vm is not None:
-        with contextlib.suppress(OSError):
-            os.close(t.source_vm)
+        t.source_vm.close()
     if t.source is not None:
         t.source.close()
     if t.stream is not None:

@@ -19,7 +19,7 @@ import trio
 
 from handoff import protocol
 from handoff.errors import Incompatible
-from handoff.hv import Hypervisor, StateMismatch, Vcpu, VcpuState, Vm, abi, witness
+from handoff.hv import Hypervisor, PeerVm, StateMismatch, Vcpu, VcpuState, Vm, abi, witness
 from handoff.hv.kvmstub import open_kvmstub
 from handoff.hv.model import ModelHypervisor, ModelKernel
 from handoff.machine.devices import Devices
@@ -176,7 +176,8 @@ async def test_sev_es_context_moves_to_another_processes_vm(
             v.kick()
             with pytest.raises(OSError):
                 await v.run()
-        await new_vm.move_enc_context_from(old_vm.fileno())
+        with PeerVm(os.dup(old_vm.fileno())) as named:  # as SCM_RIGHTS would give it
+            await new_vm.move_enc_context_from(named)
 
         with pytest.raises(OSError) as info:
             await old_vcpus[0].run(immediate_exit=True)
@@ -272,3 +273,18 @@ async def test_state_crosses_protocol_1_and_2_as_kvm_regs(two_processes: tuple[A
     other = VcpuState(backend="kvm", version=1, blob=b"")
     with pytest.raises(Incompatible, match="protocol 1 or 2"):
         messages.wire_regs(other)
+
+
+def test_a_peer_vm_owns_its_fd_closes_it_once_and_then_names_nothing() -> None:
+    r, w = os.pipe()
+    os.close(w)
+    peer = PeerVm(r)
+    assert peer.fileno() == r and not peer.closed
+    with peer:
+        pass
+    assert peer.closed
+    with pytest.raises(OSError):
+        os.fstat(r)  # closed (and not reused in between: nothing else opened a file)
+    peer.close()  # a second close closes nothing (the number may name another file by now)
+    with pytest.raises(ValueError, match="already closed"):
+        peer.fileno()

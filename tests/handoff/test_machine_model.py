@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from handoff.hv import abi
+from handoff.hv import PeerVm, abi
 from handoff.hv.model import ModelHypervisor, ModelKernel
 from handoff.machine.config import GuestConfig, HostFlags, Mode
 from handoff.machine.vmm import Vmm
@@ -78,7 +78,8 @@ async def test_a_guest_moves_between_two_vmms_on_one_model_kernel(
             await target.prepare_incoming([os.dup(fd) for fd in source.memfds])
             target.start(nursery)
             assert source.vm is not None
-            await target.complete_incoming(source.vm.fileno(), states, devices)
+            with PeerVm(os.dup(source.vm.fileno())) as source_vm:
+                await target.complete_incoming(source_vm, states, devices)
             if mode == "sev-es":
                 assert not await source.holds_context()  # the context moved away
             target.resume()
@@ -90,11 +91,8 @@ async def test_a_guest_moves_between_two_vmms_on_one_model_kernel(
                 # a fresh VM of its own over the same memfds, the context moved out of the
                 # target's (the escrow), the devices as the target left them.
                 assert target.vm is not None
-                escrow = os.dup(target.vm.fileno())
-                try:
+                with PeerVm(os.dup(target.vm.fileno())) as escrow:
                     await source.reclaim(escrow, None)
-                finally:
-                    os.close(escrow)
                 assert await source.holds_context()
                 assert not await target.holds_context()
                 source.devices.restore(target.devices.snapshot())
