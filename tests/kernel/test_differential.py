@@ -314,12 +314,17 @@ async def copy_into_vm_with_vcpus(side: Side) -> str:
     return await answer(side.enable_cap(dst, COPY, src))
 
 
-async def sev_init_then_move(side: Side) -> str:
-    """KVM_SEV_INIT on one VM, then MOVE its context into another."""
-    src = await side.create_vm()
-    init = await answer(side.memory_encrypt_op(src, uapi.KVM_SEV_INIT))
-    dst = await side.create_vm()
-    return f"{init},{await answer(side.enable_cap(dst, MOVE, src))}"
+def sev_init_then_move(*more_args: int) -> CaseRun:
+    """KVM_SEV_INIT on one VM, then MOVE its context into another (with `more_args` in
+    args[1..3], which neither kernel looks at)."""
+
+    async def run(side: Side) -> str:
+        src = await side.create_vm()
+        init = await answer(side.memory_encrypt_op(src, uapi.KVM_SEV_INIT))
+        dst = await side.create_vm()
+        return f"{init},{await answer(side.enable_cap(dst, MOVE, src, *more_args))}"
+
+    return run
 
 
 def create_vcpus(*ids: int) -> CaseRun:
@@ -444,6 +449,11 @@ CASES = [
     same("enable EXIT_HYPERCALL", enable_cap(uapi.KVM_CAP_EXIT_HYPERCALL, 1 << 12), "ok"),
     same("enable EXIT_HYPERCALL bit 0", enable_cap(uapi.KVM_CAP_EXIT_HYPERCALL, 1), "EINVAL"),
     same(
+        "enable EXIT_HYPERCALL, args[1..3] set",
+        enable_cap(uapi.KVM_CAP_EXIT_HYPERCALL, 1 << 12, 1, 2, 3),
+        "ok",
+    ),
+    same(
         "enable EXIT_HYPERCALL, flags 1",
         enable_cap(uapi.KVM_CAP_EXIT_HYPERCALL, 1 << 12, flags=1),
         "EINVAL",
@@ -471,14 +481,20 @@ CASES = [
         )
     ],
     same("COPY into a VM with vCPUs", copy_into_vm_with_vcpus, "EINVAL"),
-    differs(
-        "SEV_INIT then MOVE",
-        sev_init_then_move,
-        "ok,ok",
-        "ENOTTY,EINVAL",
-        f"{NO_SEV_IOCTL}; {NO_HOOK}",
-        "ENOTTY,EINVAL",
-    ),
+    *[
+        differs(
+            name,
+            sev_init_then_move(*more_args),
+            "ok,ok",
+            "ENOTTY,EINVAL",
+            f"{NO_SEV_IOCTL}; {NO_HOOK}",
+            "ENOTTY,EINVAL",
+        )
+        for name, more_args in (
+            ("SEV_INIT then MOVE", ()),
+            ("SEV_INIT then MOVE, args[1..3] set", (1, 2, 3)),
+        )
+    ],
     # KVM_CREATE_VCPU
     same("vCPU id twice", create_vcpus(0, 0), "ok,EEXIST"),
     same("vCPU id MAX_VCPU_ID-1", create_vcpus(KVM_MAX_VCPU_IDS - 1), "ok"),
