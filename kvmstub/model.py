@@ -115,7 +115,10 @@ KVM_X86_SEV_ES_VM = 3
 KVM_CAP_VM_TYPES = 235
 KVM_EXIT_FAIL_ENTRY = 9
 KVM_MAX_VCPUS = 1024
-KVM_MAX_VCPU_IDS = 1024
+# An x86 vCPU id is its APIC id, which encodes the topology and may exceed the vCPU count:
+# KVM_MAX_VCPU_IDS = KVM_MAX_VCPUS * KVM_VCPU_ID_RATIO (arch/x86/include/asm/kvm_host.h).
+KVM_VCPU_ID_RATIO = 4
+KVM_MAX_VCPU_IDS = KVM_MAX_VCPUS * KVM_VCPU_ID_RATIO
 KVM_EXIT_HYPERCALL_VALID_MASK = 1 << uapi.KVM_HC_MAP_GPA_RANGE
 GHCB_VERSION_MIN = 1
 GHCB_VERSION_MAX = 2
@@ -783,6 +786,7 @@ class Vm:
         self.refcount = 1
         self.created_vcpus = 0
         self.online_vcpus = 0
+        self.max_vcpu_ids = 0  # kvm->arch.max_vcpu_ids: 0 until set (KVM_CAP_MAX_VCPU_ID)
         self.vcpus: list[Vcpu] = []
         self.sev = SevInfo(need_init=vm_type != KVM_X86_DEFAULT_VM)
         self.exit_hypercall = 0  # kvm->arch.hypercall_exit_enabled
@@ -876,6 +880,13 @@ class Vm:
             raise _err(errno.EINVAL, f"KVM_CREATE_VCPU: id {vcpu_id} out of range")
         if self.created_vcpus >= KVM_MAX_VCPUS:
             raise _err(errno.EINVAL, f"KVM_CREATE_VCPU: VM {self.id} has {KVM_MAX_VCPUS} vCPUs")
+        # kvm_arch_vcpu_precreate (x86.c): the first vCPU fixes the default limit.
+        if not self.max_vcpu_ids:
+            self.max_vcpu_ids = KVM_MAX_VCPU_IDS
+        if vcpu_id >= self.max_vcpu_ids:
+            raise _err(
+                errno.EINVAL, f"KVM_CREATE_VCPU: id {vcpu_id} >= max_vcpu_ids {self.max_vcpu_ids}"
+            )
         if any(v.vcpu_id == vcpu_id for v in self.vcpus):
             raise _err(errno.EEXIST, f"KVM_CREATE_VCPU: VM {self.id} has vCPU {vcpu_id}")
         # Atomic here; the kernel bumps created_vcpus first and online_vcpus at the end.
@@ -957,6 +968,19 @@ class Vm:
             if mask < 0 or mask & ~KVM_EXIT_HYPERCALL_VALID_MASK:
                 raise _err(errno.EINVAL, f"KVM_CAP_EXIT_HYPERCALL: unsupported bits {mask:#x}")
             self.exit_hypercall = mask
+            return 0
+        if cap == uapi.KVM_CAP_MAX_VCPU_ID:
+            # x86.c kvm_vm_ioctl_enable_cap: at most KVM_MAX_VCPU_IDS, and set once (the
+            # same value again is fine; the first vCPU sets the default). Its
+            # `bsp_vcpu_id > args[0]` refusal never fires: no KVM_SET_BOOT_CPU_ID here.
+            limit = arg0 if isinstance(arg0, int) else -1
+            if not 0 <= limit <= KVM_MAX_VCPU_IDS:
+                raise _err(errno.EINVAL, f"KVM_CAP_MAX_VCPU_ID: {limit} > {KVM_MAX_VCPU_IDS}")
+            if self.max_vcpu_ids not in (0, limit):
+                raise _err(
+                    errno.EINVAL, f"KVM_CAP_MAX_VCPU_ID: VM {self.id} has {self.max_vcpu_ids}"
+                )
+            self.max_vcpu_ids = limit
             return 0
         raise _err(errno.EINVAL, f"KVM_ENABLE_CAP: capability {cap} cannot be enabled")
 
@@ -1492,6 +1516,17 @@ _SEV_COMMANDS: dict[int, _SevHandler] = {
 }
 
 
+_ALWAYS_ONE_CAPS = frozenset(
+    {
+        uapi.KVM_CAP_USER_MEMORY,
+        uapi.KVM_CAP_READONLY_MEM,  # kvm_arch_has_readonly_mem for the default VM type
+        uapi.KVM_CAP_IMMEDIATE_EXIT,
+        uapi.KVM_CAP_VM_COPY_ENC_CONTEXT_FROM,
+        uapi.KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM,
+    }
+)
+
+
 def _root_cgroup(mm: int) -> str:
     return ROOT_CGROUP
 
@@ -1535,8 +1570,20 @@ class Host:
         return uapi.KVM_API_VERSION
 
     def check_extension(self, cap: int) -> int:
-        if cap in (uapi.KVM_CAP_VM_COPY_ENC_CONTEXT_FROM, uapi.KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM):
+        """KVM_CHECK_EXTENSION (kvm_vm_ioctl_check_extension_generic, then x86.c's
+        kvm_vm_ioctl_check_extension) for the capabilities the model implements. MOVE and
+        COPY are reported whatever the vendor module: x86.c lists them among its
+        unconditional caps (the ENABLE_CAP is what may fail)."""
+        if cap in _ALWAYS_ONE_CAPS:
             return 1
+        if cap == uapi.KVM_CAP_NR_VCPUS:  # min(num_online_cpus(), KVM_MAX_VCPUS)
+            return min(os.cpu_count() or 1, KVM_MAX_VCPUS)
+        if cap == uapi.KVM_CAP_MAX_VCPUS:
+            return KVM_MAX_VCPUS
+        if cap == uapi.KVM_CAP_MAX_VCPU_ID:
+            return KVM_MAX_VCPU_IDS
+        if cap == uapi.KVM_CAP_NR_MEMSLOTS:
+            return uapi.KVM_USER_MEM_SLOTS
         if cap == uapi.KVM_CAP_EXIT_HYPERCALL:
             return KVM_EXIT_HYPERCALL_VALID_MASK
         if cap == KVM_CAP_VM_TYPES:

@@ -11,6 +11,9 @@
         vm.free()                                     # kvm_vm_free: close the fds
         info = await kvm.vm_stats(vm)                 # kvmstub's view, the C cannot see it
 
+    def test_y(real_kvm):                            # rawkvm.RealKvm: the host's /dev/kvm,
+        vm = real_kvm.create_vm()                     # raw ioctls; skipped where unusable
+
 Failures are errnos (0 for success), as the C reads `ret == -1 && errno == X`. Each test
 gets a fresh daemon; on teardown every VM is freed and the daemon must be empty: no VM, no
 ASID in use, no firmware guest, no model warning, and no misc cgroup charge beyond those a
@@ -22,10 +25,11 @@ types `Any`, as tests/kvmstub does for tests/conftest.py's.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
+import rawkvm
 import trio
 
 from kvmstub import client, uapi
@@ -223,3 +227,16 @@ async def kvm(kvmstub_daemon: KvmstubDaemon) -> AsyncIterator[SelftestKvm]:
     await kvm.assert_nothing_left()
     kvm.client.close()
     assert kvmstub_daemon.alive(), "the kvmstub daemon died during the test"
+
+
+@pytest.fixture
+def real_kvm() -> Iterator[rawkvm.RealKvm]:
+    """The host's real /dev/kvm (raw ioctls, tests/kernel/rawkvm.py); the test is skipped
+    where it is missing or KVM_CREATE_VM fails. Every fd made through it is closed after."""
+    kvm = rawkvm.usable_kvm()
+    if isinstance(kvm, str):
+        pytest.skip(f"no usable /dev/kvm here: {kvm}")
+    try:
+        yield kvm
+    finally:
+        kvm.close()
