@@ -9,6 +9,9 @@ from .abi import PAGE_SIZE
 SERIAL_PORT = 0x3F8  # OUT: the guest's serial lines
 DOORBELL_OUT_PORT = 0x510  # OUT: a seq the doorbell adds up
 DOORBELL_IN_PORT = 0x511  # IN: the doorbell's sum so far
+# OUT u32 (the x86 witness, between lines): idle this vCPU that many microseconds before its
+# next KVM_RUN, as a real guest halts between its work
+IDLE_PORT = 0x512
 
 
 def required_memory(vcpus: int) -> int:
