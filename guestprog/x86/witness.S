@@ -14,7 +14,9 @@
  *   r12  TSC at the last step                r13   largest gap between two steps (TSC ticks)
  *   rbp  steps left before the next line     r14, r15  see above (r14 is checked too)
  * Each step checks the TSC went forward, the invariants, xmm0 == rbx and the previous journal
- * record, then chains the next record. Each line: OUT seq to the doorbell, IN the sum and
+ * record, then chains the next record. A step and each exit are ticks: gap_us is the largest
+ * time between two ticks since the previous line (less the idle the guest asked for), so it
+ * holds any pause of the vCPU, in the guest or at one of its exits. Each line: OUT seq to the doorbell, IN the sum and
  * compare, then "vcpu=<i> seq=<n> gap_us=<g>\n" to the serial port (4 bytes per OUT) and,
  * in idle mode, one OUT of the idle time (microseconds) to the idle port.
  */
@@ -70,28 +72,34 @@ step:
 	mov	eax, ebx
 	mov	dx, DOORBELL_OUT
 	out	dx, eax
+	call	tick
 	add	r8d, ebx
 	mov	dx, DOORBELL_IN
 	in	eax, dx
-	cmp	eax, r8d
+	mov	ecx, eax
+	call	tick
+	cmp	ecx, r8d
 	jne	panic_device
 
 	call	write_line
 	inc	rbx
 	paddq	xmm0, xmmword ptr [rip + one]
-	xor	r13d, r13d
 
 	mov	eax, dword ptr ds:P_IDLE_US
 	test	eax, eax
 	jz	line
+	mov	rcx, qword ptr ds:P_IDLE_TICKS
+	mov	qword ptr [r14 + V_CREDIT], rcx
 	mov	dx, IDLE_PORT
 	out	dx, eax
-	mov	rax, qword ptr ds:P_IDLE_TICKS
-	mov	qword ptr [r14 + V_CREDIT], rax
+	call	tick
 	jmp	line
 
-/* One step: the checks, then the next journal record. Clobbers rax, rcx, rdx. */
-check_step:
+/* The time since the last tick (a step or an exit) is a gap: the TSC must not have gone back;
+ * the largest gap (less idle the guest asked for) is kept in r13. Clobbers rax only. */
+tick:
+	push	rcx
+	push	rdx
 	rdtsc
 	shl	rdx, 32
 	or	rax, rdx
@@ -106,7 +114,13 @@ check_step:
 	cmp	rcx, r13
 	jbe	2f
 	mov	r13, rcx
-2:
+2:	pop	rdx
+	pop	rcx
+	ret
+
+/* One step: a tick, the checks, then the next journal record. Clobbers rax, rcx, rdx. */
+check_step:
+	call	tick
 	mov	rax, INVARIANT
 	xor	rax, r15
 	cmp	rax, r11
@@ -146,8 +160,9 @@ check_step:
 	inc	r10
 	ret
 
-/* "vcpu=<r15> seq=<rbx> gap_us=<r13 in us>\n" to the serial port. Clobbers rax, rcx, rdx,
- * rsi, rdi. */
+/* "vcpu=<r15> seq=<rbx> gap_us=<r13 in us>\n" to the serial port; r13 starts again from 0, so
+ * the gaps of this line's own exits count for the next line. Clobbers rax, rcx, rdx, rsi,
+ * rdi. */
 write_line:
 	lea	rdi, [r14 + V_LINE]
 	lea	rsi, [rip + s_vcpu]
@@ -168,28 +183,33 @@ write_line:
 	mul	rcx
 	mov	ecx, dword ptr ds:P_TSC_KHZ
 	div	rcx
+	xor	r13d, r13d
 	call	put_dec
 	mov	byte ptr [rdi], 10
 	inc	rdi
 	lea	rsi, [r14 + V_LINE]
 	mov	rcx, rdi
 	sub	rcx, rsi
-	/* fall through */
-
-/* rcx bytes at rsi to the serial port, four a time: KVM exits once per OUTS element (its
- * emulator runs `rep outs` one element per exit), so dwords take a quarter of the exits. */
-serial_write:
+	/* rcx bytes at rsi, four per OUT: KVM exits once per OUTS element (its emulator runs
+	 * `rep outs` one element per exit), so dwords take a quarter of the exits. Each exit is
+	 * a tick: a pause at any of them shows in gap_us. */
 	mov	dx, SERIAL
-	mov	rax, rcx
-	shr	rcx, 2
-	rep	outsd
-	test	al, 2
-	jz	5f
-	outsw
-5:	test	al, 1
+	mov	rdi, rcx
+4:	cmp	rdi, 4
+	jb	5f
+	outsd
+	call	tick
+	sub	rdi, 4
+	jmp	4b
+5:	test	dil, 2
 	jz	6f
+	outsw
+	call	tick
+6:	test	dil, 1
+	jz	7f
 	outsb
-6:	ret
+	call	tick
+7:	ret
 
 /* rax in decimal at rdi, rdi advanced past it. Clobbers rax, rcx, rdx, rsi. */
 put_dec:
@@ -229,9 +249,10 @@ panic_device:
 /* "PANIC <reason>\n", then shut down: HLT at CPL3 faults, and with no IDT that is a triple
  * fault (KVM_EXIT_SHUTDOWN). Should the fault not stop it, it stays here. */
 panic:
-	call	serial_write
-4:	hlt
-	jmp	4b
+	mov	dx, SERIAL
+	rep	outsb
+8:	hlt
+	jmp	8b
 
 s_vcpu:	.ascii "vcpu="
 s_seq:	.ascii " seq="
