@@ -599,10 +599,7 @@ class LinuxVm:
         hv = self.hypervisor
         while True:
             indices = hv.msr_indices
-            buf = bytearray(8 + abi.MSR_ENTRY_SIZE * len(indices))
-            _U32.pack_into(buf, 0, len(indices))
-            for i, index in enumerate(indices):
-                _U32.pack_into(buf, 8 + abi.MSR_ENTRY_SIZE * i, index)
+            buf = bytearray(hv.msrs_request)
             done = _ioctl(vcpu_fd, abi.KVM_GET_MSRS, buf, "KVM_GET_MSRS")
             if done == len(indices):
                 return buf
@@ -725,8 +722,19 @@ class LinuxHypervisor:
         self.xsave2_size = self.check_extension(abi.KVM_CAP_XSAVE2)
         self.cpuid = _supported_cpuid(fd)
         self.cpuid_digest = hashlib.sha256(self.cpuid).digest()
-        self.msr_indices = _msr_indices(fd)
+        self._msr_indices = _msr_indices(fd)
+        self.msrs_request = _msrs_request(self._msr_indices)
         self.tsc_khz = 0
+
+    @property
+    def msr_indices(self) -> list[int]:
+        """The MSRs a vCPU's state holds (KVM_GET_MSR_INDEX_LIST less those refused)."""
+        return self._msr_indices
+
+    @msr_indices.setter
+    def msr_indices(self, indices: list[int]) -> None:
+        self._msr_indices = indices
+        self.msrs_request = _msrs_request(indices)
 
     def check_extension(self, cap: int) -> int:
         return _ioctl_arg(self._fd, abi.KVM_CHECK_EXTENSION, cap, "KVM_CHECK_EXTENSION")
@@ -856,6 +864,15 @@ def _supported_cpuid(fd: int) -> bytes:
             continue
         (got,) = _U32.unpack_from(buf, 0)
         return bytes(buf[: 8 + abi.CPUID_ENTRY_SIZE * got])
+
+
+def _msrs_request(indices: list[int]) -> bytes:
+    """struct kvm_msrs asking for `indices` (KVM_GET_MSRS fills in the values)."""
+    buf = bytearray(8 + abi.MSR_ENTRY_SIZE * len(indices))
+    _U32.pack_into(buf, 0, len(indices))
+    for i, index in enumerate(indices):
+        _U32.pack_into(buf, 8 + abi.MSR_ENTRY_SIZE * i, index)
+    return bytes(buf)
 
 
 def _msr_indices(fd: int) -> list[int]:

@@ -16,10 +16,14 @@ import errno
 import fcntl
 import os
 import re
+import socket
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 
+import msgspec
 import pytest
 import trio
 
@@ -234,6 +238,86 @@ async def test_handoff_to_a_new_vm_continues_every_seq(hv: LinuxHypervisor, vcpu
         assert len(guest.lines[i]) >= before[i] + 9
 
 
+class Handover(msgspec.Struct):
+    """What the test's source process sends its target with the memfd."""
+
+    vcpus: int
+    states: list[bytes]
+    vm_state: bytes
+    sums: list[int]
+    partial: list[bytes]
+    lines: int  # how many more lines each vCPU is to print
+
+
+class Report(msgspec.Struct):
+    lines: list[list[bytes]]
+    panics: list[bytes]
+    stopped: dict[int, int]
+
+
+async def target_main(sock: socket.socket) -> None:
+    """The target process: a VM of its own over the received memfd, the source's states."""
+    msg, fds, _, _ = socket.recv_fds(sock, 1 << 20, 1)
+    (mem,) = fds
+    handover = msgspec.msgpack.decode(msg, type=Handover)
+    hv = open_linux()
+    machine = await build(hv, mem, handover.vcpus)
+    for vcpu, blob in zip(machine.vcpus, handover.states, strict=True):
+        await vcpu.set_state(VcpuState(backend=linux.NAME, version=linux.STATE_VERSION, blob=blob))
+    await machine.vm.set_vm_state(
+        VmState(backend=linux.NAME, version=linux.STATE_VERSION, blob=handover.vm_state)
+    )
+    guest = Guest(handover.vcpus)
+    guest.sums = list(handover.sums)
+    guest.partial = list(handover.partial)
+    try:
+        await drive(guest, machine.vcpus, lines=handover.lines)
+    finally:
+        machine.close()
+        os.close(mem)
+        hv.close()
+    report = Report(lines=guest.lines, panics=guest.panics, stopped=guest.stopped)
+    sock.send(msgspec.msgpack.encode(report))
+
+
+@needs_kvm
+async def test_handoff_to_another_process_continues_every_seq(hv: LinuxHypervisor) -> None:
+    vcpus = 2
+    mem, machine = await launch(hv, vcpus)
+    guest = Guest(vcpus)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    child: subprocess.Popen[bytes] | None = None
+    try:
+        await drive(guest, machine.vcpus, lines=3)
+        states = [(await v.get_state()).blob for v in machine.vcpus]
+        vm_state = (await machine.vm.get_vm_state()).blob
+        machine.close()  # the source never runs the guest again
+        child = subprocess.Popen(
+            [sys.executable, __file__, "target", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            env=os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        theirs.close()
+        handover = Handover(vcpus, states, vm_state, guest.sums, guest.partial, lines=4)
+        socket.send_fds(ours, [msgspec.msgpack.encode(handover)], [mem])
+        with trio.fail_after(60):
+            msg = await trio.to_thread.run_sync(ours.recv, 1 << 22)
+            assert await trio.to_thread.run_sync(child.wait) == 0
+    finally:
+        if child is not None and child.poll() is None:
+            child.kill()
+            child.wait()
+        ours.close()
+        theirs.close()
+        os.close(mem)
+    report = msgspec.msgpack.decode(msg, type=Report)
+    assert report.panics == [] and report.stopped == {}
+    for i in range(vcpus):
+        guest.lines[i] += report.lines[i]
+    assert_contiguous(guest, vcpus)
+    assert all(len(report.lines[i]) >= 4 for i in range(vcpus))
+
+
 @needs_kvm
 async def test_handoff_without_xsave_makes_the_guest_panic(hv: LinuxHypervisor) -> None:
     mem, machine = await launch(hv, 2)
@@ -352,6 +436,23 @@ async def test_state_of_another_backend_or_cpu_is_refused(hv: LinuxHypervisor) -
 
 
 @needs_kvm
+async def test_an_msr_the_vcpu_refuses_is_left_out_of_its_state(hv: LinuxHypervisor) -> None:
+    bogus = 0x4B564DFF  # in KVM's paravirtual range, and no MSR there
+    hv.msr_indices = [*hv.msr_indices[:5], bogus, *hv.msr_indices[5:]]
+    mem, machine = await launch(hv, 1)
+    guest = Guest(1)
+    try:
+        await drive(guest, machine.vcpus, lines=2)
+        machine = await hand_off(hv, mem, machine)
+        await drive(guest, machine.vcpus, lines=2)
+    finally:
+        machine.close()
+        os.close(mem)
+    assert bogus not in hv.msr_indices
+    assert_contiguous(guest, 1)
+
+
+@needs_kvm
 async def test_sev_is_refused_with_enotty(hv: LinuxHypervisor) -> None:
     vm = await hv.create_vm()
     try:
@@ -446,3 +547,7 @@ async def test_measure_state_and_kick_costs(hv: LinuxHypervisor) -> None:
         machine.close()
         os.close(mem)
     assert kicks
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["target"]:
+    trio.run(target_main, socket.socket(fileno=int(sys.argv[2])))
