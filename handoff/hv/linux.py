@@ -579,8 +579,9 @@ class LinuxVm:
         vcpu = LinuxVcpu(self, index, fd, run)
         try:
             # Before anything else: XCRS, MSRs and the first KVM_RUN depend on it.
-            _ioctl(fd, abi.KVM_SET_CPUID2, bytearray(hv.cpuid), "KVM_SET_CPUID2")
-            vcpu.cpuid_digest = hv.cpuid_digest
+            cpuid = vcpu_cpuid(hv.cpuid, index)
+            _ioctl(fd, abi.KVM_SET_CPUID2, bytearray(cpuid), "KVM_SET_CPUID2")
+            vcpu.cpuid_digest = hashlib.sha256(cpuid).digest()
             attr = bytearray(vcpu._tsc_attr)
             try:
                 _ioctl(fd, abi.KVM_HAS_DEVICE_ATTR, attr, "KVM_HAS_DEVICE_ATTR")
@@ -720,7 +721,7 @@ class LinuxHypervisor:
         self.has_sregs2 = bool(self.check_extension(abi.KVM_CAP_SREGS2))
         self.has_xcrs = bool(self.check_extension(abi.KVM_CAP_XCRS))
         self.xsave2_size = self.check_extension(abi.KVM_CAP_XSAVE2)
-        self.cpuid = _supported_cpuid(fd)
+        self.cpuid = vcpu_cpuid(_supported_cpuid(fd), 0)
         self.cpuid_digest = hashlib.sha256(self.cpuid).digest()
         self._msr_indices = _msr_indices(fd)
         self.msrs_request = _msrs_request(self._msr_indices)
@@ -847,6 +848,30 @@ def witness_initial_state(index: int) -> VcpuState:
         (_Tag.MP_STATE, mp_state),
     ]
     return VcpuState(backend=NAME, version=STATE_VERSION, blob=_pack(sections))
+
+
+_CPUID_ENTRY = struct.Struct("<IIIIIII12x")  # function, index, flags, eax, ebx, ecx, edx
+
+
+def vcpu_cpuid(table: bytes, index: int) -> bytes:
+    """vCPU `index`'s CPUID: the host's table with the APIC ID fields saying `index` (the
+    in-kernel LAPIC's ID is the vCPU id). KVM_GET_SUPPORTED_CPUID fills them from whichever
+    host CPU the calling thread ran on, so two processes read different tables otherwise."""
+    out = bytearray(table)
+    (nent,) = _U32.unpack_from(out, 0)
+    for i in range(nent):
+        at = 8 + abi.CPUID_ENTRY_SIZE * i
+        function, sub, flags, eax, ebx, ecx, edx = _CPUID_ENTRY.unpack_from(out, at)
+        if function == 0x1:
+            ebx = (ebx & 0x00FFFFFF) | (index & 0xFF) << 24  # initial APIC ID
+        elif function in (0xB, 0x1F):
+            edx = index  # x2APIC ID
+        elif function == 0x8000001E:
+            eax = index  # extended APIC ID
+        else:
+            continue
+        _CPUID_ENTRY.pack_into(out, at, function, sub, flags, eax, ebx, ecx, edx)
+    return bytes(out)
 
 
 def _supported_cpuid(fd: int) -> bytes:

@@ -389,6 +389,9 @@ async def test_a_kicked_vcpu_leaves_a_long_guest_run_with_eintr(hv: LinuxHypervi
             assert vcpu.start_run()
             assert vcpu.run_in_flight
             assert not vcpu.start_run()
+            with pytest.raises(OSError) as info:
+                await vcpu.get_state()  # a running vCPU's state is not a state
+            assert info.value.errno == errno.EBUSY
             await trio.sleep(0.02)
             vcpu.kick()
             with trio.fail_after(30), pytest.raises(OSError) as info:
@@ -450,6 +453,23 @@ async def test_an_msr_the_vcpu_refuses_is_left_out_of_its_state(hv: LinuxHypervi
         os.close(mem)
     assert bogus not in hv.msr_indices
     assert_contiguous(guest, 1)
+
+
+@needs_kvm
+def test_every_host_cpu_gives_a_vcpu_the_same_cpuid() -> None:
+    # KVM_GET_SUPPORTED_CPUID reports the APIC ID of the CPU the caller runs on: two VMM
+    # processes on two CPUs would refuse each other's vCPU state without the vCPU's own IDs.
+    kvm = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    allowed = os.sched_getaffinity(0)
+    try:
+        tables = set()
+        for cpu in sorted(allowed):
+            os.sched_setaffinity(0, {cpu})
+            tables.add(linux.vcpu_cpuid(linux._supported_cpuid(kvm), 3))
+    finally:
+        os.sched_setaffinity(0, allowed)
+        os.close(kvm)
+    assert len(tables) == 1
 
 
 @needs_kvm
