@@ -7,9 +7,9 @@ from KVM_RUN: this VM no longer holds the guest; EINTR: the run was kicked befor
 entered), exits carry the kernel's exit reasons (`handoff.hv.abi`), and a VM is named to the
 kernel by a file descriptor, which is what crosses SCM_RIGHTS in a handoff.
 
-A vCPU's state is opaque above this layer: the backend that read it is the only one that can
-write it back, and it says so (`VcpuState.backend`, `.version`), so a target refuses state from
-another kernel with a message instead of loading garbage.
+A vCPU's state (and a VM's own, `VmState`) is opaque above this layer: the backend that read it
+is the only one that can write it back, and it says so (`VcpuState.backend`, `.version`), so a
+target refuses state from another kernel with a message instead of loading garbage.
 """
 
 from __future__ import annotations
@@ -26,6 +26,16 @@ import msgspec
 class VcpuState(msgspec.Struct, frozen=True, kw_only=True):
     """One vCPU's architectural state as its backend reads and writes it, opaque to every
     layer above `hv`. `version` is the backend's format, bumped when the blob changes."""
+
+    backend: str
+    version: int
+    blob: bytes
+
+
+class VmState(msgspec.Struct, frozen=True, kw_only=True):
+    """A VM's own state besides its vCPUs' (the real KVM's PIT, PIC/IOAPIC, kvmclock), as its
+    backend reads and writes it, opaque like `VcpuState`. Backends whose VMs have none (kvmstub)
+    answer None for it."""
 
     backend: str
     version: int
@@ -85,6 +95,16 @@ class PeerVm:
 
     def __repr__(self) -> str:
         return f"PeerVm(fd={self._fd})" if self._fd >= 0 else "PeerVm(closed)"
+
+
+def check_vm_state(state: VmState, backend: str, version: int) -> None:
+    """Refuse VM state this backend did not write, naming both sides."""
+    if state.backend != backend or state.version != version:
+        raise StateMismatch(
+            f"VM state from backend {state.backend!r} format {state.version} cannot be "
+            f"loaded by backend {backend!r} format {version}; both VMMs of a handoff must "
+            "run on the same kernel"
+        )
 
 
 class IoExitView(Protocol):
@@ -200,6 +220,16 @@ class Vm(Protocol):
     async def move_enc_context_from(self, source: PeerVm) -> None:
         """KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM: the encryption context of the VM `source` names
         moves into this one, which must not be SEV yet (the caller keeps `source`)."""
+        ...
+
+    async def get_vm_state(self) -> VmState | None:
+        """The VM-wide state a successor must load besides every vCPU's (interrupt
+        controllers, timers, clock), read with every vCPU stopped; None where the backend's
+        VMs keep none."""
+        ...
+
+    async def set_vm_state(self, state: VmState) -> None:
+        """Load what `get_vm_state` of the source VM read (refused: another backend's)."""
         ...
 
     def close(self) -> None: ...

@@ -15,7 +15,7 @@ import msgspec
 
 from kvmstub import client, guest, uapi
 
-from .base import PeerVm, SevLaunch, VcpuState, check_state
+from .base import PeerVm, SevLaunch, StateMismatch, VcpuState, VmState, check_state
 
 NAME = "kvmstub"
 STATE_VERSION = 1  # VcpuState.blob: msgpack of kvmstub.uapi.Regs
@@ -36,6 +36,15 @@ def state_regs(state: VcpuState) -> uapi.Regs:
         raise ValueError(
             f"vCPU state ({NAME} format {STATE_VERSION}) is malformed: {exc}"
         ) from None
+
+
+def refuse_vm_state(state: VmState) -> None:
+    """kvmstub's VMs have no VM-wide state: any `VmState` is another backend's."""
+    raise StateMismatch(
+        f"VM state from backend {state.backend!r} format {state.version} cannot be loaded by "
+        f"backend {NAME!r}, whose VMs keep none; both VMMs of a handoff must run on the same "
+        "kernel"
+    )
 
 
 def witness_image(vcpus: int, line_every: int, flip_every: int) -> bytes:
@@ -119,6 +128,12 @@ class KvmstubVm:
 
     async def move_enc_context_from(self, source: PeerVm) -> None:
         await self._vm.enable_cap(uapi.KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM, source.fileno())
+
+    async def get_vm_state(self) -> VmState | None:
+        return None  # kvmstub's VMs keep no state of their own besides their vCPUs'
+
+    async def set_vm_state(self, state: VmState) -> None:
+        refuse_vm_state(state)
 
     def close(self) -> None:
         self._vm.close()

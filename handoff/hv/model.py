@@ -22,8 +22,15 @@ import trio
 
 from kvmstub import model, uapi
 
-from .base import PeerVm, SevLaunch, VcpuState, no_polling
-from .kvmstub import SEV_API, regs_state, state_regs, witness_image, witness_initial_state
+from .base import PeerVm, SevLaunch, VcpuState, VmState, no_polling
+from .kvmstub import (
+    SEV_API,
+    refuse_vm_state,
+    regs_state,
+    state_regs,
+    witness_image,
+    witness_initial_state,
+)
 
 NAME = "kvmstub"  # the model *is* kvmstub's kernel: its state is kvmstub's, and moves to it
 
@@ -196,6 +203,14 @@ class ModelVm:
         await trio.lowlevel.checkpoint()
         vm = self._kernel.vm_of_fd(source.fileno())
         self._vm.enable_cap(self._mm, uapi.KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM, 0, [vm])
+
+    async def get_vm_state(self) -> VmState | None:
+        await trio.lowlevel.checkpoint()
+        return None
+
+    async def set_vm_state(self, state: VmState) -> None:
+        await trio.lowlevel.checkpoint()
+        refuse_vm_state(state)
 
     def close(self) -> None:
         if self._fd >= 0:

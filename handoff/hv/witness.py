@@ -9,7 +9,9 @@ from .abi import PAGE_SIZE
 SERIAL_PORT = 0x3F8  # OUT: the guest's serial lines
 DOORBELL_OUT_PORT = 0x510  # OUT: a seq the doorbell adds up
 DOORBELL_IN_PORT = 0x511  # IN: the doorbell's sum so far
-IDLE_PORT = 0x512  # OUT: microseconds the guest asks to idle before its next step
+# OUT u32 (the x86 witness, between lines): idle this vCPU that many microseconds before its
+# next KVM_RUN, as a real guest halts between its work
+IDLE_PORT = 0x512
 MAX_IDLE_US = 1_000_000  # a longer ask is cut to this (the guest is idle, not gone)
 
 

@@ -1,0 +1,980 @@
+"""The Linux /dev/kvm backend: plain (non-SEV) x86-64 guests on the real kernel.
+
+A VM here is a real KVM VM with the in-kernel PIC/IOAPIC/LAPIC and PIT, its memory the VMM's
+memfds mapped MAP_SHARED by this module, each vCPU with its CPUID set at creation (the host's
+KVM_GET_SUPPORTED_CPUID, with the vCPU's own APIC ID) and its kvm_run page mapped. The guest it
+runs is the x86 witness of `guestprog.x86`; `required_memory(vcpus)` is what it needs.
+
+KVM_RUN: each vCPU has a thread of its own that issues it (through ctypes, which releases the
+GIL and never retries EINTR, unlike `fcntl.ioctl` on Python 3.14: reference/real-kvm.md section
+3) and wakes the trio task that waits for the exit (measured on a nested 2-CPU host: about
+50 us an exit less than `trio.to_thread.run_sync`). `kick` sets kvm_run.immediate_exit and
+signals that thread with `KICK_SIGNAL`, whose handler does nothing (installed by `open_linux`
+from the main thread): a vCPU in the guest leaves at once with EINTR, one about to enter does
+not enter. Every other ioctl runs on the caller's thread.
+
+State: `get_state`/`set_state` move a vCPU's whole architectural state as one opaque
+`VcpuState` (raw kernel structs in tagged sections, see `_Tag`), in the orders of the
+reference, section 2; `get_vm_state`/`set_vm_state` the VM's PIT, PIC and IOAPIC and kvmclock.
+Both refuse state read under another CPUID table. Everything is read with every vCPU stopped
+(`kick`, then the completion run) and loaded before the target's first KVM_RUN.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import enum
+import errno
+import fcntl
+import hashlib
+import logging
+import mmap
+import os
+import signal
+import struct
+import threading
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from typing import Any, NoReturn
+
+import trio
+
+from guestprog import x86
+
+from . import linux_abi as abi
+from .abi import EXIT_IO, IO_OUT
+from .base import (
+    SevLaunch,
+    StateMismatch,
+    VcpuState,
+    VmState,
+    check_state,
+    check_vm_state,
+    no_polling,
+)
+
+log = logging.getLogger("handoff.hv.linux")
+
+NAME = "linux"
+STATE_VERSION = 1  # VcpuState.blob and VmState.blob: tagged raw kernel structs (`_Tag`)
+KICK_SIGNAL = signal.SIGRTMIN  # what cloud-hypervisor kicks its vCPU threads with
+DEFAULT_PATH = "/dev/kvm"
+required_memory = x86.required_memory  # guest RAM the x86 witness uses, from GPA 0
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_c_ioctl = _libc.ioctl
+_c_ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
+_c_ioctl.restype = ctypes.c_int
+
+_SECTION = struct.Struct("<HHI")  # tag, 0, length
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_MEMORY_REGION = struct.Struct("<IIQQQ")  # slot, flags, guest_phys_addr, memory_size, uaddr
+_ENABLE_CAP = struct.Struct("<II4Q64x")  # cap, flags, args[4], pad
+
+
+class _Tag(enum.IntEnum):
+    """A section of a state blob: one kernel struct, as its GET ioctl filled it."""
+
+    CPUID_DIGEST = 1  # sha256 of the vCPU's CPUID table (not a kernel struct)
+    MP_STATE = 2
+    EVENTS = 3
+    REGS = 4
+    SREGS = 5
+    SREGS2 = 6
+    XSAVE = 7
+    XCRS = 8
+    MSRS = 9  # struct kvm_msrs with its entries
+    DEBUGREGS = 10
+    LAPIC = 11
+    TSC_OFFSET = 12  # u64, KVM_VCPU_TSC_OFFSET
+    ENTRY_SREGS = 13  # struct kvm_sregs of an entry state: merged into the vCPU's own
+    PIT2 = 20
+    CLOCK = 21
+    IRQCHIP = 22  # struct kvm_irqchip, one section per chip (PIC master, slave, IOAPIC)
+
+
+def _pack(sections: Iterable[tuple[_Tag, bytes | bytearray]]) -> bytes:
+    return b"".join(_SECTION.pack(tag, 0, len(data)) + bytes(data) for tag, data in sections)
+
+
+def _unpack(blob: bytes, what: str) -> list[tuple[_Tag, bytes]]:
+    out: list[tuple[_Tag, bytes]] = []
+    pos = 0
+    while pos < len(blob):
+        if pos + _SECTION.size > len(blob):
+            raise ValueError(f"{what} ({NAME} format {STATE_VERSION}) is truncated")
+        tag, _, length = _SECTION.unpack_from(blob, pos)
+        pos += _SECTION.size
+        if pos + length > len(blob):
+            raise ValueError(f"{what} ({NAME} format {STATE_VERSION}) is truncated")
+        try:
+            out.append((_Tag(tag), blob[pos : pos + length]))
+        except ValueError:
+            raise ValueError(
+                f"{what} ({NAME} format {STATE_VERSION}) has unknown section {tag}"
+            ) from None
+        pos += length
+    return out
+
+
+SECTION_NAMES = {
+    "mp_state": _Tag.MP_STATE,
+    "events": _Tag.EVENTS,
+    "regs": _Tag.REGS,
+    "sregs": _Tag.SREGS2,
+    "xsave": _Tag.XSAVE,
+    "xcrs": _Tag.XCRS,
+    "msrs": _Tag.MSRS,
+    "debugregs": _Tag.DEBUGREGS,
+    "lapic": _Tag.LAPIC,
+    "tsc_offset": _Tag.TSC_OFFSET,
+}
+
+
+def state_without(state: VcpuState, *names: str) -> VcpuState:
+    """`state` less some of its parts (`SECTION_NAMES`): a test's way to break a handoff the
+    way a VMM that forgot them would (a target without "xsave" loses the guest's SSE state)."""
+    check_state(state, NAME, STATE_VERSION)
+    drop = {SECTION_NAMES[n] for n in names}
+    if _Tag.SREGS2 in drop:
+        drop.add(_Tag.SREGS)
+    kept = [(t, d) for t, d in _unpack(state.blob, "vCPU state") if t not in drop]
+    return VcpuState(backend=NAME, version=STATE_VERSION, blob=_pack(kept))
+
+
+def state_sections(state: VcpuState | VmState) -> dict[str, int]:
+    """Which structs a state holds and their sizes (for logs and tests)."""
+    return {t.name.lower(): len(d) for t, d in _unpack(state.blob, "state")}
+
+
+# ---------------------------------------------------------------------------- ioctl helpers
+
+
+class _Counter:
+    requests = 0
+
+
+def _ioctl(fd: int, request: int, buf: bytearray, name: str) -> int:
+    """An ioctl on a struct, in place; OSError with the ioctl's name on failure."""
+    _Counter.requests += 1
+    try:
+        ret: int = fcntl.ioctl(fd, request, buf, True)
+    except OSError as exc:
+        raise OSError(exc.errno, f"{name}: {os.strerror(exc.errno or 0)}") from None
+    return ret
+
+
+def _ioctl_arg(fd: int, request: int, arg: int, name: str) -> int:
+    """An ioctl with an unsigned long argument (fcntl.ioctl would take a C int only)."""
+    _Counter.requests += 1
+    ret: int = _c_ioctl(fd, request, arg)
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{name}: {os.strerror(err)}")
+    return ret
+
+
+def _noop_handler(signum: int, frame: object) -> None:
+    """The kick signal's handler: its delivery is all a kick needs (KVM_RUN returns EINTR)."""
+
+
+def install_kick_handler() -> None:
+    """Give `KICK_SIGNAL` a no-op handler (not SIG_IGN, not SIG_DFL: an ignored signal does
+    not interrupt KVM_RUN, a default one kills the process). Main thread only (Python's rule
+    for signal handlers); a handler already installed by the application is kept."""
+    current = signal.getsignal(KICK_SIGNAL)
+    if current not in (signal.SIG_DFL, signal.SIG_IGN, None):
+        return
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError(
+            f"the linux backend needs a handler for signal {KICK_SIGNAL!r} to kick vCPUs; "
+            "open it from the main thread"
+        )
+    signal.signal(KICK_SIGNAL, _noop_handler)
+
+
+# ---------------------------------------------------------------------------- exits
+
+
+class IoExit:
+    __slots__ = ("count", "data", "direction", "port", "size")
+
+    def __init__(self, direction: int, size: int, port: int, count: int, data: bytes) -> None:
+        self.direction = direction
+        self.size = size
+        self.port = port
+        self.count = count
+        self.data = data
+
+
+class HypercallExit:
+    __slots__ = ("args", "nr")
+
+    def __init__(self, nr: int, args: tuple[int, int, int, int, int, int]) -> None:
+        self.nr = nr
+        self.args = args
+
+
+class Exit:
+    __slots__ = ("exit_reason", "hypercall", "io")
+
+    def __init__(
+        self, exit_reason: int, io: IoExit | None = None, hypercall: HypercallExit | None = None
+    ) -> None:
+        self.exit_reason = exit_reason
+        self.io = io
+        self.hypercall = hypercall
+
+    def __repr__(self) -> str:
+        return f"Exit(reason={self.exit_reason}, io={self.io and vars_of(self.io)})"
+
+
+def vars_of(obj: Any) -> dict[str, Any]:
+    return {k: getattr(obj, k) for k in obj.__slots__}
+
+
+_EXIT_HYPERCALL = 3
+_HYPERCALL = struct.Struct("<7Q")
+
+
+# ---------------------------------------------------------------------------- vCPU
+
+
+class _RunThread:
+    """The thread that issues one vCPU's KVM_RUNs, one per `go`."""
+
+    def __init__(self, fd: int, name: str) -> None:
+        self.fd = fd
+        self.in_kvm_run = False
+        self.closing = False
+        self.errno = 0
+        self._notify: Callable[[], None] = lambda: None
+        self._go = threading.Semaphore(0)
+        self.thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self.thread.start()
+        ident = self.thread.ident
+        assert ident is not None
+        self.ident = ident
+
+    def go(self, notify: Callable[[], None]) -> None:
+        self._notify = notify
+        self._go.release()
+
+    def _main(self) -> None:
+        ioctl, fd, request = _c_ioctl, self.fd, abi.KVM_RUN
+        while True:
+            self._go.acquire()
+            if self.closing:
+                return
+            self.in_kvm_run = True
+            ret = ioctl(fd, request, 0)
+            self.in_kvm_run = False
+            self.errno = ctypes.get_errno() if ret < 0 else 0
+            with contextlib.suppress(trio.RunFinishedError):
+                self._notify()
+
+    def stop(self) -> None:
+        self.closing = True
+        self._go.release()
+        self.thread.join()
+
+
+class LinuxVcpu:
+    """A vCPU fd, its kvm_run page and its KVM_RUN thread."""
+
+    def __init__(self, vm: LinuxVm, index: int, fd: int, run: mmap.mmap) -> None:
+        self._vm = vm
+        self._hv = vm.hypervisor
+        self.index = index
+        self._fd = fd
+        self._run = run
+        self._thread: _RunThread | None = None
+        self._in_flight = False
+        self._done: trio.Event | None = None
+        self._kicked = False
+        self._io_offset = 0
+        self._tsc_value = ctypes.c_uint64(0)  # KVM_{GET,SET}_DEVICE_ATTR read/write it here
+        self._tsc_attr = bytearray(
+            abi.DEVICE_ATTR.pack(
+                0,
+                abi.KVM_VCPU_TSC_CTRL,
+                abi.KVM_VCPU_TSC_OFFSET,
+                ctypes.addressof(self._tsc_value),
+            )
+        )
+        self.has_tsc_offset = False
+        self.cpuid_digest = b""
+
+    def fileno(self) -> int:
+        return self._fd
+
+    # ------------------------------------------------------------ running
+    @property
+    def run_in_flight(self) -> bool:
+        return self._in_flight
+
+    def start_run(self) -> bool:
+        if self._in_flight or self._fd < 0:
+            return False
+        self._begin()
+        return True
+
+    def _begin(self) -> None:
+        thread = self._thread
+        if thread is None:
+            thread = self._thread = _RunThread(self._fd, f"vcpu{self.index}")
+        done = self._done = trio.Event()
+        token = trio.lowlevel.current_trio_token()
+        self._in_flight = True
+        _Counter.requests += 1
+        thread.go(lambda: token.run_sync_soon(done.set))
+
+    async def run(self, *, immediate_exit: bool = False) -> Exit:
+        if self._fd < 0:
+            raise OSError(errno.EBADF, "KVM_RUN: the vCPU was closed")
+        if immediate_exit and not self._in_flight:
+            return await self._complete_only()
+        # With immediate_exit and a run in flight (`start_run`), that run is the one: a kick
+        # ends it, and it delivered the completion on entry.
+        if not self._in_flight:
+            self._begin()
+        thread, done = self._thread, self._done
+        assert thread is not None and done is not None
+        await done.wait()
+        self._in_flight = False
+        if self._fd < 0:
+            raise OSError(errno.EBADF, "KVM_RUN: the vCPU was closed")
+        err = thread.errno
+        if err:
+            raise OSError(err, f"KVM_RUN: {os.strerror(err)}")
+        return self._exit()
+
+    async def _complete_only(self) -> Exit:
+        """KVM_RUN with immediate_exit: the last exit's completion, no guest instruction."""
+        await trio.lowlevel.checkpoint()
+        run = self._run
+        run[abi.RUN_IMMEDIATE_EXIT] = 1
+        try:
+            _ioctl_arg(self._fd, abi.KVM_RUN, 0, "KVM_RUN")
+        finally:
+            run[abi.RUN_IMMEDIATE_EXIT] = 1 if self._kicked else 0
+        return self._exit()  # not reached on a kernel that honours immediate_exit
+
+    def _exit(self) -> Exit:
+        run = self._run
+        reason: int = _U32.unpack_from(run, abi.RUN_EXIT_REASON)[0]
+        if reason == EXIT_IO:
+            direction, size, port, count, offset = abi.IO_STRUCT.unpack_from(run, abi.RUN_IO)
+            self._io_offset = offset
+            data = run[offset : offset + size * count] if direction == IO_OUT else b""
+            return Exit(reason, io=IoExit(direction, size, port, count, data))
+        if reason == _EXIT_HYPERCALL:
+            nr, *args = _HYPERCALL.unpack_from(run, abi.RUN_HYPERCALL)
+            a = (args[0], args[1], args[2], args[3], args[4], args[5])
+            return Exit(reason, hypercall=HypercallExit(nr, a))
+        if reason == abi.EXIT_INTERNAL_ERROR:
+            suberror, _ = struct.unpack_from("<II", run, abi.RUN_INTERNAL)
+            log.error("vCPU %d: KVM internal error, suberror %d", self.index, suberror)
+        elif reason == abi.EXIT_FAIL_ENTRY:
+            (why,) = _U64.unpack_from(run, abi.RUN_FAIL_ENTRY)
+            log.error("vCPU %d: VM entry failed, hardware reason %#x", self.index, why)
+        return Exit(reason)
+
+    def kick(self) -> None:
+        self._kicked = True
+        self._run[abi.RUN_IMMEDIATE_EXIT] = 1
+        thread = self._thread
+        # Set before the check: a thread that is not in KVM_RUN yet will see the flag there.
+        if thread is not None and thread.in_kvm_run:
+            signal.pthread_kill(thread.ident, KICK_SIGNAL)
+
+    def unkick(self) -> None:
+        self._kicked = False
+        self._run[abi.RUN_IMMEDIATE_EXIT] = 0
+
+    def complete_io(self, data: bytes) -> None:
+        offset = self._io_offset
+        self._run[offset : offset + len(data)] = data
+
+    def complete_hypercall(self, ret: int) -> None:
+        _U64.pack_into(self._run, abi.RUN_HYPERCALL_RET, ret & ((1 << 64) - 1))
+
+    # ------------------------------------------------------------ state
+    def _get(self, request: int, size: int, name: str) -> bytearray:
+        buf = bytearray(size)
+        _ioctl(self._fd, request, buf, name)
+        return buf
+
+    def _set(self, request: int, data: bytes | bytearray, name: str) -> None:
+        _ioctl(self._fd, request, bytearray(data), name)
+
+    def _stopped(self, what: str) -> None:
+        if self._fd < 0:
+            raise OSError(errno.EBADF, f"{what}: the vCPU was closed")
+        if self._in_flight:
+            raise OSError(errno.EBUSY, f"{what}: vCPU {self.index} is in KVM_RUN; pause it first")
+
+    async def get_state(self) -> VcpuState:
+        """Every vCPU state the kernel keeps for a plain guest, mp_state and events first
+        (reading mp_state may accept pending LAPIC events and change the rest)."""
+        await trio.lowlevel.checkpoint()
+        self._stopped("get_state")
+        hv = self._hv
+        sections: list[tuple[_Tag, bytes | bytearray]] = [(_Tag.CPUID_DIGEST, self.cpuid_digest)]
+        get = self._get
+        sections.append(
+            (_Tag.MP_STATE, get(abi.KVM_GET_MP_STATE, abi.MP_STATE_SIZE, "KVM_GET_MP_STATE"))
+        )
+        sections.append(
+            (_Tag.EVENTS, get(abi.KVM_GET_VCPU_EVENTS, abi.EVENTS_SIZE, "KVM_GET_VCPU_EVENTS"))
+        )
+        sections.append((_Tag.REGS, get(abi.KVM_GET_REGS, abi.REGS_SIZE, "KVM_GET_REGS")))
+        if hv.has_sregs2:
+            sregs = get(abi.KVM_GET_SREGS2, abi.SREGS2_SIZE, "KVM_GET_SREGS2")
+            sections.append((_Tag.SREGS2, sregs))
+        else:
+            sections.append((_Tag.SREGS, get(abi.KVM_GET_SREGS, abi.SREGS_SIZE, "KVM_GET_SREGS")))
+        if hv.xsave2_size:
+            xsave = get(abi.KVM_GET_XSAVE2, hv.xsave2_size, "KVM_GET_XSAVE2")
+        else:
+            xsave = get(abi.KVM_GET_XSAVE, abi.XSAVE_SIZE, "KVM_GET_XSAVE")
+        sections.append((_Tag.XSAVE, xsave))
+        if hv.has_xcrs:
+            sections.append((_Tag.XCRS, get(abi.KVM_GET_XCRS, abi.XCRS_SIZE, "KVM_GET_XCRS")))
+        sections.append((_Tag.MSRS, self._vm.get_msrs(self._fd)))
+        sections.append(
+            (_Tag.DEBUGREGS, get(abi.KVM_GET_DEBUGREGS, abi.DEBUGREGS_SIZE, "KVM_GET_DEBUGREGS"))
+        )
+        sections.append((_Tag.LAPIC, get(abi.KVM_GET_LAPIC, abi.LAPIC_SIZE, "KVM_GET_LAPIC")))
+        if self.has_tsc_offset:
+            _ioctl(self._fd, abi.KVM_GET_DEVICE_ATTR, self._tsc_attr, "KVM_GET_DEVICE_ATTR")
+            sections.append((_Tag.TSC_OFFSET, _U64.pack(self._tsc_value.value)))
+        return VcpuState(backend=NAME, version=STATE_VERSION, blob=_pack(sections))
+
+    async def set_state(self, state: VcpuState) -> None:
+        """Load a state in the order the kernel's dependencies ask (reference section 2):
+        sregs (apic_base, EFER), regs, xsave, xcrs, lapic, MSRs (TSC deadline after TSC,
+        after the LAPIC), events (after regs, which clear a pending exception), mp_state,
+        debugregs, and the TSC offset last."""
+        await trio.lowlevel.checkpoint()
+        self._stopped("set_state")
+        check_state(state, NAME, STATE_VERSION)
+        parts = dict(_unpack(state.blob, "vCPU state"))
+        digest = parts.get(_Tag.CPUID_DIGEST)
+        if digest is not None and digest != self.cpuid_digest:
+            raise StateMismatch(
+                f"vCPU {self.index}'s state was read under another CPUID table than this "
+                "vCPU's: both VMMs of a handoff must present the same CPU (same kernel, same "
+                "host CPU model)"
+            )
+        fd = self._fd
+        if _Tag.SREGS2 in parts:
+            self._set(abi.KVM_SET_SREGS2, parts[_Tag.SREGS2], "KVM_SET_SREGS2")
+        if _Tag.SREGS in parts:
+            self._set(abi.KVM_SET_SREGS, parts[_Tag.SREGS], "KVM_SET_SREGS")
+        if _Tag.ENTRY_SREGS in parts:
+            self._set_entry_sregs(parts[_Tag.ENTRY_SREGS])
+        if _Tag.REGS in parts:
+            self._set(abi.KVM_SET_REGS, parts[_Tag.REGS], "KVM_SET_REGS")
+        if _Tag.XSAVE in parts:
+            # The whole XSAVE2-sized buffer goes to KVM_SET_XSAVE (there is no SET_XSAVE2).
+            _ioctl(fd, abi.KVM_SET_XSAVE, bytearray(parts[_Tag.XSAVE]), "KVM_SET_XSAVE")
+        if _Tag.XCRS in parts:
+            self._set(abi.KVM_SET_XCRS, parts[_Tag.XCRS], "KVM_SET_XCRS")
+        if _Tag.LAPIC in parts:
+            self._set(abi.KVM_SET_LAPIC, parts[_Tag.LAPIC], "KVM_SET_LAPIC")
+        if _Tag.MSRS in parts:
+            _set_msrs(fd, parts[_Tag.MSRS])
+        if _Tag.EVENTS in parts:
+            self._set(abi.KVM_SET_VCPU_EVENTS, parts[_Tag.EVENTS], "KVM_SET_VCPU_EVENTS")
+        if _Tag.MP_STATE in parts:
+            self._set(abi.KVM_SET_MP_STATE, parts[_Tag.MP_STATE], "KVM_SET_MP_STATE")
+        if _Tag.DEBUGREGS in parts:
+            self._set(abi.KVM_SET_DEBUGREGS, parts[_Tag.DEBUGREGS], "KVM_SET_DEBUGREGS")
+        if _Tag.TSC_OFFSET in parts and self.has_tsc_offset:
+            self._tsc_value.value = _U64.unpack(parts[_Tag.TSC_OFFSET])[0]
+            _ioctl(fd, abi.KVM_SET_DEVICE_ATTR, self._tsc_attr, "KVM_SET_DEVICE_ATTR")
+
+    def _set_entry_sregs(self, entry: bytes) -> None:
+        """An entry state's segments, descriptor tables, CR0/CR3/CR4 and EFER over the vCPU's
+        own sregs, keeping what the kernel set at creation (apic_base, CR8)."""
+        sregs = self._get(abi.KVM_GET_SREGS, abi.SREGS_SIZE, "KVM_GET_SREGS")
+        sregs[: abi.SREGS_CONTROL_AT] = entry[: abi.SREGS_CONTROL_AT]
+        cr0, _, cr3, cr4, _, efer, _ = abi.SREGS_CONTROL.unpack_from(entry, abi.SREGS_CONTROL_AT)
+        _, cr2, _, _, cr8, _, apic_base = abi.SREGS_CONTROL.unpack_from(sregs, abi.SREGS_CONTROL_AT)
+        abi.SREGS_CONTROL.pack_into(
+            sregs, abi.SREGS_CONTROL_AT, cr0, cr2, cr3, cr4, cr8, efer, apic_base
+        )
+        self._set(abi.KVM_SET_SREGS, sregs, "KVM_SET_SREGS")
+
+    def kvmclock_ctrl(self) -> None:
+        """Tell a guest using kvmclock that it was paused (KVM_KVMCLOCK_CTRL). EINVAL where it
+        has no kvmclock page, which is not a failure of the handoff."""
+        with contextlib.suppress(OSError):
+            _ioctl_arg(self._fd, abi.KVM_KVMCLOCK_CTRL, 0, "KVM_KVMCLOCK_CTRL")
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        thread = self._thread
+        if thread is not None:
+            self.kick()  # a KVM_RUN in flight ends, and the thread with it
+            thread.stop()
+            self._thread = None
+        self._in_flight = False
+        self._run.close()
+        os.close(self._fd)
+        self._fd = -1
+
+
+def _set_msrs(fd: int, data: bytes) -> None:
+    """KVM_SET_MSRS, which stops at the first MSR it refuses and says how many it took."""
+    buf = bytearray(data)
+    (count,) = _U32.unpack_from(buf, 0)
+    done = _ioctl(fd, abi.KVM_SET_MSRS, buf, "KVM_SET_MSRS")
+    if done != count:
+        (index,) = _U32.unpack_from(buf, 8 + done * abi.MSR_ENTRY_SIZE)
+        raise OSError(errno.EINVAL, f"KVM_SET_MSRS refused MSR {index:#x} (took {done} of {count})")
+
+
+# ---------------------------------------------------------------------------- VM
+
+
+class LinuxVm:
+    def __init__(self, hypervisor: LinuxHypervisor, fd: int) -> None:
+        self.hypervisor = hypervisor
+        self._fd = fd
+        self._maps: list[mmap.mmap] = []
+        self.vcpus: list[LinuxVcpu] = []
+
+    def fileno(self) -> int:
+        return self._fd
+
+    async def set_memory_region(
+        self, slot: int, guest_phys_addr: int, size: int, fd: int, offset: int = 0
+    ) -> None:
+        await trio.lowlevel.checkpoint()
+        mapping = mmap.mmap(
+            fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset
+        )
+        try:
+            uaddr = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+            region = _MEMORY_REGION.pack(slot, 0, guest_phys_addr, size, uaddr)
+            _ioctl(
+                self._fd,
+                abi.KVM_SET_USER_MEMORY_REGION,
+                bytearray(region),
+                "KVM_SET_USER_MEMORY_REGION",
+            )
+        except BaseException:
+            mapping.close()
+            raise
+        self._maps.append(mapping)
+
+    async def create_vcpu(self, index: int) -> LinuxVcpu:
+        await trio.lowlevel.checkpoint()
+        hv = self.hypervisor
+        fd = _ioctl_arg(self._fd, abi.KVM_CREATE_VCPU, index, "KVM_CREATE_VCPU")
+        try:
+            run = mmap.mmap(fd, hv.vcpu_mmap_size, flags=mmap.MAP_SHARED)
+        except BaseException:
+            os.close(fd)
+            raise
+        vcpu = LinuxVcpu(self, index, fd, run)
+        try:
+            # Before anything else: XCRS, MSRs and the first KVM_RUN depend on it.
+            cpuid = vcpu_cpuid(hv.cpuid, index)
+            _ioctl(fd, abi.KVM_SET_CPUID2, bytearray(cpuid), "KVM_SET_CPUID2")
+            vcpu.cpuid_digest = hashlib.sha256(cpuid).digest()
+            attr = bytearray(vcpu._tsc_attr)
+            try:
+                _ioctl(fd, abi.KVM_HAS_DEVICE_ATTR, attr, "KVM_HAS_DEVICE_ATTR")
+                vcpu.has_tsc_offset = True
+            except OSError:
+                vcpu.has_tsc_offset = False
+        except BaseException:
+            vcpu.close()
+            raise
+        self.vcpus.append(vcpu)
+        return vcpu
+
+    def get_msrs(self, vcpu_fd: int) -> bytearray:
+        """KVM_GET_MSRS of every MSR the host lists that this vCPU takes. An MSR the kernel
+        refuses (it stops there and says how many it read) is dropped from the list, once."""
+        hv = self.hypervisor
+        while True:
+            indices = hv.msr_indices
+            buf = bytearray(hv.msrs_request)
+            done = _ioctl(vcpu_fd, abi.KVM_GET_MSRS, buf, "KVM_GET_MSRS")
+            if done == len(indices):
+                return buf
+            log.debug("KVM_GET_MSRS refused MSR %#x: not moved in a handoff", indices[done])
+            hv.msr_indices = indices[:done] + indices[done + 1 :]
+
+    async def enable_exit_hypercall(self) -> None:
+        """KVM_CAP_EXIT_HYPERCALL where the kernel has it (the x86 witness makes no hypercall,
+        so a kernel without it runs the guest just as well)."""
+        await trio.lowlevel.checkpoint()
+        if not self.hypervisor.check_extension(abi.KVM_CAP_EXIT_HYPERCALL):
+            return
+        cap = _ENABLE_CAP.pack(abi.KVM_CAP_EXIT_HYPERCALL, 0, 1 << 12, 0, 0, 0)
+        _ioctl(self._fd, abi.KVM_ENABLE_CAP, bytearray(cap), "KVM_ENABLE_CAP")
+
+    async def sev_init(self, *, es: bool) -> None:
+        _no_sev("KVM_SEV_ES_INIT" if es else "KVM_SEV_INIT")
+
+    async def sev_launch(self, image_len: int, policy: int, *, es: bool) -> SevLaunch:
+        return _no_sev("KVM_SEV_LAUNCH_START")
+
+    async def move_enc_context_from(self, source_fd: int) -> None:
+        _no_sev("KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM")
+
+    async def get_vm_state(self) -> VmState:
+        """PIT, kvmclock (without KVM_CLOCK_TSC_STABLE, which SET_CLOCK refuses on older
+        kernels), PIC master and slave, IOAPIC."""
+        await trio.lowlevel.checkpoint()
+        fd = self._fd
+        pit = bytearray(abi.PIT2_SIZE)
+        _ioctl(fd, abi.KVM_GET_PIT2, pit, "KVM_GET_PIT2")
+        clock = bytearray(abi.CLOCK_SIZE)
+        _ioctl(fd, abi.KVM_GET_CLOCK, clock, "KVM_GET_CLOCK")
+        flags = _U32.unpack_from(clock, 8)[0] & ~abi.KVM_CLOCK_TSC_STABLE
+        _U32.pack_into(clock, 8, flags)
+        sections: list[tuple[_Tag, bytes | bytearray]] = [
+            (_Tag.CPUID_DIGEST, self.hypervisor.cpuid_digest),
+            (_Tag.PIT2, pit),
+            (_Tag.CLOCK, clock),
+        ]
+        for chip in range(3):
+            irq = bytearray(abi.IRQCHIP_SIZE)
+            _U32.pack_into(irq, 0, chip)
+            _ioctl(fd, abi.KVM_GET_IRQCHIP, irq, "KVM_GET_IRQCHIP")
+            sections.append((_Tag.IRQCHIP, irq))
+        return VmState(backend=NAME, version=STATE_VERSION, blob=_pack(sections))
+
+    async def set_vm_state(self, state: VmState) -> None:
+        """PIT, PIC and IOAPIC, then the clock: kvmclock advanced by the host's realtime that
+        passed since the source read it (KVM_CLOCK_REALTIME), then KVMCLOCK_CTRL per vCPU."""
+        await trio.lowlevel.checkpoint()
+        check_vm_state(state, NAME, STATE_VERSION)
+        fd = self._fd
+        parts = _unpack(state.blob, "VM state")
+        for tag, data in parts:
+            if tag == _Tag.CPUID_DIGEST and data != self.hypervisor.cpuid_digest:
+                raise StateMismatch(
+                    "the VM state was read under another CPUID table than this host's: both "
+                    "VMMs of a handoff must present the same CPU"
+                )
+        for tag, data in parts:
+            if tag == _Tag.PIT2:
+                _ioctl(fd, abi.KVM_SET_PIT2, bytearray(data), "KVM_SET_PIT2")
+        for tag, data in parts:
+            if tag == _Tag.IRQCHIP:
+                _ioctl(fd, abi.KVM_SET_IRQCHIP, bytearray(data), "KVM_SET_IRQCHIP")
+        for tag, data in parts:
+            if tag == _Tag.CLOCK:
+                clock, flags, _, realtime, _ = abi.CLOCK_STRUCT.unpack(data)
+                flags &= abi.KVM_CLOCK_REALTIME  # the only flag SET_CLOCK acts on
+                buf = bytearray(abi.CLOCK_STRUCT.pack(clock, flags, 0, realtime, 0))
+                try:
+                    _ioctl(fd, abi.KVM_SET_CLOCK, buf, "KVM_SET_CLOCK")
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL or not flags:
+                        raise
+                    # Before Linux 5.16 SET_CLOCK takes no flags: the clock then stands still
+                    # through the pause.
+                    buf = bytearray(abi.CLOCK_STRUCT.pack(clock, 0, 0, 0, 0))
+                    _ioctl(fd, abi.KVM_SET_CLOCK, buf, "KVM_SET_CLOCK")
+        for vcpu in self.vcpus:
+            if vcpu.fileno() >= 0:
+                vcpu.kvmclock_ctrl()
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        for mapping in self._maps:
+            with contextlib.suppress(BufferError):
+                mapping.close()
+        self._maps = []
+
+
+def _no_sev(what: str) -> NoReturn:
+    raise OSError(
+        errno.ENOTTY,
+        f"{what}: the linux backend runs plain guests only (no SEV on /dev/kvm here); "
+        "use --mode plain, or kvmstub for SEV",
+    )
+
+
+# ---------------------------------------------------------------------------- hypervisor
+
+
+class LinuxHypervisor:
+    """/dev/kvm as one VMM process holds it open: the host's CPUID and MSR lists, read once."""
+
+    name = NAME
+    sev_api = (0, 0, 0)  # no SEV firmware behind this backend
+
+    def __init__(self, fd: int, path: str) -> None:
+        self._fd = fd
+        self.path = path
+        self.vcpu_mmap_size = _ioctl_arg(
+            fd, abi.KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE"
+        )
+        self.has_sregs2 = bool(self.check_extension(abi.KVM_CAP_SREGS2))
+        self.has_xcrs = bool(self.check_extension(abi.KVM_CAP_XCRS))
+        self.xsave2_size = self.check_extension(abi.KVM_CAP_XSAVE2)
+        self.cpuid = vcpu_cpuid(_supported_cpuid(fd), 0)
+        self.cpuid_digest = hashlib.sha256(self.cpuid).digest()
+        self._msr_indices = _msr_indices(fd)
+        self.msrs_request = _msrs_request(self._msr_indices)
+        self.tsc_khz = 0
+
+    @property
+    def msr_indices(self) -> list[int]:
+        """The MSRs a vCPU's state holds (KVM_GET_MSR_INDEX_LIST less those refused)."""
+        return self._msr_indices
+
+    @msr_indices.setter
+    def msr_indices(self, indices: list[int]) -> None:
+        self._msr_indices = indices
+        self.msrs_request = _msrs_request(indices)
+
+    def check_extension(self, cap: int) -> int:
+        return _ioctl_arg(self._fd, abi.KVM_CHECK_EXTENSION, cap, "KVM_CHECK_EXTENSION")
+
+    def _create_vm_fd(self) -> int:
+        fd = _ioctl_arg(self._fd, abi.KVM_CREATE_VM, 0, "KVM_CREATE_VM")
+        try:
+            _ioctl_arg(fd, abi.KVM_SET_TSS_ADDR, abi.KVM_TSS_ADDRESS, "KVM_SET_TSS_ADDR")
+            _ioctl_arg(fd, abi.KVM_CREATE_IRQCHIP, 0, "KVM_CREATE_IRQCHIP")
+            pit = bytearray(64)
+            _U32.pack_into(pit, 0, abi.KVM_PIT_SPEAKER_DUMMY)
+            _ioctl(fd, abi.KVM_CREATE_PIT2, pit, "KVM_CREATE_PIT2")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    async def create_vm(self) -> LinuxVm:
+        await trio.lowlevel.checkpoint()
+        return LinuxVm(self, self._create_vm_fd())
+
+    def read_tsc_khz(self) -> int:
+        """The guest TSC's frequency: KVM_GET_TSC_KHZ on a throwaway VM (or its vCPU)."""
+        vm = self._create_vm_fd()
+        try:
+            try:
+                return _ioctl_arg(vm, abi.KVM_GET_TSC_KHZ, 0, "KVM_GET_TSC_KHZ")
+            except OSError:
+                pass  # a VM ioctl only with KVM_CAP_VM_TSC_CONTROL (6.0+): ask a vCPU
+            vcpu = _ioctl_arg(vm, abi.KVM_CREATE_VCPU, 0, "KVM_CREATE_VCPU")
+            try:
+                return _ioctl_arg(vcpu, abi.KVM_GET_TSC_KHZ, 0, "KVM_GET_TSC_KHZ")
+            finally:
+                os.close(vcpu)
+        finally:
+            os.close(vm)
+
+    def witness_image(
+        self,
+        vcpus: int,
+        line_every: int,
+        flip_every: int,
+        *,
+        idle_us: int = 0,
+        tsc_khz: int | None = None,
+    ) -> bytes:
+        """The x86 witness's launch image (`guestprog.x86`): `line_every` steps between lines;
+        with `idle_us`, one idle request (port 0x512) of that many microseconds after each line.
+        `flip_every` is unused: the x86 witness flips no pages (that is SEV's)."""
+        params = x86.Params(
+            vcpus=vcpus, line_every=line_every, idle_us=idle_us, tsc_khz=tsc_khz or self.tsc_khz
+        )
+        return x86.build_image(params)
+
+    def witness_initial_state(self, index: int) -> VcpuState:
+        return witness_initial_state(index)
+
+    def polling(self, seconds: float) -> AbstractContextManager[None]:
+        return no_polling(seconds)
+
+    def requests_made(self) -> int:
+        return _Counter.requests
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def witness_initial_state(index: int) -> VcpuState:
+    """vCPU `index` before the x86 witness's first instruction: entry registers, long-mode
+    system registers (merged over the vCPU's own: its apic_base stays), runnable (an AP with
+    the in-kernel LAPIC would otherwise wait for INIT/SIPI)."""
+    values = x86.entry_registers(index)
+    names = [
+        "rax",
+        "rbx",
+        "rcx",
+        "rdx",
+        "rsi",
+        "rdi",
+        "rsp",
+        "rbp",
+        "r8",
+        "r9",
+        "r10",
+        "r11",
+        "r12",
+        "r13",
+        "r14",
+        "r15",
+        "rip",
+        "rflags",
+    ]
+    regs = abi.REGS.pack(*(values.get(n, 0) for n in names))
+    sys = x86.system_registers()
+    sregs = bytearray(abi.SREGS_SIZE)
+    for i, seg in enumerate((sys.cs, sys.ds, sys.es, sys.fs, sys.gs, sys.ss, sys.tr, sys.ldt)):
+        abi.SEGMENT.pack_into(
+            sregs, abi.SEGMENT.size * i, seg.base, seg.limit, seg.selector, seg.type,
+            seg.present, seg.dpl, seg.db, seg.s, seg.l, seg.g, seg.avl, seg.unusable,
+        )  # fmt: skip
+    abi.SREGS_CONTROL.pack_into(
+        sregs, abi.SREGS_CONTROL_AT, sys.cr0, 0, sys.cr3, sys.cr4, 0, sys.efer, 0
+    )
+    mp_state = _U32.pack(abi.MP_STATE_RUNNABLE)
+    sections: list[tuple[_Tag, bytes | bytearray]] = [
+        (_Tag.ENTRY_SREGS, sregs),
+        (_Tag.REGS, regs),
+        (_Tag.MP_STATE, mp_state),
+    ]
+    return VcpuState(backend=NAME, version=STATE_VERSION, blob=_pack(sections))
+
+
+_CPUID_ENTRY = struct.Struct("<IIIIIII12x")  # function, index, flags, eax, ebx, ecx, edx
+
+
+def vcpu_cpuid(table: bytes, index: int) -> bytes:
+    """vCPU `index`'s CPUID: the host's table with the APIC ID fields saying `index` (the
+    in-kernel LAPIC's ID is the vCPU id). KVM_GET_SUPPORTED_CPUID fills them from whichever
+    host CPU the calling thread ran on, so two processes read different tables otherwise."""
+    out = bytearray(table)
+    (nent,) = _U32.unpack_from(out, 0)
+    for i in range(nent):
+        at = 8 + abi.CPUID_ENTRY_SIZE * i
+        function, sub, flags, eax, ebx, ecx, edx = _CPUID_ENTRY.unpack_from(out, at)
+        if function == 0x1:
+            ebx = (ebx & 0x00FFFFFF) | (index & 0xFF) << 24  # initial APIC ID
+        elif function in (0xB, 0x1F):
+            edx = index  # x2APIC ID
+        elif function == 0x8000001E:
+            eax = index  # extended APIC ID
+        else:
+            continue
+        _CPUID_ENTRY.pack_into(out, at, function, sub, flags, eax, ebx, ecx, edx)
+    return bytes(out)
+
+
+def _supported_cpuid(fd: int) -> bytes:
+    """KVM_GET_SUPPORTED_CPUID as the struct kvm_cpuid2 that KVM_SET_CPUID2 takes."""
+    nent = 64
+    while True:
+        buf = bytearray(8 + abi.CPUID_ENTRY_SIZE * nent)
+        _U32.pack_into(buf, 0, nent)
+        try:
+            _ioctl(fd, abi.KVM_GET_SUPPORTED_CPUID, buf, "KVM_GET_SUPPORTED_CPUID")
+        except OSError as exc:
+            if exc.errno != errno.E2BIG or nent >= 4096:
+                raise
+            nent *= 2
+            continue
+        (got,) = _U32.unpack_from(buf, 0)
+        return bytes(buf[: 8 + abi.CPUID_ENTRY_SIZE * got])
+
+
+def _msrs_request(indices: list[int]) -> bytes:
+    """struct kvm_msrs asking for `indices` (KVM_GET_MSRS fills in the values)."""
+    buf = bytearray(8 + abi.MSR_ENTRY_SIZE * len(indices))
+    _U32.pack_into(buf, 0, len(indices))
+    for i, index in enumerate(indices):
+        _U32.pack_into(buf, 8 + abi.MSR_ENTRY_SIZE * i, index)
+    return bytes(buf)
+
+
+def _msr_indices(fd: int) -> list[int]:
+    """KVM_GET_MSR_INDEX_LIST, the TSC deadline last (after IA32_TSC when loaded: reference
+    section 2, Firecracker's deferred MSRs)."""
+    buf = bytearray(4)
+    try:
+        _ioctl(fd, abi.KVM_GET_MSR_INDEX_LIST, buf, "KVM_GET_MSR_INDEX_LIST")
+    except OSError as exc:
+        if exc.errno != errno.E2BIG:
+            raise
+    (count,) = _U32.unpack_from(buf, 0)
+    buf = bytearray(4 + 4 * count)
+    _U32.pack_into(buf, 0, count)
+    _ioctl(fd, abi.KVM_GET_MSR_INDEX_LIST, buf, "KVM_GET_MSR_INDEX_LIST")
+    (count,) = _U32.unpack_from(buf, 0)
+    indices = [_U32.unpack_from(buf, 4 + 4 * i)[0] for i in range(count)]
+    deferred = [i for i in indices if i == abi.MSR_IA32_TSC_DEADLINE]
+    return [i for i in indices if i != abi.MSR_IA32_TSC_DEADLINE] + deferred
+
+
+def open_linux(path: str = DEFAULT_PATH) -> LinuxHypervisor:
+    """Open /dev/kvm at `path` and read what every VM needs of it (CPUID, MSR list, TSC
+    frequency). Call from the main thread (it installs the kick signal's handler).
+
+    Raises:
+        OSError: with a message saying what to check (missing device, permission, an API
+            version or capability this backend needs, KVM_CREATE_VM refused).
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        raise OSError(exc.errno, f"{path} does not exist: no KVM on this host") from None
+    except PermissionError as exc:
+        raise OSError(
+            exc.errno, f"cannot open {path}: permission denied (join the group owning it)"
+        ) from None
+    try:
+        version = _ioctl_arg(fd, abi.KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
+        if version != abi.KVM_API_VERSION:
+            raise OSError(errno.ENOTSUP, f"{path}: KVM API version {version}, not 12")
+        for cap, what in (
+            (abi.KVM_CAP_IRQCHIP, "KVM_CAP_IRQCHIP"),
+            (abi.KVM_CAP_PIT2, "KVM_CAP_PIT2"),
+            (abi.KVM_CAP_USER_MEMORY, "KVM_CAP_USER_MEMORY"),
+            (abi.KVM_CAP_IMMEDIATE_EXIT, "KVM_CAP_IMMEDIATE_EXIT"),
+            (abi.KVM_CAP_XSAVE, "KVM_CAP_XSAVE"),
+        ):
+            if not _ioctl_arg(fd, abi.KVM_CHECK_EXTENSION, cap, "KVM_CHECK_EXTENSION"):
+                raise OSError(errno.ENOTSUP, f"{path}: the kernel lacks {what}")
+        hv = LinuxHypervisor(fd, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        hv.tsc_khz = hv.read_tsc_khz()
+        install_kick_handler()
+    except OSError as exc:
+        hv.close()
+        raise OSError(exc.errno, f"{path}: {exc.strerror}") from None
+    except BaseException:
+        hv.close()
+        raise
+    return hv
+
+
+def unusable_reason(path: str = DEFAULT_PATH) -> str | None:
+    """Why this backend cannot run guests at `path` (None: it can): for test skips and
+    `--hypervisor auto`. Creates and closes one VM."""
+    try:
+        open_linux(path).close()
+    except (OSError, RuntimeError) as exc:
+        return str(exc)
+    return None
