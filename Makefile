@@ -21,15 +21,15 @@ install: $(STAMP)
 # installed package has it, none compiles our modules at start (50 ms or more where
 # PYTHONDONTWRITEBYTECODE is set, which leaves it to this step).
 bytecode: $(STAMP)
-	@$(PY) -m compileall -q kvmstub handoff > /dev/null
+	@$(PY) -m compileall -q guestprog kvmstub handoff > /dev/null
 
 demo: $(STAMP) bytecode
 	$(VENV)/bin/handoff demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check kvmstub handoff tests tools
-	$(VENV)/bin/ruff format --check kvmstub handoff tests tools
-	$(VENV)/bin/mypy kvmstub handoff
+	$(VENV)/bin/ruff check guestprog kvmstub handoff tests tools
+	$(VENV)/bin/ruff format --check guestprog kvmstub handoff tests tools
+	$(VENV)/bin/mypy guestprog kvmstub handoff
 	$(VENV)/bin/lint-imports --no-cache
 
 test: $(STAMP) bytecode lint

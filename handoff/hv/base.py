@@ -245,8 +245,19 @@ class Hypervisor(Protocol):
 
     async def create_vm(self) -> Vm: ...
 
-    def witness_image(self, vcpus: int, line_every: int, flip_every: int) -> bytes:
-        """The witness guest's launch image for this kernel (placed at GPA 0)."""
+    def witness_image(
+        self, vcpus: int, line_every: int, flip_every: int, *, idle_us: int = 0
+    ) -> bytes:
+        """The witness guest's launch image for this kernel (placed at GPA 0). `idle_us`: the
+        guest asks to idle that long after each line (the real KVM's witness; kvmstub's guest
+        has no idle, and refuses a nonzero one)."""
+        ...
+
+    def check_state(self, state: VcpuState) -> None:
+        """Refuse, before anything is loaded, a vCPU state this kernel could not load:
+        StateMismatch (another backend's or format) or ValueError (malformed). A handoff's
+        target asks this of every state a Switchover carries, so a bad one is refused while
+        the source still holds the guest."""
         ...
 
     def witness_initial_state(self, index: int) -> VcpuState:

@@ -153,7 +153,14 @@ class KvmstubHypervisor:
     async def create_vm(self) -> KvmstubVm:
         return KvmstubVm(await self._kvm.create_vm())
 
-    def witness_image(self, vcpus: int, line_every: int, flip_every: int) -> bytes:
+    def check_state(self, state: VcpuState) -> None:
+        state_regs(state)
+
+    def witness_image(
+        self, vcpus: int, line_every: int, flip_every: int, *, idle_us: int = 0
+    ) -> bytes:
+        if idle_us:
+            raise ValueError("kvmstub's witness guest has no idle requests (--idle-us is kvm's)")
         return witness_image(vcpus, line_every, flip_every)
 
     def witness_initial_state(self, index: int) -> VcpuState:

@@ -45,6 +45,7 @@ from guestprog import x86
 from . import linux_abi as abi
 from .abi import EXIT_IO, IO_OUT
 from .base import (
+    PeerVm,
     SevLaunch,
     StateMismatch,
     VcpuState,
@@ -117,6 +118,62 @@ def _unpack(blob: bytes, what: str) -> list[tuple[_Tag, bytes]]:
             ) from None
         pos += length
     return out
+
+
+_FIXED_SIZES = {
+    _Tag.CPUID_DIGEST: 32,
+    _Tag.MP_STATE: abi.MP_STATE_SIZE,
+    _Tag.EVENTS: abi.EVENTS_SIZE,
+    _Tag.REGS: abi.REGS_SIZE,
+    _Tag.SREGS: abi.SREGS_SIZE,
+    _Tag.SREGS2: abi.SREGS2_SIZE,
+    _Tag.XCRS: abi.XCRS_SIZE,
+    _Tag.DEBUGREGS: abi.DEBUGREGS_SIZE,
+    _Tag.LAPIC: abi.LAPIC_SIZE,
+    _Tag.TSC_OFFSET: 8,
+    _Tag.ENTRY_SREGS: abi.SREGS_SIZE,
+    _Tag.PIT2: abi.PIT2_SIZE,
+    _Tag.CLOCK: abi.CLOCK_SIZE,
+    _Tag.IRQCHIP: abi.IRQCHIP_SIZE,
+}
+MAX_MSRS = 1024  # far above any KVM_GET_MSR_INDEX_LIST (40 here)
+_VCPU_TAGS = frozenset(_FIXED_SIZES) - {_Tag.PIT2, _Tag.CLOCK, _Tag.IRQCHIP} | {
+    _Tag.XSAVE,
+    _Tag.MSRS,
+}
+_VM_TAGS = frozenset({_Tag.CPUID_DIGEST, _Tag.PIT2, _Tag.CLOCK, _Tag.IRQCHIP})
+
+
+def checked_sections(
+    blob: bytes, what: str, *, xsave_size: int, vm: bool = False
+) -> list[tuple[_Tag, bytes]]:
+    """A state blob's sections, each checked to be exactly the size its kernel struct has (the
+    kernel reads the struct's size from the ioctl number, or, for MSRs, from the count inside
+    it: a short buffer would have it read past ours). A blob from a peer is untrusted."""
+    sections = _unpack(blob, what)
+    allowed = _VM_TAGS if vm else _VCPU_TAGS
+    seen: set[_Tag] = set()
+    for tag, data in sections:
+        if tag not in allowed:
+            raise ValueError(f"{what} ({NAME} format {STATE_VERSION}) has no place for {tag.name}")
+        if tag in seen and tag is not _Tag.IRQCHIP:
+            raise ValueError(f"{what} ({NAME} format {STATE_VERSION}) holds {tag.name} twice")
+        seen.add(tag)
+        if tag is _Tag.XSAVE:
+            want = xsave_size
+        elif tag is _Tag.MSRS:
+            count = _U32.unpack_from(data, 0)[0] if len(data) >= 8 else -1
+            if not 0 <= count <= MAX_MSRS:
+                raise ValueError(f"{what} ({NAME} format {STATE_VERSION}): bad MSR count {count}")
+            want = 8 + count * abi.MSR_ENTRY_SIZE
+        else:
+            want = _FIXED_SIZES[tag]
+        if len(data) != want:
+            raise ValueError(
+                f"{what} ({NAME} format {STATE_VERSION}): {tag.name} is {len(data)} bytes, "
+                f"the kernel's struct {want}"
+            )
+    return sections
 
 
 SECTION_NAMES = {
@@ -461,7 +518,8 @@ class LinuxVcpu:
         await trio.lowlevel.checkpoint()
         self._stopped("set_state")
         check_state(state, NAME, STATE_VERSION)
-        parts = dict(_unpack(state.blob, "vCPU state"))
+        size = self._hv.xsave2_size or abi.XSAVE_SIZE
+        parts = dict(checked_sections(state.blob, "vCPU state", xsave_size=size))
         digest = parts.get(_Tag.CPUID_DIGEST)
         if digest is not None and digest != self.cpuid_digest:
             raise StateMismatch(
@@ -628,7 +686,7 @@ class LinuxVm:
     async def sev_launch(self, image_len: int, policy: int, *, es: bool) -> SevLaunch:
         return _no_sev("KVM_SEV_LAUNCH_START")
 
-    async def move_enc_context_from(self, source_fd: int) -> None:
+    async def move_enc_context_from(self, source: PeerVm) -> None:
         _no_sev("KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM")
 
     async def get_vm_state(self) -> VmState:
@@ -660,7 +718,7 @@ class LinuxVm:
         await trio.lowlevel.checkpoint()
         check_vm_state(state, NAME, STATE_VERSION)
         fd = self._fd
-        parts = _unpack(state.blob, "VM state")
+        parts = checked_sections(state.blob, "VM state", xsave_size=0, vm=True)
         for tag, data in parts:
             if tag == _Tag.CPUID_DIGEST and data != self.hypervisor.cpuid_digest:
                 raise StateMismatch(
@@ -778,6 +836,10 @@ class LinuxHypervisor:
                 os.close(vcpu)
         finally:
             os.close(vm)
+
+    def check_state(self, state: VcpuState) -> None:
+        check_state(state, NAME, STATE_VERSION)
+        checked_sections(state.blob, "vCPU state", xsave_size=self.xsave2_size or abi.XSAVE_SIZE)
 
     def witness_image(
         self,

@@ -233,7 +233,14 @@ class ModelHypervisor:
         await trio.lowlevel.checkpoint()
         return ModelVm(self.kernel, self.mm, self.kernel.host.create_vm(self.mm))
 
-    def witness_image(self, vcpus: int, line_every: int, flip_every: int) -> bytes:
+    def check_state(self, state: VcpuState) -> None:
+        state_regs(state)
+
+    def witness_image(
+        self, vcpus: int, line_every: int, flip_every: int, *, idle_us: int = 0
+    ) -> bytes:
+        if idle_us:
+            raise ValueError("kvmstub's witness guest has no idle requests (--idle-us is kvm's)")
         return witness_image(vcpus, line_every, flip_every)
 
     def witness_initial_state(self, index: int) -> VcpuState:

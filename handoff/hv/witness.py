@@ -4,6 +4,8 @@ machine serves it without knowing which kernel runs it."""
 
 from __future__ import annotations
 
+from guestprog import x86
+
 from .abi import PAGE_SIZE
 
 SERIAL_PORT = 0x3F8  # OUT: the guest's serial lines
@@ -16,5 +18,6 @@ MAX_IDLE_US = 1_000_000  # a longer ask is cut to this (the guest is idle, not g
 
 
 def required_memory(vcpus: int) -> int:
-    """Bytes of guest RAM (from GPA 0) the witness guest uses: image, journals, flip pages."""
-    return (1 + 2 * vcpus) * PAGE_SIZE
+    """Bytes of guest RAM (from GPA 0) the witness guest uses on any kernel: kvmstub's (image,
+    journals, flip pages) or the real KVM's x86 one (page tables, code, stacks, journals)."""
+    return max((1 + 2 * vcpus) * PAGE_SIZE, x86.required_memory(vcpus))

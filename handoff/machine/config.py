@@ -135,6 +135,7 @@ class HostFlags(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     uuid: str
     kvm: str
+    hypervisor: str = "kvmstub"  # "kvm" or "kvmstub" (handoff.hv.backends), resolved
     control: str | None = None
     serial_log: str | None = None
     log_level: str = "info"
@@ -149,6 +150,7 @@ class HostFlags(msgspec.Struct, frozen=True, kw_only=True):
     token_fd: int | None = None
     prefault: bool = False
     blackout_poll_us: int = 0  # see `Vmm.complete_incoming`
+    idle_us: int = 0  # at launch: the x86 witness idles this long after each line (kvm only)
 
     def allowed_uids(self) -> frozenset[int]:
         return frozenset(self.allow_uids) | {os.getuid()}

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import msgspec
 
 from handoff.hv import IoExitView, abi, witness
+from handoff.hv.base import VmState
 from handoff.machine.config import open_serial_log
 
 log = logging.getLogger("handoff.devices")
@@ -25,11 +26,19 @@ log = logging.getLogger("handoff.devices")
 SUM_MASK = 0xFFFF_FFFF
 
 
+MAX_PARTIAL_LINE = 4096  # bytes of an unfinished serial line kept per vCPU
+
+
 class DeviceState(msgspec.Struct, frozen=True):
-    """Everything the devices hold that the guest can observe."""
+    """Everything the devices hold that the guest can observe, and the VM's own kernel state
+    (the real KVM's interrupt controllers, PIT and clock: `hv.VmState`), read at the pause."""
 
     doorbell_sums: tuple[int, ...] = ()
     shared_regions: list[tuple[int, int]] = []
+    # Each vCPU's unfinished serial line (a real x86 guest writes a line in several OUTs, and
+    # a handoff may come between two of them).
+    serial_partial: tuple[tuple[int, bytes], ...] = ()
+    vm_state: VmState | None = None
 
     def doorbell_blob(self) -> bytes:
         return b"".join(s.to_bytes(4, "little") for s in self.doorbell_sums)
@@ -87,7 +96,9 @@ class Serial:
     ) -> None:
         self.path = path
         self._out: LogFile | None = out
-        self._partial = b""
+        # Each vCPU's line so far: a real x86 guest writes a line in several OUTs (4 bytes
+        # each), and the vCPUs' OUTs interleave.
+        self.partial: dict[int, bytes] = {}
         self.lines = 0
         self.panicked: str | None = None
         # The last seq each vCPU printed: a handoff records it at the pause, so the first line
@@ -107,9 +118,16 @@ class Serial:
         if out is None and path is not None:
             self._out = _FdLog(open_serial_log(path))
 
-    def write(self, data: bytes) -> None:
-        buf = self._partial + data
-        *complete, self._partial = buf.split(b"\n")
+    def write(self, data: bytes, vcpu: int = 0) -> None:
+        buf = self.partial.get(vcpu, b"") + data
+        *complete, rest = buf.split(b"\n")
+        if len(rest) > MAX_PARTIAL_LINE:  # a guest that never ends its line: cut it there
+            complete.append(rest)
+            rest = b""
+        if rest:
+            self.partial[vcpu] = rest
+        else:
+            self.partial.pop(vcpu, None)
         for line in complete:
             self.lines += 1
             if line.startswith(b"vcpu="):
@@ -278,15 +296,25 @@ class Devices:
         its start (closing and reopening it cost 20-30 us inside the blackout)."""
         self.doorbell = Doorbell(self.vcpus, state.doorbell_sums)
         self.shared = SharedRegions(state.shared_regions)
+        self.serial.partial = {
+            v: bytes(line[:MAX_PARTIAL_LINE])
+            for v, line in state.serial_partial
+            if 0 <= v < self.vcpus and line
+        }
 
-    def snapshot(self) -> DeviceState:
-        return DeviceState(tuple(self.doorbell.sums), self.shared.regions())
+    def snapshot(self, vm_state: VmState | None = None) -> DeviceState:
+        return DeviceState(
+            tuple(self.doorbell.sums),
+            self.shared.regions(),
+            tuple(sorted(self.serial.partial.items())),
+            vm_state,
+        )
 
     def handle_io(self, vcpu: int, io: IoExitView) -> bytes | None:
         """Serve one port I/O exit; return the IN data to hand back with the next KVM_RUN."""
         if io.direction == abi.IO_OUT:
             if io.port == witness.SERIAL_PORT:
-                self.serial.write(io.data)
+                self.serial.write(io.data, vcpu)
             elif io.port == witness.DOORBELL_OUT_PORT:
                 self.doorbell.out(vcpu, io.data)
             return None

@@ -17,11 +17,12 @@ import gc
 import logging
 import os
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 import trio
 
 from handoff.hv import ExitView, Hypervisor, PeerVm, Vcpu, VcpuState, Vm, abi, witness
+from handoff.hv.backends import open_hypervisor
 from handoff.machine.config import GuestConfig, HostFlags
 from handoff.machine.devices import Devices, DeviceState
 
@@ -58,6 +59,24 @@ def freeze_startup_objects() -> None:
     collector's scans, so later collections are short."""
     gc.collect()
     gc.freeze()
+
+
+async def _each_vcpu(fn: Callable[[int], Awaitable[None]], count: int) -> None:
+    """`fn(i)` for every vCPU at once; the first failure is raised as itself (an OSError or a
+    ValueError the caller's failure rules know), not wrapped in an exception group."""
+    errors: list[Exception] = []
+
+    async def one(i: int) -> None:
+        try:
+            await fn(i)
+        except Exception as exc:
+            errors.append(exc)
+
+    async with trio.open_nursery() as n:
+        for i in range(count):
+            n.start_soon(one, i)
+    if errors:
+        raise errors[0]
 
 
 class ContextLost(Exception):
@@ -220,8 +239,8 @@ class VcpuRunner:
 
 
 class Vmm:
-    """A VM as one VMM process holds it, on one `Hypervisor`: the kvmstub daemon at
-    `flags.kvm` (opened by `open()`), or one given here (a test's in-process model)."""
+    """A VM as one VMM process holds it, on one `Hypervisor`: the one `flags.hypervisor` names
+    (opened by `open()`), or one given here (a test's in-process model)."""
 
     def __init__(
         self, cfg: GuestConfig, flags: HostFlags, hypervisor: Hypervisor | None = None
@@ -245,11 +264,12 @@ class Vmm:
 
     # ----------------------------------------------------------------- building
     async def open(self) -> Hypervisor:
-        """The hypervisor: the one given, else kvmstub's daemon at `flags.kvm`, opened here."""
+        """The hypervisor: the one given, else the one `flags.hypervisor` names (the real KVM,
+        or kvmstub's daemon at `flags.kvm`), opened here."""
         if self.hypervisor is None:
-            from handoff.hv.kvmstub import open_kvmstub
-
-            self.hypervisor = await open_kvmstub(self.flags.kvm)
+            self.hypervisor = await open_hypervisor(
+                self.flags.hypervisor, kvmstub_socket=self.flags.kvm
+            )
         return self.hypervisor
 
     def create_memory(self) -> None:
@@ -297,7 +317,9 @@ class Vmm:
         hypervisor = await self.open()
         self.create_memory()
         cfg = self.cfg
-        image = hypervisor.witness_image(cfg.vcpus, cfg.line_every, cfg.flip_every)
+        image = hypervisor.witness_image(
+            cfg.vcpus, cfg.line_every, cfg.flip_every, idle_us=self.flags.idle_us
+        )
         os.pwrite(self.memfds[0], image, 0)
         sev = cfg.mode != "plain"
         self.vm = await self._create_vm(sev_init=sev)
@@ -337,6 +359,10 @@ class Vmm:
             if states is None or len(states) != len(self.vcpus):
                 raise ValueError("switchover carried no registers for every vCPU")
             await self.set_all_states(states)
+        if devices.vm_state is not None:
+            # After every vCPU's (reference real-kvm.md section 2, step 9): PIT, interrupt
+            # controllers, then the clock, advanced by the time the pause took.
+            await self.vm.set_vm_state(devices.vm_state)
         self.devices.restore(devices)
 
     def _make_runners(self) -> None:
@@ -371,6 +397,11 @@ class Vmm:
         self.gate.resume()
         self.status = "running"
 
+    async def snapshot_devices(self) -> DeviceState:
+        """The devices' state and the VM's own kernel state, read with every vCPU parked."""
+        assert self.vm is not None
+        return self.devices.snapshot(await self.vm.get_vm_state())
+
     async def get_all_states(self) -> list[VcpuState]:
         """Every vCPU's state, opaque (the backend's), in vCPU order."""
         out: list[VcpuState | None] = [None] * len(self.vcpus)
@@ -378,15 +409,17 @@ class Vmm:
         async def one(i: int) -> None:
             out[i] = await self.vcpus[i].get_state()
 
-        async with trio.open_nursery() as n:
-            for i in range(len(self.vcpus)):
-                n.start_soon(one, i)
+        await _each_vcpu(one, len(self.vcpus))
         return [r for r in out if r is not None]
 
     async def set_all_states(self, states: Sequence[VcpuState]) -> None:
-        async with trio.open_nursery() as n:
-            for vcpu, state in zip(self.vcpus, states, strict=True):
-                n.start_soon(vcpu.set_state, state)
+        if len(states) != len(self.vcpus):
+            raise ValueError(f"{len(states)} vCPU states for {len(self.vcpus)} vCPUs")
+
+        async def one(i: int) -> None:
+            await self.vcpus[i].set_state(states[i])
+
+        await _each_vcpu(one, len(self.vcpus))
 
     async def holds_context(self) -> bool:
         """Whether this VM may still run the guest: KVM_RUN with immediate_exit says EINTR

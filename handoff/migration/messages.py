@@ -20,6 +20,7 @@ import msgspec
 from handoff import protocol
 from handoff.errors import AuthRefused, Incompatible, PeerFailed
 from handoff.hv import VcpuState, abi
+from handoff.hv.base import VmState
 from handoff.machine.config import GuestConfig, HostFlags
 from handoff.machine.devices import DeviceState
 from handoff.transport.unix import OwnedFds
@@ -91,6 +92,14 @@ def source_proof(conn: protocol.HandoffConnection, token: bytes | None) -> bytes
     return protocol.token_proof(token, conn.peer_hello.nonce, protocol.Role.SOURCE)
 
 
+HYPERVISOR_FLAG = "hypervisor"
+
+
+def hypervisor_of(describe: protocol.Describe) -> str:
+    """The kernel the source runs the guest on (kvmstub for a release older than the flag)."""
+    return describe.host_flags.get(HYPERVISOR_FLAG, "kvmstub")
+
+
 def describe_from(
     cfg: GuestConfig,
     flags: HostFlags,
@@ -117,6 +126,9 @@ def describe_from(
         "log_level": flags.log_level,
         "control": flags.control or "",
         "serial_log": flags.serial_log or "",
+        # The kernel the guest runs on: a guest cannot change kernels in a handoff. A host flag
+        # (an older target ignores it; an older source sends none: kvmstub, all it knew).
+        HYPERVISOR_FLAG: flags.hypervisor,
     }
     if handoff_id:
         # So that both sides log the handoff under one id. A host flag, which every protocol
@@ -232,9 +244,12 @@ def switchover_from(
                 data = protocol.encode_vcpu_states(wire)
                 extra.append(_sealed_memfd(data))
                 wire, memfd_size = None, len(data)
+    blobs = {"doorbell": state.doorbell_blob()}
+    if version >= protocol.VCPU_STATES_VERSION:
+        blobs.update(_extra_blobs(state))
     sw = protocol.Switchover(
         doorbell_sum=sum(state.doorbell_sums) & 0xFFFF_FFFF,
-        device_blobs={"doorbell": state.doorbell_blob()},
+        device_blobs=blobs,
         shared_regions=tuple((gpa, pages) for gpa, pages in state.shared_regions),
         regs=regs,
         vcpu_states=wire,
@@ -242,6 +257,60 @@ def switchover_from(
         paused_at_ns=time.monotonic_ns(),
     )
     return sw, extra
+
+
+# Protocol 3's further device blobs: the VM's own kernel state (`hv.VmState`, the real KVM's
+# PIT, interrupt controllers and clock) and each vCPU's unfinished serial line, in as many
+# "serial<N>" blobs as they need (each at most protocol.MAX_DEVICE_BLOB_BYTES). An older
+# release's target never gets them: its guests (kvmstub's) keep neither.
+VM_BLOB = "vm"
+SERIAL_BLOB = "serial"
+PARTIAL_WIRE_MAX = 128  # bytes of one vCPU's unfinished line carried (a witness line is ~40)
+
+
+def _extra_blobs(state: DeviceState) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    if state.vm_state is not None:
+        out[VM_BLOB] = msgspec.msgpack.encode(state.vm_state)
+    chunk: list[tuple[int, bytes]] = []
+    size = 0
+    for vcpu, line in state.serial_partial:
+        item = (vcpu, line[-PARTIAL_WIRE_MAX:])
+        if size + len(item[1]) + 16 > protocol.MAX_DEVICE_BLOB_BYTES - 16:
+            out[f"{SERIAL_BLOB}{len(out)}"] = msgspec.msgpack.encode(chunk)
+            chunk, size = [], 0
+        chunk.append(item)
+        size += len(item[1]) + 16
+    if chunk:
+        out[f"{SERIAL_BLOB}{len(out)}"] = msgspec.msgpack.encode(chunk)
+    if len(out) + 1 > protocol.MAX_DEVICE_BLOBS:
+        raise Incompatible("the device state does not fit the protocol's device blobs")
+    return out
+
+
+_partials = msgspec.msgpack.Decoder(list[tuple[int, bytes]])
+_vm_state = msgspec.msgpack.Decoder(VmState)
+
+
+def _state_of_blobs(
+    blobs: dict[str, bytes], vcpus: int
+) -> tuple[tuple[tuple[int, bytes], ...], VmState | None]:
+    """The unfinished serial lines and the VM state the further blobs carry (PeerFailed if
+    anything is malformed)."""
+    partial: dict[int, bytes] = {}
+    vm_state: VmState | None = None
+    try:
+        for name, blob in blobs.items():
+            if name == VM_BLOB:
+                vm_state = _vm_state.decode(blob)
+            elif name.startswith(SERIAL_BLOB):
+                for vcpu, line in _partials.decode(blob):
+                    if not 0 <= vcpu < vcpus or len(line) > PARTIAL_WIRE_MAX or vcpu in partial:
+                        raise ValueError(f"an unfinished serial line for vCPU {vcpu} is unusable")
+                    partial[vcpu] = line
+    except (msgspec.DecodeError, ValueError) as exc:
+        raise PeerFailed(f"switchover carried unusable device state: {exc}") from None
+    return tuple(sorted(partial.items())), vm_state
 
 
 def _wire_state(state: VcpuState) -> protocol.VcpuStateWire:
@@ -330,7 +399,13 @@ def switchover_state(
             raise PeerFailed(f"switchover carried unusable device state: {exc}") from None
         if sum(sums) & 0xFFFF_FFFF != sw.doorbell_sum:
             raise PeerFailed("switchover's doorbell state does not add up to its declared sum")
-        return states, DeviceState(doorbell_sums=sums, shared_regions=regions)
+        partial, vm_state = _state_of_blobs(sw.device_blobs, describe.vcpus)
+        return states, DeviceState(
+            doorbell_sums=sums,
+            shared_regions=regions,
+            serial_partial=partial,
+            vm_state=vm_state,
+        )
 
 
 def _hv_state(s: protocol.VcpuStateWire) -> VcpuState:

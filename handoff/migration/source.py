@@ -36,9 +36,11 @@ from handoff.errors import (
     CredentialsRefused,
     HandoffError,
     HandoffTimeout,
+    Incompatible,
     TransportError,
 )
 from handoff.hv import PeerVm, VcpuState
+from handoff.hv.backends import KVMSTUB
 from handoff.machine.vmm import collector_paused
 from handoff.migration import messages
 from handoff.migration.host import PeerOpener, PeerProcess, PidfdProcess, VmmHost
@@ -215,6 +217,16 @@ async def _greeted_step(s: _Source) -> None:
     except AuthRefused as exc:
         await s.live.refuse("auth", str(exc))
         raise
+    version = s.conn.version or 1
+    if s.app.flags.hypervisor != KVMSTUB and version < protocol.VCPU_STATES_VERSION:
+        # Protocol 1 and 2 carry a vCPU as kvm_regs alone: all kvmstub's witness guest has.
+        reason = (
+            f"the target speaks handoff protocol {version} at most (an older release): a "
+            f"guest on {s.app.flags.hypervisor} needs protocol {protocol.VCPU_STATES_VERSION}, "
+            "which carries the whole vCPU state; the guest keeps running here"
+        )
+        await s.live.refuse("version", reason)
+        raise Incompatible(reason)
     await s.app.faults.point("source", "hello", s.peer)
     s.app.record.protocol = s.conn.version or 0
     s.app.record.phase("hello")
@@ -256,7 +268,7 @@ async def _switchover_step(s: _Source) -> None:
     await app.faults.point("source", "paused", s.peer)
     if vmm.cfg.mode != "sev-es":
         s.states = await vmm.get_all_states()
-    devices = vmm.devices.snapshot()
+    devices = await vmm.snapshot_devices()
     rec.phase("pause")
     assert vmm.vm is not None
     switchover, states_fd = messages.switchover_from(

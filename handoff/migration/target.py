@@ -33,6 +33,7 @@ from handoff.errors import (
     CredentialsRefused,
     HandoffError,
     Incompatible,
+    PeerFailed,
     Refused,
 )
 from handoff.hv import PeerVm, VcpuState
@@ -253,6 +254,12 @@ async def _describe_step(t: _Target) -> None:
             await t.peer.refuse("auth", str(exc))
             raise
         diffs = app.cfg.differences(messages.guest_config_of(describe))
+        theirs = messages.hypervisor_of(describe)
+        if theirs != app.flags.hypervisor:
+            diffs.append(
+                f"the guest runs on {theirs} and this VMM on {app.flags.hypervisor} "
+                "(--hypervisor): a guest cannot change kernels in a handoff"
+            )
         layout = messages.slots_match(describe, app.cfg)
         if layout and not diffs:
             diffs = [layout]
@@ -326,7 +333,14 @@ async def _switchover_step(t: _Target) -> None:
     t.source_vm = PeerVm(fds.pop(0))
     assert t.conn.description is not None
     # Reads and closes the rest of the fds (the vCPU state memfd of protocol 3).
-    t.states, t.devices = messages.switchover_state(switchover, t.conn.description, fds)
+    states, devices = messages.switchover_state(switchover, t.conn.description, fds)
+    assert vmm.hypervisor is not None
+    try:  # refused now, while the source holds the guest, not when loading it
+        for state in states or ():
+            vmm.hypervisor.check_state(state)
+    except ValueError as exc:  # StateMismatch too
+        raise PeerFailed(f"switchover carried vCPU state this VMM cannot load: {exc}") from None
+    t.states, t.devices = states, devices
     await t.app.faults.point("target", "switchover", t.peer)
     if t.stream is not None:
         copied = await vmm.receive_memory(t.stream)

@@ -460,6 +460,7 @@ class App:
                 pid_start=runtime.process_start_time(os.getpid()),
                 version=__version__,
                 mode=self.cfg.mode,
+                hypervisor=self.flags.hypervisor,
                 vcpus=self.cfg.vcpus,
                 memory=self.cfg.memory,
                 control=os.path.abspath(self.control_path),
@@ -537,6 +538,7 @@ class App:
             "pid": os.getpid(),
             "version": __version__,
             "mode": self.cfg.mode,
+            "hypervisor": self.flags.hypervisor,
             "vcpus": self.cfg.vcpus,
             "memory": self.cfg.memory,
             "uptime": round(time.time() - self.started, 3),
@@ -567,7 +569,7 @@ class App:
         }
 
     async def qmp_query_handoff(self, args: dict[str, Any]) -> dict[str, Any]:
-        return self.record.to_qmp()
+        return {**self.record.to_qmp(), "hypervisor": self.flags.hypervisor}
 
     async def qmp_query_memfds(self, args: dict[str, Any]) -> dict[str, Any]:
         return {

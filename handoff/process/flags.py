@@ -12,8 +12,7 @@ import os
 from collections.abc import Callable, Sequence
 
 from handoff import __version__
-from handoff.hv import abi
-from handoff.hv import kvmstub as hv_kvmstub
+from handoff.hv import abi, backends
 from handoff.machine.config import (
     LOG_LEVELS,
     MODES,
@@ -158,11 +157,31 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         default=50,
         help="guest steps between two shared/private page flips (default 50)",
     )
+    g.add_argument(
+        "--idle-us",
+        type=_int_in(0, 1_000_000, "--idle-us"),
+        default=None,
+        metavar="US",
+        help="the real KVM's x86 guest idles this many microseconds after each line, as a "
+        "real guest halts between its work (default 10000 on kvm: 100 lines a second per "
+        "vCPU; 0: busy). Read at launch only. kvmstub's guest has no idle",
+    )
     h = p.add_argument_group("the host (free to change across a handoff)")
     h.add_argument(
         "--name", default="vm0", help="VM name; names the control socket in the runtime directory"
     )
     h.add_argument("--uuid", default=None, help=argparse.SUPPRESS)
+    h.add_argument(
+        "--hypervisor",
+        choices=backends.CHOICES,
+        default="auto",
+        help="the kernel the guest runs on: kvm (the real /dev/kvm: plain guests, real x86 "
+        "code), kvmstub (the kernel stand-in, which also plays the SEV firmware: every sev and "
+        "sev-es guest), or auto (default): kvm for a plain guest where /dev/kvm works and no "
+        "kvmstub socket is named (--kvm, $KVMSTUB_SOCKET), else kvmstub. Both VMMs of a "
+        "handoff must run on the same one. On kvm a failed handoff can be rolled back only "
+        "until the new VMM first runs the guest: after that it is the guest's only holder",
+    )
     h.add_argument(
         "--kvm",
         default=None,
@@ -273,10 +292,13 @@ def guest_config(ns: argparse.Namespace) -> GuestConfig:
 
 def host_flags(ns: argparse.Namespace) -> HostFlags:
     name = validate_name(ns.name)
+    hypervisor = _hypervisor(ns)
     return HostFlags(
         name=name,
         uuid=ns.uuid or new_uuid(),
-        kvm=ns.kvm or hv_kvmstub.default_socket(),
+        kvm=ns.kvm or backends.kvmstub_default_socket(),
+        hypervisor=hypervisor,
+        idle_us=_idle_us(ns, hypervisor),
         control=ns.control or os.path.join(runtime_dir(), f"{name}.qmp"),
         serial_log=None if ns.serial_log is None else check_serial_log(ns.serial_log),
         log_level=ns.log_level,
@@ -291,6 +313,29 @@ def host_flags(ns: argparse.Namespace) -> HostFlags:
         prefault=ns.x_prefault,
         blackout_poll_us=ns.blackout_poll_us,
     )
+
+
+def _hypervisor(ns: argparse.Namespace) -> str:
+    try:
+        return backends.choose(
+            ns.hypervisor, ns.mode, kvmstub_named=ns.kvm is not None or backends.kvmstub_named()
+        )
+    except backends.NoHypervisor as exc:
+        raise ConfigError(str(exc)) from None
+
+
+DEFAULT_KVM_IDLE_US = 10_000
+
+
+def _idle_us(ns: argparse.Namespace, hypervisor: str) -> int:
+    if hypervisor != backends.KVM:
+        if ns.idle_us:
+            raise ConfigError(
+                f"--idle-us is for the real KVM's x86 guest; this guest runs on {hypervisor}, "
+                "whose guest has no idle (drop --idle-us, or --hypervisor kvm)"
+            )
+        return 0
+    return DEFAULT_KVM_IDLE_US if ns.idle_us is None else int(ns.idle_us)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -435,7 +435,8 @@ def status_main(control: str, as_json: bool) -> int:
         return 0
     print(
         f"VM {name['name']}: {status['status']} (pid {status.get('pid')}, "
-        f"{status.get('mode')}, {status.get('vcpus')} vCPUs, uptime {status.get('uptime')} s)"
+        f"{status.get('mode')} on {status.get('hypervisor', 'kvmstub')}, "
+        f"{status.get('vcpus')} vCPUs, uptime {status.get('uptime')} s)"
     )
     if handoff.get("status", "none") != "none":
         print(
@@ -471,6 +472,7 @@ def listing_json(item: runtime.VmListing) -> dict[str, Any]:
         "pid": entry.pid,
         "version": entry.version,
         "mode": entry.mode,
+        "hypervisor": entry.hypervisor,
         "vcpus": entry.vcpus,
         "memory": entry.memory,
         "uptime": round(item.uptime, 3) if item.alive else None,
@@ -506,8 +508,8 @@ def list_main(directory: str, as_json: bool, prune: bool) -> int:
         if not removed:
             print(f"no VMs in {directory}")
         return 0
-    header = ("NAME", "STATE", "PID", "VERSION", "MODE", "VCPUS", "MEMORY", "UPTIME",
-              "HANDOFFS", "LAST PAUSE")  # fmt: skip
+    header = ("NAME", "STATE", "PID", "VERSION", "MODE", "HYPERVISOR", "VCPUS", "MEMORY",
+              "UPTIME", "HANDOFFS", "LAST PAUSE")  # fmt: skip
     rows = [header]
     for item in items:
         e = item.entry
@@ -525,6 +527,7 @@ def list_main(directory: str, as_json: bool, prune: bool) -> int:
                 str(e.pid),
                 e.version,
                 e.mode,
+                e.hypervisor,
                 str(e.vcpus),
                 format_size(e.memory),
                 _duration(item.uptime) if item.alive else "-",

@@ -65,6 +65,7 @@ class VmEntry(msgspec.Struct, kw_only=True, omit_defaults=True, rename="kebab"):
     pid_start: int = 0  # the process's start time in clock ticks: guards against pid reuse
     version: str
     mode: str
+    hypervisor: str = "kvmstub"  # the kernel the guest runs on (older releases: kvmstub)
     vcpus: int
     memory: int
     control: str

@@ -504,19 +504,6 @@ NOT_KVM_REGS = protocol.encode_vcpu_states(
     [protocol.VcpuStateWire(backend="kvmstub", version=1, blob=b"\xc1 not kvm_regs")]
 )
 
-# A memfd of well-formed states that the target's backend cannot load passes every check of the
-# Switchover step; the backend's `check_state` (or its kvm_regs decoder) refuses them only in
-# `complete_incoming`, with a ValueError that a trio nursery wraps in an ExceptionGroup. The
-# target's `_receive` catches HandoffError and OSError only: it dies with a traceback ("the
-# VMM failed") and sends no Refuse, and `_recover`, had it run, would not have refused either
-# (the Switchover counted as usable: TAKEOVER, stepping aside from a live source).
-STATES_NOT_CHECKED_BEFORE_USE = pytest.mark.xfail(
-    strict=True,
-    reason="vCPU states the backend cannot load crash the target (an unhandled ValueError in "
-    "complete_incoming) instead of being refused as an unusable Switchover",
-)
-
-
 def states_memfd(data: bytes, seals: int = messages.VCPU_STATES_SEALS) -> int:
     fd = os.memfd_create("fuzz-vcpu-states", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     done = 0
@@ -631,7 +618,6 @@ MALFORMED = "malformed vCPU states in the memfd"
             OTHER_BACKEND,
             0,
             "vCPU state from backend 'linux-kvm' format 7 cannot be loaded by backend 'kvmstub'",
-            marks=STATES_NOT_CHECKED_BEFORE_USE,
             id="another-backend",
         ),
         pytest.param(
@@ -639,7 +625,6 @@ MALFORMED = "malformed vCPU states in the memfd"
             NOT_KVM_REGS,
             0,
             "vCPU state (kvmstub format 1) is malformed",
-            marks=STATES_NOT_CHECKED_BEFORE_USE,
             id="kvmstub-state-not-kvm-regs",
         ),
     ],
@@ -708,8 +693,7 @@ _state_fd_kinds = st.sampled_from(
     kinds=st.lists(_state_fd_kinds, max_size=3),
     content=st.one_of(
         st.binary(max_size=256),
-        # (Not OTHER_BACKEND nor NOT_KVM_REGS: the xfail cases above, until they are refused.)
-        st.sampled_from([ONE_STATE[:-1], ONE_STATE + b"\x00"]),
+        st.sampled_from([ONE_STATE[:-1], ONE_STATE + b"\x00", OTHER_BACKEND, NOT_KVM_REGS]),
     ),
     declared=st.one_of(st.none(), st.integers(1, protocol.MAX_VCPU_STATES_BYTES)),
 )
