@@ -5,6 +5,11 @@ run, upgrade three times (one changing log level and serial log path), roll back
 first program, and try one handoff that must be refused as incompatible. Then check, from the
 guest's own serial lines and from kvmstub: every vCPU's seq contiguous, no PANIC, the same memfd
 inode in every VMM (zero copy), ASIDs in use unchanged, no process or socket left behind.
+
+Then, where /dev/kvm works, the same with a real x86 guest on the real KVM (2 vCPUs, 256 MiB):
+upgrades, a flag change, a rollback to a release that speaks only protocol 1 (refused before the
+pause: a real vCPU's state needs protocol 3), a rollback to the first program, an incompatible
+successor; verified from the guest's own lines. Where /dev/kvm does not work, one line says so.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 
 import trio
 
+from handoff.hv.backends import kvm_problem
 from handoff.hv.kvmstub import read_stats
 from handoff.process.ops import format_phases, query, upgrade
 from handoff.seriallog import read_logs
@@ -299,17 +305,115 @@ def _sockets(root: str) -> list[str]:
     return out
 
 
+class KvmDemo(Demo):
+    """The same story with a real x86 guest on the real /dev/kvm (plain; no kvmstub)."""
+
+    KVM_VCPUS = 2
+    KVM_MEMORY = 256 << 20
+
+    def __init__(self, workdir: str) -> None:
+        super().__init__(workdir, "plain", self.KVM_VCPUS, self.KVM_MEMORY)
+        self.control = os.path.join(workdir, "run", "demo-kvm.qmp")
+        self.serial_logs = [os.path.join(workdir, "kvm-serial-1.log")]
+        self.vmm_log = os.path.join(workdir, "kvm-vmm.log")
+
+    def start_vmm(self) -> int:
+        argv = [
+            *RELEASE_1, "run", "--name", "demo-kvm", "--hypervisor", "kvm",
+            "--vcpus", str(self.vcpus), "--memory", str(self.memory), "--idle-us", "2000",
+            "--line-every", "20000", "--control", self.control,
+            "--serial-log", self.serial_logs[0],
+        ]  # fmt: skip
+        log = open(self.vmm_log, "ab")  # noqa: SIM115
+        proc = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + 30
+        while not os.path.exists(self.control):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the VMM did not start; see {self.vmm_log}")
+            time.sleep(0.02)
+        return proc.pid
+
+    async def run(self) -> int:
+        say("\n== the real KVM: a plain x86-64 guest on /dev/kvm (real machine code, CPL3)")
+        pid = self.start_vmm()
+        self.pids.append(pid)
+        await self.wait_lines({}, more=2)
+        (status, memfds) = await query(self.control, "query-status", "query-memfds")
+        self.inodes.append(memfds["inodes"])
+        say(
+            f"  VMM pid {pid}: {status['status']} on {status.get('hypervisor')}; "
+            f"memfd inodes {memfds['inodes']}"
+        )
+        await self.handoff("kvm upgrade 1: same program, same flags")
+        log2 = os.path.join(self.dir, "kvm-serial-2.log")
+        self.serial_logs.append(log2)
+        await self.handoff(
+            "kvm upgrade 2: new flags (log level debug, new serial log)",
+            ["log-level=debug", f"serial-log={log2}"],
+        )
+        await self.handoff(
+            "kvm rollback to a release speaking protocol 1 only: refused before the pause",
+            ["max-protocol=1"],
+            RELEASE_1,
+            expect_ok=False,
+        )
+        await self.handoff("kvm rollback: back to the first program", [], RELEASE_1)
+        await self.handoff(
+            "kvm incompatible: successor asked for 8 vCPUs", ["vcpus=8"], expect_ok=False
+        )
+        say("\n== verify (real KVM)")
+        report = read_logs(self.serial_logs)
+        problems = report.problems(self.vcpus)
+        counts = {v: len(e) for v, e in sorted(report.lines.items())}
+        self.check(
+            "every vCPU's seq contiguous, no PANIC",
+            not problems,
+            f"lines per vCPU {counts}" if not problems else "; ".join(problems[:5]),
+        )
+        same = all(i == self.inodes[0] for i in self.inodes)
+        self.check(
+            "zero copy: the same memfd inode in every VMM",
+            same,
+            f"{len(self.inodes)} VMMs, inodes {self.inodes[0]}",
+        )
+        await query(self.control, "quit")
+        with trio.move_on_after(10):
+            while any(pid_alive(p) for p in self.pids):
+                await trio.sleep(0.05)
+        alive = [p for p in self.pids if pid_alive(p)]
+        self.check("no VMM process left after quit", not alive, f"pids {self.pids}")
+        say("\n== guest-visible pause per handoff (real KVM, from the guest's gap_us)")
+        for title, pause, downtime in self.pauses:
+            p = "?" if pause is None else f"{pause / 1000:.3f} ms"
+            say(f"  {title:55s} {p:>10s}   (source-side {downtime:.3f} ms)")
+        if self.failures:
+            say("\nDEMO FAILED (real KVM):")
+            for f in self.failures:
+                say(f"  - {f}")
+            return 1
+        say("\nDEMO OK (real KVM): the x86 guest survived every handoff, nothing was copied.")
+        return 0
+
+
 def demo_main(workdir: str | None, mode: str, vcpus: int, memory: int) -> int:
     own = workdir is None
     path = workdir or tempfile.mkdtemp(prefix="handoff-demo-")
     os.makedirs(path, exist_ok=True)
-    demo = Demo(path, mode, vcpus, memory)
+    demos: list[Demo] = [Demo(path, mode, vcpus, memory)]
+    problem = kvm_problem()
     try:
-        return trio.run(demo.run)
+        status = trio.run(demos[0].run)
+        if problem is not None:
+            say(f"\n== the real KVM part skipped: {problem}")
+            return status
+        demos.append(KvmDemo(path))
+        return max(status, trio.run(demos[1].run))
     except Exception as exc:
         say(f"\nDEMO FAILED: {type(exc).__name__}: {exc}")
         return 1
     finally:
-        demo.cleanup()
+        for demo in demos:
+            demo.cleanup()
         if own:
             shutil.rmtree(path, ignore_errors=True)
