@@ -3,8 +3,9 @@ x86 guest over, and fail to, in the ways DESIGN.md section 4 names.
 
 The guest is the judge of itself (its serial lines: every vCPU's seq contiguous, no PANIC; two
 VMMs running it at once would both append to its log and repeat seqs), and the control socket
-says who holds it. The kernel cannot be asked which VM runs the guest (another process's VM fd
-is dead to us, EIO: reference/real-kvm.md section 2), so no test here asks.
+says who holds it. The real kernel, unlike kvmstub, has no statistics to say which VM runs the
+guest (and a VM's fds are dead in any process but its creator's: reference/real-kvm.md
+section 2), so no test here asks it.
 
 Skipped where /dev/kvm is missing or cannot create a VM (`backends.kvm_problem`).
 """
