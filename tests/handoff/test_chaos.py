@@ -2,7 +2,9 @@
 loses the guest or holds it paused beyond the configured limit.
 
 `tools/chaos.py --quick` runs here (every fault action, every step of both roles, the three
-modes, two seeded SIGKILLs); `python tools/chaos.py` runs the full matrix.
+modes, two seeded SIGKILLs), and its kvm set (`--quick --hypervisor kvm`: a plain guest on the
+real /dev/kvm, where that can run one); `python tools/chaos.py [--hypervisor kvm]` runs the
+full matrix.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from handoff.hv.backends import kvm_problem
 from handoff.migration.faults import ACTIONS, STEPS
 from handoff.testing import VmmProcess
 
@@ -69,6 +72,45 @@ def test_quick_chaos_loses_no_guest_and_leaks_nothing() -> None:
     # Every recovery path of the design was taken at least once.
     paths = {o.recovery for o in outcomes if o.verdict == "survived"}
     assert {"committed", "rollback", "reclaim", "takeover"} <= paths
+
+
+# --- the real /dev/kvm ------------------------------------------------------------------------
+
+
+def test_kvm_quick_matrix_is_a_plain_guest_on_kvm_at_every_step_that_differs() -> None:
+    chaos = load_chaos()
+    cases = chaos.kvm_quick_cases(seed=1)
+    assert {(c.mode, c.hypervisor) for c in cases} == {("plain", "kvm")}
+    faults = [c for c in cases if c.action != "sigkill"]
+    assert {c.step for c in faults if c.role == "target"} == set(STEPS["target"])
+    # The source's hello and describe refuse alike on both kernels (the kvmstub set has them).
+    assert {c.step for c in faults if c.role == "source"} == set(STEPS["source"]) - {
+        "hello",
+        "describe",
+    }
+    assert {c.role for c in cases if c.action == "sigkill"} == {"source", "target"}
+    full = chaos.fault_cases(chaos.KVM_MODES, "kvm")
+    assert len(full) == sum(len(s) for s in STEPS.values()) * len(ACTIONS)
+    assert {c.hypervisor for c in full} == {"kvm"}
+
+
+@pytest.mark.skipif(kvm_problem() is not None, reason="the real KVM cannot run a guest here")
+def test_quick_chaos_on_the_real_kvm_loses_no_guest_where_the_rules_promise_it() -> None:
+    chaos = load_chaos()
+    outcomes = chaos.run_cases(chaos.kvm_quick_cases(seed=1), jobs=2, timeout=5.0)
+    print(chaos.table(outcomes))
+    bad = [
+        (o.case.label, o.verdict, o.problems, o.leaks)
+        for o in outcomes
+        if o.verdict not in ("survived", "holder-died") or o.leaks
+    ]
+    assert bad == []
+    # The guest is gone only where its one holder died: for a fault, the source in its pause.
+    died = {o.case.label for o in outcomes if o.verdict == "holder-died"}
+    faults = {o.case.label for o in outcomes if o.case.action != "sigkill"}
+    assert died & faults == {"plain@kvm source:paused:crash"}
+    paths = {o.recovery for o in outcomes if o.verdict == "survived"}
+    assert {"committed", "refused", "rollback", "takeover"} <= paths
 
 
 # --- hung peers -------------------------------------------------------------------------------

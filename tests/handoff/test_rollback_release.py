@@ -4,46 +4,19 @@ release does not know. Rolling back to it, and forward again from it, must keep 
 
 from __future__ import annotations
 
-import io
-import shutil
-import subprocess
-import sys
-import tarfile
 from pathlib import Path
 from typing import Any
 
 import pytest
+from previous_release import PREVIOUS_PROTOCOL, previous_release_program
 
 from handoff.testing import PROGRAM, serial_checked
-
-PREVIOUS_RELEASE = "5592034"  # protocol 2; takes its token with --token-file only
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
 def previous_release(tmp_path: Path) -> list[str]:
     """A program that runs the previous release's handoff (and its kvmstub client)."""
-    if shutil.which("git") is None or not (ROOT / ".git").exists():
-        pytest.skip("not a git checkout: the previous release's source is not at hand")
-    known = subprocess.run(
-        ["git", "-C", str(ROOT), "cat-file", "-e", f"{PREVIOUS_RELEASE}^{{commit}}"],
-        capture_output=True,
-    )
-    if known.returncode != 0:
-        pytest.skip(f"release {PREVIOUS_RELEASE} is not in this clone's history")
-    archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", PREVIOUS_RELEASE, "handoff", "kvmstub"],
-        capture_output=True,
-        check=True,
-    ).stdout
-    source = tmp_path / "previous-release"
-    source.mkdir()
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(source, filter="data")
-    program = tmp_path / "handoff-previous"
-    program.write_text(f'#!/bin/sh\nPYTHONPATH={source} exec {sys.executable} -P -m handoff "$@"\n')
-    program.chmod(0o755)
-    return [str(program)]
+    return previous_release_program(tmp_path)
 
 
 # plain: the registers cross as protocol 2's kvm_regs both ways (this release speaks 3).
@@ -55,7 +28,7 @@ async def test_rollback_to_the_previous_release_and_forward_again(
     await vmm.wait_lines()
     result = await vmm.upgrade([], previous_release)
     assert result["status"] == "completed", vmm.log()
-    assert result["protocol"] == 2
+    assert result["protocol"] == PREVIOUS_PROTOCOL
     status = await vmm.qmp("query-status")
     assert status["status"] == "running"
     # Forward again: the previous release spawns this one (with its token in a file).
