@@ -30,6 +30,7 @@ import trio
 from handoff import __version__
 from handoff.errors import HandoffError, Refused
 from handoff.hv import abi
+from handoff.hv.backends import KVMSTUB
 from handoff.machine.config import GuestConfig, HostFlags, format_size, read_token, read_token_fd
 from handoff.machine.vmm import Vmm, freeze_startup_objects
 from handoff.migration.faults import Faults, FaultSpecError
@@ -740,7 +741,15 @@ class App:
             os.write(write_end, token)  # 64 bytes: far below a pipe's buffer, never blocks
             os.close(write_end)
             write_end = -1
-            if exec_argv is None or _takes_token_fd(program):
+            help_text = None if exec_argv is None else _run_help(program)
+            on_kvmstub = self.flags.hypervisor == KVMSTUB
+            if help_text is not None and not on_kvmstub and b"--hypervisor" not in help_text:
+                raise HandoffError(
+                    f"{program[0]} is a release without --hypervisor (older than real-KVM "
+                    f"support): it cannot take a guest on {self.flags.hypervisor}; nothing "
+                    "was started, the guest keeps running here"
+                )
+            if help_text is None or b"--token-fd" in help_text:
                 token_args = ["--token-fd", str(read_end)]
             else:
                 token_args = ["--token-file", _legacy_token_file(workdir, token, program[0])]
@@ -808,10 +817,11 @@ class App:
 
 
 #: Flags of a successor's command line that the upgrade itself sets (or must not pass on).
-def _takes_token_fd(program: Sequence[str]) -> bool:
-    """Whether `program` (an `upgrade --exec` successor, perhaps an older release) takes its
-    one-time token on an inherited fd: its `run --help` lists --token-fd. Asked in the setup,
-    while the guest runs (one start of the program, a few hundred ms of CPU)."""
+def _run_help(program: Sequence[str]) -> bytes:
+    """What `program` (an `upgrade --exec` successor, perhaps an older release) says to
+    `run --help`: whether it takes its one-time token on an inherited fd (--token-fd) and can
+    run a guest on the real KVM (--hypervisor). Asked in the setup, while the guest runs (one
+    start of the program, a few hundred ms of CPU)."""
     try:
         proc = subprocess.run(
             [*program, "run", "--help"],
@@ -827,7 +837,7 @@ def _takes_token_fd(program: Sequence[str]) -> bool:
             f"{program[0]} run --help exited with status {proc.returncode}: is it a handoff "
             "program? " + proc.stderr.decode(errors="replace").strip()[-300:]
         )
-    return b"--token-fd" in proc.stdout
+    return proc.stdout
 
 
 def _legacy_token_file(workdir: str, token: bytes, program: str) -> str:

@@ -4,6 +4,7 @@ VMM, kvmstub and an operator's `handoff upgrade` all want one during the blackou
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
@@ -118,6 +119,14 @@ def lower_while_preparing(at_most_s: float = LOWERED_AT_MOST_S) -> None:
     if _set_autogroup_nice(19):
         _lowered_from = before
         signal.setitimer(signal.ITIMER_REAL, at_most_s)
+        # A process that exits within the bound (a refused command line, say) must not die of
+        # the alarm while it exits: the interpreter's shutdown puts SIGALRM back to its default
+        # action, and its parent would read exit status -14 instead of the real one.
+        atexit.register(_disarm)
+
+
+def _disarm() -> None:
+    signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 def _restore_on_alarm(signum: int, frame: object) -> None:

@@ -504,6 +504,7 @@ NOT_KVM_REGS = protocol.encode_vcpu_states(
     [protocol.VcpuStateWire(backend="kvmstub", version=1, blob=b"\xc1 not kvm_regs")]
 )
 
+
 def states_memfd(data: bytes, seals: int = messages.VCPU_STATES_SEALS) -> int:
     fd = os.memfd_create("fuzz-vcpu-states", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     done = 0

@@ -49,19 +49,19 @@ def test_the_old_vmm_asks_an_exec_program_how_it_takes_its_token(
     tmp_path: Path, script: str, expect: bool | str
 ) -> None:
     from handoff.errors import HandoffError
-    from handoff.process.app import _takes_token_fd
+    from handoff.process.app import _run_help
 
     program = tmp_path / "program"
     program.write_text(f"#!/bin/sh\n{script}\n")
     program.chmod(0o755)
     if isinstance(expect, bool):
-        assert _takes_token_fd([str(program)]) is expect
+        assert (b"--token-fd" in _run_help([str(program)])) is expect
     else:
         with pytest.raises(HandoffError, match=expect):
-            _takes_token_fd([str(program)])
+            _run_help([str(program)])
 
 
 def test_this_release_lists_token_fd_in_its_run_help() -> None:
-    from handoff.process.app import _takes_token_fd
+    from handoff.process.app import _run_help
 
-    assert _takes_token_fd(PROGRAM)
+    assert b"--token-fd" in _run_help(PROGRAM)
