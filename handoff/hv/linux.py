@@ -34,6 +34,7 @@ import os
 import signal
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from typing import Any, NoReturn
@@ -307,6 +308,8 @@ class _RunThread:
         self.in_kvm_run = False
         self.closing = False
         self.errno = 0
+        self.enter_ns = 0  # CLOCK_MONOTONIC as the last KVM_RUN was issued, and as it returned
+        self.exit_ns = 0
         self._notify: Callable[[], None] = lambda: None
         self._go = threading.Semaphore(0)
         self.thread = threading.Thread(target=self._main, name=name, daemon=True)
@@ -320,13 +323,15 @@ class _RunThread:
         self._go.release()
 
     def _main(self) -> None:
-        ioctl, fd, request = _c_ioctl, self.fd, abi.KVM_RUN
+        ioctl, fd, request, now = _c_ioctl, self.fd, abi.KVM_RUN, time.monotonic_ns
         while True:
             self._go.acquire()
             if self.closing:
                 return
             self.in_kvm_run = True
+            self.enter_ns = now()
             ret = ioctl(fd, request, 0)
+            self.exit_ns = now()
             self.in_kvm_run = False
             self.errno = ctypes.get_errno() if ret < 0 else 0
             with contextlib.suppress(trio.RunFinishedError):
@@ -363,6 +368,11 @@ class LinuxVcpu:
         )
         self.has_tsc_offset = False
         self.cpuid_digest = b""
+        # The last pause and resume, in CLOCK_MONOTONIC ns (comparable across processes):
+        # kick, out (its KVM_RUN returned), save0/save1, restore0/restore1, go (the resume's
+        # KVM_RUN issued), enter (the thread entered it), first_exit. `Vmm` reports them.
+        self.times: dict[str, int] = {}
+        self._first_run = False
 
     def fileno(self) -> int:
         return self._fd
@@ -385,6 +395,8 @@ class LinuxVcpu:
         done = self._done = trio.Event()
         token = trio.lowlevel.current_trio_token()
         self._in_flight = True
+        if self._first_run:
+            self.times["go"] = time.monotonic_ns()
         _Counter.requests += 1
         thread.go(lambda: token.run_sync_soon(done.set))
 
@@ -401,6 +413,12 @@ class LinuxVcpu:
         assert thread is not None and done is not None
         await done.wait()
         self._in_flight = False
+        if self._kicked:
+            self.times["out"] = thread.exit_ns
+        elif self._first_run:
+            self._first_run = False
+            self.times["enter"] = thread.enter_ns
+            self.times["first_exit"] = thread.exit_ns
         if self._fd < 0:
             raise OSError(errno.EBADF, "KVM_RUN: the vCPU was closed")
         err = thread.errno
@@ -417,6 +435,8 @@ class LinuxVcpu:
             _ioctl_arg(self._fd, abi.KVM_RUN, 0, "KVM_RUN")
         finally:
             run[abi.RUN_IMMEDIATE_EXIT] = 1 if self._kicked else 0
+            if self._kicked:
+                self.times["out"] = time.monotonic_ns()
         return self._exit()  # not reached on a kernel that honours immediate_exit
 
     def _exit(self) -> Exit:
@@ -440,6 +460,7 @@ class LinuxVcpu:
         return Exit(reason)
 
     def kick(self) -> None:
+        self.times = {"kick": time.monotonic_ns()}
         self._kicked = True
         self._run[abi.RUN_IMMEDIATE_EXIT] = 1
         thread = self._thread
@@ -449,6 +470,7 @@ class LinuxVcpu:
 
     def unkick(self) -> None:
         self._kicked = False
+        self._first_run = True
         self._run[abi.RUN_IMMEDIATE_EXIT] = 0
 
     def complete_io(self, data: bytes) -> None:
@@ -478,6 +500,7 @@ class LinuxVcpu:
         (reading mp_state may accept pending LAPIC events and change the rest)."""
         await trio.lowlevel.checkpoint()
         self._stopped("get_state")
+        t0 = time.monotonic_ns()
         hv = self._hv
         sections: list[tuple[_Tag, bytes | bytearray]] = [(_Tag.CPUID_DIGEST, self.cpuid_digest)]
         get = self._get
@@ -508,7 +531,9 @@ class LinuxVcpu:
         if self.has_tsc_offset:
             _ioctl(self._fd, abi.KVM_GET_DEVICE_ATTR, self._tsc_attr, "KVM_GET_DEVICE_ATTR")
             sections.append((_Tag.TSC_OFFSET, _U64.pack(self._tsc_value.value)))
-        return VcpuState(backend=NAME, version=STATE_VERSION, blob=_pack(sections))
+        state = VcpuState(backend=NAME, version=STATE_VERSION, blob=_pack(sections))
+        self.times["save0"], self.times["save1"] = t0, time.monotonic_ns()
+        return state
 
     async def set_state(self, state: VcpuState) -> None:
         """Load a state in the order the kernel's dependencies ask (reference section 2):
@@ -517,6 +542,7 @@ class LinuxVcpu:
         debugregs, and the TSC offset last."""
         await trio.lowlevel.checkpoint()
         self._stopped("set_state")
+        t0 = time.monotonic_ns()
         check_state(state, NAME, STATE_VERSION)
         size = self._hv.xsave2_size or abi.XSAVE_SIZE
         parts = dict(checked_sections(state.blob, "vCPU state", xsave_size=size))
@@ -554,6 +580,7 @@ class LinuxVcpu:
         if _Tag.TSC_OFFSET in parts and self.has_tsc_offset:
             self._tsc_value.value = _U64.unpack(parts[_Tag.TSC_OFFSET])[0]
             _ioctl(fd, abi.KVM_SET_DEVICE_ATTR, self._tsc_attr, "KVM_SET_DEVICE_ATTR")
+        self.times = {"restore0": t0, "restore1": time.monotonic_ns()}
 
     def _set_entry_sregs(self, entry: bytes) -> None:
         """An entry state's segments, descriptor tables, CR0/CR3/CR4 and EFER over the vCPU's
@@ -606,6 +633,7 @@ class LinuxVm:
         self._fd = fd
         self._maps: list[mmap.mmap] = []
         self.vcpus: list[LinuxVcpu] = []
+        self.times: dict[str, int] = {}  # get_vm_state, set_vm_state: CLOCK_MONOTONIC ns
 
     def fileno(self) -> int:
         return self._fd
@@ -693,6 +721,7 @@ class LinuxVm:
         """PIT, kvmclock (without KVM_CLOCK_TSC_STABLE, which SET_CLOCK refuses on older
         kernels), PIC master and slave, IOAPIC."""
         await trio.lowlevel.checkpoint()
+        t0 = time.monotonic_ns()
         fd = self._fd
         pit = bytearray(abi.PIT2_SIZE)
         _ioctl(fd, abi.KVM_GET_PIT2, pit, "KVM_GET_PIT2")
@@ -710,12 +739,15 @@ class LinuxVm:
             _U32.pack_into(irq, 0, chip)
             _ioctl(fd, abi.KVM_GET_IRQCHIP, irq, "KVM_GET_IRQCHIP")
             sections.append((_Tag.IRQCHIP, irq))
-        return VmState(backend=NAME, version=STATE_VERSION, blob=_pack(sections))
+        state = VmState(backend=NAME, version=STATE_VERSION, blob=_pack(sections))
+        self.times = {"save0": t0, "save1": time.monotonic_ns()}
+        return state
 
     async def set_vm_state(self, state: VmState) -> None:
         """PIT, PIC and IOAPIC, then the clock: kvmclock advanced by the host's realtime that
         passed since the source read it (KVM_CLOCK_REALTIME), then KVMCLOCK_CTRL per vCPU."""
         await trio.lowlevel.checkpoint()
+        t0 = time.monotonic_ns()
         check_vm_state(state, NAME, STATE_VERSION)
         fd = self._fd
         parts = checked_sections(state.blob, "VM state", xsave_size=0, vm=True)
@@ -748,6 +780,7 @@ class LinuxVm:
         for vcpu in self.vcpus:
             if vcpu.fileno() >= 0:
                 vcpu.kvmclock_ctrl()
+        self.times = {"restore0": t0, "restore1": time.monotonic_ns()}
 
     def close(self) -> None:
         if self._fd >= 0:
