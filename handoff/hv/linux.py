@@ -319,8 +319,8 @@ _HYPERCALL = struct.Struct("<7Q")
 
 
 class _Batch:
-    """Jobs on several vCPUs' own threads at once (their state ioctls run in parallel, with the
-    GIL released), and one wakeup of the waiting trio task when the last is done."""
+    """Jobs on several vCPUs' KVM_RUN threads at once (their state ioctls run in parallel, with
+    the GIL released), and one wakeup of the waiting trio task when the last is done."""
 
     def __init__(self, count: int) -> None:
         self.left = count
@@ -352,10 +352,10 @@ async def _on_threads(
     vCPUs (measured on a nested 2-CPU host: a thread's wakeup costs as much as saving a few
     vCPUs, and with a thread per vCPU every ioctl's return waited for the GIL behind the
     others: 256 vCPUs took 90 ms to save and 133 to load, against 22 and 45 on one thread).
-    The first share runs on
-    the calling thread, the others on the KVM_RUN threads of stopped vCPUs, each ioctl with the
-    GIL released (ctypes). Waits for every share even when cancelled (a share that outlived
-    its caller could race the rollback's KVM_RUN): they are short."""
+    The first share runs on the calling thread, the others on the KVM_RUN threads of stopped
+    vCPUs, each ioctl with the GIL released (ctypes). Waits for every share even when
+    cancelled (a share that outlived its caller could race the rollback's KVM_RUN): they are
+    short."""
     count = len(vcpus)
     results: list[Any] = [None] * count
     errors: list[BaseException | None] = [None] * count
