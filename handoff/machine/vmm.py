@@ -403,7 +403,12 @@ class Vmm:
         return self.devices.snapshot(await self.vm.get_vm_state())
 
     async def get_all_states(self) -> list[VcpuState]:
-        """Every vCPU's state, opaque (the backend's), in vCPU order."""
+        """Every vCPU's state, opaque (the backend's), in vCPU order: all at once where the
+        backend can (`get_states`: the real KVM's, each vCPU on its own thread)."""
+        batch = getattr(self.vm, "get_states", None)
+        if batch is not None:
+            states: list[VcpuState] = await batch(self.vcpus)
+            return states
         out: list[VcpuState | None] = [None] * len(self.vcpus)
 
         async def one(i: int) -> None:
@@ -415,6 +420,10 @@ class Vmm:
     async def set_all_states(self, states: Sequence[VcpuState]) -> None:
         if len(states) != len(self.vcpus):
             raise ValueError(f"{len(states)} vCPU states for {len(self.vcpus)} vCPUs")
+        batch = getattr(self.vm, "set_states", None)
+        if batch is not None:
+            await batch(self.vcpus, list(states))
+            return
 
         async def one(i: int) -> None:
             await self.vcpus[i].set_state(states[i])

@@ -32,6 +32,9 @@ class HandoffRecord:
         self.requests_in_pause = 0
         self.messages_in_pause = 0
         self.pause_seqs: dict[int, int] = {}
+        # The blackout's steps as CLOCK_MONOTONIC ns (comparable between the two VMMs of a
+        # host): this side's marks, and what its backend timed per vCPU and for the VM.
+        self.steps: dict[str, Any] = {}
 
     def begin(self, role: str) -> None:
         self.__init__()  # type: ignore[misc]
@@ -70,6 +73,8 @@ class HandoffRecord:
             out["pause-seqs"] = [
                 self.pause_seqs.get(v, -1) for v in range(max(self.pause_seqs) + 1)
             ]
+        if self.steps:
+            out["steps"] = self.steps
         if self.peer_pid:
             out["peer-pid"] = self.peer_pid
         if self.error:

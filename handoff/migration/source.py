@@ -263,12 +263,16 @@ async def _switchover_step(s: _Source) -> None:
     """PREPARED: pause the guest, read its state, send Switchover with our VM fd."""
     app, vmm, rec = s.app, s.app.vmm, s.app.record
     app.emit("HANDOFF", {"id": rec.id, "status": "device"})
+    marks = rec.steps["source"] = {"kick": time.monotonic_ns()}
     await vmm.pause()  # (a pause cut short by the deadline is undone too: the rollback)
+    marks["parked"] = time.monotonic_ns()
     rec.pause_seqs = dict(vmm.devices.serial.last_seq)
     await app.faults.point("source", "paused", s.peer)
     if vmm.cfg.mode != "sev-es":
         s.states = await vmm.get_all_states()
+    marks["saved"] = time.monotonic_ns()
     devices = await vmm.snapshot_devices()
+    marks["devices"] = time.monotonic_ns()
     rec.phase("pause")
     assert vmm.vm is not None
     switchover, states_fd = messages.switchover_from(
@@ -277,8 +281,12 @@ async def _switchover_step(s: _Source) -> None:
         version=s.conn.version or 1,
         inline_max=app.flags.vcpu_states_inline_max,
     )
+    marks["encoded"] = time.monotonic_ns()
     with states_fd:  # the vCPU state memfd (protocol 3, large states): sent, then closed
         s.live.send_now(switchover, [vmm.vm.fileno(), *states_fd])
+    marks["sent"] = time.monotonic_ns()
+    rec.steps["vcpus"] = [getattr(v, "times", None) for v in vmm.vcpus]
+    rec.steps["vm"] = getattr(vmm.vm, "times", None)
     if s.stream is not None:
         await vmm.send_memory(s.stream)
         s.stream.close()
@@ -289,6 +297,7 @@ async def _switchover_step(s: _Source) -> None:
 async def _moved_step(s: _Source) -> None:
     """SWITCHED_OVER: the target holds the guest, not running it."""
     await s.reply(protocol.Moved)
+    s.app.record.steps["source"]["moved"] = time.monotonic_ns()
     await s.app.faults.point("source", "moved", s.peer)
     s.app.record.phase("switchover")
 
@@ -296,6 +305,7 @@ async def _moved_step(s: _Source) -> None:
 async def _commit_step(s: _Source) -> None:
     """MOVED: the commit point."""
     s.live.send_now(protocol.Commit())
+    s.app.record.steps["source"]["commit"] = time.monotonic_ns()
     await s.app.faults.point("source", "commit", s.peer)
     s.app.record.phase("commit")
 
@@ -304,6 +314,7 @@ async def _resumed_step(s: _Source) -> None:
     """COMMITTED: the target sends Resumed before it lets a vCPU run."""
     with waking_without_preempting():
         await s.reply(protocol.Resumed)
+    s.app.record.steps["source"]["resumed"] = time.monotonic_ns()
 
 
 SETUP_STEPS: Final[dict[protocol.State, Callable[[_Source], Awaitable[None]]]] = {

@@ -329,6 +329,7 @@ async def _switchover_step(t: _Target) -> None:
         protocol.Switchover, timeout=t.app.flags.handoff_timeout
     )
     t.t_switchover = time.perf_counter()
+    marks = t.app.record.steps["target"] = {"switchover": time.monotonic_ns()}
     t.requests0, t.messages0 = vmm.requests_made(), t.peer.messages - 1
     t.source_vm = PeerVm(fds.pop(0))
     assert t.conn.description is not None
@@ -341,6 +342,7 @@ async def _switchover_step(t: _Target) -> None:
     except ValueError as exc:  # StateMismatch too
         raise PeerFailed(f"switchover carried vCPU state this VMM cannot load: {exc}") from None
     t.states, t.devices = states, devices
+    marks["decoded"] = time.monotonic_ns()
     await t.app.faults.point("target", "switchover", t.peer)
     if t.stream is not None:
         copied = await vmm.receive_memory(t.stream)
@@ -352,14 +354,18 @@ async def _moved_step(t: _Target) -> None:
     and Resumed go without a trip through the scheduler (Peer.send_now, receive_fast): nothing
     else here needs to run before the guest does."""
     await _take_guest(t)
+    marks = t.app.record.steps["target"]
+    marks["restored"] = time.monotonic_ns()
     t.app.record.phase("move")
     t.peer.send_now(protocol.Moved())
+    marks["moved"] = time.monotonic_ns()
     await t.app.faults.point("target", "moved", t.peer)
 
 
 async def _commit_step(t: _Target) -> None:
     """MOVED: wait for the commit point."""
     await t.peer.receive_fast(protocol.Commit)
+    t.app.record.steps["target"]["commit"] = time.monotonic_ns()
     await t.app.faults.point("target", "commit", t.peer)
     t.app.record.phase("commit")
 
@@ -375,6 +381,11 @@ async def _resumed_step(t: _Target) -> None:
             int((time.perf_counter() - t.t_moved) * 1e9),
         )
     )
+    rec, vmm = t.app.record, t.app.vmm
+    rec.steps["target"]["resumed"] = time.monotonic_ns()
+    # The backend adds each vCPU's first run to these once the resume has started it.
+    rec.steps["vcpus"] = [getattr(v, "times", None) for v in vmm.vcpus]
+    rec.steps["vm"] = getattr(vmm.vm, "times", None)
     await t.app.faults.point("target", "resumed", t.peer)
 
 
