@@ -89,8 +89,10 @@ crypto of `kvmstub.sev_crypto` byte for byte; the platform (`SevFirmware.platfor
 `kvmstub.platform.Platform`: PDH key, PEK/OCA/CEK certificates under a simulated AMD root) and
 its state UNINIT/INIT/WORKING; the /dev/sev commands PLATFORM_STATUS and PDH_CERT_EXPORT
 (`Host.sev_issue_cmd`). Choices:
-- The firmware trusts one AMD root: the one its platform's CEK is signed under. A chain
-  under another root fails SEND_START with BAD_SIGNATURE (policy SEV).
+- The firmware trusts one AMD root: the one its platform's CEK is signed under (AMD's key id
+  and the fused hash of its key, in amd_cert_validate_ark). A chain under another root fails
+  SEND_START with INVALID_CERTIFICATE (policy SEV); a CEK that root did not sign,
+  BAD_SIGNATURE. Each certificate's signature is checked before its fields (sev_cert.c).
 - The platform is INIT from the start (the ccp driver INITs it at probe), WORKING from the
   first LAUNCH_START or RECEIVE_START, INIT again when DECOMMISSION removes the last guest.
 - KVM_RUN of a guest whose context is SENT fails with EIO: stub policy, not kernel behaviour
@@ -502,41 +504,37 @@ class SevFirmware:
     def _verify_target_chain(
         self, policy: int, pdh: bytes, plat_certs: bytes, amd_certs: bytes
     ) -> SevCert:
-        """SEND_START's certificate checks (section 1.3), by the guest's policy. Returns the
-        target's PDH certificate once it passed its sanity check."""
+        """SEND_START's certificate checks by the guest's policy (section 1.3; AMD-ASPFW
+        sev_mcmd.c validate_platform and validate_domain, amd_cert.c, sev_cert.c: each
+        certificate's signature is checked before its fields). Returns the target's PDH
+        certificate once it passed the sanity check of sev_channel_open_client."""
         cert_len = sev_crypto.SEV_CERT_LEN
-        if policy & (uapi.SEV_POLICY_SEV | uapi.SEV_POLICY_DOMAIN):
-            amd_len = 2 * sev_crypto.amd_cert_len()
-            if (
-                len(pdh) != cert_len
-                or len(plat_certs) != 3 * cert_len
-                or (policy & uapi.SEV_POLICY_SEV and len(amd_certs) != amd_len)
-            ):
-                raise SevFwError(
-                    uapi.SEV_RET_INVALID_LEN, "firmware: SEND_START: certificate lengths"
-                )
         try:
             if policy & uapi.SEV_POLICY_SEV:
-                # ARK self-signed and AMD's own (the firmware knows its root), ASK by ARK,
-                # CEK by ASK, PEK by CEK, PDH by PEK; then the target's API version.
+                if (
+                    len(plat_certs) != 3 * cert_len
+                    or len(pdh) != cert_len
+                    or len(amd_certs) != 2 * sev_crypto.amd_cert_len()
+                ):
+                    raise SevFwError(
+                        uapi.SEV_RET_INVALID_LEN, "firmware: SEND_START: certificate lengths"
+                    )
                 ask = AmdCert.parse(amd_certs[: len(amd_certs) // 2])
                 ark = AmdCert.parse(amd_certs[len(amd_certs) // 2 :])
-                if ark.usage != sev_crypto.USAGE_ARK or ask.usage != sev_crypto.USAGE_ASK:
-                    raise MalformedCertificate("AMD chain usages")
-                ark.verify_signed_by(ark.public_key)
-                if (
-                    ark.public_key.public_numbers()
-                    != self.platform.root.ark_public().public_numbers()
+                # amd_cert_validate_ark: self-signed, then AMD's root key id and the fused
+                # hash of its key: this firmware trusts its own platform's (simulated) root.
+                ark.validate(ark, sev_crypto.USAGE_ARK)
+                ours = self.platform.root.ark_public().public_numbers()
+                if ark.key_id != sev_crypto.amd_key_id(self.platform.root.ark_public()) or (
+                    ark.public_key.public_numbers() != ours
                 ):
-                    raise BadSignature("the chain's ARK is not the AMD root this firmware trusts")
-                ask.verify_signed_by(ark.public_key)
+                    raise MalformedCertificate("the chain's ARK is not this firmware's AMD root")
+                ask.validate(ark, sev_crypto.USAGE_ASK)
                 pek, _oca, cek = self._platform_certs(plat_certs)
-                sev_crypto.verify_sev_cert_signed_by(cek, sev_crypto.USAGE_ASK, ask.public_key)
-                sev_crypto.verify_sev_cert_signed_by(pek, sev_crypto.USAGE_CEK, cek.ec_public_key())
                 target = SevCert.parse(pdh)
-                sev_crypto.verify_sev_cert_signed_by(
-                    target, sev_crypto.USAGE_PEK, pek.ec_public_key()
-                )
+                sev_crypto.verify_sev_cert_signed_by(cek, ask.signer())
+                sev_crypto.verify_sev_cert_signed_by(pek, cek.signer())
+                sev_crypto.verify_sev_cert_signed_by(target, pek.signer())
                 if (pek.api_major, pek.api_minor) < _policy_api(policy):
                     raise SevFwError(
                         uapi.SEV_RET_POLICY_FAILURE,
@@ -545,26 +543,26 @@ class SevFirmware:
                         f"{_policy_api(policy)[0]}.{_policy_api(policy)[1]}",
                     )
             if policy & uapi.SEV_POLICY_DOMAIN:
-                # OCA self-signed, PEK by OCA, PDH by PEK, and the OCA is this platform's.
+                if len(plat_certs) != 3 * cert_len or len(pdh) != cert_len:
+                    raise SevFwError(
+                        uapi.SEV_RET_INVALID_LEN, "firmware: SEND_START: certificate lengths"
+                    )
                 pek, oca, _cek = self._platform_certs(plat_certs)
-                sev_crypto.verify_sev_cert_signed_by(oca, sev_crypto.USAGE_OCA, oca.ec_public_key())
-                sev_crypto.verify_sev_cert_signed_by(pek, sev_crypto.USAGE_OCA, oca.ec_public_key())
                 target = SevCert.parse(pdh)
-                sev_crypto.verify_sev_cert_signed_by(
-                    target, sev_crypto.USAGE_PEK, pek.ec_public_key()
-                )
-                if oca.public_field != SevCert.parse(self.platform.oca_cert).public_field:
+                sev_crypto.verify_sev_cert_signed_by(oca, oca.signer())
+                sev_crypto.verify_sev_cert_signed_by(pek, oca.signer())
+                sev_crypto.verify_sev_cert_signed_by(target, pek.signer())
+                if oca.raw != self.platform.oca_cert:  # memcmp of the whole certificate
                     raise SevFwError(
                         uapi.SEV_RET_POLICY_FAILURE,
                         "firmware: SEND_START: the target is not in this platform's domain "
                         "(its OCA differs)",
                     )
-            # PDH sanity: a P-384 ECDH key (usage PDH).
+            # sev_channel_open_client: the PDH's length, then its sanity (usage PDH, ECDH).
             if len(pdh) != cert_len:
                 raise SevFwError(uapi.SEV_RET_INVALID_LEN, "firmware: SEND_START: PDH length")
             target = SevCert.parse(pdh)
             sev_crypto.expect(target, sev_crypto.USAGE_PDH, sev_crypto.ALGO_ECDH_SHA256)
-            target.ec_public_key()
         except MalformedCertificate as e:
             raise SevFwError(
                 uapi.SEV_RET_INVALID_CERTIFICATE, f"firmware: SEND_START: {e}"
@@ -575,12 +573,9 @@ class SevFirmware:
 
     @staticmethod
     def _platform_certs(plat_certs: bytes) -> tuple[SevCert, SevCert, SevCert]:
-        """PEK, OCA, CEK of a PEK || OCA || CEK blob, each checked for its usage."""
+        """PEK, OCA, CEK of a PEK || OCA || CEK blob (pdh_cert_chain_t)."""
         n = sev_crypto.SEV_CERT_LEN
         pek, oca, cek = (SevCert.parse(plat_certs[i * n : (i + 1) * n]) for i in range(3))
-        sev_crypto.expect(pek, sev_crypto.USAGE_PEK, sev_crypto.ALGO_ECDSA_SHA256)
-        sev_crypto.expect(oca, sev_crypto.USAGE_OCA, sev_crypto.ALGO_ECDSA_SHA256)
-        sev_crypto.expect(cek, sev_crypto.USAGE_CEK, sev_crypto.ALGO_ECDSA_SHA256)
         return pek, oca, cek
 
     def send_start(

@@ -323,8 +323,6 @@ class SevCert:
         if len(raw) != SEV_CERT_LEN:
             raise MalformedCertificate(f"a SEV certificate is {SEV_CERT_LEN} bytes, not {len(raw)}")
         version, major, minor, _r0, _r1, usage, algo = struct.unpack_from("<IBBBBII", raw)
-        if version != 1:
-            raise MalformedCertificate(f"certificate version {version}, not 1")
         s1u, s1a = struct.unpack_from("<II", raw, SIGNED_LEN)
         sig1 = raw[SIGNED_LEN + 8 : SIGNED_LEN + 8 + _SIG_FIELD]
         off2 = SIGNED_LEN + 8 + _SIG_FIELD
@@ -349,6 +347,21 @@ class SevCert:
     def ec_public_key(self) -> ec.EllipticCurvePublicKey:
         return ec_public_key_of(self.public_field)
 
+    def validate_body(self) -> None:
+        """sev_cert_validate_body: version 1 and a valid public key (a known usage, an ECC
+        algorithm, a P-384 point). MalformedCertificate otherwise."""
+        if self.version != 1:
+            raise MalformedCertificate(f"certificate version {self.version}, not 1")
+        if self.usage not in _SEV_USAGES or self.algo not in (ALGO_ECDSA_SHA256, ALGO_ECDH_SHA256):
+            raise MalformedCertificate(
+                f"certificate key usage {self.usage:#x} algorithm {self.algo:#x}"
+            )
+        self.ec_public_key()
+
+    def signer(self) -> Signer:
+        """This certificate's key as a signer of others (its usage, algorithm, key)."""
+        return Signer(self.usage, self.algo, self.ec_public_key())
+
     def signatures(self) -> list[tuple[int, int, bytes]]:
         return [
             (self.sig1_usage, self.sig1_algo, self.sig1),
@@ -360,8 +373,29 @@ class SevCert:
         return hashlib.sha256(self.public_field).hexdigest()
 
 
+_SEV_USAGES: Final = frozenset({USAGE_OCA, USAGE_PEK, USAGE_PDH, USAGE_CEK})
+# sev_cert_validate: which signer each kind of certificate must have.
+_SIGNED_BY: Final = {
+    USAGE_PDH: (USAGE_PEK,),
+    USAGE_PEK: (USAGE_OCA, USAGE_CEK),
+    USAGE_OCA: (USAGE_OCA,),
+    USAGE_CEK: (USAGE_ASK,),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Signer:
+    """A signing key as the firmware sees it (sev_cert_pubkey_t): usage, algorithm, key."""
+
+    usage: int
+    algo: int
+    key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+
+
 def expect(cert: SevCert, usage: int, algo: int) -> None:
-    """MalformedCertificate unless `cert` is a `usage` key of algorithm `algo`."""
+    """sev_cert_sanity_check: a valid body (MalformedCertificate), then `cert` must be a
+    `usage` key of algorithm `algo` (MalformedCertificate)."""
+    cert.validate_body()
     if cert.usage != usage or cert.algo != algo:
         raise MalformedCertificate(
             f"certificate has usage {cert.usage:#x} algorithm {cert.algo:#x}, "
@@ -403,37 +437,47 @@ def build_sev_cert(
             sig = key.sign(head, _PSS_SHA384, hashes.SHA384())[::-1].ljust(_SIG_FIELD, b"\0")
             sigs += struct.pack("<II", signer_usage, ALGO_RSA_SHA384) + sig
         else:
-            sig = _ecdsa_sig_field(key.sign(head, ec.ECDSA(hashes.SHA256())))
+            # Deterministic (RFC 6979): the same key always gives the same certificate, as a
+            # certificate kept by the firmware is the same bytes every time it is exported.
+            ecdsa = ec.ECDSA(hashes.SHA256(), deterministic_signing=True)
+            sig = _ecdsa_sig_field(key.sign(head, ecdsa))
             sigs += struct.pack("<II", signer_usage, ALGO_ECDSA_SHA256) + sig
     for _ in range(2 - len(signers)):
         sigs += struct.pack("<II", USAGE_INVALID, ALGO_INVALID) + bytes(_SIG_FIELD)
     return head + sigs
 
 
-def verify_sev_cert_signed_by(
-    cert: SevCert, signer_usage: int, signer: ec.EllipticCurvePublicKey | rsa.RSAPublicKey
-) -> None:
-    """BadSignature unless one of `cert`'s signature slots names `signer_usage` and verifies
-    under `signer` (MalformedCertificate if no slot names that signer)."""
-    slots = [s for s in cert.signatures() if s[0] == signer_usage]
-    if not slots:
-        raise MalformedCertificate(f"certificate carries no signature by usage {signer_usage:#x}")
+def verify_sev_cert_signed_by(cert: SevCert, signer: Signer) -> None:
+    """sev_cert_validate(cert, signer), in the firmware's order: the signature first (the
+    slot whose usage and algorithm are the signer's; none -> MalformedCertificate, a slot
+    half filled in or a signature that does not verify -> BadSignature), then the body
+    (MalformedCertificate), then whether that signer may sign this kind of certificate
+    (MalformedCertificate)."""
+    status: CryptoError | None = MalformedCertificate(
+        f"certificate carries no signature by usage {signer.usage:#x}"
+    )
     body = cert.raw[:SIGNED_LEN]
-    for _usage, algo, field in slots:
-        try:
-            if isinstance(signer, rsa.RSAPublicKey):
-                if algo != ALGO_RSA_SHA384:
-                    raise MalformedCertificate(f"RSA signature algorithm {algo:#x}")
-                n_bytes = (signer.key_size + 7) // 8
-                signer.verify(field[:n_bytes][::-1], body, _PSS_SHA384, hashes.SHA384())
-            else:
-                if algo != ALGO_ECDSA_SHA256:
-                    raise MalformedCertificate(f"ECDSA signature algorithm {algo:#x}")
-                signer.verify(_ecdsa_from_field(field), body, ec.ECDSA(hashes.SHA256()))
-            return
-        except InvalidSignature:
+    for usage, algo, field in cert.signatures():
+        if (algo == ALGO_INVALID) != (usage == USAGE_INVALID):
+            raise BadSignature("a malformed signature slot")
+        if algo != signer.algo or usage != signer.usage:
             continue
-    raise BadSignature(f"signature by usage {signer_usage:#x} does not verify")
+        try:
+            if isinstance(signer.key, rsa.RSAPublicKey):
+                n_bytes = (signer.key.key_size + 7) // 8
+                signer.key.verify(field[:n_bytes][::-1], body, _PSS_SHA384, hashes.SHA384())
+            else:
+                signer.key.verify(_ecdsa_from_field(field), body, ec.ECDSA(hashes.SHA256()))
+            status = None
+        except InvalidSignature:
+            status = BadSignature(f"signature by usage {signer.usage:#x} does not verify")
+    if status is not None:
+        raise status
+    cert.validate_body()
+    if signer.usage not in _SIGNED_BY.get(cert.usage, ()):
+        raise MalformedCertificate(
+            f"a usage {cert.usage:#x} certificate may not be signed by usage {signer.usage:#x}"
+        )
 
 
 # --- AMD certificates (ARK, ASK) ------------------------------------------------------------
@@ -444,6 +488,7 @@ class AmdCert:
     """A parsed AMD_CERT: an RSA key with its key id, its signer's id and a PSS signature."""
 
     raw: bytes
+    version: int
     key_id: bytes
     certifying_id: bytes
     usage: int
@@ -456,8 +501,6 @@ class AmdCert:
         if len(raw) < AMD_CERT_HEADER_LEN:
             raise MalformedCertificate("AMD certificate too short")
         version = struct.unpack_from("<I", raw)[0]
-        if version != 1:
-            raise MalformedCertificate(f"AMD certificate version {version}, not 1")
         key_id, certifying = raw[4:20], raw[20:36]
         usage = struct.unpack_from("<I", raw, 0x24)[0]
         exp_bits, mod_bits = struct.unpack_from("<II", raw, 0x38)
@@ -474,13 +517,30 @@ class AmdCert:
         except ValueError:
             raise MalformedCertificate("AMD certificate RSA key is invalid") from None
         signed = raw[: off + e_len + n_len]
-        return cls(raw, key_id, certifying, usage, public, raw[off + e_len + n_len :], signed)
+        return cls(
+            raw, version, key_id, certifying, usage, public, raw[off + e_len + n_len :], signed
+        )
 
     def verify_signed_by(self, signer: rsa.RSAPublicKey) -> None:
         try:
             signer.verify(self.signature[::-1], self.signed, _PSS_SHA384, hashes.SHA384())
         except (InvalidSignature, ValueError):
             raise BadSignature("AMD certificate signature does not verify") from None
+
+    def validate(self, parent: AmdCert, usage: int) -> None:
+        """amd_cert_validate: the signature by `parent` first (BadSignature), then the common
+        fields, the usage and the signer's key id (MalformedCertificate)."""
+        self.verify_signed_by(parent.public_key)
+        if self.version != 1:
+            raise MalformedCertificate(f"AMD certificate version {self.version}, not 1")
+        if self.usage != usage:
+            raise MalformedCertificate(f"AMD certificate usage {self.usage:#x}, not {usage:#x}")
+        if self.certifying_id != parent.key_id:
+            raise MalformedCertificate("AMD certificate names another signer")
+
+    def signer(self) -> Signer:
+        """amd_cert_export_pubkey: the key as a SEV signer (algorithm RSA_SHA384)."""
+        return Signer(self.usage, ALGO_RSA_SHA384, self.public_key)
 
     def fingerprint(self) -> str:
         n = self.public_key.public_numbers().n

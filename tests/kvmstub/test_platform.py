@@ -110,14 +110,14 @@ def test_the_platform_chain_is_ark_ask_cek_pek_pdh_and_verifies() -> None:
     amd = platform.amd_chain()
     assert len(amd) == 2 * sev_crypto.amd_cert_len()
     ask, ark = AmdCert.parse(amd[: len(amd) // 2]), AmdCert.parse(amd[len(amd) // 2 :])
-    ark.verify_signed_by(ark.public_key)
-    ask.verify_signed_by(ark.public_key)
+    ark.validate(ark, sev_crypto.USAGE_ARK)
+    ask.validate(ark, sev_crypto.USAGE_ASK)
     assert ask.certifying_id == ark.key_id and (ask.usage, ark.usage) == (0x13, 0x0)
-    sev_crypto.verify_sev_cert_signed_by(cek, sev_crypto.USAGE_ASK, ask.public_key)
-    sev_crypto.verify_sev_cert_signed_by(pek, sev_crypto.USAGE_CEK, cek.ec_public_key())
-    sev_crypto.verify_sev_cert_signed_by(pek, sev_crypto.USAGE_OCA, oca.ec_public_key())
-    sev_crypto.verify_sev_cert_signed_by(oca, sev_crypto.USAGE_OCA, oca.ec_public_key())
-    sev_crypto.verify_sev_cert_signed_by(pdh, sev_crypto.USAGE_PEK, pek.ec_public_key())
+    sev_crypto.verify_sev_cert_signed_by(cek, ask.signer())
+    sev_crypto.verify_sev_cert_signed_by(pek, cek.signer())
+    sev_crypto.verify_sev_cert_signed_by(pek, oca.signer())
+    sev_crypto.verify_sev_cert_signed_by(oca, oca.signer())
+    sev_crypto.verify_sev_cert_signed_by(pdh, pek.signer())
 
 
 def test_a_chain_under_another_root_does_not_verify() -> None:
@@ -125,7 +125,31 @@ def test_a_chain_under_another_root_does_not_verify() -> None:
     cek = SevCert.parse(other.pdh_cert_export()[1][2 * 2084 :])
     ask = AmdCert.parse(ROOT.chain()[: len(ROOT.chain()) // 2])
     with pytest.raises(sev_crypto.BadSignature):
-        sev_crypto.verify_sev_cert_signed_by(cek, sev_crypto.USAGE_ASK, ask.public_key)
+        sev_crypto.verify_sev_cert_signed_by(cek, ask.signer())
+
+
+def test_the_signature_is_checked_before_the_fields_as_the_firmware_does() -> None:
+    platform = Platform(PlatformKeys.generate(), ROOT)
+    pek = SevCert.parse(platform.pek_cert)
+    version_2 = bytearray(platform.pdh_cert)
+    version_2[0] = 2
+    with pytest.raises(sev_crypto.BadSignature):  # the version is under the signature
+        sev_crypto.verify_sev_cert_signed_by(SevCert.parse(bytes(version_2)), pek.signer())
+    with pytest.raises(sev_crypto.MalformedCertificate):  # a PEK signs no PEK
+        sev_crypto.verify_sev_cert_signed_by(pek, pek.signer())
+    with pytest.raises(sev_crypto.MalformedCertificate):  # no slot by that signer
+        sev_crypto.verify_sev_cert_signed_by(
+            SevCert.parse(platform.pdh_cert), SevCert.parse(platform.oca_cert).signer()
+        )
+
+
+def test_the_platforms_own_certificates_are_the_same_bytes_each_time_they_are_made() -> None:
+    """ECDSA is deterministic (RFC 6979), so an OCA shared by two platforms is the same
+    certificate on both, as policy DOMAIN's memcmp needs. (The CEK's RSA-PSS signature by the
+    ASK is randomised: AMD signs each chip's CEK once.)"""
+    keys = PlatformKeys.generate()
+    one, two = Platform(keys, ROOT), Platform(keys, ROOT)
+    assert (one.pdh_cert, one.pek_cert, one.oca_cert) == (two.pdh_cert, two.pek_cert, two.oca_cert)
 
 
 def test_malformed_certificates_are_refused_as_such() -> None:
@@ -170,7 +194,7 @@ def test_keys_persist_and_files_are_private(tmp_path: Path) -> None:
     # A platform made again from its keys still chains to the same root.
     cek = SevCert.parse(again.pdh_cert_export()[1][2 * 2084 :])
     ask = AmdCert.parse(root.chain()[: len(root.chain()) // 2])
-    sev_crypto.verify_sev_cert_signed_by(cek, sev_crypto.USAGE_ASK, ask.public_key)
+    sev_crypto.verify_sev_cert_signed_by(cek, ask.signer())
 
 
 def test_two_hosts_naming_one_root_share_it_and_have_their_own_pdh(tmp_path: Path) -> None:

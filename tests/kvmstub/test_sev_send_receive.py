@@ -3,7 +3,7 @@ ioctls over them, two platforms (two `Host`s) under one simulated AMD root.
 
 "Section" numbers point into the reference sev-live-migration.md. Every check of its
 section 6 firmware and KVM-layer checklist that kvmstub implements has a test here, with its
-status code; the client ioctl path between two daemons is tests/kernel/test_sev_send_receive.py.
+status code; the client ioctl path between two daemons is tests/kernel/test_sev_send_receive_two_hosts.py.
 """
 
 from __future__ import annotations
@@ -495,15 +495,21 @@ def test_policy_sev_accepts_a_chain_under_the_shared_root(memfds: Callable[[], i
     assert state(vm) == U.SEV_GUEST_STATE_SUPDATE
 
 
-def test_policy_sev_refuses_a_chain_under_another_root_with_bad_signature(
+def test_policy_sev_refuses_a_chain_under_another_root(
     memfds: Callable[[], int],
 ) -> None:
     src_host = host_under()
     stranger = host_under(AmdRoot())  # a genuine-looking chain under a root we do not trust
     vm = launched(src_host, memfds(), policy=U.SEV_POLICY_SEV)
+    # amd_cert_validate_ark: a self-signed ARK that is not this firmware's AMD root (key id,
+    # fused key hash) is INVALID_CERTIFICATE.
     expect_fw(
-        U.SEV_RET_BAD_SIGNATURE, lambda: sev(vm, U.KVM_SEV_SEND_START, send_start_fields(stranger))
+        U.SEV_RET_INVALID_CERTIFICATE,
+        lambda: sev(vm, U.KVM_SEV_SEND_START, send_start_fields(stranger)),
     )
+    # A chain whose ASK and ARK are ours but whose CEK another root signed: BAD_SIGNATURE.
+    forged = send_start_fields(stranger) | {"amd_certs": ROOT.chain()}
+    expect_fw(U.SEV_RET_BAD_SIGNATURE, lambda: sev(vm, U.KVM_SEV_SEND_START, forged))
     # Our root's chain with a stranger's PDH (not signed by that PEK): BAD_SIGNATURE too.
     fields = send_start_fields(host_under()) | {"pdh_cert": export(stranger)[0]}
     expect_fw(U.SEV_RET_BAD_SIGNATURE, lambda: sev(vm, U.KVM_SEV_SEND_START, fields))
@@ -518,10 +524,13 @@ def test_policy_sev_checks_lengths_then_certificates_then_the_api_version(
     vm = launched(src_host, memfds(), policy=U.SEV_POLICY_SEV)
     short = fields | {"amd_certs": bytes(fields["amd_certs"])[:-1]}  # type: ignore[arg-type]
     expect_fw(U.SEV_RET_INVALID_LEN, lambda: sev(vm, U.KVM_SEV_SEND_START, short))
+    # A PEK certificate offered as the PDH carries no signature by a PEK: INVALID_CERTIFICATE.
+    not_pdh = fields | {"pdh_cert": dst_host.firmware.platform.pek_cert}
+    expect_fw(U.SEV_RET_INVALID_CERTIFICATE, lambda: sev(vm, U.KVM_SEV_SEND_START, not_pdh))
     pdh = bytearray(fields["pdh_cert"])  # type: ignore[arg-type]
-    pdh[0] = 2  # certificate version 2
+    pdh[0] = 2  # certificate version 2: the signature (checked first) no longer verifies
     expect_fw(
-        U.SEV_RET_INVALID_CERTIFICATE,
+        U.SEV_RET_BAD_SIGNATURE,
         lambda: sev(vm, U.KVM_SEV_SEND_START, fields | {"pdh_cert": bytes(pdh)}),
     )
     pdh = bytearray(fields["pdh_cert"])  # type: ignore[arg-type]
