@@ -613,19 +613,25 @@ class SevFirmware:
         guest_len: int,
         hdr_len: int,
         trans_len: int,
+        *,
+        vmsa: bool = False,
     ) -> tuple[bytes, bytes]:
-        """SEND_UPDATE_DATA: (packet header, ciphertext) of guest [gpa, gpa+guest_len),
-        decrypted with the VEK and re-encrypted for the wire with the TEK."""
-        self._require_platform("SEND_UPDATE_DATA", SEV_PLATFORM_WORKING)
+        """SEND_UPDATE_DATA (SEND_UPDATE_VMSA with `vmsa`, which KVM never issues): (packet
+        header, ciphertext) of guest [gpa, gpa+guest_len), decrypted with the VEK and
+        re-encrypted for the wire with the TEK (MAC context 0x02 for both, as this firmware
+        does)."""
+        command = "SEND_UPDATE_VMSA" if vmsa else "SEND_UPDATE_DATA"
+        self._require_platform(command, SEV_PLATFORM_WORKING)
         if hdr_len < sev_crypto.PACKET_HEADER_LEN:  # before the handle, as in the firmware
             raise SevFwError(
                 uapi.SEV_RET_INVALID_LEN,
-                f"firmware: SEND_UPDATE_DATA: the header is {sev_crypto.PACKET_HEADER_LEN} bytes",
+                f"firmware: {command}: the header is {sev_crypto.PACKET_HEADER_LEN} bytes",
                 fields={"hdr_len": sev_crypto.PACKET_HEADER_LEN},
             )
         ctx = self.guest(handle)
         self._next_state(ctx, "SEND_UPDATE_DATA")
-        self._require_active(ctx, "SEND_UPDATE_DATA")
+        self._require_es_for_vmsa(ctx, vmsa, command)
+        self._require_active(ctx, command)
         if (
             not 0 < guest_len <= sev_crypto.MAX_PACKET_LEN
             or guest_len % 16
@@ -646,6 +652,13 @@ class SevFirmware:
             bytes(ctx.channel.tek), bytes(ctx.channel.tik), plaintext
         )
         return hdr, trans
+
+    @staticmethod
+    def _require_es_for_vmsa(ctx: GuestContext, vmsa: bool, command: str) -> None:
+        if vmsa and not ctx.policy & uapi.SEV_POLICY_ES:
+            raise SevFwError(
+                uapi.SEV_RET_UNSUPPORTED, f"firmware: {command}: guest {ctx.handle} is not SEV-ES"
+            )
 
     def send_finish(self, handle: int) -> None:
         """SEND_FINISH: SUPDATE -> SENT, channel zeroed. The guest never runs again here."""
@@ -729,13 +742,17 @@ class SevFirmware:
         guest_len: int,
         hdr: bytes,
         trans: bytes,
+        *,
+        vmsa: bool = False,
     ) -> None:
         """RECEIVE_UPDATE_DATA: verify the packet's MAC (any failure: BAD_MEASUREMENT, guest
         memory unchanged), decrypt it with the TEK and write it under this guest's VEK."""
-        self._require_platform("RECEIVE_UPDATE_DATA", SEV_PLATFORM_WORKING)
+        command = "RECEIVE_UPDATE_VMSA" if vmsa else "RECEIVE_UPDATE_DATA"
+        self._require_platform(command, SEV_PLATFORM_WORKING)
         ctx = self.guest(handle)
         self._next_state(ctx, "RECEIVE_UPDATE_DATA")
-        self._require_active(ctx, "RECEIVE_UPDATE_DATA")
+        self._require_es_for_vmsa(ctx, vmsa, command)
+        self._require_active(ctx, command)
         trans_len = len(trans)
         if (
             not 0 < trans_len <= sev_crypto.MAX_PACKET_LEN

@@ -3,7 +3,8 @@ ioctls over them, two platforms (two `Host`s) under one simulated AMD root.
 
 "Section" numbers point into the reference sev-live-migration.md. Every check of its
 section 6 firmware and KVM-layer checklist that kvmstub implements has a test here, with its
-status code; the client ioctl path between two daemons is tests/kernel/test_sev_send_receive_two_hosts.py.
+status code; the client ioctl path between two daemons is
+tests/kernel/test_sev_send_receive_two_hosts.py.
 """
 
 from __future__ import annotations
@@ -888,3 +889,33 @@ def test_pdh_cert_export_query_then_export(pair: Pair) -> None:
     assert pdh == host.firmware.platform.pdh_cert and len(chain) == 3 * 2084
     expect_errno(errno.EFAULT, lambda: host.sev_issue_cmd(U.SEV_PDH_CERT_EXPORT, None))
     expect_errno(errno.EINVAL, lambda: host.sev_issue_cmd(U.SEV_MAX, {}))
+
+
+def test_the_firmware_has_the_vmsa_commands_and_they_need_an_es_guest(
+    pair: Pair, receiving: tuple[Vm, list[tuple[int, bytes, bytes]]]
+) -> None:
+    """SEND/RECEIVE_UPDATE_VMSA exist in the firmware (KVM cannot issue them): after the
+    state check, a guest without the ES policy bit is UNSUPPORTED."""
+    dst, packets = receiving
+    gpa, hdr, trans = packets[0]
+    src_fw, dst_fw = pair.src_host.firmware, pair.dst_host.firmware
+    memory = pair.src.memory
+    expect_fw(
+        U.SEV_RET_UNSUPPORTED,
+        lambda: src_fw.send_update_data(
+            pair.src.sev.handle, memory, 0, PAGE_SIZE, 52, PAGE_SIZE, vmsa=True
+        ),
+    )
+    expect_fw(
+        U.SEV_RET_UNSUPPORTED,
+        lambda: dst_fw.receive_update_data(
+            dst.sev.handle, dst.memory, gpa, PAGE_SIZE, hdr, trans, vmsa=True
+        ),
+    )
+    sev(dst, U.KVM_SEV_RECEIVE_FINISH)  # RUNNING: the state check comes first
+    expect_fw(
+        U.SEV_RET_INVALID_GUEST_STATE,
+        lambda: dst_fw.receive_update_data(
+            dst.sev.handle, dst.memory, gpa, PAGE_SIZE, hdr, trans, vmsa=True
+        ),
+    )
