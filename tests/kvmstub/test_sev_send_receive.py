@@ -919,3 +919,31 @@ def test_the_firmware_has_the_vmsa_commands_and_they_need_an_es_guest(
             dst.sev.handle, dst.memory, gpa, PAGE_SIZE, hdr, trans, vmsa=True
         ),
     )
+
+
+def test_a_half_received_target_is_decommissioned_and_its_asid_freed_when_closed(
+    pair: Pair, receiving: tuple[Vm, list[tuple[int, bytes, bytes]]]
+) -> None:
+    dst, packets = receiving
+    receive_page(dst, *packets[0])
+    handle, asid = dst.sev.handle, dst.sev.asid
+    channel = pair.dst_host.firmware.contexts[handle].channel
+    assert channel is not None
+    sev(pair.src, U.KVM_SEV_SEND_CANCEL)  # the source goes on running
+    dst.put()  # the target VMM closes its VM fd: sev_vm_destroy deactivates, decommissions
+    assert handle not in pair.dst_host.firmware.contexts
+    assert asid not in pair.dst_host.asids.in_use and channel.tek == bytes(16)
+    assert state(pair.src) == U.SEV_GUEST_STATE_RUNNING
+
+
+def test_receive_start_may_share_the_key_of_a_guest_with_the_same_policy(
+    memfds: Callable[[], int],
+) -> None:
+    target = host_under()
+    owner = launched(target, memfds())
+    pdh, session = forged_session(target, 0)
+    dst = receiver(target, memfds())
+    fields = {"handle": owner.sev.handle, "policy": 0, "pdh": pdh, "session": session}
+    out = sev(dst, U.KVM_SEV_RECEIVE_START, fields)
+    shared = target.firmware.contexts[out["handle"]]  # type: ignore[index]
+    assert shared.vek == target.firmware.contexts[owner.sev.handle].vek
