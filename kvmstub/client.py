@@ -50,6 +50,8 @@ def _raise_for(reply: wire.Error) -> None:
     """The OSError fcntl.ioctl would raise (OSError picks the errno's subclass itself)."""
     err = OSError(reply.errno, reply.message or os.strerror(reply.errno))
     err.fw_error = reply.fw_error  # type: ignore[attr-defined]
+    # What the kernel copied back although the command failed (a query's length).
+    err.fields = dict(reply.fields or {})  # type: ignore[attr-defined]
     raise err
 
 
@@ -358,6 +360,54 @@ class Kvm(_KvmFile):
         reply, _ = await self._call(wire.Stats(self._next_id()), wire.StatsReply)
         return reply.stats
 
+    # /dev/sev: kvmstub serves the SEV platform device on the same socket.
+
+    async def sev_issue_cmd(
+        self, cmd: int, *, null_data: bool = False, **fields: int | bytes
+    ) -> dict[str, int | bytes]:
+        """The /dev/sev ioctl SEV_ISSUE_CMD: platform command `cmd` (uapi.SEV_PLATFORM_STATUS,
+        SEV_PDH_CERT_EXPORT, ...) with its struct's fields by their kernel names; returns
+        the output fields. A firmware failure is OSError(EIO) with `fw_error` and `fields`."""
+        if null_data and fields:
+            raise TypeError("null_data=True sends no fields")
+        request = wire.SevIssueCmd(self._next_id(), cmd, None if null_data else fields)
+        reply, _ = await self._call(request, wire.Ok)
+        return dict(reply.fields or {})
+
+    async def sev_platform_status(self) -> dict[str, int | bytes]:
+        """SEV_PLATFORM_STATUS -> {api_major, api_minor, state, flags, build, guest_count}."""
+        return await self.sev_issue_cmd(uapi.SEV_PLATFORM_STATUS, null_data=True)
+
+    async def sev_pdh_cert_export(self) -> tuple[bytes, bytes]:
+        """SEV_PDH_CERT_EXPORT as a VMM issues it: the length query (EIO with fw_error
+        INVALID_LEN and both lengths filled in), then the export. Returns (PDH certificate,
+        PEK || OCA || CEK), what the target of a migration hands its source."""
+        try:
+            await self.sev_issue_cmd(uapi.SEV_PDH_CERT_EXPORT, pdh_cert_len=0, cert_chain_len=0)
+            raise OSError(errno.EPROTO, "kvmstub: PDH_CERT_EXPORT length query succeeded")
+        except OSError as e:
+            if getattr(e, "fw_error", None) != uapi.SEV_RET_INVALID_LEN:
+                raise
+            lengths: dict[str, int | bytes] = e.fields  # type: ignore[attr-defined]
+        out = await self.sev_issue_cmd(
+            uapi.SEV_PDH_CERT_EXPORT,
+            pdh_cert_address=1,
+            pdh_cert_len=lengths["pdh_cert_len"],
+            cert_chain_address=1,
+            cert_chain_len=lengths["cert_chain_len"],
+        )
+        pdh, chain = out["pdh_cert"], out["cert_chain"]
+        assert isinstance(pdh, bytes) and isinstance(chain, bytes)
+        return pdh, chain
+
+    async def sev_amd_cert_chain(self) -> bytes:
+        """ASK || ARK of this host's platform: kvmstub's stand-in for AMD's key server (not a
+        kernel command)."""
+        out = await self.sev_issue_cmd(uapi.KVMSTUB_SEV_AMD_CERT_CHAIN, null_data=True)
+        chain = out["amd_certs"]
+        assert isinstance(chain, bytes)
+        return chain
+
 
 class Vm(_KvmFile):
     """A VM fd. Only its creating process may issue its ioctls (others get EIO); any
@@ -446,6 +496,95 @@ class Vm(_KvmFile):
         request = wire.SevIoctl(self._next_id(), cmd, None if null_data else fields)
         reply, _ = await self._call(request, wire.Ok)
         return dict(reply.fields or {})
+
+    # Cross-host SEV migration (the SEND_* and RECEIVE_* commands), as a VMM issues them.
+    # Each is one KVM_MEMORY_ENCRYPT_OP (two for sev_send_start: the length query first);
+    # failures are OSError with the kernel's errno, a firmware failure EIO with `fw_error`.
+
+    async def sev_send_start(
+        self, pdh_cert: bytes, plat_certs: bytes, amd_certs: bytes
+    ) -> tuple[bytes, int]:
+        """KVM_SEV_SEND_START towards the platform whose PDH certificate and chains are given
+        (the target's `sev_pdh_cert_export()` and `sev_amd_cert_chain()`): the session-length
+        query, then the command. Returns (session blob, guest policy) for the target's
+        `sev_receive_start`. The guest goes RUNNING -> SUPDATE and keeps running."""
+        try:
+            await self.sev_ioctl(uapi.KVM_SEV_SEND_START, session_len=0)
+            raise OSError(errno.EPROTO, "kvmstub: SEND_START length query succeeded")
+        except OSError as e:
+            if getattr(e, "fw_error", None) != uapi.SEV_RET_INVALID_LEN:
+                raise
+            session_len = e.fields["session_len"]  # type: ignore[attr-defined]
+        out = await self.sev_ioctl(
+            uapi.KVM_SEV_SEND_START,
+            pdh_cert=pdh_cert,
+            plat_certs=plat_certs,
+            amd_certs=amd_certs,
+            session_uaddr=1,
+            session_len=session_len,
+        )
+        session, policy = out["session"], out["policy"]
+        assert isinstance(session, bytes) and isinstance(policy, int)
+        return session, policy
+
+    async def sev_send_update_data(
+        self, gpa: int, length: int = uapi.PAGE_SIZE, hdr_len: int = 52
+    ) -> tuple[bytes, bytes]:
+        """KVM_SEV_SEND_UPDATE_DATA of guest [gpa, gpa+length) (within one page, 16-byte
+        aligned, a multiple of 16): returns (packet header, transport ciphertext)."""
+        out = await self.sev_ioctl(
+            uapi.KVM_SEV_SEND_UPDATE_DATA,
+            hdr_uaddr=1,
+            hdr_len=hdr_len,
+            guest_uaddr=gpa,
+            guest_len=length,
+            trans_uaddr=1,
+            trans_len=length,
+        )
+        hdr, trans = out["hdr"], out["trans"]
+        assert isinstance(hdr, bytes) and isinstance(trans, bytes)
+        return hdr, trans
+
+    async def sev_send_finish(self) -> None:
+        """KVM_SEV_SEND_FINISH: the source guest is SENT and never runs again."""
+        await self.sev_ioctl(uapi.KVM_SEV_SEND_FINISH)
+
+    async def sev_send_cancel(self) -> None:
+        """KVM_SEV_SEND_CANCEL: back to RUNNING, the channel zeroed; may start again."""
+        await self.sev_ioctl(uapi.KVM_SEV_SEND_CANCEL)
+
+    async def sev_receive_start(
+        self, pdh_cert: bytes, session: bytes, policy: int, handle: int = 0
+    ) -> int:
+        """KVM_SEV_RECEIVE_START on a VM that did KVM_SEV_INIT: `pdh_cert` is the *source*
+        platform's PDH certificate, `session` and `policy` what its sev_send_start returned.
+        Binds the VM's ASID to the new guest (RUPDATE). Returns the firmware handle."""
+        out = await self.sev_ioctl(
+            uapi.KVM_SEV_RECEIVE_START,
+            handle=handle,
+            policy=policy,
+            pdh=pdh_cert,
+            session=session,
+        )
+        new = out["handle"]
+        assert isinstance(new, int)
+        return new
+
+    async def sev_receive_update_data(self, gpa: int, hdr: bytes, trans: bytes) -> None:
+        """KVM_SEV_RECEIVE_UPDATE_DATA: verify one packet and write it at guest `gpa` under
+        this guest's key (EIO with fw_error BAD_MEASUREMENT, memory unchanged, if it does
+        not verify)."""
+        await self.sev_ioctl(
+            uapi.KVM_SEV_RECEIVE_UPDATE_DATA,
+            hdr=hdr,
+            guest_uaddr=gpa,
+            guest_len=len(trans),
+            trans=trans,
+        )
+
+    async def sev_receive_finish(self) -> None:
+        """KVM_SEV_RECEIVE_FINISH: the received guest is RUNNING."""
+        await self.sev_ioctl(uapi.KVM_SEV_RECEIVE_FINISH)
 
     async def memory_encrypt_reg_region(self, addr: int, size: int) -> None:
         """KVM_MEMORY_ENCRYPT_REG_REGION (addr is a guest physical address here)."""

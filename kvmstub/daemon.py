@@ -133,12 +133,18 @@ _Answer = tuple[wire.Reply, list[int] | None]
 _Handled = _Answer | None | Callable[[], Awaitable[_Answer | None]]
 
 
-def _error(request_id: int, err: int, message: str, fw_error: int | None = None) -> wire.Error:
+def _error(
+    request_id: int,
+    err: int,
+    message: str,
+    fw_error: int | None = None,
+    fields: dict[str, int | bytes] | None = None,
+) -> wire.Error:
     if not 1 <= err <= 4095:
         err = errno.EINVAL
     if fw_error is not None and not 0 <= fw_error <= wire.U32_MAX:
         fw_error = None
-    return wire.Error(request_id, err, message[:_MAX_MESSAGE], fw_error)
+    return wire.Error(request_id, err, message[:_MAX_MESSAGE], fw_error, fields or None)
 
 
 # struct kvm_run: request_interrupt_window (u8) at 0, immediate_exit (u8) at 1.
@@ -635,7 +641,11 @@ class Daemon:
         except OSError as e:
             message = e.strerror or str(e)
             return _error(
-                request.id, e.errno or errno.EINVAL, message, getattr(e, "fw_error", None)
+                request.id,
+                e.errno or errno.EINVAL,
+                message,
+                getattr(e, "fw_error", None),
+                getattr(e, "fields", None),
             ), None
         except _DEFAULT_ANSWER_ERRNOS as e:
             log.exception("model refused %s with a non-OSError", type(request).__name__)
@@ -692,6 +702,9 @@ class Daemon:
                 return self._hand_out(rid, new_vm, None, new_vm.put)
             case wire.Stats():
                 return wire.StatsReply(rid, self._stats()), None
+            case wire.SevIssueCmd():
+                fields = None if request.fields is None else dict(request.fields)
+                return wire.Ok(rid, 0, host.sev_issue_cmd(request.cmd, fields)), None
             case wire.CreateVcpu():
                 assert vm is not None
                 new_vcpu = vm.create_vcpu(pid, request.vcpu_id)

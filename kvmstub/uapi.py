@@ -103,6 +103,28 @@ SEV_GUEST_STATE_NAMES = {
     6: "SENT",
 }
 
+# Platform states (psp-sev.h SEV_STATE_*)
+SEV_STATE_UNINIT = 0
+SEV_STATE_INIT = 1
+SEV_STATE_WORKING = 2
+SEV_STATE_NAMES = {0: "UNINIT", 1: "INIT", 2: "WORKING"}
+
+# /dev/sev SEV_ISSUE_CMD commands (psp-sev.h enum sev_cmd ... the user API ids)
+SEV_FACTORY_RESET = 0
+SEV_PLATFORM_STATUS = 1
+SEV_PEK_GEN = 2
+SEV_PEK_CSR = 3
+SEV_PDH_GEN = 4
+SEV_PDH_CERT_EXPORT = 5
+SEV_PEK_CERT_IMPORT = 6
+SEV_GET_ID = 7
+SEV_GET_ID2 = 8
+SEV_MAX = 9
+# kvmstub's own, outside the kernel's range: the AMD chain (ASK || ARK) that AMD's key server
+# hands out for a chip, which a VMM needs for SEND_START. Not a kernel or firmware command.
+KVMSTUB_SEV_AMD_CERT_CHAIN = 0x1000
+SEV_FW_BLOB_MAX_SIZE = 0x4000
+
 # SEV firmware status codes (psp-sev.h enum sev_ret_code)
 SEV_RET_SUCCESS = 0x00
 SEV_RET_INVALID_PLATFORM_STATE = 0x01

@@ -112,6 +112,15 @@ class Stats(Request):
     """kvmstub's own: the model's statistics -> StatsReply."""
 
 
+class SevIssueCmd(Request):
+    """The /dev/sev ioctl SEV_ISSUE_CMD (struct sev_issue_cmd): platform command `cmd` with
+    its struct's fields by their kernel names -> Ok(fields); a firmware failure is EIO with
+    `fw_error`. kvmstub serves /dev/sev on the same socket as /dev/kvm (one host)."""
+
+    cmd: U32
+    fields: SevFields | None = None
+
+
 # VM fd
 class CreateVcpu(Request):
     """KVM_CREATE_VCPU -> NewObject("vcpu") with the vCPU fd attached."""
@@ -188,6 +197,7 @@ AnyRequest = (
     | CheckExtension
     | CreateVm
     | Stats
+    | SevIssueCmd
     | CreateVcpu
     | SetUserMemoryRegion
     | EnableCap
@@ -202,7 +212,7 @@ AnyRequest = (
 # Which requests each kind of fd understands. The daemon answers any other request as the
 # kernel answers an ioctl its file does not know (see the daemon for the errno per kind).
 SYSTEM_REQUESTS: Final[frozenset[type[Request]]] = frozenset(
-    {GetApiVersion, CheckExtension, CreateVm, Stats}
+    {GetApiVersion, CheckExtension, CreateVm, Stats, SevIssueCmd}
 )
 VM_REQUESTS: Final[frozenset[type[Request]]] = frozenset(
     {CheckExtension, CreateVcpu, SetUserMemoryRegion, EnableCap, SevIoctl, RegRegion, UnregRegion}
@@ -261,11 +271,13 @@ class Spilled(Reply):
 
 class Error(Reply):
     """The ioctl failed with `errno`. A SEV firmware failure is EIO with `fw_error` set to the
-    SEV status code (kvm_sev_cmd.error)."""
+    SEV status code (kvm_sev_cmd.error), and `fields` the output fields the kernel copies back
+    even so (the length of a query, SEND_START's policy and session_len)."""
 
     errno: Errno
     message: Message = ""
     fw_error: U32 | None = None
+    fields: SevFields | None = None
 
 
 AnyReply = Ok | NewObject | RunReply | RegsReply | StatsReply | Spilled | Error
