@@ -59,6 +59,20 @@ may have cancelled and resumed, or be SENT. It holds the guest (`Recovery.HOLD`)
 source's decision reaches it; the source is never in doubt, because its firmware state is the
 decision. See `RECOVERY`.
 
+The decision travels on a new connection when the first one broke: a source built with
+`RemoteConnection.resolver(session_id, decision)` sends `Resolve` ("commit" if it is SENT,
+"cancel" if it resumed) after the Hellos, and the target answers `Resolution` with what it did
+(`held_outcome`: finish and run, tear down, or "not-held"). A "commit" answered "not-held" is
+the one loss the firmware makes unavoidable: the source is SENT and the target lost its copy. A
+target whose source VMM is known to be gone (its VM, and the copy in it, died with it) finishes
+and runs without waiting::
+
+    source (resolver)                           target
+    Hello          ------------------>                          START -> HELLO
+                   <------------------  Hello                   GREETED
+    Resolve        ------------------>                          RESOLVING (acts on it)
+                   <------------------  Resolution              RESOLVED
+
 Framing that the firmware does not provide
 ------------------------------------------
 
@@ -141,6 +155,7 @@ __all__ = [
     "MAX_MESSAGE_BYTES",
     "MAX_ROUNDS",
     "PAGE_SIZE",
+    "PROGRESS",
     "PROTOCOL_MAX_VERSION",
     "PROTOCOL_MIN_VERSION",
     "RECOVERY",
@@ -150,6 +165,7 @@ __all__ = [
     "Cancel",
     "CancelCode",
     "Commit",
+    "Decision",
     "Describe",
     "DeviceState",
     "EncryptedPage",
@@ -160,6 +176,7 @@ __all__ = [
     "MemorySlot",
     "Message",
     "NotMigratable",
+    "Outcome",
     "PeerGone",
     "PlatformChain",
     "ProtocolError",
@@ -168,6 +185,8 @@ __all__ = [
     "RecoveryPlan",
     "RemoteConnection",
     "RemoteProtocolError",
+    "Resolution",
+    "Resolve",
     "Resumed",
     "Role",
     "Round",
@@ -179,6 +198,7 @@ __all__ = [
     "VcpuState",
     "chain_refusal",
     "decode",
+    "held_outcome",
     "migration_refusal",
     "recovery_for",
     "session_id_of",
@@ -286,6 +306,8 @@ class State(enum.Enum):
     COMMITTED = "committed"  # Commit: the source is SENT (SEND_FINISH)
     DONE = "done"  # Resumed: the guest runs on the target
     CANCELLED = "cancelled"  # a side sent Cancel
+    RESOLVING = "resolving"  # Resolve: the source's decision for a guest the target holds
+    RESOLVED = "resolved"  # Resolution: the target acted on it
     CLOSED = "closed"  # the connection ended (EOF or reset)
     ERROR = "error"  # the protocol was broken, or the shell gave up; sticky
 
@@ -307,7 +329,7 @@ PROGRESS: Final = (
     State.COMMITTED,
     State.DONE,
 )
-LIVE_STATES: Final = frozenset(PROGRESS) - {State.DONE}
+LIVE_STATES: Final = (frozenset(PROGRESS) - {State.DONE}) | {State.RESOLVING}
 
 
 class CancelCode(enum.StrEnum):
@@ -491,6 +513,28 @@ class Cancel(_Message, frozen=True, kw_only=True, tag="sev-cancel"):
     reason: Text
 
 
+Decision: TypeAlias = Literal["commit", "cancel"]
+Outcome: TypeAlias = Literal["resumed", "torn-down", "not-held"]
+
+
+class Resolve(_Message, frozen=True, kw_only=True, tag="sev-resolve"):
+    """Source -> target, on a new connection, after the Hellos: the source's decision for a
+    session whose conversation broke after `Received` (`Recovery.HOLD` at the target):
+    "commit" (the source is SENT: Commit re-delivered) or "cancel" (the source resumed)."""
+
+    session: SessionId
+    decision: Decision
+
+
+class Resolution(_Message, frozen=True, kw_only=True, tag="sev-resolution"):
+    """Target -> source: what the target did with the session (`held_outcome`): "resumed"
+    (it runs the guest, now or already), "torn-down" (it dropped the held guest), or
+    "not-held" (it holds no such session: never received whole, torn down, or lost)."""
+
+    session: SessionId
+    outcome: Outcome
+
+
 Message: TypeAlias = (
     Hello
     | Describe
@@ -508,6 +552,8 @@ Message: TypeAlias = (
     | Commit
     | Resumed
     | Cancel
+    | Resolve
+    | Resolution
 )
 
 _encoder: Final = msgspec.msgpack.Encoder()
@@ -684,8 +730,10 @@ class _Regions:
 # appear, and in each only what its sender may send. Both machines read the same table: `send`
 # under our role, `receive` under the peer's. Cancel: the source in every state up to RECEIVED
 # (it may cancel until it sends Commit), the target up to FINISHED (until it sends Received).
-# The checks that need more than the message's type (round numbers, sequence numbers, session
-# ids, counts) are in RemoteConnection._check.
+# After the Hellos the source sends Describe (a migration) or Resolve (its decision for a
+# session the target holds, answered by one Resolution). The checks that need more than the
+# message's type (round numbers, sequence numbers, session ids, counts) are in
+# RemoteConnection._check.
 # ---------------------------------------------------------------------------------------------
 
 _PAGES: Final = (EncryptedPage, SharedPage)
@@ -694,7 +742,11 @@ TRANSITIONS: Final[dict[Role, dict[State, dict[type[_Message], State]]]] = {
     Role.SOURCE: {
         State.START: {Hello: State.HELLO, Cancel: State.CANCELLED},
         State.HELLO: {Cancel: State.CANCELLED},
-        State.GREETED: {Describe: State.DESCRIBED, Cancel: State.CANCELLED},
+        State.GREETED: {
+            Describe: State.DESCRIBED,
+            Resolve: State.RESOLVING,
+            Cancel: State.CANCELLED,
+        },
         State.DESCRIBED: {Cancel: State.CANCELLED},
         State.CERTIFIED: {SendStart: State.STARTED, Cancel: State.CANCELLED},
         State.STARTED: {
@@ -723,6 +775,7 @@ TRANSITIONS: Final[dict[Role, dict[State, dict[type[_Message], State]]]] = {
         State.FINISHED: {Cancel: State.CANCELLED},
         State.RECEIVED: {Commit: State.COMMITTED, Cancel: State.CANCELLED},
         State.COMMITTED: {},
+        State.RESOLVING: {},
     },
     Role.TARGET: {
         State.START: {Cancel: State.CANCELLED},
@@ -738,6 +791,7 @@ TRANSITIONS: Final[dict[Role, dict[State, dict[type[_Message], State]]]] = {
         State.FINISHED: {Received: State.RECEIVED, Cancel: State.CANCELLED},
         State.RECEIVED: {},
         State.COMMITTED: {Resumed: State.DONE},
+        State.RESOLVING: {Resolution: State.RESOLVED},
     },
 }
 
@@ -901,6 +955,55 @@ def recovery_for(role: Role, ended_in: State, ending: Ending) -> RecoveryPlan:
         raise ValueError(f"a conversation cannot end in {ended_in.name} by {ending.name}") from None
 
 
+def held_outcome(decision: Decision, held: Recovery | None) -> tuple[Recovery | None, Outcome]:
+    """For the target's shell, on `Resolve`: what to do with the session and what to answer.
+
+    Args:
+        decision: the source's decision.
+        held: the target's plan for that session from its record: `Recovery.HOLD` (held,
+            unrunnable), `FINISH_AND_RUN` or `DONE` (it runs the guest already), or None (it
+            holds nothing of that session).
+
+    Returns:
+        (the plan to execute now, or None for nothing; the `Resolution.outcome` to send).
+    """
+    if held is Recovery.HOLD:
+        if decision == "commit":
+            return Recovery.FINISH_AND_RUN, "resumed"
+        return Recovery.TEAR_DOWN, "torn-down"
+    if held in (Recovery.FINISH_AND_RUN, Recovery.DONE):
+        # Only a Commit lets a target run a guest: a "cancel" here is the source's bug, and the
+        # source's machine refuses the answer, which names it.
+        return None, "resumed"
+    return None, "not-held"
+
+
+def _resolver_plan(decision: Decision, outcome: Outcome | None) -> RecoveryPlan:
+    """The source's plan after a resolving conversation (or its failure)."""
+    if decision == "cancel":
+        return RecoveryPlan(
+            Recovery.NOTHING_TO_DO,
+            "the source resumed the guest already; "
+            + (
+                "the target dropped what it held"
+                if outcome is not None
+                else "retry the Cancel so that the target can free the guest it holds"
+            ),
+        )
+    if outcome is None:
+        return RecoveryPlan(
+            Recovery.DELIVER_COMMIT,
+            "the source is SENT and the target has not confirmed: retry delivering Commit",
+        )
+    if outcome == "resumed":
+        return RecoveryPlan(Recovery.DONE, "the target runs the guest; tear down the SENT VM")
+    return RecoveryPlan(
+        Recovery.GUEST_LOST,
+        "the guest is lost: the source is SENT (SEND_FINISH) and the firmware refuses to run it "
+        "again, and the target holds no copy of the session (it died or failed after Received)",
+    )
+
+
 @dataclass(frozen=True)
 class PeerGone:
     """What `receive(None)` returns: the connection ended. `lost_in` is the state the
@@ -937,6 +1040,7 @@ class RemoteConnection:
         *,
         guest: Describe | None = None,
         burnt_sessions: Container[bytes] = frozenset(),
+        resolving: Resolve | None = None,
         max_version: int = PROTOCOL_MAX_VERSION,
         min_version: int = PROTOCOL_MIN_VERSION,
     ) -> None:
@@ -945,7 +1049,9 @@ class RemoteConnection:
                 f"protocol versions {min_version}..{max_version} are not a range within the "
                 f"supported {PROTOCOL_MIN_VERSION}..{PROTOCOL_MAX_VERSION}"
             )
-        if role is Role.SOURCE:
+        if resolving is not None and (role is not Role.SOURCE or guest is not None):
+            raise ValueError("a resolving connection is the source's, for no new guest")
+        if role is Role.SOURCE and resolving is None:
             if guest is None:
                 raise ValueError("the source's machine needs the guest's Describe")
             why = migration_refusal(guest)
@@ -961,6 +1067,10 @@ class RemoteConnection:
         self.max_version: Final = max_version
         self._burnt = burnt_sessions
         self._guest = guest
+        self._resolving = resolving
+        #: The source's Resolve (a resolving conversation) and the target's answer.
+        self.resolve_request: Resolve | None = None
+        self.resolution: Resolution | None = None
         #: The negotiated version, once known.
         self.version: int | None = None
         self.our_hello: Hello | None = None
@@ -1006,7 +1116,17 @@ class RemoteConnection:
 
     def recovery(self) -> RecoveryPlan:
         """What to do about the guest: the row of `RECOVERY` for how the conversation ended;
-        while it is live, the row for giving up now because of a failure of our own."""
+        while it is live, the row for giving up now because of a failure of our own. A
+        resolving conversation has its own plans (`held_outcome` for the target's shell)."""
+        if self._resolving is not None:
+            outcome = None if self.resolution is None else self.resolution.outcome
+            return _resolver_plan(self._resolving.decision, outcome)
+        if self.resolve_request is not None:
+            return RecoveryPlan(
+                Recovery.DROP,
+                "this connection carried the source's decision for a held session: execute "
+                "held_outcome's plan for that session; nothing else was received",
+            )
         if self._ended_in is None or self._ending is None:
             return recovery_for(self.our_role, self._state, Ending.LOCAL_FAILURE)
         return recovery_for(self.our_role, self._ended_in, self._ending)
@@ -1056,6 +1176,18 @@ class RemoteConnection:
             f"{self.min_version}..{self.max_version}; run matching handoff releases",
         )
 
+    @classmethod
+    def resolver(cls, session_id: bytes, decision: Decision) -> RemoteConnection:
+        """A source connection that only delivers its decision for a session the target
+        holds (after Received): `Resolve` follows the Hellos, `Resolution` ends it."""
+        return cls(Role.SOURCE, resolving=Resolve(session=session_id, decision=decision))
+
+    def make_resolve(self) -> Resolve:
+        """The resolver's Resolve."""
+        if self._resolving is None:
+            raise LocalProtocolError("only a resolving connection sends Resolve")
+        return self._resolving
+
     def describe(self) -> Describe:
         """The source's Describe (the guest it was built with)."""
         if self._guest is None:
@@ -1100,7 +1232,7 @@ class RemoteConnection:
         """
         if self._state is State.ERROR:
             raise LocalProtocolError("the connection already failed; it cannot send")
-        if self._state in (State.CANCELLED, State.CLOSED, State.DONE):
+        if self._state in (State.CANCELLED, State.CLOSED, State.DONE, State.RESOLVED):
             if isinstance(message, Cancel) and self._state is State.CANCELLED:
                 raise LocalProtocolError("the migration is already cancelled")
             raise LocalProtocolError(
@@ -1142,8 +1274,8 @@ class RemoteConnection:
             raise RemoteProtocolError("data after the end of the connection")
         try:
             message = _decode(data)
-            if self._state is State.DONE:
-                raise _Violation(f"{type(message).__name__} after the migration completed")
+            if self._state in (State.DONE, State.RESOLVED):
+                raise _Violation(f"{type(message).__name__} after the conversation completed")
             if self._state is State.CANCELLED:
                 if self.cancelled_by is self.our_role:
                     return message  # crossed our Cancel
@@ -1188,6 +1320,13 @@ class RemoteConnection:
             _check_describe(message)
             if sender is self.our_role and message != self._guest:
                 raise _Violation("the source must send the Describe it was built with")
+        elif isinstance(message, Resolve):
+            if sender is self.our_role and message != self._resolving:
+                raise _Violation(
+                    "only a resolving connection sends Resolve, the one it was built with"
+                )
+        elif isinstance(message, Resolution):
+            self._check_resolution(message)
         elif isinstance(message, PlatformChain):
             for name in ("pdh", "pek", "oca", "cek"):
                 _check_cert(name, getattr(message, name))
@@ -1272,6 +1411,25 @@ class RemoteConnection:
                 f"the target chose protocol version {chosen}, outside the source's range "
                 f"{self.min_version}..{self.max_version} or its own "
                 f"{hello.min_version}..{hello.max_version}"
+            )
+
+    def _check_resolution(self, answer: Resolution) -> None:
+        request = self.resolve_request
+        assert request is not None  # the table puts Resolve before Resolution
+        if answer.session != request.session:
+            raise _Violation("Resolution names another session than the Resolve it answers")
+        allowed = (
+            ("resumed", "not-held") if request.decision == "commit" else ("torn-down", "not-held")
+        )
+        if answer.outcome not in allowed:
+            raise _Violation(
+                f"the target answered {answer.outcome!r} to {request.decision!r}: "
+                + (
+                    "a target runs a guest only after Commit, so a cancelled session running "
+                    "there is a second copy; stop the target's guest and investigate"
+                    if answer.outcome == "resumed"
+                    else f"expected one of {allowed}"
+                )
             )
 
     def _check_send_start(self, start: SendStart) -> None:
@@ -1366,6 +1524,10 @@ class RemoteConnection:
             self._round_gpas = set()
         elif isinstance(message, VcpuState):
             self._vcpus_done += 1
+        elif isinstance(message, Resolve):
+            self.resolve_request = message
+        elif isinstance(message, Resolution):
+            self.resolution = message
         elif isinstance(message, Cancel):
             self.cancel = message
             self.cancelled_by = sender
@@ -1373,8 +1535,8 @@ class RemoteConnection:
                 old_state, Ending.LOCAL_FAILURE if sender is self.our_role else Ending.CANCELLED
             )
         self._state = new_state
-        if new_state is State.DONE:
-            self._end(State.DONE, Ending.COMPLETED)
+        if new_state in (State.DONE, State.RESOLVED):
+            self._end(new_state, Ending.COMPLETED)
 
     def _end(self, state: State, how: Ending) -> None:
         if self._ended_in is None:

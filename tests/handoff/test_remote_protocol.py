@@ -47,6 +47,8 @@ from handoff.protocol.remote import (
     Recovery,
     RemoteConnection,
     RemoteProtocolError,
+    Resolution,
+    Resolve,
     Resumed,
     Role,
     Round,
@@ -57,6 +59,7 @@ from handoff.protocol.remote import (
     StopAndCopy,
     VcpuState,
     decode,
+    held_outcome,
     recovery_for,
     session_id_of,
 )
@@ -859,15 +862,48 @@ class Side:
     plan: Recovery | None = field(default=None)
 
 
-def _runnable_copies(src: Side, tgt: Side) -> int:
+def _resolve(
+    source_plan: Recovery, target_plan: Recovery, session: bytes
+) -> tuple[Recovery, Recovery]:
+    """The source delivers its decision to the target on a new connection, as the shells do
+    after a conversation broke; returns both sides' plans after it."""
+    decision = "commit" if source_plan is Recovery.DELIVER_COMMIT else "cancel"
+    src = RemoteConnection.resolver(session, decision)
+    tgt = RemoteConnection(TARGET)
+    tgt.receive(src.send(src.make_hello(vm_name="guest-a", vm_uuid=VM_UUID)))
+    src.receive(tgt.send(tgt.make_hello(vm_name="guest-a", vm_uuid=VM_UUID)))
+    request = tgt.receive(src.send(src.make_resolve()))
+    assert isinstance(request, Resolve) and tgt.resolve_request == request
+    held = (
+        target_plan
+        if target_plan in (Recovery.HOLD, Recovery.FINISH_AND_RUN, Recovery.DONE)
+        else None
+    )
+    action, outcome = held_outcome(request.decision, held)
+    src.receive(tgt.send(Resolution(session=session, outcome=outcome)))
+    assert src.state is tgt.state is State.RESOLVED
+    assert tgt.recovery().recovery is Recovery.DROP  # nothing of the connection's own
+    return src.recovery().recovery, action or target_plan
+
+
+def _runnable_copies(src: Side, tgt: Side, session: bytes | None) -> int:
     """Resolve each side's plan as the shells do (the held target learns the source's
-    decision, or that the source is gone) and count the copies that run."""
+    decision on a new connection, or that the source is gone) and count the copies that run."""
     assert src.plan is not None and tgt.plan is not None
-    source_runs = not src.dead and src.plan in (Recovery.NOTHING_TO_DO, Recovery.CANCEL_AND_RESUME)
-    target_plan = tgt.plan
-    if target_plan is Recovery.HOLD:
-        committed = src.plan is Recovery.DELIVER_COMMIT or src.plan is Recovery.DONE
-        target_plan = Recovery.FINISH_AND_RUN if committed or src.dead else Recovery.TEAR_DOWN
+    source_plan, target_plan = src.plan, tgt.plan
+    decides = source_plan is Recovery.DELIVER_COMMIT or (
+        source_plan is Recovery.CANCEL_AND_RESUME and target_plan is Recovery.HOLD
+    )
+    if decides and not src.dead and not tgt.dead:
+        assert session is not None
+        source_plan, target_plan = _resolve(source_plan, target_plan, session)
+    elif target_plan is Recovery.HOLD and src.dead:
+        target_plan = Recovery.FINISH_AND_RUN  # its VM, and the copy in it, died with it
+    assert tgt.dead or target_plan is not Recovery.HOLD, "a held guest was never resolved"
+    source_runs = not src.dead and source_plan in (
+        Recovery.NOTHING_TO_DO,
+        Recovery.CANCEL_AND_RESUME,
+    )
     target_runs = not tgt.dead and target_plan in (Recovery.FINISH_AND_RUN, Recovery.DONE)
     return int(source_runs) + int(target_runs)
 
@@ -922,7 +958,7 @@ def test_every_way_a_migration_can_end_leaves_exactly_one_runnable_copy_or_names
         failing.conn.receive(None)
     for side in sides.values():
         side.plan = side.conn.recovery().recovery
-    copies = _runnable_copies(sides[SOURCE], sides[TARGET])
+    copies = _runnable_copies(sides[SOURCE], sides[TARGET], pair.source.session_id)
     assert copies <= 1, "two runnable copies of one guest"
     source_sent = sides[SOURCE].plan in (Recovery.DELIVER_COMMIT, Recovery.DONE)
     target_held_all = PROGRESS.index(pair.target.ended_in or pair.target.state) >= PROGRESS.index(
@@ -937,6 +973,91 @@ def test_every_way_a_migration_can_end_leaves_exactly_one_runnable_copy_or_names
     )
     unavoidable = source_copy_gone and target_copy_gone
     assert copies == (0 if unavoidable else 1)
+
+
+# ---- resolving a held guest on a new connection ------------------------------------------------
+
+
+def _broken_after_received(last: Message | None) -> Pair:
+    """A migration whose connection broke after Received: the source sent `last` (Commit or
+    Cancel), which never arrived; both sides then saw the connection end."""
+    pair = Pair()
+    pair.run(len(pair.script()) - 2)
+    if last is not None:
+        pair.source.send(last)
+    pair.source.receive(None)
+    pair.target.receive(None)
+    assert pair.target.recovery().recovery is Recovery.HOLD
+    return pair
+
+
+def test_a_held_target_runs_the_guest_once_the_source_delivers_commit_again() -> None:
+    pair = _broken_after_received(Commit(session=session_id_of(session_blob(0))))
+    assert pair.source.recovery().recovery is Recovery.DELIVER_COMMIT
+    session = pair.source.session_id
+    assert session is not None
+    source_after, target_after = _resolve(Recovery.DELIVER_COMMIT, Recovery.HOLD, session)
+    assert (source_after, target_after) == (Recovery.DONE, Recovery.FINISH_AND_RUN)
+
+
+def test_a_held_target_tears_down_when_the_source_says_it_cancelled() -> None:
+    pair = _broken_after_received(Cancel(code="firmware", reason="SEND_FINISH failed: EIO"))
+    assert pair.source.recovery().recovery is Recovery.CANCEL_AND_RESUME
+    assert pair.source.session_id is not None
+    source_after, target_after = _resolve(
+        Recovery.CANCEL_AND_RESUME, Recovery.HOLD, pair.source.session_id
+    )
+    assert (source_after, target_after) == (Recovery.NOTHING_TO_DO, Recovery.TEAR_DOWN)
+
+
+def test_commit_answered_not_held_is_the_loss_the_firmware_makes_unavoidable() -> None:
+    src = RemoteConnection.resolver(b"\x07" * 16, "commit")
+    assert src.recovery().recovery is Recovery.DELIVER_COMMIT  # until answered: retry
+    source_after, target_after = _resolve(Recovery.DELIVER_COMMIT, Recovery.TEAR_DOWN, b"\x07" * 16)
+    assert (source_after, target_after) == (Recovery.GUEST_LOST, Recovery.TEAR_DOWN)
+    src = RemoteConnection.resolver(b"\x07" * 16, "commit")
+    src.receive(None)
+    assert "retry" in src.recovery().why
+
+
+def _resolving_pair(decision: str) -> tuple[RemoteConnection, RemoteConnection]:
+    src = RemoteConnection.resolver(b"\x07" * 16, decision)  # type: ignore[arg-type]
+    tgt = RemoteConnection(TARGET)
+    tgt.receive(src.send(src.make_hello(vm_name="g", vm_uuid=VM_UUID)))
+    src.receive(tgt.send(tgt.make_hello(vm_name="g", vm_uuid=VM_UUID)))
+    tgt.receive(src.send(src.make_resolve()))
+    return src, tgt
+
+
+@pytest.mark.parametrize(
+    ("decision", "answer", "why"),
+    [
+        ("cancel", Resolution(session=b"\x07" * 16, outcome="resumed"), "second copy"),
+        ("commit", Resolution(session=b"\x07" * 16, outcome="torn-down"), "expected one of"),
+        ("commit", Resolution(session=b"\x08" * 16, outcome="resumed"), "another session"),
+    ],
+)
+def test_a_resolution_that_contradicts_the_decision_is_refused_naming_why(
+    decision: str, answer: Resolution, why: str
+) -> None:
+    src, _ = _resolving_pair(decision)
+    with pytest.raises(RemoteProtocolError, match=why):
+        src.receive(msgspec.msgpack.encode(answer))
+
+
+def test_a_resolver_sends_only_its_resolve_and_a_migrating_source_never_one() -> None:
+    src = RemoteConnection.resolver(b"\x07" * 16, "commit")
+    tgt = RemoteConnection(TARGET)
+    tgt.receive(src.send(src.make_hello(vm_name="g", vm_uuid=VM_UUID)))
+    src.receive(tgt.send(tgt.make_hello(vm_name="g", vm_uuid=VM_UUID)))
+    with pytest.raises(LocalProtocolError, match="the Describe it was built with"):
+        src.send(make_describe())
+    pair = Pair()
+    pair.run(2)
+    with pytest.raises(LocalProtocolError, match="only a resolving connection"):
+        pair.source.send(Resolve(session=b"\x07" * 16, decision="commit"))
+    with pytest.raises(ValueError, match="resolving connection"):
+        RemoteConnection(TARGET, resolving=Resolve(session=b"\x07" * 16, decision="commit"))
 
 
 # ---- the table, read as the transition table's mirror ------------------------------------------
