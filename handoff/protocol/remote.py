@@ -200,6 +200,7 @@ __all__ = [
     "decode",
     "held_outcome",
     "migration_refusal",
+    "platform_chain",
     "recovery_for",
     "session_id_of",
 ]
@@ -231,6 +232,12 @@ _USAGE_NAMES: Final = {
     0x1003: "PDH",
     0x1004: "CEK",
 }
+
+# AMD certificates (ASK, ARK; AMD_CERT as sev-tool writes it out): u32 version at 0, u32 key
+# usage at 0x24, u32 public exponent and modulus sizes in bits at 0x38 and 0x3C, a 64-byte
+# header, then exponent, modulus and the signature (as long as the modulus).
+AMD_CERT_HEADER_SIZE: Final = 64
+AMD_USAGE: Final = {"ask": 0x13, "ark": 0x0}
 
 # Guest policy bits (reference 1.4).
 POLICY_ES: Final = 1 << 2
@@ -394,7 +401,8 @@ class Describe(_Message, frozen=True, kw_only=True, tag="sev-describe"):
 
 class PlatformChain(_Message, frozen=True, kw_only=True, tag="sev-platform-chain"):
     """Target -> source: the target platform's certificates (PDH_CERT_EXPORT, and AMD's ASK and
-    ARK for its chip), which SEND_START takes: PDH, PEK||OCA||CEK, ASK||ARK."""
+    ARK for its chip), which SEND_START takes: PDH, PEK||OCA||CEK, ASK||ARK. Built from those
+    three blobs with `platform_chain`."""
 
     pdh: Cert
     pek: Cert
@@ -402,6 +410,16 @@ class PlatformChain(_Message, frozen=True, kw_only=True, tag="sev-platform-chain
     cek: Cert
     ask: AmdCert
     ark: AmdCert
+
+    @property
+    def plat_certs(self) -> bytes:
+        """PEK || OCA || CEK, SEND_START's platform chain."""
+        return self.pek + self.oca + self.cek
+
+    @property
+    def amd_certs(self) -> bytes:
+        """ASK || ARK, SEND_START's AMD chain."""
+        return self.ask + self.ark
 
 
 class SendStart(_Message, frozen=True, kw_only=True, tag="sev-send-start"):
@@ -622,6 +640,61 @@ def migration_refusal(describe: Describe) -> str | None:
             "forbade migration and SEND_START would fail with POLICY_FAILURE" + keeps
         )
     return None
+
+
+def _amd_cert_size(blob: bytes) -> int | None:
+    """The size an AMD_CERT's header announces (None: too short to say)."""
+    if len(blob) < AMD_CERT_HEADER_SIZE:
+        return None
+    exp_bits = int.from_bytes(blob[0x38:0x3C], "little")
+    mod_bits = int.from_bytes(blob[0x3C:0x40], "little")
+    return AMD_CERT_HEADER_SIZE + exp_bits // 8 + 2 * (mod_bits // 8)
+
+
+def platform_chain(pdh: bytes, plat_certs: bytes, amd_certs: bytes) -> PlatformChain:
+    """The target's `PlatformChain` from PDH_CERT_EXPORT's two blobs (PDH; PEK||OCA||CEK) and
+    the AMD chain ASK||ARK, split where the ASK's header says it ends.
+
+    Raises:
+        LocalProtocolError: a blob is not of the shape SEND_START takes (says which).
+    """
+    if len(plat_certs) != 3 * CERT_SIZE:
+        raise LocalProtocolError(
+            f"PEK||OCA||CEK is {len(plat_certs)} bytes, expected {3 * CERT_SIZE} (three "
+            f"{CERT_SIZE}-byte certificates, as PDH_CERT_EXPORT gives them)"
+        )
+    ask_size = _amd_cert_size(amd_certs)
+    if ask_size is None or not 0 < ask_size < len(amd_certs):
+        raise LocalProtocolError(
+            f"ASK||ARK ({len(amd_certs)} bytes) does not start with an AMD certificate whose "
+            "header gives its size: AMD's ASK and ARK for this chip are expected"
+        )
+    return PlatformChain(
+        pdh=pdh,
+        pek=plat_certs[:CERT_SIZE],
+        oca=plat_certs[CERT_SIZE : 2 * CERT_SIZE],
+        cek=plat_certs[2 * CERT_SIZE :],
+        ask=amd_certs[:ask_size],
+        ark=amd_certs[ask_size:],
+    )
+
+
+def _check_amd_cert(name: str, cert: bytes) -> None:
+    size = _amd_cert_size(cert)
+    if size != len(cert):
+        raise _Violation(
+            f"the {name.upper()} is {len(cert)} bytes, its header says "
+            + ("nothing (too short)" if size is None else f"{size}")
+            + ": not an AMD certificate, or ASK and ARK were split in the wrong place"
+        )
+    version = int.from_bytes(cert[0:4], "little")
+    usage = int.from_bytes(cert[0x24:0x28], "little")
+    if version != CERT_VERSION or usage != AMD_USAGE[name]:
+        raise _Violation(
+            f"the {name.upper()} slot holds an AMD certificate of version {version} and usage "
+            f"{usage:#x}, expected version 1 and usage {AMD_USAGE[name]:#x}: the chain is out "
+            "of order"
+        )
 
 
 def _check_cert(name: str, cert: bytes) -> None:
@@ -1335,6 +1408,8 @@ class RemoteConnection:
                     f"ASK and ARK together are {len(message.ask) + len(message.ark)} bytes; "
                     f"KVM takes at most {MAX_AMD_CERTS_BYTES} for the AMD chain"
                 )
+            _check_amd_cert("ask", message.ask)
+            _check_amd_cert("ark", message.ark)
         elif isinstance(message, SendStart):
             self._check_send_start(message)
         elif isinstance(message, Round | StopAndCopy):

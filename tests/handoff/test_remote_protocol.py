@@ -60,6 +60,7 @@ from handoff.protocol.remote import (
     VcpuState,
     decode,
     held_outcome,
+    platform_chain,
     recovery_for,
     session_id_of,
 )
@@ -85,14 +86,26 @@ def cert(usage: int, *, api: tuple[int, int] = (0, 24), version: int = 1) -> byt
     return (head + body)[:CERT_SIZE]
 
 
+def amd_cert(usage: int, bits: int = 2048) -> bytes:
+    """An AMD_CERT-shaped blob (ASK 0x13, ARK 0x0): header, exponent, modulus, signature."""
+    head = (
+        (1).to_bytes(4, "little")
+        + bytes(32)
+        + usage.to_bytes(4, "little")
+        + bytes(16)
+        + bits.to_bytes(4, "little") * 2
+    )
+    return head + bytes([usage + 1]) * (bits // 8 * 3)
+
+
 def make_chain(*, pek_api: tuple[int, int] = (0, 24)) -> PlatformChain:
     return PlatformChain(
         pdh=cert(0x1003),
         pek=cert(0x1002, api=pek_api),
         oca=cert(0x1001),
         cek=cert(0x1004),
-        ask=b"A" * 832,
-        ark=b"R" * 832,
+        ask=amd_cert(0x13),
+        ark=amd_cert(0x0),
     )
 
 
@@ -326,7 +339,7 @@ def test_every_message_fits_in_one_frame_at_its_bounds() -> None:
         make_chain(),
         PlatformChain(
             pdh=cert(0x1003), pek=cert(0x1002), oca=cert(0x1001), cek=cert(0x1004),
-            ask=b"a" * 0x2000, ark=b"r" * 0x2000,
+            ask=amd_cert(0x13, 4096), ark=amd_cert(0x0, 4096),
         ),
         EncryptedPage(
             session=b"s" * 16, seq=(1 << 63) - 1, gpa=(1 << 52) - PAGE_SIZE,
@@ -413,24 +426,38 @@ def test_sizes_of_firmware_objects_are_checked_when_decoding() -> None:
 
 
 @pytest.mark.parametrize(
-    ("field", "value", "why"),
+    ("fields", "why"),
     [
-        ("pek", cert(0x1003), r"PEK slot holds a certificate of usage 0x1003 \(PDH\)"),
-        ("pdh", cert(0x1003, version=2), "version 2"),
-        ("ask", b"a" * 0x3000, "KVM takes at most"),
+        ({"pek": cert(0x1003)}, r"PEK slot holds a certificate of usage 0x1003 \(PDH\)"),
+        ({"pdh": cert(0x1003, version=2)}, "version 2"),
+        (
+            {"ask": amd_cert(0x13, 32768), "ark": amd_cert(0x0, 32768)},
+            "KVM takes at most 16384",
+        ),
+        ({"ask": amd_cert(0x0)}, "ASK slot holds an AMD certificate of version 1 and usage 0x0"),
+        ({"ark": amd_cert(0x0)[:-1]}, "ARK is 831 bytes, its header says 832"),
     ],
 )
 def test_a_platform_chain_out_of_order_or_oversized_is_refused_naming_the_slot(
-    field: str, value: bytes, why: str
+    fields: dict[str, bytes], why: str
 ) -> None:
     pair = Pair()
     pair.run(3)
-    chain = msgspec.structs.replace(make_chain(), **{field: value})
-    if field == "ask":
-        chain = msgspec.structs.replace(chain, ark=b"r" * 0x2000)
+    chain = msgspec.structs.replace(make_chain(), **fields)
     with pytest.raises(RemoteProtocolError, match=why):
         pair.source.receive(msgspec.msgpack.encode(chain))
     assert pair.source.recovery().recovery is Recovery.NOTHING_TO_DO
+
+
+def test_the_chain_is_built_from_the_export_blobs_and_gives_them_back() -> None:
+    chain = make_chain()
+    built = platform_chain(chain.pdh, chain.plat_certs, chain.amd_certs)
+    assert built == chain
+    assert built.plat_certs == chain.pek + chain.oca + chain.cek
+    with pytest.raises(LocalProtocolError, match="three 2084-byte certificates"):
+        platform_chain(chain.pdh, chain.plat_certs[:-1], chain.amd_certs)
+    with pytest.raises(LocalProtocolError, match="does not start with an AMD certificate"):
+        platform_chain(chain.pdh, chain.plat_certs, chain.ask)
 
 
 def test_source_cancels_before_send_start_when_the_target_firmware_is_too_old() -> None:
