@@ -1100,6 +1100,8 @@ class RemoteConnection:
             once (`NotMigratable`), so nothing is sent for a guest that cannot migrate.
         burnt_sessions: the target's record of every session id it accepted before (a
             container the shell keeps durably); a `SendStart` of one of them is refused.
+        resolving: for a source that only delivers its decision for a held session (use
+            `RemoteConnection.resolver`).
         max_version, min_version: the protocol versions we speak.
 
     Raises:

@@ -11,6 +11,7 @@ import errno
 import socket
 import ssl
 import struct
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -438,3 +439,79 @@ async def test_a_peer_that_connects_and_says_nothing_is_dropped_and_the_next_ser
 
 def test_the_greeting_names_the_transport_and_its_version() -> None:
     assert GREETING == b"handoff-tcp/1\n"
+
+
+# ---- the cross-host protocol over it -----------------------------------------------------------
+
+
+async def test_a_whole_sev_migration_conversation_crosses_mutual_tls(
+    pki: dict[str, TlsFiles],
+) -> None:
+    """The protocol machines of both hosts, joined by the transport: every frame fits, arrives
+    whole, and the machines agree; then the target's clean close ends the source's stream."""
+    from handoff.protocol import remote
+    from handoff.protocol.local import Role, VcpuStateWire
+
+    def cert(usage: int) -> bytes:
+        head = (1).to_bytes(4, "little") + bytes([0, 24, 0, 0]) + usage.to_bytes(4, "little")
+        return head + bytes(remote.CERT_SIZE - len(head))
+
+    def amd(usage: int) -> bytes:
+        head = (1).to_bytes(4, "little") + bytes(32) + usage.to_bytes(4, "little") + bytes(16)
+        return head + (4096).to_bytes(4, "little") * 2 + bytes(512 * 3)
+
+    guest = remote.Describe(
+        vcpus=1,
+        memory_bytes=4 * remote.PAGE_SIZE,
+        slots=(remote.MemorySlot(slot=0, guest_phys_addr=0, size=4 * remote.PAGE_SIZE),),
+        mode="sev",
+        policy=0x21,
+        line_every=200,
+        flip_every=50,
+    )
+    source = remote.RemoteConnection(Role.SOURCE, guest=guest)
+    target = remote.RemoteConnection(Role.TARGET)
+    chain = remote.platform_chain(
+        cert(0x1003), cert(0x1002) + cert(0x1001) + cert(0x1004), amd(0x13) + amd(0x0)
+    )
+    listener = await tcp.listen(f"tcp:{TARGET_IP}:0", pki["target"])
+    async with listener:
+        target_end, source_end = await _pair(listener, pki["source"])
+
+        async def source_says(message: remote.Message) -> None:
+            await source_end.send(source.send(message))
+            assert target.receive(await target_end.receive()) == message
+
+        async def target_says(message: remote.Message) -> None:
+            await target_end.send(target.send(message))
+            assert source.receive(await source_end.receive()) == message
+
+        uuid_ = uuid.uuid4()
+        await source_says(source.make_hello(vm_name="g", vm_uuid=uuid_))
+        await target_says(target.make_hello(vm_name="g", vm_uuid=uuid_))
+        await source_says(source.describe())
+        await target_says(chain)
+        await source_says(
+            remote.SendStart(session=bytes(range(128)), source_pdh=cert(0x1003), policy=0x21)
+        )
+        await source_says(remote.StopAndCopy(round=1, shared_regions=((0x3000, 1),)))
+        for i in range(3):
+            header = bytes(4) + bytes([i]) * 16 + bytes(32)
+            await source_says(source.encrypted_page(i * 4096, header, bytes([i]) * 4096))
+        await source_says(source.shared_page(0x3000, b"s" * 4096))
+        await source_says(remote.RoundEnd(round=1, pages=4))
+        await source_says(remote.DeviceState(doorbell_sum=1))
+        state = VcpuStateWire(backend="kvmstub", version=1, blob=b"r" * 10_000)
+        await source_says(remote.VcpuState(index=0, state=state))
+        await source_says(remote.Finish(rounds=1, pages=4))
+        session = target.session_id
+        assert session is not None
+        await target_says(remote.Received(session=session))
+        await source_says(remote.Commit(session=session))
+        await target_says(remote.Resumed(session=session))
+        assert source.state is target.state is remote.State.DONE
+        await target_end.aclose()
+        gone = source.receive(await source_end.receive())
+        assert isinstance(gone, remote.PeerGone) and gone.lost_in is remote.State.DONE
+        assert gone.plan.recovery is remote.Recovery.DONE
+        await source_end.aclose()
