@@ -36,7 +36,9 @@ SOURCE_IP, TARGET_IP = "127.0.0.2", "127.0.0.3"
 
 @pytest.fixture
 def pki(tmp_path: Path) -> dict[str, TlsFiles]:
-    return make_pki(tmp_path / "pki", {"source": [SOURCE_IP], "target": [TARGET_IP, "target.test"]})
+    return make_pki(
+        tmp_path / "pki", {"source": [SOURCE_IP], "target": [TARGET_IP, "target.test", "localhost"]}
+    )
 
 
 @pytest.fixture
@@ -161,16 +163,29 @@ async def test_mutual_tls_round_trip_carries_frames_both_ways_whole(
             assert server.peer.startswith(f"tcp:{SOURCE_IP}:")
 
 
-async def test_a_host_name_in_the_server_certificate_is_accepted(
+async def test_a_host_name_is_checked_against_the_server_certificate(
     pki: dict[str, TlsFiles],
 ) -> None:
-    """Connecting by IP checks the IP subjectAltName; the certificate also serves names."""
-    listener = await tcp.listen(f"tcp:{TARGET_IP}:0", pki["target"])
-    async with listener:
-        server, client = await _pair(listener, pki["source"])
-        async with server, client:
-            await client.send(b"ping")
-            assert await server.receive() == b"ping"
+    """Connecting by name checks a DNS subjectAltName: the target's certificate names
+    `localhost`, the source's does not."""
+    for files, accepted in ((pki["target"], True), (pki["source"], False)):
+        listener = await tcp.listen("tcp:localhost:0", files)
+        async with listener:
+            server, client = await _both(
+                listener.accept,
+                lambda listener=listener: tcp.connect(
+                    f"tcp:localhost:{listener.address.port}", pki["source"]
+                ),
+            )
+            if accepted:
+                assert isinstance(server, Channel) and isinstance(client, Channel)
+                await client.send(b"ping")
+                assert await server.receive() == b"ping"
+                await client.aclose()
+                await server.aclose()
+            else:
+                assert isinstance(client, TransportError)
+                assert "localhost" in str(client)
 
 
 async def _refused(
