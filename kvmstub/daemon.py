@@ -51,9 +51,10 @@ from functools import partial
 from pathlib import Path
 from typing import IO, Any, Final
 
+import msgspec
 import trio
 
-from kvmstub import wire
+from kvmstub import uapi, wire
 from kvmstub.model import Host, Vcpu, Vm
 
 log = logging.getLogger(__name__)
@@ -676,6 +677,7 @@ class Daemon:
                     immediate_exit=request.immediate_exit or end.kicked(),
                     io_data=request.io_data,
                     hypercall_ret=request.hypercall_ret,
+                    msr_error=request.msr_error,
                 )
                 if failed is not None:
                     return wire.RunReply(rid, failed), None
@@ -708,6 +710,17 @@ class Daemon:
                     request.offset,
                 )
                 return wire.Ok(rid), None
+            case wire.GetDirtyLog():
+                assert vm is not None
+                bitmap = vm.get_dirty_log(pid, request.slot)
+                # Only up to the last dirty byte travels; the client pads with zeros.
+                return wire.DirtyLogReply(rid, bitmap.rstrip(b"\0"), len(bitmap)), None
+            case wire.ClearDirtyLog():
+                assert vm is not None
+                vm.clear_dirty_log(
+                    pid, request.slot, request.first_page, request.num_pages, request.bitmap
+                )
+                return wire.Ok(rid), None
             case wire.EnableCap():
                 assert vm is not None
                 args: list[int | Vm | None] = [0, 0, 0, 0]  # struct kvm_enable_cap.args[4]
@@ -719,6 +732,11 @@ class Daemon:
                 return self._enable_cap(
                     request, vm.enable_cap_steps(pid, request.cap, request.flags, args), args[0]
                 )
+            case wire.SetMsrFilter():
+                assert vm is not None
+                ranges = [uapi.MsrFilterRange(*msgspec.structs.astuple(r)) for r in request.ranges]
+                vm.set_msr_filter(pid, request.flags, ranges)
+                return wire.Ok(rid), None
             case wire.SevIoctl():
                 assert vm is not None
                 fields = None if request.fields is None else dict(request.fields)
@@ -731,6 +749,11 @@ class Daemon:
             case wire.UnregRegion():
                 assert vm is not None
                 vm.unreg_region(pid, request.addr, request.size)
+                return wire.Ok(rid), None
+            case wire.SetCpuid2():
+                assert vcpu is not None
+                entries = [uapi.CpuidEntry(*msgspec.structs.astuple(e)) for e in request.entries]
+                vcpu.set_cpuid2(pid, entries)
                 return wire.Ok(rid), None
             case wire.GetRegs():
                 assert vcpu is not None
