@@ -64,6 +64,12 @@ Choices where the kernel or firmware leaves the model free (each marked where it
   KVM's complete_userspace_io stays in the source vCPU. The VMM completes pending exits
   (KVM_RUN with immediate_exit) before it pauses.
 - KVM_CAP_EXIT_HYPERCALL is per VM (kvm->arch) and is not moved: the new VMM enables it.
+  So are the MSR filter, KVM_CAP_X86_USER_SPACE_MSR, manual dirty-log protection and the
+  dirty logs (per slot of each VM), and the CPUID table is per vCPU: MOVE carries none.
+- The guest's hypercalls other than KVM_HC_MAP_GPA_RANGE, and its MSRs, are not KVM's in
+  the stub: every other hypercall is -KVM_ENOSYS, every MSR write is "unsupported" (what
+  KVM says of MSR_KVM_MIGRATION_CONTROL, the only one the guest writes). CPUID leaves
+  missing from the vCPU's table read as zeros (an AMD host's answer).
 - `move_into_dead_ok` (reference section 2, "Pending change"): VM ioctls then skip the
   vm_dead half of the gate, so MOVE back into a moved-from VM succeeds; vCPU creation and
   vCPU ioctls on a dead VM still fail with EIO (Sean Christopherson's stated plan).
