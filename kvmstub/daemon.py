@@ -55,6 +55,7 @@ import msgspec
 import trio
 
 from kvmstub import uapi, wire
+from kvmstub.memory import dirty_bitmap_bytes
 from kvmstub.model import Host, Vcpu, Vm
 
 log = logging.getLogger(__name__)
@@ -189,6 +190,23 @@ def _parse_ancillary(ancdata: list[tuple[int, int, bytes]]) -> tuple[int | None,
         elif kind == socket.SCM_CREDENTIALS and len(payload) >= _CREDENTIALS.size:
             pid = _CREDENTIALS.unpack_from(payload)[0]
     return pid, fds
+
+
+def _check_log_fits(vm: Vm, slot: int) -> None:
+    """kvmstub's limit, not the kernel's: a dirty log travels in one reply, at most
+    MAX_SPILLED bytes, so a logging slot over 2 TiB cannot be read (ENOMEM, said first so
+    that no dirty bit is lost to a reply that cannot be sent)."""
+    if slot >> 16 or vm.memory is None:
+        return
+    for s in vm.memory.slots():
+        if s.slot == slot and s.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES:
+            size = dirty_bitmap_bytes(s.memory_size // uapi.PAGE_SIZE)
+            if size > wire.MAX_SPILLED - 64:
+                raise OSError(
+                    errno.ENOMEM,
+                    f"kvmstub: the dirty log of slot {slot} is {size} bytes, more than a "
+                    f"reply carries ({wire.MAX_SPILLED}): use memory slots of at most 2 TiB",
+                )
 
 
 def _spill(data: bytes) -> int:
@@ -712,6 +730,8 @@ class Daemon:
                 return wire.Ok(rid), None
             case wire.GetDirtyLog():
                 assert vm is not None
+                if not self._gated(end, pid):
+                    _check_log_fits(vm, request.slot)  # before the log is read and cleared
                 bitmap = vm.get_dirty_log(pid, request.slot)
                 # Only up to the last dirty byte travels; the client pads with zeros.
                 return wire.DirtyLogReply(rid, bitmap.rstrip(b"\0"), len(bitmap)), None

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from kvmstub import client, guest, uapi
+from kvmstub import client, daemon, guest, uapi, wire
 from kvmstub.memory import dirty_bitmap_bytes
 from kvmstub.model import Host, Vm
 from kvmstub.uapi import KVM_MEM_LOG_DIRTY_PAGES, PAGE_SIZE
@@ -444,3 +444,20 @@ async def test_a_large_log_crosses_whole_and_padded(kvmstub_daemon: KvmstubDaemo
     finally:
         os.close(memfd)
     kvm.close()
+
+
+def test_a_log_too_big_for_a_reply_is_refused_before_it_is_read() -> None:
+    # kvmstub's own limit: one reply carries at most wire.MAX_SPILLED bytes of bitmap, so a
+    # logging slot over 2 TiB gets ENOMEM from the daemon, before GET clears anything.
+    fd = os.memfd_create("huge", os.MFD_CLOEXEC)
+    try:
+        size = (wire.MAX_SPILLED * 8 + 64 * 8) * PAGE_SIZE  # 2 TiB and a bit
+        os.ftruncate(fd, size)
+        vm = make_host().create_vm(PID)
+        vm.set_user_memory_region(PID, 0, 0, 0, size, fd, 0)
+        daemon._check_log_fits(vm, 0)  # not logging: nothing to say
+        vm.set_user_memory_region(PID, 0, LOG, 0, size, fd, 0)
+        expect_errno(errno.ENOMEM, lambda: daemon._check_log_fits(vm, 0))
+        vm.set_user_memory_region(PID, 0, 0, 0, 0, -1, 0)
+    finally:
+        os.close(fd)
