@@ -32,7 +32,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
 
@@ -454,6 +454,41 @@ class Vm(_KvmFile):
         )
         await self._call(request, wire.Ok, fd if fd >= 0 else None)
 
+    async def get_dirty_log(self, slot: int) -> bytes:
+        """KVM_GET_DIRTY_LOG: the dirty bitmap of memory slot `slot`, ALIGN(npages, 64) / 8
+        bytes, bit i (bit i % 8 of byte i // 8) = page i of the slot written by the guest.
+        Read-and-clear, unless KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is enabled: then the bits
+        stay until `clear_dirty_log`. Only the guest's writes are logged, never the VMM's
+        own writes to its memfd. ENOENT for a slot without KVM_MEM_LOG_DIRTY_PAGES (or no
+        such slot), EINVAL for a slot id out of range."""
+        reply, _ = await self._call(wire.GetDirtyLog(self._next_id(), slot), wire.DirtyLogReply)
+        if len(reply.bitmap) > reply.size:
+            raise OSError(errno.EPROTO, "kvmstub: dirty bitmap longer than its size")
+        return reply.bitmap.ljust(reply.size, b"\0")
+
+    async def clear_dirty_log(
+        self, slot: int, first_page: int, num_pages: int, bitmap: bytes
+    ) -> None:
+        """KVM_CLEAR_DIRTY_LOG: clear the pages whose bits are set in `bitmap` (bit i = page
+        first_page + i) from the slot's log. `first_page` must be a multiple of 64, and
+        `num_pages` too unless the range ends at the slot's end (EINVAL); `bitmap` needs
+        ALIGN(num_pages, 64) / 8 bytes (fewer: EFAULT). At most 128 KiB of bitmap a call
+        (a million pages): clear a larger log in parts."""
+        request = wire.ClearDirtyLog(self._next_id(), slot, first_page, num_pages, bytes(bitmap))
+        await self._call(request, wire.Ok)
+
+    async def set_msr_filter(
+        self, ranges: Sequence[uapi.MsrFilterRange], flags: int = uapi.KVM_MSR_FILTER_DEFAULT_ALLOW
+    ) -> None:
+        """KVM_X86_SET_MSR_FILTER: replace the VM's MSR filter with up to 16 `ranges` and
+        `flags` (KVM_MSR_FILTER_DEFAULT_DENY or 0). A filtered access exits to the VMM as
+        KVM_EXIT_X86_RDMSR / KVM_EXIT_X86_WRMSR when KVM_CAP_X86_USER_SPACE_MSR enabled
+        KVM_MSR_EXIT_REASON_FILTER; otherwise the guest gets #GP."""
+        wire_ranges = tuple(
+            wire.WireMsrFilterRange(r.flags, r.nmsrs, r.base, r.bitmap) for r in ranges
+        )
+        await self._call(wire.SetMsrFilter(self._next_id(), flags, wire_ranges), wire.Ok)
+
     async def enable_cap(self, cap: int, *args: int | Vm, flags: int = 0) -> int:
         """KVM_ENABLE_CAP with up to four args.
 
@@ -638,8 +673,8 @@ class Vcpu(_KvmFile):
 
     An exit is completed as in KVM, where the VMM writes into kvm_run before re-entering:
     after an IN exit call `complete_io(data)`, after a hypercall exit
-    `complete_hypercall(ret)`; the next `run()` hands it in. A completion stays pending
-    until a `run()` succeeds.
+    `complete_hypercall(ret)`, after an MSR exit `complete_msr(error)`; the next `run()`
+    hands it in. A completion stays pending until a `run()` succeeds.
     """
 
     _kind = "vcpu"
@@ -648,6 +683,7 @@ class Vcpu(_KvmFile):
         super().__init__(sock)
         self._io_data: bytes | None = None
         self._hypercall_ret: int | None = None
+        self._msr_error: int | None = None
         self._started: int | None = None  # the id of a KVM_RUN sent by start_run()
         self.kvm_run = kvm_run or KvmRun(mmap.mmap(-1, KvmRun.SIZE))
 
@@ -663,6 +699,22 @@ class Vcpu(_KvmFile):
         """kvm_run.hypercall.ret for the last hypercall exit; negative values are stored as
         the u64 the kernel would see (e.g. -KVM_ENOSYS)."""
         self._hypercall_ret = ret & wire.U64_MAX
+
+    def complete_msr(self, error: int = 0) -> None:
+        """kvm_run.msr.error for the last KVM_EXIT_X86_WRMSR / RDMSR exit: 0 lets the
+        access complete, anything else makes the guest take #GP. A missing completion is 0,
+        as the kernel finds kvm_run.msr.error as it left it (zeroed at the exit)."""
+        self._msr_error = error & 0xFF
+
+    async def set_cpuid2(self, entries: Sequence[uapi.CpuidEntry]) -> None:
+        """KVM_SET_CPUID2: what the guest's CPUID answers (`uapi.kvm_cpuid_leaves` builds
+        the KVM paravirtual leaves). E2BIG for more than 256 entries; EINVAL for a
+        different table once the vCPU has run."""
+        entries_ = tuple(
+            wire.WireCpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+            for e in entries
+        )
+        await self._call(wire.SetCpuid2(self._next_id(), entries_), wire.Ok)
 
     @property
     def run_in_flight(self) -> bool:
@@ -681,7 +733,9 @@ class Vcpu(_KvmFile):
         sock = self._sock
         if sock is None or self._started is not None or not self._lock.try_acquire():
             return False
-        request = wire.Run(self._next_id(), False, self._io_data, self._hypercall_ret)
+        request = wire.Run(
+            self._next_id(), False, self._io_data, self._hypercall_ret, self._msr_error
+        )
         try:
             sock.send(wire.encode(request), socket.MSG_NOSIGNAL)
         except OSError:  # full or broken: run() sends (and reports) it the usual way
@@ -699,14 +753,16 @@ class Vcpu(_KvmFile):
             if immediate_exit:
                 raise RuntimeError("a KVM_RUN started by start_run() is in flight")
             return await self._finish_run()
-        request = wire.Run(self._next_id(), immediate_exit, self._io_data, self._hypercall_ret)
+        request = wire.Run(
+            self._next_id(), immediate_exit, self._io_data, self._hypercall_ret, self._msr_error
+        )
         try:
             reply, _ = await self._call(request, wire.RunReply)
         except InterruptedError:
             # EINTR (immediate_exit) still took the completion, as KVM does.
-            self._io_data = self._hypercall_ret = None
+            self._io_data = self._hypercall_ret = self._msr_error = None
             raise
-        self._io_data = self._hypercall_ret = None
+        self._io_data = self._hypercall_ret = self._msr_error = None
         return reply.exit
 
     async def _finish_run(self) -> uapi.RunExit:
@@ -722,9 +778,9 @@ class Vcpu(_KvmFile):
         try:
             reply, _ = self._judge(raw, fds, wire.RunReply)
         except InterruptedError:
-            self._io_data = self._hypercall_ret = None  # as in run()
+            self._io_data = self._hypercall_ret = self._msr_error = None  # as in run()
             raise
-        self._io_data = self._hypercall_ret = None
+        self._io_data = self._hypercall_ret = self._msr_error = None
         return reply.exit
 
     async def get_regs(self) -> uapi.Regs:

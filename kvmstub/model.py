@@ -64,6 +64,12 @@ Choices where the kernel or firmware leaves the model free (each marked where it
   KVM's complete_userspace_io stays in the source vCPU. The VMM completes pending exits
   (KVM_RUN with immediate_exit) before it pauses.
 - KVM_CAP_EXIT_HYPERCALL is per VM (kvm->arch) and is not moved: the new VMM enables it.
+  So are the MSR filter, KVM_CAP_X86_USER_SPACE_MSR, manual dirty-log protection and the
+  dirty logs (per slot of each VM), and the CPUID table is per vCPU: MOVE carries none.
+- The guest's hypercalls other than KVM_HC_MAP_GPA_RANGE, and its MSRs, are not KVM's in
+  the stub: every other hypercall is -KVM_ENOSYS, every MSR write is "unsupported" (what
+  KVM says of MSR_KVM_MIGRATION_CONTROL, the only one the guest writes). CPUID leaves
+  missing from the vCPU's table read as zeros (an AMD host's answer).
 - `move_into_dead_ok` (reference section 2, "Pending change"): VM ioctls then skip the
   vm_dead half of the gate, so MOVE back into a moved-from VM succeeds; vCPU creation and
   vCPU ioctls on a dead VM still fail with EIO (Sean Christopherson's stated plan).
@@ -125,7 +131,7 @@ from kvmstub import sev_crypto, uapi
 from kvmstub.memory import GuestMemory
 from kvmstub.platform import Platform
 from kvmstub.sev_crypto import AmdCert, BadMac, BadSignature, MalformedCertificate, SevCert
-from kvmstub.uapi import PAGE_SIZE, REG_NAMES, Regs, RunExit
+from kvmstub.uapi import PAGE_SIZE, REG_NAMES, CpuidEntry, MsrFilterRange, Regs, RunExit
 
 # Kernel constants the uapi module does not carry (include/uapi/linux/kvm.h, asm/kvm.h).
 KVM_X86_DEFAULT_VM = 0
@@ -982,7 +988,114 @@ class _GuestPages:
         return self._memory.read_page(gpa, self._vek if private else None)
 
     def write_page(self, gpa: int, data: bytes, private: bool) -> None:
-        self._memory.write_page(gpa, data, self._vek if private else None)
+        # A guest write: marked in the dirty log of a slot that keeps one.
+        self._memory.write_guest_page(gpa, data, self._vek if private else None)
+
+
+# --------------------------------------------------------------------------------------------
+# What KVM does for the guest's CPUID, WRMSR and VMCALL (guest.CpuAccess)
+
+_X2APIC_MSRS = range(0x800, 0x900)
+# kvm_set_msr_with_filter's results that may go to userspace, and the kvm_run.msr.reason
+# each becomes (kvm_msr_reason): a filtered MSR, and one KVM does not implement.
+_MSR_RET_FILTERED = "filtered"
+_MSR_RET_UNSUPPORTED = "unsupported"
+_MSR_REASON = {
+    _MSR_RET_FILTERED: uapi.KVM_MSR_EXIT_REASON_FILTER,
+    _MSR_RET_UNSUPPORTED: uapi.KVM_MSR_EXIT_REASON_UNKNOWN,
+}
+
+
+@dataclass(frozen=True)
+class MsrFilter:
+    """kvm->arch.msr_filter, as KVM_X86_SET_MSR_FILTER installs it."""
+
+    default_allow: bool
+    ranges: tuple[MsrFilterRange, ...]
+
+    def allowed(self, index: int, access: int) -> bool:
+        """kvm_msr_allowed: the first range that covers `index` for this access decides;
+        none does: the default. x2APIC MSRs are never filtered."""
+        if index in _X2APIC_MSRS:
+            return True
+        for r in self.ranges:
+            if r.base <= index < r.base + r.nmsrs and r.flags & access:
+                bit = index - r.base
+                return bool(r.bitmap[bit >> 3] >> (bit & 7) & 1)
+        return self.default_allow
+
+
+def emulate_hypercall(
+    vm: Vm, nr: int, a0: int, a1: int, a2: int, a3: int, *, op_64_bit: bool = True, cpl: int = 0
+) -> RunExit | int:
+    """KVM's hypercall handling (____kvm_emulate_hypercall, arch/x86/kvm/x86.c) for what
+    kvmstub knows: KVM_HC_MAP_GPA_RANGE (reference sev-live-migration.md section 2).
+
+    Returns the KVM_EXIT_HYPERCALL exit for the VMM (whose `hypercall.ret` then goes to RAX
+    at the next KVM_RUN, complete_hypercall_exit), or the value KVM puts in RAX itself, as
+    a u64: -KVM_EPERM from CPL > 0; -KVM_ENOSYS for MAP_GPA_RANGE when the VMM did not
+    enable its exit with KVM_CAP_EXIT_HYPERCALL, and for every other hypercall number (the
+    stub implements none of KVM's own); -KVM_EINVAL for a GPA not page aligned, no pages,
+    or a range that wraps (`gpa_to_gfn(gpa) + npages <= gpa_to_gfn(gpa)`). KVM does not look
+    at the attributes (a2): reserved bits and page sizes are the VMM's to refuse.
+    """
+    m = uapi.U64_MASK
+    if not op_64_bit:  # 32-bit callers: registers truncated, and so is the return value
+        nr, a0, a1, a2, a3 = (x & 0xFFFFFFFF for x in (nr, a0, a1, a2, a3))
+    m_ret = m if op_64_bit else 0xFFFFFFFF
+    if cpl:
+        return -uapi.KVM_EPERM & m_ret
+    if nr != uapi.KVM_HC_MAP_GPA_RANGE:
+        return -uapi.KVM_ENOSYS & m_ret
+    gpa, npages, attrs = a0 & m, a1 & m, a2 & m
+    if not vm.exit_hypercall & (1 << uapi.KVM_HC_MAP_GPA_RANGE):
+        return -uapi.KVM_ENOSYS & m_ret
+    gfn = gpa >> 12
+    if gpa & (PAGE_SIZE - 1) or not npages or (gfn + npages) & m <= gfn:
+        return -uapi.KVM_EINVAL & m_ret
+    return RunExit(
+        uapi.KVM_EXIT_HYPERCALL,
+        hypercall=uapi.HypercallExit(nr, (gpa, npages, attrs, 0, 0, 0), int(op_64_bit)),
+    )
+
+
+def emulate_wrmsr(vm: Vm, index: int, data: int) -> RunExit | bool:
+    """WRMSR from the guest (kvm_emulate_wrmsr, arch/x86/kvm/x86.c): the MSR filter first
+    (kvm_set_msr_with_filter: a denied write is KVM_MSR_RET_FILTERED), then KVM's own MSRs,
+    of which the stub models none: MSR_KVM_MIGRATION_CONTROL in particular is not KVM's
+    (Documentation/virt/kvm/x86/msr.rst: userspace must filter it). A failed write exits
+    to userspace (KVM_EXIT_X86_WRMSR) when the VM asked for that reason with
+    KVM_CAP_X86_USER_SPACE_MSR (kvm_msr_user_space); else the guest takes #GP (False)."""
+    index &= 0xFFFFFFFF
+    data &= uapi.U64_MASK
+    msr_filter = vm.msr_filter
+    if msr_filter is not None and not msr_filter.allowed(index, uapi.KVM_MSR_FILTER_WRITE):
+        result = _MSR_RET_FILTERED
+    else:
+        result = _MSR_RET_UNSUPPORTED
+    reason = _MSR_REASON[result]
+    if not vm.user_space_msr_mask & reason:
+        return False
+    return RunExit(uapi.KVM_EXIT_X86_WRMSR, msr=uapi.MsrExit(reason, index, data))
+
+
+class _GuestCpu:
+    """guest.CpuAccess for one vCPU: CPUID from its KVM_SET_CPUID2 table, WRMSR and VMCALL
+    as KVM handles them."""
+
+    __slots__ = ("_vcpu",)
+
+    def __init__(self, vcpu: Vcpu) -> None:
+        self._vcpu = vcpu
+
+    def cpuid(self, function: int, index: int) -> tuple[int, int, int, int]:
+        return self._vcpu.cpuid(function, index)
+
+    def wrmsr(self, index: int, value: int) -> RunExit | bool:
+        return emulate_wrmsr(self._vcpu.vm, index, value)
+
+    def hypercall(self, nr: int, a0: int, a1: int, a2: int, a3: int) -> RunExit | int:
+        return emulate_hypercall(self._vcpu.vm, nr, a0, a1, a2, a3)
 
 
 class Vcpu:
@@ -1000,6 +1113,9 @@ class Vcpu:
         self.steps = 0
         self.slice_left_ns = 0  # guest time left in the current KVM_RUN's slice
         self.fd_open = True
+        self.cpuid_entries: tuple[CpuidEntry, ...] = ()  # KVM_SET_CPUID2
+        self.has_run = False  # kvm_vcpu_has_run: KVM_RUN got as far as entering the guest
+        self._cpu = _GuestCpu(self)
 
     def _gate(self, mm: int, what: str) -> None:
         # kvm_vcpu_ioctl: kvm->mm != current->mm || kvm->vm_dead -> EIO (reference section 4).
@@ -1035,13 +1151,46 @@ class Vcpu:
         else:
             self.regs = regs
 
-    def _complete_pending(self, io_data: bytes | None, hypercall_ret: int | None) -> None:
-        # complete_userspace_io: IN data or the hypercall's return value into the guest, as
-        # the kernel reads them from kvm_run (guest.complete pads or defaults what is missing).
+    def _complete_pending(
+        self, io_data: bytes | None, hypercall_ret: int | None, msr_error: int | None = None
+    ) -> None:
+        # complete_userspace_io: IN data, the hypercall's return value or the MSR access's
+        # error into the guest, as the kernel reads them from kvm_run (guest.complete pads
+        # or defaults what is missing).
         if self.pending is not None:
-            regs = guest_program.complete(self._live_regs(), self.pending, io_data, hypercall_ret)
+            regs = guest_program.complete(
+                self._live_regs(), self.pending, io_data, hypercall_ret, msr_error
+            )
             self._set_live_regs(regs)
             self.pending = None
+
+    # -- CPUID (KVM_SET_CPUID2)
+
+    def set_cpuid2(self, mm: int, entries: Sequence[CpuidEntry]) -> None:
+        """KVM_SET_CPUID2 (kvm_vcpu_ioctl_set_cpuid2, kvm_set_cpuid in arch/x86/kvm/cpuid.c):
+        E2BIG for more than KVM_MAX_CPUID_ENTRIES; once the vCPU has run, only the very same
+        table is accepted (kvm_cpuid_check_equal: EINVAL otherwise). The kernel's checks of
+        the contents (XSAVE sizes, MAXPHYADDR, Hyper-V leaves) are not modelled."""
+        self._gate(mm, "KVM_SET_CPUID2")
+        if len(entries) > uapi.KVM_MAX_CPUID_ENTRIES:
+            raise _err(errno.E2BIG, f"KVM_SET_CPUID2: {len(entries)} entries")
+        table = tuple(entries)
+        if self.has_run:
+            if table != self.cpuid_entries:
+                raise _err(errno.EINVAL, "KVM_SET_CPUID2: the vCPU has run; CPUID is fixed")
+            return
+        self.cpuid_entries = table
+
+    def cpuid(self, function: int, index: int) -> tuple[int, int, int, int]:
+        """What the guest's CPUID returns (kvm_cpuid): the entry for `function` (and `index`,
+        where the entry says the index matters), else zeros (an AMD host's answer for a
+        leaf the table lacks)."""
+        for e in self.cpuid_entries:
+            if e.function == function and (
+                not e.flags & uapi.KVM_CPUID_FLAG_SIGNIFCANT_INDEX or e.index == index
+            ):
+                return e.eax, e.ebx, e.ecx, e.edx
+        return 0, 0, 0, 0
 
     def run(
         self,
@@ -1050,6 +1199,7 @@ class Vcpu:
         immediate_exit: bool = False,
         io_data: bytes | None = None,
         hypercall_ret: int | None = None,
+        msr_error: int | None = None,
         interrupted: Callable[[], bool] | None = None,
     ) -> RunExit:
         """KVM_RUN: complete the pending exit, then run the guest for one slice.
@@ -1059,7 +1209,11 @@ class Vcpu:
         which interleaves the vCPUs of every VM, calls `enter` and then `run_for` in
         quanta instead; this is the two in one go."""
         failed = self.enter(
-            mm, immediate_exit=immediate_exit, io_data=io_data, hypercall_ret=hypercall_ret
+            mm,
+            immediate_exit=immediate_exit,
+            io_data=io_data,
+            hypercall_ret=hypercall_ret,
+            msr_error=msr_error,
         )
         if failed is not None:
             return failed
@@ -1073,6 +1227,7 @@ class Vcpu:
         immediate_exit: bool = False,
         io_data: bytes | None = None,
         hypercall_ret: int | None = None,
+        msr_error: int | None = None,
     ) -> RunExit | None:
         """KVM_RUN up to the guest entry: the gate, the completion of the pending exit,
         immediate_exit (EINTR), then the entry checks. Returns the exit KVM_RUN ends with
@@ -1080,9 +1235,10 @@ class Vcpu:
         new slice of `Host.slice_ns` guest time starts."""
         self._gate(mm, "KVM_RUN")
         # kvm_arch_vcpu_ioctl_run: complete_userspace_io first, then immediate_exit -> EINTR.
-        self._complete_pending(io_data, hypercall_ret)
+        self._complete_pending(io_data, hypercall_ret, msr_error)
         if immediate_exit:
             raise _err(errno.EINTR, "KVM_RUN: immediate_exit")
+        self.has_run = True
         pages = self._guest_pages()
         if isinstance(pages, RunExit):
             return pages
@@ -1137,6 +1293,7 @@ class Vcpu:
             clock=clock,
             exit_hypercall=bool(self.vm.exit_hypercall & KVM_EXIT_HYPERCALL_VALID_MASK),
             interrupted=interrupted,
+            cpu=self._cpu,
         )
         self._set_live_regs(regs)
         self.steps += steps
@@ -1174,6 +1331,9 @@ class Vm:
         self.sev = SevInfo(need_init=vm_type != KVM_X86_DEFAULT_VM)
         self.exit_hypercall = 0  # kvm->arch.hypercall_exit_enabled
         self.memory: GuestMemory | None = None
+        self.manual_dirty_log_protect = 0  # kvm->manual_dirty_log_protect
+        self.user_space_msr_mask = 0  # kvm->arch.user_space_msr_mask
+        self.msr_filter: MsrFilter | None = None  # kvm->arch.msr_filter
 
     # -- predicates
 
@@ -1294,7 +1454,70 @@ class Vm:
         self._gate(mm, "KVM_SET_USER_MEMORY_REGION")
         if self.memory is None:
             self.memory = GuestMemory()
-        self.memory.set_region(slot, flags, guest_phys_addr, memory_size, fd, offset)
+        self.memory.set_region(
+            slot,
+            flags,
+            guest_phys_addr,
+            memory_size,
+            fd,
+            offset,
+            dirty_initially_set=self.manual_dirty_log_protect == uapi.KVM_DIRTY_LOG_MANUAL_CAPS,
+        )
+
+    # -- dirty logging (KVM_GET_DIRTY_LOG, KVM_CLEAR_DIRTY_LOG)
+
+    def get_dirty_log(self, mm: int, slot: int) -> bytes:
+        """KVM_GET_DIRTY_LOG (kvm_get_dirty_log_protect): the slot's dirty bitmap, cleared
+        as it is read unless KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is enabled. EINVAL for a bad
+        slot id, ENOENT for a slot that does not exist or does not log dirty pages."""
+        self._gate(mm, "KVM_GET_DIRTY_LOG")
+        memory = self.memory if self.memory is not None else GuestMemory()
+        manual = bool(self.manual_dirty_log_protect & uapi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
+        return memory.get_dirty_log(slot, manual_protect=manual)
+
+    def clear_dirty_log(
+        self, mm: int, slot: int, first_page: int, num_pages: int, bitmap: bytes
+    ) -> None:
+        """KVM_CLEAR_DIRTY_LOG (kvm_clear_dirty_log_protect): clear the bits of `bitmap` in
+        [first_page, first_page+num_pages) of the slot's log. The kernel accepts it with or
+        without manual protection (kvm_vm_ioctl has no such check); see
+        GuestMemory.clear_dirty_log for the errnos."""
+        self._gate(mm, "KVM_CLEAR_DIRTY_LOG")
+        memory = self.memory if self.memory is not None else GuestMemory()
+        memory.clear_dirty_log(slot, first_page, num_pages, bitmap)
+
+    # -- KVM_X86_SET_MSR_FILTER
+
+    def set_msr_filter(self, mm: int, flags: int, ranges: Sequence[MsrFilterRange]) -> None:
+        """KVM_X86_SET_MSR_FILTER (kvm_vm_ioctl_set_msr_filter, arch/x86/kvm/x86.c), in its
+        order: EINVAL for flags other than KVM_MSR_FILTER_DEFAULT_DENY, and for a
+        default-deny filter without ranges; then each range in turn (kvm_add_msr_filter):
+        one with nmsrs 0 is skipped, EINVAL for flags outside READ|WRITE or none, EINVAL
+        for a bitmap over KVM_MSR_FILTER_MAX_BITMAP_SIZE, EFAULT when the bitmap given is
+        shorter than BITS_TO_LONGS(nmsrs) longs (memdup_user). A failure leaves the old
+        filter in place. Up to KVM_MSR_FILTER_MAX_RANGES ranges; missing ones are empty."""
+        what = "KVM_X86_SET_MSR_FILTER"
+        self._gate(mm, what)
+        if len(ranges) > uapi.KVM_MSR_FILTER_MAX_RANGES:  # struct kvm_msr_filter.ranges[16]
+            raise _err(errno.EINVAL, f"{what}: more than {uapi.KVM_MSR_FILTER_MAX_RANGES} ranges")
+        if not 0 <= flags <= 0xFFFFFFFF or flags & ~uapi.KVM_MSR_FILTER_VALID_MASK:
+            raise _err(errno.EINVAL, f"{what}: flags {flags:#x}")
+        default_allow = not flags & uapi.KVM_MSR_FILTER_DEFAULT_DENY
+        if not default_allow and not any(r.nmsrs for r in ranges):
+            raise _err(errno.EINVAL, f"{what}: a default-deny filter needs ranges")
+        kept: list[MsrFilterRange] = []
+        for r in ranges:
+            if not r.nmsrs:
+                continue
+            if r.flags & ~uapi.KVM_MSR_FILTER_RANGE_VALID_MASK or not r.flags:
+                raise _err(errno.EINVAL, f"{what}: range flags {r.flags:#x}")
+            size = (r.nmsrs + 63) // 64 * 8  # BITS_TO_LONGS(nmsrs) * sizeof(long)
+            if size > uapi.KVM_MSR_FILTER_MAX_BITMAP_SIZE:
+                raise _err(errno.EINVAL, f"{what}: {r.nmsrs} MSRs in one range")
+            if len(r.bitmap) < size:
+                raise _err(errno.EFAULT, f"{what}: bitmap of {len(r.bitmap)} bytes, needs {size}")
+            kept.append(MsrFilterRange(r.flags, r.nmsrs, r.base, bytes(r.bitmap[:size])))
+        self.msr_filter = MsrFilter(default_allow, tuple(kept))
 
     def _pin(self, what: str, addr: int, length: int) -> int:
         """sev_pin_memory: EINVAL for an empty or wrapping range, ENOMEM when a page of it is
@@ -1364,6 +1587,22 @@ class Vm:
                     errno.EINVAL, f"KVM_CAP_MAX_VCPU_ID: VM {self.id} has {self.max_vcpu_ids}"
                 )
             self.max_vcpu_ids = limit
+            return 0
+        if cap == uapi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2:
+            # kvm_vm_ioctl_enable_cap_generic: INITIALLY_SET only with MANUAL_PROTECT_ENABLE.
+            options = arg0 if isinstance(arg0, int) else -1
+            allowed = uapi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+            if options >= 0 and options & uapi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
+                allowed = uapi.KVM_DIRTY_LOG_MANUAL_CAPS
+            if options < 0 or options & ~allowed:
+                raise _err(errno.EINVAL, f"KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: options {options:#x}")
+            self.manual_dirty_log_protect = options
+            return 0
+        if cap == uapi.KVM_CAP_X86_USER_SPACE_MSR:
+            mask = arg0 if isinstance(arg0, int) else -1
+            if mask < 0 or mask & ~uapi.KVM_MSR_EXIT_REASON_VALID_MASK:
+                raise _err(errno.EINVAL, f"KVM_CAP_X86_USER_SPACE_MSR: reasons {mask:#x}")
+            self.user_space_msr_mask = mask
             return 0
         raise _err(errno.EINVAL, f"KVM_ENABLE_CAP: capability {cap} cannot be enabled")
 
@@ -2100,6 +2339,10 @@ class Host:
             return uapi.KVM_USER_MEM_SLOTS
         if cap == uapi.KVM_CAP_EXIT_HYPERCALL:
             return KVM_EXIT_HYPERCALL_VALID_MASK
+        if cap == uapi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2:
+            return uapi.KVM_DIRTY_LOG_MANUAL_CAPS
+        if cap in (uapi.KVM_CAP_X86_USER_SPACE_MSR, uapi.KVM_CAP_X86_MSR_FILTER):
+            return 1
         if cap == KVM_CAP_VM_TYPES:
             return self._supported_vm_types()
         return 0

@@ -42,6 +42,10 @@ FieldName = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 SevFields = Annotated[dict[FieldName, U64 | Blob], msgspec.Meta(max_length=32)]
 EnableCapArgs = Annotated[tuple[U64, ...], msgspec.Meta(max_length=4)]  # struct kvm_enable_cap
 ArgIndex = Annotated[int, msgspec.Meta(ge=0, le=3)]
+U8 = Annotated[int, msgspec.Meta(ge=0, le=0xFF)]
+# A dirty bitmap in a reply (spilled to a memfd when large): trailing zero bytes are not sent.
+Bitmap = Annotated[bytes, msgspec.Meta(max_length=MAX_SPILLED)]
+MsrBitmap = Annotated[bytes, msgspec.Meta(max_length=uapi.KVM_MSR_FILTER_MAX_BITMAP_SIZE)]
 Errno = Annotated[int, msgspec.Meta(ge=1, le=4095)]
 Message = Annotated[str, msgspec.Meta(max_length=4096)]
 
@@ -140,6 +144,24 @@ class SetUserMemoryRegion(Request):
     has_fd: bool = True
 
 
+class GetDirtyLog(Request):
+    """KVM_GET_DIRTY_LOG (struct kvm_dirty_log: slot) -> DirtyLogReply."""
+
+    slot: U32
+
+
+class ClearDirtyLog(Request):
+    """KVM_CLEAR_DIRTY_LOG (struct kvm_clear_dirty_log). `bitmap` is what dirty_bitmap
+    points to: ALIGN(num_pages, 64) / 8 bytes are read (fewer: EFAULT). One datagram caps
+    it at 128 KiB, a million pages per call: clear a larger log in parts, as the kernel's
+    64-page alignment allows."""
+
+    slot: U32
+    first_page: U64
+    num_pages: U32
+    bitmap: Blob = b""
+
+
 class EnableCap(Request):
     """KVM_ENABLE_CAP. If `fd_arg` is set, args[fd_arg] is an fd and the fd itself travels
     with the request (the number in args is only the client's own, for logs)."""
@@ -148,6 +170,24 @@ class EnableCap(Request):
     flags: U32 = 0
     args: EnableCapArgs = ()
     fd_arg: ArgIndex | None = None
+
+
+class WireMsrFilterRange(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
+    """struct kvm_msr_filter_range; `bitmap` is what its pointer points to."""
+
+    flags: U32
+    nmsrs: U32
+    base: U32
+    bitmap: MsrBitmap = b""
+
+
+class SetMsrFilter(Request):
+    """KVM_X86_SET_MSR_FILTER (struct kvm_msr_filter): flags and up to 16 ranges."""
+
+    flags: U32 = 0
+    ranges: Annotated[
+        tuple[WireMsrFilterRange, ...], msgspec.Meta(max_length=uapi.KVM_MSR_FILTER_MAX_RANGES)
+    ] = ()
 
 
 class SevIoctl(Request):
@@ -173,13 +213,34 @@ class UnregRegion(Request):
 
 
 # vCPU fd
+class WireCpuidEntry(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
+    """struct kvm_cpuid_entry2."""
+
+    function: U32
+    index: U32 = 0
+    flags: U32 = 0
+    eax: U32 = 0
+    ebx: U32 = 0
+    ecx: U32 = 0
+    edx: U32 = 0
+
+
+class SetCpuid2(Request):
+    """KVM_SET_CPUID2. More entries than the kernel's 256 still decode (up to 1024), so
+    that the model answers E2BIG as the kernel does."""
+
+    entries: Annotated[tuple[WireCpuidEntry, ...], msgspec.Meta(max_length=1024)] = ()
+
+
 class Run(Request):
-    """KVM_RUN. `io_data` (the IN bytes) and `hypercall_ret` complete the previous exit, as a
-    VMM writes them into kvm_run before re-entering; `immediate_exit` is kvm_run's flag."""
+    """KVM_RUN. `io_data` (the IN bytes), `hypercall_ret` and `msr_error` (kvm_run.msr.error
+    after an MSR exit) complete the previous exit, as a VMM writes them into kvm_run before
+    re-entering; `immediate_exit` is kvm_run's flag."""
 
     immediate_exit: bool = False
     io_data: Blob | None = None
     hypercall_ret: U64 | None = None
+    msr_error: U8 | None = None
 
 
 class GetRegs(Request):
@@ -200,10 +261,14 @@ AnyRequest = (
     | SevIssueCmd
     | CreateVcpu
     | SetUserMemoryRegion
+    | GetDirtyLog
+    | ClearDirtyLog
     | EnableCap
+    | SetMsrFilter
     | SevIoctl
     | RegRegion
     | UnregRegion
+    | SetCpuid2
     | Run
     | GetRegs
     | SetRegs
@@ -215,9 +280,20 @@ SYSTEM_REQUESTS: Final[frozenset[type[Request]]] = frozenset(
     {GetApiVersion, CheckExtension, CreateVm, Stats, SevIssueCmd}
 )
 VM_REQUESTS: Final[frozenset[type[Request]]] = frozenset(
-    {CheckExtension, CreateVcpu, SetUserMemoryRegion, EnableCap, SevIoctl, RegRegion, UnregRegion}
+    {
+        CheckExtension,
+        CreateVcpu,
+        SetUserMemoryRegion,
+        GetDirtyLog,
+        ClearDirtyLog,
+        EnableCap,
+        SetMsrFilter,
+        SevIoctl,
+        RegRegion,
+        UnregRegion,
+    }
 )
-VCPU_REQUESTS: Final[frozenset[type[Request]]] = frozenset({Run, GetRegs, SetRegs})
+VCPU_REQUESTS: Final[frozenset[type[Request]]] = frozenset({SetCpuid2, Run, GetRegs, SetRegs})
 
 
 def declared_fds(request: Request) -> int:
@@ -260,6 +336,14 @@ class RegsReply(Reply):
     regs: WireRegs
 
 
+class DirtyLogReply(Reply):
+    """KVM_GET_DIRTY_LOG's bitmap: `size` bytes (the slot's ALIGN(npages, 64) / 8), of
+    which only the part up to the last non-zero byte is sent; the rest is zeros."""
+
+    bitmap: Bitmap
+    size: U64
+
+
 class StatsReply(Reply):
     stats: dict[str, Any]
 
@@ -280,7 +364,7 @@ class Error(Reply):
     fields: SevFields | None = None
 
 
-AnyReply = Ok | NewObject | RunReply | RegsReply | StatsReply | Spilled | Error
+AnyReply = Ok | NewObject | RunReply | RegsReply | DirtyLogReply | StatsReply | Spilled | Error
 
 
 # --- encoding -------------------------------------------------------------------------------

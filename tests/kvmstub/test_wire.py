@@ -60,6 +60,29 @@ REPLIES: list[wire.Reply] = [
     wire.Error(13, 5, "query", fw_error=uapi.SEV_RET_INVALID_LEN, fields={"session_len": 128}),
 ]
 
+# Dirty logging, the MSR filter and its exits, CPUID.
+REQUESTS += [
+    wire.GetDirtyLog(30, 1),
+    wire.ClearDirtyLog(31, 1, 64, 128, b"\xff" * 16),
+    wire.SetMsrFilter(
+        32,
+        uapi.KVM_MSR_FILTER_DEFAULT_ALLOW,
+        (wire.WireMsrFilterRange(uapi.KVM_MSR_FILTER_WRITE, 1, 0x4B564D08, bytes(8)),),
+    ),
+    wire.SetCpuid2(33, (wire.WireCpuidEntry(0x40000001, eax=1 << 17),)),
+    wire.Run(34, msr_error=1),
+]
+REPLIES += [
+    wire.DirtyLogReply(30, b"\x01\x80", 8),
+    wire.RunReply(
+        31,
+        uapi.RunExit(
+            uapi.KVM_EXIT_X86_WRMSR,
+            msr=uapi.MsrExit(uapi.KVM_MSR_EXIT_REASON_FILTER, 0x4B564D08, 1),
+        ),
+    ),
+]
+
 
 @pytest.mark.parametrize("request_", REQUESTS, ids=lambda r: type(r).__name__)
 def test_every_request_type_round_trips_and_fits_a_datagram(request_: wire.Request) -> None:
