@@ -6,29 +6,43 @@ kernel's numbers a machine reads in exits. Backends: `kvmstub` (the kernel stand
 """
 
 from .base import (
+    DirtyLogVm,
     ExitView,
     HypercallExitView,
     Hypervisor,
     IoExitView,
+    NoSevMigration,
     PeerVm,
     SevLaunch,
+    SevMigrationVm,
+    SevPlatform,
     StateMismatch,
     Vcpu,
     VcpuState,
     Vm,
     check_state,
+    fw_error,
+    migration_vm,
+    sev_platform,
 )
 
 __all__ = [
+    "DirtyLogVm",
     "ExitView",
     "HypercallExitView",
     "Hypervisor",
     "IoExitView",
+    "NoSevMigration",
     "PeerVm",
     "SevLaunch",
+    "SevMigrationVm",
+    "SevPlatform",
     "StateMismatch",
     "Vcpu",
     "VcpuState",
     "Vm",
     "check_state",
+    "fw_error",
+    "migration_vm",
+    "sev_platform",
 ]

@@ -21,7 +21,17 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 import trio
 
-from handoff.hv import ExitView, Hypervisor, PeerVm, Vcpu, VcpuState, Vm, abi, witness
+from handoff.hv import (
+    ExitView,
+    Hypervisor,
+    PeerVm,
+    Vcpu,
+    VcpuState,
+    Vm,
+    abi,
+    migration_vm,
+    witness,
+)
 from handoff.hv.backends import open_hypervisor
 from handoff.machine.config import GuestConfig, HostFlags
 from handoff.machine.devices import Devices, DeviceState
@@ -502,6 +512,84 @@ class Vmm:
             return total
 
         return await trio.to_thread.run_sync(receive)
+
+    # ----------------------------------------------------------------- cross-host migration
+    # Page access for a migration between hosts (DESIGN section 8): the pages a sparse memfd
+    # holds, the guest's dirty log, and the memfd's bytes of a page (ciphertext for a private
+    # page, as on SEV hardware: only SEND_UPDATE_DATA may carry a private page out).
+
+    async def prepare_incoming_sev(self) -> None:
+        """A cross-host migration's target: fresh memfds, a VM that did KVM_SEV_INIT (which
+        RECEIVE_START needs), its memory slots and vCPUs; nothing of the guest yet."""
+        await self.open()
+        self.create_memory()
+        self.vm = await self._create_vm(sev_init=True)
+        self.vcpus = await self._create_vcpus(self.vm)
+        self._make_runners()
+        self.status = "inmigrate"
+
+    def _page_slot(self, gpa: int) -> tuple[int, int]:
+        """(memfd, offset) of the page at `gpa`; ValueError outside guest memory."""
+        for layout, fd in zip(self.cfg.slots(), self.memfds, strict=True):
+            if layout.guest_phys_addr <= gpa < layout.guest_phys_addr + layout.size:
+                return fd, gpa - layout.guest_phys_addr
+        raise ValueError(f"guest address {gpa:#x} is outside guest memory")
+
+    def read_page(self, gpa: int) -> bytes:
+        """The memfd's bytes of one page (plaintext only for a shared page)."""
+        fd, offset = self._page_slot(gpa)
+        data = os.pread(fd, abi.PAGE_SIZE, offset)
+        return data.ljust(abi.PAGE_SIZE, b"\0")
+
+    def write_page(self, gpa: int, data: bytes) -> None:
+        """Write one shared page's plaintext into its memfd (a migration target)."""
+        if len(data) != abi.PAGE_SIZE:
+            raise ValueError(f"a page is {abi.PAGE_SIZE} bytes, not {len(data)}")
+        fd, offset = self._page_slot(gpa)
+        os.pwrite(fd, data, offset)
+
+    def populated_pages(self) -> list[int]:
+        """The guest addresses of every page its memfds hold (SEEK_DATA/SEEK_HOLE): a sparse
+        guest's first pre-copy round costs its populated memory, not its size."""
+        pages: list[int] = []
+        for layout, fd in zip(self.cfg.slots(), self.memfds, strict=True):
+            offset = 0
+            while offset < layout.size:
+                try:
+                    start = os.lseek(fd, offset, os.SEEK_DATA)
+                except OSError as exc:
+                    if exc.errno == errno.ENXIO:
+                        break  # no data after offset
+                    raise
+                end = min(os.lseek(fd, start, os.SEEK_HOLE), layout.size)
+                first = start - start % abi.PAGE_SIZE
+                pages.extend(layout.guest_phys_addr + o for o in range(first, end, abi.PAGE_SIZE))
+                offset = end
+        return pages
+
+    async def set_dirty_logging(self, on: bool) -> None:
+        """KVM_MEM_LOG_DIRTY_PAGES on (or off) for every slot."""
+        assert self.vm is not None and self.hypervisor is not None
+        vm = migration_vm(self.vm, self.hypervisor.name)
+        for layout, fd in zip(self.cfg.slots(), self.memfds, strict=True):
+            await vm.set_dirty_logging(layout.slot, layout.guest_phys_addr, layout.size, fd, on=on)
+
+    async def dirty_pages(self) -> list[int]:
+        """The pages the guest wrote since the last call (KVM_GET_DIRTY_LOG of every slot)."""
+        assert self.vm is not None and self.hypervisor is not None
+        vm = migration_vm(self.vm, self.hypervisor.name)
+        pages: list[int] = []
+        for layout in self.cfg.slots():
+            bitmap = await vm.get_dirty_log(layout.slot)
+            npages = layout.size // abi.PAGE_SIZE
+            for i, byte in enumerate(bitmap):
+                if not byte:
+                    continue
+                for bit in range(8):
+                    page = i * 8 + bit
+                    if byte >> bit & 1 and page < npages:
+                        pages.append(layout.guest_phys_addr + page * abi.PAGE_SIZE)
+        return pages
 
     def requests_made(self) -> int:
         """Requests this process has made of the kernel so far (`Hypervisor.requests_made`)."""
