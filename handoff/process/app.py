@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 import msgspec
@@ -34,18 +35,28 @@ from handoff.machine.config import GuestConfig, HostFlags, format_size, read_tok
 from handoff.machine.vmm import Vmm, freeze_startup_objects
 from handoff.migration.faults import Faults, FaultSpecError
 from handoff.migration.record import HandoffRecord
+from handoff.migration.remote_source import (
+    MigrateOptions,
+    MigrationFailed,
+    RemoteSource,
+    check_migratable,
+)
+from handoff.migration.remote_target import BurntSessions, RemoteTarget
 from handoff.migration.source import hand_off
 from handoff.migration.target import take_over
 from handoff.process import runtime
 from handoff.process.flags import (
+    RemoteFlags,
     apply_sets,
     check_run_args,
     checking_parser,
     host_flags,
+    is_tcp_incoming,
     strip_flags,
 )
 from handoff.qmp.server import ControlServer, QMPCommandError
 from handoff.system import hardening, logs, notify
+from handoff.transport import tcp
 
 # Everything (source, target and cli too) is imported at start, not when first needed: a VMM
 # runs for months, and by the time it hands off the package on disk may be a newer release (that
@@ -108,9 +119,14 @@ class App:
         flags: HostFlags,
         program: Sequence[str],
         run_args: Sequence[str],
+        remote: RemoteFlags | None = None,
     ) -> None:
         self.cfg = cfg
         self.flags = flags
+        self.remote = remote or RemoteFlags(tls=None, sev_sessions="")
+        # The cross-host migration under way (this VMM its source), or the last one's result.
+        self.migration: RemoteSource | None = None
+        self.migration_result: dict[str, Any] | None = None
         self.program = list(program)
         self.run_args = list(run_args)
         self.vmm = Vmm(cfg, flags)
@@ -174,6 +190,10 @@ class App:
             await nursery.start(self._watch_signals)
             if incoming is None:
                 self.start_running(nursery)
+            elif is_tcp_incoming(incoming):
+                if not await self.receive_migration(incoming, nursery):
+                    nursery.cancel_scope.cancel()
+                    return 1
             else:
                 ok = await take_over(self, incoming, nursery)
                 if not ok:
@@ -216,6 +236,36 @@ class App:
             (time.perf_counter() - t0) * 1e3,
             self.flags.control,
         )
+
+    async def receive_migration(self, incoming: str, nursery: trio.Nursery) -> bool:
+        """The target of a cross-host SEV migration: our own control socket (another host's
+        VMM has its own), then wait for a source on `incoming` (mutual TLS). True once the
+        guest runs here."""
+        assert self.flags.control is not None and self.remote.tls is not None
+        self.control_sock, self.control_file = bind_control(self.flags.control)
+        self.vmm.status = "inmigrate"
+        self.start_control(nursery)
+        listener = await tcp.listen(incoming, self.remote.tls)
+        log.info("waiting for a cross-host migration on %s", listener.address)
+        target = RemoteTarget(
+            self.vmm,
+            self.flags.name,
+            self.flags.uuid,
+            listener,
+            BurntSessions(self.remote.sev_sessions),
+            nursery,
+            emit=lambda data: self.emit("MIGRATION", data),
+            answer_timeout=self.flags.handoff_timeout,
+        )
+        try:
+            running = await target.run()
+        finally:
+            await listener.aclose()
+        self.record.role = "target"
+        self.record.status = "completed" if running else "failed"
+        if not running:
+            log.error("no guest was received: %s", target.error or target.outcome)
+        return running
 
     def adopt_control(self, have: str) -> None:
         """Serve the received listening socket; if our --control names another path, move the
@@ -528,6 +578,9 @@ class App:
             "upgrade": self.qmp_upgrade,
             "quit": self.qmp_quit,
             "x-set-fault": self.qmp_set_fault,
+            "migrate": self.qmp_migrate,
+            "migrate_cancel": self.qmp_migrate_cancel,
+            "query-migrate": self.qmp_query_migrate,
         }
 
     async def qmp_query_status(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -637,6 +690,108 @@ class App:
         assert self.nursery is not None
         self.nursery.start_soon(self._run_handoff, path, None, self.token, copy_memory)
         return {}
+
+    async def qmp_migrate(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Migrate the guest to another host's VMM (`uri`: tcp:HOST:PORT). Answers at once;
+        MIGRATION events follow (status active with the round's figures, then completed,
+        failed or cancelled). Refused here, before anything is sent, for a guest that cannot
+        migrate between hosts (plain, SEV-ES, NOSEND)."""
+        uri = args.get("uri")
+        if not isinstance(uri, str):
+            raise QMPCommandError("'uri' must be tcp:HOST:PORT, the target VMM's --incoming")
+        try:
+            tcp.parse_address(uri)
+        except tcp.AddressError as exc:
+            raise QMPCommandError(str(exc)) from None
+        try:
+            check_migratable(self.vmm)
+        except MigrationFailed as exc:
+            raise QMPCommandError(str(exc)) from None
+        limit = args.get("downtime-limit", 300)
+        if not isinstance(limit, int | float) or isinstance(limit, bool) or limit < 1:
+            raise QMPCommandError("'downtime-limit' must be a number of milliseconds >= 1")
+        tls = self.remote.tls
+        files = [args.get(k) for k in ("tls-cert", "tls-key", "tls-ca")]
+        if any(files):
+            if not all(isinstance(f, str) and os.path.isabs(f) for f in files):
+                raise QMPCommandError("'tls-cert', 'tls-key', 'tls-ca': all three, absolute")
+            tls = tcp.TlsFiles(*(Path(str(f)) for f in files))
+        if tls is None:
+            raise QMPCommandError(
+                "this VMM has no TLS credentials for migration: start it with --tls-cert, "
+                "--tls-key and --tls-ca, or give them to migrate"
+            )
+        tamper = args.get("x-tamper-page")
+        record = args.get("x-record-frames")
+        if tamper is not None and not isinstance(tamper, int):
+            raise QMPCommandError("'x-tamper-page' must be a page frame's sequence number")
+        if record is not None and not (isinstance(record, str) and os.path.isabs(record)):
+            raise QMPCommandError("'x-record-frames' must be an absolute path")
+        self._begin_handoff()
+        opts = MigrateOptions(
+            address=uri,
+            tls=tls,
+            downtime_limit_ms=float(limit),
+            answer_timeout=self.flags.handoff_timeout,
+            x_tamper_page=tamper,
+            x_record_frames=record,
+        )
+        self.migration = RemoteSource(
+            self.vmm,
+            self.flags.name,
+            self.flags.uuid,
+            opts,
+            emit=lambda data: self.emit("MIGRATION", data),
+        )
+        assert self.nursery is not None
+        self.nursery.start_soon(self._run_migration, self.migration)
+        return {}
+
+    async def qmp_migrate_cancel(self, args: dict[str, Any]) -> dict[str, Any]:
+        migration = self.migration
+        if migration is None:
+            raise QMPCommandError("no migration is in progress")
+        if not migration.cancel():
+            raise QMPCommandError(
+                "the migration is past its commit point (SEND_FINISH): the guest can only "
+                "run on the target now; it cannot be cancelled"
+            )
+        return {}
+
+    async def qmp_query_migrate(self, args: dict[str, Any]) -> dict[str, Any]:
+        if self.migration is not None:
+            return self.migration.result.to_qmp()
+        return self.migration_result or {"status": "none"}
+
+    async def _run_migration(self, migration: RemoteSource) -> None:
+        try:
+            result = await migration.run()
+        finally:
+            self.handoff_busy = False
+            self.migration = None
+        self.migration_result = result.to_qmp()
+        if result.status == "completed":
+            log.info(
+                "the guest migrated to %s (%d rounds, %d pages, pause %.1f ms); exiting",
+                result.target,
+                result.rounds,
+                result.pages,
+                result.downtime_ms,
+            )
+            self.ready = False
+            await trio.sleep(HANDED_OFF_LINGER)
+            self.handed_off = True
+            self.exit_code = 0
+            self.finished.set()
+        elif migration.sent:
+            # SENT: the firmware never runs this copy again, and neither do we.
+            log.error("migration ended after SEND_FINISH without the target's word: %s", result)
+        else:
+            log.warning(
+                "migration to %s failed: %s; the guest runs here", result.target, result.error
+            )
+            if self.stop_requested:
+                self.shutdown(0)
 
     def _copy_memory_arg(self, args: dict[str, Any]) -> bool:
         value = args.get("copy-memory", False)
@@ -931,9 +1086,10 @@ def run_main(
     incoming: str | None,
     program: Sequence[str],
     run_args: Sequence[str],
+    remote: RemoteFlags | None = None,
 ) -> int:
     logs.setup(flags.log_level, flags.log_format, flags.name)
-    app = App(cfg, flags, program, run_args)
+    app = App(cfg, flags, program, run_args, remote)
     try:
         code = trio.run(app.main, incoming)
         if app.handed_off:
