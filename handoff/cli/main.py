@@ -99,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     [os.path.abspath(f) for f in tls] if all(tls) else None,
                     ns.json,
                     ns.timeout,
+                    ns.x_min_rounds,
                 )
             )
         if ns.command == "status":

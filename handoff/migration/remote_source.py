@@ -68,8 +68,9 @@ class MigrationFailed(HandoffError):
 @dataclass
 class MigrateOptions:
     """What `migrate` was asked: where to, with which credentials and limits. The two `x_`
-    fields are for tests: a page frame whose ciphertext is flipped in flight, and the frames
-    as sent (inside TLS) written to a file for the test to scan."""
+    fields are for tests: a page frame whose ciphertext is flipped in flight, the frames as
+    sent (inside TLS) written to a file for the test to scan, and a floor on the pre-copy
+    rounds (a migration long enough to be cancelled or broken in the middle)."""
 
     address: str
     tls: tcp.TlsFiles
@@ -78,6 +79,7 @@ class MigrateOptions:
     max_rounds: int = MAX_PRECOPY_ROUNDS
     x_tamper_page: int | None = None
     x_record_frames: str | None = None
+    x_min_rounds: int = 0  # tests: keep pre-copying this many rounds, 50 ms apart
 
 
 @dataclass
@@ -188,6 +190,11 @@ class RemoteSource:
         self._sent_start = False
         self._t0 = time.perf_counter()
         self._record: Any = None
+        self._nursery: trio.Nursery | None = None
+        self._peer_error = ""
+        self._inbox_in, self._inbox = trio.open_memory_channel[
+            "remote.Message | PeerGone | BaseException"
+        ](64)
         #: After SEND_FINISH: this VMM must never run the guest again.
         self.sent = False
 
@@ -210,9 +217,20 @@ class RemoteSource:
         try:
             try:
                 with self._scope:
-                    await self._converse()
-            except (OSError, HandoffError, remote.ProtocolError, trio.TooSlowError) as exc:
+                    async with trio.open_nursery() as nursery:
+                        self._nursery = nursery
+                        await self._converse()
+                        nursery.cancel_scope.cancel()  # the reader
+            except BaseExceptionGroup as group:
+                leaf = _leaf(group)
+                if not isinstance(leaf, _FAILURES):
+                    raise
+                result.error = _describe_error(leaf)
+            except _FAILURES as exc:
                 result.error = _describe_error(exc)
+            done = self.conn is not None and self.conn.state is remote.State.DONE
+            if not result.error and self._peer_error and not done:
+                result.error = self._peer_error
             if self._scope.cancelled_caught and not result.error:
                 result.error = self._cancel_reason or "cancelled"
             await self._recover()
@@ -235,18 +253,42 @@ class RemoteSource:
             self._record.write(len(frame).to_bytes(4, "big") + frame)
         await self.channel.send(frame)
 
+    async def _reader(self) -> None:
+        """Reads the target's frames as they come, also while pages stream out: a target
+        that cancels (a packet RECEIVE_UPDATE_DATA refused) or goes away stops the stream at
+        once, instead of when the source next waits for an answer."""
+        assert self.conn is not None and self.channel is not None
+        while True:
+            item: remote.Message | PeerGone | BaseException
+            try:
+                item = self.conn.receive(await self.channel.receive())
+            except (OSError, HandoffError, remote.ProtocolError) as exc:
+                item = exc
+            await self._inbox_in.send(item)
+            if isinstance(item, Cancel | PeerGone | BaseException):
+                if isinstance(item, Cancel):
+                    self._peer_error = f"the target refused: {item.reason} ({item.code})"
+                elif isinstance(item, PeerGone):
+                    self._peer_error = f"the target closed the connection in {item.lost_in.name}"
+                else:
+                    self._peer_error = _describe_error(item)
+                if not self.sent:  # after Commit the shielded wait reads it from the inbox
+                    self._scope.cancel()
+                return
+
     async def _receive(self) -> remote.Message:
         """The target's next message; a Cancel or the end of the connection raise."""
         assert self.conn is not None and self.channel is not None
         try:
             with trio.fail_after(self.opts.answer_timeout):
-                frame = await self.channel.receive()
+                message = await self._inbox.receive()
         except trio.TooSlowError:
             self.conn.give_up(Ending.TIMEOUT)
             raise MigrationFailed(
                 f"the target did not answer within {self.opts.answer_timeout:g} s"
             ) from None
-        message = self.conn.receive(frame)
+        if isinstance(message, BaseException):
+            raise message
         if isinstance(message, PeerGone):
             raise MigrationFailed(f"the target closed the connection in {message.lost_in.name}")
         if isinstance(message, Cancel):
@@ -263,6 +305,8 @@ class RemoteSource:
         platform = sev_platform(vmm.hypervisor)
         t = time.perf_counter()
         self.channel = await tcp.connect(opts.address, opts.tls)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._reader)
         await self._send(conn.make_hello(vm_name=self.vm_name, vm_uuid=self.vm_uuid))
         await self._receive()
         await self._send(guest)
@@ -332,8 +376,11 @@ class RemoteSource:
             shared_now = shared_pages(regions)
             pages = pages_to_send(todo, sent, sent_shared, shared_now)
             budget = rate * opts.downtime_limit_ms / 1e3
-            if round_no and (len(pages) <= budget or round_no >= opts.max_rounds):
+            converged = len(pages) <= budget or round_no >= opts.max_rounds
+            if round_no and round_no >= opts.x_min_rounds and converged:
                 break
+            if round_no and opts.x_min_rounds:
+                await trio.sleep(0.05)
             round_no += 1
             t_round = time.perf_counter()
             await self._send(remote.Round(round=round_no, shared_regions=tuple(regions)))
@@ -520,6 +567,15 @@ class RemoteSource:
     async def _tear_down_sent(self) -> None:
         """The guest runs on the target: the SENT VM here is only memory to free."""
         self.result.status = "completed"
+
+
+_FAILURES = (OSError, HandoffError, remote.ProtocolError, trio.TooSlowError)
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _fw(exc: OSError) -> str:

@@ -723,6 +723,9 @@ class App:
             )
         tamper = args.get("x-tamper-page")
         record = args.get("x-record-frames")
+        min_rounds = args.get("x-min-rounds", 0)
+        if not isinstance(min_rounds, int) or not 0 <= min_rounds <= remote_max_rounds():
+            raise QMPCommandError("'x-min-rounds' must be a small number of rounds")
         if tamper is not None and not isinstance(tamper, int):
             raise QMPCommandError("'x-tamper-page' must be a page frame's sequence number")
         if record is not None and not (isinstance(record, str) and os.path.isabs(record)):
@@ -735,6 +738,7 @@ class App:
             answer_timeout=self.flags.handoff_timeout,
             x_tamper_page=tamper,
             x_record_frames=record,
+            x_min_rounds=min_rounds,
         )
         self.migration = RemoteSource(
             self.vmm,
@@ -1057,6 +1061,10 @@ async def _end_successor(proc: subprocess.Popen[bytes], workdir: str) -> None:
                 await trio.sleep(0.01)
     if workdir:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def remote_max_rounds() -> int:
+    return 5000  # below protocol.remote.MAX_ROUNDS, with the stop-and-copy round to spare
 
 
 HANDED_OFF_LINGER = 0.1

@@ -484,6 +484,10 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--tls-key", default=None, help="override the VMM's --tls-key")
     mg.add_argument("--tls-ca", default=None, help="override the VMM's --tls-ca")
     mg.add_argument("--json", action="store_true", help="print one JSON result")
+    # Tests: keep pre-copying at least this many rounds (a migration long enough to cancel).
+    mg.add_argument(
+        "--x-min-rounds", type=_int_in(0, 5000, "--x-min-rounds"), default=0, help=argparse.SUPPRESS
+    )
     mg.add_argument("--timeout", type=_timeout, default=600.0, help="give up after (default 600 s)")
 
     st = sub.add_parser("status", help="show a VMM's state and its last handoff")

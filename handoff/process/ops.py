@@ -567,10 +567,13 @@ async def migrate(
     *,
     timeout: float,
     on_event: Callable[[dict[str, Any]], None] | None = None,
+    min_rounds: int = 0,
 ) -> dict[str, Any]:
     """Ask the VMM at `control` to migrate its guest to `to`; return the final MIGRATION
     event's data. SIGINT (Ctrl-C) sends migrate_cancel and waits for the outcome."""
     args: dict[str, Any] = {"uri": to, "downtime-limit": downtime_limit}
+    if min_rounds:
+        args["x-min-rounds"] = min_rounds
     if tls:
         args.update(zip(("tls-cert", "tls-key", "tls-ca"), tls, strict=True))
 
@@ -587,6 +590,22 @@ async def migrate(
                 except QMPError as exc:
                     print(f"could not cancel: {exc.desc}", file=sys.stderr, flush=True)
 
+    try:
+        return await _migrate(control, args, timeout, on_event, cancel_on_sigint)
+    except BaseExceptionGroup as group:  # the nursery's: raise the one failure as itself
+        leaf: BaseException = group
+        while isinstance(leaf, BaseExceptionGroup) and leaf.exceptions:
+            leaf = leaf.exceptions[0]
+        raise leaf from None
+
+
+async def _migrate(
+    control: str,
+    args: dict[str, Any],
+    timeout: float,
+    on_event: Callable[[dict[str, Any]], None] | None,
+    cancel_on_sigint: Callable[..., Any],
+) -> dict[str, Any]:
     final: dict[str, Any] = {}
     with trio.fail_after(timeout):
         async with trio.open_nursery() as nursery:
@@ -610,6 +629,7 @@ def migrate_main(
     tls: Sequence[str] | None,
     as_json: bool,
     timeout: float,
+    min_rounds: int = 0,
 ) -> int:
     """`handoff migrate`: a live progress line on stderr, the result on stdout."""
     tty = sys.stderr.isatty()
@@ -625,7 +645,15 @@ def migrate_main(
 
     try:
         data = trio.run(
-            lambda: migrate(control, to, downtime_limit, tls, timeout=timeout, on_event=show)
+            lambda: migrate(
+                control,
+                to,
+                downtime_limit,
+                tls,
+                timeout=timeout,
+                on_event=show,
+                min_rounds=min_rounds,
+            )
         )
     except QMPError as exc:
         if tty:

@@ -219,3 +219,151 @@ async def test_an_sev_guest_migrates_between_two_hosts_and_keeps_printing(
     assert SerialTail().read(target.serial_logs).lines, "the target printed"
     status = await target.qmp("query-status")
     assert status["running"] and status["status"] == "running"
+
+
+def no_guest_left(host: Host) -> None:
+    """Nothing of a torn-down target: no VM, no firmware guest (DECOMMISSIONed), no ASID."""
+    stats = host.kvm.stats()
+    assert stats["vms"] == [] and stats["firmware_guests"] == 0, stats
+    assert stats["asids"]["sev"].get("used", 0) == 0, stats["asids"]
+
+
+async def wait_exit(vmm: VmmProcess, timeout: float = 20) -> int:
+    assert vmm.process is not None
+    with trio.fail_after(timeout):
+        while vmm.process.poll() is None:
+            await trio.sleep(0.02)
+    return vmm.process.returncode
+
+
+async def migrate_qmp(source: VmmProcess, **args: Any) -> dict[str, Any]:
+    """QMP migrate; the final MIGRATION event's data."""
+    from handoff.qmp.client import QMPClient
+
+    async with await QMPClient.connect(source.control) as qmp:
+        await qmp.execute("migrate", args)
+        while True:
+            data = dict((await qmp.next_event("MIGRATION")).data)
+            if data.get("status") in ("completed", "failed", "cancelled"):
+                return data
+
+
+@pytest.mark.parametrize(
+    ("mode", "policy", "named"),
+    [("sev-es", None, "SEV-ES"), ("sev", "0x8", "NOSEND")],
+)
+async def test_a_guest_that_cannot_migrate_is_refused_before_anything_is_sent(
+    hosts: tuple[Host, Host], pki: dict[str, TlsFiles], mode: str, policy: str | None, named: str
+) -> None:
+    """Checklist: policy gates (NOSEND: nothing sent); SEV-ES refused by name (no VMSA
+    ioctls upstream)."""
+    a, b = hosts
+    extra = [*tls_flags(pki["source"]), *(["--policy", policy] if policy else [])]
+    source = a.vmm("source", *extra, mode=mode)
+    source.start()
+    target, address = start_target(b, pki["target"])
+    code, result, err = await trio.to_thread.run_sync(run_migrate, source.control, address)
+    assert code == 1 and result["status"] == "refused", (result, err)
+    assert named in result["error"] and "keeps running" in result["error"]
+    if mode == "sev-es":
+        assert "SEND_UPDATE_VMSA" in result["error"]
+    assert b.kvm.stats()["vms"] == []  # the target never got a Describe
+    assert "migration from" not in target.log()
+    await source.wait_lines(2)
+    assert source.report().problems(VCPUS) == []
+
+
+async def test_a_tampered_packet_fails_receive_update_data_and_the_source_resumes(
+    hosts: tuple[Host, Host], pki: dict[str, TlsFiles]
+) -> None:
+    """Checklist: integrity (a flipped ciphertext bit -> RECEIVE_UPDATE_DATA BAD_MEASUREMENT),
+    cancel resumes the source (SEND_CANCEL: RUNNING, untouched), the half-received target torn
+    down with its ASID freed, and a new migration to another target then works."""
+    a, b = hosts
+    source = a.vmm("source", *tls_flags(pki["source"]))
+    source.start()
+    await source.wait_lines(2)
+    target, address = start_target(b, pki["target"])
+    result = await migrate_qmp(source, uri=address, **{"x-tamper-page": 0})
+    assert result["status"] == "failed", result
+    assert result["recovery"] == "cancel-and-resume"
+    assert "RECEIVE_UPDATE_DATA" in result["error"] and "0xb" in result["error"], result
+    assert await wait_exit(target) == 1  # it tore its copy down and gave up
+    no_guest_left(b)
+    assert a.vm_states() == ["RUNNING"]  # SEND_CANCEL: SUPDATE -> RUNNING
+    report = await source.wait_lines(3)
+    assert report.problems(VCPUS) == [], source.log()
+
+    # Another target on the same host: the migration completes.
+    again, address = start_target(b, pki["target"], "target2")
+    code, result, err = await trio.to_thread.run_sync(run_migrate, source.control, address)
+    assert code == 0 and result["status"] == "completed", (result, err, again.log())
+    await wait_gone(source)
+    assert b.vm_states() == ["RUNNING"]
+    report = await _continuous(source, again)
+    assert report.problems(VCPUS) == []
+
+
+async def _continuous(source: VmmProcess, target: VmmProcess) -> Any:
+    """Wait until the target printed 3 more lines per vCPU than the source did; the combined
+    report (source's log then the target's)."""
+    before = SerialTail().read(source.serial_logs).last_seq()
+    with trio.fail_after(20):
+        while True:
+            report = SerialTail().read([*source.serial_logs, *target.serial_logs])
+            last = report.last_seq()
+            assert not report.panics, target.log()
+            if all(last.get(v, -1) >= before.get(v, -1) + 3 for v in range(VCPUS)):
+                return report
+            await trio.sleep(0.05)
+
+
+@pytest.mark.parametrize("how", ["migrate_cancel", "ctrl-c", "target-killed"])
+async def test_a_migration_stopped_before_send_finish_leaves_the_guest_running_here(
+    hosts: tuple[Host, Host], pki: dict[str, TlsFiles], how: str
+) -> None:
+    """Checklist: cancel resumes the source (migrate_cancel, Ctrl-C of `handoff migrate`, a
+    dead target): SEND_CANCEL, the guest runs on untouched; the half-received target torn
+    down (ASID freed)."""
+    a, b = hosts
+    source = a.vmm("source", *tls_flags(pki["source"]))
+    source.start()
+    await source.wait_lines(2)
+    target, address = start_target(b, pki["target"])
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "handoff", "migrate", "--control", source.control,
+            "--to", address, "--json", "--x-min-rounds", "1000",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        with trio.fail_after(30):
+            while "round 3:" not in (line := await trio.to_thread.run_sync(proc.stderr.readline)):
+                assert line, "handoff migrate ended early"
+        assert a.vm_states() == ["SUPDATE"] and b.vm_states() == ["RUPDATE"]
+        if how == "migrate_cancel":
+            await source.qmp("migrate_cancel")
+        elif how == "ctrl-c":
+            proc.send_signal(2)
+        else:
+            target.kill_all()
+        out, err = await trio.to_thread.run_sync(lambda: proc.communicate(timeout=60))
+        assert "round 3:" in line, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    result = json.loads(out)
+    assert proc.returncode == 1
+    assert result["status"] == ("failed" if how == "target-killed" else "cancelled"), result
+    assert result["recovery"] == "cancel-and-resume"
+    if how != "target-killed":
+        assert await wait_exit(target) == 1
+    no_guest_left(b)
+    assert a.vm_states() == ["RUNNING"]
+    report = await source.wait_lines(3)
+    assert report.problems(VCPUS) == [], source.log()
