@@ -242,10 +242,16 @@ class App:
         VMM has its own), then wait for a source on `incoming` (mutual TLS). True once the
         guest runs here."""
         assert self.flags.control is not None and self.remote.tls is not None
-        self.control_sock, self.control_file = bind_control(self.flags.control)
+        # Listening before the control socket answers: a caller that waits for that socket
+        # (a test, an orchestrator) can connect to the migration address at once.
+        listener = await tcp.listen(incoming, self.remote.tls)
+        try:
+            self.control_sock, self.control_file = bind_control(self.flags.control)
+        except BaseException:
+            await listener.aclose()
+            raise
         self.vmm.status = "inmigrate"
         self.start_control(nursery)
-        listener = await tcp.listen(incoming, self.remote.tls)
         log.info("waiting for a cross-host migration on %s", listener.address)
         target = RemoteTarget(
             self.vmm,

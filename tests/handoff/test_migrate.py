@@ -367,3 +367,122 @@ async def test_a_migration_stopped_before_send_finish_leaves_the_guest_running_h
     assert a.vm_states() == ["RUNNING"]
     report = await source.wait_lines(3)
     assert report.problems(VCPUS) == [], source.log()
+
+
+# ---- the captured stream: confidentiality on the wire, and a replay ---------------------------
+
+
+def _kdf(key: bytes, label: bytes, context: bytes, length: int) -> bytes:
+    """SP 800-108 counter mode over HMAC-SHA256, written out here (reference 1.5), apart from
+    the firmware's code: the stream must decrypt with the spec alone."""
+    import hashlib
+    import hmac
+
+    out, i = b"", 1
+    while len(out) < length:
+        data = (
+            i.to_bytes(4, "little") + label + b"\0" + context + (length * 8).to_bytes(4, "little")
+        )
+        out += hmac.new(key, data, hashlib.sha256).digest()
+        i += 1
+    return out[:length]
+
+
+def _aes_ctr(key: bytes, iv: bytes, data: bytes) -> bytes:
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    encryptor = Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
+    return encryptor.update(data) + encryptor.finalize()
+
+
+def read_frames(path: Path) -> list[bytes]:
+    data, frames, at = path.read_bytes(), [], 0
+    while at < len(data):
+        size = int.from_bytes(data[at : at + 4], "big")
+        frames.append(data[at + 4 : at + 4 + size])
+        at += 4 + size
+    return frames
+
+
+async def test_the_stream_carries_no_plaintext_private_page_or_key_and_a_replay_is_refused(
+    hosts: tuple[Host, Host], pki: dict[str, TlsFiles], amd_root: Path, tmp_path: Path
+) -> None:
+    """Checklist: confidentiality on the wire (no plaintext private page, TEK or TIK in the
+    frames; the stream decrypts offline with the target's PDH private key alone, by the spec);
+    anti-cloning (the session burnt: the same stream replayed to a second target on that
+    host is refused before RECEIVE_START, while the firmware alone would take it)."""
+    import hashlib
+    import hmac
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from handoff.protocol import remote
+    from handoff.transport import tcp
+    from kvmstub.guest import GuestParams, build_launch_image
+    from kvmstub.keystore import load_or_create_platform, load_or_create_root
+
+    a, b = hosts
+    sessions = str(b.dir / "sev-sessions")
+    source = a.vmm("source", *tls_flags(pki["source"]))
+    source.start()
+    await source.wait_lines(2)
+    target, address = start_target(b, pki["target"], "target", "--sev-sessions", sessions)
+    capture = tmp_path / "stream.bin"
+    result = await migrate_qmp(source, uri=address, **{"x-record-frames": str(capture)})
+    assert result["status"] == "completed", (result, target.log())
+    frames = read_frames(capture)
+    stream = capture.read_bytes()
+    messages = [remote.decode(f) for f in frames]
+    start = next(m for m in messages if isinstance(m, remote.SendStart))
+
+    # The target platform's PDH private key (its keystore) and the source's PDH certificate.
+    platform = load_or_create_platform(b.dir / "sev-state", load_or_create_root(amd_root))
+    field = start.source_pdh[16 : 16 + 1028]
+    x = int.from_bytes(field[4:76], "little")
+    y = int.from_bytes(field[76:148], "little")
+    peer = ec.EllipticCurvePublicNumbers(x, y, ec.SECP384R1()).public_key()
+    shared = platform.keys.pdh.exchange(ec.ECDH(), peer)
+    blob = start.session
+    master = _kdf(shared, b"sev-master-secret", blob[0:16], 16)
+    kek, kik = _kdf(master, b"sev-kek", b"", 16), _kdf(master, b"sev-kik", b"", 16)
+    assert hmac.new(kik, blob[16:48], hashlib.sha256).digest() == blob[64:96]
+    tek_tik = _aes_ctr(kek, blob[48:64], blob[16:48])
+    tek, tik = tek_tik[:16], tek_tik[16:]
+
+    plaintexts: dict[int, bytes] = {}
+    for m in messages:
+        if isinstance(m, remote.EncryptedPage):
+            iv, mac = m.header[4:20], m.header[20:52]
+            signed = b"\x02" + m.header[0:4] + iv + (4096).to_bytes(4, "little") * 2 + m.data
+            assert hmac.new(tik, signed, hashlib.sha256).digest() == mac
+            plaintexts[m.gpa] = _aes_ctr(tek, iv, m.data)
+    image = build_launch_image(GuestParams(vcpus=VCPUS, line_every=50, flip_every=10))
+    assert plaintexts[0][: len(image)] == image  # the launch image, decrypted offline
+    for secret in (tek, tik, master, kek, kik):
+        assert secret not in stream
+    for gpa, page in plaintexts.items():
+        for at in range(0, 4096, 512):
+            window = page[at : at + 32]
+            if window.strip(b"\0"):
+                assert window not in stream, f"plaintext of private page {gpa:#x} on the wire"
+
+    # The same stream to a second target on the same host: refused at SendStart.
+    second, address2 = start_target(b, pki["target"], "target2", "--sev-sessions", sessions)
+    channel = await tcp.connect(address2, pki["source"])
+    try:
+        replay = iter(frames)
+        await channel.send(next(replay))  # Hello
+        assert isinstance(remote.decode(await channel.receive() or b""), remote.Hello)
+        await channel.send(next(replay))  # Describe
+        assert isinstance(remote.decode(await channel.receive() or b""), remote.PlatformChain)
+        await channel.send(frames[[type(m) for m in messages].index(remote.SendStart)])
+        with trio.fail_after(10):
+            while (frame := await channel.receive()) is not None:
+                assert not isinstance(remote.decode(frame), remote.Received)
+    except Exception as exc:  # the target may reset the connection: that is a refusal too
+        assert "reset" in str(exc) or "closed" in str(exc) or "abort" in str(exc), exc
+    finally:
+        channel.abort()
+    assert await wait_exit(second) == 1
+    assert "was received before" in second.log(), second.log()
+    assert b.vm_states() == ["RUNNING"]  # only the first target's guest
