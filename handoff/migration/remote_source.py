@@ -251,7 +251,16 @@ class RemoteSource:
         frame = self.conn.send(message)
         if self._record is not None:
             self._record.write(len(frame).to_bytes(4, "big") + frame)
-        await self.channel.send(frame)
+        try:
+            with trio.fail_after(self.opts.answer_timeout):
+                await self.channel.send(frame)
+        except trio.TooSlowError:
+            # A target that stopped reading (hung, or its host): TCP's window stays shut.
+            if self.conn.ended_in is None:
+                self.conn.give_up(Ending.TIMEOUT)
+            raise MigrationFailed(
+                f"the target took no data for {self.opts.answer_timeout:g} s"
+            ) from None
 
     async def _reader(self) -> None:
         """Reads the target's frames as they come, also while pages stream out: a target

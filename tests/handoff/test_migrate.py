@@ -318,15 +318,15 @@ async def _continuous(source: VmmProcess, target: VmmProcess) -> Any:
             await trio.sleep(0.05)
 
 
-@pytest.mark.parametrize("how", ["migrate_cancel", "ctrl-c", "target-killed"])
+@pytest.mark.parametrize("how", ["migrate_cancel", "ctrl-c", "target-killed", "target-hung"])
 async def test_a_migration_stopped_before_send_finish_leaves_the_guest_running_here(
     hosts: tuple[Host, Host], pki: dict[str, TlsFiles], how: str
 ) -> None:
     """Checklist: cancel resumes the source (migrate_cancel, Ctrl-C of `handoff migrate`, a
-    dead target): SEND_CANCEL, the guest runs on untouched; the half-received target torn
-    down (ASID freed)."""
+    dead target, a hung one: the timeout): SEND_CANCEL, the guest runs on untouched; the
+    half-received target torn down (ASID freed)."""
     a, b = hosts
-    source = a.vmm("source", *tls_flags(pki["source"]))
+    source = a.vmm("source", *tls_flags(pki["source"]), "--handoff-timeout", "2")
     source.start()
     await source.wait_lines(2)
     target, address = start_target(b, pki["target"])
@@ -349,8 +349,11 @@ async def test_a_migration_stopped_before_send_finish_leaves_the_guest_running_h
             await source.qmp("migrate_cancel")
         elif how == "ctrl-c":
             proc.send_signal(2)
-        else:
+        elif how == "target-killed":
             target.kill_all()
+        else:
+            assert target.process is not None
+            target.process.send_signal(19)  # SIGSTOP: it holds the connection, reads nothing
         out, err = await trio.to_thread.run_sync(lambda: proc.communicate(timeout=60))
         assert "round 3:" in line, err
     finally:
@@ -359,9 +362,16 @@ async def test_a_migration_stopped_before_send_finish_leaves_the_guest_running_h
             proc.wait()
     result = json.loads(out)
     assert proc.returncode == 1
-    assert result["status"] == ("failed" if how == "target-killed" else "cancelled"), result
+    cancelled = how in ("migrate_cancel", "ctrl-c")
+    assert result["status"] == ("cancelled" if cancelled else "failed"), result
     assert result["recovery"] == "cancel-and-resume"
-    if how != "target-killed":
+    if how == "target-hung":
+        assert "took no data" in result["error"] or "did not answer" in result["error"]
+        target.kill_all()  # its host's own business; the source resumed without it
+        with trio.fail_after(10):
+            while b.kvm.stats()["vms"]:
+                await trio.sleep(0.05)
+    elif how != "target-killed":
         assert await wait_exit(target) == 1
     no_guest_left(b)
     assert a.vm_states() == ["RUNNING"]
