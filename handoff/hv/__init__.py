@@ -6,11 +6,17 @@ kernel's numbers a machine reads in exits. Backends: `kvmstub` (the kernel stand
 """
 
 from .base import (
+    EXIT_X86_WRMSR,
+    KVM_MIGRATION_READY,
+    MSR_KVM_MIGRATION_CONTROL,
     DirtyLogVm,
     ExitView,
     HypercallExitView,
     Hypervisor,
     IoExitView,
+    MigrationControlVcpu,
+    MigrationControlVm,
+    MsrExitView,
     NoSevMigration,
     PeerVm,
     SevLaunch,
@@ -27,11 +33,17 @@ from .base import (
 )
 
 __all__ = [
+    "EXIT_X86_WRMSR",
+    "KVM_MIGRATION_READY",
+    "MSR_KVM_MIGRATION_CONTROL",
     "DirtyLogVm",
     "ExitView",
     "HypercallExitView",
     "Hypervisor",
     "IoExitView",
+    "MigrationControlVcpu",
+    "MigrationControlVm",
+    "MsrExitView",
     "NoSevMigration",
     "PeerVm",
     "SevLaunch",

@@ -383,3 +383,44 @@ def sev_platform(hypervisor: Hypervisor) -> SevPlatform:
             "target of a cross-host SEV migration",
         )
     return hypervisor
+
+
+# ---- MSR_KVM_MIGRATION_CONTROL: the guest says when it may migrate ---------------------------
+#
+# KVM does not implement the MSR (reference section 2): a VMM advertises the feature in CPUID,
+# filters the MSR so the guest's writes exit to it, and keeps the value itself. A guest writes 1
+# once its shared-region reports are complete, 0 before it goes down (reboot, kexec): a VMM must
+# refuse to migrate while it is 0.
+
+MSR_KVM_MIGRATION_CONTROL = 0x4B564D08
+KVM_MIGRATION_READY = 1 << 0
+EXIT_X86_WRMSR = 30
+
+
+@runtime_checkable
+class MigrationControlVm(Protocol):
+    async def filter_migration_control(self) -> None:
+        """KVM_CAP_X86_USER_SPACE_MSR(KVM_MSR_EXIT_REASON_FILTER) and an MSR filter that sends
+        the guest's writes of MSR_KVM_MIGRATION_CONTROL (and nothing else) to the VMM."""
+        ...
+
+
+@runtime_checkable
+class MigrationControlVcpu(Protocol):
+    async def advertise_migration_control(self) -> None:
+        """KVM_SET_CPUID2 with KVM_FEATURE_HC_MAP_GPA_RANGE and KVM_FEATURE_MIGRATION_CONTROL,
+        before the vCPU first runs."""
+        ...
+
+    def complete_msr(self, error: int = 0) -> None:
+        """kvm_run.msr.error for the last MSR exit (non-zero: the guest takes #GP)."""
+        ...
+
+
+class MsrExitView(Protocol):
+    """kvm_run.msr of a KVM_EXIT_X86_WRMSR."""
+
+    @property
+    def index(self) -> int: ...
+    @property
+    def data(self) -> int: ...

@@ -85,6 +85,14 @@ class KvmstubVcpu:
     async def get_state(self) -> VcpuState:
         return regs_state(await self._vcpu.get_regs())
 
+    # ---- base.MigrationControlVcpu
+    async def advertise_migration_control(self) -> None:
+        features = 1 << uapi.KVM_FEATURE_HC_MAP_GPA_RANGE | 1 << uapi.KVM_FEATURE_MIGRATION_CONTROL
+        await self._vcpu.set_cpuid2(uapi.kvm_cpuid_leaves(features))
+
+    def complete_msr(self, error: int = 0) -> None:
+        self._vcpu.complete_msr(error)
+
     async def set_state(self, state: VcpuState) -> None:
         await self._vcpu.set_regs(state_regs(state))
 
@@ -131,6 +139,14 @@ class KvmstubVm:
 
     async def get_vm_state(self) -> VmState | None:
         return None  # kvmstub's VMs keep no state of their own besides their vCPUs'
+
+    # ---- base.MigrationControlVm
+    async def filter_migration_control(self) -> None:
+        await self._vm.enable_cap(uapi.KVM_CAP_X86_USER_SPACE_MSR, uapi.KVM_MSR_EXIT_REASON_FILTER)
+        only_it = uapi.MsrFilterRange(
+            uapi.KVM_MSR_FILTER_WRITE, 1, uapi.MSR_KVM_MIGRATION_CONTROL, bytes(8)
+        )
+        await self._vm.set_msr_filter([only_it], flags=uapi.KVM_MSR_FILTER_DEFAULT_ALLOW)
 
     # ---- cross-host SEV migration (base.SevMigrationVm)
     async def set_dirty_logging(

@@ -22,8 +22,13 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 import trio
 
 from handoff.hv import (
+    EXIT_X86_WRMSR,
+    KVM_MIGRATION_READY,
+    MSR_KVM_MIGRATION_CONTROL,
     ExitView,
     Hypervisor,
+    MigrationControlVcpu,
+    MigrationControlVm,
     PeerVm,
     Vcpu,
     VcpuState,
@@ -240,12 +245,26 @@ class VcpuRunner:
             self.vcpu.complete_hypercall(ret & abi.U64_MASK)
             self.pending = True
             return True
+        if reason == EXIT_X86_WRMSR:
+            return self._serve_wrmsr(exit_)
         if reason == _EXIT_SHUTDOWN:
             self.vmm.status = "guest-panicked" if self.vmm.devices.serial.panicked else "shutdown"
             log.error("vCPU %d: guest shut down (%s)", self.index, self.vmm.status)
             return False
         log.error("vCPU %d: unexpected exit reason %d; stopping this vCPU", self.index, reason)
         return False
+
+    def _serve_wrmsr(self, exit_: ExitView) -> bool:
+        """The guest wrote the MSR we filter: MSR_KVM_MIGRATION_CONTROL (any other: #GP)."""
+        msr = getattr(exit_, "msr", None)
+        known = msr is not None and msr.index == MSR_KVM_MIGRATION_CONTROL
+        if msr is not None and known:
+            self.vmm.set_migration_control(int(msr.data))
+        vcpu: object = self.vcpu
+        if isinstance(vcpu, MigrationControlVcpu):
+            vcpu.complete_msr(0 if known else 1)
+        self.pending = True
+        return True
 
 
 class Vmm:
@@ -271,6 +290,9 @@ class Vmm:
         # this VM (reference section 2), so query-sev answers from here.
         self.sev: dict[str, int] = {}
         self.measurement: bytes | None = None
+        # MSR_KVM_MIGRATION_CONTROL as the guest last wrote it; None where this VMM did not
+        # advertise it (a plain guest, a kernel without the MSR filter): no gate then.
+        self.migration_allowed: bool | None = None
 
     # ----------------------------------------------------------------- building
     async def open(self) -> Hypervisor:
@@ -337,6 +359,7 @@ class Vmm:
         for i, vcpu in enumerate(self.vcpus):
             await vcpu.set_state(hypervisor.witness_initial_state(i))
         if sev:
+            await self._offer_migration_control()
             launch = await self.vm.sev_launch(len(image), cfg.policy, es=cfg.mode == "sev-es")
             self.sev = dict(launch.status)
             self.measurement = launch.measurement
@@ -525,8 +548,30 @@ class Vmm:
         self.create_memory()
         self.vm = await self._create_vm(sev_init=True)
         self.vcpus = await self._create_vcpus(self.vm)
+        await self._offer_migration_control()  # the value itself comes with the devices
         self._make_runners()
         self.status = "inmigrate"
+
+    async def _offer_migration_control(self) -> None:
+        """Advertise MSR_KVM_MIGRATION_CONTROL and filter it to us, where the kernel can:
+        migration is then refused until the guest writes 1 (and again once it writes 0)."""
+        vm: object = self.vm
+        vcpus: list[object] = list(self.vcpus)
+        if not isinstance(vm, MigrationControlVm):
+            return
+        controls = [v for v in vcpus if isinstance(v, MigrationControlVcpu)]
+        if len(controls) != len(vcpus):
+            return
+        await vm.filter_migration_control()
+        for vcpu in controls:
+            await vcpu.advertise_migration_control()
+        self.migration_allowed = False
+
+    def set_migration_control(self, value: int) -> None:
+        allowed = bool(value & KVM_MIGRATION_READY)
+        if allowed != self.migration_allowed:
+            log.info("the guest %s migration", "allows" if allowed else "blocks")
+        self.migration_allowed = allowed
 
     def _page_slot(self, gpa: int) -> tuple[int, int]:
         """(memfd, offset) of the page at `gpa`; ValueError outside guest memory."""

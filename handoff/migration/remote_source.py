@@ -144,6 +144,17 @@ def check_migratable(vmm: Vmm) -> None:
     why = remote.migration_refusal(describe(vmm))
     if why is not None:
         raise MigrationFailed(why)
+    _check_guest_allows(vmm)
+
+
+def _check_guest_allows(vmm: Vmm) -> None:
+    if vmm.migration_allowed is False:
+        raise MigrationFailed(
+            "the guest has not enabled migration: it wrote 0 to MSR_KVM_MIGRATION_CONTROL (it "
+            "is still booting, or rebooting or going down), so its shared-region reports may "
+            "be incomplete and a page could move with the wrong type; try again once it runs; "
+            "the guest keeps running here"
+        )
 
 
 def shared_pages(regions: list[tuple[int, int]]) -> set[int]:
@@ -379,6 +390,7 @@ class RemoteSource:
         rate = 0.0  # pages per second of the last round
         round_no = 0
         while True:
+            _check_guest_allows(vmm)  # a guest going down blocks it again (reference 5.1)
             if round_no:
                 todo |= set(await vmm.dirty_pages())
             regions = vmm.devices.shared.regions()  # after the dirty log
@@ -417,6 +429,7 @@ class RemoteSource:
         await vmm.pause()
         self._paused = True
         result.status = "device"
+        _check_guest_allows(vmm)
         todo |= set(await vmm.dirty_pages())
         regions = vmm.devices.shared.regions()
         shared_now = shared_pages(regions)
@@ -464,7 +477,12 @@ class RemoteSource:
         await self._send(
             remote.DeviceState(
                 doorbell_sum=sum(snap.doorbell_sums) & 0xFFFF_FFFF,
-                device_blobs={"doorbell": snap.doorbell_blob(), "serial-partial": partial},
+                device_blobs={
+                    "doorbell": snap.doorbell_blob(),
+                    "serial-partial": partial,
+                    # The guest's MSR_KVM_MIGRATION_CONTROL, kept by the VMM (it writes it once).
+                    "migration-control": bytes([1 if vmm.migration_allowed else 0]),
+                },
             )
         )
         for i, state in enumerate(await vmm.get_all_states()):

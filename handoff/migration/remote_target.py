@@ -295,6 +295,8 @@ class RemoteTarget:
                     serial_partial=tuple(partial),
                 )
             )
+            if vmm.migration_allowed is not None:
+                vmm.migration_allowed = blobs.get("migration-control", b"\0") == b"\1"
             self.held = None
             if conn is self.conn and conn.state is remote.State.COMMITTED:
                 try:

@@ -604,6 +604,8 @@ class App:
             "hardening": self.hardening,
             # The guest's output the serial log could not take (a full disk, an I/O error).
             "serial-log": self.vmm.devices.serial.status(),
+            # MSR_KVM_MIGRATION_CONTROL as the guest wrote it (None: not offered to it).
+            "migration-allowed": self.vmm.migration_allowed,
         }
 
     async def qmp_query_name(self, args: dict[str, Any]) -> dict[str, Any]:

@@ -178,3 +178,43 @@ def test_a_backend_without_sev_migration_is_refused_by_name() -> None:
         migration_vm(Plain(), "kvm")  # type: ignore[arg-type]
     with pytest.raises(NoSevMigration, match="no SEV platform"):
         sev_platform(Plain())  # type: ignore[arg-type]
+
+
+class _Msr:
+    def __init__(self, index: int, data: int) -> None:
+        self.index, self.data = index, data
+
+
+class _WrmsrExit:
+    exit_reason = 30  # KVM_EXIT_X86_WRMSR
+    io = None
+    hypercall = None
+
+    def __init__(self, index: int, data: int) -> None:
+        self.msr = _Msr(index, data)
+
+
+async def test_the_guest_writing_0_to_migration_control_blocks_migration_again(
+    tmp_path: Path,
+) -> None:
+    """Checklist: MSR_KVM_MIGRATION_CONTROL back to 0 re-blocks migration (Steve Rutherford's
+    reboot window, reference section 5 item 1); 1 allows it."""
+    from handoff.hv import MSR_KVM_MIGRATION_CONTROL
+    from handoff.machine.vmm import VcpuRunner
+    from handoff.migration.remote_source import MigrationFailed, check_migratable
+
+    source = Vmm(config(), flags("s", tmp_path / "l"), hypervisor=ModelHypervisor(host_kernel()))
+    try:
+        await source.launch()
+        source.migration_allowed = False  # as a VMM that offered the MSR sees a booting guest
+        with pytest.raises(MigrationFailed, match="has not enabled migration"):
+            check_migratable(source)
+        runner = VcpuRunner(source, 0)
+        assert runner._serve(_WrmsrExit(MSR_KVM_MIGRATION_CONTROL, 1))  # type: ignore[arg-type]
+        assert source.migration_allowed is True
+        check_migratable(source)
+        runner._serve(_WrmsrExit(MSR_KVM_MIGRATION_CONTROL, 0))  # type: ignore[arg-type]
+        with pytest.raises(MigrationFailed, match="wrote 0 to MSR_KVM_MIGRATION_CONTROL"):
+            check_migratable(source)
+    finally:
+        source.close()

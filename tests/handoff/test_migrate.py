@@ -186,6 +186,8 @@ async def test_an_sev_guest_migrates_between_two_hosts_and_keeps_printing(
     source = a.vmm("source", *tls_flags(pki["source"]))
     source.start()
     await source.wait_lines(3)
+    # The guest enabled migration (MSR_KVM_MIGRATION_CONTROL, filtered to the VMM).
+    assert (await source.qmp("query-status"))["migration-allowed"] is True
     target, address = start_target(b, pki["target"])
     poller = StatePoller(a)
     try:
@@ -219,6 +221,7 @@ async def test_an_sev_guest_migrates_between_two_hosts_and_keeps_printing(
     assert SerialTail().read(target.serial_logs).lines, "the target printed"
     status = await target.qmp("query-status")
     assert status["running"] and status["status"] == "running"
+    assert status["migration-allowed"] is True  # carried: the guest wrote it once, at boot
 
 
 def no_guest_left(host: Host) -> None:
