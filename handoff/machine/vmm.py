@@ -16,6 +16,7 @@ import fcntl
 import gc
 import logging
 import os
+import re
 import socket
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 
@@ -42,6 +43,8 @@ from handoff.machine.config import GuestConfig, HostFlags
 from handoff.machine.devices import Devices, DeviceState
 
 log = logging.getLogger("handoff.vmm")
+
+_NONZERO = re.compile(rb"[^\x00]")
 
 _EXIT_INTR = abi.EXIT_INTR
 _EXIT_IO = abi.EXIT_IO
@@ -627,9 +630,9 @@ class Vmm:
         for layout in self.cfg.slots():
             bitmap = await vm.get_dirty_log(layout.slot)
             npages = layout.size // abi.PAGE_SIZE
-            for i, byte in enumerate(bitmap):
-                if not byte:
-                    continue
+            # A 64 GiB slot's bitmap is 2 MiB, nearly all zero: find the set bytes in C.
+            for m in _NONZERO.finditer(bitmap):
+                i, byte = m.start(), bitmap[m.start()]
                 for bit in range(8):
                     page = i * 8 + bit
                     if byte >> bit & 1 and page < npages:

@@ -391,8 +391,8 @@ class RemoteSource:
         round_no = 0
         while True:
             _check_guest_allows(vmm)  # a guest going down blocks it again (reference 5.1)
-            if round_no:
-                todo |= set(await vmm.dirty_pages())
+            # `todo` holds what the dirty log said after the last round (`_peek_dirty`): one
+            # KVM_GET_DIRTY_LOG per round (a 64 GiB slot's bitmap is 2 MiB).
             regions = vmm.devices.shared.regions()  # after the dirty log
             shared_now = shared_pages(regions)
             pages = pages_to_send(todo, sent, sent_shared, shared_now)
