@@ -80,6 +80,7 @@ class MigrateOptions:
     x_tamper_page: int | None = None
     x_record_frames: str | None = None
     x_min_rounds: int = 0  # tests: keep pre-copying this many rounds, 50 ms apart
+    x_break: str | None = None  # tests: cut the connection "after-received" / "after-send-finish"
 
 
 @dataclass
@@ -203,6 +204,7 @@ class RemoteSource:
         self._record: Any = None
         self._nursery: trio.Nursery | None = None
         self._peer_error = ""
+        self._cancel_delivered = False
         self._inbox_in, self._inbox = trio.open_memory_channel[
             "remote.Message | PeerGone | BaseException"
         ](64)
@@ -362,6 +364,8 @@ class RemoteSource:
         await self._send(remote.Finish(rounds=conn.rounds, pages=conn.pages))
         received = await self._receive()
         assert isinstance(received, remote.Received)
+        if opts.x_break == "after-received":
+            self._cut("after Received")
         result.phases["finish"] = (time.perf_counter() - t) * 1e3
 
         # The commit point: SEND_FINISH first; if it fails we are still SUPDATE.
@@ -372,6 +376,9 @@ class RemoteSource:
             except OSError as exc:
                 raise MigrationFailed(f"SEND_FINISH failed: {_fw(exc)}") from exc
             self.sent = True
+            if opts.x_break == "after-send-finish":
+                conn.send(remote.Commit(session=conn.session_id))  # committed, never delivered
+                self._cut("after SEND_FINISH")
             await self._send(remote.Commit(session=conn.session_id))
             resumed = await self._receive()
             assert isinstance(resumed, remote.Resumed)
@@ -495,15 +502,22 @@ class RemoteSource:
                 )
             )
 
+    def _cut(self, where: str) -> None:
+        """A test's broken connection (x_break): reset, as a network failure would."""
+        assert self.channel is not None
+        self.channel.abort()
+        raise MigrationFailed(f"the connection to the target broke {where} (x-break)")
+
     async def _cancel_with(self, code: str, reason: str) -> None:
         """Send Cancel if we still may (best effort: the connection may be gone)."""
         conn, channel = self.conn, self.channel
         if conn is None or channel is None or not conn.may_cancel():
             return
         try:
-            with trio.move_on_after(2), trio.CancelScope(shield=True):
+            with trio.fail_after(2), trio.CancelScope(shield=True):
                 await self._send(Cancel(code=code, reason=reason[:MAX_TEXT_LENGTH]))
-        except (OSError, HandoffError, remote.ProtocolError):
+            self._cancel_delivered = True
+        except (OSError, HandoffError, remote.ProtocolError, trio.TooSlowError):
             pass
 
     # ---- the recovery table, executed ------------------------------------------------------
@@ -559,15 +573,25 @@ class RemoteSource:
             return
         await self._resume_here()
         log.info("SEND_CANCEL done: the guest runs here again, untouched")
+        conn = self.conn
+        assert conn is not None
+        in_doubt = conn.ended_in in (remote.State.FINISHED, remote.State.RECEIVED)
+        if in_doubt and not self._cancel_delivered and conn.cancelled_by is not Role.TARGET:
+            # The target may hold the guest (Received): tell it on a new connection.
+            await self._resolve("cancel")
 
     async def _deliver_commit(self) -> None:
         """The source is SENT: only the target can run the guest; tell it Commit on a new
         connection (Resolve), a few times."""
+        self.result.status = "failed"
+        await self._resolve("commit")
+
+    async def _resolve(self, decision: remote.Decision) -> None:
+        """Deliver our decision for a session the target may hold, on a new connection."""
         conn, result = self.conn, self.result
         assert conn is not None and conn.session_id is not None
-        result.status = "failed"
         for _ in range(COMMIT_ATTEMPTS):
-            resolver = RemoteConnection.resolver(conn.session_id, "commit")
+            resolver = RemoteConnection.resolver(conn.session_id, decision)
             try:
                 with trio.fail_after(self.opts.answer_timeout):
                     async with await tcp.connect(self.opts.address, self.opts.tls) as channel:
@@ -581,6 +605,9 @@ class RemoteSource:
                 await trio.sleep(1)
                 continue
             plan = resolver.recovery()
+            log.info("the target answered our %r: %s", decision, plan.why)
+            if decision == "cancel":
+                return
             result.recovery = plan.recovery.value
             if plan.recovery is Recovery.DONE:
                 result.status, result.error = "completed", ""
@@ -589,7 +616,7 @@ class RemoteSource:
                 log.error("%s", plan.why)
                 result.error = plan.why
             return
-        log.error("Commit could not be delivered: the target holds the guest unrunnable")
+        log.error("%r could not be delivered: the target holds the guest unrunnable", decision)
 
     async def _tear_down_sent(self) -> None:
         """The guest runs on the target: the SENT VM here is only memory to free."""

@@ -731,6 +731,9 @@ class App:
             )
         tamper = args.get("x-tamper-page")
         record = args.get("x-record-frames")
+        cut = args.get("x-break")
+        if cut not in (None, "after-received", "after-send-finish"):
+            raise QMPCommandError("'x-break' must be after-received or after-send-finish")
         min_rounds = args.get("x-min-rounds", 0)
         if not isinstance(min_rounds, int) or not 0 <= min_rounds <= remote_max_rounds():
             raise QMPCommandError("'x-min-rounds' must be a small number of rounds")
@@ -747,6 +750,7 @@ class App:
             x_tamper_page=tamper,
             x_record_frames=record,
             x_min_rounds=min_rounds,
+            x_break=cut,
         )
         self.migration = RemoteSource(
             self.vmm,

@@ -499,3 +499,34 @@ async def test_the_stream_carries_no_plaintext_private_page_or_key_and_a_replay_
     assert await wait_exit(second) == 1
     assert "was received before" in second.log(), second.log()
     assert b.vm_states() == ["RUNNING"]  # only the first target's guest
+
+
+@pytest.mark.parametrize("cut", ["after-received", "after-send-finish"])
+async def test_a_target_in_doubt_holds_the_guest_until_the_source_decides(
+    hosts: tuple[Host, Host], pki: dict[str, TlsFiles], cut: str
+) -> None:
+    """The recovery table past Received: the connection breaks; the target holds the guest
+    unrunnable (RUPDATE) and the source's decision arrives on a new connection (Resolve):
+    before SEND_FINISH it cancelled and resumed, so the target tears down; after it, it is
+    SENT, so the target finishes and runs. Either way exactly one copy runs."""
+    a, b = hosts
+    source = a.vmm("source", *tls_flags(pki["source"]))
+    source.start()
+    await source.wait_lines(2)
+    target, address = start_target(b, pki["target"])
+    result = await migrate_qmp(source, uri=address, **{"x-break": cut})
+    if cut == "after-received":
+        assert result["status"] == "failed" and result["recovery"] == "cancel-and-resume"
+        assert await wait_exit(target) == 1  # the held guest torn down on "cancel"
+        assert "holding the received guest" in target.log()
+        no_guest_left(b)
+        assert a.vm_states() == ["RUNNING"]
+        report = await source.wait_lines(3)
+        assert report.problems(VCPUS) == [], source.log()
+    else:
+        assert result["status"] == "completed", (result, source.log(), target.log())
+        await wait_gone(source)
+        assert "holding the received guest" in target.log()
+        assert b.vm_states() == ["RUNNING"] and a.kvm.stats()["vms"] == []
+        report = await _continuous(source, target)
+        assert report.problems(VCPUS) == []
