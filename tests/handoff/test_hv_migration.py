@@ -218,3 +218,19 @@ async def test_the_guest_writing_0_to_migration_control_blocks_migration_again(
             check_migratable(source)
     finally:
         source.close()
+
+
+def test_a_round_sends_again_every_page_whose_status_changed_since_it_was_sent() -> None:
+    """Checklist: shared-regions correctness under churn. A conversion the guest announced
+    after the page was sent (with no write since: its contents are lost to it, reference
+    section 2) makes the target read the page the other way, so the page goes again in its
+    new form; a written page goes again; a page neither written nor converted does not."""
+    from handoff.migration.remote_source import pages_to_send
+
+    p = [i * 4096 for i in range(6)]
+    sent = {p[0], p[1], p[2], p[3]}
+    sent_shared = {p[1], p[3]}
+    shared_now = {p[0], p[3]}  # p0 private -> shared, p1 shared -> private, p3 still shared
+    dirty = {p[4]}
+    assert pages_to_send(dirty, sent, sent_shared, shared_now) == [p[0], p[1], p[4]]
+    assert pages_to_send(set(), sent, sent_shared, {p[1], p[3]}) == []
