@@ -127,6 +127,7 @@ class App:
         # The cross-host migration under way (this VMM its source), or the last one's result.
         self.migration: RemoteSource | None = None
         self.migration_result: dict[str, Any] | None = None
+        self.migration_sent = False  # SEND_FINISH done: this VMM never runs the guest again
         self.program = list(program)
         self.run_args = list(run_args)
         self.vmm = Vmm(cfg, flags)
@@ -428,6 +429,18 @@ class App:
                     self.shutdown(0)
 
     def _stop_during_handoff(self, name: str) -> None:
+        if self.migration is not None:
+            # A cross-host migration: cancelled before its commit point (the guest stays and
+            # stops here); past it, the guest is the target's and this VMM ends with it.
+            cancelled = self.migration.cancel(f"{name}: the VMM is stopping")
+            log.warning(
+                "%s during a migration: %s",
+                name,
+                "cancelling it; the guest stays here and stops with this VMM"
+                if cancelled
+                else "past its commit point: the guest runs on the target",
+            )
+            return
         if not self.handoff_pausing:
             log.warning(
                 "%s during a handoff's setup: cancelling the handoff; the guest stays here "
@@ -649,6 +662,11 @@ class App:
     async def qmp_cont(self, args: dict[str, Any]) -> dict[str, Any]:
         if self.handoff_busy:
             raise QMPCommandError("a handoff is in progress; try again when it has finished")
+        if self.migration_sent:
+            raise QMPCommandError(
+                "the guest was migrated: SEND_FINISH made this copy SENT, and it never runs "
+                "here again; it runs on the target (or waits there for Commit)"
+            )
         if self.record.role == "source" and self.record.status == "completed":
             # Resuming here would run a second copy of a guest that the successor runs now.
             raise QMPCommandError(
@@ -783,6 +801,7 @@ class App:
         try:
             result = await migration.run()
         finally:
+            self.migration_sent = self.migration_sent or migration.sent
             self.handoff_busy = False
             self.migration = None
         self.migration_result = result.to_qmp()

@@ -530,3 +530,33 @@ async def test_a_target_in_doubt_holds_the_guest_until_the_source_decides(
         assert b.vm_states() == ["RUNNING"] and a.kvm.stats()["vms"] == []
         report = await _continuous(source, target)
         assert report.problems(VCPUS) == []
+
+
+async def test_sigterm_of_the_source_during_pre_copy_cancels_and_stops_the_guest_here(
+    hosts: tuple[Host, Host], pki: dict[str, TlsFiles]
+) -> None:
+    """A stop before the commit point cancels the migration (SEND_CANCEL) and stops the guest
+    where it runs, here; the target tears its half down. Nothing is left on either host."""
+    a, b = hosts
+    source = a.vmm("source", *tls_flags(pki["source"]))
+    source.start()
+    await source.wait_lines(2)
+    target, address = start_target(b, pki["target"])
+    from handoff.qmp.client import QMPClient
+
+    async with await QMPClient.connect(source.control) as qmp:
+        await qmp.execute("migrate", {"uri": address, "x-min-rounds": 1000})
+        while (await qmp.next_event("MIGRATION")).data.get("round", 0) < 3:
+            pass
+        assert source.process is not None
+        source.process.terminate()
+        with trio.fail_after(20):
+            while True:
+                data = dict((await qmp.next_event("MIGRATION")).data)
+                if data.get("status") != "active":
+                    break
+    assert data["status"] == "cancelled" and data["recovery"] == "cancel-and-resume", data
+    assert await wait_exit(source) == 0
+    assert await wait_exit(target) == 1
+    assert a.kvm.stats()["vms"] == []
+    no_guest_left(b)
