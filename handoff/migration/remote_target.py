@@ -100,7 +100,10 @@ def guest_differences(vmm: Vmm, describe: remote.Describe) -> list[str]:
         ("flip-every", cfg.flip_every, describe.flip_every),
     ):
         if ours != theirs:
-            out.append(f"{name}: source {theirs}, target {ours}")
+            if name == "policy":
+                out.append(f"policy: source {theirs:#x}, target {ours:#x}")
+            else:
+                out.append(f"{name}: source {theirs}, target {ours}")
     slots = tuple((s.slot, s.guest_phys_addr, s.size) for s in describe.slots)
     if slots != tuple((s.slot, s.guest_phys_addr, s.size) for s in cfg.slots()):
         out.append("memory slots differ")

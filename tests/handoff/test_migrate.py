@@ -560,3 +560,36 @@ async def test_sigterm_of_the_source_during_pre_copy_cancels_and_stops_the_guest
     assert await wait_exit(target) == 1
     assert a.kvm.stats()["vms"] == []
     no_guest_left(b)
+
+
+async def test_a_target_under_another_amd_root_is_refused_by_send_start_for_a_sev_policy(
+    tmp_path: Path, amd_root: Path, pki: dict[str, TlsFiles]
+) -> None:
+    """Checklist: a source told to send to an unvouched PDH with policy SEV refuses: the
+    target's chain does not lead to this firmware's AMD root (INVALID_CERTIFICATE), nothing of
+    the guest is sent, it keeps running here, and the target drops what it prepared."""
+    foreign_root = tmp_path / "foreign-root"
+    foreign_root.mkdir(mode=0o700)
+    a = Host(tmp_path / "host-a", amd_root)
+    try:
+        c = Host(tmp_path / "host-c", foreign_root)
+    except BaseException:
+        a.stop()
+        raise
+    try:
+        source = a.vmm("source", *tls_flags(pki["source"]), "--policy", "0x20")  # SEV
+        source.start()
+        await source.wait_lines(2)
+        target, address = start_target(c, pki["target"], "target", "--policy", "0x20")
+        result = await migrate_qmp(source, uri=address)
+        assert result["status"] == "failed" and result["recovery"] == "nothing-to-do", result
+        assert "SEND_START" in result["error"] and "0x6" in result["error"], result
+        assert result["pages"] == 0
+        assert await wait_exit(target) == 1
+        no_guest_left(c)
+        assert a.vm_states() == ["RUNNING"]
+        report = await source.wait_lines(3)
+        assert report.problems(VCPUS) == [], source.log()
+    finally:
+        a.stop()
+        c.stop()
