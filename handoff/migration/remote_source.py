@@ -242,7 +242,9 @@ class RemoteSource:
             except _FAILURES as exc:
                 result.error = _describe_error(exc)
             done = self.conn is not None and self.conn.state is remote.State.DONE
-            if not result.error and self._peer_error and not done:
+            if self._peer_error and not done and not self._cancel_reason:
+                # The target's Cancel (or its end) is the cause; what failed here after it
+                # (a frame the machine would no longer send) is only its echo.
                 result.error = self._peer_error
             if self._scope.cancelled_caught and not result.error:
                 result.error = self._cancel_reason or "cancelled"
