@@ -37,6 +37,7 @@ from handoff.testing.tls import make_pki
 from handoff.transport.tcp import TlsFiles
 
 TARGET_HOST = "127.0.0.3"
+POLL_S = 0.002
 
 
 def say(text: str) -> None:
@@ -164,42 +165,43 @@ async def throughput(bench: Bench, pages: int) -> str:
         start = remote.SendStart(session=session, source_pdh=source_pdh, policy=policy)
         t_conn.receive(s_conn.send(start))
         t_conn.receive(s_conn.send(remote.Round(round=1)))
-        send_s = recv_s = frame_s = 0.0
-        t0 = time.perf_counter()
-        for i in range(pages):
-            gpa = (256 + i) * 4096
-            a = time.perf_counter()
-            header, data = await src.sev_send_update_data(gpa)
-            b = time.perf_counter()
-            message = t_conn.receive(s_conn.send(s_conn.encrypted_page(gpa, header, data)))
-            c = time.perf_counter()
-            assert isinstance(message, remote.EncryptedPage)
-            await dst.sev_receive_update_data(gpa, message.header, message.data)
-            d = time.perf_counter()
-            send_s, frame_s, recv_s = send_s + b - a, frame_s + c - b, recv_s + d - c
-        total = time.perf_counter() - t0
+        results = []
+        half = pages // 2
+        for poll, span in ((0.0, range(half)), (POLL_S, range(half, pages))):
+            send_s = recv_s = frame_s = 0.0
+            t0 = time.perf_counter()
+            with source.hypervisor.polling(poll), target.hypervisor.polling(poll):
+                for i in span:
+                    gpa = (256 + i) * 4096
+                    a = time.perf_counter()
+                    header, data = await src.sev_send_update_data(gpa)
+                    b = time.perf_counter()
+                    frame = s_conn.send(s_conn.encrypted_page(gpa, header, data))
+                    message = t_conn.receive(frame)
+                    c = time.perf_counter()
+                    assert isinstance(message, remote.EncryptedPage)
+                    await dst.sev_receive_update_data(gpa, message.header, message.data)
+                    d = time.perf_counter()
+                    send_s, frame_s, recv_s = send_s + b - a, frame_s + c - b, recv_s + d - c
+            results.append((poll, len(span), time.perf_counter() - t0, send_s, frame_s, recv_s))
     finally:
         for vmm in vmms:
             vmm.close()
-    mb = pages * 4096 / 1e6
-    rows = [
-        [
-            "SEND_UPDATE_DATA (request to kvmstub A and back)",
-            round(send_s, 3),
-            f"{send_s / total:.0%}",
-        ],
-        ["protocol frame: encode, check, decode", round(frame_s, 3), f"{frame_s / total:.0%}"],
-        [
-            "RECEIVE_UPDATE_DATA (request to kvmstub B and back)",
-            round(recv_s, 3),
-            f"{recv_s / total:.0%}",
-        ],
-    ]
-    return (
-        f"\n## Private-page throughput: {pages} pages, {mb / total:.1f} MB/s "
-        f"({total:.2f} s; no TLS, one page per request as KVM)\n\n"
-        + table(["part", "seconds", "share"], rows)
-    )
+    out = []
+    for poll, count, total, send_s, frame_s, recv_s in results:
+        parts = [
+            ("SEND_UPDATE_DATA (request to kvmstub A and back)", send_s),
+            ("protocol frame: encode, check, decode", frame_s),
+            ("RECEIVE_UPDATE_DATA (request to kvmstub B and back)", recv_s),
+        ]
+        rows: list[list[Any]] = [[name, round(t, 3), f"{t / total:.0%}"] for name, t in parts]
+        how = f"replies polled for {poll * 1e3:g} ms" if poll else "replies awaited in trio"
+        out.append(
+            f"\n## Private-page throughput: {count} pages, {count * 4096 / 1e6 / total:.1f} MB/s "
+            f"({total:.2f} s; {how}; no TLS, one page per request as KVM)\n\n"
+            + table(["part", "seconds", "share"], rows)
+        )
+    return "\n".join(out)
 
 
 def table(header: list[str], rows: list[list[Any]]) -> str:
