@@ -1,7 +1,7 @@
 """The `kvmstub` command: `kvmstub serve` runs the daemon, `kvmstub stats` shows its state.
 
     kvmstub serve [--socket PATH] [--sev-asids N] [--sev-es-asids N] [--slice-us N]
-                  [--quantum-us N] [--halt-poll-us N]
+                  [--quantum-us N] [--halt-poll-us N] [--state-dir DIR] [--amd-root DIR]
     kvmstub stats [--socket PATH] [--json]
 
 The socket defaults to $KVMSTUB_SOCKET, else $XDG_RUNTIME_DIR/kvmstub/kvm.sock, else
@@ -21,8 +21,9 @@ from typing import Any
 
 import trio
 
-from kvmstub import client, daemon
+from kvmstub import client, daemon, keystore
 from kvmstub.model import Host
+from kvmstub.platform import AmdRoot, Platform, PlatformKeys
 
 
 def _int_in(low: int, high: int) -> Callable[[str], int]:
@@ -102,6 +103,23 @@ def _parser() -> argparse.ArgumentParser:
         "each time; for a CPU the daemon has to itself (default: 0, off)",
     )
     serve.add_argument(
+        "--state-dir",
+        default=None,
+        metavar="DIR",
+        help="keep this host's SEV platform keys (PDH, PEK, OCA, CEK) in DIR, created (mode "
+        "0700) on first use, so the platform keeps its identity across restarts (default: "
+        "fresh keys each run)",
+    )
+    serve.add_argument(
+        "--amd-root",
+        default=None,
+        metavar="DIR",
+        help="the simulated AMD root (ARK, ASK) that signs this platform's CEK, kept in DIR "
+        "and created there on first use; hosts naming the same DIR trust each other's "
+        "certificate chains, as genuine AMD platforms do (a simulated key, never AMD's; "
+        "default: a root of this daemon's own, made when first needed)",
+    )
+    serve.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error"],
         default="warning",
@@ -138,6 +156,11 @@ def _serve(args: argparse.Namespace) -> int:
         options["sev_es_asids"] = args.sev_es_asids
     if args.slice_us is not None:
         options["slice_ns"] = args.slice_us * 1000
+    try:
+        options["platform"] = _platform(args.state_dir, args.amd_root)
+    except keystore.KeystoreError as e:
+        print(f"kvmstub: {e}", file=sys.stderr)
+        return 1
     host = Host(**options)
     quantum_ns = daemon.DEFAULT_QUANTUM_NS if args.quantum_us is None else args.quantum_us * 1000
     _harden()
@@ -157,6 +180,15 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"kvmstub: cannot serve {path}: {e.strerror or e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _platform(state_dir: str | None, amd_root: str | None) -> Platform:
+    """The SEV platform this daemon plays: its keys from --state-dir and the AMD root from
+    --amd-root when given, else fresh ones."""
+    root = keystore.load_or_create_root(amd_root) if amd_root else AmdRoot()
+    if state_dir:
+        return keystore.load_or_create_platform(state_dir, root)
+    return Platform(PlatformKeys.generate(), root)
 
 
 def _harden() -> None:
@@ -225,6 +257,14 @@ def format_stats(stats: dict[str, Any]) -> str:
     if not rows:
         lines.append("(no VMs)")
     lines.append("")
+    platform = stats.get("platform")
+    if isinstance(platform, dict):
+        root = platform.get("amd_root_fingerprint")
+        lines.append(
+            f"SEV platform: {platform.get('state', '?')}, API {platform.get('api', '?')}, "
+            f"PDH {str(platform.get('pdh_fingerprint', '?'))[:16]}, "
+            f"AMD root {str(root)[:16] if root else '(not made yet)'}"
+        )
     for key, name in (("sev", "SEV"), ("sev_es", "SEV-ES")):
         counts = stats.get("asids", {}).get(key, {})
         lines.append(

@@ -32,7 +32,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
 
@@ -50,6 +50,8 @@ def _raise_for(reply: wire.Error) -> None:
     """The OSError fcntl.ioctl would raise (OSError picks the errno's subclass itself)."""
     err = OSError(reply.errno, reply.message or os.strerror(reply.errno))
     err.fw_error = reply.fw_error  # type: ignore[attr-defined]
+    # What the kernel copied back although the command failed (a query's length).
+    err.fields = dict(reply.fields or {})  # type: ignore[attr-defined]
     raise err
 
 
@@ -358,6 +360,54 @@ class Kvm(_KvmFile):
         reply, _ = await self._call(wire.Stats(self._next_id()), wire.StatsReply)
         return reply.stats
 
+    # /dev/sev: kvmstub serves the SEV platform device on the same socket.
+
+    async def sev_issue_cmd(
+        self, cmd: int, *, null_data: bool = False, **fields: int | bytes
+    ) -> dict[str, int | bytes]:
+        """The /dev/sev ioctl SEV_ISSUE_CMD: platform command `cmd` (uapi.SEV_PLATFORM_STATUS,
+        SEV_PDH_CERT_EXPORT, ...) with its struct's fields by their kernel names; returns
+        the output fields. A firmware failure is OSError(EIO) with `fw_error` and `fields`."""
+        if null_data and fields:
+            raise TypeError("null_data=True sends no fields")
+        request = wire.SevIssueCmd(self._next_id(), cmd, None if null_data else fields)
+        reply, _ = await self._call(request, wire.Ok)
+        return dict(reply.fields or {})
+
+    async def sev_platform_status(self) -> dict[str, int | bytes]:
+        """SEV_PLATFORM_STATUS -> {api_major, api_minor, state, flags, build, guest_count}."""
+        return await self.sev_issue_cmd(uapi.SEV_PLATFORM_STATUS, null_data=True)
+
+    async def sev_pdh_cert_export(self) -> tuple[bytes, bytes]:
+        """SEV_PDH_CERT_EXPORT as a VMM issues it: the length query (EIO with fw_error
+        INVALID_LEN and both lengths filled in), then the export. Returns (PDH certificate,
+        PEK || OCA || CEK), what the target of a migration hands its source."""
+        try:
+            await self.sev_issue_cmd(uapi.SEV_PDH_CERT_EXPORT, pdh_cert_len=0, cert_chain_len=0)
+            raise OSError(errno.EPROTO, "kvmstub: PDH_CERT_EXPORT length query succeeded")
+        except OSError as e:
+            if getattr(e, "fw_error", None) != uapi.SEV_RET_INVALID_LEN:
+                raise
+            lengths: dict[str, int | bytes] = e.fields  # type: ignore[attr-defined]
+        out = await self.sev_issue_cmd(
+            uapi.SEV_PDH_CERT_EXPORT,
+            pdh_cert_address=1,
+            pdh_cert_len=lengths["pdh_cert_len"],
+            cert_chain_address=1,
+            cert_chain_len=lengths["cert_chain_len"],
+        )
+        pdh, chain = out["pdh_cert"], out["cert_chain"]
+        assert isinstance(pdh, bytes) and isinstance(chain, bytes)
+        return pdh, chain
+
+    async def sev_amd_cert_chain(self) -> bytes:
+        """ASK || ARK of this host's platform: kvmstub's stand-in for AMD's key server (not a
+        kernel command)."""
+        out = await self.sev_issue_cmd(uapi.KVMSTUB_SEV_AMD_CERT_CHAIN, null_data=True)
+        chain = out["amd_certs"]
+        assert isinstance(chain, bytes)
+        return chain
+
 
 class Vm(_KvmFile):
     """A VM fd. Only its creating process may issue its ioctls (others get EIO); any
@@ -404,6 +454,41 @@ class Vm(_KvmFile):
         )
         await self._call(request, wire.Ok, fd if fd >= 0 else None)
 
+    async def get_dirty_log(self, slot: int) -> bytes:
+        """KVM_GET_DIRTY_LOG: the dirty bitmap of memory slot `slot`, ALIGN(npages, 64) / 8
+        bytes, bit i (bit i % 8 of byte i // 8) = page i of the slot written by the guest.
+        Read-and-clear, unless KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is enabled: then the bits
+        stay until `clear_dirty_log`. Only the guest's writes are logged, never the VMM's
+        own writes to its memfd. ENOENT for a slot without KVM_MEM_LOG_DIRTY_PAGES (or no
+        such slot), EINVAL for a slot id out of range."""
+        reply, _ = await self._call(wire.GetDirtyLog(self._next_id(), slot), wire.DirtyLogReply)
+        if len(reply.bitmap) > reply.size:
+            raise OSError(errno.EPROTO, "kvmstub: dirty bitmap longer than its size")
+        return reply.bitmap.ljust(reply.size, b"\0")
+
+    async def clear_dirty_log(
+        self, slot: int, first_page: int, num_pages: int, bitmap: bytes
+    ) -> None:
+        """KVM_CLEAR_DIRTY_LOG: clear the pages whose bits are set in `bitmap` (bit i = page
+        first_page + i) from the slot's log. `first_page` must be a multiple of 64, and
+        `num_pages` too unless the range ends at the slot's end (EINVAL); `bitmap` needs
+        ALIGN(num_pages, 64) / 8 bytes (fewer: EFAULT). At most 128 KiB of bitmap a call
+        (a million pages): clear a larger log in parts."""
+        request = wire.ClearDirtyLog(self._next_id(), slot, first_page, num_pages, bytes(bitmap))
+        await self._call(request, wire.Ok)
+
+    async def set_msr_filter(
+        self, ranges: Sequence[uapi.MsrFilterRange], flags: int = uapi.KVM_MSR_FILTER_DEFAULT_ALLOW
+    ) -> None:
+        """KVM_X86_SET_MSR_FILTER: replace the VM's MSR filter with up to 16 `ranges` and
+        `flags` (KVM_MSR_FILTER_DEFAULT_DENY or 0). A filtered access exits to the VMM as
+        KVM_EXIT_X86_RDMSR / KVM_EXIT_X86_WRMSR when KVM_CAP_X86_USER_SPACE_MSR enabled
+        KVM_MSR_EXIT_REASON_FILTER; otherwise the guest gets #GP."""
+        wire_ranges = tuple(
+            wire.WireMsrFilterRange(r.flags, r.nmsrs, r.base, r.bitmap) for r in ranges
+        )
+        await self._call(wire.SetMsrFilter(self._next_id(), flags, wire_ranges), wire.Ok)
+
     async def enable_cap(self, cap: int, *args: int | Vm, flags: int = 0) -> int:
         """KVM_ENABLE_CAP with up to four args.
 
@@ -446,6 +531,95 @@ class Vm(_KvmFile):
         request = wire.SevIoctl(self._next_id(), cmd, None if null_data else fields)
         reply, _ = await self._call(request, wire.Ok)
         return dict(reply.fields or {})
+
+    # Cross-host SEV migration (the SEND_* and RECEIVE_* commands), as a VMM issues them.
+    # Each is one KVM_MEMORY_ENCRYPT_OP (two for sev_send_start: the length query first);
+    # failures are OSError with the kernel's errno, a firmware failure EIO with `fw_error`.
+
+    async def sev_send_start(
+        self, pdh_cert: bytes, plat_certs: bytes, amd_certs: bytes
+    ) -> tuple[bytes, int]:
+        """KVM_SEV_SEND_START towards the platform whose PDH certificate and chains are given
+        (the target's `sev_pdh_cert_export()` and `sev_amd_cert_chain()`): the session-length
+        query, then the command. Returns (session blob, guest policy) for the target's
+        `sev_receive_start`. The guest goes RUNNING -> SUPDATE and keeps running."""
+        try:
+            await self.sev_ioctl(uapi.KVM_SEV_SEND_START, session_len=0)
+            raise OSError(errno.EPROTO, "kvmstub: SEND_START length query succeeded")
+        except OSError as e:
+            if getattr(e, "fw_error", None) != uapi.SEV_RET_INVALID_LEN:
+                raise
+            session_len = e.fields["session_len"]  # type: ignore[attr-defined]
+        out = await self.sev_ioctl(
+            uapi.KVM_SEV_SEND_START,
+            pdh_cert=pdh_cert,
+            plat_certs=plat_certs,
+            amd_certs=amd_certs,
+            session_uaddr=1,
+            session_len=session_len,
+        )
+        session, policy = out["session"], out["policy"]
+        assert isinstance(session, bytes) and isinstance(policy, int)
+        return session, policy
+
+    async def sev_send_update_data(
+        self, gpa: int, length: int = uapi.PAGE_SIZE, hdr_len: int = 52
+    ) -> tuple[bytes, bytes]:
+        """KVM_SEV_SEND_UPDATE_DATA of guest [gpa, gpa+length) (within one page, 16-byte
+        aligned, a multiple of 16): returns (packet header, transport ciphertext)."""
+        out = await self.sev_ioctl(
+            uapi.KVM_SEV_SEND_UPDATE_DATA,
+            hdr_uaddr=1,
+            hdr_len=hdr_len,
+            guest_uaddr=gpa,
+            guest_len=length,
+            trans_uaddr=1,
+            trans_len=length,
+        )
+        hdr, trans = out["hdr"], out["trans"]
+        assert isinstance(hdr, bytes) and isinstance(trans, bytes)
+        return hdr, trans
+
+    async def sev_send_finish(self) -> None:
+        """KVM_SEV_SEND_FINISH: the source guest is SENT and never runs again."""
+        await self.sev_ioctl(uapi.KVM_SEV_SEND_FINISH)
+
+    async def sev_send_cancel(self) -> None:
+        """KVM_SEV_SEND_CANCEL: back to RUNNING, the channel zeroed; may start again."""
+        await self.sev_ioctl(uapi.KVM_SEV_SEND_CANCEL)
+
+    async def sev_receive_start(
+        self, pdh_cert: bytes, session: bytes, policy: int, handle: int = 0
+    ) -> int:
+        """KVM_SEV_RECEIVE_START on a VM that did KVM_SEV_INIT: `pdh_cert` is the *source*
+        platform's PDH certificate, `session` and `policy` what its sev_send_start returned.
+        Binds the VM's ASID to the new guest (RUPDATE). Returns the firmware handle."""
+        out = await self.sev_ioctl(
+            uapi.KVM_SEV_RECEIVE_START,
+            handle=handle,
+            policy=policy,
+            pdh=pdh_cert,
+            session=session,
+        )
+        new = out["handle"]
+        assert isinstance(new, int)
+        return new
+
+    async def sev_receive_update_data(self, gpa: int, hdr: bytes, trans: bytes) -> None:
+        """KVM_SEV_RECEIVE_UPDATE_DATA: verify one packet and write it at guest `gpa` under
+        this guest's key (EIO with fw_error BAD_MEASUREMENT, memory unchanged, if it does
+        not verify)."""
+        await self.sev_ioctl(
+            uapi.KVM_SEV_RECEIVE_UPDATE_DATA,
+            hdr=hdr,
+            guest_uaddr=gpa,
+            guest_len=len(trans),
+            trans=trans,
+        )
+
+    async def sev_receive_finish(self) -> None:
+        """KVM_SEV_RECEIVE_FINISH: the received guest is RUNNING."""
+        await self.sev_ioctl(uapi.KVM_SEV_RECEIVE_FINISH)
 
     async def memory_encrypt_reg_region(self, addr: int, size: int) -> None:
         """KVM_MEMORY_ENCRYPT_REG_REGION (addr is a guest physical address here)."""
@@ -499,8 +673,8 @@ class Vcpu(_KvmFile):
 
     An exit is completed as in KVM, where the VMM writes into kvm_run before re-entering:
     after an IN exit call `complete_io(data)`, after a hypercall exit
-    `complete_hypercall(ret)`; the next `run()` hands it in. A completion stays pending
-    until a `run()` succeeds.
+    `complete_hypercall(ret)`, after an MSR exit `complete_msr(error)`; the next `run()`
+    hands it in. A completion stays pending until a `run()` succeeds.
     """
 
     _kind = "vcpu"
@@ -509,6 +683,7 @@ class Vcpu(_KvmFile):
         super().__init__(sock)
         self._io_data: bytes | None = None
         self._hypercall_ret: int | None = None
+        self._msr_error: int | None = None
         self._started: int | None = None  # the id of a KVM_RUN sent by start_run()
         self.kvm_run = kvm_run or KvmRun(mmap.mmap(-1, KvmRun.SIZE))
 
@@ -524,6 +699,22 @@ class Vcpu(_KvmFile):
         """kvm_run.hypercall.ret for the last hypercall exit; negative values are stored as
         the u64 the kernel would see (e.g. -KVM_ENOSYS)."""
         self._hypercall_ret = ret & wire.U64_MAX
+
+    def complete_msr(self, error: int = 0) -> None:
+        """kvm_run.msr.error for the last KVM_EXIT_X86_WRMSR / RDMSR exit: 0 lets the
+        access complete, anything else makes the guest take #GP. A missing completion is 0,
+        as the kernel finds kvm_run.msr.error as it left it (zeroed at the exit)."""
+        self._msr_error = error & 0xFF
+
+    async def set_cpuid2(self, entries: Sequence[uapi.CpuidEntry]) -> None:
+        """KVM_SET_CPUID2: what the guest's CPUID answers (`uapi.kvm_cpuid_leaves` builds
+        the KVM paravirtual leaves). E2BIG for more than 256 entries; EINVAL for a
+        different table once the vCPU has run."""
+        entries_ = tuple(
+            wire.WireCpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+            for e in entries
+        )
+        await self._call(wire.SetCpuid2(self._next_id(), entries_), wire.Ok)
 
     @property
     def run_in_flight(self) -> bool:
@@ -542,7 +733,9 @@ class Vcpu(_KvmFile):
         sock = self._sock
         if sock is None or self._started is not None or not self._lock.try_acquire():
             return False
-        request = wire.Run(self._next_id(), False, self._io_data, self._hypercall_ret)
+        request = wire.Run(
+            self._next_id(), False, self._io_data, self._hypercall_ret, self._msr_error
+        )
         try:
             sock.send(wire.encode(request), socket.MSG_NOSIGNAL)
         except OSError:  # full or broken: run() sends (and reports) it the usual way
@@ -560,14 +753,16 @@ class Vcpu(_KvmFile):
             if immediate_exit:
                 raise RuntimeError("a KVM_RUN started by start_run() is in flight")
             return await self._finish_run()
-        request = wire.Run(self._next_id(), immediate_exit, self._io_data, self._hypercall_ret)
+        request = wire.Run(
+            self._next_id(), immediate_exit, self._io_data, self._hypercall_ret, self._msr_error
+        )
         try:
             reply, _ = await self._call(request, wire.RunReply)
         except InterruptedError:
             # EINTR (immediate_exit) still took the completion, as KVM does.
-            self._io_data = self._hypercall_ret = None
+            self._io_data = self._hypercall_ret = self._msr_error = None
             raise
-        self._io_data = self._hypercall_ret = None
+        self._io_data = self._hypercall_ret = self._msr_error = None
         return reply.exit
 
     async def _finish_run(self) -> uapi.RunExit:
@@ -583,9 +778,9 @@ class Vcpu(_KvmFile):
         try:
             reply, _ = self._judge(raw, fds, wire.RunReply)
         except InterruptedError:
-            self._io_data = self._hypercall_ret = None  # as in run()
+            self._io_data = self._hypercall_ret = self._msr_error = None  # as in run()
             raise
-        self._io_data = self._hypercall_ret = None
+        self._io_data = self._hypercall_ret = self._msr_error = None
         return reply.exit
 
     async def get_regs(self) -> uapi.Regs:

@@ -51,9 +51,11 @@ from functools import partial
 from pathlib import Path
 from typing import IO, Any, Final
 
+import msgspec
 import trio
 
-from kvmstub import wire
+from kvmstub import uapi, wire
+from kvmstub.memory import dirty_bitmap_bytes
 from kvmstub.model import Host, Vcpu, Vm
 
 log = logging.getLogger(__name__)
@@ -133,12 +135,18 @@ _Answer = tuple[wire.Reply, list[int] | None]
 _Handled = _Answer | None | Callable[[], Awaitable[_Answer | None]]
 
 
-def _error(request_id: int, err: int, message: str, fw_error: int | None = None) -> wire.Error:
+def _error(
+    request_id: int,
+    err: int,
+    message: str,
+    fw_error: int | None = None,
+    fields: dict[str, int | bytes] | None = None,
+) -> wire.Error:
     if not 1 <= err <= 4095:
         err = errno.EINVAL
     if fw_error is not None and not 0 <= fw_error <= wire.U32_MAX:
         fw_error = None
-    return wire.Error(request_id, err, message[:_MAX_MESSAGE], fw_error)
+    return wire.Error(request_id, err, message[:_MAX_MESSAGE], fw_error, fields or None)
 
 
 # struct kvm_run: request_interrupt_window (u8) at 0, immediate_exit (u8) at 1.
@@ -188,6 +196,23 @@ def _parse_ancillary(ancdata: list[tuple[int, int, bytes]]) -> tuple[int | None,
         elif kind == socket.SCM_CREDENTIALS and len(payload) >= _CREDENTIALS.size:
             pid = _CREDENTIALS.unpack_from(payload)[0]
     return pid, fds
+
+
+def _check_log_fits(vm: Vm, slot: int) -> None:
+    """kvmstub's limit, not the kernel's: a dirty log travels in one reply, at most
+    MAX_SPILLED bytes, so a logging slot over 2 TiB cannot be read (ENOMEM, said first so
+    that no dirty bit is lost to a reply that cannot be sent)."""
+    if slot >> 16 or vm.memory is None:
+        return
+    for s in vm.memory.slots():
+        if s.slot == slot and s.flags & uapi.KVM_MEM_LOG_DIRTY_PAGES:
+            size = dirty_bitmap_bytes(s.memory_size // uapi.PAGE_SIZE)
+            if size > wire.MAX_SPILLED - 64:
+                raise OSError(
+                    errno.ENOMEM,
+                    f"kvmstub: the dirty log of slot {slot} is {size} bytes, more than a "
+                    f"reply carries ({wire.MAX_SPILLED}): use memory slots of at most 2 TiB",
+                )
 
 
 def _spill(data: bytes) -> int:
@@ -635,7 +660,11 @@ class Daemon:
         except OSError as e:
             message = e.strerror or str(e)
             return _error(
-                request.id, e.errno or errno.EINVAL, message, getattr(e, "fw_error", None)
+                request.id,
+                e.errno or errno.EINVAL,
+                message,
+                getattr(e, "fw_error", None),
+                getattr(e, "fields", None),
             ), None
         except _DEFAULT_ANSWER_ERRNOS as e:
             log.exception("model refused %s with a non-OSError", type(request).__name__)
@@ -676,6 +705,7 @@ class Daemon:
                     immediate_exit=request.immediate_exit or end.kicked(),
                     io_data=request.io_data,
                     hypercall_ret=request.hypercall_ret,
+                    msr_error=request.msr_error,
                 )
                 if failed is not None:
                     return wire.RunReply(rid, failed), None
@@ -692,6 +722,9 @@ class Daemon:
                 return self._hand_out(rid, new_vm, None, new_vm.put)
             case wire.Stats():
                 return wire.StatsReply(rid, self._stats()), None
+            case wire.SevIssueCmd():
+                fields = None if request.fields is None else dict(request.fields)
+                return wire.Ok(rid, 0, host.sev_issue_cmd(request.cmd, fields)), None
             case wire.CreateVcpu():
                 assert vm is not None
                 new_vcpu = vm.create_vcpu(pid, request.vcpu_id)
@@ -708,6 +741,19 @@ class Daemon:
                     request.offset,
                 )
                 return wire.Ok(rid), None
+            case wire.GetDirtyLog():
+                assert vm is not None
+                if not self._gated(end, pid):
+                    _check_log_fits(vm, request.slot)  # before the log is read and cleared
+                bitmap = vm.get_dirty_log(pid, request.slot)
+                # Only up to the last dirty byte travels; the client pads with zeros.
+                return wire.DirtyLogReply(rid, bitmap.rstrip(b"\0"), len(bitmap)), None
+            case wire.ClearDirtyLog():
+                assert vm is not None
+                vm.clear_dirty_log(
+                    pid, request.slot, request.first_page, request.num_pages, request.bitmap
+                )
+                return wire.Ok(rid), None
             case wire.EnableCap():
                 assert vm is not None
                 args: list[int | Vm | None] = [0, 0, 0, 0]  # struct kvm_enable_cap.args[4]
@@ -719,6 +765,11 @@ class Daemon:
                 return self._enable_cap(
                     request, vm.enable_cap_steps(pid, request.cap, request.flags, args), args[0]
                 )
+            case wire.SetMsrFilter():
+                assert vm is not None
+                ranges = [uapi.MsrFilterRange(*msgspec.structs.astuple(r)) for r in request.ranges]
+                vm.set_msr_filter(pid, request.flags, ranges)
+                return wire.Ok(rid), None
             case wire.SevIoctl():
                 assert vm is not None
                 fields = None if request.fields is None else dict(request.fields)
@@ -731,6 +782,11 @@ class Daemon:
             case wire.UnregRegion():
                 assert vm is not None
                 vm.unreg_region(pid, request.addr, request.size)
+                return wire.Ok(rid), None
+            case wire.SetCpuid2():
+                assert vcpu is not None
+                entries = [uapi.CpuidEntry(*msgspec.structs.astuple(e)) for e in request.entries]
+                vcpu.set_cpuid2(pid, entries)
                 return wire.Ok(rid), None
             case wire.GetRegs():
                 assert vcpu is not None

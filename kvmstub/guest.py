@@ -31,7 +31,17 @@ Register map (struct kvm_regs):
     r15   PANIC reason code while the PANIC line is being written
     rflags  untouched (0x2)
 
-An exit that waits for the VMM (OUT, IN, hypercall) leaves rip at its instruction; `complete`
+Migration control (reference sev-live-migration.md section 2, as Linux guests do it since
+v5.16): when CPUID 0x40000001 (behind the "KVMKVMKVM" signature at 0x40000000) has
+KVM_FEATURE_MIGRATION_CONTROL, vCPU 0 writes KVM_MIGRATION_READY to MSR_KVM_MIGRATION_CONTROL
+at boot, once its pages are set up, and a vCPU that shuts down (after PANIC) writes 0 to it
+first, as Linux's kvm_guest_cpu_offline does. KVM implements no such MSR: the write reaches
+the VMM as a KVM_EXIT_X86_WRMSR exit when it asked for one (an MSR filter, or unknown MSRs
+through KVM_CAP_X86_USER_SPACE_MSR); otherwise the guest takes #GP, which it ignores, as
+Linux's wrmsr fixup does. Without the CPUID bit (no KVM_SET_CPUID2, the default) the guest
+never touches the MSR.
+
+An exit that waits for the VMM (OUT, IN, hypercall, WRMSR) leaves rip at its instruction; `complete`
 finishes it and moves rip on, as KVM does on the next KVM_RUN. An exit that is never
 completed (registers taken without the completing KVM_RUN) is executed again, exactly as an
 x86 vCPU re-executes an I/O instruction that KVM did not skip.
@@ -61,9 +71,13 @@ from kvmstub.uapi import (
     KVM_EXIT_IO_IN,
     KVM_EXIT_IO_OUT,
     KVM_EXIT_SHUTDOWN,
+    KVM_EXIT_X86_WRMSR,
+    KVM_FEATURE_MIGRATION_CONTROL,
     KVM_HC_MAP_GPA_RANGE,
     KVM_MAP_GPA_RANGE_DECRYPTED,
     KVM_MAP_GPA_RANGE_ENCRYPTED,
+    KVM_MIGRATION_READY,
+    MSR_KVM_MIGRATION_CONTROL,
     PAGE_SIZE,
     SERIAL_PORT,
     U64_MASK,
@@ -106,7 +120,12 @@ RIP_FLIP = 0x1200  # check the flip page, then ask for the conversion
 RIP_VMCALL = 0x1210  # MAP_GPA_RANGE hypercall (waits)
 RIP_VMCALL_DONE = 0x1218  # on success rewrite the page in its new form
 RIP_PANIC = 0x1300  # OUT 0x3f8: "PANIC <reason>" (waits)
+RIP_SHUTDOWN = 0x1308  # going down: clear MSR_KVM_MIGRATION_CONTROL if the CPU has it
 RIP_HALT = 0x1310  # halted: KVM_EXIT_SHUTDOWN for ever
+RIP_MIGRATION_READY = 0x1400  # WRMSR MSR_KVM_MIGRATION_CONTROL <- 1, at boot (may wait)
+RIP_MIGRATION_OFF = 0x1410  # WRMSR MSR_KVM_MIGRATION_CONTROL <- 0, before halting (may wait)
+
+_KVM_SIGNATURE = (0x4B4D564B, 0x564B4D56, 0x4D)  # "KVMKVMKVM\0\0\0" in ebx, ecx, edx
 
 _IMAGE = struct.Struct("<8sQQQ")  # magic, vcpus, line_every, flip_every
 _RECORD = struct.Struct("<8sQQQ")  # magic, vcpu, step, chain hash
@@ -164,6 +183,29 @@ class PageAccess(Protocol):
     def write_page(self, gpa: int, data: bytes, private: bool) -> None: ...
 
 
+class CpuAccess(Protocol):
+    """KVM's side of the instructions that are not memory accesses, given by the model:
+    CPUID (answered from the vCPU's KVM_SET_CPUID2 table), WRMSR and VMCALL. `wrmsr` and
+    `hypercall` return the exit for the VMM to serve, or, when KVM handled the instruction
+    itself, whether the WRMSR succeeded (False: #GP) / the hypercall's value for RAX."""
+
+    def cpuid(self, function: int, index: int) -> tuple[int, int, int, int]: ...
+
+    def wrmsr(self, index: int, value: int) -> RunExit | bool: ...
+
+    def hypercall(self, nr: int, a0: int, a1: int, a2: int, a3: int) -> RunExit | int: ...
+
+
+def _migration_control(cpu: CpuAccess | None) -> bool:
+    """kvm_para_has_feature(KVM_FEATURE_MIGRATION_CONTROL), as Linux's guest asks it."""
+    if cpu is None:
+        return False
+    eax, ebx, ecx, edx = cpu.cpuid(0x40000000, 0)
+    if (ebx, ecx, edx) != _KVM_SIGNATURE or eax < 0x40000001:
+        return False
+    return bool(cpu.cpuid(0x40000001, 0)[0] >> KVM_FEATURE_MIGRATION_CONTROL & 1)
+
+
 def _chain(prev: int, step: int) -> int:
     digest = hashlib.blake2b(_LINK.pack(prev, step), digest_size=8).digest()
     return int.from_bytes(digest, "little")
@@ -193,11 +235,16 @@ def _io_out(port: int, size: int, data: bytes) -> RunExit:
 
 
 def complete(
-    regs: Regs, pending: RunExit | None, io_data: bytes | None, hypercall_ret: int | None
+    regs: Regs,
+    pending: RunExit | None,
+    io_data: bytes | None,
+    hypercall_ret: int | None,
+    msr_error: int | None = None,
 ) -> Regs:
     """Finish the exit `pending` (what the last KVM_RUN returned), as KVM does at the start
     of the next KVM_RUN: IN data goes into rax, a hypercall's return value into rax, and rip
-    moves past the instruction.
+    moves past the instruction. A WRMSR's `msr_error` (kvm_run.msr.error) makes it #GP,
+    which this guest ignores, so it moves on either way.
 
     A no-op when nothing is pending, or when rip is not at the instruction that produced
     `pending` (the exit was completed already, or the registers were replaced).
@@ -213,7 +260,7 @@ def complete(
         if out and io.port == SERIAL_PORT and rip == RIP_LINE:
             return msgspec.structs.replace(regs, rip=RIP_LINE_DONE)
         if out and io.port == SERIAL_PORT and rip == RIP_PANIC:
-            return msgspec.structs.replace(regs, rip=RIP_HALT)
+            return msgspec.structs.replace(regs, rip=RIP_SHUTDOWN)
         if out and io.port == DOORBELL_OUT_PORT and rip == RIP_DOORBELL_OUT:
             return msgspec.structs.replace(regs, rip=RIP_DOORBELL_IN)
         if not out and io.port == DOORBELL_IN_PORT and rip == RIP_DOORBELL_IN:
@@ -228,6 +275,13 @@ def complete(
     ):
         ret = (hypercall_ret or 0) & U64_MASK
         return msgspec.structs.replace(regs, rip=RIP_VMCALL_DONE, rax=ret)
+    elif pending.exit_reason == KVM_EXIT_X86_WRMSR and pending.msr is not None:
+        # complete_fast_msr_access: msr.error 0 skips the WRMSR, anything else is #GP,
+        # which this guest ignores (Linux's wrmsr fixup): either way on to the next one.
+        if rip == RIP_MIGRATION_READY:
+            return msgspec.structs.replace(regs, rip=RIP_STEP)
+        if rip == RIP_MIGRATION_OFF:
+            return msgspec.structs.replace(regs, rip=RIP_HALT)
     return regs
 
 
@@ -238,8 +292,9 @@ def run_slice(
     now_ns: int,
     budget_ns: int,
     clock: Callable[[], int],
-    exit_hypercall: bool,
+    exit_hypercall: bool = False,
     interrupted: Callable[[], bool] | None = None,
+    cpu: CpuAccess | None = None,
 ) -> tuple[Regs, RunExit, int]:
     """Run the guest from `regs` until it exits to the VMM or the slice is spent.
 
@@ -250,14 +305,19 @@ def run_slice(
             reaches budget_ns (at least one step runs per slice, so the guest progresses).
         clock: monotonic nanoseconds; the guest measures its own pauses with it.
         exit_hypercall: KVM_CAP_EXIT_HYPERCALL enables MAP_GPA_RANGE exits; without it the
-            hypercall returns -KVM_ENOSYS and the guest keeps the page as it is.
+            hypercall returns -KVM_ENOSYS and the guest keeps the page as it is. Only
+            looked at without `cpu`.
         interrupted: checked between steps; when it says True the slice ends at once with
             KVM_EXIT_INTR (the stand-in for a signal kicking the vCPU thread out of the guest).
+        cpu: KVM's CPUID, WRMSR and hypercall handling (the model's). Without it, CPUID
+            reads all zeros (no migration control) and the hypercall follows
+            `exit_hypercall`.
 
     Returns:
-        (new registers, the exit, steps run). The exit is KVM_EXIT_IO or
-        KVM_EXIT_HYPERCALL for the VMM to serve, KVM_EXIT_INTR when the slice ran out, and
-        KVM_EXIT_SHUTDOWN once the guest has halted (after PANIC) or triple-faulted.
+        (new registers, the exit, steps run). The exit is KVM_EXIT_IO,
+        KVM_EXIT_HYPERCALL or KVM_EXIT_X86_WRMSR for the VMM to serve, KVM_EXIT_INTR when
+        the slice ran out, and KVM_EXIT_SHUTDOWN once the guest has halted (after PANIC)
+        or triple-faulted.
 
     Raises:
         OSError: what `mem` raises (EFAULT for unbacked memory), and only when the slice
@@ -372,7 +432,7 @@ def run_slice(
                     pc, reason = RIP_PANIC, PANIC_MEMORY
                     continue
                 flip_left = flip_every
-                if exit_hypercall:
+                if exit_hypercall or cpu is not None:
                     pc = RIP_VMCALL
                 else:
                     rax = -KVM_ENOSYS & m
@@ -381,11 +441,19 @@ def run_slice(
             if pc == RIP_VMCALL:
                 to_private = (flips + 1) & 1 == 0
                 attrs = KVM_MAP_GPA_RANGE_ENCRYPTED if to_private else KVM_MAP_GPA_RANGE_DECRYPTED
-                exit_ = RunExit(
-                    KVM_EXIT_HYPERCALL,
-                    hypercall=HypercallExit(KVM_HC_MAP_GPA_RANGE, (fgpa, 1, attrs, 0, 0, 0)),
-                )
-                break
+                if cpu is None:
+                    exit_ = RunExit(
+                        KVM_EXIT_HYPERCALL,
+                        hypercall=HypercallExit(KVM_HC_MAP_GPA_RANGE, (fgpa, 1, attrs, 0, 0, 0)),
+                    )
+                    break
+                answer = cpu.hypercall(KVM_HC_MAP_GPA_RANGE, fgpa, 1, attrs, 0)
+                if isinstance(answer, RunExit):
+                    exit_ = answer
+                    break
+                rax = answer & m  # KVM answered itself (-KVM_ENOSYS, -KVM_EINVAL)
+                pc = RIP_VMCALL_DONE
+                continue
             if pc == RIP_VMCALL_DONE:
                 if rax == 0:  # converted: the page now reads as garbage until rewritten
                     nflips = (flips + 1) & m
@@ -422,11 +490,24 @@ def run_slice(
                 line_left, flip_left = lines, flips_every
                 step, head, seq, dsum, flips, gap_max, rax = 0, genesis, 0, 0, 0, 0, 0
                 last = clock() & m
-                pc = RIP_STEP
+                pc = RIP_MIGRATION_READY if vcpu == 0 and _migration_control(cpu) else RIP_STEP
                 continue
             if pc == RIP_HALT:
                 exit_ = _SHUTDOWN
                 break
+            if pc == RIP_SHUTDOWN:
+                pc = RIP_MIGRATION_OFF if _migration_control(cpu) else RIP_HALT
+                continue
+            if pc in (RIP_MIGRATION_READY, RIP_MIGRATION_OFF):
+                ready = pc == RIP_MIGRATION_READY
+                done = RIP_STEP if ready else RIP_HALT
+                value = KVM_MIGRATION_READY if ready else 0
+                written = cpu.wrmsr(MSR_KVM_MIGRATION_CONTROL, value) if cpu is not None else False
+                if isinstance(written, RunExit):
+                    exit_ = written
+                    break
+                pc = done  # written by KVM, or #GP (ignored)
+                continue
             # Anything else is not code: a triple fault, as on hardware.
             pc = RIP_HALT
     except OSError:

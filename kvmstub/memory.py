@@ -13,6 +13,15 @@ see on SEV hardware: ciphertext for private pages.
 Only pages that are read or written are ever touched: a slot over a 1 TiB sparse memfd costs
 nothing until the guest uses it.
 
+Dirty logging. A slot with KVM_MEM_LOG_DIRTY_PAGES has a dirty bitmap, one bit per page in
+the kernel's layout (bit i of byte i/8, rounded up to whole 64-bit words), which only the
+guest's own writes set: `write_guest_page` is the MMU's path, taken by the vCPUs. Writes the
+firmware makes into guest memory (LAUNCH_UPDATE_DATA, DBG_ENCRYPT) and the VMM's writes to
+its memfd are not guest writes, as in the kernel, which logs only what the guest writes
+through its page tables (and what KVM writes on the guest's behalf, of which the stub has
+none). KVM_GET_DIRTY_LOG and KVM_CLEAR_DIRTY_LOG follow kvm_get_dirty_log_protect and
+kvm_clear_dirty_log_protect (virt/kvm/kvm_main.c).
+
 Access path. A memfd that the VMM can still shrink must never be accessed through a mapping:
 touching a mapped page beyond the new end of file raises SIGBUS, which would kill the daemon
 (the whole "host kernel") at the whim of one VMM. So a slot is mapped MAP_SHARED only when its
@@ -55,6 +64,12 @@ KVM_ADDRESS_SPACE_NUM = 1
 
 _VALID_FLAGS = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY
 _PAGE_MASK = PAGE_SIZE - 1
+_BITS_PER_LONG = 64
+
+
+def dirty_bitmap_bytes(npages: int) -> int:
+    """kvm_dirty_bitmap_bytes: the bytes of a slot's dirty bitmap, whole 64-bit words."""
+    return (npages + _BITS_PER_LONG - 1) // _BITS_PER_LONG * 8
 
 
 def _fault(what: str) -> OSError:
@@ -82,7 +97,19 @@ class _Backing:
     """A live slot and its own reference to the memfd: a dup of the caller's fd, or for a
     shrink-sealed memfd the MAP_SHARED mapping (mmap keeps a dup of its own)."""
 
-    __slots__ = ("dev", "end", "fd", "flags", "gpa", "ino", "map", "offset", "size", "slot")
+    __slots__ = (
+        "dev",
+        "dirty",
+        "end",
+        "fd",
+        "flags",
+        "gpa",
+        "ino",
+        "map",
+        "offset",
+        "size",
+        "slot",
+    )
 
     def __init__(
         self,
@@ -106,6 +133,23 @@ class _Backing:
         self.dev = dev
         self.ino = ino
         self.map = mapping
+        # memslot->dirty_bitmap: present exactly while KVM_MEM_LOG_DIRTY_PAGES is set.
+        self.dirty: bytearray | None = None
+
+    def set_dirty_logging(self, flags: int, initially_set: bool) -> None:
+        """kvm_prepare_memory_region's rule for the bitmap under the slot's new flags: none
+        without KVM_MEM_LOG_DIRTY_PAGES; kept when logging was on already (a flags-only
+        change or a move keeps it); else a new one, all clear, or all set under
+        KVM_DIRTY_LOG_INITIALLY_SET with manual protection."""
+        if not flags & KVM_MEM_LOG_DIRTY_PAGES:
+            self.dirty = None
+        elif self.dirty is None:
+            npages = self.size // PAGE_SIZE
+            self.dirty = bytearray(dirty_bitmap_bytes(npages))
+            if initially_set:  # bitmap_set(new->dirty_bitmap, 0, new->npages)
+                self.dirty[: npages // 8] = b"\xff" * (npages // 8)
+                if npages % 8:
+                    self.dirty[npages // 8] = (1 << (npages % 8)) - 1
 
     def close(self) -> None:
         if self.map is not None:
@@ -315,7 +359,15 @@ class GuestMemory:
     # KVM_SET_USER_MEMORY_REGION
 
     def set_region(
-        self, slot: int, flags: int, guest_phys_addr: int, memory_size: int, fd: int, offset: int
+        self,
+        slot: int,
+        flags: int,
+        guest_phys_addr: int,
+        memory_size: int,
+        fd: int,
+        offset: int,
+        *,
+        dirty_initially_set: bool = False,
     ) -> None:
         """Create, move, re-flag or delete a slot, as KVM_SET_USER_MEMORY_REGION does.
 
@@ -327,6 +379,8 @@ class GuestMemory:
             fd: the memfd (or regular file) backing it; it stands for the VMM's mapping of
                 that file, see `_check_mappable`. Duplicated: the caller keeps its own fd.
             offset: where in the memfd the slot starts (the kernel's userspace_addr).
+            dirty_initially_set: the VM runs with KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE |
+                KVM_DIRTY_LOG_INITIALLY_SET: a dirty bitmap made now starts all set.
 
         Raises:
             OSError: EINVAL for a bad slot id, bad flags, misaligned or overflowing
@@ -382,7 +436,9 @@ class GuestMemory:
             ):
                 raise _einval(f"slot {sid} may only move or change flags; delete it first")
             if guest_phys_addr == old.gpa:
-                old.flags = flags  # KVM_MR_FLAGS_ONLY, or nothing to change
+                if flags != old.flags:  # KVM_MR_FLAGS_ONLY (else nothing to change)
+                    old.set_dirty_logging(flags, dirty_initially_set)
+                    old.flags = flags
                 return
         end = guest_phys_addr + memory_size
         for other in self._by_gpa:
@@ -390,10 +446,12 @@ class GuestMemory:
                 raise OSError(errno.EEXIST, f"overlaps slot {other.slot}")
         if old is not None:  # KVM_MR_MOVE: same backing, new place
             self._by_gpa.remove(old)
+            old.set_dirty_logging(flags, dirty_initially_set)
             old.gpa, old.end, old.flags = guest_phys_addr, end, flags
             self._insert(old)
             return
         self._create(sid, flags, guest_phys_addr, memory_size, fd, offset, st)
+        self._slots[sid].set_dirty_logging(flags, dirty_initially_set)
 
     def _create(
         self, sid: int, flags: int, gpa: int, size: int, fd: int, offset: int, st: os.stat_result
@@ -527,3 +585,95 @@ class GuestMemory:
         if vek is not None:
             data = self._xts.encrypt(vek, gpa, data)
         self._pwrite(b, gpa, data)
+
+    def write_guest_page(self, gpa: int, data: bytes, vek: bytes | None) -> None:
+        """`write_page` for a write by the guest itself (a vCPU through its page tables):
+        the page is also marked in its slot's dirty bitmap, when the slot logs dirty pages
+        (mark_page_dirty_in_slot)."""
+        self.write_page(gpa, data, vek)
+        b = self._last
+        assert b is not None and b.gpa <= gpa < b.end  # write_page looked it up
+        dirty = b.dirty
+        if dirty is not None:
+            page = (gpa - b.gpa) >> 12
+            dirty[page >> 3] |= 1 << (page & 7)
+
+    # KVM_GET_DIRTY_LOG / KVM_CLEAR_DIRTY_LOG
+
+    def _logging_slot(self, slot: int) -> _Backing:
+        """The slot a dirty-log ioctl names, checked as both ioctls check it: EINVAL for an
+        address space or slot id out of range, ENOENT for no such slot or a slot without
+        KVM_MEM_LOG_DIRTY_PAGES (virt/kvm/kvm_main.c, kvm_get_dirty_log_protect:
+        `as_id >= KVM_ADDRESS_SPACE_NUM || id >= KVM_USER_MEM_SLOTS` -> -EINVAL;
+        `!memslot || !memslot->dirty_bitmap` -> -ENOENT)."""
+        as_id, sid = (slot >> 16) & 0xFFFF, slot & 0xFFFF
+        if not 0 <= slot <= 0xFFFFFFFF or as_id >= KVM_ADDRESS_SPACE_NUM:
+            raise _einval(f"address space {as_id} does not exist")
+        if sid >= KVM_USER_MEM_SLOTS:
+            raise _einval(f"slot id {sid} >= KVM_USER_MEM_SLOTS")
+        backing = self._slots.get(sid)
+        if backing is None:
+            raise OSError(errno.ENOENT, f"slot {sid} does not exist")
+        if backing.dirty is None:
+            raise OSError(errno.ENOENT, f"slot {sid} does not log dirty pages")
+        return backing
+
+    def get_dirty_log(self, slot: int, *, manual_protect: bool) -> bytes:
+        """KVM_GET_DIRTY_LOG: the slot's dirty bitmap (`dirty_bitmap_bytes(npages)` bytes,
+        bit i = page i of the slot). Without manual protection the bitmap is cleared as it
+        is read (each page is reported once per write since the last read); with
+        KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE it stays until KVM_CLEAR_DIRTY_LOG.
+
+        Raises:
+            OSError: EINVAL for a bad address space or slot id; ENOENT for a slot that
+                does not exist or does not log dirty pages.
+        """
+        backing = self._logging_slot(slot)
+        dirty = backing.dirty
+        assert dirty is not None
+        if manual_protect:
+            return bytes(dirty)
+        backing.dirty = bytearray(len(dirty))  # xchg(&dirty_bitmap[i], 0), word by word
+        return bytes(dirty)
+
+    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: bytes) -> None:
+        """KVM_CLEAR_DIRTY_LOG: clear the bits set in `bitmap` (bit i = page first_page+i)
+        from the slot's dirty bitmap, in kvm_clear_dirty_log_protect's order of checks.
+
+        Raises:
+            OSError: EINVAL for a bad address space or slot id, or for `first_page` not a
+                multiple of 64; ENOENT for a slot that does not exist or does not log;
+                EINVAL for a range past the slot's end or `num_pages` not a multiple of 64
+                short of the end; EFAULT when `bitmap` is shorter than the range needs
+                (the kernel's copy_from_user of ALIGN(num_pages, 64) / 8 bytes).
+        """
+        as_id, sid = (slot >> 16) & 0xFFFF, slot & 0xFFFF
+        if not 0 <= slot <= 0xFFFFFFFF or as_id >= KVM_ADDRESS_SPACE_NUM:
+            raise _einval(f"address space {as_id} does not exist")
+        if sid >= KVM_USER_MEM_SLOTS:
+            raise _einval(f"slot id {sid} >= KVM_USER_MEM_SLOTS")
+        if not 0 <= first_page <= U64_MASK or first_page & 63:
+            raise _einval(f"first_page {first_page} is not a multiple of 64")
+        backing = self._logging_slot(slot)
+        dirty = backing.dirty
+        assert dirty is not None
+        npages = backing.size // PAGE_SIZE
+        if (
+            not 0 <= num_pages <= 0xFFFFFFFF
+            or first_page > npages
+            or num_pages > npages - first_page
+            or (num_pages < npages - first_page and num_pages & 63)
+        ):
+            raise _einval(
+                f"pages {first_page}+{num_pages} of slot {sid} ({npages} pages): the range "
+                "must lie in the slot and be a multiple of 64 pages unless it ends the slot"
+            )
+        n = dirty_bitmap_bytes(num_pages)
+        if len(bitmap) < n:
+            raise _fault(f"the bitmap of {num_pages} pages is {n} bytes, got {len(bitmap)}")
+        if not n:
+            return
+        start = first_page // 8
+        current = int.from_bytes(dirty[start : start + n], "little")
+        mask = int.from_bytes(bitmap[:n], "little")
+        dirty[start : start + n] = (current & ~mask).to_bytes(n, "little")

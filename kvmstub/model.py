@@ -64,6 +64,12 @@ Choices where the kernel or firmware leaves the model free (each marked where it
   KVM's complete_userspace_io stays in the source vCPU. The VMM completes pending exits
   (KVM_RUN with immediate_exit) before it pauses.
 - KVM_CAP_EXIT_HYPERCALL is per VM (kvm->arch) and is not moved: the new VMM enables it.
+  So are the MSR filter, KVM_CAP_X86_USER_SPACE_MSR, manual dirty-log protection and the
+  dirty logs (per slot of each VM), and the CPUID table is per vCPU: MOVE carries none.
+- The guest's hypercalls other than KVM_HC_MAP_GPA_RANGE, and its MSRs, are not KVM's in
+  the stub: every other hypercall is -KVM_ENOSYS, every MSR write is "unsupported" (what
+  KVM says of MSR_KVM_MIGRATION_CONTROL, the only one the guest writes). CPUID leaves
+  missing from the vCPU's table read as zeros (an AMD host's answer).
 - `move_into_dead_ok` (reference section 2, "Pending change"): VM ioctls then skip the
   vm_dead half of the gate, so MOVE back into a moved-from VM succeeds; vCPU creation and
   vCPU ioctls on a dead VM still fail with EIO (Sean Christopherson's stated plan).
@@ -82,13 +88,30 @@ Choices where the kernel or firmware leaves the model free (each marked where it
   (a mirror has no misc_cg, so it never equals the caller's) with nothing ever uncharging it.
   Usage may go negative where the kernel would WARN; `Host.warnings` records it.
 
+Cross-host migration (sev-live-migration.md sections 1.2-1.6): the firmware's SEND_START,
+SEND_UPDATE_DATA, SEND_FINISH, SEND_CANCEL, RECEIVE_START, RECEIVE_UPDATE_DATA and
+RECEIVE_FINISH with their checks in the firmware's order and their status codes, and the
+crypto of `kvmstub.sev_crypto` byte for byte; the platform (`SevFirmware.platform`, a
+`kvmstub.platform.Platform`: PDH key, PEK/OCA/CEK certificates under a simulated AMD root) and
+its state UNINIT/INIT/WORKING; the /dev/sev commands PLATFORM_STATUS and PDH_CERT_EXPORT
+(`Host.sev_issue_cmd`). Choices:
+- The firmware trusts one AMD root: the one its platform's CEK is signed under (AMD's key id
+  and the fused hash of its key, in amd_cert_validate_ark). A chain under another root fails
+  SEND_START with INVALID_CERTIFICATE (policy SEV); a CEK that root did not sign,
+  BAD_SIGNATURE. Each certificate's signature is checked before its fields (sev_cert.c).
+- The platform is INIT from the start (the ccp driver INITs it at probe), WORKING from the
+  first LAUNCH_START or RECEIVE_START, INIT again when DECOMMISSION removes the last guest.
+- KVM_RUN of a guest whose context is SENT fails with EIO: stub policy, not kernel behaviour
+  (KVM does not stop a sent guest; the VMM must never run it again).
+- Buffers the kernel copies out (session, header, transport) are named by a non-zero
+  `*_uaddr` and a length and come back as bytes; buffers it copies in are bytes.
+
 Left out: SEV-SNP (VM type 4 is refused at creation; SNP command ids fail as they do on a
-non-SNP VM), the SEND_*/RECEIVE_* cryptography (their KVM checks and firmware state checks
-are modelled; SEND_START and RECEIVE_START then fail with INVALID_CERTIFICATE because the stub
-has no platform certificate chain, so SUPDATE, SENT and RUPDATE are reachable only by driving
-`SevFirmware` directly), LAUNCH_SECRET (state checked, then BAD_MEASUREMENT: no guest-owner
-session exists to wrap a secret), GET_ATTESTATION_REPORT (firmware UNSUPPORTED), the
-blob-length queries of LAUNCH_MEASURE/SEND_*, RLIMIT_MEMLOCK, and vm_bugged.
+non-SNP VM), SEND/RECEIVE_UPDATE_VMSA (KVM has no handler: EINVAL), LAUNCH_SECRET (state
+checked, then BAD_MEASUREMENT: no guest-owner session exists to wrap a secret),
+GET_ATTESTATION_REPORT (firmware UNSUPPORTED), the blob-length query of LAUNCH_MEASURE, the
+/dev/sev commands other than PLATFORM_STATUS and PDH_CERT_EXPORT (EOPNOTSUPP),
+RLIMIT_MEMLOCK, and vm_bugged.
 """
 
 from __future__ import annotations
@@ -104,9 +127,11 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes, hmac
 
 from kvmstub import guest as guest_program
-from kvmstub import uapi
+from kvmstub import sev_crypto, uapi
 from kvmstub.memory import GuestMemory
-from kvmstub.uapi import PAGE_SIZE, REG_NAMES, Regs, RunExit
+from kvmstub.platform import Platform
+from kvmstub.sev_crypto import AmdCert, BadMac, BadSignature, MalformedCertificate, SevCert
+from kvmstub.uapi import PAGE_SIZE, REG_NAMES, CpuidEntry, MsrFilterRange, Regs, RunExit
 
 # Kernel constants the uapi module does not carry (include/uapi/linux/kvm.h, asm/kvm.h).
 KVM_X86_DEFAULT_VM = 0
@@ -124,6 +149,7 @@ GHCB_VERSION_MIN = 1
 GHCB_VERSION_MAX = 2
 SEV_SUPPORTED_VMSA_FEATURES = 0  # no DEBUG_SWAP on the modelled platform
 ULONG_MAX = (1 << 64) - 1
+KMALLOC_MAX_SIZE = 4 << 20  # the largest buffer kzalloc gives the SEND_UPDATE_DATA copies
 
 # EPYC 7003 (Milan): max_sev_asid 509, BIOS SEV-ES ASID space limit 100.
 DEFAULT_SEV_ES_ASIDS = 99
@@ -155,6 +181,10 @@ _RUNNING = uapi.SEV_GUEST_STATE_RUNNING
 _SUPDATE = uapi.SEV_GUEST_STATE_SUPDATE
 _RUPDATE = uapi.SEV_GUEST_STATE_RUPDATE
 _SENT = uapi.SEV_GUEST_STATE_SENT
+
+SEV_PLATFORM_INIT = uapi.SEV_STATE_INIT
+SEV_PLATFORM_WORKING = uapi.SEV_STATE_WORKING
+SEV_PLATFORM_STATE_NAMES = uapi.SEV_STATE_NAMES
 
 _LIVE_STATES = (_LUPDATE, _LSECRET, _RUNNING, _SUPDATE, _RUPDATE)
 
@@ -190,12 +220,17 @@ class SevFwError(OSError):
     """A failed SEV firmware command: errno EIO, as KVM returns it, and the SEV status code
     (`kvm_sev_cmd.error`) in `fw_error`."""
 
-    def __init__(self, fw_error: int, message: str) -> None:
+    def __init__(
+        self, fw_error: int, message: str, fields: dict[str, int | bytes] | None = None
+    ) -> None:
         super().__init__(errno.EIO, message)
         self.fw_error = fw_error
+        # Output fields KVM copies back even though the command failed (the lengths of the
+        # query convention, SEND_START's policy and session_len).
+        self.fields: dict[str, int | bytes] = dict(fields or {})
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.fw_error, self.strerror))
+        return (type(self), (self.fw_error, self.strerror, self.fields))
 
 
 def _err(code: int, message: str) -> OSError:
@@ -217,21 +252,53 @@ class GuestContext:
     state: int = _UNINIT
     asid: int = 0  # bound by ACTIVATE, 0 when inactive
     launch_digest: Any = field(default_factory=hashlib.sha256)  # GCTX.LD, running SHA-256
+    channel: Channel | None = None  # the transport channel of SEND_* / RECEIVE_*
 
     def digest(self) -> bytes:
         return bytes(self.launch_digest.copy().digest())
 
 
+@dataclass(eq=False)
+class Channel:
+    """A guest's transport channel (sev_channel.c): TEK and TIK, opened by SEND_START or
+    RECEIVE_START, zeroed by SEND_FINISH, SEND_CANCEL and RECEIVE_FINISH."""
+
+    tek: bytearray
+    tik: bytearray
+
+    def zero(self) -> None:
+        self.tek[:] = bytes(len(self.tek))
+        self.tik[:] = bytes(len(self.tik))
+
+
 class SevFirmware:
     """The SEV firmware (the PSP): guest contexts by handle, each guest's state, keys, policy,
-    and the ASIDs bound to them. Commands raise SevFwError with the SEV status code."""
+    and the ASIDs bound to them; the platform (its state and its identity, `platform`).
+    Commands raise SevFwError with the SEV status code."""
 
-    def __init__(self, *, es_supported: bool, is_es_asid: Callable[[int], bool]) -> None:
+    def __init__(
+        self,
+        *,
+        es_supported: bool,
+        is_es_asid: Callable[[int], bool],
+        platform: Platform | None = None,
+    ) -> None:
         self.contexts: dict[int, GuestContext] = {}
         self.asid_owner: dict[int, int] = {}
         self._es_supported = es_supported
         self._is_es_asid = is_es_asid
         self._next_handle = 1
+        self.platform = platform if platform is not None else Platform.ephemeral()
+        # The ccp driver INITs the platform when it probes (sev_platform_init); the first
+        # guest makes it WORKING and decommissioning the last one makes it INIT again.
+        self.platform_state = SEV_PLATFORM_INIT
+
+    def _require_platform(self, command: str, *allowed: int) -> None:
+        if self.platform_state not in allowed:
+            raise SevFwError(
+                uapi.SEV_RET_INVALID_PLATFORM_STATE,
+                f"firmware: {command}: platform is {SEV_PLATFORM_STATE_NAMES[self.platform_state]}",
+            )
 
     # -- helpers
 
@@ -299,6 +366,7 @@ class SevFirmware:
         ctx.state = FIRMWARE_TRANSITIONS["LAUNCH_START"][_UNINIT]
         self._next_handle += 1
         self.contexts[ctx.handle] = ctx
+        self.platform_state = SEV_PLATFORM_WORKING
         return ctx
 
     def activate(self, handle: int, asid: int) -> None:
@@ -328,7 +396,11 @@ class SevFirmware:
         ctx = self.guest(handle)
         if ctx.asid:
             raise SevFwError(uapi.SEV_RET_ACTIVE, f"firmware: guest {handle} is still active")
+        if ctx.channel is not None:
+            ctx.channel.zero()
         del self.contexts[handle]
+        if not self.contexts:
+            self.platform_state = SEV_PLATFORM_INIT
 
     def launch_update_data(self, handle: int, memory: GuestMemory, gpa: int, length: int) -> None:
         """Encrypt [gpa, gpa+length) in place with the guest's VEK and measure the plaintext."""
@@ -406,46 +478,358 @@ class SevFirmware:
         page[offset : offset + len(data)] = data
         memory.write_page(base, bytes(page), ctx.vek)
 
-    # -- migration (state checks only; see the module docstring)
+    # -- platform commands (/dev/sev)
 
-    def send_start(self, handle: int) -> None:
+    def platform_status(self) -> dict[str, int | bytes]:
+        """PLATFORM_STATUS: struct sev_user_data_status (flags bit 8: SEV-ES configured)."""
+        return {
+            "api_major": self.platform.api[0],
+            "api_minor": self.platform.api[1],
+            "state": self.platform_state,
+            "flags": (1 << 8) if self._es_supported else 0,
+            "build": uapi.SEV_BUILD,
+            "guest_count": len(self.contexts),
+        }
+
+    def pdh_cert_export(self, pdh_cert_len: int, cert_chain_len: int) -> tuple[bytes, bytes]:
+        """PDH_CERT_EXPORT: (PDH certificate, PEK || OCA || CEK). Buffers too small (the
+        length query sends 0 for both) -> INVALID_LEN with both lengths written back."""
+        self._require_platform("PDH_CERT_EXPORT", SEV_PLATFORM_INIT, SEV_PLATFORM_WORKING)
+        pdh, chain = self.platform.pdh_cert_export()
+        if pdh_cert_len < len(pdh) or cert_chain_len < len(chain):
+            raise SevFwError(
+                uapi.SEV_RET_INVALID_LEN,
+                f"firmware: PDH_CERT_EXPORT needs {len(pdh)} and {len(chain)} bytes",
+                fields={"pdh_cert_len": len(pdh), "cert_chain_len": len(chain)},
+            )
+        return pdh, chain
+
+    # -- migration (reference sev-live-migration.md sections 1.2, 1.3, 1.5)
+    #
+    # Each command runs the checks of section 1.3 in the firmware's order; the status code of
+    # the first that fails is the command's. Where a check writes a length back (the query
+    # convention of section 1.6), the SevFwError carries it in `fields`.
+
+    def _verify_target_chain(
+        self, policy: int, pdh: bytes, plat_certs: bytes, amd_certs: bytes
+    ) -> SevCert:
+        """SEND_START's certificate checks by the guest's policy (section 1.3; AMD-ASPFW
+        sev_mcmd.c validate_platform and validate_domain, amd_cert.c, sev_cert.c: each
+        certificate's signature is checked before its fields). Returns the target's PDH
+        certificate once it passed the sanity check of sev_channel_open_client."""
+        cert_len = sev_crypto.SEV_CERT_LEN
+        try:
+            if policy & uapi.SEV_POLICY_SEV:
+                if (
+                    len(plat_certs) != 3 * cert_len
+                    or len(pdh) != cert_len
+                    or len(amd_certs) != 2 * sev_crypto.amd_cert_len()
+                ):
+                    raise SevFwError(
+                        uapi.SEV_RET_INVALID_LEN, "firmware: SEND_START: certificate lengths"
+                    )
+                ask = AmdCert.parse(amd_certs[: len(amd_certs) // 2])
+                ark = AmdCert.parse(amd_certs[len(amd_certs) // 2 :])
+                # amd_cert_validate_ark: self-signed, then AMD's root key id and the fused
+                # hash of its key: this firmware trusts its own platform's (simulated) root.
+                ark.validate(ark, sev_crypto.USAGE_ARK)
+                ours = self.platform.root.ark_public().public_numbers()
+                if ark.key_id != sev_crypto.amd_key_id(self.platform.root.ark_public()) or (
+                    ark.public_key.public_numbers() != ours
+                ):
+                    raise MalformedCertificate("the chain's ARK is not this firmware's AMD root")
+                ask.validate(ark, sev_crypto.USAGE_ASK)
+                pek, _oca, cek = self._platform_certs(plat_certs)
+                target = SevCert.parse(pdh)
+                sev_crypto.verify_sev_cert_signed_by(cek, ask.signer())
+                sev_crypto.verify_sev_cert_signed_by(pek, cek.signer())
+                sev_crypto.verify_sev_cert_signed_by(target, pek.signer())
+                if (pek.api_major, pek.api_minor) < _policy_api(policy):
+                    raise SevFwError(
+                        uapi.SEV_RET_POLICY_FAILURE,
+                        f"firmware: SEND_START: target firmware API {pek.api_major}."
+                        f"{pek.api_minor} is below the policy's minimum "
+                        f"{_policy_api(policy)[0]}.{_policy_api(policy)[1]}",
+                    )
+            if policy & uapi.SEV_POLICY_DOMAIN:
+                if len(plat_certs) != 3 * cert_len or len(pdh) != cert_len:
+                    raise SevFwError(
+                        uapi.SEV_RET_INVALID_LEN, "firmware: SEND_START: certificate lengths"
+                    )
+                pek, oca, _cek = self._platform_certs(plat_certs)
+                target = SevCert.parse(pdh)
+                sev_crypto.verify_sev_cert_signed_by(oca, oca.signer())
+                sev_crypto.verify_sev_cert_signed_by(pek, oca.signer())
+                sev_crypto.verify_sev_cert_signed_by(target, pek.signer())
+                if oca.raw != self.platform.oca_cert:  # memcmp of the whole certificate
+                    raise SevFwError(
+                        uapi.SEV_RET_POLICY_FAILURE,
+                        "firmware: SEND_START: the target is not in this platform's domain "
+                        "(its OCA differs)",
+                    )
+            # sev_channel_open_client: the PDH's length, then its sanity (usage PDH, ECDH).
+            if len(pdh) != cert_len:
+                raise SevFwError(uapi.SEV_RET_INVALID_LEN, "firmware: SEND_START: PDH length")
+            target = SevCert.parse(pdh)
+            sev_crypto.expect(target, sev_crypto.USAGE_PDH, sev_crypto.ALGO_ECDH_SHA256)
+        except MalformedCertificate as e:
+            raise SevFwError(
+                uapi.SEV_RET_INVALID_CERTIFICATE, f"firmware: SEND_START: {e}"
+            ) from None
+        except BadSignature as e:
+            raise SevFwError(uapi.SEV_RET_BAD_SIGNATURE, f"firmware: SEND_START: {e}") from None
+        return target
+
+    @staticmethod
+    def _platform_certs(plat_certs: bytes) -> tuple[SevCert, SevCert, SevCert]:
+        """PEK, OCA, CEK of a PEK || OCA || CEK blob (pdh_cert_chain_t)."""
+        n = sev_crypto.SEV_CERT_LEN
+        pek, oca, cek = (SevCert.parse(plat_certs[i * n : (i + 1) * n]) for i in range(3))
+        return pek, oca, cek
+
+    def send_start(
+        self, handle: int, pdh: bytes, plat_certs: bytes, amd_certs: bytes, session_len: int
+    ) -> tuple[bytes, int]:
+        """SEND_START: (session blob, policy); the guest goes RUNNING -> SUPDATE with a fresh
+        channel keyed for the platform whose PDH certificate is `pdh`."""
+        self._require_platform("SEND_START", SEV_PLATFORM_WORKING)
         ctx = self.guest(handle)
-        self._next_state(ctx, "SEND_START")
+        if session_len != sev_crypto.SESSION_LEN:
+            raise SevFwError(
+                uapi.SEV_RET_INVALID_LEN,
+                f"firmware: SEND_START: the session buffer must be {sev_crypto.SESSION_LEN} "
+                f"bytes, not {session_len}",
+                fields={"session_len": sev_crypto.SESSION_LEN},
+            )
+        new = self._next_state(ctx, "SEND_START")
         if ctx.policy & uapi.SEV_POLICY_NOSEND:
             raise SevFwError(uapi.SEV_RET_POLICY_FAILURE, "firmware: SEND_START: policy NOSEND")
-        raise SevFwError(
-            uapi.SEV_RET_INVALID_CERTIFICATE,
-            "firmware: SEND_START: target PDH does not verify (the stub has no certificate chain)",
-        )
+        target = self._verify_target_chain(ctx.policy, pdh, plat_certs, amd_certs)
+        shared = sev_crypto.ecdh_shared_secret(self.platform.keys.pdh, target.ec_public_key())
+        nonce = os.urandom(sev_crypto.KEY_LEN)
+        tek, tik = os.urandom(sev_crypto.KEY_LEN), os.urandom(sev_crypto.KEY_LEN)
+        keys = sev_crypto.derive_channel_keys(shared, nonce)
+        session = sev_crypto.wrap_session(keys, nonce, tek, tik, ctx.policy)
+        ctx.channel = Channel(bytearray(tek), bytearray(tik))
+        ctx.state = new
+        return session.pack(), ctx.policy
 
-    def send_update_data(self, handle: int) -> None:
-        self._checked_active(handle, "SEND_UPDATE_DATA")
-        raise SevFwError(uapi.SEV_RET_INVALID_PARAM, "firmware: SEND_UPDATE_DATA is not modelled")
+    def send_update_data(
+        self,
+        handle: int,
+        memory: GuestMemory | None,
+        gpa: int,
+        guest_len: int,
+        hdr_len: int,
+        trans_len: int,
+        *,
+        vmsa: bool = False,
+    ) -> tuple[bytes, bytes]:
+        """SEND_UPDATE_DATA (SEND_UPDATE_VMSA with `vmsa`, which KVM never issues): (packet
+        header, ciphertext) of guest [gpa, gpa+guest_len), decrypted with the VEK and
+        re-encrypted for the wire with the TEK (MAC context 0x02 for both, as this firmware
+        does)."""
+        command = "SEND_UPDATE_VMSA" if vmsa else "SEND_UPDATE_DATA"
+        self._require_platform(command, SEV_PLATFORM_WORKING)
+        if hdr_len < sev_crypto.PACKET_HEADER_LEN:  # before the handle, as in the firmware
+            raise SevFwError(
+                uapi.SEV_RET_INVALID_LEN,
+                f"firmware: {command}: the header is {sev_crypto.PACKET_HEADER_LEN} bytes",
+                fields={"hdr_len": sev_crypto.PACKET_HEADER_LEN},
+            )
+        ctx = self.guest(handle)
+        self._next_state(ctx, "SEND_UPDATE_DATA")
+        self._require_es_for_vmsa(ctx, vmsa, command)
+        self._require_active(ctx, command)
+        if (
+            not 0 < guest_len <= sev_crypto.MAX_PACKET_LEN
+            or guest_len % 16
+            or trans_len < guest_len
+        ):
+            raise SevFwError(
+                uapi.SEV_RET_INVALID_LEN,
+                f"firmware: SEND_UPDATE_DATA: guest length {guest_len:#x}, transport length "
+                f"{trans_len:#x}",
+            )
+        if gpa % 16:
+            raise SevFwError(
+                uapi.SEV_RET_INVALID_ADDRESS, f"firmware: SEND_UPDATE_DATA: {gpa:#x} not aligned"
+            )
+        assert memory is not None and ctx.channel is not None  # KVM pinned; SUPDATE has one
+        plaintext = _read_private(memory, ctx.vek, gpa, guest_len)
+        hdr, trans = sev_crypto.seal_packet(
+            bytes(ctx.channel.tek), bytes(ctx.channel.tik), plaintext
+        )
+        return hdr, trans
+
+    @staticmethod
+    def _require_es_for_vmsa(ctx: GuestContext, vmsa: bool, command: str) -> None:
+        if vmsa and not ctx.policy & uapi.SEV_POLICY_ES:
+            raise SevFwError(
+                uapi.SEV_RET_UNSUPPORTED, f"firmware: {command}: guest {ctx.handle} is not SEV-ES"
+            )
 
     def send_finish(self, handle: int) -> None:
-        ctx = self.guest(handle)
-        ctx.state = self._next_state(ctx, "SEND_FINISH")
+        """SEND_FINISH: SUPDATE -> SENT, channel zeroed. The guest never runs again here."""
+        self._close_channel(handle, "SEND_FINISH")
 
     def send_cancel(self, handle: int) -> None:
+        """SEND_CANCEL: SUPDATE -> RUNNING, channel zeroed; a later SEND_START may follow."""
+        self._close_channel(handle, "SEND_CANCEL")
+
+    def _close_channel(self, handle: int, command: str) -> None:
+        self._require_platform(command, SEV_PLATFORM_WORKING)
         ctx = self.guest(handle)
-        ctx.state = self._next_state(ctx, "SEND_CANCEL")
+        new = self._next_state(ctx, command)
+        if ctx.channel is not None:
+            ctx.channel.zero()
+            ctx.channel = None
+        ctx.state = new
 
-    def receive_start(self) -> None:
-        raise SevFwError(
-            uapi.SEV_RET_INVALID_CERTIFICATE,
-            "firmware: RECEIVE_START: source PDH does not verify (the stub has no certificate "
-            "chain)",
+    def receive_start(self, handle: int, policy: int, pdh: bytes, session: bytes) -> GuestContext:
+        """RECEIVE_START: a new guest in RUPDATE whose channel is unwrapped from `session` with
+        this platform's PDH private key and the source's PDH certificate `pdh`. The source's
+        chain is not verified (section 1.3)."""
+        self._require_platform("RECEIVE_START", SEV_PLATFORM_INIT, SEV_PLATFORM_WORKING)
+        if len(session) != sev_crypto.SESSION_LEN:
+            raise SevFwError(uapi.SEV_RET_INVALID_LEN, "firmware: RECEIVE_START: session length")
+        if len(pdh) != sev_crypto.SEV_CERT_LEN:
+            raise SevFwError(uapi.SEV_RET_INVALID_LEN, "firmware: RECEIVE_START: PDH length")
+        try:
+            source = SevCert.parse(pdh)
+            sev_crypto.expect(source, sev_crypto.USAGE_PDH, sev_crypto.ALGO_ECDH_SHA256)
+            source_key = source.ec_public_key()
+        except MalformedCertificate as e:
+            raise SevFwError(
+                uapi.SEV_RET_INVALID_CERTIFICATE, f"firmware: RECEIVE_START: source PDH: {e}"
+            ) from None
+        blob = sev_crypto.Session.unpack(session)
+        shared = sev_crypto.ecdh_shared_secret(self.platform.keys.pdh, source_key)
+        keys = sev_crypto.derive_channel_keys(shared, blob.nonce)
+        try:
+            tek, tik = sev_crypto.unwrap_session(keys, blob)
+            sev_crypto.verify_policy_mac(tik, policy, blob)
+        except BadMac as e:
+            raise SevFwError(
+                uapi.SEV_RET_BAD_MEASUREMENT, f"firmware: RECEIVE_START: {e}"
+            ) from None
+        if _policy_api(policy) > self.platform.api or policy & SEV_POLICY_RESERVED:
+            raise SevFwError(
+                uapi.SEV_RET_POLICY_FAILURE,
+                f"firmware: RECEIVE_START: policy {policy:#x} needs a newer API or sets "
+                "reserved bits",
+            )
+        shared_ctx = self.guest(handle) if handle else None
+        if shared_ctx is not None and (
+            shared_ctx.policy != policy or (policy | shared_ctx.policy) & uapi.SEV_POLICY_NOKS
+        ):
+            raise SevFwError(
+                uapi.SEV_RET_POLICY_FAILURE,
+                f"firmware: RECEIVE_START: key sharing with guest {handle} needs equal "
+                "policies and NOKS clear",
+            )
+        if policy & uapi.SEV_POLICY_ES and not self._es_supported:
+            raise SevFwError(uapi.SEV_RET_UNSUPPORTED, "firmware: SEV-ES is not enabled")
+        ctx = GuestContext(
+            handle=self._next_handle,
+            policy=policy,
+            vek=shared_ctx.vek if shared_ctx is not None else os.urandom(64),
+            tik=os.urandom(16),
         )
+        ctx.channel = Channel(bytearray(tek), bytearray(tik))
+        ctx.state = FIRMWARE_TRANSITIONS["RECEIVE_START"][_UNINIT]
+        self._next_handle += 1
+        self.contexts[ctx.handle] = ctx
+        self.platform_state = SEV_PLATFORM_WORKING
+        return ctx
 
-    def receive_update_data(self, handle: int) -> None:
-        self._checked_active(handle, "RECEIVE_UPDATE_DATA")
-        raise SevFwError(
-            uapi.SEV_RET_INVALID_PARAM, "firmware: RECEIVE_UPDATE_DATA is not modelled"
-        )
+    def receive_update_data(
+        self,
+        handle: int,
+        memory: GuestMemory | None,
+        gpa: int,
+        guest_len: int,
+        hdr: bytes,
+        trans: bytes,
+        *,
+        vmsa: bool = False,
+    ) -> None:
+        """RECEIVE_UPDATE_DATA: verify the packet's MAC (any failure: BAD_MEASUREMENT, guest
+        memory unchanged), decrypt it with the TEK and write it under this guest's VEK."""
+        command = "RECEIVE_UPDATE_VMSA" if vmsa else "RECEIVE_UPDATE_DATA"
+        self._require_platform(command, SEV_PLATFORM_WORKING)
+        ctx = self.guest(handle)
+        self._next_state(ctx, "RECEIVE_UPDATE_DATA")
+        self._require_es_for_vmsa(ctx, vmsa, command)
+        self._require_active(ctx, command)
+        trans_len = len(trans)
+        if (
+            not 0 < trans_len <= sev_crypto.MAX_PACKET_LEN
+            or guest_len != trans_len
+            or trans_len % 16
+            or len(hdr) < sev_crypto.PACKET_HEADER_LEN
+        ):
+            raise SevFwError(
+                uapi.SEV_RET_INVALID_LEN,
+                f"firmware: RECEIVE_UPDATE_DATA: guest length {guest_len:#x}, transport "
+                f"length {trans_len:#x}, header {len(hdr)} bytes",
+            )
+        if gpa % 16:
+            raise SevFwError(
+                uapi.SEV_RET_INVALID_ADDRESS,
+                f"firmware: RECEIVE_UPDATE_DATA: {gpa:#x} not aligned",
+            )
+        header = sev_crypto.PacketHeader.unpack(hdr)
+        if header.flags & sev_crypto.PACKET_FLAG_COMPRESSED:
+            raise SevFwError(
+                uapi.SEV_RET_UNSUPPORTED, "firmware: RECEIVE_UPDATE_DATA: compressed packet"
+            )
+        assert memory is not None and ctx.channel is not None  # KVM pinned; RUPDATE has one
+        try:
+            plaintext = sev_crypto.open_packet(
+                bytes(ctx.channel.tek), bytes(ctx.channel.tik), header, trans
+            )
+        except BadMac as e:
+            raise SevFwError(
+                uapi.SEV_RET_BAD_MEASUREMENT, f"firmware: RECEIVE_UPDATE_DATA: {e}"
+            ) from None
+        _write_private(memory, ctx.vek, gpa, plaintext)
 
     def receive_finish(self, handle: int) -> None:
-        ctx = self.guest(handle)
-        ctx.state = self._next_state(ctx, "RECEIVE_FINISH")
+        """RECEIVE_FINISH: RUPDATE -> RUNNING, channel zeroed."""
+        self._close_channel(handle, "RECEIVE_FINISH")
+
+
+def _policy_api(policy: int) -> tuple[int, int]:
+    """The minimum firmware API (major, minor) a policy asks for (bits 16-23, 24-31)."""
+    return (policy >> 16) & 0xFF, (policy >> 24) & 0xFF
+
+
+def _read_private(memory: GuestMemory, vek: bytes, gpa: int, length: int) -> bytes:
+    """Guest bytes [gpa, gpa+length) as the guest sees them privately (decrypted)."""
+    out = bytearray()
+    while len(out) < length:
+        base, offset = gpa - gpa % PAGE_SIZE, gpa % PAGE_SIZE
+        chunk = min(PAGE_SIZE - offset, length - len(out))
+        out += memory.read_page(base, vek)[offset : offset + chunk]
+        gpa += chunk
+    return bytes(out)
+
+
+def _write_private(memory: GuestMemory, vek: bytes, gpa: int, data: bytes) -> None:
+    """Write `data` privately (encrypted with `vek`) at gpa, read-modify-write per page."""
+    done = 0
+    while done < len(data):
+        base, offset = gpa - gpa % PAGE_SIZE, gpa % PAGE_SIZE
+        chunk = min(PAGE_SIZE - offset, len(data) - done)
+        if chunk == PAGE_SIZE:
+            page = bytearray(data[done : done + chunk])
+        else:
+            page = bytearray(memory.read_page(base, vek))
+            page[offset : offset + chunk] = data[done : done + chunk]
+        memory.write_page(base, bytes(page), vek)
+        gpa += chunk
+        done += chunk
 
 
 # --------------------------------------------------------------------------------------------
@@ -604,7 +988,114 @@ class _GuestPages:
         return self._memory.read_page(gpa, self._vek if private else None)
 
     def write_page(self, gpa: int, data: bytes, private: bool) -> None:
-        self._memory.write_page(gpa, data, self._vek if private else None)
+        # A guest write: marked in the dirty log of a slot that keeps one.
+        self._memory.write_guest_page(gpa, data, self._vek if private else None)
+
+
+# --------------------------------------------------------------------------------------------
+# What KVM does for the guest's CPUID, WRMSR and VMCALL (guest.CpuAccess)
+
+_X2APIC_MSRS = range(0x800, 0x900)
+# kvm_set_msr_with_filter's results that may go to userspace, and the kvm_run.msr.reason
+# each becomes (kvm_msr_reason): a filtered MSR, and one KVM does not implement.
+_MSR_RET_FILTERED = "filtered"
+_MSR_RET_UNSUPPORTED = "unsupported"
+_MSR_REASON = {
+    _MSR_RET_FILTERED: uapi.KVM_MSR_EXIT_REASON_FILTER,
+    _MSR_RET_UNSUPPORTED: uapi.KVM_MSR_EXIT_REASON_UNKNOWN,
+}
+
+
+@dataclass(frozen=True)
+class MsrFilter:
+    """kvm->arch.msr_filter, as KVM_X86_SET_MSR_FILTER installs it."""
+
+    default_allow: bool
+    ranges: tuple[MsrFilterRange, ...]
+
+    def allowed(self, index: int, access: int) -> bool:
+        """kvm_msr_allowed: the first range that covers `index` for this access decides;
+        none does: the default. x2APIC MSRs are never filtered."""
+        if index in _X2APIC_MSRS:
+            return True
+        for r in self.ranges:
+            if r.base <= index < r.base + r.nmsrs and r.flags & access:
+                bit = index - r.base
+                return bool(r.bitmap[bit >> 3] >> (bit & 7) & 1)
+        return self.default_allow
+
+
+def emulate_hypercall(
+    vm: Vm, nr: int, a0: int, a1: int, a2: int, a3: int, *, op_64_bit: bool = True, cpl: int = 0
+) -> RunExit | int:
+    """KVM's hypercall handling (____kvm_emulate_hypercall, arch/x86/kvm/x86.c) for what
+    kvmstub knows: KVM_HC_MAP_GPA_RANGE (reference sev-live-migration.md section 2).
+
+    Returns the KVM_EXIT_HYPERCALL exit for the VMM (whose `hypercall.ret` then goes to RAX
+    at the next KVM_RUN, complete_hypercall_exit), or the value KVM puts in RAX itself, as
+    a u64: -KVM_EPERM from CPL > 0; -KVM_ENOSYS for MAP_GPA_RANGE when the VMM did not
+    enable its exit with KVM_CAP_EXIT_HYPERCALL, and for every other hypercall number (the
+    stub implements none of KVM's own); -KVM_EINVAL for a GPA not page aligned, no pages,
+    or a range that wraps (`gpa_to_gfn(gpa) + npages <= gpa_to_gfn(gpa)`). KVM does not look
+    at the attributes (a2): reserved bits and page sizes are the VMM's to refuse.
+    """
+    m = uapi.U64_MASK
+    if not op_64_bit:  # 32-bit callers: registers truncated, and so is the return value
+        nr, a0, a1, a2, a3 = (x & 0xFFFFFFFF for x in (nr, a0, a1, a2, a3))
+    m_ret = m if op_64_bit else 0xFFFFFFFF
+    if cpl:
+        return -uapi.KVM_EPERM & m_ret
+    if nr != uapi.KVM_HC_MAP_GPA_RANGE:
+        return -uapi.KVM_ENOSYS & m_ret
+    gpa, npages, attrs = a0 & m, a1 & m, a2 & m
+    if not vm.exit_hypercall & (1 << uapi.KVM_HC_MAP_GPA_RANGE):
+        return -uapi.KVM_ENOSYS & m_ret
+    gfn = gpa >> 12
+    if gpa & (PAGE_SIZE - 1) or not npages or (gfn + npages) & m <= gfn:
+        return -uapi.KVM_EINVAL & m_ret
+    return RunExit(
+        uapi.KVM_EXIT_HYPERCALL,
+        hypercall=uapi.HypercallExit(nr, (gpa, npages, attrs, 0, 0, 0), int(op_64_bit)),
+    )
+
+
+def emulate_wrmsr(vm: Vm, index: int, data: int) -> RunExit | bool:
+    """WRMSR from the guest (kvm_emulate_wrmsr, arch/x86/kvm/x86.c): the MSR filter first
+    (kvm_set_msr_with_filter: a denied write is KVM_MSR_RET_FILTERED), then KVM's own MSRs,
+    of which the stub models none: MSR_KVM_MIGRATION_CONTROL in particular is not KVM's
+    (Documentation/virt/kvm/x86/msr.rst: userspace must filter it). A failed write exits
+    to userspace (KVM_EXIT_X86_WRMSR) when the VM asked for that reason with
+    KVM_CAP_X86_USER_SPACE_MSR (kvm_msr_user_space); else the guest takes #GP (False)."""
+    index &= 0xFFFFFFFF
+    data &= uapi.U64_MASK
+    msr_filter = vm.msr_filter
+    if msr_filter is not None and not msr_filter.allowed(index, uapi.KVM_MSR_FILTER_WRITE):
+        result = _MSR_RET_FILTERED
+    else:
+        result = _MSR_RET_UNSUPPORTED
+    reason = _MSR_REASON[result]
+    if not vm.user_space_msr_mask & reason:
+        return False
+    return RunExit(uapi.KVM_EXIT_X86_WRMSR, msr=uapi.MsrExit(reason, index, data))
+
+
+class _GuestCpu:
+    """guest.CpuAccess for one vCPU: CPUID from its KVM_SET_CPUID2 table, WRMSR and VMCALL
+    as KVM handles them."""
+
+    __slots__ = ("_vcpu",)
+
+    def __init__(self, vcpu: Vcpu) -> None:
+        self._vcpu = vcpu
+
+    def cpuid(self, function: int, index: int) -> tuple[int, int, int, int]:
+        return self._vcpu.cpuid(function, index)
+
+    def wrmsr(self, index: int, value: int) -> RunExit | bool:
+        return emulate_wrmsr(self._vcpu.vm, index, value)
+
+    def hypercall(self, nr: int, a0: int, a1: int, a2: int, a3: int) -> RunExit | int:
+        return emulate_hypercall(self._vcpu.vm, nr, a0, a1, a2, a3)
 
 
 class Vcpu:
@@ -622,6 +1113,9 @@ class Vcpu:
         self.steps = 0
         self.slice_left_ns = 0  # guest time left in the current KVM_RUN's slice
         self.fd_open = True
+        self.cpuid_entries: tuple[CpuidEntry, ...] = ()  # KVM_SET_CPUID2
+        self.has_run = False  # kvm_vcpu_has_run: KVM_RUN got as far as entering the guest
+        self._cpu = _GuestCpu(self)
 
     def _gate(self, mm: int, what: str) -> None:
         # kvm_vcpu_ioctl: kvm->mm != current->mm || kvm->vm_dead -> EIO (reference section 4).
@@ -657,13 +1151,46 @@ class Vcpu:
         else:
             self.regs = regs
 
-    def _complete_pending(self, io_data: bytes | None, hypercall_ret: int | None) -> None:
-        # complete_userspace_io: IN data or the hypercall's return value into the guest, as
-        # the kernel reads them from kvm_run (guest.complete pads or defaults what is missing).
+    def _complete_pending(
+        self, io_data: bytes | None, hypercall_ret: int | None, msr_error: int | None = None
+    ) -> None:
+        # complete_userspace_io: IN data, the hypercall's return value or the MSR access's
+        # error into the guest, as the kernel reads them from kvm_run (guest.complete pads
+        # or defaults what is missing).
         if self.pending is not None:
-            regs = guest_program.complete(self._live_regs(), self.pending, io_data, hypercall_ret)
+            regs = guest_program.complete(
+                self._live_regs(), self.pending, io_data, hypercall_ret, msr_error
+            )
             self._set_live_regs(regs)
             self.pending = None
+
+    # -- CPUID (KVM_SET_CPUID2)
+
+    def set_cpuid2(self, mm: int, entries: Sequence[CpuidEntry]) -> None:
+        """KVM_SET_CPUID2 (kvm_vcpu_ioctl_set_cpuid2, kvm_set_cpuid in arch/x86/kvm/cpuid.c):
+        E2BIG for more than KVM_MAX_CPUID_ENTRIES; once the vCPU has run, only the very same
+        table is accepted (kvm_cpuid_check_equal: EINVAL otherwise). The kernel's checks of
+        the contents (XSAVE sizes, MAXPHYADDR, Hyper-V leaves) are not modelled."""
+        self._gate(mm, "KVM_SET_CPUID2")
+        if len(entries) > uapi.KVM_MAX_CPUID_ENTRIES:
+            raise _err(errno.E2BIG, f"KVM_SET_CPUID2: {len(entries)} entries")
+        table = tuple(entries)
+        if self.has_run:
+            if table != self.cpuid_entries:
+                raise _err(errno.EINVAL, "KVM_SET_CPUID2: the vCPU has run; CPUID is fixed")
+            return
+        self.cpuid_entries = table
+
+    def cpuid(self, function: int, index: int) -> tuple[int, int, int, int]:
+        """What the guest's CPUID returns (kvm_cpuid): the entry for `function` (and `index`,
+        where the entry says the index matters), else zeros (an AMD host's answer for a
+        leaf the table lacks)."""
+        for e in self.cpuid_entries:
+            if e.function == function and (
+                not e.flags & uapi.KVM_CPUID_FLAG_SIGNIFCANT_INDEX or e.index == index
+            ):
+                return e.eax, e.ebx, e.ecx, e.edx
+        return 0, 0, 0, 0
 
     def run(
         self,
@@ -672,6 +1199,7 @@ class Vcpu:
         immediate_exit: bool = False,
         io_data: bytes | None = None,
         hypercall_ret: int | None = None,
+        msr_error: int | None = None,
         interrupted: Callable[[], bool] | None = None,
     ) -> RunExit:
         """KVM_RUN: complete the pending exit, then run the guest for one slice.
@@ -681,7 +1209,11 @@ class Vcpu:
         which interleaves the vCPUs of every VM, calls `enter` and then `run_for` in
         quanta instead; this is the two in one go."""
         failed = self.enter(
-            mm, immediate_exit=immediate_exit, io_data=io_data, hypercall_ret=hypercall_ret
+            mm,
+            immediate_exit=immediate_exit,
+            io_data=io_data,
+            hypercall_ret=hypercall_ret,
+            msr_error=msr_error,
         )
         if failed is not None:
             return failed
@@ -695,6 +1227,7 @@ class Vcpu:
         immediate_exit: bool = False,
         io_data: bytes | None = None,
         hypercall_ret: int | None = None,
+        msr_error: int | None = None,
     ) -> RunExit | None:
         """KVM_RUN up to the guest entry: the gate, the completion of the pending exit,
         immediate_exit (EINTR), then the entry checks. Returns the exit KVM_RUN ends with
@@ -702,9 +1235,10 @@ class Vcpu:
         new slice of `Host.slice_ns` guest time starts."""
         self._gate(mm, "KVM_RUN")
         # kvm_arch_vcpu_ioctl_run: complete_userspace_io first, then immediate_exit -> EINTR.
-        self._complete_pending(io_data, hypercall_ret)
+        self._complete_pending(io_data, hypercall_ret, msr_error)
         if immediate_exit:
             raise _err(errno.EINTR, "KVM_RUN: immediate_exit")
+        self.has_run = True
         pages = self._guest_pages()
         if isinstance(pages, RunExit):
             return pages
@@ -719,6 +1253,11 @@ class Vcpu:
             ctx = vm.host.firmware.contexts.get(vm.sev.handle) if vm.sev.handle else None
             if ctx is None or ctx.asid != vm.sev.asid:
                 return RunExit(exit_reason=KVM_EXIT_FAIL_ENTRY)
+            if ctx.state == _SENT:
+                # Stub policy, not kernel behaviour (reference sev-live-migration.md section
+                # 1.6: KVM does not block KVM_RUN in SENT): a sent guest runs on its target
+                # only, so its source fails as a dead context does, with EIO.
+                raise _err(errno.EIO, f"KVM_RUN: VM {vm.id}'s guest was sent (SENT)")
             if vm.sev.es_active and not self.guest_state_protected:
                 return RunExit(exit_reason=KVM_EXIT_FAIL_ENTRY)
             vek = ctx.vek
@@ -754,6 +1293,7 @@ class Vcpu:
             clock=clock,
             exit_hypercall=bool(self.vm.exit_hypercall & KVM_EXIT_HYPERCALL_VALID_MASK),
             interrupted=interrupted,
+            cpu=self._cpu,
         )
         self._set_live_regs(regs)
         self.steps += steps
@@ -791,6 +1331,9 @@ class Vm:
         self.sev = SevInfo(need_init=vm_type != KVM_X86_DEFAULT_VM)
         self.exit_hypercall = 0  # kvm->arch.hypercall_exit_enabled
         self.memory: GuestMemory | None = None
+        self.manual_dirty_log_protect = 0  # kvm->manual_dirty_log_protect
+        self.user_space_msr_mask = 0  # kvm->arch.user_space_msr_mask
+        self.msr_filter: MsrFilter | None = None  # kvm->arch.msr_filter
 
     # -- predicates
 
@@ -911,7 +1454,70 @@ class Vm:
         self._gate(mm, "KVM_SET_USER_MEMORY_REGION")
         if self.memory is None:
             self.memory = GuestMemory()
-        self.memory.set_region(slot, flags, guest_phys_addr, memory_size, fd, offset)
+        self.memory.set_region(
+            slot,
+            flags,
+            guest_phys_addr,
+            memory_size,
+            fd,
+            offset,
+            dirty_initially_set=self.manual_dirty_log_protect == uapi.KVM_DIRTY_LOG_MANUAL_CAPS,
+        )
+
+    # -- dirty logging (KVM_GET_DIRTY_LOG, KVM_CLEAR_DIRTY_LOG)
+
+    def get_dirty_log(self, mm: int, slot: int) -> bytes:
+        """KVM_GET_DIRTY_LOG (kvm_get_dirty_log_protect): the slot's dirty bitmap, cleared
+        as it is read unless KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is enabled. EINVAL for a bad
+        slot id, ENOENT for a slot that does not exist or does not log dirty pages."""
+        self._gate(mm, "KVM_GET_DIRTY_LOG")
+        memory = self.memory if self.memory is not None else GuestMemory()
+        manual = bool(self.manual_dirty_log_protect & uapi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
+        return memory.get_dirty_log(slot, manual_protect=manual)
+
+    def clear_dirty_log(
+        self, mm: int, slot: int, first_page: int, num_pages: int, bitmap: bytes
+    ) -> None:
+        """KVM_CLEAR_DIRTY_LOG (kvm_clear_dirty_log_protect): clear the bits of `bitmap` in
+        [first_page, first_page+num_pages) of the slot's log. The kernel accepts it with or
+        without manual protection (kvm_vm_ioctl has no such check); see
+        GuestMemory.clear_dirty_log for the errnos."""
+        self._gate(mm, "KVM_CLEAR_DIRTY_LOG")
+        memory = self.memory if self.memory is not None else GuestMemory()
+        memory.clear_dirty_log(slot, first_page, num_pages, bitmap)
+
+    # -- KVM_X86_SET_MSR_FILTER
+
+    def set_msr_filter(self, mm: int, flags: int, ranges: Sequence[MsrFilterRange]) -> None:
+        """KVM_X86_SET_MSR_FILTER (kvm_vm_ioctl_set_msr_filter, arch/x86/kvm/x86.c), in its
+        order: EINVAL for flags other than KVM_MSR_FILTER_DEFAULT_DENY, and for a
+        default-deny filter without ranges; then each range in turn (kvm_add_msr_filter):
+        one with nmsrs 0 is skipped, EINVAL for flags outside READ|WRITE or none, EINVAL
+        for a bitmap over KVM_MSR_FILTER_MAX_BITMAP_SIZE, EFAULT when the bitmap given is
+        shorter than BITS_TO_LONGS(nmsrs) longs (memdup_user). A failure leaves the old
+        filter in place. Up to KVM_MSR_FILTER_MAX_RANGES ranges; missing ones are empty."""
+        what = "KVM_X86_SET_MSR_FILTER"
+        self._gate(mm, what)
+        if len(ranges) > uapi.KVM_MSR_FILTER_MAX_RANGES:  # struct kvm_msr_filter.ranges[16]
+            raise _err(errno.EINVAL, f"{what}: more than {uapi.KVM_MSR_FILTER_MAX_RANGES} ranges")
+        if not 0 <= flags <= 0xFFFFFFFF or flags & ~uapi.KVM_MSR_FILTER_VALID_MASK:
+            raise _err(errno.EINVAL, f"{what}: flags {flags:#x}")
+        default_allow = not flags & uapi.KVM_MSR_FILTER_DEFAULT_DENY
+        if not default_allow and not any(r.nmsrs for r in ranges):
+            raise _err(errno.EINVAL, f"{what}: a default-deny filter needs ranges")
+        kept: list[MsrFilterRange] = []
+        for r in ranges:
+            if not r.nmsrs:
+                continue
+            if r.flags & ~uapi.KVM_MSR_FILTER_RANGE_VALID_MASK or not r.flags:
+                raise _err(errno.EINVAL, f"{what}: range flags {r.flags:#x}")
+            size = (r.nmsrs + 63) // 64 * 8  # BITS_TO_LONGS(nmsrs) * sizeof(long)
+            if size > uapi.KVM_MSR_FILTER_MAX_BITMAP_SIZE:
+                raise _err(errno.EINVAL, f"{what}: {r.nmsrs} MSRs in one range")
+            if len(r.bitmap) < size:
+                raise _err(errno.EFAULT, f"{what}: bitmap of {len(r.bitmap)} bytes, needs {size}")
+            kept.append(MsrFilterRange(r.flags, r.nmsrs, r.base, bytes(r.bitmap[:size])))
+        self.msr_filter = MsrFilter(default_allow, tuple(kept))
 
     def _pin(self, what: str, addr: int, length: int) -> int:
         """sev_pin_memory: EINVAL for an empty or wrapping range, ENOMEM when a page of it is
@@ -981,6 +1587,22 @@ class Vm:
                     errno.EINVAL, f"KVM_CAP_MAX_VCPU_ID: VM {self.id} has {self.max_vcpu_ids}"
                 )
             self.max_vcpu_ids = limit
+            return 0
+        if cap == uapi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2:
+            # kvm_vm_ioctl_enable_cap_generic: INITIALLY_SET only with MANUAL_PROTECT_ENABLE.
+            options = arg0 if isinstance(arg0, int) else -1
+            allowed = uapi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+            if options >= 0 and options & uapi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
+                allowed = uapi.KVM_DIRTY_LOG_MANUAL_CAPS
+            if options < 0 or options & ~allowed:
+                raise _err(errno.EINVAL, f"KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: options {options:#x}")
+            self.manual_dirty_log_protect = options
+            return 0
+        if cap == uapi.KVM_CAP_X86_USER_SPACE_MSR:
+            mask = arg0 if isinstance(arg0, int) else -1
+            if mask < 0 or mask & ~uapi.KVM_MSR_EXIT_REASON_VALID_MASK:
+                raise _err(errno.EINVAL, f"KVM_CAP_X86_USER_SPACE_MSR: reasons {mask:#x}")
+            self.user_space_msr_mask = mask
             return 0
         raise _err(errno.EINVAL, f"KVM_ENABLE_CAP: capability {cap} cannot be enabled")
 
@@ -1387,45 +2009,171 @@ class Vm:
         firmware.guest(sev.handle)
         raise SevFwError(uapi.SEV_RET_UNSUPPORTED, f"firmware: {what} is not modelled")
 
-    def _send(self, cmd: int, fields: dict[str, int | bytes] | None) -> dict[str, int | bytes]:
-        names = {
-            uapi.KVM_SEV_SEND_START: "KVM_SEV_SEND_START",
-            uapi.KVM_SEV_SEND_UPDATE_DATA: "KVM_SEV_SEND_UPDATE_DATA",
-            uapi.KVM_SEV_SEND_FINISH: "KVM_SEV_SEND_FINISH",
-            uapi.KVM_SEV_SEND_CANCEL: "KVM_SEV_SEND_CANCEL",
-        }
-        what = names[cmd]
+    # SEND_* / RECEIVE_* (reference sev-live-migration.md section 1.6). Struct fields by their
+    # kernel names; a userspace buffer the kernel copies in is its bytes here (pdh_cert,
+    # plat_certs, amd_certs, pdh, session, hdr, trans: empty stands for a NULL address or a
+    # zero length), a buffer it copies out to is named by a non-zero `*_uaddr` and its `*_len`,
+    # and comes back as bytes. `guest_uaddr` is a guest physical address, so the kernel's
+    # `!guest_uaddr -> EINVAL` is dropped (GPA 0 is valid), as for DBG_*.
+
+    @staticmethod
+    def _u32(fields: dict[str, int | bytes], name: str) -> int:
+        value = Vm._int(fields, name)
+        if value > 0xFFFFFFFF:
+            raise _err(errno.EINVAL, f"field {name} is a u32")
+        return value
+
+    @staticmethod
+    def _blob(what: str, fields: dict[str, int | bytes], name: str) -> bytes:
+        """psp_copy_user_blob: NULL, 0 or more than SEV_FW_BLOB_MAX_SIZE -> EINVAL."""
+        blob = Vm._bytes(fields, name)
+        if not blob or len(blob) > uapi.SEV_FW_BLOB_MAX_SIZE:
+            raise _err(errno.EINVAL, f"{what}: {name} must be 1..{uapi.SEV_FW_BLOB_MAX_SIZE} bytes")
+        return blob
+
+    @staticmethod
+    def _one_page(what: str, gpa: int, length: int) -> None:
+        """ "Check if we are crossing the page boundary": one command moves at most a page."""
+        if length > PAGE_SIZE or gpa % PAGE_SIZE + length > PAGE_SIZE:
+            raise _err(errno.EINVAL, f"{what}: {gpa:#x}+{length:#x} crosses a page")
+
+    def _send_start(
+        self, cmd: int, fields: dict[str, int | bytes] | None
+    ) -> dict[str, int | bytes]:
+        """sev_send_start: ENOTTY, EFAULT, the length query, EINVAL for the buffers, the
+        three certificate blobs (all mandatory), the firmware; policy and session_len are
+        written back whether or not the firmware succeeded."""
+        what = "KVM_SEV_SEND_START"
         sev = self._need_sev(what)
-        if cmd in (uapi.KVM_SEV_SEND_START, uapi.KVM_SEV_SEND_UPDATE_DATA):
-            self._data(what, fields)
+        data = self._data(what, fields)
+        session_len = self._u32(data, "session_len")
+        if session_len == 0:  # __sev_send_start_query_session_length
+            firmware = self._firmware_fd(what)
+            try:
+                firmware.send_start(sev.handle, b"", b"", b"", 0)
+            except SevFwError as e:
+                e.fields = {"policy": 0, "session_len": e.fields.get("session_len", 0)}
+                raise
+            raise AssertionError("SEND_START accepted a zero-length session")  # pragma: no cover
+        if (
+            not self._bytes(data, "pdh_cert")
+            or not self._int(data, "session_uaddr")
+            or session_len > uapi.SEV_FW_BLOB_MAX_SIZE
+        ):
+            raise _err(errno.EINVAL, f"{what}: PDH certificate and a session buffer are required")
+        pdh = self._blob(what, data, "pdh_cert")
+        plat_certs = self._blob(what, data, "plat_certs")
+        amd_certs = self._blob(what, data, "amd_certs")
         firmware = self._firmware_fd(what)
-        if cmd == uapi.KVM_SEV_SEND_START:
-            firmware.send_start(sev.handle)
-        elif cmd == uapi.KVM_SEV_SEND_UPDATE_DATA:
-            firmware.send_update_data(sev.handle)
-        elif cmd == uapi.KVM_SEV_SEND_FINISH:
+        try:
+            session, policy = firmware.send_start(
+                sev.handle, pdh, plat_certs, amd_certs, session_len
+            )
+        except SevFwError as e:
+            e.fields = {"policy": 0, "session_len": e.fields.get("session_len", session_len)}
+            raise
+        return {"policy": policy, "session_len": session_len, "session": session}
+
+    def _send_update_data(
+        self, cmd: int, fields: dict[str, int | bytes] | None
+    ) -> dict[str, int | bytes]:
+        """sev_send_update_data: the length query (hdr_len or trans_len 0), EINVAL for the
+        buffers or a range crossing a page, pin, the firmware; the transport buffer and the
+        header come back at the lengths asked for."""
+        what = "KVM_SEV_SEND_UPDATE_DATA"
+        sev = self._need_sev(what)
+        data = self._data(what, fields)
+        hdr_len, trans_len = self._u32(data, "hdr_len"), self._u32(data, "trans_len")
+        gpa, guest_len = self._int(data, "guest_uaddr"), self._u32(data, "guest_len")
+        firmware = self._firmware_fd(what)
+        if not hdr_len or not trans_len:  # __sev_send_update_data_query_lengths
+            try:
+                firmware.send_update_data(sev.handle, None, 0, 0, 0, 0)
+            except SevFwError as e:
+                e.fields = {"hdr_len": e.fields.get("hdr_len", 0), "trans_len": 0}
+                raise
+            raise AssertionError("SEND_UPDATE_DATA accepted a zero header")  # pragma: no cover
+        if not self._int(data, "trans_uaddr") or not guest_len or not self._int(data, "hdr_uaddr"):
+            raise _err(errno.EINVAL, f"{what}: header, guest and transport buffers are required")
+        self._one_page(what, gpa, guest_len)
+        self._pin(what, gpa, guest_len)
+        if hdr_len > KMALLOC_MAX_SIZE or trans_len > KMALLOC_MAX_SIZE:
+            raise _err(errno.ENOMEM, f"{what}: buffers too large")
+        hdr, trans = firmware.send_update_data(
+            sev.handle, self.memory, gpa, guest_len, hdr_len, trans_len
+        )
+        # copy_to_user of the kernel's zeroed buffers, at the caller's lengths.
+        return {
+            "hdr": hdr[:hdr_len].ljust(hdr_len, b"\0"),
+            "trans": trans[:trans_len].ljust(trans_len, b"\0"),
+        }
+
+    def _send_finish(
+        self, cmd: int, fields: dict[str, int | bytes] | None
+    ) -> dict[str, int | bytes]:
+        what = "KVM_SEV_SEND_FINISH" if cmd == uapi.KVM_SEV_SEND_FINISH else "KVM_SEV_SEND_CANCEL"
+        sev = self._need_sev(what)
+        firmware = self._firmware_fd(what)
+        if cmd == uapi.KVM_SEV_SEND_FINISH:
             firmware.send_finish(sev.handle)
         else:
             firmware.send_cancel(sev.handle)
         return {}
 
-    def _receive(self, cmd: int, fields: dict[str, int | bytes] | None) -> dict[str, int | bytes]:
-        if cmd == uapi.KVM_SEV_RECEIVE_START:
-            what = "KVM_SEV_RECEIVE_START"
-            self._need_sev(what)
-            data = self._data(what, fields)
-            if not self._bytes(data, "pdh") or not self._bytes(data, "session"):
-                raise _err(errno.EINVAL, f"{what}: PDH certificate and session are required")
-            self.host.firmware.receive_start()  # through argp->sev_fd
-        elif cmd == uapi.KVM_SEV_RECEIVE_UPDATE_DATA:
-            what = "KVM_SEV_RECEIVE_UPDATE_DATA"
-            sev = self._need_sev(what, errno.EINVAL)  # this one says EINVAL, not ENOTTY
-            self._data(what, fields)
-            self._firmware_fd(what).receive_update_data(sev.handle)
-        else:
-            what = "KVM_SEV_RECEIVE_FINISH"
-            sev = self._need_sev(what)
-            self._firmware_fd(what).receive_finish(sev.handle)
+    def _receive_start(
+        self, cmd: int, fields: dict[str, int | bytes] | None
+    ) -> dict[str, int | bytes]:
+        """sev_receive_start: EINVAL for missing blobs, the firmware (through argp->sev_fd),
+        then bind the VM's ASID (DECOMMISSION if that fails), then handle and fd recorded.
+        The VM must have done KVM_SEV_INIT: it owns an ASID and no handle yet."""
+        what = "KVM_SEV_RECEIVE_START"
+        sev = self._need_sev(what)
+        data = self._data(what, fields)
+        if not self._bytes(data, "pdh") or not self._bytes(data, "session"):
+            raise _err(errno.EINVAL, f"{what}: PDH certificate and session are required")
+        pdh = self._blob(what, data, "pdh")
+        session = self._blob(what, data, "session")
+        firmware = self.host.firmware  # argp->sev_fd: /dev/sev
+        ctx = firmware.receive_start(
+            self._u32(data, "handle"), self._u32(data, "policy"), pdh, session
+        )
+        try:
+            firmware.activate(ctx.handle, sev.asid)  # sev_bind_asid
+        except SevFwError:
+            firmware.decommission(ctx.handle)
+            raise
+        sev.policy = ctx.policy
+        sev.handle = ctx.handle
+        sev.fd = True
+        return {"handle": ctx.handle}
+
+    def _receive_update_data(
+        self, cmd: int, fields: dict[str, int | bytes] | None
+    ) -> dict[str, int | bytes]:
+        """sev_receive_update_data: EINVAL unless every buffer is given and the range is
+        within one page, the blobs copied in, the guest page pinned, the firmware."""
+        what = "KVM_SEV_RECEIVE_UPDATE_DATA"
+        sev = self._need_sev(what, errno.EINVAL)  # this one says EINVAL, not ENOTTY
+        data = self._data(what, fields)
+        gpa, guest_len = self._int(data, "guest_uaddr"), self._u32(data, "guest_len")
+        hdr, trans = self._bytes(data, "hdr"), self._bytes(data, "trans")
+        if not hdr or not guest_len or not trans:
+            raise _err(errno.EINVAL, f"{what}: header, guest range and transport are required")
+        self._one_page(what, gpa, guest_len)
+        hdr = self._blob(what, data, "hdr")
+        trans = self._blob(what, data, "trans")
+        self._pin(what, gpa, guest_len)
+        self._firmware_fd(what).receive_update_data(
+            sev.handle, self.memory, gpa, guest_len, hdr, trans
+        )
+        return {}
+
+    def _receive_finish(
+        self, cmd: int, fields: dict[str, int | bytes] | None
+    ) -> dict[str, int | bytes]:
+        what = "KVM_SEV_RECEIVE_FINISH"
+        sev = self._need_sev(what)
+        self._firmware_fd(what).receive_finish(sev.handle)
         return {}
 
     def _snp(self, cmd: int, fields: dict[str, int | bytes] | None) -> dict[str, int | bytes]:
@@ -1503,13 +2251,13 @@ _SEV_COMMANDS: dict[int, _SevHandler] = {
     uapi.KVM_SEV_DBG_DECRYPT: Vm._dbg_decrypt,
     uapi.KVM_SEV_DBG_ENCRYPT: Vm._dbg_encrypt,
     uapi.KVM_SEV_GET_ATTESTATION_REPORT: Vm._attestation_report,
-    uapi.KVM_SEV_SEND_START: Vm._send,
-    uapi.KVM_SEV_SEND_UPDATE_DATA: Vm._send,
-    uapi.KVM_SEV_SEND_FINISH: Vm._send,
-    uapi.KVM_SEV_SEND_CANCEL: Vm._send,
-    uapi.KVM_SEV_RECEIVE_START: Vm._receive,
-    uapi.KVM_SEV_RECEIVE_UPDATE_DATA: Vm._receive,
-    uapi.KVM_SEV_RECEIVE_FINISH: Vm._receive,
+    uapi.KVM_SEV_SEND_START: Vm._send_start,
+    uapi.KVM_SEV_SEND_UPDATE_DATA: Vm._send_update_data,
+    uapi.KVM_SEV_SEND_FINISH: Vm._send_finish,
+    uapi.KVM_SEV_SEND_CANCEL: Vm._send_finish,
+    uapi.KVM_SEV_RECEIVE_START: Vm._receive_start,
+    uapi.KVM_SEV_RECEIVE_UPDATE_DATA: Vm._receive_update_data,
+    uapi.KVM_SEV_RECEIVE_FINISH: Vm._receive_finish,
     uapi.KVM_SEV_SNP_LAUNCH_START: Vm._snp,
     uapi.KVM_SEV_SNP_LAUNCH_UPDATE: Vm._snp,
     uapi.KVM_SEV_SNP_LAUNCH_FINISH: Vm._snp,
@@ -1541,6 +2289,8 @@ class Host:
         slice_ns: the guest time one KVM_RUN may take before it returns KVM_EXIT_INTR.
         clock: monotonic nanoseconds, for the guest.
         cgroup_of: the misc cgroup of a process (by default all are in the root).
+        platform: the SEV platform's identity (keys, certificates, AMD root); by default a
+            fresh one under a root of its own.
     """
 
     def __init__(
@@ -1552,6 +2302,7 @@ class Host:
         slice_ns: int = 200_000,
         clock: Callable[[], int] = time.monotonic_ns,
         cgroup_of: Callable[[int], str] = _root_cgroup,
+        platform: Platform | None = None,
     ) -> None:
         self.asids = AsidPool(sev_asids=sev_asids, sev_es_asids=sev_es_asids)
         self.sev_enabled = sev_asids + sev_es_asids > 0
@@ -1562,7 +2313,9 @@ class Host:
         self.cgroup_of = cgroup_of
         self.warnings: list[str] = []
         self.cgroups = MiscCgroups({MISC_SEV: sev_asids, MISC_SEV_ES: sev_es_asids}, self.warnings)
-        self.firmware = SevFirmware(es_supported=self.sev_es_enabled, is_es_asid=self.asids.is_es)
+        self.firmware = SevFirmware(
+            es_supported=self.sev_es_enabled, is_es_asid=self.asids.is_es, platform=platform
+        )
         self.vms: dict[int, Vm] = {}
         self._next_vm_id = 1
 
@@ -1586,6 +2339,10 @@ class Host:
             return uapi.KVM_USER_MEM_SLOTS
         if cap == uapi.KVM_CAP_EXIT_HYPERCALL:
             return KVM_EXIT_HYPERCALL_VALID_MASK
+        if cap == uapi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2:
+            return uapi.KVM_DIRTY_LOG_MANUAL_CAPS
+        if cap in (uapi.KVM_CAP_X86_USER_SPACE_MSR, uapi.KVM_CAP_X86_MSR_FILTER):
+            return 1
         if cap == KVM_CAP_VM_TYPES:
             return self._supported_vm_types()
         return 0
@@ -1628,10 +2385,61 @@ class Host:
         self.cgroups.uncharge(sev.misc_cg, MISC_SEV_ES if sev.es_active else MISC_SEV)
         sev.misc_cg = None
 
+    # -- /dev/sev
+
+    def sev_issue_cmd(
+        self, cmd: int, fields: dict[str, int | bytes] | None
+    ) -> dict[str, int | bytes]:
+        """The /dev/sev ioctl SEV_ISSUE_CMD (drivers/crypto/ccp/sev-dev.c sev_ioctl) for the
+        platform commands a migrating VMM needs: PLATFORM_STATUS and PDH_CERT_EXPORT; plus
+        kvmstub's stand-in for AMD's key server, KVMSTUB_SEV_AMD_CERT_CHAIN -> {amd_certs}.
+        Fields by the kernel's struct names; out buffers as for KVM_SEV_SEND_START."""
+        if not self.sev_enabled:
+            raise _err(errno.ENODEV, "/dev/sev: no SEV on this host")
+        firmware = self.firmware
+        if cmd == uapi.KVMSTUB_SEV_AMD_CERT_CHAIN:
+            return {"amd_certs": firmware.platform.amd_chain()}
+        if cmd >= uapi.SEV_MAX:
+            raise _err(errno.EINVAL, f"SEV_ISSUE_CMD: unknown command {cmd}")
+        if fields is None and cmd != uapi.SEV_PLATFORM_STATUS:
+            raise _err(errno.EFAULT, f"SEV_ISSUE_CMD({cmd}): data is NULL")
+        if cmd == uapi.SEV_PLATFORM_STATUS:
+            return firmware.platform_status()
+        if cmd == uapi.SEV_PDH_CERT_EXPORT:
+            assert fields is not None
+            return self._pdh_cert_export(fields)
+        raise _err(errno.EOPNOTSUPP, f"SEV_ISSUE_CMD({cmd}): not modelled by kvmstub")
+
+    def _pdh_cert_export(self, data: dict[str, int | bytes]) -> dict[str, int | bytes]:
+        """sev_ioctl_do_pdh_export: a length query when an address or the PDH length is 0
+        (the firmware gets zero lengths and answers INVALID_LEN with both lengths filled in);
+        a buffer over SEV_FW_BLOB_MAX_SIZE -> EFAULT; both lengths always written back."""
+        pdh_len = Vm._u32(data, "pdh_cert_len")
+        chain_len = Vm._u32(data, "cert_chain_len")
+        query = not Vm._int(data, "pdh_cert_address") or not pdh_len
+        query = query or not Vm._int(data, "cert_chain_address")
+        if query:
+            pdh_len = chain_len = 0
+        elif pdh_len > uapi.SEV_FW_BLOB_MAX_SIZE or chain_len > uapi.SEV_FW_BLOB_MAX_SIZE:
+            raise _err(errno.EFAULT, "SEV_PDH_CERT_EXPORT: buffer larger than 16 KiB")
+        pdh, chain = self.firmware.pdh_cert_export(pdh_len, chain_len)
+        return {
+            "pdh_cert_len": len(pdh),
+            "cert_chain_len": len(chain),
+            "pdh_cert": pdh.ljust(pdh_len, b"\0"),
+            "cert_chain": chain.ljust(chain_len, b"\0"),
+        }
+
     # -- stats
 
     def stats(self) -> dict[str, Any]:
+        firmware = self.firmware
         return {
+            "platform": {
+                "state": uapi.SEV_STATE_NAMES[firmware.platform_state],
+                "api": f"{firmware.platform.api[0]}.{firmware.platform.api[1]}",
+                **firmware.platform.identity(),
+            },
             "vms": [vm.stats() for vm in self.vms.values()],
             "asids": {
                 "sev": self.asids.counts(es=False),

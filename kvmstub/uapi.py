@@ -19,9 +19,17 @@ KVM_CAP_MAX_VCPUS = 66
 KVM_CAP_READONLY_MEM = 81
 KVM_CAP_MAX_VCPU_ID = 128
 KVM_CAP_IMMEDIATE_EXIT = 136
+KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168
+KVM_CAP_X86_USER_SPACE_MSR = 188
+KVM_CAP_X86_MSR_FILTER = 189
 KVM_CAP_VM_COPY_ENC_CONTEXT_FROM = 197
 KVM_CAP_EXIT_HYPERCALL = 201
 KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM = 206
+
+# KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 args[0] (include/uapi/linux/kvm.h)
+KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0
+KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1
+KVM_DIRTY_LOG_MANUAL_CAPS = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET
 
 # kvm_run.exit_reason
 KVM_EXIT_UNKNOWN = 0
@@ -30,6 +38,8 @@ KVM_EXIT_HYPERCALL = 3
 KVM_EXIT_HLT = 5
 KVM_EXIT_SHUTDOWN = 8
 KVM_EXIT_INTR = 10
+KVM_EXIT_X86_RDMSR = 29
+KVM_EXIT_X86_WRMSR = 30
 
 KVM_EXIT_IO_IN = 0
 KVM_EXIT_IO_OUT = 1
@@ -41,6 +51,38 @@ KVM_MAP_GPA_RANGE_ENCRYPTED = 1 << 4
 KVM_MAP_GPA_RANGE_DECRYPTED = 0
 KVM_ENOSYS = 1000
 KVM_EINVAL = 22
+KVM_EPERM = 1
+
+# kvm_run.msr.reason, and KVM_CAP_X86_USER_SPACE_MSR args[0] (include/uapi/linux/kvm.h)
+KVM_MSR_EXIT_REASON_INVAL = 1 << 0
+KVM_MSR_EXIT_REASON_UNKNOWN = 1 << 1
+KVM_MSR_EXIT_REASON_FILTER = 1 << 2
+KVM_MSR_EXIT_REASON_VALID_MASK = (
+    KVM_MSR_EXIT_REASON_INVAL | KVM_MSR_EXIT_REASON_UNKNOWN | KVM_MSR_EXIT_REASON_FILTER
+)
+
+# KVM_X86_SET_MSR_FILTER (arch/x86/include/uapi/asm/kvm.h)
+KVM_MSR_FILTER_MAX_RANGES = 16
+KVM_MSR_FILTER_MAX_BITMAP_SIZE = 0x600
+KVM_MSR_FILTER_READ = 1 << 0
+KVM_MSR_FILTER_WRITE = 1 << 1
+KVM_MSR_FILTER_RANGE_VALID_MASK = KVM_MSR_FILTER_READ | KVM_MSR_FILTER_WRITE
+KVM_MSR_FILTER_DEFAULT_ALLOW = 0
+KVM_MSR_FILTER_DEFAULT_DENY = 1 << 0
+KVM_MSR_FILTER_VALID_MASK = KVM_MSR_FILTER_DEFAULT_DENY
+
+# Paravirtual CPUID leaves and MSRs (arch/x86/include/uapi/asm/kvm_para.h)
+KVM_CPUID_SIGNATURE = 0x40000000
+KVM_CPUID_FEATURES = 0x40000001
+KVM_SIGNATURE = b"KVMKVMKVM\0\0\0"
+KVM_FEATURE_HC_MAP_GPA_RANGE = 16
+KVM_FEATURE_MIGRATION_CONTROL = 17
+MSR_KVM_MIGRATION_CONTROL = 0x4B564D08
+KVM_MIGRATION_READY = 1 << 0
+
+# KVM_SET_CPUID2 (arch/x86/include/uapi/asm/kvm.h, arch/x86/include/asm/kvm_host.h)
+KVM_MAX_CPUID_ENTRIES = 256
+KVM_CPUID_FLAG_SIGNIFCANT_INDEX = 1 << 0
 
 # KVM_SET_USER_MEMORY_REGION flags
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
@@ -102,6 +144,28 @@ SEV_GUEST_STATE_NAMES = {
     5: "RUPDATE",
     6: "SENT",
 }
+
+# Platform states (psp-sev.h SEV_STATE_*)
+SEV_STATE_UNINIT = 0
+SEV_STATE_INIT = 1
+SEV_STATE_WORKING = 2
+SEV_STATE_NAMES = {0: "UNINIT", 1: "INIT", 2: "WORKING"}
+
+# /dev/sev SEV_ISSUE_CMD commands (psp-sev.h enum sev_cmd ... the user API ids)
+SEV_FACTORY_RESET = 0
+SEV_PLATFORM_STATUS = 1
+SEV_PEK_GEN = 2
+SEV_PEK_CSR = 3
+SEV_PDH_GEN = 4
+SEV_PDH_CERT_EXPORT = 5
+SEV_PEK_CERT_IMPORT = 6
+SEV_GET_ID = 7
+SEV_GET_ID2 = 8
+SEV_MAX = 9
+# kvmstub's own, outside the kernel's range: the AMD chain (ASK || ARK) that AMD's key server
+# hands out for a chip, which a VMM needs for SEND_START. Not a kernel or firmware command.
+KVMSTUB_SEV_AMD_CERT_CHAIN = 0x1000
+SEV_FW_BLOB_MAX_SIZE = 0x4000
 
 # SEV firmware status codes (psp-sev.h enum sev_ret_code)
 SEV_RET_SUCCESS = 0x00
@@ -183,9 +247,60 @@ class HypercallExit(msgspec.Struct, frozen=True):
     longmode: int = 1
 
 
+class MsrExit(msgspec.Struct, frozen=True):
+    """kvm_run.msr, for KVM_EXIT_X86_RDMSR / KVM_EXIT_X86_WRMSR: `reason` is one
+    KVM_MSR_EXIT_REASON_* bit, `data` the value a WRMSR writes. The VMM answers with
+    kvm_run.msr.error (non-zero: the guest gets #GP) and, for RDMSR, msr.data."""
+
+    reason: int
+    index: int
+    data: int = 0
+    error: int = 0
+
+
+class MsrFilterRange(msgspec.Struct, frozen=True):
+    """struct kvm_msr_filter_range (KVM_X86_SET_MSR_FILTER): for the accesses in `flags`
+    (KVM_MSR_FILTER_READ / WRITE) to MSRs base..base+nmsrs-1, bit i of `bitmap` set lets
+    KVM handle MSR base+i, clear filters it (to userspace, with KVM_MSR_EXIT_REASON_FILTER
+    enabled; else #GP). `bitmap` is BITS_TO_LONGS(nmsrs) longs: 8 bytes per 64 MSRs.
+
+    To see the guest's writes of MSR_KVM_MIGRATION_CONTROL and nothing else:
+    `MsrFilterRange(KVM_MSR_FILTER_WRITE, 1, MSR_KVM_MIGRATION_CONTROL, bytes(8))` in a
+    default-allow filter, with KVM_CAP_X86_USER_SPACE_MSR(KVM_MSR_EXIT_REASON_FILTER)."""
+
+    flags: int
+    nmsrs: int
+    base: int
+    bitmap: bytes = b""
+
+
+class CpuidEntry(msgspec.Struct, frozen=True):
+    """struct kvm_cpuid_entry2 (KVM_SET_CPUID2)."""
+
+    function: int
+    index: int = 0
+    flags: int = 0
+    eax: int = 0
+    ebx: int = 0
+    ecx: int = 0
+    edx: int = 0
+
+
+def kvm_cpuid_leaves(features: int) -> tuple[CpuidEntry, CpuidEntry]:
+    """The two paravirtual leaves a VMM puts in KVM_SET_CPUID2 for a KVM guest: the
+    signature leaf 0x40000000 ("KVMKVMKVM", highest leaf 0x40000001) and the features leaf
+    0x40000001 with `features` (a mask of 1 << KVM_FEATURE_*) in EAX."""
+    ebx, ecx, edx = (int.from_bytes(KVM_SIGNATURE[i : i + 4], "little") for i in (0, 4, 8))
+    return (
+        CpuidEntry(KVM_CPUID_SIGNATURE, eax=KVM_CPUID_FEATURES, ebx=ebx, ecx=ecx, edx=edx),
+        CpuidEntry(KVM_CPUID_FEATURES, eax=features & 0xFFFFFFFF),
+    )
+
+
 class RunExit(msgspec.Struct, frozen=True):
     """What KVM_RUN returns: kvm_run.exit_reason plus the member of the union it names."""
 
     exit_reason: int
     io: IoExit | None = None
     hypercall: HypercallExit | None = None
+    msr: MsrExit | None = None

@@ -42,6 +42,10 @@ FieldName = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 SevFields = Annotated[dict[FieldName, U64 | Blob], msgspec.Meta(max_length=32)]
 EnableCapArgs = Annotated[tuple[U64, ...], msgspec.Meta(max_length=4)]  # struct kvm_enable_cap
 ArgIndex = Annotated[int, msgspec.Meta(ge=0, le=3)]
+U8 = Annotated[int, msgspec.Meta(ge=0, le=0xFF)]
+# A dirty bitmap in a reply (spilled to a memfd when large): trailing zero bytes are not sent.
+Bitmap = Annotated[bytes, msgspec.Meta(max_length=MAX_SPILLED)]
+MsrBitmap = Annotated[bytes, msgspec.Meta(max_length=uapi.KVM_MSR_FILTER_MAX_BITMAP_SIZE)]
 Errno = Annotated[int, msgspec.Meta(ge=1, le=4095)]
 Message = Annotated[str, msgspec.Meta(max_length=4096)]
 
@@ -112,6 +116,15 @@ class Stats(Request):
     """kvmstub's own: the model's statistics -> StatsReply."""
 
 
+class SevIssueCmd(Request):
+    """The /dev/sev ioctl SEV_ISSUE_CMD (struct sev_issue_cmd): platform command `cmd` with
+    its struct's fields by their kernel names -> Ok(fields); a firmware failure is EIO with
+    `fw_error`. kvmstub serves /dev/sev on the same socket as /dev/kvm (one host)."""
+
+    cmd: U32
+    fields: SevFields | None = None
+
+
 # VM fd
 class CreateVcpu(Request):
     """KVM_CREATE_VCPU -> NewObject("vcpu") with the vCPU fd attached."""
@@ -131,6 +144,24 @@ class SetUserMemoryRegion(Request):
     has_fd: bool = True
 
 
+class GetDirtyLog(Request):
+    """KVM_GET_DIRTY_LOG (struct kvm_dirty_log: slot) -> DirtyLogReply."""
+
+    slot: U32
+
+
+class ClearDirtyLog(Request):
+    """KVM_CLEAR_DIRTY_LOG (struct kvm_clear_dirty_log). `bitmap` is what dirty_bitmap
+    points to: ALIGN(num_pages, 64) / 8 bytes are read (fewer: EFAULT). One datagram caps
+    it at 128 KiB, a million pages per call: clear a larger log in parts, as the kernel's
+    64-page alignment allows."""
+
+    slot: U32
+    first_page: U64
+    num_pages: U32
+    bitmap: Blob = b""
+
+
 class EnableCap(Request):
     """KVM_ENABLE_CAP. If `fd_arg` is set, args[fd_arg] is an fd and the fd itself travels
     with the request (the number in args is only the client's own, for logs)."""
@@ -139,6 +170,24 @@ class EnableCap(Request):
     flags: U32 = 0
     args: EnableCapArgs = ()
     fd_arg: ArgIndex | None = None
+
+
+class WireMsrFilterRange(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
+    """struct kvm_msr_filter_range; `bitmap` is what its pointer points to."""
+
+    flags: U32
+    nmsrs: U32
+    base: U32
+    bitmap: MsrBitmap = b""
+
+
+class SetMsrFilter(Request):
+    """KVM_X86_SET_MSR_FILTER (struct kvm_msr_filter): flags and up to 16 ranges."""
+
+    flags: U32 = 0
+    ranges: Annotated[
+        tuple[WireMsrFilterRange, ...], msgspec.Meta(max_length=uapi.KVM_MSR_FILTER_MAX_RANGES)
+    ] = ()
 
 
 class SevIoctl(Request):
@@ -164,13 +213,34 @@ class UnregRegion(Request):
 
 
 # vCPU fd
+class WireCpuidEntry(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
+    """struct kvm_cpuid_entry2."""
+
+    function: U32
+    index: U32 = 0
+    flags: U32 = 0
+    eax: U32 = 0
+    ebx: U32 = 0
+    ecx: U32 = 0
+    edx: U32 = 0
+
+
+class SetCpuid2(Request):
+    """KVM_SET_CPUID2. More entries than the kernel's 256 still decode (up to 1024), so
+    that the model answers E2BIG as the kernel does."""
+
+    entries: Annotated[tuple[WireCpuidEntry, ...], msgspec.Meta(max_length=1024)] = ()
+
+
 class Run(Request):
-    """KVM_RUN. `io_data` (the IN bytes) and `hypercall_ret` complete the previous exit, as a
-    VMM writes them into kvm_run before re-entering; `immediate_exit` is kvm_run's flag."""
+    """KVM_RUN. `io_data` (the IN bytes), `hypercall_ret` and `msr_error` (kvm_run.msr.error
+    after an MSR exit) complete the previous exit, as a VMM writes them into kvm_run before
+    re-entering; `immediate_exit` is kvm_run's flag."""
 
     immediate_exit: bool = False
     io_data: Blob | None = None
     hypercall_ret: U64 | None = None
+    msr_error: U8 | None = None
 
 
 class GetRegs(Request):
@@ -188,12 +258,17 @@ AnyRequest = (
     | CheckExtension
     | CreateVm
     | Stats
+    | SevIssueCmd
     | CreateVcpu
     | SetUserMemoryRegion
+    | GetDirtyLog
+    | ClearDirtyLog
     | EnableCap
+    | SetMsrFilter
     | SevIoctl
     | RegRegion
     | UnregRegion
+    | SetCpuid2
     | Run
     | GetRegs
     | SetRegs
@@ -202,12 +277,23 @@ AnyRequest = (
 # Which requests each kind of fd understands. The daemon answers any other request as the
 # kernel answers an ioctl its file does not know (see the daemon for the errno per kind).
 SYSTEM_REQUESTS: Final[frozenset[type[Request]]] = frozenset(
-    {GetApiVersion, CheckExtension, CreateVm, Stats}
+    {GetApiVersion, CheckExtension, CreateVm, Stats, SevIssueCmd}
 )
 VM_REQUESTS: Final[frozenset[type[Request]]] = frozenset(
-    {CheckExtension, CreateVcpu, SetUserMemoryRegion, EnableCap, SevIoctl, RegRegion, UnregRegion}
+    {
+        CheckExtension,
+        CreateVcpu,
+        SetUserMemoryRegion,
+        GetDirtyLog,
+        ClearDirtyLog,
+        EnableCap,
+        SetMsrFilter,
+        SevIoctl,
+        RegRegion,
+        UnregRegion,
+    }
 )
-VCPU_REQUESTS: Final[frozenset[type[Request]]] = frozenset({Run, GetRegs, SetRegs})
+VCPU_REQUESTS: Final[frozenset[type[Request]]] = frozenset({SetCpuid2, Run, GetRegs, SetRegs})
 
 
 def declared_fds(request: Request) -> int:
@@ -250,6 +336,14 @@ class RegsReply(Reply):
     regs: WireRegs
 
 
+class DirtyLogReply(Reply):
+    """KVM_GET_DIRTY_LOG's bitmap: `size` bytes (the slot's ALIGN(npages, 64) / 8), of
+    which only the part up to the last non-zero byte is sent; the rest is zeros."""
+
+    bitmap: Bitmap
+    size: U64
+
+
 class StatsReply(Reply):
     stats: dict[str, Any]
 
@@ -261,14 +355,16 @@ class Spilled(Reply):
 
 class Error(Reply):
     """The ioctl failed with `errno`. A SEV firmware failure is EIO with `fw_error` set to the
-    SEV status code (kvm_sev_cmd.error)."""
+    SEV status code (kvm_sev_cmd.error), and `fields` the output fields the kernel copies back
+    even so (the length of a query, SEND_START's policy and session_len)."""
 
     errno: Errno
     message: Message = ""
     fw_error: U32 | None = None
+    fields: SevFields | None = None
 
 
-AnyReply = Ok | NewObject | RunReply | RegsReply | StatsReply | Spilled | Error
+AnyReply = Ok | NewObject | RunReply | RegsReply | DirtyLogReply | StatsReply | Spilled | Error
 
 
 # --- encoding -------------------------------------------------------------------------------

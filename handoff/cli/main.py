@@ -2,6 +2,7 @@
 
 handoff run      run a VMM (or, with --incoming, wait to take one over)
 handoff upgrade  replace a running VMM by a new process, the guest running throughout
+handoff migrate  migrate a running SEV guest to another host's VMM (mutual TLS)
 handoff status   show a VMM's state and its last handoff
 handoff list     every VM in the runtime directory (pid, version, shape, uptime, last pause)
 handoff demo     the whole story on embedded defaults (what `make demo` runs)
@@ -16,7 +17,13 @@ import sys
 from collections.abc import Sequence
 
 from handoff.machine.config import ConfigError, validate_name
-from handoff.process.flags import build_parser, guest_config, host_flags, runtime_dir
+from handoff.process.flags import (
+    build_parser,
+    guest_config,
+    host_flags,
+    remote_flags,
+    runtime_dir,
+)
 
 
 def control_path(ns: argparse.Namespace) -> str:
@@ -69,13 +76,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             args = list(sys.argv[1:] if argv is None else argv)
             run_args = args[args.index("run") + 1 :]
             program = [sys.executable, "-m", "handoff"]
-            return run_main(guest_config(ns), host_flags(ns), ns.incoming, program, run_args)
+            return run_main(
+                guest_config(ns), host_flags(ns), ns.incoming, program, run_args, remote_flags(ns)
+            )
         if ns.command == "upgrade":
             from handoff.process.ops import upgrade_main
 
             return _flushed(
                 upgrade_main(
                     control_path(ns), ns.set, ns.exec, ns.json, ns.timeout, status_hint(ns)
+                )
+            )
+        if ns.command == "migrate":
+            from handoff.process.ops import migrate_main
+
+            tls = [ns.tls_cert, ns.tls_key, ns.tls_ca]
+            return _flushed(
+                migrate_main(
+                    control_path(ns),
+                    ns.to,
+                    ns.downtime_limit,
+                    [os.path.abspath(f) for f in tls] if all(tls) else None,
+                    ns.json,
+                    ns.timeout,
+                    ns.x_min_rounds,
                 )
             )
         if ns.command == "status":

@@ -15,6 +15,7 @@ target refuses state from another kernel with a message instead of loading garba
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from contextlib import AbstractContextManager
 from types import TracebackType
@@ -280,3 +281,146 @@ class Hypervisor(Protocol):
 def no_polling(seconds: float) -> AbstractContextManager[None]:
     """`Hypervisor.polling` for a backend that has nothing to poll."""
     return contextlib.nullcontext()
+
+
+# ---- cross-host SEV migration (DESIGN section 8) ---------------------------------------------
+#
+# Not every kernel can do it: the real /dev/kvm backend here has no SEV, so these are separate
+# interfaces, and the migration code asks `migration_vm()` / `sev_platform()` for them, which
+# refuse by name where a backend has none.
+
+
+def fw_error(exc: BaseException) -> int | None:
+    """The SEV firmware status an `OSError(EIO)` from an SEV command carries (None if none)."""
+    status = getattr(exc, "fw_error", None)
+    return status if isinstance(status, int) else None
+
+
+@runtime_checkable
+class DirtyLogVm(Protocol):
+    """KVM_MEM_LOG_DIRTY_PAGES and KVM_GET_DIRTY_LOG: which pages the guest wrote."""
+
+    async def set_dirty_logging(
+        self, slot: int, guest_phys_addr: int, size: int, fd: int, *, on: bool
+    ) -> None:
+        """KVM_SET_USER_MEMORY_REGION again over the same slot, with or without
+        KVM_MEM_LOG_DIRTY_PAGES (a live slot keeps its memory)."""
+        ...
+
+    async def get_dirty_log(self, slot: int) -> bytes:
+        """KVM_GET_DIRTY_LOG (read and clear): bit i = page i of the slot written by the guest
+        since the last call (only the guest's writes, never the VMM's own)."""
+        ...
+
+
+@runtime_checkable
+class SevMigrationVm(DirtyLogVm, Protocol):
+    """The SEV firmware's SEND_* / RECEIVE_* commands of one VM (KVM_MEMORY_ENCRYPT_OP ids 8,
+    9, 11, 12, 13, 15, 21). Failures are `OSError`: EIO with the firmware status in
+    `fw_error` (see `fw_error()`), or the kernel's own errno."""
+
+    async def sev_send_start(
+        self, pdh_cert: bytes, plat_certs: bytes, amd_certs: bytes
+    ) -> tuple[bytes, int]:
+        """SEND_START towards the target platform's chain: (session blob, guest policy)."""
+        ...
+
+    async def sev_send_update_data(self, gpa: int) -> tuple[bytes, bytes]:
+        """SEND_UPDATE_DATA of one private page: (52-byte packet header, ciphertext)."""
+        ...
+
+    async def sev_send_finish(self) -> None: ...
+
+    async def sev_send_cancel(self) -> None: ...
+
+    async def sev_receive_start(self, source_pdh: bytes, session: bytes, policy: int) -> int:
+        """RECEIVE_START on a VM that did KVM_SEV_INIT (`sev_init`): the new handle."""
+        ...
+
+    async def sev_receive_update_data(self, gpa: int, header: bytes, data: bytes) -> None: ...
+
+    async def sev_receive_finish(self) -> None: ...
+
+    async def sev_guest_status(self) -> dict[str, int]:
+        """GUEST_STATUS: handle, policy, state."""
+        ...
+
+
+@runtime_checkable
+class SevPlatform(Protocol):
+    """The host's SEV platform (/dev/sev), as a migration target hands its chain out."""
+
+    async def sev_pdh_cert_export(self) -> tuple[bytes, bytes]:
+        """PDH_CERT_EXPORT: (PDH certificate, PEK || OCA || CEK)."""
+        ...
+
+    async def sev_amd_cert_chain(self) -> bytes:
+        """ASK || ARK for this platform's chip (AMD's key server)."""
+        ...
+
+
+class NoSevMigration(OSError):
+    """The kernel a VMM runs on cannot migrate SEV guests between hosts."""
+
+
+def migration_vm(vm: Vm, backend: str) -> SevMigrationVm:
+    """`vm` as a VM whose SEV guest can be sent or received, or `NoSevMigration`."""
+    if not isinstance(vm, SevMigrationVm):
+        raise NoSevMigration(
+            errno.ENOTTY,
+            f"the {backend} backend has no SEV SEND/RECEIVE commands or dirty log: cross-host "
+            "SEV migration needs a kernel with SEV (kvmstub here)",
+        )
+    return vm
+
+
+def sev_platform(hypervisor: Hypervisor) -> SevPlatform:
+    """`hypervisor`'s SEV platform, or `NoSevMigration`."""
+    if not isinstance(hypervisor, SevPlatform):
+        raise NoSevMigration(
+            errno.ENODEV,
+            f"the {hypervisor.name} backend has no SEV platform (/dev/sev): it cannot be the "
+            "target of a cross-host SEV migration",
+        )
+    return hypervisor
+
+
+# ---- MSR_KVM_MIGRATION_CONTROL: the guest says when it may migrate ---------------------------
+#
+# KVM does not implement the MSR (reference section 2): a VMM advertises the feature in CPUID,
+# filters the MSR so the guest's writes exit to it, and keeps the value itself. A guest writes 1
+# once its shared-region reports are complete, 0 before it goes down (reboot, kexec): a VMM must
+# refuse to migrate while it is 0.
+
+MSR_KVM_MIGRATION_CONTROL = 0x4B564D08
+KVM_MIGRATION_READY = 1 << 0
+EXIT_X86_WRMSR = 30
+
+
+@runtime_checkable
+class MigrationControlVm(Protocol):
+    async def filter_migration_control(self) -> None:
+        """KVM_CAP_X86_USER_SPACE_MSR(KVM_MSR_EXIT_REASON_FILTER) and an MSR filter that sends
+        the guest's writes of MSR_KVM_MIGRATION_CONTROL (and nothing else) to the VMM."""
+        ...
+
+
+@runtime_checkable
+class MigrationControlVcpu(Protocol):
+    async def advertise_migration_control(self) -> None:
+        """KVM_SET_CPUID2 with KVM_FEATURE_HC_MAP_GPA_RANGE and KVM_FEATURE_MIGRATION_CONTROL,
+        before the vCPU first runs."""
+        ...
+
+    def complete_msr(self, error: int = 0) -> None:
+        """kvm_run.msr.error for the last MSR exit (non-zero: the guest takes #GP)."""
+        ...
+
+
+class MsrExitView(Protocol):
+    """kvm_run.msr of a KVM_EXIT_X86_WRMSR."""
+
+    @property
+    def index(self) -> int: ...
+    @property
+    def data(self) -> int: ...

@@ -85,6 +85,14 @@ class KvmstubVcpu:
     async def get_state(self) -> VcpuState:
         return regs_state(await self._vcpu.get_regs())
 
+    # ---- base.MigrationControlVcpu
+    async def advertise_migration_control(self) -> None:
+        features = 1 << uapi.KVM_FEATURE_HC_MAP_GPA_RANGE | 1 << uapi.KVM_FEATURE_MIGRATION_CONTROL
+        await self._vcpu.set_cpuid2(uapi.kvm_cpuid_leaves(features))
+
+    def complete_msr(self, error: int = 0) -> None:
+        self._vcpu.complete_msr(error)
+
     async def set_state(self, state: VcpuState) -> None:
         await self._vcpu.set_regs(state_regs(state))
 
@@ -132,6 +140,51 @@ class KvmstubVm:
     async def get_vm_state(self) -> VmState | None:
         return None  # kvmstub's VMs keep no state of their own besides their vCPUs'
 
+    # ---- base.MigrationControlVm
+    async def filter_migration_control(self) -> None:
+        await self._vm.enable_cap(uapi.KVM_CAP_X86_USER_SPACE_MSR, uapi.KVM_MSR_EXIT_REASON_FILTER)
+        only_it = uapi.MsrFilterRange(
+            uapi.KVM_MSR_FILTER_WRITE, 1, uapi.MSR_KVM_MIGRATION_CONTROL, bytes(8)
+        )
+        await self._vm.set_msr_filter([only_it], flags=uapi.KVM_MSR_FILTER_DEFAULT_ALLOW)
+
+    # ---- cross-host SEV migration (base.SevMigrationVm)
+    async def set_dirty_logging(
+        self, slot: int, guest_phys_addr: int, size: int, fd: int, *, on: bool
+    ) -> None:
+        flags = uapi.KVM_MEM_LOG_DIRTY_PAGES if on else 0
+        await self._vm.set_user_memory_region(slot, guest_phys_addr, size, fd, 0, flags)
+
+    async def get_dirty_log(self, slot: int) -> bytes:
+        return await self._vm.get_dirty_log(slot)
+
+    async def sev_send_start(
+        self, pdh_cert: bytes, plat_certs: bytes, amd_certs: bytes
+    ) -> tuple[bytes, int]:
+        return await self._vm.sev_send_start(pdh_cert, plat_certs, amd_certs)
+
+    async def sev_send_update_data(self, gpa: int) -> tuple[bytes, bytes]:
+        return await self._vm.sev_send_update_data(gpa, uapi.PAGE_SIZE)
+
+    async def sev_send_finish(self) -> None:
+        await self._vm.sev_send_finish()
+
+    async def sev_send_cancel(self) -> None:
+        await self._vm.sev_send_cancel()
+
+    async def sev_receive_start(self, source_pdh: bytes, session: bytes, policy: int) -> int:
+        return await self._vm.sev_receive_start(source_pdh, session, policy)
+
+    async def sev_receive_update_data(self, gpa: int, header: bytes, data: bytes) -> None:
+        await self._vm.sev_receive_update_data(gpa, header, data)
+
+    async def sev_receive_finish(self) -> None:
+        await self._vm.sev_receive_finish()
+
+    async def sev_guest_status(self) -> dict[str, int]:
+        status = await self._vm.sev_ioctl(uapi.KVM_SEV_GUEST_STATUS)
+        return {k: v for k, v in status.items() if isinstance(v, int)}
+
     async def set_vm_state(self, state: VmState) -> None:
         refuse_vm_state(state)
 
@@ -174,6 +227,13 @@ class KvmstubHypervisor:
 
     async def stats(self) -> dict[str, object]:
         return await self._kvm.stats()
+
+    # ---- the host's SEV platform (base.SevPlatform)
+    async def sev_pdh_cert_export(self) -> tuple[bytes, bytes]:
+        return await self._kvm.sev_pdh_cert_export()
+
+    async def sev_amd_cert_chain(self) -> bytes:
+        return await self._kvm.sev_amd_cert_chain()
 
     def close(self) -> None:
         self._kvm.close()

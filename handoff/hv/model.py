@@ -208,6 +208,92 @@ class ModelVm:
         await trio.lowlevel.checkpoint()
         return None
 
+    # ---- cross-host SEV migration (base.SevMigrationVm), as the daemon's client asks it
+    async def set_dirty_logging(
+        self, slot: int, guest_phys_addr: int, size: int, fd: int, *, on: bool
+    ) -> None:
+        await trio.lowlevel.checkpoint()
+        flags = uapi.KVM_MEM_LOG_DIRTY_PAGES if on else 0
+        self._vm.set_user_memory_region(self._mm, slot, flags, guest_phys_addr, size, fd, 0)
+
+    async def get_dirty_log(self, slot: int) -> bytes:
+        await trio.lowlevel.checkpoint()
+        return self._vm.get_dirty_log(self._mm, slot)
+
+    async def sev_send_start(
+        self, pdh_cert: bytes, plat_certs: bytes, amd_certs: bytes
+    ) -> tuple[bytes, int]:
+        await trio.lowlevel.checkpoint()
+        try:
+            self._sev(uapi.KVM_SEV_SEND_START, session_len=0)
+            raise OSError(errno.EPROTO, "SEND_START length query succeeded")
+        except OSError as exc:
+            if getattr(exc, "fw_error", None) != uapi.SEV_RET_INVALID_LEN:
+                raise
+            session_len = exc.fields["session_len"]  # type: ignore[attr-defined]
+        out = self._sev(
+            uapi.KVM_SEV_SEND_START,
+            pdh_cert=pdh_cert,
+            plat_certs=plat_certs,
+            amd_certs=amd_certs,
+            session_uaddr=1,
+            session_len=session_len,
+        )
+        session, policy = out["session"], out["policy"]
+        assert isinstance(session, bytes) and isinstance(policy, int)
+        return session, policy
+
+    async def sev_send_update_data(self, gpa: int) -> tuple[bytes, bytes]:
+        await trio.lowlevel.checkpoint()
+        out = self._sev(
+            uapi.KVM_SEV_SEND_UPDATE_DATA,
+            hdr_uaddr=1,
+            hdr_len=52,
+            guest_uaddr=gpa,
+            guest_len=uapi.PAGE_SIZE,
+            trans_uaddr=1,
+            trans_len=uapi.PAGE_SIZE,
+        )
+        hdr, trans = out["hdr"], out["trans"]
+        assert isinstance(hdr, bytes) and isinstance(trans, bytes)
+        return hdr, trans
+
+    async def sev_send_finish(self) -> None:
+        await trio.lowlevel.checkpoint()
+        self._sev(uapi.KVM_SEV_SEND_FINISH)
+
+    async def sev_send_cancel(self) -> None:
+        await trio.lowlevel.checkpoint()
+        self._sev(uapi.KVM_SEV_SEND_CANCEL)
+
+    async def sev_receive_start(self, source_pdh: bytes, session: bytes, policy: int) -> int:
+        await trio.lowlevel.checkpoint()
+        out = self._sev(
+            uapi.KVM_SEV_RECEIVE_START, handle=0, policy=policy, pdh=source_pdh, session=session
+        )
+        handle = out["handle"]
+        assert isinstance(handle, int)
+        return handle
+
+    async def sev_receive_update_data(self, gpa: int, header: bytes, data: bytes) -> None:
+        await trio.lowlevel.checkpoint()
+        self._sev(
+            uapi.KVM_SEV_RECEIVE_UPDATE_DATA,
+            hdr=header,
+            guest_uaddr=gpa,
+            guest_len=len(data),
+            trans=data,
+        )
+
+    async def sev_receive_finish(self) -> None:
+        await trio.lowlevel.checkpoint()
+        self._sev(uapi.KVM_SEV_RECEIVE_FINISH)
+
+    async def sev_guest_status(self) -> dict[str, int]:
+        await trio.lowlevel.checkpoint()
+        status = self._sev(uapi.KVM_SEV_GUEST_STATUS)
+        return {k: v for k, v in status.items() if isinstance(v, int)}
+
     async def set_vm_state(self, state: VmState) -> None:
         await trio.lowlevel.checkpoint()
         refuse_vm_state(state)
@@ -251,6 +337,37 @@ class ModelHypervisor:
 
     def requests_made(self) -> int:
         return 0  # in-process: no requests to count
+
+    # ---- the host's SEV platform (base.SevPlatform)
+    async def sev_pdh_cert_export(self) -> tuple[bytes, bytes]:
+        await trio.lowlevel.checkpoint()
+        host = self.kernel.host
+        try:
+            host.sev_issue_cmd(uapi.SEV_PDH_CERT_EXPORT, {"pdh_cert_len": 0, "cert_chain_len": 0})
+            raise OSError(errno.EPROTO, "PDH_CERT_EXPORT length query succeeded")
+        except OSError as exc:
+            if getattr(exc, "fw_error", None) != uapi.SEV_RET_INVALID_LEN:
+                raise
+            lengths: dict[str, int | bytes] = exc.fields  # type: ignore[attr-defined]
+        out = host.sev_issue_cmd(
+            uapi.SEV_PDH_CERT_EXPORT,
+            {
+                "pdh_cert_address": 1,
+                "pdh_cert_len": lengths["pdh_cert_len"],
+                "cert_chain_address": 1,
+                "cert_chain_len": lengths["cert_chain_len"],
+            },
+        )
+        pdh, chain = out["pdh_cert"], out["cert_chain"]
+        assert isinstance(pdh, bytes) and isinstance(chain, bytes)
+        return pdh, chain
+
+    async def sev_amd_cert_chain(self) -> bytes:
+        await trio.lowlevel.checkpoint()
+        out = self.kernel.host.sev_issue_cmd(uapi.KVMSTUB_SEV_AMD_CERT_CHAIN, None)
+        chain = out["amd_certs"]
+        assert isinstance(chain, bytes)
+        return chain
 
     def close(self) -> None:
         pass

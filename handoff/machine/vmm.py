@@ -16,17 +16,35 @@ import fcntl
 import gc
 import logging
 import os
+import re
 import socket
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 import trio
 
-from handoff.hv import ExitView, Hypervisor, PeerVm, Vcpu, VcpuState, Vm, abi, witness
+from handoff.hv import (
+    EXIT_X86_WRMSR,
+    KVM_MIGRATION_READY,
+    MSR_KVM_MIGRATION_CONTROL,
+    ExitView,
+    Hypervisor,
+    MigrationControlVcpu,
+    MigrationControlVm,
+    PeerVm,
+    Vcpu,
+    VcpuState,
+    Vm,
+    abi,
+    migration_vm,
+    witness,
+)
 from handoff.hv.backends import open_hypervisor
 from handoff.machine.config import GuestConfig, HostFlags
 from handoff.machine.devices import Devices, DeviceState
 
 log = logging.getLogger("handoff.vmm")
+
+_NONZERO = re.compile(rb"[^\x00]")
 
 _EXIT_INTR = abi.EXIT_INTR
 _EXIT_IO = abi.EXIT_IO
@@ -230,12 +248,26 @@ class VcpuRunner:
             self.vcpu.complete_hypercall(ret & abi.U64_MASK)
             self.pending = True
             return True
+        if reason == EXIT_X86_WRMSR:
+            return self._serve_wrmsr(exit_)
         if reason == _EXIT_SHUTDOWN:
             self.vmm.status = "guest-panicked" if self.vmm.devices.serial.panicked else "shutdown"
             log.error("vCPU %d: guest shut down (%s)", self.index, self.vmm.status)
             return False
         log.error("vCPU %d: unexpected exit reason %d; stopping this vCPU", self.index, reason)
         return False
+
+    def _serve_wrmsr(self, exit_: ExitView) -> bool:
+        """The guest wrote the MSR we filter: MSR_KVM_MIGRATION_CONTROL (any other: #GP)."""
+        msr = getattr(exit_, "msr", None)
+        known = msr is not None and msr.index == MSR_KVM_MIGRATION_CONTROL
+        if msr is not None and known:
+            self.vmm.set_migration_control(int(msr.data))
+        vcpu: object = self.vcpu
+        if isinstance(vcpu, MigrationControlVcpu):
+            vcpu.complete_msr(0 if known else 1)
+        self.pending = True
+        return True
 
 
 class Vmm:
@@ -261,6 +293,9 @@ class Vmm:
         # this VM (reference section 2), so query-sev answers from here.
         self.sev: dict[str, int] = {}
         self.measurement: bytes | None = None
+        # MSR_KVM_MIGRATION_CONTROL as the guest last wrote it; None where this VMM did not
+        # advertise it (a plain guest, a kernel without the MSR filter): no gate then.
+        self.migration_allowed: bool | None = None
 
     # ----------------------------------------------------------------- building
     async def open(self) -> Hypervisor:
@@ -327,6 +362,7 @@ class Vmm:
         for i, vcpu in enumerate(self.vcpus):
             await vcpu.set_state(hypervisor.witness_initial_state(i))
         if sev:
+            await self._offer_migration_control()
             launch = await self.vm.sev_launch(len(image), cfg.policy, es=cfg.mode == "sev-es")
             self.sev = dict(launch.status)
             self.measurement = launch.measurement
@@ -511,6 +547,106 @@ class Vmm:
             return total
 
         return await trio.to_thread.run_sync(receive)
+
+    # ----------------------------------------------------------------- cross-host migration
+    # Page access for a migration between hosts (DESIGN section 8): the pages a sparse memfd
+    # holds, the guest's dirty log, and the memfd's bytes of a page (ciphertext for a private
+    # page, as on SEV hardware: only SEND_UPDATE_DATA may carry a private page out).
+
+    async def prepare_incoming_sev(self) -> None:
+        """A cross-host migration's target: fresh memfds, a VM that did KVM_SEV_INIT (which
+        RECEIVE_START needs), its memory slots and vCPUs; nothing of the guest yet."""
+        await self.open()
+        self.create_memory()
+        self.vm = await self._create_vm(sev_init=True)
+        self.vcpus = await self._create_vcpus(self.vm)
+        await self._offer_migration_control()  # the value itself comes with the devices
+        self._make_runners()
+        self.status = "inmigrate"
+
+    async def _offer_migration_control(self) -> None:
+        """Advertise MSR_KVM_MIGRATION_CONTROL and filter it to us, where the kernel can:
+        migration is then refused until the guest writes 1 (and again once it writes 0)."""
+        vm: object = self.vm
+        vcpus: list[object] = list(self.vcpus)
+        if not isinstance(vm, MigrationControlVm):
+            return
+        controls = [v for v in vcpus if isinstance(v, MigrationControlVcpu)]
+        if len(controls) != len(vcpus):
+            return
+        await vm.filter_migration_control()
+        for vcpu in controls:
+            await vcpu.advertise_migration_control()
+        self.migration_allowed = False
+
+    def set_migration_control(self, value: int) -> None:
+        allowed = bool(value & KVM_MIGRATION_READY)
+        if allowed != self.migration_allowed:
+            log.info("the guest %s migration", "allows" if allowed else "blocks")
+        self.migration_allowed = allowed
+
+    def _page_slot(self, gpa: int) -> tuple[int, int]:
+        """(memfd, offset) of the page at `gpa`; ValueError outside guest memory."""
+        for layout, fd in zip(self.cfg.slots(), self.memfds, strict=True):
+            if layout.guest_phys_addr <= gpa < layout.guest_phys_addr + layout.size:
+                return fd, gpa - layout.guest_phys_addr
+        raise ValueError(f"guest address {gpa:#x} is outside guest memory")
+
+    def read_page(self, gpa: int) -> bytes:
+        """The memfd's bytes of one page (plaintext only for a shared page)."""
+        fd, offset = self._page_slot(gpa)
+        data = os.pread(fd, abi.PAGE_SIZE, offset)
+        return data.ljust(abi.PAGE_SIZE, b"\0")
+
+    def write_page(self, gpa: int, data: bytes) -> None:
+        """Write one shared page's plaintext into its memfd (a migration target)."""
+        if len(data) != abi.PAGE_SIZE:
+            raise ValueError(f"a page is {abi.PAGE_SIZE} bytes, not {len(data)}")
+        fd, offset = self._page_slot(gpa)
+        os.pwrite(fd, data, offset)
+
+    def populated_pages(self) -> list[int]:
+        """The guest addresses of every page its memfds hold (SEEK_DATA/SEEK_HOLE): a sparse
+        guest's first pre-copy round costs its populated memory, not its size."""
+        pages: list[int] = []
+        for layout, fd in zip(self.cfg.slots(), self.memfds, strict=True):
+            offset = 0
+            while offset < layout.size:
+                try:
+                    start = os.lseek(fd, offset, os.SEEK_DATA)
+                except OSError as exc:
+                    if exc.errno == errno.ENXIO:
+                        break  # no data after offset
+                    raise
+                end = min(os.lseek(fd, start, os.SEEK_HOLE), layout.size)
+                first = start - start % abi.PAGE_SIZE
+                pages.extend(layout.guest_phys_addr + o for o in range(first, end, abi.PAGE_SIZE))
+                offset = end
+        return pages
+
+    async def set_dirty_logging(self, on: bool) -> None:
+        """KVM_MEM_LOG_DIRTY_PAGES on (or off) for every slot."""
+        assert self.vm is not None and self.hypervisor is not None
+        vm = migration_vm(self.vm, self.hypervisor.name)
+        for layout, fd in zip(self.cfg.slots(), self.memfds, strict=True):
+            await vm.set_dirty_logging(layout.slot, layout.guest_phys_addr, layout.size, fd, on=on)
+
+    async def dirty_pages(self) -> list[int]:
+        """The pages the guest wrote since the last call (KVM_GET_DIRTY_LOG of every slot)."""
+        assert self.vm is not None and self.hypervisor is not None
+        vm = migration_vm(self.vm, self.hypervisor.name)
+        pages: list[int] = []
+        for layout in self.cfg.slots():
+            bitmap = await vm.get_dirty_log(layout.slot)
+            npages = layout.size // abi.PAGE_SIZE
+            # A 64 GiB slot's bitmap is 2 MiB, nearly all zero: find the set bytes in C.
+            for m in _NONZERO.finditer(bitmap):
+                i, byte = m.start(), bitmap[m.start()]
+                for bit in range(8):
+                    page = i * 8 + bit
+                    if byte >> bit & 1 and page < npages:
+                        pages.append(layout.guest_phys_addr + page * abi.PAGE_SIZE)
+        return pages
 
     def requests_made(self) -> int:
         """Requests this process has made of the kernel so far (`Hypervisor.requests_made`)."""

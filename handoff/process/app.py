@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 import msgspec
@@ -35,18 +36,28 @@ from handoff.machine.config import GuestConfig, HostFlags, format_size, read_tok
 from handoff.machine.vmm import Vmm, freeze_startup_objects
 from handoff.migration.faults import Faults, FaultSpecError
 from handoff.migration.record import HandoffRecord
+from handoff.migration.remote_source import (
+    MigrateOptions,
+    MigrationFailed,
+    RemoteSource,
+    check_migratable,
+)
+from handoff.migration.remote_target import BurntSessions, RemoteTarget
 from handoff.migration.source import hand_off
 from handoff.migration.target import take_over
 from handoff.process import runtime
 from handoff.process.flags import (
+    RemoteFlags,
     apply_sets,
     check_run_args,
     checking_parser,
     host_flags,
+    is_tcp_incoming,
     strip_flags,
 )
 from handoff.qmp.server import ControlServer, QMPCommandError
 from handoff.system import hardening, logs, notify
+from handoff.transport import tcp
 
 # Everything (source, target and cli too) is imported at start, not when first needed: a VMM
 # runs for months, and by the time it hands off the package on disk may be a newer release (that
@@ -109,9 +120,15 @@ class App:
         flags: HostFlags,
         program: Sequence[str],
         run_args: Sequence[str],
+        remote: RemoteFlags | None = None,
     ) -> None:
         self.cfg = cfg
         self.flags = flags
+        self.remote = remote or RemoteFlags(tls=None, sev_sessions="")
+        # The cross-host migration under way (this VMM its source), or the last one's result.
+        self.migration: RemoteSource | None = None
+        self.migration_result: dict[str, Any] | None = None
+        self.migration_sent = False  # SEND_FINISH done: this VMM never runs the guest again
         self.program = list(program)
         self.run_args = list(run_args)
         self.vmm = Vmm(cfg, flags)
@@ -175,6 +192,10 @@ class App:
             await nursery.start(self._watch_signals)
             if incoming is None:
                 self.start_running(nursery)
+            elif is_tcp_incoming(incoming):
+                if not await self.receive_migration(incoming, nursery):
+                    nursery.cancel_scope.cancel()
+                    return 1
             else:
                 ok = await take_over(self, incoming, nursery)
                 if not ok:
@@ -217,6 +238,42 @@ class App:
             (time.perf_counter() - t0) * 1e3,
             self.flags.control,
         )
+
+    async def receive_migration(self, incoming: str, nursery: trio.Nursery) -> bool:
+        """The target of a cross-host SEV migration: our own control socket (another host's
+        VMM has its own), then wait for a source on `incoming` (mutual TLS). True once the
+        guest runs here."""
+        assert self.flags.control is not None and self.remote.tls is not None
+        # Listening before the control socket answers: a caller that waits for that socket
+        # (a test, an orchestrator) can connect to the migration address at once.
+        listener = await tcp.listen(incoming, self.remote.tls)
+        try:
+            self.control_sock, self.control_file = bind_control(self.flags.control)
+        except BaseException:
+            await listener.aclose()
+            raise
+        self.vmm.status = "inmigrate"
+        self.start_control(nursery)
+        log.info("waiting for a cross-host migration on %s", listener.address)
+        target = RemoteTarget(
+            self.vmm,
+            self.flags.name,
+            self.flags.uuid,
+            listener,
+            BurntSessions(self.remote.sev_sessions),
+            nursery,
+            emit=lambda data: self.emit("MIGRATION", data),
+            answer_timeout=self.flags.handoff_timeout,
+        )
+        try:
+            running = await target.run()
+        finally:
+            await listener.aclose()
+        self.record.role = "target"
+        self.record.status = "completed" if running else "failed"
+        if not running:
+            log.error("no guest was received: %s", target.error or target.outcome)
+        return running
 
     def adopt_control(self, have: str) -> None:
         """Serve the received listening socket; if our --control names another path, move the
@@ -373,6 +430,18 @@ class App:
                     self.shutdown(0)
 
     def _stop_during_handoff(self, name: str) -> None:
+        if self.migration is not None:
+            # A cross-host migration: cancelled before its commit point (the guest stays and
+            # stops here); past it, the guest is the target's and this VMM ends with it.
+            cancelled = self.migration.cancel(f"{name}: the VMM is stopping")
+            log.warning(
+                "%s during a migration: %s",
+                name,
+                "cancelling it; the guest stays here and stops with this VMM"
+                if cancelled
+                else "past its commit point: the guest runs on the target",
+            )
+            return
         if not self.handoff_pausing:
             log.warning(
                 "%s during a handoff's setup: cancelling the handoff; the guest stays here "
@@ -529,6 +598,9 @@ class App:
             "upgrade": self.qmp_upgrade,
             "quit": self.qmp_quit,
             "x-set-fault": self.qmp_set_fault,
+            "migrate": self.qmp_migrate,
+            "migrate_cancel": self.qmp_migrate_cancel,
+            "query-migrate": self.qmp_query_migrate,
         }
 
     async def qmp_query_status(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -546,6 +618,8 @@ class App:
             "hardening": self.hardening,
             # The guest's output the serial log could not take (a full disk, an I/O error).
             "serial-log": self.vmm.devices.serial.status(),
+            # MSR_KVM_MIGRATION_CONTROL as the guest wrote it (None: not offered to it).
+            "migration-allowed": self.vmm.migration_allowed,
         }
 
     async def qmp_query_name(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -589,6 +663,11 @@ class App:
     async def qmp_cont(self, args: dict[str, Any]) -> dict[str, Any]:
         if self.handoff_busy:
             raise QMPCommandError("a handoff is in progress; try again when it has finished")
+        if self.migration_sent:
+            raise QMPCommandError(
+                "the guest was migrated: SEND_FINISH made this copy SENT, and it never runs "
+                "here again; it runs on the target (or waits there for Commit)"
+            )
         if self.record.role == "source" and self.record.status == "completed":
             # Resuming here would run a second copy of a guest that the successor runs now.
             raise QMPCommandError(
@@ -638,6 +717,117 @@ class App:
         assert self.nursery is not None
         self.nursery.start_soon(self._run_handoff, path, None, self.token, copy_memory)
         return {}
+
+    async def qmp_migrate(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Migrate the guest to another host's VMM (`uri`: tcp:HOST:PORT). Answers at once;
+        MIGRATION events follow (status active with the round's figures, then completed,
+        failed or cancelled). Refused here, before anything is sent, for a guest that cannot
+        migrate between hosts (plain, SEV-ES, NOSEND)."""
+        uri = args.get("uri")
+        if not isinstance(uri, str):
+            raise QMPCommandError("'uri' must be tcp:HOST:PORT, the target VMM's --incoming")
+        try:
+            tcp.parse_address(uri)
+        except tcp.AddressError as exc:
+            raise QMPCommandError(str(exc)) from None
+        try:
+            check_migratable(self.vmm)
+        except MigrationFailed as exc:
+            raise QMPCommandError(str(exc)) from None
+        limit = args.get("downtime-limit", 300)
+        if not isinstance(limit, int | float) or isinstance(limit, bool) or limit < 1:
+            raise QMPCommandError("'downtime-limit' must be a number of milliseconds >= 1")
+        tls = self.remote.tls
+        files = [args.get(k) for k in ("tls-cert", "tls-key", "tls-ca")]
+        if any(files):
+            if not all(isinstance(f, str) and os.path.isabs(f) for f in files):
+                raise QMPCommandError("'tls-cert', 'tls-key', 'tls-ca': all three, absolute")
+            tls = tcp.TlsFiles(*(Path(str(f)) for f in files))
+        if tls is None:
+            raise QMPCommandError(
+                "this VMM has no TLS credentials for migration: start it with --tls-cert, "
+                "--tls-key and --tls-ca, or give them to migrate"
+            )
+        tamper = args.get("x-tamper-page")
+        record = args.get("x-record-frames")
+        cut = args.get("x-break")
+        if cut not in (None, "after-received", "after-send-finish"):
+            raise QMPCommandError("'x-break' must be after-received or after-send-finish")
+        min_rounds = args.get("x-min-rounds", 0)
+        if not isinstance(min_rounds, int) or not 0 <= min_rounds <= remote_max_rounds():
+            raise QMPCommandError("'x-min-rounds' must be a small number of rounds")
+        if tamper is not None and not isinstance(tamper, int):
+            raise QMPCommandError("'x-tamper-page' must be a page frame's sequence number")
+        if record is not None and not (isinstance(record, str) and os.path.isabs(record)):
+            raise QMPCommandError("'x-record-frames' must be an absolute path")
+        self._begin_handoff()
+        opts = MigrateOptions(
+            address=uri,
+            tls=tls,
+            downtime_limit_ms=float(limit),
+            answer_timeout=self.flags.handoff_timeout,
+            x_tamper_page=tamper,
+            x_record_frames=record,
+            x_min_rounds=min_rounds,
+            x_break=cut,
+        )
+        self.migration = RemoteSource(
+            self.vmm,
+            self.flags.name,
+            self.flags.uuid,
+            opts,
+            emit=lambda data: self.emit("MIGRATION", data),
+        )
+        assert self.nursery is not None
+        self.nursery.start_soon(self._run_migration, self.migration)
+        return {}
+
+    async def qmp_migrate_cancel(self, args: dict[str, Any]) -> dict[str, Any]:
+        migration = self.migration
+        if migration is None:
+            raise QMPCommandError("no migration is in progress")
+        if not migration.cancel():
+            raise QMPCommandError(
+                "the migration is past its commit point (SEND_FINISH): the guest can only "
+                "run on the target now; it cannot be cancelled"
+            )
+        return {}
+
+    async def qmp_query_migrate(self, args: dict[str, Any]) -> dict[str, Any]:
+        if self.migration is not None:
+            return self.migration.result.to_qmp()
+        return self.migration_result or {"status": "none"}
+
+    async def _run_migration(self, migration: RemoteSource) -> None:
+        try:
+            result = await migration.run()
+        finally:
+            self.migration_sent = self.migration_sent or migration.sent
+            self.handoff_busy = False
+            self.migration = None
+        self.migration_result = result.to_qmp()
+        if result.status == "completed":
+            log.info(
+                "the guest migrated to %s (%d rounds, %d pages, pause %.1f ms); exiting",
+                result.target,
+                result.rounds,
+                result.pages,
+                result.downtime_ms,
+            )
+            self.ready = False
+            await trio.sleep(HANDED_OFF_LINGER)
+            self.handed_off = True
+            self.exit_code = 0
+            self.finished.set()
+        elif migration.sent:
+            # SENT: the firmware never runs this copy again, and neither do we.
+            log.error("migration ended after SEND_FINISH without the target's word: %s", result)
+        else:
+            log.warning(
+                "migration to %s failed: %s; the guest runs here", result.target, result.error
+            )
+            if self.stop_requested:
+                self.shutdown(0)
 
     def _copy_memory_arg(self, args: dict[str, Any]) -> bool:
         value = args.get("copy-memory", False)
@@ -914,6 +1104,10 @@ async def _end_successor(proc: subprocess.Popen[bytes], workdir: str) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def remote_max_rounds() -> int:
+    return 5000  # below protocol.remote.MAX_ROUNDS, with the stop-and-copy round to spare
+
+
 HANDED_OFF_LINGER = 0.1
 """Seconds a VMM that handed its guest on waits before it exits (see App._run_handoff)."""
 
@@ -941,9 +1135,10 @@ def run_main(
     incoming: str | None,
     program: Sequence[str],
     run_args: Sequence[str],
+    remote: RemoteFlags | None = None,
 ) -> int:
     logs.setup(flags.log_level, flags.log_format, flags.name)
-    app = App(cfg, flags, program, run_args)
+    app = App(cfg, flags, program, run_args, remote)
     try:
         code = trio.run(app.main, incoming)
         if app.handed_off:

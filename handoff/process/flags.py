@@ -10,6 +10,8 @@ import argparse
 import functools
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 from handoff import __version__
 from handoff.hv import abi, backends
@@ -25,6 +27,7 @@ from handoff.machine.config import (
     validate_guest,
     validate_name,
 )
+from handoff.transport import tcp
 from handoff.transport.unix import unix_uri_path
 
 
@@ -93,12 +96,64 @@ def _policy(text: str) -> int:
 
 
 def _incoming(text: str) -> str:
+    """unix:PATH gives PATH (a handoff on this host); tcp:ADDR:PORT is kept whole (the target
+    of a cross-host SEV migration, `is_tcp_incoming`)."""
+    if text.startswith("tcp:"):
+        try:
+            tcp.parse_address(text, listening=True)
+        except tcp.AddressError as exc:
+            raise argparse.ArgumentTypeError(f"--incoming: {exc}") from None
+        return text
     path = unix_uri_path(text)
     if path is None:
         raise argparse.ArgumentTypeError(
-            f"--incoming {text!r}: use unix:PATH (the handoff socket to listen on)"
+            f"--incoming {text!r}: use unix:PATH (the handoff socket to listen on), or "
+            "tcp:ADDR:PORT (the target of a cross-host SEV migration)"
         )
     return path
+
+
+def is_tcp_incoming(incoming: str | None) -> bool:
+    return incoming is not None and incoming.startswith("tcp:")
+
+
+def _downtime_ms(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--downtime-limit {text!r} is not milliseconds") from None
+    if not 1 <= value <= 60_000:
+        raise argparse.ArgumentTypeError(f"--downtime-limit {value} is out of range: 1 to 60000 ms")
+    return value
+
+
+@dataclass(frozen=True)
+class RemoteFlags:
+    """The flags of cross-host migration: this host's TLS files (both roles) and where the
+    sessions this host received are recorded (a target)."""
+
+    tls: tcp.TlsFiles | None
+    sev_sessions: str
+
+
+def remote_flags(ns: argparse.Namespace) -> RemoteFlags:
+    given = [ns.tls_cert, ns.tls_key, ns.tls_ca]
+    if any(given) and not all(given):
+        raise ConfigError("--tls-cert, --tls-key and --tls-ca go together: give all three")
+    tls = None
+    if all(given):
+        tls = tcp.TlsFiles(
+            cert=Path(os.path.abspath(ns.tls_cert)),
+            key=Path(os.path.abspath(ns.tls_key)),
+            ca=Path(os.path.abspath(ns.tls_ca)),
+        )
+    if is_tcp_incoming(ns.incoming) and tls is None:
+        raise ConfigError(
+            f"--incoming {ns.incoming} needs --tls-cert, --tls-key and --tls-ca: no peer that "
+            "cannot prove its host certificate gets a byte of a guest"
+        )
+    sessions = ns.sev_sessions or os.path.join(runtime_dir(), "sev-sessions")
+    return RemoteFlags(tls=tls, sev_sessions=os.path.abspath(sessions))
 
 
 def _fault(text: str) -> str:
@@ -202,9 +257,20 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         "--incoming",
         type=_incoming,
         default=None,
-        metavar="unix:PATH",
+        metavar="unix:PATH|tcp:ADDR:PORT",
         help="start as a handoff target: listen on PATH and take over the VM a "
-        "running VMM hands over",
+        "running VMM hands over; or, with tcp:ADDR:PORT (and --tls-*), as the target of a "
+        "cross-host SEV migration (`handoff migrate NAME --to tcp:ADDR:PORT` on the source)",
+    )
+    h.add_argument("--tls-cert", default=None, help="this host's certificate (PEM), for migrate")
+    h.add_argument("--tls-key", default=None, help="its private key (PEM, mode 0600)")
+    h.add_argument("--tls-ca", default=None, help="the CA that signs the peer hosts (PEM)")
+    h.add_argument(
+        "--sev-sessions",
+        default=None,
+        metavar="FILE",
+        help="where this host records every SEV migration session it received, so that a "
+        "replayed stream is refused (default: sev-sessions in the runtime directory)",
     )
     h.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="default info")
     h.add_argument(
@@ -392,6 +458,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.add_argument("--json", action="store_true", help="print one JSON result")
     up.add_argument("--timeout", type=_timeout, default=60.0, help="give up after (default 60 s)")
+
+    mg = sub.add_parser(
+        "migrate",
+        help="migrate a running SEV guest to another host",
+        description="Ask a running VMM (over QMP) to migrate its SEV guest to the VMM started "
+        "with `handoff run ... --incoming tcp:ADDR:PORT` on another host, over mutual TLS. "
+        "The guest keeps running here during the pre-copy rounds; a line on stderr shows the "
+        "round, pages sent, rate, what remains and the ETA. Exits 0 once the guest runs on the "
+        "target (this VMM then ends). Ctrl-C, or any failure before the commit point, cancels "
+        "(SEND_CANCEL): the guest keeps running here, untouched. An SEV-ES or NOSEND guest is "
+        "refused before anything is sent.",
+    )
+    mg.add_argument("target", nargs="?", help="VM name (control socket in the runtime dir)")
+    mg.add_argument("--control", help="QMP control socket of the running VMM")
+    mg.add_argument("--to", required=True, metavar="tcp:HOST:PORT", help="the target VMM")
+    mg.add_argument(
+        "--downtime-limit",
+        type=_downtime_ms,
+        default=300.0,
+        metavar="MS",
+        help="stop and copy once the rest fits this pause (default 300 ms)",
+    )
+    mg.add_argument("--tls-cert", default=None, help="override the VMM's --tls-cert")
+    mg.add_argument("--tls-key", default=None, help="override the VMM's --tls-key")
+    mg.add_argument("--tls-ca", default=None, help="override the VMM's --tls-ca")
+    mg.add_argument("--json", action="store_true", help="print one JSON result")
+    # Tests: keep pre-copying at least this many rounds (a migration long enough to cancel).
+    mg.add_argument(
+        "--x-min-rounds", type=_int_in(0, 5000, "--x-min-rounds"), default=0, help=argparse.SUPPRESS
+    )
+    mg.add_argument("--timeout", type=_timeout, default=600.0, help="give up after (default 600 s)")
 
     st = sub.add_parser("status", help="show a VMM's state and its last handoff")
     st.add_argument("target", nargs="?", help="VM name (control socket in the runtime dir)")

@@ -541,3 +541,146 @@ def list_main(directory: str, as_json: bool, prune: bool) -> int:
     if any(not i.alive for i in items):
         print("stale entries: their VMM exited without cleaning up; remove with --prune")
     return 0
+
+
+# ---- handoff migrate ---------------------------------------------------------------------------
+
+
+def progress_line(data: dict[str, Any]) -> str:
+    """One line of a migration's progress: round, pages sent, rate, remaining, ETA."""
+    rate = data.get("rate-pages-per-s") or 0
+    mb_s = rate * 4096 / 1e6
+    eta = data.get("eta-ms")
+    eta_text = "?" if eta is None else f"{eta / 1e3:.1f} s"
+    return (
+        f"round {data.get('round', data.get('rounds', 0))}: {data.get('pages', 0)} pages sent "
+        f"({data.get('private-pages', 0)} encrypted, {data.get('shared-pages', 0)} shared), "
+        f"{mb_s:.1f} MB/s, {data.get('remaining-pages', 0)} pages remaining, ETA {eta_text}"
+    )
+
+
+async def migrate(
+    control: str,
+    to: str,
+    downtime_limit: float,
+    tls: Sequence[str] | None,
+    *,
+    timeout: float,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+    min_rounds: int = 0,
+) -> dict[str, Any]:
+    """Ask the VMM at `control` to migrate its guest to `to`; return the final MIGRATION
+    event's data. SIGINT (Ctrl-C) sends migrate_cancel and waits for the outcome."""
+    args: dict[str, Any] = {"uri": to, "downtime-limit": downtime_limit}
+    if min_rounds:
+        args["x-min-rounds"] = min_rounds
+    if tls:
+        args.update(zip(("tls-cert", "tls-key", "tls-ca"), tls, strict=True))
+
+    async def cancel_on_sigint(task_status: trio.TaskStatus[None]) -> None:
+        import signal
+
+        with trio.open_signal_receiver(signal.SIGINT) as signals:
+            task_status.started()
+            async for _ in signals:
+                print("\ncancelling the migration (migrate_cancel)", file=sys.stderr, flush=True)
+                try:
+                    async with await QMPClient.connect(control) as qmp:
+                        await qmp.execute("migrate_cancel")
+                except QMPError as exc:
+                    print(f"could not cancel: {exc.desc}", file=sys.stderr, flush=True)
+
+    try:
+        return await _migrate(control, args, timeout, on_event, cancel_on_sigint)
+    except BaseExceptionGroup as group:  # the nursery's: raise the one failure as itself
+        leaf: BaseException = group
+        while isinstance(leaf, BaseExceptionGroup) and leaf.exceptions:
+            leaf = leaf.exceptions[0]
+        raise leaf from None
+
+
+async def _migrate(
+    control: str,
+    args: dict[str, Any],
+    timeout: float,
+    on_event: Callable[[dict[str, Any]], None] | None,
+    cancel_on_sigint: Callable[..., Any],
+) -> dict[str, Any]:
+    final: dict[str, Any] = {}
+    with trio.fail_after(timeout):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cancel_on_sigint)
+            async with await QMPClient.connect(control) as qmp:
+                await qmp.execute("migrate", args)
+                while not final:
+                    data = dict((await qmp.next_event("MIGRATION")).data)
+                    if on_event is not None:
+                        on_event(data)
+                    if data.get("status") in ("completed", "failed", "cancelled"):
+                        final = data
+            nursery.cancel_scope.cancel()
+    return final
+
+
+def migrate_main(
+    control: str,
+    to: str,
+    downtime_limit: float,
+    tls: Sequence[str] | None,
+    as_json: bool,
+    timeout: float,
+    min_rounds: int = 0,
+) -> int:
+    """`handoff migrate`: a live progress line on stderr, the result on stdout."""
+    tty = sys.stderr.isatty()
+
+    def show(data: dict[str, Any]) -> None:
+        if data.get("status") != "active" or "round" not in data:
+            return
+        line = progress_line(data)
+        if tty:
+            print("\r\x1b[K" + line, end="", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    try:
+        data = trio.run(
+            lambda: migrate(
+                control,
+                to,
+                downtime_limit,
+                tls,
+                timeout=timeout,
+                on_event=show,
+                min_rounds=min_rounds,
+            )
+        )
+    except QMPError as exc:
+        if tty:
+            print(file=sys.stderr)
+        message = f"migration refused: {exc.desc}"
+        if as_json:
+            print(json.dumps({"status": "refused", "error": exc.desc}))
+        else:
+            print(message, file=sys.stderr)
+        return 1
+    except trio.TooSlowError:
+        print(f"no outcome within {timeout:g} s; see `handoff status`", file=sys.stderr)
+        return 1
+    if tty:
+        print(file=sys.stderr)
+    if as_json:
+        print(json.dumps(data, sort_keys=True))
+    elif data.get("status") == "completed":
+        print(
+            f"migrated to {data.get('target')}: {data.get('rounds')} rounds, "
+            f"{data.get('pages')} pages, pause {data.get('downtime-ms')} ms, total "
+            f"{data.get('total-ms')} ms"
+        )
+    else:
+        print(
+            f"migration {data.get('status')}: {data.get('error')} (recovery: "
+            f"{data.get('recovery')}); the guest runs here",
+            file=sys.stderr,
+        )
+    return 0 if data.get("status") == "completed" else 1

@@ -37,6 +37,7 @@ from kvmstub.uapi import (
     KVM_EXIT_IO_IN,
     KVM_EXIT_IO_OUT,
     KVM_EXIT_SHUTDOWN,
+    KVM_EXIT_X86_WRMSR,
     KVM_HC_MAP_GPA_RANGE,
     KVM_MAP_GPA_RANGE_ENCRYPTED,
     PAGE_SIZE,
@@ -44,8 +45,10 @@ from kvmstub.uapi import (
     U64_MASK,
     HypercallExit,
     IoExit,
+    MsrExit,
     Regs,
     RunExit,
+    kvm_cpuid_leaves,
 )
 
 VEK = bytes(range(1, 65))
@@ -590,6 +593,9 @@ _u64 = st.one_of(
             guest.RIP_VMCALL_DONE,
             guest.RIP_PANIC,
             guest.RIP_HALT,
+            guest.RIP_SHUTDOWN,
+            guest.RIP_MIGRATION_READY,
+            guest.RIP_MIGRATION_OFF,
         ]
     ),
 )
@@ -598,7 +604,7 @@ _pending = st.one_of(
     st.none(),
     st.builds(
         RunExit,
-        st.sampled_from([KVM_EXIT_IO, KVM_EXIT_HYPERCALL, KVM_EXIT_INTR]),
+        st.sampled_from([KVM_EXIT_IO, KVM_EXIT_HYPERCALL, KVM_EXIT_INTR, KVM_EXIT_X86_WRMSR]),
         io=st.one_of(
             st.none(),
             st.builds(
@@ -612,8 +618,28 @@ _pending = st.one_of(
         hypercall=st.one_of(
             st.none(), st.builds(HypercallExit, st.just(12), st.just((0, 1, 0, 0, 0, 0)))
         ),
+        msr=st.one_of(st.none(), st.builds(MsrExit, st.just(4), st.just(0x4B564D08))),
     ),
 )
+
+
+class FakeCpu:
+    """guest.CpuAccess with the migration-control CPUID bit; WRMSR exits or is handled."""
+
+    def __init__(self, exits: bool) -> None:
+        self.exits = exits
+        self.leaves = {e.function: (e.eax, e.ebx, e.ecx, e.edx) for e in kvm_cpuid_leaves(1 << 17)}
+
+    def cpuid(self, function: int, index: int) -> tuple[int, int, int, int]:
+        return self.leaves.get(function, (0, 0, 0, 0))
+
+    def wrmsr(self, index: int, value: int) -> RunExit | bool:
+        if self.exits:
+            return RunExit(KVM_EXIT_X86_WRMSR, msr=MsrExit(4, index, value))
+        return False
+
+    def hypercall(self, nr: int, a0: int, a1: int, a2: int, a3: int) -> RunExit | int:
+        return RunExit(KVM_EXIT_HYPERCALL, hypercall=HypercallExit(nr, (a0, a1, a2, 0, 0, 0)))
 
 
 @settings(max_examples=300, deadline=None)
@@ -623,6 +649,7 @@ _pending = st.one_of(
     io_data=st.one_of(st.none(), st.binary(max_size=12)),
     ret=st.one_of(st.none(), st.integers(-(1 << 70), 1 << 70)),
     exit_hypercall=st.booleans(),
+    cpu=st.sampled_from([None, FakeCpu(exits=True), FakeCpu(exits=False)]),
 )
 def test_hostile_registers_and_vmm_input_raise_nothing_but_oserror(
     regs: Regs,
@@ -630,6 +657,7 @@ def test_hostile_registers_and_vmm_input_raise_nothing_but_oserror(
     io_data: bytes | None,
     ret: int | None,
     exit_hypercall: bool,
+    cpu: FakeCpu | None,
 ) -> None:
     params = GuestParams(vcpus=2, line_every=3, flip_every=2)
     mem = FakeMemory(required_memory(params) // PAGE_SIZE)
@@ -645,6 +673,7 @@ def test_hostile_registers_and_vmm_input_raise_nothing_but_oserror(
                 budget_ns=BUDGET_NS,
                 clock=clock,
                 exit_hypercall=exit_hypercall,
+                cpu=cpu,
             )
         except OSError as e:
             assert e.errno == errno.EFAULT

@@ -1165,27 +1165,32 @@ def test_launch_secret_checks_the_state_then_cannot_verify() -> None:
 
 
 def test_send_and_receive_commands_check_the_firmware_state() -> None:
+    # The whole SEND/RECEIVE flow and its checks: tests/kvmstub/test_sev_send_receive.py.
     host = make_host()
     vm = sev_vm_create(host, es=False)  # LUPDATE
-    expect_fw(uapi.SEV_RET_INVALID_GUEST_STATE, lambda: sev(vm, uapi.KVM_SEV_SEND_START, {}))
+    # The session-length query answers before the state is looked at (section 1.3 order).
+    query = expect_fw(uapi.SEV_RET_INVALID_LEN, lambda: sev(vm, uapi.KVM_SEV_SEND_START, {}))
+    assert query.fields == {"policy": 0, "session_len": 128}
+    pdh, chain = host.firmware.platform.pdh_cert_export()
+    fields: dict[str, int | bytes] = {
+        "pdh_cert": pdh,
+        "plat_certs": chain,
+        "amd_certs": b"a",
+        "session_uaddr": 1,
+        "session_len": 128,
+    }
+    expect_fw(uapi.SEV_RET_INVALID_GUEST_STATE, lambda: sev(vm, uapi.KVM_SEV_SEND_START, fields))
     for cmd in (uapi.KVM_SEV_SEND_FINISH, uapi.KVM_SEV_SEND_CANCEL):
         expect_fw(uapi.SEV_RET_INVALID_GUEST_STATE, partial(sev, vm, cmd))
-    for cmd in (uapi.KVM_SEV_RECEIVE_UPDATE_DATA, uapi.KVM_SEV_SEND_UPDATE_DATA):
-        expect_fw(uapi.SEV_RET_INVALID_GUEST_STATE, partial(sev, vm, cmd, {}))
     expect_fw(uapi.SEV_RET_INVALID_GUEST_STATE, lambda: sev(vm, uapi.KVM_SEV_RECEIVE_FINISH))
-    sev(vm, uapi.KVM_SEV_LAUNCH_MEASURE, {})
-    sev(vm, uapi.KVM_SEV_LAUNCH_FINISH)  # RUNNING: now SEND_START reaches the certificates
-    expect_fw(uapi.SEV_RET_INVALID_CERTIFICATE, lambda: sev(vm, uapi.KVM_SEV_SEND_START, {}))
     nosend = sev_vm_create(host, es=False, policy=uapi.SEV_POLICY_NOSEND)
     sev(nosend, uapi.KVM_SEV_LAUNCH_MEASURE, {})
     sev(nosend, uapi.KVM_SEV_LAUNCH_FINISH)
-    expect_fw(uapi.SEV_RET_POLICY_FAILURE, lambda: sev(nosend, uapi.KVM_SEV_SEND_START, {}))
+    expect_fw(uapi.SEV_RET_POLICY_FAILURE, lambda: sev(nosend, uapi.KVM_SEV_SEND_START, fields))
     receiver = sev_vm_create(host, es=False)
     expect_errno(errno.EINVAL, lambda: sev(receiver, uapi.KVM_SEV_RECEIVE_START, {}))
-    fields: dict[str, int | bytes] = {"pdh": b"p", "session": b"s"}
-    expect_fw(
-        uapi.SEV_RET_INVALID_CERTIFICATE, lambda: sev(receiver, uapi.KVM_SEV_RECEIVE_START, fields)
-    )
+    short: dict[str, int | bytes] = {"pdh": b"p", "session": b"s"}
+    expect_fw(uapi.SEV_RET_INVALID_LEN, lambda: sev(receiver, uapi.KVM_SEV_RECEIVE_START, short))
 
 
 # Firmware commands that need no guest memory or certificates: driven straight at the firmware.

@@ -30,6 +30,8 @@ REQUESTS: list[wire.Request] = [
     wire.Run(16, immediate_exit=True, io_data=b"\x01\x02\x03\x04", hypercall_ret=wire.U64_MAX),
     wire.GetRegs(17),
     wire.SetRegs(18, wire.regs_to_wire(uapi.Regs(rax=1, rip=wire.U64_MAX))),
+    wire.SevIssueCmd(19, uapi.SEV_PDH_CERT_EXPORT, {"pdh_cert_len": 0, "cert_chain_len": 0}),
+    wire.SevIssueCmd(20, uapi.SEV_PLATFORM_STATUS, None),
 ]
 
 REPLIES: list[wire.Reply] = [
@@ -55,6 +57,30 @@ REPLIES: list[wire.Reply] = [
     wire.Spilled(13),
     wire.Error(11, 5, "dead"),
     wire.Error(12, 5, "firmware", fw_error=uapi.SEV_RET_POLICY_FAILURE),
+    wire.Error(13, 5, "query", fw_error=uapi.SEV_RET_INVALID_LEN, fields={"session_len": 128}),
+]
+
+# Dirty logging, the MSR filter and its exits, CPUID.
+REQUESTS += [
+    wire.GetDirtyLog(30, 1),
+    wire.ClearDirtyLog(31, 1, 64, 128, b"\xff" * 16),
+    wire.SetMsrFilter(
+        32,
+        uapi.KVM_MSR_FILTER_DEFAULT_ALLOW,
+        (wire.WireMsrFilterRange(uapi.KVM_MSR_FILTER_WRITE, 1, 0x4B564D08, bytes(8)),),
+    ),
+    wire.SetCpuid2(33, (wire.WireCpuidEntry(0x40000001, eax=1 << 17),)),
+    wire.Run(34, msr_error=1),
+]
+REPLIES += [
+    wire.DirtyLogReply(30, b"\x01\x80", 8),
+    wire.RunReply(
+        31,
+        uapi.RunExit(
+            uapi.KVM_EXIT_X86_WRMSR,
+            msr=uapi.MsrExit(uapi.KVM_MSR_EXIT_REASON_FILTER, 0x4B564D08, 1),
+        ),
+    ),
 ]
 
 

@@ -1,0 +1,236 @@
+"""The hypervisor seam of cross-host SEV migration, on two in-process model kernels (two
+hosts, two SEV platforms under one simulated AMD root): the dirty log sees the guest's writes,
+every populated page crosses (private pages through SEND/RECEIVE_UPDATE_DATA, shared ones as
+the memfd's plaintext), and the guest carries on on the other host with its serial seq
+contiguous. The machine and the roles use only `handoff.hv`; kvmstub appears here only to
+build the two hosts."""
+
+from __future__ import annotations
+
+import errno
+import re
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from handoff.hv import NoSevMigration, abi, fw_error, migration_vm, sev_platform
+from handoff.hv.model import ModelHypervisor, ModelKernel
+from handoff.machine.config import GuestConfig, HostFlags
+from handoff.machine.vmm import Vmm
+from kvmstub.model import Host
+from kvmstub.platform import AmdRoot, Platform, PlatformKeys
+
+VCPUS = 2
+LINE = re.compile(rb"vcpu=(\d+) seq=(\d+) ")
+ROOT = AmdRoot()  # made on first use, once for the module
+
+
+def host_kernel() -> ModelKernel:
+    return ModelKernel(Host(platform=Platform(PlatformKeys.generate(), ROOT)))
+
+
+def config(policy: int = 0) -> GuestConfig:
+    return GuestConfig(
+        vcpus=VCPUS, memory=1 << 20, mode="sev", policy=policy, line_every=2, flip_every=1
+    )
+
+
+def flags(name: str, serial_log: Path) -> HostFlags:
+    return HostFlags(name=name, uuid=str(uuid.uuid4()), kvm="unused", serial_log=str(serial_log))
+
+
+async def until(done: Callable[[], bool]) -> None:
+    with trio.fail_after(20):
+        while not done():
+            await trio.sleep(0.001)
+
+
+def ahead_of(vmm: Vmm, seqs: dict[int, int], lines: int = 3) -> Callable[[], bool]:
+    last = vmm.devices.serial.last_seq
+    return lambda: all(last.get(i, -1) >= seqs.get(i, -1) + lines for i in range(VCPUS))
+
+
+def shared_pages(vmm: Vmm) -> set[int]:
+    return {gpa + i * abi.PAGE_SIZE for gpa, n in vmm.devices.shared.regions() for i in range(n)}
+
+
+async def copy_pages(
+    source: Vmm, target: Vmm, pages: list[int], shared: set[int]
+) -> tuple[int, int]:
+    assert source.vm is not None and target.vm is not None
+    src = migration_vm(source.vm, "kvmstub")
+    dst = migration_vm(target.vm, "kvmstub")
+    private = plain = 0
+    for gpa in pages:
+        if gpa in shared:
+            target.write_page(gpa, source.read_page(gpa))
+            plain += 1
+        else:
+            header, data = await src.sev_send_update_data(gpa)
+            assert data != source.read_page(gpa)  # transport ciphertext, not the memfd's
+            await dst.sev_receive_update_data(gpa, header, data)
+            private += 1
+    return private, plain
+
+
+async def test_an_sev_guest_crosses_two_model_hosts_through_the_seam(tmp_path: Path) -> None:
+    log = tmp_path / "serial.log"
+    a, b = ModelHypervisor(host_kernel()), ModelHypervisor(host_kernel())
+    source = Vmm(config(), flags("source", log), hypervisor=a)
+    target = Vmm(config(), flags("target", log), hypervisor=b)
+    try:
+        async with trio.open_nursery() as nursery:
+            await source.launch()
+            assert source.vm is not None
+            await source.set_dirty_logging(True)
+            assert await source.dirty_pages() == []  # the launch is the firmware's write
+            source.start(nursery)
+            source.resume()
+            await until(ahead_of(source, {}))
+
+            await target.prepare_incoming_sev()
+            assert target.vm is not None
+            pdh, plat = await sev_platform(b).sev_pdh_cert_export()
+            amd = await sev_platform(b).sev_amd_cert_chain()
+            src = migration_vm(source.vm, a.name)
+            session, policy = await src.sev_send_start(pdh, plat, amd)
+            source_pdh, _ = await sev_platform(a).sev_pdh_cert_export()
+            dst = migration_vm(target.vm, b.name)
+            await dst.sev_receive_start(source_pdh, session, policy)
+            assert (await src.sev_guest_status())["state"] == abi.SEV_GUEST_STATE_SUPDATE
+
+            # Round 1 (the guest runs on): every populated page, then what it dirtied.
+            populated = source.populated_pages()
+            assert 0 < len(populated) < 256  # sparse: only what the guest touched
+            sent_as = shared_pages(source)
+            await copy_pages(source, target, populated, sent_as)
+            await until(ahead_of(source, dict(source.devices.serial.last_seq)))
+            dirty = await source.dirty_pages()
+            assert dirty, "the guest's journal writes are in the dirty log"
+            assert set(dirty) <= set(populated)
+
+            await source.pause()
+            dirty += await source.dirty_pages()  # what it wrote since round 1, and since
+            now = shared_pages(source)  # read after the dirty log (Sean's order)
+            # The pages written since round 1, the guest paused; a page whose status changed
+            # since it was sent goes again whether or not it was written (a conversion).
+            again = sorted(set(dirty) | (now ^ sent_as))
+            await copy_pages(source, target, again, now)
+            states = await source.get_all_states()
+            devices = await source.snapshot_devices()
+            paused_at = dict(source.devices.serial.last_seq)
+            await src.sev_send_finish()
+            assert (await src.sev_guest_status())["state"] == abi.SEV_GUEST_STATE_SENT
+            source.vcpus[0].unkick()  # not a paused vCPU's EINTR: the firmware's refusal
+            with pytest.raises(OSError) as info:
+                await source.vcpus[0].run()
+            assert info.value.errno == errno.EIO  # a SENT guest never runs again
+
+            await dst.sev_receive_finish()
+            assert (await dst.sev_guest_status())["state"] == abi.SEV_GUEST_STATE_RUNNING
+            await target.set_all_states(states)
+            target.devices.restore(devices)
+            target.start(nursery)
+            target.resume()
+            await until(ahead_of(target, paused_at))
+            await target.pause()
+            nursery.cancel_scope.cancel()
+    finally:
+        source.close()
+        target.close()
+    text = log.read_bytes()
+    assert b"PANIC" not in text
+    seen: dict[int, list[int]] = {}
+    for m in LINE.finditer(text):
+        seen.setdefault(int(m.group(1)), []).append(int(m.group(2)))
+    for vcpu in range(VCPUS):
+        seq = seen[vcpu]
+        assert seq == list(range(len(seq))), (vcpu, seq)
+
+
+async def test_send_start_under_nosend_fails_in_the_firmware_and_the_guest_runs_on(
+    tmp_path: Path,
+) -> None:
+    a, b = ModelHypervisor(host_kernel()), ModelHypervisor(host_kernel())
+    source = Vmm(config(policy=abi.SEV_POLICY_NOSEND), flags("s", tmp_path / "l"), hypervisor=a)
+    try:
+        await source.launch()
+        assert source.vm is not None
+        pdh, plat = await sev_platform(b).sev_pdh_cert_export()
+        amd = await sev_platform(b).sev_amd_cert_chain()
+        with pytest.raises(OSError) as info:
+            await migration_vm(source.vm, a.name).sev_send_start(pdh, plat, amd)
+        assert info.value.errno == errno.EIO and fw_error(info.value) == 7  # POLICY_FAILURE
+        status = await migration_vm(source.vm, a.name).sev_guest_status()
+        assert status["state"] == abi.SEV_GUEST_STATE_RUNNING
+    finally:
+        source.close()
+
+
+def test_a_backend_without_sev_migration_is_refused_by_name() -> None:
+    class Plain:
+        name = "kvm"
+
+    with pytest.raises(NoSevMigration, match="kvm backend has no SEV SEND/RECEIVE"):
+        migration_vm(Plain(), "kvm")  # type: ignore[arg-type]
+    with pytest.raises(NoSevMigration, match="no SEV platform"):
+        sev_platform(Plain())  # type: ignore[arg-type]
+
+
+class _Msr:
+    def __init__(self, index: int, data: int) -> None:
+        self.index, self.data = index, data
+
+
+class _WrmsrExit:
+    exit_reason = 30  # KVM_EXIT_X86_WRMSR
+    io = None
+    hypercall = None
+
+    def __init__(self, index: int, data: int) -> None:
+        self.msr = _Msr(index, data)
+
+
+async def test_the_guest_writing_0_to_migration_control_blocks_migration_again(
+    tmp_path: Path,
+) -> None:
+    """Checklist: MSR_KVM_MIGRATION_CONTROL back to 0 re-blocks migration (Steve Rutherford's
+    reboot window, reference section 5 item 1); 1 allows it."""
+    from handoff.hv import MSR_KVM_MIGRATION_CONTROL
+    from handoff.machine.vmm import VcpuRunner
+    from handoff.migration.remote_source import MigrationFailed, check_migratable
+
+    source = Vmm(config(), flags("s", tmp_path / "l"), hypervisor=ModelHypervisor(host_kernel()))
+    try:
+        await source.launch()
+        source.migration_allowed = False  # as a VMM that offered the MSR sees a booting guest
+        with pytest.raises(MigrationFailed, match="has not enabled migration"):
+            check_migratable(source)
+        runner = VcpuRunner(source, 0)
+        assert runner._serve(_WrmsrExit(MSR_KVM_MIGRATION_CONTROL, 1))  # type: ignore[arg-type]
+        assert source.migration_allowed is True
+        check_migratable(source)
+        runner._serve(_WrmsrExit(MSR_KVM_MIGRATION_CONTROL, 0))  # type: ignore[arg-type]
+        with pytest.raises(MigrationFailed, match="wrote 0 to MSR_KVM_MIGRATION_CONTROL"):
+            check_migratable(source)
+    finally:
+        source.close()
+
+
+def test_a_round_sends_again_every_page_whose_status_changed_since_it_was_sent() -> None:
+    """Checklist: shared-regions correctness under churn. A conversion the guest announced
+    after the page was sent (with no write since: its contents are lost to it, reference
+    section 2) makes the target read the page the other way, so the page goes again in its
+    new form; a written page goes again; a page neither written nor converted does not."""
+    from handoff.migration.remote_source import pages_to_send
+
+    p = [i * 4096 for i in range(6)]
+    sent = {p[0], p[1], p[2], p[3]}
+    sent_shared = {p[1], p[3]}
+    shared_now = {p[0], p[3]}  # p0 private -> shared, p1 shared -> private, p3 still shared
+    dirty = {p[4]}
+    assert pages_to_send(dirty, sent, sent_shared, shared_now) == [p[0], p[1], p[4]]
+    assert pages_to_send(set(), sent, sent_shared, {p[1], p[3]}) == []

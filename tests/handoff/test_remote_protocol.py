@@ -1,0 +1,1109 @@
+"""The cross-host SEV migration machine, source against target, with no sockets and no firmware.
+
+Each test builds two `RemoteConnection`s and hands the bytes of one to the other, as the shell
+does over TCP. Firmware outputs (certificates, the session blob, packet headers, ciphertext) are
+stand-in bytes of the right sizes: the protocol carries them without reading them, except for
+the certificate fields and header fields it checks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass, field
+
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from handoff.protocol.local import VcpuStateWire
+from handoff.protocol.remote import (
+    CERT_SIZE,
+    FW_HEADER_SIZE,
+    LIVE_STATES,
+    MAX_MESSAGE_BYTES,
+    PAGE_SIZE,
+    PROGRESS,
+    RECOVERY,
+    SESSION_SIZE,
+    TRANSITIONS,
+    Cancel,
+    CancelCode,
+    Commit,
+    Describe,
+    DeviceState,
+    EncryptedPage,
+    Ending,
+    Finish,
+    Hello,
+    LocalProtocolError,
+    MemorySlot,
+    Message,
+    NotMigratable,
+    PeerGone,
+    PlatformChain,
+    Received,
+    Recovery,
+    RemoteConnection,
+    RemoteProtocolError,
+    Resolution,
+    Resolve,
+    Resumed,
+    Role,
+    Round,
+    RoundEnd,
+    SendStart,
+    SharedPage,
+    State,
+    StopAndCopy,
+    VcpuState,
+    decode,
+    held_outcome,
+    platform_chain,
+    recovery_for,
+    session_id_of,
+)
+
+SOURCE, TARGET = Role.SOURCE, Role.TARGET
+VM_UUID = uuid.UUID("0b7c9d2e-41f5-4a6b-8c0d-1e2f3a4b5c6d")
+NODBG, NOKS, ES, NOSEND, DOMAIN, SEV = 0x1, 0x2, 0x4, 0x8, 0x10, 0x20
+POLICY = NODBG | NOKS | SEV | (0 << 16) | (17 << 24)  # API 0.17 or newer
+SLOT0_PAGES, SLOT1_PAGES = 16, 8
+SLOT1_GPA = 1 << 32
+ALL_PAGES = [i * PAGE_SIZE for i in range(SLOT0_PAGES)] + [
+    SLOT1_GPA + i * PAGE_SIZE for i in range(SLOT1_PAGES)
+]
+
+
+# ---- stand-ins for the firmware's bytes --------------------------------------------------------
+
+
+def cert(usage: int, *, api: tuple[int, int] = (0, 24), version: int = 1) -> bytes:
+    """A 2084-byte SEV certificate with the fields the protocol reads (struct sev_cert)."""
+    head = version.to_bytes(4, "little") + bytes(api) + b"\0\0" + usage.to_bytes(4, "little")
+    body = hashlib.sha256(head).digest() * ((CERT_SIZE - len(head)) // 32 + 1)
+    return (head + body)[:CERT_SIZE]
+
+
+def amd_cert(usage: int, bits: int = 2048) -> bytes:
+    """An AMD_CERT-shaped blob (ASK 0x13, ARK 0x0): header, exponent, modulus, signature."""
+    head = (
+        (1).to_bytes(4, "little")
+        + bytes(32)
+        + usage.to_bytes(4, "little")
+        + bytes(16)
+        + bits.to_bytes(4, "little") * 2
+    )
+    return head + bytes([usage + 1]) * (bits // 8 * 3)
+
+
+def make_chain(*, pek_api: tuple[int, int] = (0, 24)) -> PlatformChain:
+    return PlatformChain(
+        pdh=cert(0x1003),
+        pek=cert(0x1002, api=pek_api),
+        oca=cert(0x1001),
+        cek=cert(0x1004),
+        ask=amd_cert(0x13),
+        ark=amd_cert(0x0),
+    )
+
+
+def session_blob(n: int = 0) -> bytes:
+    return hashlib.sha512(f"session {n}".encode()).digest() * 2
+
+
+class Firmware:
+    """Headers with a fresh IV per packet, as SEND_UPDATE_DATA gives them."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.count = 0
+        self.seed = seed
+
+    def packet(self, gpa: int) -> tuple[bytes, bytes]:
+        self.count += 1
+        iv = hashlib.sha256(f"{self.seed}/{self.count}".encode()).digest()[:16]
+        mac = hashlib.sha256(iv + gpa.to_bytes(8, "little")).digest()
+        header = bytes(4) + iv + mac
+        assert len(header) == FW_HEADER_SIZE
+        return header, (iv * (PAGE_SIZE // 16))
+
+
+def make_describe(mode: str = "sev", *, policy: int = POLICY, vcpus: int = 2) -> Describe:
+    slots = (
+        MemorySlot(slot=0, guest_phys_addr=0, size=SLOT0_PAGES * PAGE_SIZE),
+        MemorySlot(slot=1, guest_phys_addr=SLOT1_GPA, size=SLOT1_PAGES * PAGE_SIZE),
+    )
+    return Describe(
+        vcpus=vcpus,
+        memory_bytes=sum(s.size for s in slots),
+        slots=slots,
+        mode=mode,  # type: ignore[arg-type]
+        policy=policy,
+        line_every=200,
+        flip_every=50,
+        host_flags={"vm-name": "guest-a"},
+    )
+
+
+def vcpu_state(i: int) -> VcpuState:
+    return VcpuState(
+        index=i, state=VcpuStateWire(backend="kvmstub", version=1, blob=bytes([i]) * 64)
+    )
+
+
+# ---- a migration plan and an honest pair -------------------------------------------------------
+
+
+@dataclass
+class RoundPlan:
+    shared: tuple[tuple[int, int], ...]  # the shared-region list of the round
+    dirty: list[int]  # the pages sent in it, in order
+
+
+@dataclass
+class Plan:
+    rounds: list[RoundPlan]  # the last one is stop-and-copy
+    vcpus: int = 2
+    session: int = 0
+
+
+def simple_plan() -> Plan:
+    return Plan(
+        rounds=[
+            RoundPlan(shared=((0x3000, 2),), dirty=ALL_PAGES),
+            RoundPlan(shared=((0x3000, 1), (SLOT1_GPA, 1)), dirty=[0x1000, 0x4000, SLOT1_GPA]),
+            RoundPlan(shared=((0x4000, 1),), dirty=[0x3000, 0x4000]),
+        ]
+    )
+
+
+class Pair:
+    """A source and a target machine; `messages()` yields the honest source's and target's next
+    messages, built the way the shell builds them."""
+
+    def __init__(
+        self,
+        plan: Plan | None = None,
+        *,
+        mode: str = "sev",
+        burnt: set[bytes] | None = None,
+    ) -> None:
+        self.plan = plan or simple_plan()
+        self.describe = make_describe(mode, vcpus=self.plan.vcpus)
+        self.source = RemoteConnection(SOURCE, guest=self.describe)
+        self.target = RemoteConnection(TARGET, burnt_sessions=burnt if burnt is not None else set())
+        self.firmware = Firmware(self.plan.session)
+        self.sent: list[tuple[Role, Message]] = []
+
+    def conn(self, role: Role) -> RemoteConnection:
+        return self.source if role is SOURCE else self.target
+
+    def deliver(self, sender: Role, message: Message) -> Message | PeerGone:
+        data = self.conn(sender).send(message)
+        self.sent.append((sender, message))
+        return self.conn(sender.peer).receive(data)
+
+    def script(self) -> list[tuple[Role, object]]:
+        """The conversation as steps: a message, or a callable building one when its turn
+        comes (page frames need the machine's sequence number)."""
+        src, tgt = self.source, self.target
+        steps: list[tuple[Role, object]] = [
+            (SOURCE, lambda: src.make_hello(vm_name="guest-a", vm_uuid=VM_UUID)),
+            (TARGET, lambda: tgt.make_hello(vm_name="guest-a", vm_uuid=VM_UUID)),
+            (SOURCE, lambda: src.describe()),
+            (TARGET, make_chain()),
+            (
+                SOURCE,
+                SendStart(
+                    session=session_blob(self.plan.session),
+                    source_pdh=cert(0x1003, api=(0, 22)),
+                    policy=self.describe.policy,
+                ),
+            ),
+        ]
+        last = len(self.plan.rounds)
+        for n, rnd in enumerate(self.plan.rounds, start=1):
+            kind = StopAndCopy if n == last else Round
+            steps.append((SOURCE, kind(round=n, shared_regions=rnd.shared)))
+            for gpa in rnd.dirty:
+                steps.append((SOURCE, self._page_builder(gpa)))
+            steps.append((SOURCE, RoundEnd(round=n, pages=len(rnd.dirty))))
+        steps.append((SOURCE, DeviceState(doorbell_sum=77, device_blobs={"serial": b"half"})))
+        steps += [(SOURCE, vcpu_state(i)) for i in range(self.plan.vcpus)]
+        steps.append((SOURCE, lambda: Finish(rounds=last, pages=src.pages)))
+        steps.append((TARGET, lambda: Received(session=tgt.session_id)))
+        steps.append((SOURCE, lambda: Commit(session=src.session_id)))
+        steps.append((TARGET, lambda: Resumed(session=tgt.session_id)))
+        return steps
+
+    def _page_builder(self, gpa: int) -> object:
+        def build() -> Message:
+            if self.source.is_shared(gpa):
+                return self.source.shared_page(gpa, bytes([gpa >> 12 & 0xFF]) * PAGE_SIZE)
+            header, data = self.firmware.packet(gpa)
+            return self.source.encrypted_page(gpa, header, data)
+
+        return build
+
+    @staticmethod
+    def build(step: object) -> Message:
+        return step() if callable(step) else step  # type: ignore[no-any-return]
+
+    def run(self, steps: int | None = None) -> list[tuple[Role, object]]:
+        """Deliver the first `steps` steps (all by default); return the rest."""
+        script = self.script()
+        upto = len(script) if steps is None else steps
+        for sender, step in script[:upto]:
+            message = self.build(step)
+            assert self.deliver(sender, message) == message
+        return script[upto:]
+
+
+# ---- a whole migration -------------------------------------------------------------------------
+
+
+def test_whole_migration_reaches_done_on_both_sides_with_every_message_intact() -> None:
+    pair = Pair()
+    pair.run()
+    for conn in (pair.source, pair.target):
+        assert conn.state is State.DONE
+        assert conn.recovery().recovery is Recovery.DONE
+        assert conn.version == 1
+        assert conn.rounds == 3
+    assert pair.source.session_id == pair.target.session_id == session_id_of(session_blob(0))
+    assert pair.target.description == pair.describe
+    assert pair.target.shared_regions == ((0x4000, 1),)
+    assert pair.target.pages == pair.source.pages == len(ALL_PAGES) + 3 + 2
+    kinds = [type(m) for _, m in pair.sent]
+    assert kinds.count(SharedPage) == 2 + 1 + 1  # pages 3 and 4; SLOT1; 4
+
+
+@st.composite
+def plans(draw: st.DrawFn) -> Plan:
+    """Any honest migration: 1 to 4 rounds, each with its own shared-region list (sorted runs
+    of pages) and its own dirty pages in any order; 1 to 4 vCPUs."""
+    rounds = []
+    for _ in range(draw(st.integers(1, 4))):
+        shared_pages = sorted(draw(st.sets(st.sampled_from(ALL_PAGES), max_size=8)))
+        regions: list[tuple[int, int]] = []
+        for gpa in shared_pages:
+            if (
+                regions
+                and regions[-1][0] + regions[-1][1] * PAGE_SIZE == gpa
+                and draw(st.booleans())
+            ):
+                regions[-1] = (regions[-1][0], regions[-1][1] + 1)
+            else:
+                regions.append((gpa, 1))
+        dirty = draw(st.permutations(ALL_PAGES))[: draw(st.integers(0, len(ALL_PAGES)))]
+        rounds.append(RoundPlan(shared=tuple(regions), dirty=list(dirty)))
+    return Plan(rounds=rounds, vcpus=draw(st.integers(1, 4)), session=draw(st.integers(0, 99)))
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+@given(plan=plans())
+def test_an_honest_source_and_target_always_agree(plan: Plan) -> None:
+    pair = Pair(plan)
+    for sender, step in pair.script():
+        message = Pair.build(step)
+        assert pair.deliver(sender, message) == message
+        assert pair.source.state is pair.target.state
+        assert pair.source.pages == pair.target.pages
+    assert pair.source.state is pair.target.state is State.DONE
+    assert (
+        pair.source.session_id
+        == pair.target.session_id
+        == session_id_of(session_blob(plan.session))
+    )
+    assert pair.target.shared_regions == plan.rounds[-1].shared
+    # Each page went the way its round's list said: plaintext exactly for shared pages.
+    sent = iter(m for _, m in pair.sent if isinstance(m, EncryptedPage | SharedPage))
+    for rnd in plan.rounds:
+        for gpa in rnd.dirty:
+            frame = next(sent)
+            assert frame.gpa == gpa
+            shared = any(start <= gpa < start + n * PAGE_SIZE for start, n in rnd.shared)
+            assert isinstance(frame, SharedPage) == shared
+
+
+def test_zero_precopy_rounds_is_a_plain_stop_and_copy() -> None:
+    pair = Pair(Plan(rounds=[RoundPlan(shared=(), dirty=ALL_PAGES)]))
+    pair.run()
+    assert pair.target.state is State.DONE
+    assert pair.target.rounds == 1
+
+
+def test_every_message_fits_in_one_frame_at_its_bounds() -> None:
+    largest = [
+        make_chain(),
+        PlatformChain(
+            pdh=cert(0x1003), pek=cert(0x1002), oca=cert(0x1001), cek=cert(0x1004),
+            ask=amd_cert(0x13, 4096), ark=amd_cert(0x0, 4096),
+        ),
+        EncryptedPage(
+            session=b"s" * 16, seq=(1 << 63) - 1, gpa=(1 << 52) - PAGE_SIZE,
+            header=b"h" * 52, data=b"d" * PAGE_SIZE,
+        ),
+        DeviceState(
+            doorbell_sum=0xFFFF_FFFF,
+            device_blobs={f"{i:064}": b"b" * 8192 for i in range(8)},
+        ),
+        VcpuState(index=255, state=VcpuStateWire(backend="k" * 64, version=1, blob=b"x" * 65536)),
+        Round(round=10_000, shared_regions=tuple((i * 2 * PAGE_SIZE, 1) for i in range(2048))),
+    ]  # fmt: skip
+    for message in largest:
+        data = msgspec.msgpack.encode(message)
+        assert len(data) <= MAX_MESSAGE_BYTES
+        assert decode(data) == message
+
+
+# ---- the source refuses before anything is sent -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mode", "policy", "why"),
+    [
+        ("sev-es", POLICY | ES, "SEV-ES guest cannot migrate between hosts through upstream KVM"),
+        ("sev", POLICY | ES, "VMSA"),
+        ("sev", POLICY | NOSEND, "NOSEND"),
+        ("plain", 0, "for SEV guests"),
+    ],
+)
+def test_a_guest_that_cannot_migrate_is_refused_at_the_source_naming_why(
+    mode: str, policy: int, why: str
+) -> None:
+    with pytest.raises(NotMigratable, match=why) as info:
+        RemoteConnection(SOURCE, guest=make_describe(mode, policy=policy))
+    assert "keeps running" in str(info.value)
+
+
+def test_a_target_refuses_an_sev_es_describe_that_a_source_sent_anyway() -> None:
+    pair = Pair()
+    pair.run(2)
+    bad = make_describe("sev-es", policy=POLICY | ES)
+    with pytest.raises(RemoteProtocolError, match="VMSA"):
+        pair.target.receive(msgspec.msgpack.encode(bad))
+    assert pair.target.recovery().recovery is Recovery.DROP
+
+
+@pytest.mark.parametrize(
+    ("slots", "why"),
+    [
+        ((MemorySlot(slot=0, guest_phys_addr=0, size=8192),) * 2, "slot twice"),
+        (
+            (
+                MemorySlot(slot=0, guest_phys_addr=0, size=8192),
+                MemorySlot(slot=1, guest_phys_addr=4096, size=8192),
+            ),
+            "overlap",
+        ),
+    ],
+)
+def test_a_describe_with_repeated_or_overlapping_slots_is_refused(
+    slots: tuple[MemorySlot, ...], why: str
+) -> None:
+    bad = msgspec.structs.replace(
+        make_describe(), slots=slots, memory_bytes=sum(s.size for s in slots)
+    )
+    with pytest.raises(NotMigratable, match=why):
+        RemoteConnection(SOURCE, guest=bad)
+
+
+def test_sizes_of_firmware_objects_are_checked_when_decoding() -> None:
+    sid = b"s" * 16
+    bad = [
+        EncryptedPage(session=sid, seq=0, gpa=0, header=b"h" * 51, data=b"d" * PAGE_SIZE),
+        EncryptedPage(session=sid, seq=0, gpa=0, header=b"h" * 52, data=b"d" * 4095),
+        EncryptedPage(session=sid, seq=0, gpa=100, header=b"h" * 52, data=b"d" * PAGE_SIZE),
+        SharedPage(session=b"s" * 15, seq=0, gpa=0, data=b"d" * PAGE_SIZE),
+        SendStart(session=b"x" * (SESSION_SIZE - 1), source_pdh=cert(0x1003), policy=0),
+        SendStart(session=b"x" * SESSION_SIZE, source_pdh=b"p" * 2083, policy=0),
+    ]
+    for message in bad:
+        with pytest.raises(RemoteProtocolError, match="malformed"):
+            decode(msgspec.msgpack.encode(message))
+
+
+@pytest.mark.parametrize(
+    ("fields", "why"),
+    [
+        ({"pek": cert(0x1003)}, r"PEK slot holds a certificate of usage 0x1003 \(PDH\)"),
+        ({"pdh": cert(0x1003, version=2)}, "version 2"),
+        (
+            {"ask": amd_cert(0x13, 32768), "ark": amd_cert(0x0, 32768)},
+            "KVM takes at most 16384",
+        ),
+        ({"ask": amd_cert(0x0)}, "ASK slot holds an AMD certificate of version 1 and usage 0x0"),
+        ({"ark": amd_cert(0x0)[:-1]}, "ARK is 831 bytes, its header says 832"),
+    ],
+)
+def test_a_platform_chain_out_of_order_or_oversized_is_refused_naming_the_slot(
+    fields: dict[str, bytes], why: str
+) -> None:
+    pair = Pair()
+    pair.run(3)
+    chain = msgspec.structs.replace(make_chain(), **fields)
+    with pytest.raises(RemoteProtocolError, match=why):
+        pair.source.receive(msgspec.msgpack.encode(chain))
+    assert pair.source.recovery().recovery is Recovery.NOTHING_TO_DO
+
+
+def test_the_chain_is_built_from_the_export_blobs_and_gives_them_back() -> None:
+    chain = make_chain()
+    built = platform_chain(chain.pdh, chain.plat_certs, chain.amd_certs)
+    assert built == chain
+    assert built.plat_certs == chain.pek + chain.oca + chain.cek
+    with pytest.raises(LocalProtocolError, match="three 2084-byte certificates"):
+        platform_chain(chain.pdh, chain.plat_certs[:-1], chain.amd_certs)
+    with pytest.raises(LocalProtocolError, match="does not start with an AMD certificate"):
+        platform_chain(chain.pdh, chain.plat_certs, chain.ask)
+
+
+def test_source_cancels_before_send_start_when_the_target_firmware_is_too_old() -> None:
+    pair = Pair()
+    pair.run(3)
+    pair.deliver(TARGET, make_chain(pek_api=(0, 16)))
+    refusal = pair.source.chain_refusal()
+    assert refusal is not None and refusal.code == CancelCode.POLICY
+    assert "API 0.17" in refusal.reason and "0.16" in refusal.reason
+    pair.deliver(SOURCE, refusal)
+    assert pair.source.recovery().recovery is Recovery.NOTHING_TO_DO
+    assert pair.target.recovery().recovery is Recovery.DROP
+    assert Pair().source.chain_refusal() is None
+
+
+# ---- framing: reordered, duplicated, retargeted frames -----------------------------------------
+
+
+def _to_first_page(pair: Pair) -> list[tuple[Role, object]]:
+    rest = pair.run(6)  # Hello, Hello, Describe, PlatformChain, SendStart, Round 1
+    assert pair.target.state is State.PRECOPY
+    return rest
+
+
+def test_a_plaintext_page_for_a_private_address_is_refused_at_the_source() -> None:
+    pair = Pair()
+    _to_first_page(pair)
+    private_gpa = 0x1000
+    assert not pair.source.is_shared(private_gpa)
+    with pytest.raises(LocalProtocolError, match="private pages travel only through"):
+        pair.source.send(pair.source.shared_page(private_gpa, b"secret" * 682 + b"ab" * 2))
+    assert pair.source.recovery().recovery is Recovery.CANCEL_AND_RESUME
+
+
+def test_an_encrypted_page_for_a_shared_address_is_refused() -> None:
+    pair = Pair()
+    _to_first_page(pair)
+    header, data = pair.firmware.packet(0x3000)
+    with pytest.raises(RemoteProtocolError, match="says is shared"):
+        pair.target.receive(
+            msgspec.msgpack.encode(pair.source.encrypted_page(0x3000, header, data))
+        )
+
+
+def test_a_compressed_firmware_packet_is_refused() -> None:
+    pair = Pair()
+    _to_first_page(pair)
+    header, data = pair.firmware.packet(0)
+    header = (1).to_bytes(4, "little") + header[4:]
+    with pytest.raises(RemoteProtocolError, match="compressed"):
+        pair.target.receive(msgspec.msgpack.encode(pair.source.encrypted_page(0, header, data)))
+
+
+def test_pages_outside_guest_memory_are_refused() -> None:
+    pair = Pair()
+    _to_first_page(pair)
+    header, data = pair.firmware.packet(0)
+    for gpa in (SLOT0_PAGES * PAGE_SIZE, SLOT1_GPA + SLOT1_PAGES * PAGE_SIZE):
+        frame = msgspec.msgpack.encode(pair.source.encrypted_page(gpa, header, data))
+        fresh = Pair()
+        _to_first_page(fresh)
+        with pytest.raises(RemoteProtocolError, match="outside guest memory"):
+            fresh.target.receive(frame)
+
+
+def _round_frames(pair: Pair, gpas: list[int]) -> list[Message]:
+    """The honest frames of the first round's pages, delivered to nobody yet: the source
+    machine sends them (and advances), the test decides what the target sees."""
+    frames = []
+    for gpa in gpas:
+        message = Pair.build(pair._page_builder(gpa))
+        pair.source.send(message)
+        frames.append(message)
+    return frames
+
+
+def _mutations(frames: list[Message], fw: Firmware) -> list[tuple[str, list[Message]]]:
+    """Ways a hypervisor could mangle a round's frames, each with the frame list the target
+    sees; the firmware's MAC would accept every one of them."""
+    replace = msgspec.structs.replace
+    first, second = frames[0], frames[1]
+    assert isinstance(first, EncryptedPage) and isinstance(second, EncryptedPage)
+    out: list[tuple[str, list[Message]]] = [
+        ("reordered", [second, first, *frames[2:]]),
+        ("duplicated", [first, first, *frames[1:]]),
+        ("dropped", frames[1:]),
+        # The first packet again, as the next frame in sequence, for another page: the
+        # retargeted packet. Its IV gives it away.
+        (
+            "retargeted",
+            [first, second, msgspec.structs.replace(first, seq=2, gpa=ALL_PAGES[10])],
+        ),
+        # The same, but over a page already sent this round.
+        ("retargeted-over-sent", [first, second, replace(first, seq=2, gpa=second.gpa)]),
+        ("renumbered-duplicate", [first, msgspec.structs.replace(first, seq=1)]),
+        ("other-session", [msgspec.structs.replace(first, session=b"\x01" * 16)]),
+    ]  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize(
+    "mutation",
+    [
+        "reordered",
+        "duplicated",
+        "dropped",
+        "retargeted",
+        "retargeted-over-sent",
+        "renumbered-duplicate",
+        "other-session",
+    ],
+)
+def test_a_mangled_page_stream_is_refused_before_the_frame_reaches_the_firmware(
+    mutation: str,
+) -> None:
+    pair = Pair()
+    _to_first_page(pair)
+    private = [gpa for gpa in ALL_PAGES if not pair.source.is_shared(gpa)][:3]
+    frames = _round_frames(pair, private)
+    seen = dict(_mutations(frames, pair.firmware))[mutation]
+    accepted = []
+    with pytest.raises(RemoteProtocolError) as info:
+        for frame in seen:
+            accepted.append(pair.target.receive(msgspec.msgpack.encode(frame)))
+    # Every frame the machine let through (and so the shell passed to RECEIVE_UPDATE_DATA) is
+    # one the honest source sent, in its place.
+    assert accepted == frames[: len(accepted)]
+    assert pair.target.state is State.ERROR
+    assert pair.target.recovery().recovery is Recovery.TEAR_DOWN
+    assert any(word in str(info.value) for word in ("sequence", "IV", "second time", "session"))
+
+
+def test_a_packet_replayed_in_a_later_round_for_another_page_is_refused_by_its_iv() -> None:
+    pair = Pair()
+    _to_first_page(pair)
+    (first,) = _round_frames(pair, [0x1000])
+    pair.target.receive(msgspec.msgpack.encode(first))
+    pair.deliver(SOURCE, RoundEnd(round=1, pages=1))
+    pair.deliver(SOURCE, Round(round=2))
+    assert isinstance(first, EncryptedPage)
+    replay = msgspec.structs.replace(first, seq=pair.target.pages, gpa=0x2000)
+    with pytest.raises(RemoteProtocolError, match="repeats the IV"):
+        pair.target.receive(msgspec.msgpack.encode(replay))
+
+
+def test_a_frame_lost_at_the_end_of_a_round_is_caught_by_round_end() -> None:
+    pair = Pair()
+    _to_first_page(pair)
+    frames = _round_frames(pair, [0x1000, 0x2000])
+    pair.target.receive(msgspec.msgpack.encode(frames[0]))
+    data = pair.source.send(RoundEnd(round=1, pages=2))
+    with pytest.raises(RemoteProtocolError, match="frames were lost"):
+        pair.target.receive(data)
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    pages=st.lists(st.sampled_from(ALL_PAGES), min_size=2, max_size=12, unique=True),
+    i=st.integers(0, 11),
+    j=st.integers(0, 11),
+    how=st.sampled_from(["swap", "repeat", "retarget", "drop"]),
+)
+def test_any_reordered_repeated_retargeted_or_dropped_frame_is_refused(
+    pages: list[int], i: int, j: int, how: str
+) -> None:
+    pair = Pair(Plan(rounds=[RoundPlan(shared=(), dirty=ALL_PAGES)]))
+    pair.run(5)
+    pair.deliver(SOURCE, StopAndCopy(round=1))
+    frames = _round_frames(pair, pages)
+    i, j = i % len(frames), j % len(frames)
+    seen = list(frames)
+    if how == "swap":
+        if i == j:
+            j = (i + 1) % len(frames)
+        seen[i], seen[j] = seen[j], seen[i]
+    elif how == "repeat":
+        seen.insert(i + 1, frames[j] if j <= i else frames[i])
+    elif how == "retarget":
+        # an earlier packet (j <= i) again, as frame i + 1, for a page not yet sent
+        unsent = [gpa for gpa in ALL_PAGES if gpa not in pages]
+        src = frames[min(i, j)]
+        seen.insert(i + 1, msgspec.structs.replace(src, seq=i + 1, gpa=unsent[0]))
+        for k in range(i + 2, len(seen)):
+            seen[k] = msgspec.structs.replace(seen[k], seq=k)
+    else:
+        del seen[i]
+    seen.append(RoundEnd(round=1, pages=len(frames)))
+    accepted = []
+    with pytest.raises(RemoteProtocolError):
+        for frame in seen:
+            accepted.append(pair.target.receive(msgspec.msgpack.encode(frame)))
+    assert accepted == frames[: len(accepted)]
+
+
+# ---- the session is burnt ----------------------------------------------------------------------
+
+
+def test_a_target_that_recorded_a_session_refuses_its_replay_before_receive_start() -> None:
+    record: set[bytes] = set()
+    first = Pair(burnt=record)
+    rest = first.run(5)
+    assert first.target.session_id is not None
+    record.add(first.target.session_id)  # the shell: durably, before RECEIVE_START
+    for sender, step in rest:
+        first.deliver(sender, Pair.build(step))
+    assert first.target.state is State.DONE
+    # The recorded stream, played again to the same target host.
+    replayed = Pair(burnt=record)
+    replayed.run(4)
+    send_start = next(m for _, m in first.sent if isinstance(m, SendStart))
+    with pytest.raises(RemoteProtocolError, match="received before") as info:
+        replayed.target.receive(msgspec.msgpack.encode(send_start))
+    assert "second copy" in str(info.value)
+    assert replayed.target.session_id is None
+    assert replayed.target.recovery().recovery is Recovery.DROP  # no RECEIVE_START issued
+    # A new SEND_START (a new session) from the same source is accepted.
+    fresh = Pair(Plan(rounds=simple_plan().rounds, session=1), burnt=record)
+    fresh.run()
+    assert fresh.target.state is State.DONE
+
+
+@settings(max_examples=50)
+@given(n=st.integers(0, 1000), m=st.integers(0, 1000))
+def test_session_ids_differ_exactly_when_the_session_blobs_differ(n: int, m: int) -> None:
+    assert (session_id_of(session_blob(n)) == session_id_of(session_blob(m))) == (n == m)
+
+
+def test_commit_received_and_resumed_must_name_this_session() -> None:
+    pair = Pair()
+    rest = pair.run()
+    assert not rest
+    other = Pair()
+    other.run(len(other.script()) - 3)
+    with pytest.raises(RemoteProtocolError, match="another session"):
+        other.source.receive(msgspec.msgpack.encode(Received(session=b"\x02" * 16)))
+
+
+# ---- cancel ------------------------------------------------------------------------------------
+
+
+def test_the_target_may_not_cancel_once_it_sent_received_nor_the_source_after_commit() -> None:
+    pair = Pair()
+    steps = len(pair.script())
+    pair.run(steps - 2)  # up to Received
+    assert not pair.target.may_cancel()
+    with pytest.raises(LocalProtocolError, match="may not send Cancel"):
+        pair.target.send(Cancel(code="internal", reason="too late"))
+    pair = Pair()
+    pair.run(steps - 1)  # up to Commit
+    assert not pair.source.may_cancel()
+    with pytest.raises(LocalProtocolError, match="may not send Cancel"):
+        pair.source.send(Cancel(code="operator", reason="too late"))
+
+
+def test_a_source_that_cancels_after_received_has_the_target_tear_down() -> None:
+    pair = Pair()
+    pair.run(len(pair.script()) - 2)
+    assert pair.source.state is State.RECEIVED
+    pair.deliver(SOURCE, Cancel(code=CancelCode.FIRMWARE, reason="SEND_FINISH failed: EIO"))
+    assert pair.source.recovery().recovery is Recovery.CANCEL_AND_RESUME
+    assert pair.target.recovery().recovery is Recovery.TEAR_DOWN
+    assert pair.target.cancel is not None and "SEND_FINISH" in pair.target.cancel.reason
+
+
+def test_messages_crossing_our_cancel_are_returned_and_change_nothing() -> None:
+    pair = Pair()
+    pair.run(len(pair.script()) - 3)  # up to Finish
+    cancel = pair.source.send(Cancel(code="operator", reason="migrate-cancel"))
+    received = pair.target.send(Received(session=pair.target.session_id or b""))
+    assert pair.source.receive(received) == Received(session=pair.target.session_id or b"")
+    assert pair.source.state is State.CANCELLED
+    assert pair.target.receive(cancel).code == "operator"  # type: ignore[union-attr]
+    assert pair.target.recovery().recovery is Recovery.TEAR_DOWN
+    assert pair.source.recovery().recovery is Recovery.CANCEL_AND_RESUME
+
+
+def test_a_target_cancel_crossing_a_stream_of_pages_stops_the_source() -> None:
+    pair = Pair()
+    _to_first_page(pair)
+    frames = _round_frames(pair, [0x1000, 0x2000])
+    cancel = pair.target.send(Cancel(code=CancelCode.FIRMWARE, reason="RECEIVE_START: EIO 11"))
+    for frame in frames:  # already on the wire: dropped by the cancelled target
+        assert pair.target.receive(msgspec.msgpack.encode(frame)) == frame
+    assert pair.target.pages == 0
+    assert isinstance(pair.source.receive(cancel), Cancel)
+    assert pair.source.recovery().recovery is Recovery.CANCEL_AND_RESUME
+    with pytest.raises(LocalProtocolError, match="ended"):
+        pair.source.send(RoundEnd(round=1, pages=2))
+
+
+# ---- garbage -----------------------------------------------------------------------------------
+
+_PREFIXES = st.integers(0, 30)
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(role=st.sampled_from([SOURCE, TARGET]), steps=_PREFIXES, data=st.binary(max_size=400))
+def test_random_bytes_never_raise_anything_but_remote_protocol_error(
+    role: Role, steps: int, data: bytes
+) -> None:
+    pair = Pair()
+    pair.run(min(steps, len(pair.script())))
+    conn = pair.conn(role)
+    try:
+        conn.receive(data)
+    except RemoteProtocolError:
+        assert conn.state is State.ERROR
+        assert conn.recovery() == RECOVERY[role][conn.ended_in][Ending.GARBAGE]  # type: ignore[index]
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    steps=_PREFIXES,
+    edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=6),
+    cut=st.integers(0, 10_000),
+)
+def test_corrupted_valid_frames_never_raise_anything_but_remote_protocol_error(
+    steps: int, edits: list[tuple[int, int]], cut: int
+) -> None:
+    pair = Pair()
+    script = pair.script()
+    steps = min(steps, len(script) - 1)
+    pair.run(steps)
+    sender, step = pair.script()[steps]
+    data = bytearray(pair.conn(sender).send(Pair.build(step)))
+    for position, value in edits:
+        data[position % len(data)] = value
+    corrupted = bytes(data[: max(1, cut % (len(data) + 1))])
+    receiver = pair.conn(sender.peer)
+    try:
+        receiver.receive(corrupted)
+    except RemoteProtocolError:
+        assert receiver.state is State.ERROR
+
+
+_ANY_MESSAGE = st.one_of(
+    st.builds(Cancel, code=st.sampled_from(["busy", "x", "Bad"]), reason=st.text(max_size=20)),
+    st.builds(Received, session=st.binary(min_size=16, max_size=16)),
+    st.builds(Commit, session=st.binary(min_size=16, max_size=16)),
+    st.builds(RoundEnd, round=st.integers(1, 4), pages=st.integers(0, 30)),
+    st.builds(Round, round=st.integers(1, 4)),
+    st.builds(Finish, rounds=st.integers(1, 4), pages=st.integers(0, 40)),
+    st.builds(
+        SharedPage,
+        session=st.binary(min_size=16, max_size=16),
+        seq=st.integers(0, 40),
+        gpa=st.sampled_from(ALL_PAGES),
+        data=st.just(bytes(PAGE_SIZE)),
+    ),
+    st.just(make_chain()),
+    st.just(make_describe()),
+)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    role=st.sampled_from([SOURCE, TARGET]),
+    steps=_PREFIXES,
+    messages=st.lists(_ANY_MESSAGE, min_size=1, max_size=5),
+)
+def test_well_typed_messages_out_of_place_never_raise_anything_but_remote_protocol_error(
+    role: Role, steps: int, messages: list[Message]
+) -> None:
+    pair = Pair()
+    pair.run(min(steps, len(pair.script())))
+    conn = pair.conn(role)
+    for message in messages:
+        try:
+            conn.receive(msgspec.msgpack.encode(message))
+        except RemoteProtocolError:
+            assert conn.state is State.ERROR
+            break
+
+
+# ---- the recovery table ------------------------------------------------------------------------
+
+FAILURES = [e for e in Ending if e is not Ending.COMPLETED]
+
+
+def test_the_recovery_table_has_a_row_for_every_state_and_ending() -> None:
+    for role in (SOURCE, TARGET):
+        assert set(RECOVERY[role]) == set(PROGRESS)
+        for state in PROGRESS:
+            expected = set(FAILURES) | ({Ending.COMPLETED} if state is State.DONE else set())
+            assert set(RECOVERY[role][state]) == expected
+            for plan in RECOVERY[role][state].values():
+                assert plan.why
+    with pytest.raises(ValueError, match="cannot end"):
+        recovery_for(SOURCE, State.CANCELLED, Ending.TIMEOUT)
+
+
+def test_the_guest_is_lost_only_where_the_source_is_sent_and_the_target_failed() -> None:
+    lost = [
+        (role, state, ending)
+        for role in (SOURCE, TARGET)
+        for state, row in RECOVERY[role].items()
+        for ending, plan in row.items()
+        if plan.recovery is Recovery.GUEST_LOST
+    ]
+    assert lost == [(TARGET, State.COMMITTED, Ending.LOCAL_FAILURE)]
+    assert "SENT" in RECOVERY[TARGET][State.COMMITTED][Ending.LOCAL_FAILURE].why
+
+
+def test_the_source_never_resumes_once_it_sent_commit_and_the_target_never_runs_before() -> None:
+    for state in PROGRESS:
+        for ending in FAILURES:
+            source = RECOVERY[SOURCE][state][ending].recovery
+            target = RECOVERY[TARGET][state][ending].recovery
+            after_commit = PROGRESS.index(state) >= PROGRESS.index(State.COMMITTED)
+            assert (source in (Recovery.NOTHING_TO_DO, Recovery.CANCEL_AND_RESUME)) != (
+                after_commit
+            )
+            assert (target in (Recovery.FINISH_AND_RUN, Recovery.DONE)) == (
+                after_commit and not (state is State.COMMITTED and ending is Ending.LOCAL_FAILURE)
+            )
+
+
+def test_the_target_holds_in_doubt_only_after_received_and_only_without_a_cancel() -> None:
+    for state in PROGRESS:
+        for ending in FAILURES:
+            held = RECOVERY[TARGET][state][ending].recovery is Recovery.HOLD
+            assert held == (state is State.RECEIVED and ending is not Ending.CANCELLED)
+
+
+@dataclass
+class Side:
+    conn: RemoteConnection
+    dead: bool = False
+    plan: Recovery | None = field(default=None)
+
+
+def _resolve(
+    source_plan: Recovery, target_plan: Recovery, session: bytes
+) -> tuple[Recovery, Recovery]:
+    """The source delivers its decision to the target on a new connection, as the shells do
+    after a conversation broke; returns both sides' plans after it."""
+    decision = "commit" if source_plan is Recovery.DELIVER_COMMIT else "cancel"
+    src = RemoteConnection.resolver(session, decision)
+    tgt = RemoteConnection(TARGET)
+    tgt.receive(src.send(src.make_hello(vm_name="guest-a", vm_uuid=VM_UUID)))
+    src.receive(tgt.send(tgt.make_hello(vm_name="guest-a", vm_uuid=VM_UUID)))
+    request = tgt.receive(src.send(src.make_resolve()))
+    assert isinstance(request, Resolve) and tgt.resolve_request == request
+    held = (
+        target_plan
+        if target_plan in (Recovery.HOLD, Recovery.FINISH_AND_RUN, Recovery.DONE)
+        else None
+    )
+    action, outcome = held_outcome(request.decision, held)
+    src.receive(tgt.send(Resolution(session=session, outcome=outcome)))
+    assert src.state is tgt.state is State.RESOLVED
+    assert tgt.recovery().recovery is Recovery.DROP  # nothing of the connection's own
+    return src.recovery().recovery, action or target_plan
+
+
+def _runnable_copies(src: Side, tgt: Side, session: bytes | None) -> int:
+    """Resolve each side's plan as the shells do (the held target learns the source's
+    decision on a new connection, or that the source is gone) and count the copies that run."""
+    assert src.plan is not None and tgt.plan is not None
+    source_plan, target_plan = src.plan, tgt.plan
+    decides = source_plan is Recovery.DELIVER_COMMIT or (
+        source_plan is Recovery.CANCEL_AND_RESUME and target_plan is Recovery.HOLD
+    )
+    if decides and not src.dead and not tgt.dead:
+        assert session is not None
+        source_plan, target_plan = _resolve(source_plan, target_plan, session)
+    elif target_plan is Recovery.HOLD and src.dead:
+        target_plan = Recovery.FINISH_AND_RUN  # its VM, and the copy in it, died with it
+    assert tgt.dead or target_plan is not Recovery.HOLD, "a held guest was never resolved"
+    source_runs = not src.dead and source_plan in (
+        Recovery.NOTHING_TO_DO,
+        Recovery.CANCEL_AND_RESUME,
+    )
+    target_runs = not tgt.dead and target_plan in (Recovery.FINISH_AND_RUN, Recovery.DONE)
+    return int(source_runs) + int(target_runs)
+
+
+@settings(max_examples=600, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    steps=st.integers(0, 40),
+    in_flight=st.booleans(),
+    delivered=st.booleans(),
+    first=st.sampled_from([SOURCE, TARGET]),
+    how=st.sampled_from(["dies", "timeout", "garbage", "local-failure"]),
+    other_dies=st.booleans(),
+)
+def test_every_way_a_migration_can_end_leaves_exactly_one_runnable_copy_or_names_the_loss(
+    steps: int, in_flight: bool, delivered: bool, first: Role, how: str, other_dies: bool
+) -> None:
+    """Cut the honest conversation after any message (one more sent and maybe read), let one
+    side fail in any way (die, time out, read garbage, fail a step of its own: it sends Cancel
+    when it may), and the other side see what follows (EOF, or the Cancel) and perhaps die too.
+    Executing both rows of the table then leaves one copy of the guest running, except where
+    its only holder died (the source before the target held everything, the target after it
+    ran the guest) or the source is SENT and the target failed: what the firmware makes
+    unavoidable."""
+    pair = Pair(Plan(rounds=[RoundPlan(shared=((0x3000, 1),), dirty=ALL_PAGES[:4])] * 1))
+    script = pair.script()
+    steps = min(steps, len(script))
+    pair.run(steps)
+    if in_flight and steps < len(script):
+        sender, step = script[steps]
+        data = pair.conn(sender).send(Pair.build(step))
+        if delivered:
+            pair.conn(sender.peer).receive(data)
+    sides = {SOURCE: Side(pair.source), TARGET: Side(pair.target)}
+    failing, other = sides[first], sides[first.peer]
+    if how == "dies":
+        failing.dead = True
+    elif how == "garbage" and failing.conn.state in LIVE_STATES:
+        with pytest.raises(RemoteProtocolError):
+            failing.conn.receive(b"\xc1")
+    elif how in ("timeout", "local-failure") and failing.conn.state in LIVE_STATES:
+        if failing.conn.may_cancel():
+            cancel = failing.conn.send(Cancel(code=CancelCode.INTERNAL, reason=how))
+            if other.conn.state in LIVE_STATES:
+                other.conn.receive(cancel)
+        else:
+            failing.conn.give_up(Ending.TIMEOUT if how == "timeout" else Ending.LOCAL_FAILURE)
+    # The failing side closes (or is gone): the other side reads EOF after what it was sent.
+    if other.conn.state is not State.ERROR:
+        other.conn.receive(None)
+    other.dead = other_dies
+    if not failing.dead and failing.conn.state is not State.ERROR:
+        failing.conn.receive(None)
+    for side in sides.values():
+        side.plan = side.conn.recovery().recovery
+    copies = _runnable_copies(sides[SOURCE], sides[TARGET], pair.source.session_id)
+    assert copies <= 1, "two runnable copies of one guest"
+    source_sent = sides[SOURCE].plan in (Recovery.DELIVER_COMMIT, Recovery.DONE)
+    target_held_all = PROGRESS.index(pair.target.ended_in or pair.target.state) >= PROGRESS.index(
+        State.RECEIVED
+    )
+    # Lost without a fault of the protocol: every copy that could run is gone, because its
+    # holder died (the source's own, or the target's once it held everything) or because the
+    # source is SENT (it can never run again) and the target failed.
+    source_copy_gone = sides[SOURCE].dead or source_sent
+    target_copy_gone = (
+        sides[TARGET].dead or not target_held_all or sides[TARGET].plan is Recovery.GUEST_LOST
+    )
+    unavoidable = source_copy_gone and target_copy_gone
+    assert copies == (0 if unavoidable else 1)
+
+
+# ---- resolving a held guest on a new connection ------------------------------------------------
+
+
+def _broken_after_received(last: Message | None) -> Pair:
+    """A migration whose connection broke after Received: the source sent `last` (Commit or
+    Cancel), which never arrived; both sides then saw the connection end."""
+    pair = Pair()
+    pair.run(len(pair.script()) - 2)
+    if last is not None:
+        pair.source.send(last)
+    pair.source.receive(None)
+    pair.target.receive(None)
+    assert pair.target.recovery().recovery is Recovery.HOLD
+    return pair
+
+
+def test_a_held_target_runs_the_guest_once_the_source_delivers_commit_again() -> None:
+    pair = _broken_after_received(Commit(session=session_id_of(session_blob(0))))
+    assert pair.source.recovery().recovery is Recovery.DELIVER_COMMIT
+    session = pair.source.session_id
+    assert session is not None
+    source_after, target_after = _resolve(Recovery.DELIVER_COMMIT, Recovery.HOLD, session)
+    assert (source_after, target_after) == (Recovery.DONE, Recovery.FINISH_AND_RUN)
+
+
+def test_a_held_target_tears_down_when_the_source_says_it_cancelled() -> None:
+    pair = _broken_after_received(Cancel(code="firmware", reason="SEND_FINISH failed: EIO"))
+    assert pair.source.recovery().recovery is Recovery.CANCEL_AND_RESUME
+    assert pair.source.session_id is not None
+    source_after, target_after = _resolve(
+        Recovery.CANCEL_AND_RESUME, Recovery.HOLD, pair.source.session_id
+    )
+    assert (source_after, target_after) == (Recovery.NOTHING_TO_DO, Recovery.TEAR_DOWN)
+
+
+def test_commit_answered_not_held_is_the_loss_the_firmware_makes_unavoidable() -> None:
+    src = RemoteConnection.resolver(b"\x07" * 16, "commit")
+    assert src.recovery().recovery is Recovery.DELIVER_COMMIT  # until answered: retry
+    source_after, target_after = _resolve(Recovery.DELIVER_COMMIT, Recovery.TEAR_DOWN, b"\x07" * 16)
+    assert (source_after, target_after) == (Recovery.GUEST_LOST, Recovery.TEAR_DOWN)
+    src = RemoteConnection.resolver(b"\x07" * 16, "commit")
+    src.receive(None)
+    assert "retry" in src.recovery().why
+
+
+def _resolving_pair(decision: str) -> tuple[RemoteConnection, RemoteConnection]:
+    src = RemoteConnection.resolver(b"\x07" * 16, decision)  # type: ignore[arg-type]
+    tgt = RemoteConnection(TARGET)
+    tgt.receive(src.send(src.make_hello(vm_name="g", vm_uuid=VM_UUID)))
+    src.receive(tgt.send(tgt.make_hello(vm_name="g", vm_uuid=VM_UUID)))
+    tgt.receive(src.send(src.make_resolve()))
+    return src, tgt
+
+
+@pytest.mark.parametrize(
+    ("decision", "answer", "why"),
+    [
+        ("cancel", Resolution(session=b"\x07" * 16, outcome="resumed"), "second copy"),
+        ("commit", Resolution(session=b"\x07" * 16, outcome="torn-down"), "expected one of"),
+        ("commit", Resolution(session=b"\x08" * 16, outcome="resumed"), "another session"),
+    ],
+)
+def test_a_resolution_that_contradicts_the_decision_is_refused_naming_why(
+    decision: str, answer: Resolution, why: str
+) -> None:
+    src, _ = _resolving_pair(decision)
+    with pytest.raises(RemoteProtocolError, match=why):
+        src.receive(msgspec.msgpack.encode(answer))
+
+
+def test_a_resolver_sends_only_its_resolve_and_a_migrating_source_never_one() -> None:
+    src = RemoteConnection.resolver(b"\x07" * 16, "commit")
+    tgt = RemoteConnection(TARGET)
+    tgt.receive(src.send(src.make_hello(vm_name="g", vm_uuid=VM_UUID)))
+    src.receive(tgt.send(tgt.make_hello(vm_name="g", vm_uuid=VM_UUID)))
+    with pytest.raises(LocalProtocolError, match="the Describe it was built with"):
+        src.send(make_describe())
+    pair = Pair()
+    pair.run(2)
+    with pytest.raises(LocalProtocolError, match="only a resolving connection"):
+        pair.source.send(Resolve(session=b"\x07" * 16, decision="commit"))
+    with pytest.raises(ValueError, match="resolving connection"):
+        RemoteConnection(TARGET, resolving=Resolve(session=b"\x07" * 16, decision="commit"))
+
+
+# ---- the table, read as the transition table's mirror ------------------------------------------
+
+
+def test_each_side_may_cancel_exactly_up_to_its_promise() -> None:
+    source_may = {s for s, row in TRANSITIONS[SOURCE].items() if Cancel in row}
+    target_may = {s for s, row in TRANSITIONS[TARGET].items() if Cancel in row}
+    upto = PROGRESS[: PROGRESS.index(State.RECEIVED) + 1]
+    assert source_may == set(upto)
+    assert target_may == set(upto) - {State.RECEIVED}
+
+
+def test_a_hello_of_the_intra_host_protocol_is_refused_clearly() -> None:
+    from handoff.protocol import local
+
+    hello = local.Hello(min_version=1, max_version=3, vm_name="g", vm_uuid=VM_UUID, nonce=b"n" * 32)
+    target = RemoteConnection(TARGET)
+    with pytest.raises(RemoteProtocolError, match="malformed"):
+        target.receive(msgspec.msgpack.encode(hello))
+    assert isinstance(decode(msgspec.msgpack.encode(Pair().source.make_hello(
+        vm_name="g", vm_uuid=VM_UUID))), Hello)  # fmt: skip
