@@ -39,6 +39,8 @@ class DeviceState(msgspec.Struct, frozen=True):
     # a handoff may come between two of them).
     serial_partial: tuple[tuple[int, bytes], ...] = ()
     vm_state: VmState | None = None
+    # MSR_KVM_MIGRATION_CONTROL as the guest last wrote it (None: not offered to the guest).
+    migration_control: int | None = None
 
     def doorbell_blob(self) -> bytes:
         return b"".join(s.to_bytes(4, "little") for s in self.doorbell_sums)
@@ -302,12 +304,15 @@ class Devices:
             if 0 <= v < self.vcpus and line
         }
 
-    def snapshot(self, vm_state: VmState | None = None) -> DeviceState:
+    def snapshot(
+        self, vm_state: VmState | None = None, migration_control: int | None = None
+    ) -> DeviceState:
         return DeviceState(
             tuple(self.doorbell.sums),
             self.shared.regions(),
             tuple(sorted(self.serial.partial.items())),
             vm_state,
+            migration_control,
         )
 
     def handle_io(self, vcpu: int, io: IoExitView) -> bytes | None:

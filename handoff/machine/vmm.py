@@ -376,6 +376,11 @@ class Vmm:
         # MOVE needs a destination that is not SEV yet (reference section 1 step 5).
         self.vm = await self._create_vm(sev_init=False)
         self.vcpus = await self._create_vcpus(self.vm)
+        if self.cfg.mode != "plain":
+            # As at launch: the guest's writes of MSR_KVM_MIGRATION_CONTROL come to this VMM
+            # (the filter and CPUID are the VM's and vCPUs', which a MOVE does not carry); the
+            # value the guest last wrote comes with the devices.
+            await self._offer_migration_control()
         self._make_runners()
         self.status = "inmigrate"
 
@@ -400,6 +405,12 @@ class Vmm:
             # controllers, then the clock, advanced by the time the pause took.
             await self.vm.set_vm_state(devices.vm_state)
         self.devices.restore(devices)
+        if self.migration_allowed is not None:
+            # No value from the source (it did not gate migration, or an older release): the
+            # guest never saw the MSR offered there, so no gate here either.
+            self.migration_allowed = (
+                None if devices.migration_control is None else bool(devices.migration_control)
+            )
 
     def _make_runners(self) -> None:
         self.runners = [VcpuRunner(self, i) for i in range(len(self.vcpus))]
@@ -436,7 +447,8 @@ class Vmm:
     async def snapshot_devices(self) -> DeviceState:
         """The devices' state and the VM's own kernel state, read with every vCPU parked."""
         assert self.vm is not None
-        return self.devices.snapshot(await self.vm.get_vm_state())
+        control = None if self.migration_allowed is None else int(self.migration_allowed)
+        return self.devices.snapshot(await self.vm.get_vm_state(), control)
 
     async def get_all_states(self) -> list[VcpuState]:
         """Every vCPU's state, opaque (the backend's), in vCPU order: all at once where the

@@ -265,6 +265,7 @@ def switchover_from(
 # release's target never gets them: its guests (kvmstub's) keep neither.
 VM_BLOB = "vm"
 SERIAL_BLOB = "serial"
+MIGRATION_CONTROL_BLOB = "migration-control"  # one byte: the guest's MSR_KVM_MIGRATION_CONTROL
 PARTIAL_WIRE_MAX = 128  # bytes of one vCPU's unfinished line carried (a witness line is ~40)
 
 
@@ -272,6 +273,8 @@ def _extra_blobs(state: DeviceState) -> dict[str, bytes]:
     out: dict[str, bytes] = {}
     if state.vm_state is not None:
         out[VM_BLOB] = msgspec.msgpack.encode(state.vm_state)
+    if state.migration_control is not None:
+        out[MIGRATION_CONTROL_BLOB] = bytes([state.migration_control & 1])
     chunk: list[tuple[int, bytes]] = []
     size = 0
     for vcpu, line in state.serial_partial:
@@ -294,15 +297,20 @@ _vm_state = msgspec.msgpack.Decoder(VmState)
 
 def _state_of_blobs(
     blobs: dict[str, bytes], vcpus: int
-) -> tuple[tuple[tuple[int, bytes], ...], VmState | None]:
-    """The unfinished serial lines and the VM state the further blobs carry (PeerFailed if
-    anything is malformed)."""
+) -> tuple[tuple[tuple[int, bytes], ...], VmState | None, int | None]:
+    """The unfinished serial lines, the VM state and the guest's migration control the further
+    blobs carry (PeerFailed if anything is malformed)."""
     partial: dict[int, bytes] = {}
     vm_state: VmState | None = None
+    control: int | None = None
     try:
         for name, blob in blobs.items():
             if name == VM_BLOB:
                 vm_state = _vm_state.decode(blob)
+            elif name == MIGRATION_CONTROL_BLOB:
+                if blob not in (b"\x00", b"\x01"):
+                    raise ValueError("the migration control is not one byte 0 or 1")
+                control = blob[0]
             elif name.startswith(SERIAL_BLOB):
                 for vcpu, line in _partials.decode(blob):
                     if not 0 <= vcpu < vcpus or len(line) > PARTIAL_WIRE_MAX or vcpu in partial:
@@ -310,7 +318,7 @@ def _state_of_blobs(
                     partial[vcpu] = line
     except (msgspec.DecodeError, ValueError) as exc:
         raise PeerFailed(f"switchover carried unusable device state: {exc}") from None
-    return tuple(sorted(partial.items())), vm_state
+    return tuple(sorted(partial.items())), vm_state, control
 
 
 def _wire_state(state: VcpuState) -> protocol.VcpuStateWire:
@@ -399,12 +407,13 @@ def switchover_state(
             raise PeerFailed(f"switchover carried unusable device state: {exc}") from None
         if sum(sums) & 0xFFFF_FFFF != sw.doorbell_sum:
             raise PeerFailed("switchover's doorbell state does not add up to its declared sum")
-        partial, vm_state = _state_of_blobs(sw.device_blobs, describe.vcpus)
+        partial, vm_state, control = _state_of_blobs(sw.device_blobs, describe.vcpus)
         return states, DeviceState(
             doorbell_sums=sums,
             shared_regions=regions,
             serial_partial=partial,
             vm_state=vm_state,
+            migration_control=control,
         )
 
 

@@ -362,3 +362,28 @@ async def test_many_vcpus_move_by_sealed_memfd_in_protocol_3_and_by_regs_on_roll
     assert result["status"] == "completed", vmm.log()
     assert result["protocol"] == 2
     await assert_guest_whole(vmm)
+
+
+@pytest.mark.parametrize("mode", ["sev", "sev-es"])
+async def test_the_guests_migration_gate_survives_an_upgrade(vmm_factory: Any, mode: str) -> None:
+    """MSR_KVM_MIGRATION_CONTROL: the guest allows migration at boot; the filter and CPUID that
+    bring its writes to the VMM are the VM's and vCPUs', which a MOVE does not carry, so the
+    successor sets them again and takes the value from the Switchover."""
+    vmm = vmm_factory(mode=mode, vcpus=2)
+    await vmm.wait_lines()
+    assert (await vmm.qmp("query-status"))["migration-allowed"] is True
+    for _ in range(2):
+        result = await vmm.upgrade()
+        assert result["status"] == "completed", vmm.log()
+        assert (await vmm.qmp("query-status"))["migration-allowed"] is True
+    await assert_guest_whole(vmm)
+
+
+async def test_a_plain_guest_has_no_migration_gate_before_or_after_an_upgrade(
+    vmm_factory: Any,
+) -> None:
+    vmm = vmm_factory(mode="plain", vcpus=1)
+    await vmm.wait_lines()
+    assert (await vmm.qmp("query-status"))["migration-allowed"] is None
+    assert (await vmm.upgrade())["status"] == "completed"
+    assert (await vmm.qmp("query-status"))["migration-allowed"] is None
