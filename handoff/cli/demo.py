@@ -219,32 +219,14 @@ class Demo:
         )
 
         say("\n== verify")
-        report = read_logs(self.serial_logs)
-        problems = report.problems(self.vcpus)
-        counts = {v: len(e) for v, e in sorted(report.lines.items())}
-        self.check(
-            "every vCPU's seq contiguous, no PANIC",
-            not problems,
-            f"lines per vCPU {counts}" if not problems else "; ".join(problems[:5]),
-        )
-        same = all(i == self.inodes[0] for i in self.inodes)
-        self.check(
-            "zero copy: the same memfd inode in every VMM",
-            same,
-            f"{len(self.inodes)} VMMs, inodes {self.inodes[0]}",
-        )
+        self.check_guest()
         stats2 = await self.stats()
         self.check(
             "ASIDs in use unchanged",
             _asids_used(stats2) == asids_in_use,
             f"{asids_in_use} -> {_asids_used(stats2)}",
         )
-        await query(self.control, "quit")
-        with trio.move_on_after(10):
-            while any(pid_alive(p) for p in self.pids):
-                await trio.sleep(0.05)
-        alive = [p for p in self.pids if pid_alive(p)]
-        self.check("no VMM process left after quit", not alive, f"pids {self.pids}")
+        await self.quit_and_check()
         stats3 = await self.stats()
         self.check(
             "kvmstub holds no VM and no ASID after quit",
@@ -265,6 +247,31 @@ class Demo:
             return 1
         say("\nDEMO OK: the guest survived every handoff, nothing was copied, nothing leaked.")
         return 0
+
+    def check_guest(self) -> None:
+        """The guest's own lines whole, and the same memory in every VMM."""
+        report = read_logs(self.serial_logs)
+        problems = report.problems(self.vcpus)
+        counts = {v: len(e) for v, e in sorted(report.lines.items())}
+        self.check(
+            "every vCPU's seq contiguous, no PANIC",
+            not problems,
+            f"lines per vCPU {counts}" if not problems else "; ".join(problems[:5]),
+        )
+        same = all(i == self.inodes[0] for i in self.inodes)
+        self.check(
+            "zero copy: the same memfd inode in every VMM",
+            same,
+            f"{len(self.inodes)} VMMs, inodes {self.inodes[0]}",
+        )
+
+    async def quit_and_check(self) -> None:
+        await query(self.control, "quit")
+        with trio.move_on_after(10):
+            while any(pid_alive(p) for p in self.pids):
+                await trio.sleep(0.05)
+        alive = [p for p in self.pids if pid_alive(p)]
+        self.check("no VMM process left after quit", not alive, f"pids {self.pids}")
 
     def check(self, what: str, ok: bool, detail: str) -> None:
         say(f"  [{'ok' if ok else 'FAIL'}] {what}: {detail}")
@@ -363,26 +370,8 @@ class KvmDemo(Demo):
             "kvm incompatible: successor asked for 8 vCPUs", ["vcpus=8"], expect_ok=False
         )
         say("\n== verify (real KVM)")
-        report = read_logs(self.serial_logs)
-        problems = report.problems(self.vcpus)
-        counts = {v: len(e) for v, e in sorted(report.lines.items())}
-        self.check(
-            "every vCPU's seq contiguous, no PANIC",
-            not problems,
-            f"lines per vCPU {counts}" if not problems else "; ".join(problems[:5]),
-        )
-        same = all(i == self.inodes[0] for i in self.inodes)
-        self.check(
-            "zero copy: the same memfd inode in every VMM",
-            same,
-            f"{len(self.inodes)} VMMs, inodes {self.inodes[0]}",
-        )
-        await query(self.control, "quit")
-        with trio.move_on_after(10):
-            while any(pid_alive(p) for p in self.pids):
-                await trio.sleep(0.05)
-        alive = [p for p in self.pids if pid_alive(p)]
-        self.check("no VMM process left after quit", not alive, f"pids {self.pids}")
+        self.check_guest()
+        await self.quit_and_check()
         say("\n== guest-visible pause per handoff (real KVM, from the guest's gap_us)")
         for title, pause, downtime in self.pauses:
             p = "?" if pause is None else f"{pause / 1000:.3f} ms"
