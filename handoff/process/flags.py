@@ -359,6 +359,7 @@ def guest_config(ns: argparse.Namespace) -> GuestConfig:
 def host_flags(ns: argparse.Namespace) -> HostFlags:
     name = validate_name(ns.name)
     hypervisor = _hypervisor(ns)
+    backends.load(hypervisor)
     return HostFlags(
         name=name,
         uuid=ns.uuid or new_uuid(),
