@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import stat
 from pathlib import Path
 
@@ -88,8 +89,9 @@ def _read_keys(path: Path, count: int) -> list[bytes] | None:
 
 
 def _write_keys(path: Path, blocks: list[bytes]) -> bool:
-    """Create `path` (0600) holding `blocks`; False if another process created it first."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Create `path` (0600) holding `blocks`; False if another process (or another thread of
+    this one: the temporary name is its own, not merely the pid's) created it first."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
