@@ -26,7 +26,9 @@ log = logging.getLogger("handoff.devices")
 SUM_MASK = 0xFFFF_FFFF
 
 
-MAX_PARTIAL_LINE = 4096  # bytes of an unfinished serial line kept per vCPU
+# Bytes of an unfinished serial line kept per vCPU (a witness line is about 40): a handoff
+# carries it whole, so a line that grows past this is cut here, as a line of its own.
+MAX_PARTIAL_LINE = 128
 
 
 class DeviceState(msgspec.Struct, frozen=True):

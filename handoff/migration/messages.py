@@ -22,7 +22,7 @@ from handoff.errors import AuthRefused, Incompatible, PeerFailed
 from handoff.hv import VcpuState, abi
 from handoff.hv.base import VmState
 from handoff.machine.config import GuestConfig, HostFlags
-from handoff.machine.devices import DeviceState
+from handoff.machine.devices import MAX_PARTIAL_LINE, DeviceState
 from handoff.transport.unix import OwnedFds
 
 
@@ -266,7 +266,6 @@ def switchover_from(
 VM_BLOB = "vm"
 SERIAL_BLOB = "serial"
 MIGRATION_CONTROL_BLOB = "migration-control"  # one byte: the guest's MSR_KVM_MIGRATION_CONTROL
-PARTIAL_WIRE_MAX = 128  # bytes of one vCPU's unfinished line carried (a witness line is ~40)
 
 
 def _extra_blobs(state: DeviceState) -> dict[str, bytes]:
@@ -278,7 +277,7 @@ def _extra_blobs(state: DeviceState) -> dict[str, bytes]:
     chunk: list[tuple[int, bytes]] = []
     size = 0
     for vcpu, line in state.serial_partial:
-        item = (vcpu, line[-PARTIAL_WIRE_MAX:])
+        item = (vcpu, line)  # at most MAX_PARTIAL_LINE: the serial device keeps no more
         if size + len(item[1]) + 16 > protocol.MAX_DEVICE_BLOB_BYTES - 16:
             out[f"{SERIAL_BLOB}{len(out)}"] = msgspec.msgpack.encode(chunk)
             chunk, size = [], 0
@@ -313,7 +312,7 @@ def _state_of_blobs(
                 control = blob[0]
             elif name.startswith(SERIAL_BLOB):
                 for vcpu, line in _partials.decode(blob):
-                    if not 0 <= vcpu < vcpus or len(line) > PARTIAL_WIRE_MAX or vcpu in partial:
+                    if not 0 <= vcpu < vcpus or len(line) > MAX_PARTIAL_LINE or vcpu in partial:
                         raise ValueError(f"an unfinished serial line for vCPU {vcpu} is unusable")
                     partial[vcpu] = line
     except (msgspec.DecodeError, ValueError) as exc:
