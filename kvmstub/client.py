@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from types import TracebackType
-from typing import Any, Final, Self, TypeVar
+from typing import Any, Final, Self, TypeVar, overload
 
 import trio
 
@@ -454,17 +454,36 @@ class Vm(_KvmFile):
         )
         await self._call(request, wire.Ok, fd if fd >= 0 else None)
 
-    async def get_dirty_log(self, slot: int) -> bytes:
+    @overload
+    async def get_dirty_log(self, slot: int) -> bytes: ...
+
+    @overload
+    async def get_dirty_log(self, slot: int, bitmap: bytearray | memoryview) -> None: ...
+
+    async def get_dirty_log(
+        self, slot: int, bitmap: bytearray | memoryview | None = None
+    ) -> bytes | None:
         """KVM_GET_DIRTY_LOG: the dirty bitmap of memory slot `slot`, ALIGN(npages, 64) / 8
         bytes, bit i (bit i % 8 of byte i // 8) = page i of the slot written by the guest.
         Read-and-clear, unless KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is enabled: then the bits
         stay until `clear_dirty_log`. Only the guest's writes are logged, never the VMM's
         own writes to its memfd. ENOENT for a slot without KVM_MEM_LOG_DIRTY_PAGES (or no
-        such slot), EINVAL for a slot id out of range."""
+        such slot), EINVAL for a slot id out of range.
+
+        Returned as new bytes, or written into `bitmap` (the ioctl's dirty_bitmap: every
+        byte of the log is written; a buffer too short gets what fits and EFAULT, the log
+        read all the same, as the kernel's copy_to_user). A caller reading a large log
+        every round keeps one buffer: only the dirty runs cross from kvmstub, and filling
+        a buffer already in memory costs a memset."""
         reply, _ = await self._call(wire.GetDirtyLog(self._next_id(), slot), wire.DirtyLogReply)
-        if len(reply.bitmap) > reply.size:
-            raise OSError(errno.EPROTO, "kvmstub: dirty bitmap longer than its size")
-        return reply.bitmap.ljust(reply.size, b"\0")
+        log = uapi.DirtyLog(reply.size, reply.runs)
+        problem = log.problem()
+        if problem is not None:
+            raise OSError(errno.EPROTO, f"kvmstub: {problem}")
+        if bitmap is None:
+            return log.to_bytes()
+        log.copy_to(bitmap)
+        return None
 
     async def clear_dirty_log(
         self, slot: int, first_page: int, num_pages: int, bitmap: bytes

@@ -201,7 +201,9 @@ def _parse_ancillary(ancdata: list[tuple[int, int, bytes]]) -> tuple[int | None,
 def _check_log_fits(vm: Vm, slot: int) -> None:
     """kvmstub's limit, not the kernel's: a dirty log travels in one reply, at most
     MAX_SPILLED bytes, so a logging slot over 2 TiB cannot be read (ENOMEM, said first so
-    that no dirty bit is lost to a reply that cannot be sent)."""
+    that no dirty bit is lost to a reply that cannot be sent). Its runs never take more
+    than the bitmap and a few dozen bytes (runs closer than a dozen bytes of framing are
+    merged, `memory._RUN_GAP`), within the 64 kept apart here."""
     if slot >> 16 or vm.memory is None:
         return
     for s in vm.memory.slots():
@@ -745,9 +747,9 @@ class Daemon:
                 assert vm is not None
                 if not self._gated(end, pid):
                     _check_log_fits(vm, request.slot)  # before the log is read and cleared
-                bitmap = vm.get_dirty_log(pid, request.slot)
-                # Only up to the last dirty byte travels; the client pads with zeros.
-                return wire.DirtyLogReply(rid, bitmap.rstrip(b"\0"), len(bitmap)), None
+                log = vm.get_dirty_log_runs(pid, request.slot)
+                # Only the runs that may be non-zero travel; the client writes the zeros.
+                return wire.DirtyLogReply(rid, log.size, log.runs), None
             case wire.ClearDirtyLog():
                 assert vm is not None
                 vm.clear_dirty_log(

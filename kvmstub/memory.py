@@ -51,6 +51,7 @@ from kvmstub.uapi import (
     KVM_USER_MEM_SLOTS,
     PAGE_SIZE,
     U64_MASK,
+    DirtyLog,
 )
 
 VEK_SIZE = 64
@@ -100,6 +101,7 @@ class _Backing:
     __slots__ = (
         "dev",
         "dirty",
+        "dirty_words",
         "end",
         "fd",
         "flags",
@@ -135,6 +137,10 @@ class _Backing:
         self.map = mapping
         # memslot->dirty_bitmap: present exactly while KVM_MEM_LOG_DIRTY_PAGES is set.
         self.dirty: bytearray | None = None
+        # The 64-bit words of `dirty` that may be non-zero (a guest write adds its word), so
+        # reading a large log that is mostly clean costs what is dirty, not the slot's size.
+        # None where that is not known (a log made all set): a read then scans the bitmap.
+        self.dirty_words: set[int] | None = None
 
     def set_dirty_logging(self, flags: int, initially_set: bool) -> None:
         """kvm_prepare_memory_region's rule for the bitmap under the slot's new flags: none
@@ -143,13 +149,16 @@ class _Backing:
         KVM_DIRTY_LOG_INITIALLY_SET with manual protection."""
         if not flags & KVM_MEM_LOG_DIRTY_PAGES:
             self.dirty = None
+            self.dirty_words = None
         elif self.dirty is None:
             npages = self.size // PAGE_SIZE
             self.dirty = bytearray(dirty_bitmap_bytes(npages))
+            self.dirty_words = set()
             if initially_set:  # bitmap_set(new->dirty_bitmap, 0, new->npages)
                 self.dirty[: npages // 8] = b"\xff" * (npages // 8)
                 if npages % 8:
                     self.dirty[npages // 8] = (1 << (npages % 8)) - 1
+                self.dirty_words = None
 
     def close(self) -> None:
         if self.map is not None:
@@ -345,6 +354,42 @@ def _shrink_sealed(fd: int) -> bool:
         return bool(fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK)
     except OSError:  # not a memfd (or sealing not allowed): it can shrink
         return False
+
+
+_ZERO_WORD = bytes(8)
+_ZERO_BLOCK = bytes(4096)
+_RUN_GAP = 32
+"""Dirty runs closer than this many bytes travel as one: each run costs about a dozen
+bytes of framing, so a log's runs never take more room than its bitmap (see
+`daemon._check_log_fits`)."""
+
+
+def _nonzero_words(dirty: bytearray) -> list[int]:
+    """The indices of the non-zero 64-bit words of `dirty`, found a 4 KiB block at a time
+    (a block of zeros is one comparison in C)."""
+    words: list[int] = []
+    for block in range(0, len(dirty), len(_ZERO_BLOCK)):
+        if dirty.startswith(_ZERO_BLOCK, block):
+            continue
+        end = min(block + len(_ZERO_BLOCK), len(dirty))
+        words.extend(at // 8 for at in range(block, end, 8) if not dirty.startswith(_ZERO_WORD, at))
+    return words
+
+
+def _spans(dirty: bytearray, words: list[int]) -> list[tuple[int, int]]:
+    """Byte ranges [start, end) of `dirty` covering its non-zero words among `words`
+    (sorted; they may name zero words, which are left out), merged where less than
+    `_RUN_GAP` bytes apart."""
+    spans: list[tuple[int, int]] = []
+    for w in words:
+        start = w * 8
+        if dirty[start : start + 8] == _ZERO_WORD:
+            continue
+        if spans and start - spans[-1][1] < _RUN_GAP:
+            spans[-1] = (spans[-1][0], start + 8)
+        else:
+            spans.append((start, start + 8))
+    return spans
 
 
 class GuestMemory:
@@ -597,6 +642,9 @@ class GuestMemory:
         if dirty is not None:
             page = (gpa - b.gpa) >> 12
             dirty[page >> 3] |= 1 << (page & 7)
+            words = b.dirty_words
+            if words is not None:
+                words.add(page >> 6)
 
     # KVM_GET_DIRTY_LOG / KVM_CLEAR_DIRTY_LOG
 
@@ -618,11 +666,15 @@ class GuestMemory:
             raise OSError(errno.ENOENT, f"slot {sid} does not log dirty pages")
         return backing
 
-    def get_dirty_log(self, slot: int, *, manual_protect: bool) -> bytes:
+    def get_dirty_log(self, slot: int, *, manual_protect: bool) -> DirtyLog:
         """KVM_GET_DIRTY_LOG: the slot's dirty bitmap (`dirty_bitmap_bytes(npages)` bytes,
-        bit i = page i of the slot). Without manual protection the bitmap is cleared as it
-        is read (each page is reported once per write since the last read); with
+        bit i = page i of the slot), as the runs that may be non-zero (`uapi.DirtyLog`).
+        Without manual protection the bitmap is cleared as it is read (each page is
+        reported once per write since the last read); with
         KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE it stays until KVM_CLEAR_DIRTY_LOG.
+
+        The cost follows the dirty words, not the slot's size: a 64 GiB slot's 2 MiB
+        bitmap is neither copied nor scanned when the guest wrote a few pages.
 
         Raises:
             OSError: EINVAL for a bad address space or slot id; ENOENT for a slot that
@@ -631,10 +683,19 @@ class GuestMemory:
         backing = self._logging_slot(slot)
         dirty = backing.dirty
         assert dirty is not None
+        known = backing.dirty_words
+        words = _nonzero_words(dirty) if known is None else sorted(known)
+        spans = _spans(dirty, words)
+        runs = tuple((start, bytes(dirty[start:end])) for start, end in spans)
         if manual_protect:
-            return bytes(dirty)
-        backing.dirty = bytearray(len(dirty))  # xchg(&dirty_bitmap[i], 0), word by word
-        return bytes(dirty)
+            # The bits stay; the index keeps the words that are still set.
+            backing.dirty_words = {w for w in words if dirty[w * 8 : w * 8 + 8] != _ZERO_WORD}
+        else:
+            # xchg(&dirty_bitmap[i], 0) for every word: only the words that held bits.
+            for start, end in spans:
+                dirty[start:end] = bytes(end - start)
+            backing.dirty_words = set()
+        return DirtyLog(len(dirty), runs)
 
     def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: bytes) -> None:
         """KVM_CLEAR_DIRTY_LOG: clear the bits set in `bitmap` (bit i = page first_page+i)

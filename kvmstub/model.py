@@ -1470,6 +1470,11 @@ class Vm:
         """KVM_GET_DIRTY_LOG (kvm_get_dirty_log_protect): the slot's dirty bitmap, cleared
         as it is read unless KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 is enabled. EINVAL for a bad
         slot id, ENOENT for a slot that does not exist or does not log dirty pages."""
+        return self.get_dirty_log_runs(mm, slot).to_bytes()
+
+    def get_dirty_log_runs(self, mm: int, slot: int) -> uapi.DirtyLog:
+        """`get_dirty_log` as the runs of the bitmap that may be non-zero (`uapi.DirtyLog`):
+        what the daemon sends, so a large slot's log costs what the guest dirtied."""
         self._gate(mm, "KVM_GET_DIRTY_LOG")
         memory = self.memory if self.memory is not None else GuestMemory()
         manual = bool(self.manual_dirty_log_protect & uapi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)

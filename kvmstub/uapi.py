@@ -7,6 +7,8 @@ include/uapi/linux/psp-sev.h. Nothing here does I/O.
 
 from __future__ import annotations
 
+import errno
+
 import msgspec
 
 KVM_API_VERSION = 12
@@ -304,3 +306,55 @@ class RunExit(msgspec.Struct, frozen=True):
     io: IoExit | None = None
     hypercall: HypercallExit | None = None
     msr: MsrExit | None = None
+
+
+class DirtyLog(msgspec.Struct, frozen=True):
+    """What KVM_GET_DIRTY_LOG copies out to `kvm_dirty_log.dirty_bitmap`: the slot's whole
+    bitmap, `size` bytes (ALIGN(npages, 64) / 8; bit i of byte i // 8 is page i), given as
+    the `runs` that may be non-zero: (byte offset, bytes) in increasing order, apart, within
+    `size`. Every byte outside them is zero. So a 64 GiB slot's 2 MiB log costs what the
+    guest dirtied to build, carry and place, while the caller still gets the whole bitmap.
+    """
+
+    size: int
+    runs: tuple[tuple[int, bytes], ...] = ()
+
+    def problem(self) -> str | None:
+        """Why these runs do not describe a bitmap of `size` bytes (None: they do)."""
+        end = 0
+        for offset, data in self.runs:
+            if offset < end:
+                return f"dirty log run at byte {offset} overlaps or precedes byte {end}"
+            end = offset + len(data)
+        if end > self.size:
+            return f"dirty log runs end at byte {end}, past the bitmap's {self.size}"
+        return None
+
+    def to_bytes(self) -> bytes:
+        """The whole bitmap."""
+        out = bytearray(self.size)
+        for offset, data in self.runs:
+            out[offset : offset + len(data)] = data
+        return bytes(out)
+
+    def copy_to(self, buffer: bytearray | memoryview) -> None:
+        """copy_to_user of the bitmap into `buffer` (the caller's dirty_bitmap): every one of
+        its `size` bytes is written. A shorter buffer gets what fits, then EFAULT, as a copy
+        that faults part way: the log was read (and, without manual protection, cleared) all
+        the same, as in the kernel.
+
+        Raises:
+            OSError: EFAULT for a buffer shorter than `size`.
+        """
+        view = memoryview(buffer).cast("B")
+        n = min(self.size, len(view))
+        view[:n] = bytes(n)
+        for offset, data in self.runs:
+            if offset >= n:
+                break
+            take = min(len(data), n - offset)
+            view[offset : offset + take] = data[:take]
+        if n < self.size:
+            raise OSError(
+                errno.EFAULT, f"the dirty bitmap is {self.size} bytes; the buffer holds {n}"
+            )

@@ -43,8 +43,10 @@ SevFields = Annotated[dict[FieldName, U64 | Blob], msgspec.Meta(max_length=32)]
 EnableCapArgs = Annotated[tuple[U64, ...], msgspec.Meta(max_length=4)]  # struct kvm_enable_cap
 ArgIndex = Annotated[int, msgspec.Meta(ge=0, le=3)]
 U8 = Annotated[int, msgspec.Meta(ge=0, le=0xFF)]
-# A dirty bitmap in a reply (spilled to a memfd when large): trailing zero bytes are not sent.
+# A dirty bitmap in a reply (spilled to a memfd when large): only the runs that may be non-zero
+# are sent, each at least one 64-bit word.
 Bitmap = Annotated[bytes, msgspec.Meta(max_length=MAX_SPILLED)]
+DirtyRuns = Annotated[tuple[tuple[U64, Bitmap], ...], msgspec.Meta(max_length=MAX_SPILLED // 8)]
 MsrBitmap = Annotated[bytes, msgspec.Meta(max_length=uapi.KVM_MSR_FILTER_MAX_BITMAP_SIZE)]
 Errno = Annotated[int, msgspec.Meta(ge=1, le=4095)]
 Message = Annotated[str, msgspec.Meta(max_length=4096)]
@@ -337,11 +339,12 @@ class RegsReply(Reply):
 
 
 class DirtyLogReply(Reply):
-    """KVM_GET_DIRTY_LOG's bitmap: `size` bytes (the slot's ALIGN(npages, 64) / 8), of
-    which only the part up to the last non-zero byte is sent; the rest is zeros."""
+    """KVM_GET_DIRTY_LOG's bitmap: `size` bytes (the slot's ALIGN(npages, 64) / 8), zero
+    but for `runs`, (byte offset, bytes) in increasing order (`uapi.DirtyLog`): only the
+    runs travel, so a large slot's log costs what the guest dirtied."""
 
-    bitmap: Bitmap
     size: U64
+    runs: DirtyRuns = ()
 
 
 class StatsReply(Reply):

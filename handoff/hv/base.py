@@ -307,9 +307,11 @@ class DirtyLogVm(Protocol):
         KVM_MEM_LOG_DIRTY_PAGES (a live slot keeps its memory)."""
         ...
 
-    async def get_dirty_log(self, slot: int) -> bytes:
-        """KVM_GET_DIRTY_LOG (read and clear): bit i = page i of the slot written by the guest
-        since the last call (only the guest's writes, never the VMM's own)."""
+    async def get_dirty_log(self, slot: int, bitmap: bytearray) -> None:
+        """KVM_GET_DIRTY_LOG (read and clear) into `bitmap`, the caller's buffer of the
+        slot's ALIGN(npages, 64) / 8 bytes, every one of which is written: bit i = page i of
+        the slot written by the guest since the last call (only the guest's writes, never
+        the VMM's own). A buffer kept from round to round costs no allocation."""
         ...
 
 

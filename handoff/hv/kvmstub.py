@@ -155,8 +155,8 @@ class KvmstubVm:
         flags = uapi.KVM_MEM_LOG_DIRTY_PAGES if on else 0
         await self._vm.set_user_memory_region(slot, guest_phys_addr, size, fd, 0, flags)
 
-    async def get_dirty_log(self, slot: int) -> bytes:
-        return await self._vm.get_dirty_log(slot)
+    async def get_dirty_log(self, slot: int, bitmap: bytearray) -> None:
+        await self._vm.get_dirty_log(slot, bitmap)
 
     async def sev_send_start(
         self, pdh_cert: bytes, plat_certs: bytes, amd_certs: bytes

@@ -216,9 +216,9 @@ class ModelVm:
         flags = uapi.KVM_MEM_LOG_DIRTY_PAGES if on else 0
         self._vm.set_user_memory_region(self._mm, slot, flags, guest_phys_addr, size, fd, 0)
 
-    async def get_dirty_log(self, slot: int) -> bytes:
+    async def get_dirty_log(self, slot: int, bitmap: bytearray) -> None:
         await trio.lowlevel.checkpoint()
-        return self._vm.get_dirty_log(self._mm, slot)
+        self._vm.get_dirty_log_runs(self._mm, slot).copy_to(bitmap)
 
     async def sev_send_start(
         self, pdh_cert: bytes, plat_certs: bytes, amd_certs: bytes

@@ -19,7 +19,7 @@ import trio
 from handoff.hv import NoSevMigration, abi, fw_error, migration_vm, sev_platform
 from handoff.hv.model import ModelHypervisor, ModelKernel
 from handoff.machine.config import GuestConfig, HostFlags
-from handoff.machine.vmm import Vmm
+from handoff.machine.vmm import Vmm, bitmap_pages
 from kvmstub.model import Host
 from kvmstub.platform import AmdRoot, Platform, PlatformKeys
 
@@ -234,3 +234,16 @@ def test_a_round_sends_again_every_page_whose_status_changed_since_it_was_sent()
     dirty = {p[4]}
     assert pages_to_send(dirty, sent, sent_shared, shared_now) == [p[0], p[1], p[4]]
     assert pages_to_send(set(), sent, sent_shared, {p[1], p[3]}) == []
+
+
+def test_bitmap_pages_names_every_set_bit_and_nothing_past_the_slot() -> None:
+    npages = (64 << 30) // abi.PAGE_SIZE  # a 64 GiB slot: a 2 MiB bitmap
+    bitmap = bytearray(npages // 8)
+    pages = [0, 63, 64, 511, 512, 32767, 32768, npages // 3, npages - 1]
+    for page in pages:
+        bitmap[page // 8] |= 1 << page % 8
+    base = 0x1_0000_0000
+    assert bitmap_pages(bitmap, npages, base) == [base + p * abi.PAGE_SIZE for p in pages]
+    tail = bytearray(b"\xff" * 16)  # 100 pages in whole 64-bit words: bits 100..127 unused
+    assert bitmap_pages(tail, 100, 0) == [p * abi.PAGE_SIZE for p in range(100)]
+    assert bitmap_pages(bytearray(npages // 8), npages, 0) == []

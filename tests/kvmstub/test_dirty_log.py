@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from kvmstub import client, daemon, guest, uapi, wire
-from kvmstub.memory import dirty_bitmap_bytes
+from kvmstub.memory import GuestMemory, dirty_bitmap_bytes
 from kvmstub.model import Host, Vm
 from kvmstub.uapi import KVM_MEM_LOG_DIRTY_PAGES, PAGE_SIZE
 
@@ -422,8 +422,8 @@ async def test_a_vmm_reads_and_clears_the_log_through_the_client(
 
 async def test_a_large_log_crosses_whole_and_padded(kvmstub_daemon: KvmstubDaemon) -> None:
     # 4 GiB of sparse guest memory: a 128 KiB bitmap, bigger than a datagram; only its
-    # dirty head travels and the client pads it back to the slot's size. With
-    # INITIALLY_SET the whole bitmap is ones and travels spilled in a memfd.
+    # dirty runs travel and the client writes the zeros around them. With INITIALLY_SET
+    # the whole bitmap is ones and travels spilled in a memfd.
     kvm = await client.open_kvm(kvmstub_daemon.socket)
     memfd = os.memfd_create("big", os.MFD_CLOEXEC)
     size = 4 << 30
@@ -461,3 +461,117 @@ def test_a_log_too_big_for_a_reply_is_refused_before_it_is_read() -> None:
         vm.set_user_memory_region(PID, 0, 0, 0, 0, -1, 0)
     finally:
         os.close(fd)
+
+
+# --- a large sparse slot: the log costs what is dirty ------------------------------------------
+
+BIG = 64 << 30  # a 64 GiB slot: a 2 MiB bitmap
+
+
+@pytest.fixture
+def big_memory() -> Iterator[tuple[GuestMemory, int]]:
+    fd = os.memfd_create("big", os.MFD_CLOEXEC)
+    os.ftruncate(fd, BIG)
+    memory = GuestMemory()
+    yield memory, fd
+    memory.close()
+    os.close(fd)
+
+
+def test_a_sparse_log_is_read_as_its_dirty_runs_and_cleared(
+    big_memory: tuple[GuestMemory, int],
+) -> None:
+    # The guest writes the first, a middle and the last page of a 64 GiB slot: the log
+    # is the whole 2 MiB bitmap with exactly those bits, carried as three 8-byte runs.
+    memory, fd = big_memory
+    memory.set_region(0, LOG, 0, BIG, fd, 0)
+    npages = BIG // PAGE_SIZE
+    written = {0, npages // 2 + 5, npages - 1}
+    for page in written:
+        memory.write_guest_page(page * PAGE_SIZE, bytes(PAGE_SIZE), None)
+    log = memory.get_dirty_log(0, manual_protect=False)
+    assert log.size == dirty_bitmap_bytes(npages) == 2 << 20
+    assert log.problem() is None
+    assert [len(data) for _, data in log.runs] == [8, 8, 8]
+    assert dirty_pages(log.to_bytes()) == written
+    again = memory.get_dirty_log(0, manual_protect=False)  # read-and-clear
+    assert again.runs == () and again.to_bytes() == bytes(2 << 20)
+
+
+def test_runs_close_together_travel_as_one(big_memory: tuple[GuestMemory, int]) -> None:
+    memory, fd = big_memory
+    memory.set_region(0, LOG, 0, BIG, fd, 0)
+    for page in (64, 3 * 64, 100 * 64):  # words 1 and 3 are 8 bytes apart, word 100 far
+        memory.write_guest_page(page * PAGE_SIZE, bytes(PAGE_SIZE), None)
+    log = memory.get_dirty_log(0, manual_protect=False)
+    assert [(offset, len(data)) for offset, data in log.runs] == [(8, 24), (800, 8)]
+    assert dirty_pages(log.to_bytes()) == {64, 3 * 64, 100 * 64}
+
+
+def test_with_manual_protect_a_cleared_word_leaves_the_runs(
+    big_memory: tuple[GuestMemory, int],
+) -> None:
+    memory, fd = big_memory
+    memory.set_region(0, LOG, 0, BIG, fd, 0)
+    for page in (1, 4096, 8192):
+        memory.write_guest_page(page * PAGE_SIZE, bytes(PAGE_SIZE), None)
+    assert dirty_pages(memory.get_dirty_log(0, manual_protect=True).to_bytes()) == {1, 4096, 8192}
+    memory.clear_dirty_log(0, 4096, 64, b"\x01" + bytes(7))
+    log = memory.get_dirty_log(0, manual_protect=True)
+    assert dirty_pages(log.to_bytes()) == {1, 8192}
+    assert len(log.runs) == 2
+
+
+def test_an_initially_set_log_is_found_by_scanning_then_followed(ram: int) -> None:
+    # INITIALLY_SET fills the bitmap without the guest: the first read scans it; once
+    # cleared, the guest's next writes are all the log holds.
+    memory = GuestMemory()
+    try:
+        memory.set_region(0, LOG, 0, SLOT_PAGES * PAGE_SIZE, ram, 0, dirty_initially_set=True)
+        assert dirty_pages(memory.get_dirty_log(0, manual_protect=True).to_bytes()) == set(
+            range(SLOT_PAGES)
+        )
+        memory.clear_dirty_log(0, 0, SLOT_PAGES, b"\xff" * 32)
+        assert memory.get_dirty_log(0, manual_protect=True).runs == ()
+        memory.write_guest_page(7 * PAGE_SIZE, bytes(PAGE_SIZE), None)
+        assert dirty_pages(memory.get_dirty_log(0, manual_protect=True).to_bytes()) == {7}
+    finally:
+        memory.close()
+
+
+async def test_the_log_is_written_whole_into_the_callers_buffer(
+    kvmstub_daemon: KvmstubDaemon,
+) -> None:
+    # KVM_GET_DIRTY_LOG writes every byte of dirty_bitmap: what the buffer held before is
+    # gone. A buffer too short gets what fits and EFAULT, and the log was read and
+    # cleared all the same (kvm_get_dirty_log_protect clears before copy_to_user).
+    kvm = await client.open_kvm(kvmstub_daemon.socket)
+    memfd = os.memfd_create("guest", os.MFD_CLOEXEC)
+    try:
+        vm, vcpu = await _boot(kvm, memfd)
+        await vm.set_user_memory_region(0, 0, SLOT_PAGES * PAGE_SIZE, memfd, flags=LOG)
+        await vcpu.run()
+        bitmap = bytearray(b"\xa5" * 32)
+        assert await vm.get_dirty_log(0, bitmap) is None
+        assert dirty_pages(bitmap) == {1, 2}
+        await vcpu.run()
+        short = bytearray(b"\xa5" * 31)
+        with pytest.raises(OSError) as info:
+            await vm.get_dirty_log(0, short)
+        assert info.value.errno == errno.EFAULT
+        assert dirty_pages(short) == {1}  # what fitted was written
+        assert dirty_pages(await vm.get_dirty_log(0)) == set()  # and the log was cleared
+        view = memoryview(bytearray(b"\xff" * 40))[4:36]  # a view into a larger buffer
+        await vm.get_dirty_log(0, view)
+        assert bytes(view) == bytes(32)
+        vcpu.close()
+        vm.close()
+    finally:
+        os.close(memfd)
+    kvm.close()
+
+
+def test_a_reply_whose_runs_do_not_fit_the_bitmap_is_refused() -> None:
+    assert uapi.DirtyLog(16, ((0, bytes(8)), (8, bytes(8)))).problem() is None
+    assert "past" in str(uapi.DirtyLog(16, ((12, bytes(8)),)).problem())
+    assert "overlaps" in str(uapi.DirtyLog(32, ((8, bytes(8)), (12, bytes(8)))).problem())

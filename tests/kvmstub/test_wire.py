@@ -73,7 +73,7 @@ REQUESTS += [
     wire.Run(34, msr_error=1),
 ]
 REPLIES += [
-    wire.DirtyLogReply(30, b"\x01\x80", 8),
+    wire.DirtyLogReply(30, 8, ((0, b"\x01\x80"), (4, bytes(4)))),
     wire.RunReply(
         31,
         uapi.RunExit(
