@@ -21,6 +21,7 @@ from handoff.process.flags import (
     build_parser,
     guest_config,
     host_flags,
+    migrate_args,
     remote_flags,
     runtime_dir,
 )
@@ -91,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from handoff.process.ops import migrate_main
 
             tls = [ns.tls_cert, ns.tls_key, ns.tls_ca]
+            extra_args = migrate_args(ns)
             return _flushed(
                 migrate_main(
                     control_path(ns),
@@ -100,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     ns.json,
                     ns.timeout,
                     ns.x_min_rounds,
+                    extra_args,
                 )
             )
         if ns.command == "status":

@@ -179,6 +179,13 @@ class RunGate:
         self._resumed.set()
 
 
+THROTTLE_TIMESLICE_S = 0.010
+"""A throttled vCPU runs this long, then sleeps `percent / (100 - percent)` times as long
+(QEMU's CPU_THROTTLE_TIMESLICE_NS): at 99 % it runs 10 ms a second. Every vCPU starts its
+timeslice when the throttle is set, so they sleep together, as QEMU's throttle timer makes
+them: a pre-copy round that falls in the sleep finds few pages dirtied."""
+
+
 class VcpuRunner:
     """One vCPU's loop: KVM_RUN, serve the exit, hand the completion back with the next run."""
 
@@ -189,6 +196,8 @@ class VcpuRunner:
         self.exits = 0
         self.parked = False  # waiting in the gate: `Vmm.resume` may start its KVM_RUN
         self.idle_s = 0.0  # the guest asked to idle this long before its next step
+        self.awake_since = 0.0  # trio time this vCPU's throttle timeslice started
+        self.throttle_sleep: trio.CancelScope | None = None  # while it sleeps for the throttle
 
     @property
     def vcpu(self) -> Vcpu:
@@ -241,6 +250,8 @@ class VcpuRunner:
                     idle, self.idle_s = self.idle_s, 0.0
                     with trio.move_on_after(idle):
                         await gate.wait_pause_asked()
+                if self.vmm.throttle_percent:
+                    await self._throttle(gate)
         except ContextLost:
             log.error(
                 "vCPU %d: KVM_RUN failed with EIO: this VM no longer holds the guest", self.index
@@ -248,6 +259,21 @@ class VcpuRunner:
             self.vmm.context_lost.set()
         finally:
             gate.retire()
+
+    async def _throttle(self, gate: RunGate) -> None:
+        """Auto-converge's brake: once this vCPU ran a timeslice, it sleeps its share. A
+        pause does not wait for the sleep, and a throttle lifted (`Vmm.set_throttle`) ends
+        it at once."""
+        percent = self.vmm.throttle_percent
+        now = trio.current_time()
+        if not 0 < percent < 100 or now - self.awake_since < THROTTLE_TIMESLICE_S:
+            return
+        sleep_s = THROTTLE_TIMESLICE_S * percent / (100 - percent)
+        with trio.CancelScope(deadline=now + sleep_s) as scope:
+            self.throttle_sleep = scope
+            await gate.wait_pause_asked()
+        self.throttle_sleep = None
+        self.awake_since = trio.current_time()
 
     def _serve(self, exit_: ExitView) -> bool:
         self.exits += 1
@@ -328,6 +354,8 @@ class Vmm:
         self.migration_allowed: bool | None = None
         # One KVM_GET_DIRTY_LOG buffer per logging slot, kept from round to round.
         self._dirty_bitmaps: dict[int, bytearray] = {}
+        # Auto-converge: the share of time (percent) each vCPU sleeps; 0 runs at full speed.
+        self.throttle_percent = 0
 
     # ----------------------------------------------------------------- building
     async def open(self) -> Hypervisor:
@@ -463,6 +491,26 @@ class Vmm:
         await self.gate.pause()
         if self.status == "running":
             self.status = "paused"
+
+    def set_throttle(self, percent: int) -> None:
+        """Throttle the vCPUs: each sleeps `percent` % of the time (in timeslices of
+        `THROTTLE_TIMESLICE_S`), from now; 0 lifts it. A change wakes a vCPU asleep for
+        the throttle at once (every timeslice starts again, together).
+
+        Raises:
+            ValueError: for a percentage outside 0..99.
+        """
+        if not 0 <= percent <= 99:
+            raise ValueError(f"a vCPU throttle is 0 to 99 %, not {percent}")
+        if percent == self.throttle_percent:
+            return  # the vCPUs keep their timeslices
+        log.info("vCPU throttle %d %%", percent)
+        self.throttle_percent = percent
+        now = trio.current_time()
+        for runner in self.runners:
+            runner.awake_since = now
+            if runner.throttle_sleep is not None:
+                runner.throttle_sleep.cancel()
 
     def resume(self) -> None:
         """Let the vCPUs run. The KVM_RUNs of the parked vCPU tasks are sent from here,

@@ -59,6 +59,18 @@ ANSWER_TIMEOUT = 30.0
 MAX_PRECOPY_ROUNDS = 30
 #: Attempts (one a second) to deliver Commit on a new connection after the first one broke.
 COMMIT_ATTEMPTS = 10
+#: Auto-converge, after QEMU's (migration/ram.c, migration_trigger_throttle and
+#: mig_throttle_guest_down, with its defaults): once the guest dirtied more than
+#: THROTTLE_TRIGGER of what a round sent in THROTTLE_ROUNDS rounds in a row, its vCPUs are
+#: throttled by the initial percentage, then by one increment more after each further round
+#: that still outran the rounds, up to the maximum. (QEMU waits two periods between steps: a
+#: period of its can begin before the last step; each round here runs wholly under the
+#: throttle set before it, so one round is a measure of it.)
+THROTTLE_INITIAL = 20
+THROTTLE_INCREMENT = 10
+THROTTLE_MAX = 99
+THROTTLE_TRIGGER = 0.5
+THROTTLE_ROUNDS = 2
 
 
 class MigrationFailed(HandoffError):
@@ -79,8 +91,48 @@ class MigrateOptions:
     max_rounds: int = MAX_PRECOPY_ROUNDS
     x_tamper_page: int | None = None
     x_record_frames: str | None = None
+    auto_converge: bool = True
+    throttle_initial: int = THROTTLE_INITIAL
+    throttle_increment: int = THROTTLE_INCREMENT
+    throttle_max: int = THROTTLE_MAX
     x_min_rounds: int = 0  # tests: keep pre-copying this many rounds, 50 ms apart
     x_break: str | None = None  # tests: cut the connection "after-received" / "after-send-finish"
+    x_link_pages_per_s: float = 0.0  # tests: a pre-copy round sends no faster (a slow link)
+
+    def __post_init__(self) -> None:
+        problem = throttle_problem(
+            self.throttle_initial, self.throttle_increment, self.throttle_max
+        )
+        if problem is not None:
+            raise ValueError(problem)
+
+
+def throttle_problem(
+    initial: object, increment: object, maximum: object, *, spell: str = "'{}'"
+) -> str | None:
+    """What is wrong with auto-converge's settings, in words an operator can act on (None:
+    nothing), naming each as `spell` formats it (QMP's 'name', or the command line's
+    --name). Each is a whole percentage from 1 to 99 (QEMU's ranges), and the first step
+    may not exceed the cap."""
+    names = ("cpu-throttle-initial", "cpu-throttle-increment", "max-cpu-throttle")
+    for name, value in zip(names, (initial, increment, maximum), strict=True):
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 99:
+            return f"{spell.format(name)} must be a whole percentage from 1 to 99, not {value!r}"
+    assert isinstance(initial, int) and isinstance(maximum, int)
+    if initial > maximum:
+        return (
+            f"{spell.format(names[0])} ({initial} %) exceeds {spell.format(names[2])} "
+            f"({maximum} %): the first throttle may not pass the cap"
+        )
+    return None
+
+
+def next_throttle(now: int, opts: MigrateOptions) -> int:
+    """The throttle after one more trigger: the initial one, then one increment more, up to
+    the cap."""
+    if not now:
+        return opts.throttle_initial
+    return min(now + opts.throttle_increment, opts.throttle_max)
 
 
 @dataclass
@@ -94,6 +146,9 @@ class MigrationResult:
     private_pages: int = 0
     shared_pages: int = 0
     per_round: list[int] = field(default_factory=list)
+    auto_converge: bool = True
+    throttle: int = 0  # the guest's vCPU throttle now (percent); 0 once the migration ended
+    throttle_per_round: list[int] = field(default_factory=list)  # in force during each round
     downtime_ms: float = 0.0
     total_ms: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)
@@ -110,6 +165,9 @@ class MigrationResult:
             "private-pages": self.private_pages,
             "shared-pages": self.shared_pages,
             "pages-per-round": list(self.per_round),
+            "auto-converge": self.auto_converge,
+            "cpu-throttle-percentage": self.throttle,
+            "throttle-per-round": list(self.throttle_per_round),
             "downtime-ms": round(self.downtime_ms, 3),
             "total-ms": round(self.total_ms, 3),
             "phases": {k: round(v, 3) for k, v in self.phases.items()},
@@ -192,7 +250,7 @@ class RemoteSource:
         self.vm_uuid = uuid.UUID(vm_uuid)
         self.opts = opts
         self.emit = emit
-        self.result = MigrationResult(target=opts.address)
+        self.result = MigrationResult(target=opts.address, auto_converge=opts.auto_converge)
         self.conn: RemoteConnection | None = None
         self.channel: tcp.Channel | None = None
         self._scope = trio.CancelScope()
@@ -250,6 +308,9 @@ class RemoteSource:
                 result.error = self._cancel_reason or "cancelled"
             await self._recover()
         finally:
+            # Whatever the outcome, the guest's vCPUs run at full speed again (a source that
+            # migrated never runs them again anyway).
+            self._throttle(0)
             if self._record is not None:
                 self._record.close()
             if self.channel is not None:
@@ -398,6 +459,7 @@ class RemoteSource:
         todo: set[int] = set(vmm.populated_pages())
         rate = 0.0  # pages per second of the last round
         round_no = 0
+        outrun = 0  # rounds in a row the guest dirtied more than THROTTLE_TRIGGER of them
         while True:
             _check_guest_allows(vmm)  # a guest going down blocks it again (reference 5.1)
             # `todo` holds what the dirty log said after the last round (`_peek_dirty`): one
@@ -409,17 +471,31 @@ class RemoteSource:
             converged = len(pages) <= budget or round_no >= opts.max_rounds
             if round_no and round_no >= opts.x_min_rounds and converged:
                 break
+            if round_no and opts.auto_converge:
+                # The rest does not fit the downtime limit yet: a guest that keeps dirtying
+                # faster than the rounds send is slowed down, as QEMU's auto-converge does.
+                outrun_now = len(todo) > result.per_round[-1] * THROTTLE_TRIGGER
+                outrun = outrun + 1 if outrun_now and not converged else 0
+                if outrun >= THROTTLE_ROUNDS:
+                    self._throttle(next_throttle(vmm.throttle_percent, opts))
             if round_no and opts.x_min_rounds:
                 await trio.sleep(0.05)
             round_no += 1
             t_round = time.perf_counter()
             await self._send(remote.Round(round=round_no, shared_regions=tuple(regions)))
             await self._send_pages(vm, pages, shared_now, sent, sent_shared)
+            if opts.x_link_pages_per_s:
+                await trio.sleep_until(
+                    trio.current_time()
+                    + len(pages) / opts.x_link_pages_per_s
+                    - (time.perf_counter() - t_round)
+                )
             await self._send(remote.RoundEnd(round=round_no, pages=len(pages)))
             todo = set()
             seconds = max(time.perf_counter() - t_round, 1e-6)
             rate = len(pages) / seconds if pages else rate or 1e6
             result.rounds, result.per_round = round_no, [*result.per_round, len(pages)]
+            result.throttle_per_round.append(vmm.throttle_percent)
             left = len(await self._peek_dirty(todo))
             self.emit(
                 {
@@ -448,7 +524,13 @@ class RemoteSource:
         await self._send_pages(vm, pages, shared_now, sent, sent_shared)
         await self._send(remote.RoundEnd(round=round_no, pages=len(pages)))
         result.rounds, result.per_round = round_no, [*result.per_round, len(pages)]
+        result.throttle_per_round.append(vmm.throttle_percent)
         result.phases["stop-and-copy"] = (time.perf_counter() - self._paused_at) * 1e3
+
+    def _throttle(self, percent: int) -> None:
+        """Set the guest's vCPU throttle and say so in the result."""
+        self.vmm.set_throttle(percent)
+        self.result.throttle = percent
 
     async def _peek_dirty(self, todo: set[int]) -> set[int]:
         """Read the dirty log into `todo` (for the next round) and return it."""
@@ -553,6 +635,7 @@ class RemoteSource:
 
     async def _resume_here(self) -> None:
         vmm = self.vmm
+        self._throttle(0)  # the guest runs on here at full speed
         if self._sent_start or self._paused:
             try:
                 await vmm.set_dirty_logging(False)

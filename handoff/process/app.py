@@ -37,10 +37,14 @@ from handoff.machine.vmm import Vmm, freeze_startup_objects
 from handoff.migration.faults import Faults, FaultSpecError
 from handoff.migration.record import HandoffRecord
 from handoff.migration.remote_source import (
+    THROTTLE_INCREMENT,
+    THROTTLE_INITIAL,
+    THROTTLE_MAX,
     MigrateOptions,
     MigrationFailed,
     RemoteSource,
     check_migratable,
+    throttle_problem,
 )
 from handoff.migration.remote_target import BurntSessions, RemoteTarget
 from handoff.migration.source import hand_off
@@ -760,6 +764,10 @@ class App:
             raise QMPCommandError("'x-tamper-page' must be a page frame's sequence number")
         if record is not None and not (isinstance(record, str) and os.path.isabs(record)):
             raise QMPCommandError("'x-record-frames' must be an absolute path")
+        link = args.get("x-link-pages-per-s", 0)
+        if not isinstance(link, int | float) or isinstance(link, bool) or not 0 <= link <= 1e9:
+            raise QMPCommandError("'x-link-pages-per-s' must be a rate in pages per second")
+        converge = self._auto_converge_args(args)
         self._begin_handoff()
         opts = MigrateOptions(
             address=uri,
@@ -770,6 +778,8 @@ class App:
             x_record_frames=record,
             x_min_rounds=min_rounds,
             x_break=cut,
+            x_link_pages_per_s=float(link),
+            **converge,
         )
         self.migration = RemoteSource(
             self.vmm,
@@ -781,6 +791,37 @@ class App:
         assert self.nursery is not None
         self.nursery.start_soon(self._run_migration, self.migration)
         return {}
+
+    @staticmethod
+    def _auto_converge_args(args: dict[str, Any]) -> dict[str, Any]:
+        """`migrate`'s auto-converge arguments (QEMU's names), checked, as MigrateOptions
+        fields: 'auto-converge' (default true), 'cpu-throttle-initial' (20),
+        'cpu-throttle-increment' (10), 'max-cpu-throttle' (99)."""
+        on = args.get("auto-converge", True)
+        if not isinstance(on, bool):
+            raise QMPCommandError("'auto-converge' must be true or false")
+        names = ("cpu-throttle-initial", "cpu-throttle-increment", "max-cpu-throttle")
+        given = [name for name in names if name in args]
+        if not on and given:
+            raise QMPCommandError(
+                f"'{given[0]}' sets auto-converge's throttle, which 'auto-converge': false "
+                "turns off: give one or the other"
+            )
+        initial, increment, maximum = (
+            args.get(name, default)
+            for name, default in zip(
+                names, (THROTTLE_INITIAL, THROTTLE_INCREMENT, THROTTLE_MAX), strict=True
+            )
+        )
+        problem = throttle_problem(initial, increment, maximum)
+        if problem is not None:
+            raise QMPCommandError(problem)
+        return {
+            "auto_converge": on,
+            "throttle_initial": initial,
+            "throttle_increment": increment,
+            "throttle_max": maximum,
+        }
 
     async def qmp_migrate_cancel(self, args: dict[str, Any]) -> dict[str, Any]:
         migration = self.migration

@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from handoff import __version__
 from handoff.hv import abi, backends
@@ -154,6 +155,38 @@ def remote_flags(ns: argparse.Namespace) -> RemoteFlags:
         )
     sessions = ns.sev_sessions or os.path.join(runtime_dir(), "sev-sessions")
     return RemoteFlags(tls=tls, sev_sessions=os.path.abspath(sessions))
+
+
+def migrate_args(ns: argparse.Namespace) -> dict[str, Any]:
+    """`handoff migrate`'s auto-converge flags (and the tests' slow link) as QMP `migrate`
+    arguments: only those given.
+
+    Raises:
+        ConfigError: a throttle flag with --no-auto-converge, or a first throttle above the
+            cap.
+    """
+    from handoff.migration.remote_source import THROTTLE_INITIAL, THROTTLE_MAX, throttle_problem
+
+    flags = {
+        "cpu-throttle-initial": ns.cpu_throttle_initial,
+        "cpu-throttle-increment": ns.cpu_throttle_increment,
+        "max-cpu-throttle": ns.max_cpu_throttle,
+    }
+    given: dict[str, Any] = {name: value for name, value in flags.items() if value is not None}
+    link = {"x-link-pages-per-s": ns.x_link_pages_per_s} if ns.x_link_pages_per_s else {}
+    if not ns.auto_converge:
+        if given:
+            raise ConfigError(
+                f"--{next(iter(given))} sets auto-converge's throttle, which "
+                "--no-auto-converge turns off: give one or the other"
+            )
+        return {"auto-converge": False, **link}
+    initial = given.get("cpu-throttle-initial", THROTTLE_INITIAL)
+    maximum = given.get("max-cpu-throttle", THROTTLE_MAX)
+    problem = throttle_problem(initial, 1, maximum, spell="--{}")
+    if problem is not None:
+        raise ConfigError(problem)
+    return {**given, **link}
 
 
 def _fault(text: str) -> str:
@@ -481,6 +514,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MS",
         help="stop and copy once the rest fits this pause (default 300 ms)",
     )
+    mg.add_argument(
+        "--no-auto-converge",
+        dest="auto_converge",
+        action="store_false",
+        help="never throttle the guest's vCPUs: a guest that dirties memory faster than it "
+        "is sent then pre-copies until the round cap and pauses for whatever is left",
+    )
+    for flag, text in (
+        ("--cpu-throttle-initial", "auto-converge: once two rounds in a row found more than "
+         "half of what they sent dirtied again, each vCPU sleeps this share of its time "
+         "until the migration ends (default 20 %%)"),
+        ("--cpu-throttle-increment", "auto-converge: added to the throttle each time that "
+         "happens again (default 10 %%)"),
+        ("--max-cpu-throttle", "auto-converge: the throttle's cap (default 99 %%)"),
+    ):  # fmt: skip
+        mg.add_argument(flag, type=_int_in(1, 99, flag), default=None, metavar="PCT", help=text)
     mg.add_argument("--tls-cert", default=None, help="override the VMM's --tls-cert")
     mg.add_argument("--tls-key", default=None, help="override the VMM's --tls-key")
     mg.add_argument("--tls-ca", default=None, help="override the VMM's --tls-ca")
@@ -488,6 +537,13 @@ def build_parser() -> argparse.ArgumentParser:
     # Tests: keep pre-copying at least this many rounds (a migration long enough to cancel).
     mg.add_argument(
         "--x-min-rounds", type=_int_in(0, 5000, "--x-min-rounds"), default=0, help=argparse.SUPPRESS
+    )
+    # Tests: a link this slow (pre-copy rounds stretched to this many pages a second).
+    mg.add_argument(
+        "--x-link-pages-per-s",
+        type=_int_in(0, 1_000_000, "--x-link-pages-per-s"),
+        default=0,
+        help=argparse.SUPPRESS,
     )
     mg.add_argument("--timeout", type=_timeout, default=600.0, help="give up after (default 600 s)")
 

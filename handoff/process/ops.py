@@ -8,7 +8,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -552,11 +552,19 @@ def progress_line(data: dict[str, Any]) -> str:
     mb_s = rate * 4096 / 1e6
     eta = data.get("eta-ms")
     eta_text = "?" if eta is None else f"{eta / 1e3:.1f} s"
+    throttle = data.get("cpu-throttle-percentage") or 0
     return (
         f"round {data.get('round', data.get('rounds', 0))}: {data.get('pages', 0)} pages sent "
         f"({data.get('private-pages', 0)} encrypted, {data.get('shared-pages', 0)} shared), "
         f"{mb_s:.1f} MB/s, {data.get('remaining-pages', 0)} pages remaining, ETA {eta_text}"
+        + (f", vCPUs throttled {throttle} %" if throttle else "")
     )
+
+
+def max_throttle(data: Mapping[str, Any]) -> int:
+    """The highest vCPU throttle a migration's rounds ran under (0: none)."""
+    rounds = data.get("throttle-per-round") or []
+    return max((t for t in rounds if isinstance(t, int)), default=0)
 
 
 async def migrate(
@@ -568,10 +576,12 @@ async def migrate(
     timeout: float,
     on_event: Callable[[dict[str, Any]], None] | None = None,
     min_rounds: int = 0,
+    extra_args: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Ask the VMM at `control` to migrate its guest to `to`; return the final MIGRATION
-    event's data. SIGINT (Ctrl-C) sends migrate_cancel and waits for the outcome."""
-    args: dict[str, Any] = {"uri": to, "downtime-limit": downtime_limit}
+    event's data. SIGINT (Ctrl-C) sends migrate_cancel and waits for the outcome.
+    `extra_args`: more QMP `migrate` arguments (auto-converge's: `flags.migrate_args`)."""
+    args: dict[str, Any] = {"uri": to, "downtime-limit": downtime_limit, **(extra_args or {})}
     if min_rounds:
         args["x-min-rounds"] = min_rounds
     if tls:
@@ -630,6 +640,7 @@ def migrate_main(
     as_json: bool,
     timeout: float,
     min_rounds: int = 0,
+    extra_args: Mapping[str, Any] | None = None,
 ) -> int:
     """`handoff migrate`: a live progress line on stderr, the result on stdout."""
     tty = sys.stderr.isatty()
@@ -653,6 +664,7 @@ def migrate_main(
                 timeout=timeout,
                 on_event=show,
                 min_rounds=min_rounds,
+                extra_args=extra_args,
             )
         )
     except QMPError as exc:
@@ -676,6 +688,7 @@ def migrate_main(
             f"migrated to {data.get('target')}: {data.get('rounds')} rounds, "
             f"{data.get('pages')} pages, pause {data.get('downtime-ms')} ms, total "
             f"{data.get('total-ms')} ms"
+            + (f", vCPUs throttled up to {top} %" if (top := max_throttle(data)) else "")
         )
     else:
         print(

@@ -20,6 +20,8 @@ from handoff.hv import NoSevMigration, abi, fw_error, migration_vm, sev_platform
 from handoff.hv.model import ModelHypervisor, ModelKernel
 from handoff.machine.config import GuestConfig, HostFlags
 from handoff.machine.vmm import Vmm, bitmap_pages
+from handoff.migration.remote_source import MigrateOptions, next_throttle, throttle_problem
+from handoff.transport.tcp import TlsFiles
 from kvmstub.model import Host
 from kvmstub.platform import AmdRoot, Platform, PlatformKeys
 
@@ -247,3 +249,77 @@ def test_bitmap_pages_names_every_set_bit_and_nothing_past_the_slot() -> None:
     tail = bytearray(b"\xff" * 16)  # 100 pages in whole 64-bit words: bits 100..127 unused
     assert bitmap_pages(tail, 100, 0) == [p * abi.PAGE_SIZE for p in range(100)]
     assert bitmap_pages(bytearray(npages // 8), npages, 0) == []
+
+
+# --- auto-converge: the vCPU throttle ----------------------------------------------------------
+
+
+async def test_a_throttled_vcpu_sleeps_and_lifting_the_throttle_wakes_it(tmp_path: Path) -> None:
+    # At 99 % a vCPU runs a 10 ms timeslice, then sleeps 990 ms: while every vCPU sleeps the
+    # guest makes no exit at all. Lifting the throttle (what the end of a migration does)
+    # wakes them at once; a pause does not wait out a throttle sleep either.
+    vmm = Vmm(config(), flags("s", tmp_path / "l"), hypervisor=ModelHypervisor(host_kernel()))
+    try:
+        async with trio.open_nursery() as nursery:
+            await vmm.launch()
+            vmm.start(nursery)
+            vmm.resume()
+            await until(ahead_of(vmm, {}))
+            with pytest.raises(ValueError, match="0 to 99"):
+                vmm.set_throttle(100)
+            vmm.set_throttle(99)
+            await until(lambda: all(r.throttle_sleep is not None for r in vmm.runners))
+            exits = [r.exits for r in vmm.runners]
+            await trio.sleep(0.05)
+            assert [r.exits for r in vmm.runners] == exits  # asleep, all of them
+
+            asleep_until = min(r.throttle_sleep.deadline for r in vmm.runners if r.throttle_sleep)
+            vmm.set_throttle(0)
+            await until(lambda: all(r.exits > e for r, e in zip(vmm.runners, exits, strict=True)))
+            assert trio.current_time() < asleep_until  # woken by the lift, not by the time
+            assert all(r.throttle_sleep is None for r in vmm.runners)
+
+            vmm.set_throttle(99)
+            await until(lambda: all(r.throttle_sleep is not None for r in vmm.runners))
+            scope = vmm.runners[0].throttle_sleep
+            assert scope is not None
+            await vmm.pause()
+            assert trio.current_time() < scope.deadline  # parked before the sleep was over
+            assert all(r.parked for r in vmm.runners)
+            nursery.cancel_scope.cancel()
+    finally:
+        vmm.close()
+
+
+def test_the_throttle_starts_at_the_initial_step_and_grows_to_the_cap() -> None:
+    opts = MigrateOptions(
+        "tcp:127.0.0.1:1",
+        TlsFiles(Path("c"), Path("k"), Path("a")),
+        throttle_initial=30,
+        throttle_increment=25,
+        throttle_max=90,
+    )
+    steps = [0]
+    for _ in range(5):
+        steps.append(next_throttle(steps[-1], opts))
+    assert steps == [0, 30, 55, 80, 90, 90]
+    with pytest.raises(ValueError, match="exceeds"):
+        MigrateOptions("tcp:127.0.0.1:1", opts.tls, throttle_initial=95, throttle_max=90)
+
+
+@pytest.mark.parametrize(
+    ("initial", "increment", "maximum", "problem"),
+    [
+        (20, 10, 99, None),
+        (0, 10, 99, "'cpu-throttle-initial' must be a whole percentage from 1 to 99, not 0"),
+        (20, 100, 99, "'cpu-throttle-increment' must be a whole percentage from 1 to 99"),
+        (20, 10, 99.5, "'max-cpu-throttle' must be a whole percentage"),
+        (True, 10, 99, "'cpu-throttle-initial' must be a whole percentage"),
+        (50, 10, 40, "'cpu-throttle-initial' (50 %) exceeds 'max-cpu-throttle' (40 %)"),
+    ],
+)
+def test_auto_converge_settings_are_checked_with_a_reason(
+    initial: object, increment: object, maximum: object, problem: str | None
+) -> None:
+    said = throttle_problem(initial, increment, maximum)
+    assert said == problem if problem is None else problem in str(said)

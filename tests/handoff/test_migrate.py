@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -600,3 +601,165 @@ async def test_a_target_under_another_amd_root_is_refused_by_send_start_for_a_se
     finally:
         a.stop()
         c.stop()
+
+
+# --- auto-converge ------------------------------------------------------------------------------
+
+# A link this slow (a test knob: each pre-copy round is stretched to this many pages a second)
+# and a 1 ms downtime limit: the budget is under one page, so only a round in which the guest
+# wrote nothing lets the migration stop. A guest that runs always writes its journal pages.
+SLOW_LINK = ("--x-link-pages-per-s", "20", "--downtime-limit", "1")
+
+
+async def test_a_guest_outrunning_the_link_converges_once_its_vcpus_are_throttled(
+    hosts: tuple[Host, Host], pki: dict[str, TlsFiles]
+) -> None:
+    a, b = hosts
+    source = a.vmm("source", *tls_flags(pki["source"]))
+    source.start()
+    await source.wait_lines(2)
+    target, address = start_target(b, pki["target"])
+    code, result, err = await trio.to_thread.run_sync(
+        run_migrate, source.control, address, *SLOW_LINK, "--cpu-throttle-increment", "20"
+    )
+    assert code == 0, f"{result}\n{err}\nsource:\n{source.log()}\ntarget:\n{target.log()}"
+    assert result["status"] == "completed" and result["auto-converge"] is True
+    throttle = result["throttle-per-round"]
+    assert len(throttle) == result["rounds"] == len(result["pages-per-round"])
+    assert result["rounds"] <= 30, result  # stopped before the round cap
+    # Two rounds outran the link, then 20 %, 40 %, ... up to the cap (99 %), never down.
+    assert throttle[:2] == [0, 0] and throttle[2] == 20, throttle
+    assert throttle == sorted(throttle) and set(throttle) <= {0, 20, 40, 60, 80, 99}, throttle
+    assert result["cpu-throttle-percentage"] == 0  # lifted once it ended
+    assert "vCPUs throttled 20 %" in err  # the progress line
+    await wait_gone(source)
+    report = await _continuous(source, target)
+    assert report.problems(VCPUS) == []
+
+
+async def test_without_auto_converge_the_round_cap_ends_the_pre_copy(
+    hosts: tuple[Host, Host], pki: dict[str, TlsFiles]
+) -> None:
+    a, b = hosts
+    source = a.vmm("source", *tls_flags(pki["source"]))
+    source.start()
+    await source.wait_lines(2)
+    target, address = start_target(b, pki["target"])
+    code, result, err = await trio.to_thread.run_sync(
+        run_migrate, source.control, address, *SLOW_LINK, "--no-auto-converge"
+    )
+    assert code == 0, f"{result}\n{err}\nsource:\n{source.log()}\ntarget:\n{target.log()}"
+    assert result["auto-converge"] is False
+    assert result["rounds"] == 31, result  # MAX_PRECOPY_ROUNDS, then the stop-and-copy
+    assert set(result["throttle-per-round"]) == {0}
+    assert "throttled" not in err
+    await wait_gone(source)
+    report = await _continuous(source, target)
+    assert report.problems(VCPUS) == []
+
+
+async def test_a_cancel_while_throttled_leaves_the_guest_here_at_full_speed(
+    hosts: tuple[Host, Host], pki: dict[str, TlsFiles]
+) -> None:
+    from handoff.qmp.client import QMPClient
+
+    a, b = hosts
+    source = a.vmm("source", *tls_flags(pki["source"]))
+    source.start()
+    await source.wait_lines(2)
+    _, address = start_target(b, pki["target"])
+    args = {
+        "uri": address,
+        "downtime-limit": 1,
+        "x-link-pages-per-s": 20,
+        "x-min-rounds": 1000,
+        "cpu-throttle-initial": 99,
+    }
+    async with await QMPClient.connect(source.control) as qmp:
+        await qmp.execute("migrate", args)
+        with trio.fail_after(60):
+            while (await qmp.next_event("MIGRATION")).data.get("cpu-throttle-percentage") != 99:
+                pass
+        assert (await qmp.execute("query-migrate"))["cpu-throttle-percentage"] == 99
+        await qmp.execute("migrate_cancel")
+        with trio.fail_after(30):
+            while (data := dict((await qmp.next_event("MIGRATION")).data))["status"] == "active":
+                pass
+        assert data["status"] == "cancelled" and data["recovery"] == "cancel-and-resume", data
+        assert data["cpu-throttle-percentage"] == 0
+        assert (await qmp.execute("query-migrate"))["cpu-throttle-percentage"] == 0
+    no_guest_left(b)
+    assert a.vm_states() == ["RUNNING"]
+    report = await source.wait_lines(3)
+    assert report.problems(VCPUS) == [], source.log()
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        ({"auto-converge": "yes"}, "'auto-converge' must be true or false"),
+        ({"auto-converge": False, "max-cpu-throttle": 50}, "'max-cpu-throttle' sets"),
+        ({"cpu-throttle-initial": 0}, "'cpu-throttle-initial' must be a whole percentage"),
+        ({"cpu-throttle-increment": "10"}, "'cpu-throttle-increment' must be a whole"),
+        ({"cpu-throttle-initial": 60, "max-cpu-throttle": 50}, "exceeds 'max-cpu-throttle'"),
+    ],
+)
+def test_qmp_migrate_refuses_auto_converge_arguments_with_a_reason(
+    args: dict[str, Any], error: str
+) -> None:
+    from handoff.process.app import App
+    from handoff.qmp.server import QMPCommandError
+
+    with pytest.raises(QMPCommandError, match=re.escape(error)):
+        App._auto_converge_args(args)
+
+
+def test_qmp_migrate_auto_converge_defaults_are_qemus() -> None:
+    from handoff.process.app import App
+
+    assert App._auto_converge_args({}) == {
+        "auto_converge": True,
+        "throttle_initial": 20,
+        "throttle_increment": 10,
+        "throttle_max": 99,
+    }
+    assert App._auto_converge_args({"auto-converge": False})["auto_converge"] is False
+
+
+@pytest.mark.parametrize(
+    ("flags", "expect"),
+    [
+        ([], {}),
+        (["--no-auto-converge"], {"auto-converge": False}),
+        (
+            ["--cpu-throttle-initial", "30", "--cpu-throttle-increment", "5"],
+            {"cpu-throttle-initial": 30, "cpu-throttle-increment": 5},
+        ),
+        (["--no-auto-converge", "--cpu-throttle-initial", "30"], "--cpu-throttle-initial sets"),
+        (["--cpu-throttle-initial", "60", "--max-cpu-throttle", "50"], "exceeds --max-cpu"),
+    ],
+)
+def test_handoff_migrate_flags_become_qmp_arguments_or_a_clear_error(
+    flags: list[str], expect: dict[str, Any] | str
+) -> None:
+    from handoff.machine.config import ConfigError
+    from handoff.process.flags import build_parser, migrate_args
+
+    ns = build_parser().parse_args(["migrate", "vm", "--to", "tcp:127.0.0.3:1", *flags])
+    if isinstance(expect, str):
+        with pytest.raises(ConfigError, match=re.escape(expect)):
+            migrate_args(ns)
+    else:
+        assert migrate_args(ns) == expect
+
+
+@pytest.mark.parametrize("value", ["0", "100", "ten"])
+def test_handoff_migrate_refuses_a_throttle_outside_1_to_99(value: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "handoff", "migrate", "vm", "--to", "tcp:127.0.0.3:1",
+         "--max-cpu-throttle", value],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "--max-cpu-throttle" in proc.stderr
+    assert "1 to 99" in proc.stderr or "whole number" in proc.stderr
