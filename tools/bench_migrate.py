@@ -9,8 +9,10 @@ and the target VMM (`--incoming tcp:127.0.0.3:PORT`) with mutual TLS, and QMP `m
 1. downtime (source paused -> target Resumed, as the source measures it) for an idle-ish
    1 GiB SEV guest (the witness guest keeps writing its journal and flip pages);
 2. convergence with a guest that dirties more (more vCPUs: each writes its journal page every
-   step and converts a page every --flip-every steps): rounds and pages per round;
-3. a 64 GiB sparse guest against a 1 GiB guest with the same populated pages: total time;
+   step and converts a page every --flip-every steps): rounds, pages per round and the vCPU
+   throttle of auto-converge per round; 32 vCPUs once more without auto-converge;
+3. a 64 GiB sparse guest against a 1 GiB guest with the same populated pages: total time,
+   pre-copy and stop-and-copy, in alternation;
 4. private-page throughput through SEND/RECEIVE_UPDATE_DATA end to end: a guest whose memory
    is fully populated (--x-prefault), MB/s of the pre-copy, and where the time goes: the
    source's kvmstub round trips for SEND_UPDATE_DATA measured alone on a twin guest.
@@ -78,7 +80,13 @@ class Bench:
             d.stop()
 
     async def migrate(
-        self, *, memory: str, vcpus: int = 2, flip_every: int = 10, extra: tuple[str, ...] = ()
+        self,
+        *,
+        memory: str,
+        vcpus: int = 2,
+        flip_every: int = 10,
+        extra: tuple[str, ...] = (),
+        args: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         self.n += 1
         common = dict(
@@ -104,7 +112,7 @@ class Bench:
             await source.wait_lines(2)
             target.start(timeout=120)
             async with await QMPClient.connect(source.control) as qmp:
-                await qmp.execute("migrate", {"uri": address, "downtime-limit": 50})
+                await qmp.execute("migrate", {"uri": address, "downtime-limit": 50, **(args or {})})
                 while True:
                     data = dict((await qmp.next_event("MIGRATION")).data)
                     if data.get("status") in ("completed", "failed", "cancelled"):
@@ -238,19 +246,42 @@ async def main(quick: bool) -> None:
             )
             say("2. convergence with more dirtying vCPUs")
             rows2 = []
-            for vcpus in (2, 8, 32):
-                r = await bench.migrate(memory="256M", vcpus=vcpus, flip_every=2)
-                rows2.append([vcpus, r["rounds"], r["pages-per-round"], r["downtime-ms"]])
-            print("\n## Convergence (flip every 2 steps; each vCPU dirties 2 pages)\n")
-            print(table(["vCPUs", "rounds", "pages per round", "downtime ms"], rows2))
+            for vcpus, converge in ((2, True), (8, True), (32, True), (32, False)):
+                r = await bench.migrate(
+                    memory="256M", vcpus=vcpus, flip_every=2, args={"auto-converge": converge}
+                )
+                rows2.append(
+                    [
+                        vcpus,
+                        "on" if converge else "off",
+                        r["rounds"],
+                        r["pages-per-round"],
+                        r.get("throttle-per-round"),
+                        r["downtime-ms"],
+                        r["total-ms"],
+                    ]
+                )
+            print("\n## Convergence (flip every 2 steps; each vCPU dirties 2 pages; 50 ms limit)\n")
+            header = ["vCPUs", "auto-converge", "rounds", "pages per round", "throttle % per round"]
+            print(table([*header, "downtime ms", "total ms"], rows2))
 
             say("3. 64 GiB sparse vs 1 GiB, same populated pages")
             rows3 = []
-            for memory in ("1G", "64G", "1G", "64G"):
+            for memory in ("1G", "64G") * 3:
                 r = await bench.migrate(memory=memory)
-                rows3.append([memory, r["pages"], r["total-ms"], r["phases"].get("precopy")])
+                phases = r["phases"]
+                rows3.append(
+                    [
+                        memory,
+                        r["pages"],
+                        r["total-ms"],
+                        phases.get("precopy"),
+                        phases.get("stop-and-copy"),
+                    ]
+                )
             print("\n## Cost follows populated memory, not size\n")
-            print(table(["memory", "pages sent", "total ms", "pre-copy ms"], rows3))
+            header = ["memory", "pages sent", "total ms", "pre-copy ms", "stop-and-copy ms"]
+            print(table(header, rows3))
 
             pages = 4096 if quick else 16384
             say(f"4. private-page throughput: {pages} populated private pages, in-process")
