@@ -20,7 +20,10 @@ firmware makes into guest memory (LAUNCH_UPDATE_DATA, DBG_ENCRYPT) and the VMM's
 its memfd are not guest writes, as in the kernel, which logs only what the guest writes
 through its page tables (and what KVM writes on the guest's behalf, of which the stub has
 none). KVM_GET_DIRTY_LOG and KVM_CLEAR_DIRTY_LOG follow kvm_get_dirty_log_protect and
-kvm_clear_dirty_log_protect (virt/kvm/kvm_main.c).
+kvm_clear_dirty_log_protect (virt/kvm/kvm_main.c). Beside the bitmap a slot keeps the set of
+its 64-bit words a guest write touched, so a read costs what was dirtied, not the slot's
+size: the log goes out as its runs that may be non-zero (`uapi.DirtyLog`), and only those
+words are cleared.
 
 Access path. A memfd that the VMM can still shrink must never be accessed through a mapping:
 touching a mapped page beyond the new end of file raises SIGBUS, which would kill the daemon
