@@ -388,6 +388,12 @@ class Vmm:
         self, source_vm: PeerVm, states: Sequence[VcpuState] | None, devices: DeviceState
     ) -> None:
         """Protocol step 7: take the context, the vCPU states and the device state."""
+        await self.take_context(source_vm)
+        await self.load_incoming(states, devices)
+
+    async def take_context(self, source_vm: PeerVm) -> None:
+        """Protocol step 7's first half: move the encryption context out of the source's VM
+        (sev, sev-es); nothing to do for a plain guest, whose source VM is never touched."""
         assert self.vm is not None and self.hypervisor is not None
         if self.cfg.mode != "plain":
             # The one request of the blackout whose answer nothing else here waits beside:
@@ -396,6 +402,11 @@ class Vmm:
             # in paired runs on a 2-CPU virtual machine).
             with self.hypervisor.polling(self.flags.blackout_poll_us / 1e6):
                 await self.vm.move_enc_context_from(source_vm)
+
+    async def load_incoming(self, states: Sequence[VcpuState] | None, devices: DeviceState) -> None:
+        """Protocol step 7's second half: the vCPU states (plain, sev) and the device state,
+        into this VMM's own VM (after `take_context`)."""
+        assert self.vm is not None
         if self.cfg.mode != "sev-es":
             if states is None or len(states) != len(self.vcpus):
                 raise ValueError("switchover carried no registers for every vCPU")

@@ -36,6 +36,7 @@ from handoff.machine.config import GuestConfig, HostFlags, format_size, read_tok
 from handoff.machine.vmm import Vmm, freeze_startup_objects
 from handoff.migration.faults import Faults, FaultSpecError
 from handoff.migration.record import HandoffRecord
+from handoff.migration.rehearsal import rehearse
 from handoff.migration.remote_source import (
     MigrateOptions,
     MigrationFailed,
@@ -221,6 +222,7 @@ class App:
     async def launch(self) -> None:
         self._t_launch = time.perf_counter()
         await self.vmm.launch()
+        await rehearse(self.vmm, inline_max=self.flags.vcpu_states_inline_max, describe=None)
         assert self.flags.control is not None
         self.control_sock, self.control_file = bind_control(self.flags.control)
 
