@@ -5,6 +5,7 @@ handoff upgrade  replace a running VMM by a new process, the guest running throu
 handoff migrate  migrate a running SEV guest to another host's VMM (mutual TLS)
 handoff status   show a VMM's state and its last handoff
 handoff list     every VM in the runtime directory (pid, version, shape, uptime, last pause)
+handoff tls-certs  a throwaway CA and host certificates, to try migration out
 handoff demo     the whole story on embedded defaults (what `make demo` runs)
 """
 
@@ -110,6 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from handoff.process.ops import list_main
 
             return _flushed(list_main(runtime_dir(), ns.json, ns.prune))
+        if ns.command == "tls-certs":
+            from handoff.cli.certs import tls_certs_main
+
+            return _flushed(tls_certs_main(ns.out, ns.host, ns.days))
         if ns.command == "demo":
             from handoff.cli.demo import demo_main
 

@@ -405,6 +405,18 @@ def _idle_us(ns: argparse.Namespace, hypervisor: str) -> int:
     return DEFAULT_KVM_IDLE_US if ns.idle_us is None else int(ns.idle_us)
 
 
+def _pki_host(text: str) -> tuple[str, list[str]]:
+    from handoff.transport.pki import PkiError, check_host_name, check_subject_name
+
+    name, sep, addresses = text.partition("=")
+    try:
+        if not sep or not addresses:
+            raise PkiError(f"{text!r}: use NAME=ADDR[,ADDR...], e.g. hosta=192.0.2.10")
+        return check_host_name(name), [check_subject_name(a) for a in addresses.split(",")]
+    except PkiError as exc:
+        raise argparse.ArgumentTypeError(f"--host {exc}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="handoff",
@@ -507,6 +519,33 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true", help="print one JSON object")
     ls.add_argument(
         "--prune", action="store_true", help="remove stale entries (and their dead sockets)"
+    )
+
+    certs = sub.add_parser(
+        "tls-certs",
+        help="make a throwaway CA and host certificates, to try migration out",
+        description="FOR TRIALS ONLY. Make a throwaway CA and one certificate and key per "
+        "host (usable as TLS server and client), for the --tls-cert/--tls-key/--tls-ca flags "
+        "of `handoff run` and `handoff migrate`. The CA's private key is never written: no "
+        "certificate can be added later (run it again for a new set). Keys are written mode "
+        "0600 and nothing that exists is overwritten. Whoever holds a host's key can take "
+        "guests migrated to that host: copy each key only to its own host. A deployment uses "
+        "its own CA and issuing process instead.",
+    )
+    certs.add_argument(
+        "--out", required=True, metavar="DIR", help="where to write (created 0700 if missing)"
+    )
+    certs.add_argument(
+        "--host",
+        action="append",
+        required=True,
+        type=_pki_host,
+        metavar="NAME=ADDR[,ADDR...]",
+        help="a host: its short name (the files NAME.crt, NAME.key) and the IP addresses or "
+        "DNS names peers reach it by (repeatable)",
+    )
+    certs.add_argument(
+        "--days", type=_int_in(1, 365, "--days"), default=7, help="validity (default 7 days)"
     )
 
     demo = sub.add_parser(
