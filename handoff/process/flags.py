@@ -554,7 +554,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start kvmstub and an SEV-ES VMM (4 vCPUs, 4 GiB) in a "
         "temporary directory, upgrade it three times, roll back once, try an "
         "incompatible handoff, then verify continuity, zero copy and that "
-        "nothing leaked. Exits 0 only if all of it holds.",
+        "nothing leaked; then migrate an SEV guest between two simulated hosts (two kvmstub "
+        "daemons, mutual TLS on 127.0.0.2 and 127.0.0.3) and verify it from both serial logs; "
+        "then, where /dev/kvm works, the same handoffs with a real x86 guest. Exits 0 only if "
+        "all of it holds.",
     )
     demo.add_argument("--workdir", default=None, help="keep files here instead of a temp dir")
     demo.add_argument("--mode", choices=MODES, default="sev-es")
