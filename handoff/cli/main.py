@@ -22,6 +22,7 @@ from handoff.process.flags import (
     build_parser,
     guest_config,
     host_flags,
+    read_platform_ids,
     remote_flags,
     runtime_dir,
 )
@@ -92,6 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             from handoff.process.ops import migrate_main
 
             tls = [ns.tls_cert, ns.tls_key, ns.tls_ca]
+            platforms = list(ns.target_platform)
+            if ns.target_platforms:
+                platforms += read_platform_ids(ns.target_platforms)
             return _flushed(
                 migrate_main(
                     control_path(ns),
@@ -101,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     ns.json,
                     ns.timeout,
                     ns.x_min_rounds,
+                    target_platforms=platforms,
                 )
             )
         if ns.command == "status":

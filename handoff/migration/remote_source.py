@@ -77,6 +77,9 @@ class MigrateOptions:
     downtime_limit_ms: float = 300.0
     answer_timeout: float = ANSWER_TIMEOUT
     max_rounds: int = MAX_PRECOPY_ROUNDS
+    #: The owner's allow-lists of target platform ids (the VM's `run --target-platform`, the
+    #: command's): each non-empty one must name the target's PDH (`remote.platform_id`).
+    target_platforms: tuple[tuple[str, ...], ...] = ()
     x_tamper_page: int | None = None
     x_record_frames: str | None = None
     x_min_rounds: int = 0  # tests: keep pre-copying this many rounds, 50 ms apart
@@ -100,6 +103,7 @@ class MigrationResult:
     recovery: str = ""
     error: str = ""
     session: str = ""
+    target_platform: str = ""  # the target's platform id (its PDH's), once its chain arrived
 
     def to_qmp(self) -> dict[str, Any]:
         return {
@@ -116,6 +120,7 @@ class MigrationResult:
             "recovery": self.recovery,
             "error": self.error,
             "session": self.session,
+            "target-platform": self.target_platform,
         }
 
 
@@ -324,7 +329,9 @@ class RemoteSource:
         assert vmm.vm is not None and vmm.hypervisor is not None
         guest = describe(vmm)
         # NotMigratable (SEV-ES, NOSEND, plain) before a byte is sent.
-        self.conn = conn = RemoteConnection(Role.SOURCE, guest=guest)
+        self.conn = conn = RemoteConnection(
+            Role.SOURCE, guest=guest, allowed_platforms=opts.target_platforms
+        )
         vm = migration_vm(vm=vmm.vm, backend=vmm.hypervisor.name)
         platform = sev_platform(vmm.hypervisor)
         t = time.perf_counter()
@@ -336,7 +343,8 @@ class RemoteSource:
         await self._send(guest)
         chain = await self._receive()
         assert isinstance(chain, remote.PlatformChain)
-        refusal = conn.chain_refusal()
+        result.target_platform = remote.platform_id(chain)
+        refusal = conn.chain_refusal()  # the owner's allow-list, the policy: before SEND_START
         if refusal is not None:
             await self._send(refusal)
             raise MigrationFailed(refusal.reason)

@@ -55,6 +55,7 @@ from handoff.process.flags import (
     is_tcp_incoming,
     strip_flags,
 )
+from handoff.protocol import remote
 from handoff.qmp.server import ControlServer, QMPCommandError
 from handoff.system import hardening, logs, notify
 from handoff.transport import tcp
@@ -760,9 +761,22 @@ class App:
             raise QMPCommandError("'x-tamper-page' must be a page frame's sequence number")
         if record is not None and not (isinstance(record, str) and os.path.isabs(record)):
             raise QMPCommandError("'x-record-frames' must be an absolute path")
+        platforms = args.get("target-platforms", [])
+        if not isinstance(platforms, list) or not all(isinstance(p, str) for p in platforms):
+            raise QMPCommandError("'target-platforms' must be a list of platform ids")
+        if len(platforms) > remote.MAX_ALLOWED_PLATFORMS:
+            raise QMPCommandError(
+                f"'target-platforms' holds {len(platforms)} ids; at most "
+                f"{remote.MAX_ALLOWED_PLATFORMS}"
+            )
+        try:
+            command_list = tuple(remote.parse_platform_id(p) for p in platforms)
+        except ValueError as exc:
+            raise QMPCommandError(f"'target-platforms': {exc}") from None
         self._begin_handoff()
         opts = MigrateOptions(
             address=uri,
+            target_platforms=(self.remote.target_platforms, command_list),
             tls=tls,
             downtime_limit_ms=float(limit),
             answer_timeout=self.flags.handoff_timeout,

@@ -134,6 +134,8 @@ class RemoteFlags:
 
     tls: tcp.TlsFiles | None
     sev_sessions: str
+    #: The guest owner's allow-list of target platforms (`--target-platform`; empty: any).
+    target_platforms: tuple[str, ...] = ()
 
 
 def remote_flags(ns: argparse.Namespace) -> RemoteFlags:
@@ -153,7 +155,11 @@ def remote_flags(ns: argparse.Namespace) -> RemoteFlags:
             "cannot prove its host certificate gets a byte of a guest"
         )
     sessions = ns.sev_sessions or os.path.join(runtime_dir(), "sev-sessions")
-    return RemoteFlags(tls=tls, sev_sessions=os.path.abspath(sessions))
+    return RemoteFlags(
+        tls=tls,
+        sev_sessions=os.path.abspath(sessions),
+        target_platforms=tuple(ns.target_platform),
+    )
 
 
 def _fault(text: str) -> str:
@@ -271,6 +277,18 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="where this host records every SEV migration session it received, so that a "
         "replayed stream is refused (default: sev-sessions in the runtime directory)",
+    )
+    h.add_argument(
+        "--target-platform",
+        action="append",
+        default=[],
+        type=_platform_id,
+        metavar="ID",
+        help="allow this guest to migrate only to the SEV platform with this id (repeatable; "
+        "default: any platform the policy and mutual TLS admit); every `handoff migrate` of it "
+        "is then refused before SEND_START unless the target's platform is listed here (and "
+        "in the command's own --target-platform, if it gives any). The id is the SHA-256 of "
+        "the platform's PDH: pdh_fingerprint in `kvmstub stats --json` on that host",
     )
     h.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="default info")
     h.add_argument(
@@ -405,6 +423,47 @@ def _idle_us(ns: argparse.Namespace, hypervisor: str) -> int:
     return DEFAULT_KVM_IDLE_US if ns.idle_us is None else int(ns.idle_us)
 
 
+def _platform_id(text: str) -> str:
+    from handoff.protocol.remote import parse_platform_id
+
+    try:
+        return parse_platform_id(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--target-platform {exc}") from None
+
+
+def read_platform_ids(path: str) -> list[str]:
+    """The platform ids in a file: one a line; blank lines and `#` comments are skipped.
+
+    Raises:
+        ConfigError: unreadable, or a line that is not an id (names the line).
+    """
+    from handoff.protocol.remote import MAX_ALLOWED_PLATFORMS, parse_platform_id
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read(1 << 20).splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--target-platforms {path}: {getattr(exc, 'strerror', exc)}") from None
+    ids = []
+    for number, line in enumerate(lines, 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        try:
+            ids.append(parse_platform_id(text))
+        except ValueError as exc:
+            raise ConfigError(f"--target-platforms {path}, line {number}: {exc}") from None
+    if not ids:
+        raise ConfigError(
+            f"--target-platforms {path} names no platform: an empty allow-list would allow "
+            "any; give ids, one a line"
+        )
+    if len(ids) > MAX_ALLOWED_PLATFORMS:
+        raise ConfigError(f"--target-platforms {path}: at most {MAX_ALLOWED_PLATFORMS} ids")
+    return ids
+
+
 def _pki_host(text: str) -> tuple[str, list[str]]:
     from handoff.transport.pki import PkiError, check_host_name, check_subject_name
 
@@ -496,6 +555,22 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--tls-cert", default=None, help="override the VMM's --tls-cert")
     mg.add_argument("--tls-key", default=None, help="override the VMM's --tls-key")
     mg.add_argument("--tls-ca", default=None, help="override the VMM's --tls-ca")
+    mg.add_argument(
+        "--target-platform",
+        action="append",
+        default=[],
+        type=_platform_id,
+        metavar="ID",
+        help="migrate only if the target's SEV platform has this id (repeatable), checked "
+        "before SEND_START: the SHA-256 of its PDH, pdh_fingerprint in `kvmstub stats --json` "
+        "on the target host. A VM started with --target-platform must also list it",
+    )
+    mg.add_argument(
+        "--target-platforms",
+        metavar="FILE",
+        default=None,
+        help="the same, ids one a line ('#' comments), added to --target-platform's",
+    )
     mg.add_argument("--json", action="store_true", help="print one JSON result")
     # Tests: keep pre-copying at least this many rounds (a migration long enough to cancel).
     mg.add_argument(

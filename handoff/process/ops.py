@@ -568,10 +568,14 @@ async def migrate(
     timeout: float,
     on_event: Callable[[dict[str, Any]], None] | None = None,
     min_rounds: int = 0,
+    target_platforms: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Ask the VMM at `control` to migrate its guest to `to`; return the final MIGRATION
-    event's data. SIGINT (Ctrl-C) sends migrate_cancel and waits for the outcome."""
+    event's data. SIGINT (Ctrl-C) sends migrate_cancel and waits for the outcome.
+    `target_platforms`: the allow-list of target platform ids (empty: any)."""
     args: dict[str, Any] = {"uri": to, "downtime-limit": downtime_limit}
+    if target_platforms:
+        args["target-platforms"] = list(target_platforms)
     if min_rounds:
         args["x-min-rounds"] = min_rounds
     if tls:
@@ -630,6 +634,8 @@ def migrate_main(
     as_json: bool,
     timeout: float,
     min_rounds: int = 0,
+    *,
+    target_platforms: Sequence[str] = (),
 ) -> int:
     """`handoff migrate`: a live progress line on stderr, the result on stdout."""
     tty = sys.stderr.isatty()
@@ -653,6 +659,7 @@ def migrate_main(
                 timeout=timeout,
                 on_event=show,
                 min_rounds=min_rounds,
+                target_platforms=target_platforms,
             )
         )
     except QMPError as exc:

@@ -200,7 +200,10 @@ __all__ = [
     "decode",
     "held_outcome",
     "migration_refusal",
+    "parse_platform_id",
     "platform_chain",
+    "platform_id",
+    "platform_refusal",
     "recovery_for",
     "session_id_of",
 ]
@@ -732,6 +735,56 @@ def chain_refusal(policy: int, chain: PlatformChain) -> str | None:
     return None
 
 
+#: A platform id: SHA-256 of the PDH certificate's header and public key (its first 0x414
+#: bytes after the 16-byte header, what the signatures cover: the key that SEND_START wraps the
+#: transport keys for). It is what `kvmstub stats` shows as `pdh_fingerprint`.
+PLATFORM_ID_HEX_LENGTH: Final = 64
+#: The most platform ids an allow-list may hold (a fleet, not a database).
+MAX_ALLOWED_PLATFORMS: Final = 1024
+_PDH_PUBLIC_START: Final = 16
+_PDH_SIGNED_END: Final = 0x414
+
+
+def platform_id(chain: PlatformChain) -> str:
+    """The target platform's id: the hex SHA-256 of its PDH public key field. Only a firmware
+    holding that PDH's private key can unwrap a session SEND_START made towards it, so an owner
+    who pins the id pins who can read the guest, whatever the policy asks of the chain."""
+    return hashlib.sha256(chain.pdh[_PDH_PUBLIC_START:_PDH_SIGNED_END]).hexdigest()
+
+
+def parse_platform_id(text: str) -> str:
+    """A platform id as an owner writes it (64 hex digits, any case, optional surrounding
+    blanks), normalised to lower case.
+
+    Raises:
+        ValueError: anything else; the message says what an id looks like and where to find one.
+    """
+    value = text.strip().lower()
+    if len(value) != PLATFORM_ID_HEX_LENGTH or any(c not in "0123456789abcdef" for c in value):
+        raise ValueError(
+            f"{text.strip()[:80]!r} is not a platform id: 64 hex digits, the SHA-256 of the "
+            "target platform's PDH (`kvmstub stats --json` shows it as pdh_fingerprint on the "
+            "target host; a refused migration names the one it saw)"
+        )
+    return value
+
+
+def platform_refusal(chain: PlatformChain, allowed: Iterable[frozenset[str]]) -> str | None:
+    """Why the target's platform is not one the guest's owner allows (None: it is, or no
+    list was given). Every list in `allowed` (the VM's own, the migrate command's) must name
+    it; an empty one allows any, as without lists."""
+    seen = platform_id(chain)
+    for ids in allowed:
+        if ids and seen not in ids:
+            return (
+                f"the target's SEV platform {seen} is not in the owner's allow-list of target "
+                f"platforms ({len(ids)} allowed): nothing was sent; add it with "
+                "--target-platform if this is the host you meant, or choose another target; "
+                "the guest keeps running here"
+            )
+    return None
+
+
 def _check_describe(describe: Describe) -> None:
     total = sum(slot.size for slot in describe.slots)
     if total != describe.memory_bytes:
@@ -1102,11 +1155,15 @@ class RemoteConnection:
             container the shell keeps durably); a `SendStart` of one of them is refused.
         resolving: for a source that only delivers its decision for a held session (use
             `RemoteConnection.resolver`).
+        allowed_platforms: the source's allow-lists of target platform ids (`platform_id`):
+            each non-empty list must name the target's, or `chain_refusal` refuses it before
+            SEND_START; none (or only empty ones) allow any platform.
         max_version, min_version: the protocol versions we speak.
 
     Raises:
         NotMigratable: the source's guest cannot migrate between hosts (names why).
-        ValueError: a source without a guest, or a version range outside this module's.
+        ValueError: a source without a guest, a version range outside this module's, or a
+            malformed platform id (the message names it).
     """
 
     def __init__(
@@ -1116,6 +1173,7 @@ class RemoteConnection:
         guest: Describe | None = None,
         burnt_sessions: Container[bytes] = frozenset(),
         resolving: Resolve | None = None,
+        allowed_platforms: Iterable[Iterable[str]] = (),
         max_version: int = PROTOCOL_MAX_VERSION,
         min_version: int = PROTOCOL_MIN_VERSION,
     ) -> None:
@@ -1141,6 +1199,19 @@ class RemoteConnection:
         self.min_version: Final = min_version
         self.max_version: Final = max_version
         self._burnt = burnt_sessions
+        allowed = []
+        for ids in allowed_platforms:
+            try:
+                allowed.append(frozenset(parse_platform_id(i) for i in ids))
+            except ValueError as exc:
+                raise ValueError(f"allow-list of target platforms: {exc}") from None
+            if len(allowed[-1]) > MAX_ALLOWED_PLATFORMS:
+                raise ValueError(
+                    f"an allow-list of {len(allowed[-1])} target platforms; at most "
+                    f"{MAX_ALLOWED_PLATFORMS}"
+                )
+        #: The owner's allow-lists of target platforms (each non-empty one must name it).
+        self.allowed_platforms: Final = tuple(allowed)
         self._guest = guest
         self._resolving = resolving
         #: The source's Resolve (a resolving conversation) and the target's answer.
@@ -1271,10 +1342,13 @@ class RemoteConnection:
 
     def chain_refusal(self) -> Cancel | None:
         """For the source after `PlatformChain`: the Cancel to send (before SEND_START) when the
-        target's chain cannot satisfy the guest policy, or None."""
+        target's platform is not in the owner's allow-lists, or its chain cannot satisfy the
+        guest policy; None when neither."""
         if self.chain is None or self.description is None:
             return None
-        why = chain_refusal(self.description.policy, self.chain)
+        why = platform_refusal(self.chain, self.allowed_platforms)
+        if why is None:
+            why = chain_refusal(self.description.policy, self.chain)
         return None if why is None else Cancel(code=CancelCode.POLICY, reason=why)
 
     def encrypted_page(self, gpa: int, header: bytes, data: bytes) -> EncryptedPage:

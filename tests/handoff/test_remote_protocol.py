@@ -60,7 +60,9 @@ from handoff.protocol.remote import (
     VcpuState,
     decode,
     held_outcome,
+    parse_platform_id,
     platform_chain,
+    platform_id,
     recovery_for,
     session_id_of,
 )
@@ -471,6 +473,48 @@ def test_source_cancels_before_send_start_when_the_target_firmware_is_too_old() 
     assert pair.source.recovery().recovery is Recovery.NOTHING_TO_DO
     assert pair.target.recovery().recovery is Recovery.DROP
     assert Pair().source.chain_refusal() is None
+
+
+# ---- the owner's allow-list of target platforms ------------------------------------------------
+
+
+def _chain_refusal_with(*lists: list[str]) -> Cancel | None:
+    pair = Pair()
+    pair.source = RemoteConnection(SOURCE, guest=pair.describe, allowed_platforms=lists)
+    pair.run(4)  # Hello, Hello, Describe, PlatformChain
+    return pair.source.chain_refusal()
+
+
+def test_a_target_platform_in_every_allow_list_given_passes() -> None:
+    seen = platform_id(make_chain())
+    assert seen == hashlib.sha256(make_chain().pdh[16:0x414]).hexdigest()
+    assert _chain_refusal_with([seen]) is None
+    assert _chain_refusal_with([seen.upper(), "0" * 64], [], [f"  {seen}\n"]) is None
+    assert _chain_refusal_with() is None and _chain_refusal_with([]) is None  # no list: any
+
+
+def test_a_target_platform_missing_from_an_allow_list_is_refused_before_send_start() -> None:
+    seen = platform_id(make_chain())
+    for lists in ([["0" * 64]], [[seen], ["f" * 64]]):  # the VM's list, the command's
+        refusal = _chain_refusal_with(*lists)
+        assert refusal is not None and refusal.code == CancelCode.POLICY
+        assert seen in refusal.reason and "keeps running here" in refusal.reason
+    pair = Pair()
+    pair.source = RemoteConnection(SOURCE, guest=pair.describe, allowed_platforms=[["0" * 64]])
+    pair.run(4)
+    refusal = pair.source.chain_refusal()
+    assert refusal is not None
+    pair.deliver(SOURCE, refusal)  # instead of SendStart
+    assert pair.source.recovery().recovery is Recovery.NOTHING_TO_DO
+    assert pair.target.recovery().recovery is Recovery.DROP
+
+
+@pytest.mark.parametrize("bad", ["", "abc", "g" * 64, "0" * 63, "0" * 65, "sha256:" + "0" * 64])
+def test_a_malformed_platform_id_is_refused_with_what_an_id_is(bad: str) -> None:
+    with pytest.raises(ValueError, match="64 hex digits"):
+        parse_platform_id(bad)
+    with pytest.raises(ValueError, match="allow-list of target platforms"):
+        RemoteConnection(SOURCE, guest=make_describe(), allowed_platforms=[[bad]])
 
 
 # ---- framing: reordered, duplicated, retargeted frames -----------------------------------------
