@@ -3,6 +3,7 @@
 handoff run      run a VMM (or, with --incoming, wait to take one over)
 handoff upgrade  replace a running VMM by a new process, the guest running throughout
 handoff migrate  migrate a running SEV guest to another host's VMM (mutual TLS)
+handoff resolve  finish or give up a guest a migration target holds, its source host fenced
 handoff status   show a VMM's state and its last handoff
 handoff list     every VM in the runtime directory (pid, version, shape, uptime, last pause)
 handoff tls-certs  a throwaway CA and host certificates, to try migration out
@@ -108,6 +109,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                     target_platforms=platforms,
                 )
             )
+        if ns.command == "resolve":
+            from handoff.process.ops import resolve_main
+
+            if ns.finish and not ns.source_fenced:
+                raise ConfigError(
+                    "--finish runs the held guest here: only once the source host is fenced "
+                    "(powered off, or cut off for good), else a source that resumed the guest "
+                    "and this target run two copies; confirm with --source-fenced"
+                )
+            decision = "finish" if ns.finish else "give-up"
+            return _flushed(resolve_main(control_path(ns), decision, ns.source_fenced, ns.json))
         if ns.command == "status":
             from handoff.process.ops import status_main
 

@@ -83,7 +83,9 @@ class MigrateOptions:
     x_tamper_page: int | None = None
     x_record_frames: str | None = None
     x_min_rounds: int = 0  # tests: keep pre-copying this many rounds, 50 ms apart
-    x_break: str | None = None  # tests: cut the connection "after-received" / "after-send-finish"
+    # Tests: cut the connection "after-received" / "after-send-finish", or die there at once
+    # ("kill-after-received" / "kill-after-send-finish": SIGKILL, as a host that lost power).
+    x_break: str | None = None
 
 
 @dataclass
@@ -376,6 +378,8 @@ class RemoteSource:
         assert isinstance(received, remote.Received)
         if opts.x_break == "after-received":
             self._cut("after Received")
+        if opts.x_break == "kill-after-received":
+            _die()
         result.phases["finish"] = (time.perf_counter() - t) * 1e3
 
         # The commit point: SEND_FINISH first; if it fails we are still SUPDATE.
@@ -386,6 +390,8 @@ class RemoteSource:
             except OSError as exc:
                 raise MigrationFailed(f"SEND_FINISH failed: {_fw(exc)}") from exc
             self.sent = True
+            if opts.x_break == "kill-after-send-finish":
+                _die()
             if opts.x_break == "after-send-finish":
                 conn.send(remote.Commit(session=conn.session_id))  # committed, never delivered
                 self._cut("after SEND_FINISH")
@@ -634,6 +640,14 @@ class RemoteSource:
 
 
 _FAILURES = (OSError, HandoffError, remote.ProtocolError, trio.TooSlowError)
+
+
+def _die() -> None:
+    """A test's dead source host (x_break kill-...): no decision, no goodbye."""
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _leaf(exc: BaseException) -> BaseException:

@@ -578,6 +578,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mg.add_argument("--timeout", type=_timeout, default=600.0, help="give up after (default 600 s)")
 
+    rs = sub.add_parser(
+        "resolve",
+        help="decide for a migration target holding a guest whose source host is dead",
+        description="A cross-host migration target that said Received holds the guest, "
+        "unrunnable, until its source's decision arrives (the source delivers it on a new "
+        "connection if the first one broke). If the source host is dead, no decision comes "
+        "and the guest waits forever (`handoff status` / QMP query-migrate show it as held). "
+        "Only then, and only AFTER FENCING THE SOURCE HOST (powered off, or cut off for good), "
+        "tell the target: --finish (RECEIVE_FINISH and run the guest here) or --give-up (tear "
+        "it down, freeing its ASID; the guest is lost if the source had issued SEND_FINISH). "
+        "DANGER: if the source is in fact alive and resumed the guest (it cancelled), "
+        "--finish makes two copies of the guest run. Refused while a source is connected, "
+        "or when nothing is held.",
+    )
+    rs.add_argument("target", nargs="?", help="VM name (control socket in the runtime dir)")
+    rs.add_argument("--control", help="QMP control socket of the target VMM")
+    how = rs.add_mutually_exclusive_group(required=True)
+    how.add_argument("--finish", action="store_true", help="run the held guest here")
+    how.add_argument("--give-up", action="store_true", help="tear the held guest down")
+    rs.add_argument(
+        "--source-fenced",
+        action="store_true",
+        help="required with --finish: the source host is fenced and will never run the guest",
+    )
+    rs.add_argument("--json", action="store_true", help="print one JSON result")
+
     st = sub.add_parser("status", help="show a VMM's state and its last handoff")
     st.add_argument("target", nargs="?", help="VM name (control socket in the runtime dir)")
     st.add_argument("--control", help="QMP control socket of the running VMM")

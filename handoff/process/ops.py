@@ -691,3 +691,33 @@ def migrate_main(
             file=sys.stderr,
         )
     return 0 if data.get("status") == "completed" else 1
+
+
+# ---- handoff resolve ---------------------------------------------------------------------------
+
+
+def resolve_main(control: str, decision: str, source_fenced: bool, as_json: bool) -> int:
+    """`handoff resolve`: the operator's decision for a guest a migration target holds."""
+
+    async def ask() -> dict[str, Any]:
+        async with await QMPClient.connect(control) as qmp:
+            answer = await qmp.execute(
+                "migrate-resolve", {"decision": decision, "source-fenced": source_fenced}
+            )
+        return dict(answer)
+
+    try:
+        data = trio.run(ask)
+    except QMPError as exc:
+        if as_json:
+            print(json.dumps({"status": "refused", "error": exc.desc}))
+        else:
+            print(f"refused: {exc.desc}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps({"status": "done", **data}, sort_keys=True))
+    elif data.get("outcome") == "running":
+        print(f"the held guest runs on this target now (session {data.get('session')})")
+    else:
+        print(f"the held guest was torn down, its ASID freed (session {data.get('session')})")
+    return 0

@@ -63,9 +63,14 @@ The decision travels on a new connection when the first one broke: a source buil
 `RemoteConnection.resolver(session_id, decision)` sends `Resolve` ("commit" if it is SENT,
 "cancel" if it resumed) after the Hellos, and the target answers `Resolution` with what it did
 (`held_outcome`: finish and run, tear down, or "not-held"). A "commit" answered "not-held" is
-the one loss the firmware makes unavoidable: the source is SENT and the target lost its copy. A
-target whose source VMM is known to be gone (its VM, and the copy in it, died with it) finishes
-and runs without waiting::
+the one loss the firmware makes unavoidable: the source is SENT and the target lost its copy.
+
+A source that is dead (its host powered off or fenced) delivers nothing, and the target would
+hold the guest forever. Only the operator can know that the source host is fenced, so only the
+operator decides then (`operator_outcome`): "finish" (RECEIVE_FINISH and run: safe because a
+fenced source runs nothing, and a SENT one never would) or "give-up" (tear down; the guest is
+lost if the source was SENT). Both decisions, the source's and the operator's, are rows of
+`HELD_DECISIONS`. The resolving conversation::
 
     source (resolver)                           target
     Hello          ------------------>                          START -> HELLO
@@ -150,6 +155,7 @@ from handoff.protocol.local import (
 __all__ = [
     "CERT_SIZE",
     "FW_HEADER_SIZE",
+    "HELD_DECISIONS",
     "LIVE_STATES",
     "MAX_AMD_CERTS_BYTES",
     "MAX_MESSAGE_BYTES",
@@ -165,6 +171,7 @@ __all__ = [
     "Cancel",
     "CancelCode",
     "Commit",
+    "Decider",
     "Decision",
     "Describe",
     "DeviceState",
@@ -176,6 +183,7 @@ __all__ = [
     "MemorySlot",
     "Message",
     "NotMigratable",
+    "OperatorDecision",
     "Outcome",
     "PeerGone",
     "PlatformChain",
@@ -200,6 +208,7 @@ __all__ = [
     "decode",
     "held_outcome",
     "migration_refusal",
+    "operator_outcome",
     "parse_platform_id",
     "platform_chain",
     "platform_id",
@@ -535,6 +544,10 @@ class Cancel(_Message, frozen=True, kw_only=True, tag="sev-cancel"):
 
 
 Decision: TypeAlias = Literal["commit", "cancel"]
+#: The operator's decision for a guest a target holds in doubt, once the source host is
+#: fenced (`operator_outcome`); who decided (`HELD_DECISIONS`).
+OperatorDecision: TypeAlias = Literal["finish", "give-up"]
+Decider: TypeAlias = Literal["source", "operator"]
 Outcome: TypeAlias = Literal["resumed", "torn-down", "not-held"]
 
 
@@ -1036,9 +1049,10 @@ def _target_plan(state: State, ending: Ending) -> RecoveryPlan:
         return RecoveryPlan(
             Recovery.HOLD,
             "in doubt: the source may have cancelled and resumed, or be SENT. Keep the guest "
-            "unrunnable (neither RECEIVE_FINISH nor DECOMMISSION) until the source's decision "
-            "arrives: Commit -> finish and run; Cancel -> tear down; the source VMM known gone "
-            "(its VM, and the copy in it, died with it) -> finish and run",
+            "unrunnable (neither RECEIVE_FINISH nor DECOMMISSION) until a decision arrives "
+            "(HELD_DECISIONS): the source's on a new connection, Commit -> finish and run, "
+            "Cancel -> tear down; or, once the source host is fenced, the operator's: finish "
+            "and run, or give up (tear down)",
         )
     assert state is State.COMMITTED
     if ending is Ending.LOCAL_FAILURE:
@@ -1081,6 +1095,63 @@ def recovery_for(role: Role, ended_in: State, ending: Ending) -> RecoveryPlan:
         raise ValueError(f"a conversation cannot end in {ended_in.name} by {ending.name}") from None
 
 
+#: What a target does with a session it holds (`Recovery.HOLD`) when a decision reaches it:
+#: the source's, on a new connection (`Resolve`), or the operator's, who fenced the source host
+#: and tells the target itself (QMP `migrate-resolve`, `handoff resolve`). The one place the
+#: fate of a held guest is decided; `held_outcome` and `operator_outcome` read it.
+HELD_DECISIONS: Final[dict[tuple[Decider, Decision | OperatorDecision], RecoveryPlan]] = {
+    ("source", "commit"): RecoveryPlan(
+        Recovery.FINISH_AND_RUN,
+        "the source is SENT (Commit, re-delivered): this is the only copy; RECEIVE_FINISH, "
+        "restore, and run it",
+    ),
+    ("source", "cancel"): RecoveryPlan(
+        Recovery.TEAR_DOWN,
+        "the source cancelled before SEND_FINISH and resumed the guest: DECOMMISSION the held "
+        "guest and free its ASID",
+    ),
+    ("operator", "finish"): RecoveryPlan(
+        Recovery.FINISH_AND_RUN,
+        "the operator fenced the source host and told this target to finish: a SENT source "
+        "never runs the guest again and a dead one took its copy with it, so this is the only "
+        "copy; RECEIVE_FINISH, restore, and run it (had the source resumed the guest, two "
+        "copies would now run: the operator's fencing is what rules that out)",
+    ),
+    ("operator", "give-up"): RecoveryPlan(
+        Recovery.TEAR_DOWN,
+        "the operator told this target to give the held guest up: DECOMMISSION it and free its "
+        "ASID; if the source was SENT (it issued SEND_FINISH) the guest is lost",
+    ),
+}
+
+
+def operator_outcome(decision: OperatorDecision, held: Recovery | None) -> RecoveryPlan:
+    """For the target's shell, on the operator's decision (the source host fenced): what to do.
+
+    Args:
+        decision: "finish" (RECEIVE_FINISH and run) or "give-up" (tear down).
+        held: the target's plan for its session, as for `held_outcome`: `Recovery.HOLD` (held,
+            unrunnable), `FINISH_AND_RUN` or `DONE` (it runs the guest), None (nothing held).
+
+    Raises:
+        LocalProtocolError: the target holds no guest in doubt, so there is nothing to decide
+            (says why: it runs the guest already, or holds nothing).
+    """
+    if decision not in ("finish", "give-up"):
+        raise LocalProtocolError(f"the operator decides 'finish' or 'give-up', not {decision!r}")
+    if held is Recovery.HOLD:
+        return HELD_DECISIONS["operator", decision]
+    if held in (Recovery.FINISH_AND_RUN, Recovery.DONE):
+        raise LocalProtocolError(
+            "this target runs the guest already (its source's Commit arrived, or an operator "
+            "finished it): there is nothing in doubt to decide"
+        )
+    raise LocalProtocolError(
+        "this target holds no received guest in doubt (it holds a guest only after it said "
+        "Received and the connection broke before the source's decision): nothing to decide"
+    )
+
+
 def held_outcome(decision: Decision, held: Recovery | None) -> tuple[Recovery | None, Outcome]:
     """For the target's shell, on `Resolve`: what to do with the session and what to answer.
 
@@ -1094,9 +1165,8 @@ def held_outcome(decision: Decision, held: Recovery | None) -> tuple[Recovery | 
         (the plan to execute now, or None for nothing; the `Resolution.outcome` to send).
     """
     if held is Recovery.HOLD:
-        if decision == "commit":
-            return Recovery.FINISH_AND_RUN, "resumed"
-        return Recovery.TEAR_DOWN, "torn-down"
+        plan = HELD_DECISIONS["source", decision].recovery
+        return plan, "resumed" if plan is Recovery.FINISH_AND_RUN else "torn-down"
     if held in (Recovery.FINISH_AND_RUN, Recovery.DONE):
         # Only a Commit lets a target run a guest: a "cancel" here is the source's bug, and the
         # source's machine refuses the answer, which names it.

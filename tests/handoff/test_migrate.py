@@ -703,3 +703,70 @@ async def test_a_malformed_target_platform_is_refused_before_anything_starts(
     assert a.vm_states() == ["RUNNING"]
     report = await source.wait_lines(3)
     assert report.problems(VCPUS) == []
+
+
+# ---- a target whose source host is dead: the operator decides --------------------------------
+
+
+def resolve(control: str, *flags: str) -> tuple[int, dict[str, Any], str]:
+    proc = _handoff("resolve", "--control", control, "--json", *flags)
+    return proc.returncode, json.loads(proc.stdout) if proc.stdout.strip() else {}, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("dies", "decision"),
+    [("kill-after-send-finish", "finish"), ("kill-after-received", "give-up")],
+)
+async def test_a_target_whose_source_died_in_doubt_is_finished_or_given_up_by_the_operator(
+    hosts: tuple[Host, Host], pki: dict[str, TlsFiles], dies: str, decision: str
+) -> None:
+    """The source VMM is SIGKILLed at the in-doubt point (after Received; after SEND_FINISH,
+    before Commit), as when its host loses power: no decision ever comes, and the target holds
+    the guest unrunnable. The operator, having fenced the source host, tells the target: finish
+    (the guest's seq goes on from where it stopped on the source) or give up (torn down, ASID
+    freed). Nothing is decided without --source-fenced for a finish, or where nothing is held."""
+    a, b = hosts
+    source = a.vmm("source", *tls_flags(pki["source"]))
+    source.start()
+    await source.wait_lines(2)
+    target, address = start_target(b, pki["target"])
+    code, result, err = await trio.to_thread.run_sync(resolve, target.control, "--give-up")
+    assert code == 1 and "holds no received guest" in result["error"], (result, err)
+
+    from handoff.qmp.client import QMPClient
+
+    async with await QMPClient.connect(source.control) as qmp:
+        await qmp.execute("migrate", {"uri": address, "x-break": dies})
+    assert await wait_exit(source) == -9
+    with trio.fail_after(20):
+        while "holding the received guest" not in target.log():
+            await trio.sleep(0.05)
+    assert (await target.qmp("query-migrate"))["status"] == "held"
+    assert b.vm_states() == ["RUPDATE"]  # received whole, unrunnable
+    no_guest_left(a)  # the source's VM died with its VMM
+
+    if decision == "finish":
+        # Another source is refused by the holder, which holds on.
+        other = a.vmm("source2", *tls_flags(pki["source"]))
+        other.start()
+        await other.wait_lines(1)
+        code, result, err = await trio.to_thread.run_sync(run_migrate, other.control, address)
+        assert code == 1 and "holds a received guest" in result["error"], (result, err)
+        assert b.vm_states() == ["RUPDATE"] and target.alive_pids()
+        proc = _handoff("resolve", "--control", target.control, "--finish")
+        assert proc.returncode == 2 and "--source-fenced" in proc.stderr, proc.stderr
+        assert b.vm_states() == ["RUPDATE"]  # still held
+        code, result, err = await trio.to_thread.run_sync(
+            resolve, target.control, "--finish", "--source-fenced"
+        )
+        assert code == 0 and result["outcome"] == "running", (result, err, target.log())
+        assert b.vm_states() == ["RUNNING"]
+        report = await _continuous(source, target)
+        assert report.problems(VCPUS) == [], target.log()
+        status = await target.qmp("query-status")
+        assert status["status"] == "running"
+    else:
+        code, result, err = await trio.to_thread.run_sync(resolve, target.control, "--give-up")
+        assert code == 0 and result["outcome"] == "torn-down", (result, err, target.log())
+        assert await wait_exit(target) == 1
+        no_guest_left(b)
