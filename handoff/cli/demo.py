@@ -349,13 +349,17 @@ class CrossHostDemo:
             start_new_session=True,
         )
         self.kvmstubs[host] = proc
-        assert proc.stdout is not None
-        line = proc.stdout.readline().decode().strip()
-        if "ready" not in line:
-            raise RuntimeError(f"kvmstub of {host} did not start: {line!r}")
         return sock
 
+    def wait_kvmstub(self, host: str) -> None:
+        stdout = self.kvmstubs[host].stdout
+        assert stdout is not None
+        line = stdout.readline().decode().strip()
+        if "ready" not in line:
+            raise RuntimeError(f"kvmstub of {host} did not start: {line!r}")
+
     def start_vmm(self, host: str, *extra: str) -> tuple[subprocess.Popen[bytes], str, str]:
+        """Start a VMM on `host` (without waiting: `wait_vmm`)."""
         control = self.path(host, "run", "web.qmp")
         serial = self.path(host, "serial.log")
         tls = self.tls[host]
@@ -370,12 +374,14 @@ class CrossHostDemo:
         proc = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
         log.close()
         self.vmms.append(proc)
-        deadline = time.monotonic() + 30
-        while not os.path.exists(control):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the VMM on {host} did not start; see {self.path(host)}")
-            time.sleep(0.02)
         return proc, control, serial
+
+    async def wait_vmm(self, host: str, proc: subprocess.Popen[bytes], control: str) -> None:
+        with trio.move_on_after(30):
+            while not os.path.exists(control) and proc.poll() is None:
+                await trio.sleep(0.02)
+        if not os.path.exists(control):
+            raise RuntimeError(f"the VMM on {host} did not start; see {self.path(host)}")
 
     async def wait_lines(self, logs: list[str], past: dict[int, int], more: int) -> bool:
         with trio.move_on_after(20):
@@ -396,7 +402,9 @@ class CrossHostDemo:
         self.tls = make_pki(
             self.path("pki"), {h: [a] for h, a in self.HOSTS.items()}, ca_name="handoff demo"
         )
-        socks = {host: self.start_kvmstub(host) for host in self.HOSTS}
+        socks = {host: self.start_kvmstub(host) for host in self.HOSTS}  # both at once
+        for host in self.HOSTS:
+            self.wait_kvmstub(host)
         platforms = {
             host: (await trio.to_thread.run_sync(read_stats, sock))["platform"]
             for host, sock in socks.items()
@@ -406,21 +414,32 @@ class CrossHostDemo:
             + ", ".join(f"{h} {p['pdh_fingerprint'][:12]}..." for h, p in platforms.items())
         )
         source, control_a, serial_a = self.start_vmm("host-a")
-        await self.wait_lines([serial_a], {}, more=2)
         port = _free_port(self.HOSTS["host-b"])
         address = f"tcp:{self.HOSTS['host-b']}:{port}"
         target, control_b, serial_b = self.start_vmm(
             "host-b", "--incoming", address, "--sev-sessions", self.path("host-b", "sessions")
         )
+        await self.wait_vmm("host-a", source, control_a)
+        await self.wait_vmm("host-b", target, control_b)
+        await self.wait_lines([serial_a], {}, more=2)
         say(
             f"  host A: VMM pid {source.pid} runs 'web' (sev, {self.VCPUS} vCPUs, "
             f"{self.MEMORY >> 20} MiB); host B: VMM pid {target.pid} waits on {address}"
         )
-        data = await migrate(control_a, address, 300.0, None, timeout=120)
+        allowed = str(platforms["host-b"]["pdh_fingerprint"])
+        data = await migrate(
+            control_a, address, 300.0, None, timeout=120, target_platforms=[allowed]
+        )
         if data.get("status") != "completed":
             self.failures.append(f"migrate: {data.get('status')}: {data.get('error')}")
             say(f"  migration {data.get('status')}: {data.get('error')}")
         else:
+            self.check(
+                "the owner's allow-list (--target-platform): host B's platform, checked "
+                "before SEND_START",
+                data.get("target-platform") == allowed,
+                f"{str(data.get('target-platform'))[:12]}...",
+            )
             say(
                 f"  handoff migrate web --to {address}: {data['rounds']} rounds, pages per "
                 f"round {data['pages-per-round']} ({data['private-pages']} through "

@@ -21,6 +21,7 @@ one state::
                    <------------------  Hello (chosen version)  GREETED
     Describe       ------------------>                          DESCRIBED
                    <------------------  PlatformChain           CERTIFIED  (PDH_CERT_EXPORT)
+    (chain_refusal: the owner's allow-list of platforms, the policy's API version)
     (SEND_START)
     SendStart      ------------------>                          STARTED    (RECEIVE_START)
     Round n        ------------------>                          PRECOPY    (guest runs)
