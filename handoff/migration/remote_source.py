@@ -77,10 +77,15 @@ class MigrateOptions:
     downtime_limit_ms: float = 300.0
     answer_timeout: float = ANSWER_TIMEOUT
     max_rounds: int = MAX_PRECOPY_ROUNDS
+    #: The owner's allow-lists of target platform ids (the VM's `run --target-platform`, the
+    #: command's): each non-empty one must name the target's PDH (`remote.platform_id`).
+    target_platforms: tuple[tuple[str, ...], ...] = ()
     x_tamper_page: int | None = None
     x_record_frames: str | None = None
     x_min_rounds: int = 0  # tests: keep pre-copying this many rounds, 50 ms apart
-    x_break: str | None = None  # tests: cut the connection "after-received" / "after-send-finish"
+    # Tests: cut the connection "after-received" / "after-send-finish", or die there at once
+    # ("kill-after-received" / "kill-after-send-finish": SIGKILL, as a host that lost power).
+    x_break: str | None = None
 
 
 @dataclass
@@ -100,6 +105,7 @@ class MigrationResult:
     recovery: str = ""
     error: str = ""
     session: str = ""
+    target_platform: str = ""  # the target's platform id (its PDH's), once its chain arrived
 
     def to_qmp(self) -> dict[str, Any]:
         return {
@@ -116,6 +122,7 @@ class MigrationResult:
             "recovery": self.recovery,
             "error": self.error,
             "session": self.session,
+            "target-platform": self.target_platform,
         }
 
 
@@ -324,7 +331,9 @@ class RemoteSource:
         assert vmm.vm is not None and vmm.hypervisor is not None
         guest = describe(vmm)
         # NotMigratable (SEV-ES, NOSEND, plain) before a byte is sent.
-        self.conn = conn = RemoteConnection(Role.SOURCE, guest=guest)
+        self.conn = conn = RemoteConnection(
+            Role.SOURCE, guest=guest, allowed_platforms=opts.target_platforms
+        )
         vm = migration_vm(vm=vmm.vm, backend=vmm.hypervisor.name)
         platform = sev_platform(vmm.hypervisor)
         t = time.perf_counter()
@@ -336,7 +345,8 @@ class RemoteSource:
         await self._send(guest)
         chain = await self._receive()
         assert isinstance(chain, remote.PlatformChain)
-        refusal = conn.chain_refusal()
+        result.target_platform = remote.platform_id(chain)
+        refusal = conn.chain_refusal()  # the owner's allow-list, the policy: before SEND_START
         if refusal is not None:
             await self._send(refusal)
             raise MigrationFailed(refusal.reason)
@@ -368,6 +378,8 @@ class RemoteSource:
         assert isinstance(received, remote.Received)
         if opts.x_break == "after-received":
             self._cut("after Received")
+        if opts.x_break == "kill-after-received":
+            _die()
         result.phases["finish"] = (time.perf_counter() - t) * 1e3
 
         # The commit point: SEND_FINISH first; if it fails we are still SUPDATE.
@@ -378,6 +390,8 @@ class RemoteSource:
             except OSError as exc:
                 raise MigrationFailed(f"SEND_FINISH failed: {_fw(exc)}") from exc
             self.sent = True
+            if opts.x_break == "kill-after-send-finish":
+                _die()
             if opts.x_break == "after-send-finish":
                 conn.send(remote.Commit(session=conn.session_id))  # committed, never delivered
                 self._cut("after SEND_FINISH")
@@ -626,6 +640,14 @@ class RemoteSource:
 
 
 _FAILURES = (OSError, HandoffError, remote.ProtocolError, trio.TooSlowError)
+
+
+def _die() -> None:
+    """A test's dead source host (x_break kill-...): no decision, no goodbye."""
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _leaf(exc: BaseException) -> BaseException:

@@ -11,7 +11,9 @@ and devices, `Resumed`, and only then the vCPUs run.
 
 What happens to the guest when the conversation ends early is the recovery table's row,
 executed (`_recover`): drop, tear down (the VM closed: DECOMMISSION, its ASID freed), hold (wait
-for the source's decision on a new connection), or finish and run.
+for the source's decision on a new connection), or finish and run. A held guest whose source
+host is dead waits for the operator instead (`operator_resolve`, once the host is fenced):
+finish and run, or give up; `remote.HELD_DECISIONS` decides both.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 import msgspec
 import trio
 
-from handoff.errors import HandoffError
+from handoff.errors import HandoffError, Refused
 from handoff.hv import VcpuState, fw_error, migration_vm, sev_platform
 from handoff.machine.devices import DeviceState
 from handoff.machine.vmm import Vmm
@@ -144,15 +146,28 @@ class RemoteTarget:
         self.states: list[VcpuState] = []
         self.error = ""
         self.outcome = ""
+        # The operator's decision for a held guest (`operator_resolve`), executed by `run`.
+        self._operator: remote.OperatorDecision | None = None
+        self._operator_done = trio.Event()
+        self._operator_error = ""
+        self._accepting: trio.CancelScope | None = None
 
     async def run(self) -> bool:
         """Accept sources until the guest runs here (True), or what was received was torn
         down or dropped (False; the process then exits)."""
         while True:
-            try:
-                channel = await self.listener.accept()
-            except HandoffError as exc:  # a peer that failed TLS never got a byte
-                log.warning("refused a connection: %s", exc)
+            if self._operator is not None:
+                done = await self._operator_act(self._operator)
+                if done is not None:
+                    return done
+            channel = None
+            with trio.CancelScope() as self._accepting:
+                try:
+                    channel = await self.listener.accept()
+                except HandoffError as exc:  # a peer that failed TLS never got a byte
+                    log.warning("refused a connection: %s", exc)
+            self._accepting = None
+            if channel is None:
                 continue
             self.channel = channel
             try:
@@ -323,6 +338,59 @@ class RemoteTarget:
             self._tear_down()
         await self._send(remote.Resolution(session=request.session, outcome=outcome))
 
+    # ---- the operator's decision for a held guest ------------------------------------------
+
+    def _held_record(self) -> Recovery | None:
+        if self.held is not None:
+            return Recovery.HOLD
+        return Recovery.DONE if self.outcome == "running" else None
+
+    async def operator_resolve(self, decision: remote.OperatorDecision) -> str:
+        """The operator's decision for the guest held in doubt (QMP migrate-resolve), to be
+        given only once the source host is fenced: "finish" runs it here, "give-up" tears it
+        down. Returns the outcome ("running" or "torn-down") once executed.
+
+        Raises:
+            Refused: nothing is held in doubt, or a source is connected right now (it may be
+                delivering its own decision: try again in a moment).
+        """
+        try:
+            remote.operator_outcome(decision, self._held_record())  # refused here if nothing
+        except remote.LocalProtocolError as exc:
+            raise Refused(str(exc)) from None
+        if self.channel is not None or self._accepting is None or self._operator is not None:
+            raise Refused(
+                "a source is connected to this target right now (it may be delivering its own "
+                "decision for the held guest); see the log and try again in a moment"
+            )
+        self._operator, self._operator_error = decision, ""
+        self._operator_done = done = trio.Event()
+        self._accepting.cancel()  # `run` executes it, between connections
+        await done.wait()
+        if self._operator_error:
+            raise Refused(self._operator_error)
+        return self.outcome
+
+    async def _operator_act(self, decision: remote.OperatorDecision) -> bool | None:
+        """Execute the operator's decision (in `run`, between connections): True once the
+        guest runs here, False once it is torn down, None if it no longer applies."""
+        self._operator = None
+        try:
+            plan = remote.operator_outcome(decision, self._held_record())
+            held = self.held
+            assert held is not None  # operator_outcome acts only on a held guest
+            log.warning("operator's decision %r for the held guest: %s", decision, plan.why)
+            if plan.recovery is Recovery.FINISH_AND_RUN:
+                await self._finish_and_run(held)
+                return True
+            self._tear_down()
+            return False
+        except remote.LocalProtocolError as exc:  # a source decided meanwhile
+            self._operator_error = str(exc)
+            return None
+        finally:
+            self._operator_done.set()
+
     # ---- the recovery table, executed -----------------------------------------------------
 
     async def _recover(self, conn: RemoteConnection) -> bool | None:
@@ -335,6 +403,9 @@ class RemoteTarget:
         plan = conn.recovery()
         log.warning("migration ended in %s: %s", conn.ended_in, plan.why)
         if plan.recovery is Recovery.DROP:
+            if self.held is not None and self.held is not conn:
+                # Another source, refused: what it prepared is nothing of the held guest's.
+                return None
             if conn.state is remote.State.ERROR and conn.ended_in in (
                 remote.State.START,
                 remote.State.HELLO,

@@ -568,10 +568,14 @@ async def migrate(
     timeout: float,
     on_event: Callable[[dict[str, Any]], None] | None = None,
     min_rounds: int = 0,
+    target_platforms: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Ask the VMM at `control` to migrate its guest to `to`; return the final MIGRATION
-    event's data. SIGINT (Ctrl-C) sends migrate_cancel and waits for the outcome."""
+    event's data. SIGINT (Ctrl-C) sends migrate_cancel and waits for the outcome.
+    `target_platforms`: the allow-list of target platform ids (empty: any)."""
     args: dict[str, Any] = {"uri": to, "downtime-limit": downtime_limit}
+    if target_platforms:
+        args["target-platforms"] = list(target_platforms)
     if min_rounds:
         args["x-min-rounds"] = min_rounds
     if tls:
@@ -630,6 +634,8 @@ def migrate_main(
     as_json: bool,
     timeout: float,
     min_rounds: int = 0,
+    *,
+    target_platforms: Sequence[str] = (),
 ) -> int:
     """`handoff migrate`: a live progress line on stderr, the result on stdout."""
     tty = sys.stderr.isatty()
@@ -653,6 +659,7 @@ def migrate_main(
                 timeout=timeout,
                 on_event=show,
                 min_rounds=min_rounds,
+                target_platforms=target_platforms,
             )
         )
     except QMPError as exc:
@@ -684,3 +691,33 @@ def migrate_main(
             file=sys.stderr,
         )
     return 0 if data.get("status") == "completed" else 1
+
+
+# ---- handoff resolve ---------------------------------------------------------------------------
+
+
+def resolve_main(control: str, decision: str, source_fenced: bool, as_json: bool) -> int:
+    """`handoff resolve`: the operator's decision for a guest a migration target holds."""
+
+    async def ask() -> dict[str, Any]:
+        async with await QMPClient.connect(control) as qmp:
+            answer = await qmp.execute(
+                "migrate-resolve", {"decision": decision, "source-fenced": source_fenced}
+            )
+        return dict(answer)
+
+    try:
+        data = trio.run(ask)
+    except QMPError as exc:
+        if as_json:
+            print(json.dumps({"status": "refused", "error": exc.desc}))
+        else:
+            print(f"refused: {exc.desc}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps({"status": "done", **data}, sort_keys=True))
+    elif data.get("outcome") == "running":
+        print(f"the held guest runs on this target now (session {data.get('session')})")
+    else:
+        print(f"the held guest was torn down, its ASID freed (session {data.get('session')})")
+    return 0
