@@ -173,6 +173,14 @@ class Vcpu(Protocol):
         vCPU's back to back). False where the backend cannot, or one is in flight."""
         ...
 
+    def wait_entered(self, timeout: float) -> bool:
+        """After `start_run`: wait, without holding the interpreter, until that KVM_RUN is
+        issued to the kernel or `timeout` seconds pass; whether it was. Where the KVM_RUN is
+        issued by a thread of this process, the thread needs the interpreter for a moment
+        first, and a caller that keeps it (the event loop going on after a resume) held the
+        vCPU back (the GIL's switch interval is 5 ms). Backends without such a thread: True."""
+        ...
+
     def kick(self) -> None:
         """Make the KVM_RUN in flight end at once and the next ones not enter the guest
         (kvm_run.immediate_exit, plus whatever interrupts a running vCPU), until `unkick`."""

@@ -74,6 +74,9 @@ class KvmstubVcpu:
     def run_in_flight(self) -> bool:
         return self._vcpu.run_in_flight
 
+    def wait_entered(self, timeout: float) -> bool:
+        return True  # the request went out in `start_run`: kvmstub's daemon runs it
+
     def kick(self) -> None:
         # kvmstub checks kvm_run's immediate_exit between guest steps: a slice in flight ends
         # at its next step and queued KVM_RUNs only deliver their completions.

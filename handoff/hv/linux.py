@@ -417,6 +417,8 @@ class _RunThread:
         self._notify: Callable[[], None] = lambda: None
         self._job: Callable[[], None] | None = None
         self._go = threading.Semaphore(0)
+        # Held while a KVM_RUN asked by `go` is not yet issued (`arm`, `wait_entered`).
+        self._entered = threading.Lock()
         self.thread = threading.Thread(target=self._main, name=name, daemon=True)
         self.thread.start()
         ident = self.thread.ident
@@ -425,7 +427,16 @@ class _RunThread:
 
     def go(self, notify: Callable[[], None]) -> None:
         self._notify = notify
+        self._entered.acquire(blocking=False)  # armed: released as the KVM_RUN is issued
         self._go.release()
+
+    def wait_entered(self, timeout: float) -> bool:
+        """Until the KVM_RUN asked by the last `go` is issued, at most `timeout` seconds, with
+        the GIL released (a lock's acquire)."""
+        if not self._entered.acquire(timeout=max(timeout, 0.0)):
+            return False
+        self._entered.release()
+        return True
 
     def do(self, job: Callable[[], None]) -> None:
         """Run `job` on this thread next (its vCPU is stopped: no KVM_RUN in flight)."""
@@ -445,6 +456,9 @@ class _RunThread:
                 return
             self.in_kvm_run = True
             self.enter_ns = now()
+            entered = self._entered
+            if entered.locked():
+                entered.release()
             ret = ioctl(fd, request, 0)
             self.exit_ns = now()
             self.in_kvm_run = False
@@ -674,6 +688,10 @@ class LinuxVcpu:
             (why,) = _U64.unpack_from(run, abi.RUN_FAIL_ENTRY)
             log.error("vCPU %d: VM entry failed, hardware reason %#x", self.index, why)
         return Exit(reason)
+
+    def wait_entered(self, timeout: float) -> bool:
+        thread = self._thread
+        return thread is None or not self._in_flight or thread.wait_entered(timeout)
 
     def kick(self) -> None:
         self.times = {"kick": time.monotonic_ns()}

@@ -107,6 +107,9 @@ class ModelVcpu:
     def start_run(self) -> bool:
         return False
 
+    def wait_entered(self, timeout: float) -> bool:
+        return True
+
     def kick(self) -> None:
         self._kicked = True
 
