@@ -8,6 +8,7 @@ guest keeps in registers: the rest of its state is guest memory, which a handoff
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -15,7 +16,7 @@ import msgspec
 
 from kvmstub import client, guest, uapi
 
-from .base import PeerVm, SevLaunch, StateMismatch, VcpuState, VmState, check_state
+from .base import ExitView, PeerVm, SevLaunch, StateMismatch, VcpuState, VmState, check_state
 
 NAME = "kvmstub"
 STATE_VERSION = 1  # VcpuState.blob: msgpack of kvmstub.uapi.Regs
@@ -73,6 +74,9 @@ class KvmstubVcpu:
     @property
     def run_in_flight(self) -> bool:
         return self._vcpu.run_in_flight
+
+    def serve_exits_on_thread(self, handler: Callable[[ExitView], bool] | None) -> bool:
+        return False
 
     def wait_entered(self, timeout: float) -> bool:
         return True  # the request went out in `start_run`: kvmstub's daemon runs it

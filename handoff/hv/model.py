@@ -16,13 +16,14 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 import trio
 
 from kvmstub import model, uapi
 
-from .base import PeerVm, SevLaunch, VcpuState, VmState, no_polling
+from .base import ExitView, PeerVm, SevLaunch, VcpuState, VmState, no_polling
 from .kvmstub import (
     SEV_API,
     refuse_vm_state,
@@ -105,6 +106,9 @@ class ModelVcpu:
         return False
 
     def start_run(self) -> bool:
+        return False
+
+    def serve_exits_on_thread(self, handler: Callable[[ExitView], bool] | None) -> bool:
         return False
 
     def wait_entered(self, timeout: float) -> bool:

@@ -47,6 +47,10 @@ log = logging.getLogger("handoff.vmm")
 
 _NONZERO = re.compile(rb"[^\x00]")
 
+_THREAD_PORTS = frozenset(
+    {witness.SERIAL_PORT, witness.DOORBELL_OUT_PORT, witness.DOORBELL_IN_PORT}
+)  # the port I/O a vCPU's own thread may serve (`VcpuRunner._serve_on_thread`)
+
 RESUME_ENTRY_WAIT_S = 0.002
 """How long a resume waits at most for the vCPUs' KVM_RUNs to be issued (`Vcpu.wait_entered`)."""
 
@@ -162,6 +166,7 @@ class VcpuRunner:
         self.pending = False  # an exit whose completion the kernel has not taken yet
         self.exits = 0
         self.parked = False  # waiting in the gate: `Vmm.resume` may start its KVM_RUN
+        self._on_thread: Vcpu | None = None  # the vCPU whose thread serves our exits
         self.idle_s = 0.0  # the guest asked to idle this long before its next step
 
     @property
@@ -185,6 +190,9 @@ class VcpuRunner:
     async def loop(self, gate: RunGate) -> None:
         try:
             while True:
+                if self._on_thread is not self.vcpu:  # (a reclaim brings fresh vCPUs)
+                    self._on_thread = self.vcpu
+                    self.vcpu.serve_exits_on_thread(self._serve_on_thread)
                 # A KVM_RUN that `Vmm.resume` started is taken first, even if a pause came
                 # meanwhile: the kick ends it at once.
                 if gate.pause_requested and not self.vcpu.run_in_flight:
@@ -223,6 +231,31 @@ class VcpuRunner:
         finally:
             gate.retire()
 
+    def _serve_on_thread(self, exit_: ExitView) -> bool:
+        """Serve an exit on the backend's KVM_RUN thread (`Vcpu.serve_exits_on_thread`), which
+        then runs the guest on at once: the guest's steady port I/O (serial, doorbell), unless
+        a pause is asked. Measured on the real KVM, each exit's trip to the event loop and
+        back cost 0.2 to 0.4 ms of the guest's time, and a handoff's pause as the guest sees
+        it holds one such trip. Anything else (idling, hypercalls, MSRs, shutdown) goes to
+        `loop` as ever."""
+        io = exit_.io
+        if exit_.exit_reason != _EXIT_IO or io is None or io.port not in _THREAD_PORTS:
+            return False
+        if self.vmm.gate.pause_requested:
+            return False
+        devices = self.vmm.devices
+        data = devices.handle_io(self.index, io)
+        if data is not None:
+            self.vcpu.complete_io(data)
+        self.exits += 1
+        self._report_panic()
+        return True
+
+    def _report_panic(self) -> None:
+        panic = self.vmm.devices.serial.panicked
+        if panic and self.vmm.status != "guest-panicked":
+            log.error("guest: %s", panic)
+
     def _serve(self, exit_: ExitView) -> bool:
         self.exits += 1
         reason = exit_.exit_reason
@@ -239,9 +272,7 @@ class VcpuRunner:
             if data is not None:
                 self.vcpu.complete_io(data)
             self.pending = True
-            panic = self.vmm.devices.serial.panicked
-            if panic and self.vmm.status != "guest-panicked":
-                log.error("guest: %s", panic)
+            self._report_panic()
             return True
         if reason == _EXIT_HYPERCALL and exit_.hypercall is not None:
             hc = exit_.hypercall
