@@ -381,7 +381,13 @@ class RemoteTarget:
             assert held is not None  # operator_outcome acts only on a held guest
             log.warning("operator's decision %r for the held guest: %s", decision, plan.why)
             if plan.recovery is Recovery.FINISH_AND_RUN:
-                await self._finish_and_run(held)
+                try:
+                    await self._finish_and_run(held)
+                except (HandoffError, OSError) as exc:
+                    # Told to the operator (QMP's error) as well as where the source's commit
+                    # would have reported it.
+                    self._operator_error = f"the held guest could not be finished here: {exc}"
+                    raise
                 return True
             self._tear_down()
             return False

@@ -424,15 +424,24 @@ def _outcome(
 
 def status_main(control: str, as_json: bool) -> int:
     try:
-        status, name, handoff = trio.run(
-            lambda: query(control, "query-status", "query-name", "query-handoff")
+        status, name, handoff, migration = trio.run(
+            lambda: query(control, "query-status", "query-name", "query-handoff", "query-migrate")
         )
     except QMPError as exc:
         print(f"handoff status: {exc}", file=sys.stderr)
         return 1
     if as_json:
-        print(json.dumps({"status": status, "name": name, "handoff": handoff}, sort_keys=True))
+        out = {"status": status, "name": name, "handoff": handoff, "migration": migration}
+        print(json.dumps(out, sort_keys=True))
         return 0
+    if migration.get("status") == "held":
+        print(
+            f"VM {name['name']}: a migrated guest HELD here in doubt (session "
+            f"{migration.get('session') or '?'}): received whole, its source's decision never "
+            "came. The source delivers it when it reconnects; if the source host is gone, "
+            f"fence it, then `handoff resolve {name['name']} --finish --source-fenced` (or "
+            "`--give-up`)"
+        )
     print(
         f"VM {name['name']}: {status['status']} (pid {status.get('pid')}, "
         f"{status.get('mode')} on {status.get('hypervisor', 'kvmstub')}, "

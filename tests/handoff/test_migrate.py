@@ -742,6 +742,8 @@ async def test_a_target_whose_source_died_in_doubt_is_finished_or_given_up_by_th
         while "holding the received guest" not in target.log():
             await trio.sleep(0.05)
     assert (await target.qmp("query-migrate"))["status"] == "held"
+    status = await trio.to_thread.run_sync(_handoff, "status", "--control", target.control)
+    assert "HELD here in doubt" in status.stdout and "--source-fenced" in status.stdout, status
     assert b.vm_states() == ["RUPDATE"]  # received whole, unrunnable
     no_guest_left(a)  # the source's VM died with its VMM
 
