@@ -52,7 +52,28 @@ def say(text: str = "") -> None:
     print(text, flush=True)
 
 
-class Demo:
+class _Checks:
+    """A demo's checks: each printed as it is made, the failed ones kept for the verdict."""
+
+    failures: list[str]
+
+    def check(self, what: str, ok: bool, detail: str) -> None:
+        say(f"  [{'ok' if ok else 'FAIL'}] {what}: {detail}")
+        if not ok:
+            self.failures.append(f"{what}: {detail}")
+
+    def verdict(self, part: str, ok_text: str) -> int:
+        """DEMO OK, or DEMO FAILED with every failed check; the exit status."""
+        if self.failures:
+            say(f"\nDEMO FAILED{part}:")
+            for f in self.failures:
+                say(f"  - {f}")
+            return 1
+        say(f"\nDEMO OK{part}: {ok_text}")
+        return 0
+
+
+class Demo(_Checks):
     def __init__(self, workdir: str, mode: str, vcpus: int, memory: int) -> None:
         self.dir = workdir
         self.mode = mode
@@ -245,13 +266,9 @@ class Demo:
         for title, pause, downtime in self.pauses:
             p = "?" if pause is None else f"{pause / 1000:.3f} ms"
             say(f"  {title:55s} {p:>10s}   (source-side {downtime:.3f} ms)")
-        if self.failures:
-            say("\nDEMO FAILED:")
-            for f in self.failures:
-                say(f"  - {f}")
-            return 1
-        say("\nDEMO OK: the guest survived every handoff, nothing was copied, nothing leaked.")
-        return 0
+        return self.verdict(
+            "", "the guest survived every handoff, nothing was copied, nothing leaked."
+        )
 
     def check_guest(self) -> None:
         """The guest's own lines whole, and the same memory in every VMM."""
@@ -277,11 +294,6 @@ class Demo:
                 await trio.sleep(0.05)
         alive = [p for p in self.pids if pid_alive(p)]
         self.check("no VMM process left after quit", not alive, f"pids {self.pids}")
-
-    def check(self, what: str, ok: bool, detail: str) -> None:
-        say(f"  [{'ok' if ok else 'FAIL'}] {what}: {detail}")
-        if not ok:
-            self.failures.append(f"{what}: {detail}")
 
     def stop_kvmstub(self) -> None:
         if self.kvmstub is not None and self.kvmstub.poll() is None:
@@ -317,7 +329,7 @@ def _sockets(root: str) -> list[str]:
     return out
 
 
-class CrossHostDemo:
+class CrossHostDemo(_Checks):
     """Cross-host migration of an SEV guest: two kvmstub daemons play two hosts (each its own
     SEV platform, both under one simulated AMD root), the VMMs talk mutual TLS on 127.0.0.2
     and 127.0.0.3 with certificates from a throwaway CA (`handoff.transport.pki`)."""
@@ -489,18 +501,9 @@ class CrossHostDemo:
         left = _sockets(self.dir)
         self.check("no socket left on either host", not left, ", ".join(left) or "none")
         say(f"  (cross-host part: {time.monotonic() - t0:.1f} s)")
-        if self.failures:
-            say("\nDEMO FAILED (cross-host):")
-            for f in self.failures:
-                say(f"  - {f}")
-            return 1
-        say("\nDEMO OK (cross-host): the SEV guest moved hosts; one copy ran at every instant.")
-        return 0
-
-    def check(self, what: str, ok: bool, detail: str) -> None:
-        say(f"  [{'ok' if ok else 'FAIL'}] {what}: {detail}")
-        if not ok:
-            self.failures.append(f"{what}: {detail}")
+        return self.verdict(
+            " (cross-host)", "the SEV guest moved hosts; one copy ran at every instant."
+        )
 
     def cleanup(self) -> None:
         for proc in self.vmms:
@@ -593,13 +596,9 @@ class KvmDemo(Demo):
         for title, pause, downtime in self.pauses:
             p = "?" if pause is None else f"{pause / 1000:.3f} ms"
             say(f"  {title:55s} {p:>10s}   (source-side {downtime:.3f} ms)")
-        if self.failures:
-            say("\nDEMO FAILED (real KVM):")
-            for f in self.failures:
-                say(f"  - {f}")
-            return 1
-        say("\nDEMO OK (real KVM): the x86 guest survived every handoff, nothing was copied.")
-        return 0
+        return self.verdict(
+            " (real KVM)", "the x86 guest survived every handoff, nothing was copied."
+        )
 
 
 def demo_main(workdir: str | None, mode: str, vcpus: int, memory: int) -> int:

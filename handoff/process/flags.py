@@ -511,8 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
         "socket), nobody (the old VMM died before Switchover, or the successor after it "
         "resumed the guest: both processes are gone), or 'outcome unknown' with where to look.",
     )
-    up.add_argument("target", nargs="?", help="VM name (control socket in the runtime dir)")
-    up.add_argument("--control", help="QMP control socket of the running VMM")
+    _vm_arguments(up, "running")
     up.add_argument(
         "--set",
         action="append",
@@ -542,8 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(SEND_CANCEL): the guest keeps running here, untouched. An SEV-ES or NOSEND guest is "
         "refused before anything is sent.",
     )
-    mg.add_argument("target", nargs="?", help="VM name (control socket in the runtime dir)")
-    mg.add_argument("--control", help="QMP control socket of the running VMM")
+    _vm_arguments(mg, "running")
     mg.add_argument("--to", required=True, metavar="tcp:HOST:PORT", help="the target VMM")
     mg.add_argument(
         "--downtime-limit",
@@ -593,8 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--finish makes two copies of the guest run. Refused while a source is connected, "
         "or when nothing is held.",
     )
-    rs.add_argument("target", nargs="?", help="VM name (control socket in the runtime dir)")
-    rs.add_argument("--control", help="QMP control socket of the target VMM")
+    _vm_arguments(rs, "target")
     how = rs.add_mutually_exclusive_group(required=True)
     how.add_argument("--finish", action="store_true", help="run the held guest here")
     how.add_argument("--give-up", action="store_true", help="tear the held guest down")
@@ -606,8 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     rs.add_argument("--json", action="store_true", help="print one JSON result")
 
     st = sub.add_parser("status", help="show a VMM's state and its last handoff")
-    st.add_argument("target", nargs="?", help="VM name (control socket in the runtime dir)")
-    st.add_argument("--control", help="QMP control socket of the running VMM")
+    _vm_arguments(st, "running")
     st.add_argument("--json", action="store_true", help="print JSON")
 
     ls = sub.add_parser(
@@ -724,3 +720,9 @@ def check_run_args(run_args: Sequence[str]) -> None:
         raise ConfigError(lines[-1] if lines else "invalid run flags") from None
     guest_config(ns)
     host_flags(ns)
+
+
+def _vm_arguments(parser: argparse.ArgumentParser, which: str) -> None:
+    """The VM a command acts on: by name, or by its control socket."""
+    parser.add_argument("target", nargs="?", help="VM name (control socket in the runtime dir)")
+    parser.add_argument("--control", help=f"QMP control socket of the {which} VMM")
