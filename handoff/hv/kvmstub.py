@@ -8,7 +8,7 @@ guest keeps in registers: the rest of its state is guest memory, which a handoff
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -173,6 +173,9 @@ class KvmstubVm:
     async def sev_send_update_data(self, gpa: int) -> tuple[bytes, bytes]:
         return await self._vm.sev_send_update_data(gpa, uapi.PAGE_SIZE)
 
+    async def sev_send_update_data_batch(self, gpas: Sequence[int]) -> list[tuple[bytes, bytes]]:
+        return await self._vm.sev_send_update_data_batch(gpas, uapi.PAGE_SIZE)
+
     async def sev_send_finish(self) -> None:
         await self._vm.sev_send_finish()
 
@@ -184,6 +187,11 @@ class KvmstubVm:
 
     async def sev_receive_update_data(self, gpa: int, header: bytes, data: bytes) -> None:
         await self._vm.sev_receive_update_data(gpa, header, data)
+
+    async def sev_receive_update_data_batch(
+        self, packets: Sequence[tuple[int, bytes, bytes]]
+    ) -> None:
+        await self._vm.sev_receive_update_data_batch(packets)
 
     async def sev_receive_finish(self) -> None:
         await self._vm.sev_receive_finish()
