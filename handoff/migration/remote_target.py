@@ -18,17 +18,19 @@ finish and run, or give up; `remote.HELD_DECISIONS` decides both.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import msgspec
 import trio
 
 from handoff.errors import HandoffError, Refused
-from handoff.hv import VcpuState, fw_error, migration_vm, sev_platform
+from handoff.hv import SevMigrationVm, VcpuState, batch_index, fw_error, migration_vm, sev_platform
 from handoff.machine.devices import DeviceState
 from handoff.machine.vmm import Vmm
 from handoff.protocol import remote
@@ -47,6 +49,11 @@ log = logging.getLogger("handoff.migrate")
 
 #: How long the target waits for any one message of the source.
 ANSWER_TIMEOUT = 30.0
+#: Most encrypted pages given to RECEIVE_UPDATE_DATA in one submission (of those that
+#: arrived while the previous submission ran), and how many lists of messages that arrived
+#: together are read ahead of it.
+BATCH_PAGES = 16
+READ_AHEAD = 8
 
 
 class BurntSessions:
@@ -262,36 +269,108 @@ class RemoteTarget:
         except OSError as exc:
             await self._refuse(CancelCode.FIRMWARE, f"RECEIVE_START failed: {_fw(exc)}")
         self.emit({"status": "active", "session": conn.session_id.hex()})
-        while True:
-            message = await self._receive()
-            if isinstance(message, remote.EncryptedPage):
-                try:
-                    await vm.sev_receive_update_data(message.gpa, message.header, message.data)
-                except OSError as exc:
-                    await self._refuse(
-                        CancelCode.FIRMWARE,
-                        f"RECEIVE_UPDATE_DATA of the page at {message.gpa:#x} failed: "
-                        f"{_fw(exc)}; the target tears its copy down",
-                    )
-            elif isinstance(message, remote.SharedPage):
-                vmm.write_page(message.gpa, message.data)
-            elif isinstance(message, remote.DeviceState):
-                self.devices = message
-            elif isinstance(message, remote.VcpuState):
-                wire = message.state
-                state = VcpuState(backend=wire.backend, version=wire.version, blob=wire.blob)
-                try:
-                    vmm.hypervisor.check_state(state)
-                except ValueError as exc:
-                    await self._refuse(CancelCode.INCOMPATIBLE, str(exc))
-                self.states.append(state)
-            elif isinstance(message, remote.Finish):
-                break
+        await self._receive_stream(vm)
         await self._send(remote.Received(session=conn.session_id))
         self.held = conn
         commit = await self._receive()
         assert isinstance(commit, remote.Commit)
         await self._finish_and_run(conn)
+
+    async def _receive_stream(self, vm: SevMigrationVm) -> None:
+        """The rounds, the device state and the registers, up to `Finish`. A pipeline: one
+        task reads and checks frames (the protocol machine refuses a reordered, repeated or
+        retargeted page there, before the firmware sees it) while this one feeds the pages
+        already accepted to RECEIVE_UPDATE_DATA, those that arrived meanwhile submitted
+        together (one command per page, in order)."""
+        vmm = self.vmm
+        assert vmm.hypervisor is not None
+        accepted_in, accepted = trio.open_memory_channel[list[remote.Message | BaseException]](
+            READ_AHEAD
+        )
+        todo: collections.deque[remote.Message | BaseException] = collections.deque()
+        async with _one_failure(), trio.open_nursery() as nursery:
+            nursery.start_soon(self._read_stream, accepted_in)
+            while True:
+                if not todo:
+                    todo.extend(await accepted.receive())
+                message = todo.popleft()
+                if isinstance(message, BaseException):
+                    raise message
+                if isinstance(message, remote.EncryptedPage):
+                    pages = [message]
+                    while len(pages) < BATCH_PAGES:
+                        if not todo:
+                            try:
+                                todo.extend(accepted.receive_nowait())
+                            except trio.WouldBlock:
+                                break
+                        if not isinstance(todo[0], remote.EncryptedPage):
+                            break
+                        pages.append(todo.popleft())  # type: ignore[arg-type]
+                    await self._receive_pages(vm, pages)
+                elif isinstance(message, remote.SharedPage):
+                    vmm.write_page(message.gpa, message.data)
+                elif isinstance(message, remote.DeviceState):
+                    self.devices = message
+                elif isinstance(message, remote.VcpuState):
+                    wire = message.state
+                    state = VcpuState(backend=wire.backend, version=wire.version, blob=wire.blob)
+                    try:
+                        vmm.hypervisor.check_state(state)
+                    except ValueError as exc:
+                        await self._refuse(CancelCode.INCOMPATIBLE, str(exc))
+                    self.states.append(state)
+                elif isinstance(message, remote.Finish):
+                    return
+
+    async def _read_stream(
+        self, accepted: trio.MemorySendChannel[list[remote.Message | BaseException]]
+    ) -> None:
+        """The pipeline's first stage: the messages up to `Finish`, or what ended the
+        conversation, in lists of those that arrived together."""
+        async with accepted:
+            while True:
+                messages: list[remote.Message | BaseException] = []
+                try:
+                    message = await self._receive()
+                    messages.append(message)
+                    while not isinstance(message, remote.Finish):
+                        next_message = self._receive_buffered()
+                        if next_message is None:
+                            break
+                        message = next_message
+                        messages.append(message)
+                except (_Ended, OSError, HandoffError, remote.ProtocolError) as exc:
+                    messages.append(exc)
+                    await accepted.send(messages)
+                    return
+                await accepted.send(messages)
+                if isinstance(message, remote.Finish):
+                    return
+
+    def _receive_buffered(self) -> remote.Message | None:
+        """`_receive` of a frame that has already arrived, if one has (None: wait)."""
+        assert self.conn is not None and self.channel is not None
+        frame = self.channel.take_buffered()
+        if frame is None:
+            return None
+        message = self.conn.receive(frame)
+        if isinstance(message, Cancel):
+            raise _Ended(f"the source cancelled: {message.reason} ({message.code})")
+        assert not isinstance(message, PeerGone)  # only for the end of the stream
+        return message
+
+    async def _receive_pages(self, vm: SevMigrationVm, pages: list[remote.EncryptedPage]) -> None:
+        try:
+            await vm.sev_receive_update_data_batch([(p.gpa, p.header, p.data) for p in pages])
+        except OSError as exc:
+            index = batch_index(exc)
+            gpa = pages[index if index is not None else 0].gpa
+            await self._refuse(
+                CancelCode.FIRMWARE,
+                f"RECEIVE_UPDATE_DATA of the page at {gpa:#x} failed: {_fw(exc)}; the target "
+                "tears its copy down",
+            )
 
     async def _finish_and_run(self, conn: RemoteConnection) -> None:
         """RECEIVE_FINISH, the registers and devices, `Resumed` (if the connection is still
@@ -446,6 +525,25 @@ class RemoteTarget:
             vmm.vm = None
         vmm.status = "torn-down"
         self.outcome = "torn-down"
+
+
+@contextlib.asynccontextmanager
+async def _one_failure() -> AsyncIterator[None]:
+    """Around the page pipeline's nursery: its failure raised as itself, not in an exception
+    group (one stage fails, the other is cancelled), as the serial loop raised it."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        if len(leaves) != 1:
+            raise
+        raise leaves[0] from None
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
 
 
 def _fw(exc: OSError) -> str:
