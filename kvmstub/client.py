@@ -537,8 +537,8 @@ class Vm(_KvmFile):
     ) -> list[dict[str, int | bytes]]:
         """KVM_MEMORY_ENCRYPT_OP `(cmd, fields)` for each entry, in order, as that many
         `sev_ioctl` calls (`fields` None: the NULL `data` pointer), submitted together: one
-        request to kvmstub per `wire.MAX_BATCH` entries instead of one per ioctl. Returns
-        each one's output fields.
+        request to kvmstub for as many entries as fit one (`wire.MAX_BATCH`, a datagram),
+        instead of one per ioctl. Returns each one's output fields.
 
         Raises:
             OSError: the first entry that failed, exactly as `sev_ioctl` raises it, with
@@ -546,8 +546,7 @@ class Vm(_KvmFile):
                 of the entries before it, which ran); the entries after it did not run.
         """
         done: list[dict[str, int | bytes]] = []
-        for start in range(0, len(entries), wire.MAX_BATCH):
-            chunk = entries[start : start + wire.MAX_BATCH]
+        for chunk in _chunks(entries):
             request = wire.SevIoctlBatch(
                 self._next_id(), tuple(wire.SevBatchEntry(cmd, fields) for cmd, fields in chunk)
             )
@@ -700,6 +699,29 @@ class Vm(_KvmFile):
     async def memory_encrypt_unreg_region(self, addr: int, size: int) -> None:
         """KVM_MEMORY_ENCRYPT_UNREG_REGION."""
         await self._call(wire.UnregRegion(self._next_id(), addr, size), wire.Ok)
+
+
+def _chunks(
+    entries: Sequence[tuple[int, dict[str, int | bytes] | None]],
+) -> Iterator[Sequence[tuple[int, dict[str, int | bytes] | None]]]:
+    """`entries` in runs that each fit one request: at most MAX_BATCH entries, and blobs
+    (a page's header and ciphertext) well within a datagram."""
+    start = size = 0
+    for i, (_, fields) in enumerate(entries):
+        entry_size = 16 + sum(  # msgpack: the entry's array and command; each field's key,
+            len(k) + 10 + (len(v) if isinstance(v, bytes) else 0)  # header and value
+            for k, v in (fields or {}).items()
+        )
+        if i > start and (i - start == wire.MAX_BATCH or size + entry_size > _BATCH_BYTES):
+            yield entries[start:i]
+            start, size = i, 0
+        size += entry_size
+    if start < len(entries):
+        yield entries[start:]
+
+
+# What a batch's entries may take of a datagram (the rest: the request's own fields).
+_BATCH_BYTES: Final = wire.MAX_DATAGRAM - 4096
 
 
 def _send_update_fields(gpa: int, length: int, hdr_len: int) -> dict[str, int | bytes]:

@@ -26,7 +26,7 @@ from kvmstub.model import Host
 from kvmstub.platform import AmdRoot, Platform, PlatformKeys
 from kvmstub.uapi import PAGE_SIZE
 
-PAGES = 8
+PAGES = 40  # more than one request carries: 40 packets are about 170 KiB
 ROOT = AmdRoot()
 
 
@@ -108,13 +108,20 @@ async def test_a_batch_of_sends_is_the_pages_one_by_one(hosts: Hosts) -> None:
     packets = await src.sev_send_update_data_batch([i * PAGE_SIZE for i in range(PAGES)])
     assert [(len(h), len(t)) for h, t in packets] == [(52, PAGE_SIZE)] * PAGES
     assert len({h[4:20] for h, _ in packets}) == PAGES  # a fresh IV per packet, as per call
-    dst, _ = await receiver(hosts, session, policy)
+    one_by_one, _ = await receiver(hosts, session, policy)
     for i, (hdr, trans) in enumerate(packets):
-        await dst.sev_receive_update_data(i * PAGE_SIZE, hdr, trans)
-    await dst.sev_receive_finish()
-    for i in range(PAGES):
-        out = await dst.sev_ioctl(uapi.KVM_SEV_DBG_DECRYPT, src_uaddr=i * PAGE_SIZE, len=PAGE_SIZE)
-        assert out["data"] == page_of(i)
+        await one_by_one.sev_receive_update_data(i * PAGE_SIZE, hdr, trans)
+    together, _ = await receiver(hosts, session, policy)
+    await together.sev_receive_update_data_batch(
+        [(i * PAGE_SIZE, hdr, trans) for i, (hdr, trans) in enumerate(packets)]
+    )
+    for dst in (one_by_one, together):
+        await dst.sev_receive_finish()
+        for i in range(PAGES):
+            out = await dst.sev_ioctl(
+                uapi.KVM_SEV_DBG_DECRYPT, src_uaddr=i * PAGE_SIZE, len=PAGE_SIZE
+            )
+            assert out["data"] == page_of(i)
 
 
 async def test_a_failing_send_stops_the_batch_with_the_single_calls_error(hosts: Hosts) -> None:
@@ -149,7 +156,7 @@ async def test_a_tampered_packet_mid_batch_fails_there_and_the_rest_never_runs(
     packets = [
         (i * PAGE_SIZE, *await src.sev_send_update_data(i * PAGE_SIZE)) for i in range(PAGES)
     ]
-    bad = 3
+    bad = PAGES - 5  # in the second request of the batch: its index counts from the first
     gpa, hdr, trans = packets[bad]
     stream = list(packets)
     stream[bad] = (gpa, hdr, bytes([trans[0] ^ 1]) + trans[1:])
