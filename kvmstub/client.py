@@ -551,6 +551,42 @@ class Vm(_KvmFile):
         reply, _ = await self._call(request, wire.Ok)
         return dict(reply.fields or {})
 
+    async def sev_ioctl_batch(
+        self, entries: Sequence[tuple[int, dict[str, int | bytes] | None]]
+    ) -> list[dict[str, int | bytes]]:
+        """KVM_MEMORY_ENCRYPT_OP `(cmd, fields)` for each entry, in order, as that many
+        `sev_ioctl` calls (`fields` None: the NULL `data` pointer), submitted together: one
+        request to kvmstub for as many entries as fit one (`wire.MAX_BATCH`, a datagram),
+        instead of one per ioctl. Returns each one's output fields.
+
+        Raises:
+            OSError: the first entry that failed, exactly as `sev_ioctl` raises it, with
+                `batch_index` (its position in `entries`) and `batch_done` (the output fields
+                of the entries before it, which ran); the entries after it did not run.
+        """
+        done: list[dict[str, int | bytes]] = []
+        for chunk in _chunks(entries):
+            request = wire.SevIoctlBatch(
+                self._next_id(), tuple(wire.SevBatchEntry(cmd, fields) for cmd, fields in chunk)
+            )
+            reply, _ = await self._call(request, wire.BatchReply)
+            results = reply.results
+            last_type = type(results[-1]) if results else None
+            complete = len(results) == len(chunk) and last_type is wire.Ok
+            stopped = len(results) <= len(chunk) and last_type is wire.Error
+            if not (complete or stopped) or any(type(r) is not wire.Ok for r in results[:-1]):
+                raise OSError(errno.EPROTO, "kvmstub: a batch reply that does not fit its batch")
+            done += [dict(r.fields or {}) for r in results if type(r) is wire.Ok]
+            last = results[-1]
+            if isinstance(last, wire.Error):
+                try:
+                    _raise_for(last)
+                except OSError as err:
+                    err.batch_index = len(done)  # type: ignore[attr-defined]
+                    err.batch_done = done  # type: ignore[attr-defined]
+                    raise
+        return done
+
     # Cross-host SEV migration (the SEND_* and RECEIVE_* commands), as a VMM issues them.
     # Each is one KVM_MEMORY_ENCRYPT_OP (two for sev_send_start: the length query first);
     # failures are OSError with the kernel's errno, a firmware failure EIO with `fw_error`.
@@ -595,9 +631,27 @@ class Vm(_KvmFile):
             trans_uaddr=1,
             trans_len=length,
         )
-        hdr, trans = out["hdr"], out["trans"]
-        assert isinstance(hdr, bytes) and isinstance(trans, bytes)
-        return hdr, trans
+        return _packet_of(out)
+
+    async def sev_send_update_data_batch(
+        self, gpas: Sequence[int], length: int = uapi.PAGE_SIZE, hdr_len: int = 52
+    ) -> list[tuple[bytes, bytes]]:
+        """`sev_send_update_data` of each address in order, one KVM_SEV_SEND_UPDATE_DATA per
+        page as the kernel takes them, submitted together (`sev_ioctl_batch`): the (header,
+        ciphertext) of each. A failure raises as `sev_ioctl_batch` does, `batch_done` holding
+        the (header, ciphertext) of the pages before it."""
+        entries = [
+            (uapi.KVM_SEV_SEND_UPDATE_DATA, _send_update_fields(gpa, length, hdr_len))
+            for gpa in gpas
+        ]
+        try:
+            out = await self.sev_ioctl_batch(entries)
+        except OSError as err:
+            done = getattr(err, "batch_done", None)
+            if done is not None:
+                err.batch_done = [_packet_of(fields) for fields in done]  # type: ignore[attr-defined]
+            raise
+        return [_packet_of(fields) for fields in out]
 
     async def sev_send_finish(self) -> None:
         """KVM_SEV_SEND_FINISH: the source guest is SENT and never runs again."""
@@ -636,6 +690,23 @@ class Vm(_KvmFile):
             trans=trans,
         )
 
+    async def sev_receive_update_data_batch(
+        self, packets: Sequence[tuple[int, bytes, bytes]]
+    ) -> None:
+        """`sev_receive_update_data(gpa, hdr, trans)` of each packet in order, one
+        KVM_SEV_RECEIVE_UPDATE_DATA per page, submitted together (`sev_ioctl_batch`). A
+        failure raises as `sev_ioctl_batch` does: `batch_index` names the packet refused
+        (its page unchanged), and the packets after it were not received."""
+        await self.sev_ioctl_batch(
+            [
+                (
+                    uapi.KVM_SEV_RECEIVE_UPDATE_DATA,
+                    {"hdr": hdr, "guest_uaddr": gpa, "guest_len": len(trans), "trans": trans},
+                )
+                for gpa, hdr, trans in packets
+            ]
+        )
+
     async def sev_receive_finish(self) -> None:
         """KVM_SEV_RECEIVE_FINISH: the received guest is RUNNING."""
         await self.sev_ioctl(uapi.KVM_SEV_RECEIVE_FINISH)
@@ -647,6 +718,47 @@ class Vm(_KvmFile):
     async def memory_encrypt_unreg_region(self, addr: int, size: int) -> None:
         """KVM_MEMORY_ENCRYPT_UNREG_REGION."""
         await self._call(wire.UnregRegion(self._next_id(), addr, size), wire.Ok)
+
+
+def _chunks(
+    entries: Sequence[tuple[int, dict[str, int | bytes] | None]],
+) -> Iterator[Sequence[tuple[int, dict[str, int | bytes] | None]]]:
+    """`entries` in runs that each fit one request: at most MAX_BATCH entries, and blobs
+    (a page's header and ciphertext) well within a datagram."""
+    start = size = 0
+    for i, (_, fields) in enumerate(entries):
+        entry_size = 16 + sum(  # msgpack: the entry's array and command; each field's key,
+            len(k) + 10 + (len(v) if isinstance(v, bytes) else 0)  # header and value
+            for k, v in (fields or {}).items()
+        )
+        if i > start and (i - start == wire.MAX_BATCH or size + entry_size > _BATCH_BYTES):
+            yield entries[start:i]
+            start, size = i, 0
+        size += entry_size
+    if start < len(entries):
+        yield entries[start:]
+
+
+# What a batch's entries may take of a datagram (the rest: the request's own fields).
+_BATCH_BYTES: Final = wire.MAX_DATAGRAM - 4096
+
+
+def _send_update_fields(gpa: int, length: int, hdr_len: int) -> dict[str, int | bytes]:
+    return {
+        "hdr_uaddr": 1,
+        "hdr_len": hdr_len,
+        "guest_uaddr": gpa,
+        "guest_len": length,
+        "trans_uaddr": 1,
+        "trans_len": length,
+    }
+
+
+def _packet_of(out: dict[str, int | bytes]) -> tuple[bytes, bytes]:
+    """SEND_UPDATE_DATA's output fields: (packet header, transport ciphertext)."""
+    hdr, trans = out["hdr"], out["trans"]
+    assert isinstance(hdr, bytes) and isinstance(trans, bytes)
+    return hdr, trans
 
 
 def _is_open(fd: int) -> bool:

@@ -777,6 +777,9 @@ class Daemon:
                 fields = None if request.fields is None else dict(request.fields)
                 out = vm.sev_ioctl(pid, request.cmd, fields)
                 return wire.Ok(rid, 0, out), None
+            case wire.SevIoctlBatch():
+                assert vm is not None
+                return self._sev_batch(vm, request, pid), None
             case wire.RegRegion():
                 assert vm is not None
                 vm.reg_region(pid, request.addr, request.size)
@@ -798,6 +801,26 @@ class Daemon:
                 vcpu.set_regs(pid, wire.regs_from_wire(request.regs))
                 return wire.Ok(rid), None
         raise AssertionError(f"no handler for {type(request).__name__}")  # pragma: no cover
+
+    def _sev_batch(self, vm: Vm, request: wire.SevIoctlBatch, pid: int) -> wire.BatchReply:
+        """Each entry as its own KVM_MEMORY_ENCRYPT_OP (`SevIoctl` above: the same model
+        call, the same errors), in order, until the first that fails."""
+        rid = request.id
+
+        def one(cmd: int, fields: dict[str, int | bytes] | None) -> _Answer:
+            return wire.Ok(rid, 0, vm.sev_ioctl(pid, cmd, fields)), None
+
+        results: list[wire.Ok | wire.Error] = []
+        for entry in request.entries:
+            fields = None if entry.fields is None else dict(entry.fields)
+            answer = self._answer(request, partial(one, entry.cmd, fields))
+            assert isinstance(answer, tuple)
+            reply = answer[0]
+            assert isinstance(reply, wire.Ok | wire.Error)
+            results.append(reply)
+            if isinstance(reply, wire.Error):
+                break
+        return wire.BatchReply(rid, tuple(results))
 
     def _enable_cap(
         self,

@@ -26,6 +26,9 @@ MAX_DATAGRAM: Final = 128 * 1024
 # A reply too big for one datagram (statistics of many VMs with many vCPUs, a long
 # DBG_DECRYPT) travels in a memfd attached to a `Spilled` reply, up to this size.
 MAX_SPILLED: Final = 64 * 1024 * 1024
+# The most ioctls one `SevIoctlBatch` carries (a page's RECEIVE_UPDATE_DATA is about 4.2 KiB:
+# the datagram bounds a batch of those to about 30).
+MAX_BATCH: Final = 64
 # Ancillary space a receiver reserves for fds: more than any request declares (1), so that
 # "too many fds" is seen and refused instead of being silently cut (MSG_CTRUNC).
 MAX_FDS_RECEIVED: Final = 8
@@ -200,6 +203,25 @@ class SevIoctl(Request):
     fields: SevFields | None = None
 
 
+class SevBatchEntry(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_fields=True):
+    """One KVM_MEMORY_ENCRYPT_OP of a `SevIoctlBatch`: what a `SevIoctl` carries."""
+
+    cmd: U32
+    fields: SevFields | None = None
+
+
+class SevIoctlBatch(Request):
+    """kvmstub's own submission of several KVM_MEMORY_ENCRYPT_OPs on this VM fd in one
+    datagram, as a VMM thread would issue them one after another (io_uring's idea). The daemon
+    runs each entry exactly as the `SevIoctl` it stands for (the same checks, errno, firmware
+    status and side effects), in order, and stops at the first that fails -> `BatchReply`.
+    It saves the round trip per ioctl, which is a cost of simulating the kernel in another
+    process (a real ioctl is a system call): the kernel's semantics stay one ioctl at a time
+    (SEND/RECEIVE_UPDATE_DATA still move one page each)."""
+
+    entries: Annotated[tuple[SevBatchEntry, ...], msgspec.Meta(min_length=1, max_length=MAX_BATCH)]
+
+
 class RegRegion(Request):
     """KVM_MEMORY_ENCRYPT_REG_REGION (struct kvm_enc_region)."""
 
@@ -268,6 +290,7 @@ AnyRequest = (
     | EnableCap
     | SetMsrFilter
     | SevIoctl
+    | SevIoctlBatch
     | RegRegion
     | UnregRegion
     | SetCpuid2
@@ -291,6 +314,7 @@ VM_REQUESTS: Final[frozenset[type[Request]]] = frozenset(
         EnableCap,
         SetMsrFilter,
         SevIoctl,
+        SevIoctlBatch,
         RegRegion,
         UnregRegion,
     }
@@ -367,7 +391,24 @@ class Error(Reply):
     fields: SevFields | None = None
 
 
-AnyReply = Ok | NewObject | RunReply | RegsReply | DirtyLogReply | StatsReply | Spilled | Error
+class BatchReply(Reply):
+    """The answer to a `SevIoctlBatch`: one `Ok` for each entry that ran, in order, and, if
+    one failed, its `Error` last; the entries after it did not run."""
+
+    results: tuple[Ok | Error, ...]
+
+
+AnyReply = (
+    Ok
+    | NewObject
+    | RunReply
+    | RegsReply
+    | DirtyLogReply
+    | StatsReply
+    | Spilled
+    | Error
+    | BatchReply
+)
 
 
 # --- encoding -------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ import argparse
 import compileall
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -165,10 +166,16 @@ def _vmm(cfg: Config, workdir: Path, name: str, line_every: int) -> VmmProcess:
     if cfg.populated:
         extra.append("--x-prefault")
     env = {"PYTHONPATH": cfg.tree} if cfg.tree else None
-    return VmmProcess(
+    vmm = VmmProcess(
         workdir, workdir / "no-kvmstub.sock", name=name, mode="plain", vcpus=cfg.vcpus,
         memory=cfg.memory, line_every=line_every, extra=extra, env=env,
     )  # fmt: skip
+    STARTED.append(vmm)
+    return vmm
+
+
+STARTED: list[VmmProcess] = []
+"""Every VMM this run made: killed at the end whatever happened (`main`)."""
 
 
 async def _handoff(
@@ -357,6 +364,17 @@ def main() -> int:
     )
     p.add_argument("--json", help="write the raw figures here")
     args = p.parse_args()
+    # A SIGTERM (a timeout's, a CI's) ends the run like Ctrl-C, and `STARTED` are killed
+    # then: left alone, a busy guest kept a CPU after the benchmark was gone.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return _main(args)
+    finally:
+        for vmm in STARTED:
+            vmm.kill_all()
+
+
+def _main(args: argparse.Namespace) -> int:
     variants = []
     if args.alternate:
         key, _, values = args.alternate.partition("=")

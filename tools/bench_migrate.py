@@ -2,6 +2,7 @@
 
     python tools/bench_migrate.py                 # every table below
     python tools/bench_migrate.py --quick         # smaller populated guest for throughput
+    python tools/bench_migrate.py --only 4        # one table
 
 Two `kvmstub serve` daemons (two SEV platforms under one simulated AMD root), the source VMM
 and the target VMM (`--incoming tcp:127.0.0.3:PORT`) with mutual TLS, and QMP `migrate`:
@@ -13,9 +14,11 @@ and the target VMM (`--incoming tcp:127.0.0.3:PORT`) with mutual TLS, and QMP `m
    throttle of auto-converge per round; 32 vCPUs once more without auto-converge;
 3. a 64 GiB sparse guest against a 1 GiB guest with the same populated pages: total time,
    pre-copy and stop-and-copy, in alternation;
-4. private-page throughput through SEND/RECEIVE_UPDATE_DATA end to end: a guest whose memory
-   is fully populated (--x-prefault), MB/s of the pre-copy, and where the time goes: the
-   source's kvmstub round trips for SEND_UPDATE_DATA measured alone on a twin guest.
+4. private-page throughput through SEND/RECEIVE_UPDATE_DATA: end to end (a guest with that
+   many populated private pages, `migrate` between the two VMMs over TLS), MB/s of the first
+   pre-copy round and the CPU time per page of each of the four processes (where the time
+   goes); then in this process, through `handoff.hv`, one page per request and in pipelined
+   batches, with the time of each part.
 
 Markdown on stdout, progress on stderr. Figures only: nothing here asserts a speed.
 """
@@ -23,6 +26,7 @@ Markdown on stdout, progress on stderr. Figures only: nothing here asserts a spe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import sys
@@ -125,16 +129,132 @@ class Bench:
             target.kill_all()
 
 
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process so far (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _populate(pid: int, pages: int) -> None:
+    """Write `pages` pages of the VMM's guest memory (slot 0, from 1 MiB up) through
+    /proc/PID/fd, as a guest that used its memory would have: they are then populated and
+    private (the memfd of an SEV guest holds what the memory controller stores)."""
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        path = f"/proc/{pid}/fd/{name}"
+        with contextlib.suppress(OSError):
+            if "slot0" not in os.readlink(path):
+                continue
+            fd = os.open(path, os.O_RDWR)
+            try:
+                for i in range(pages):
+                    os.pwrite(fd, os.urandom(16) * 256, (256 + i) * 4096)
+            finally:
+                os.close(fd)
+            return
+    raise RuntimeError(f"no guest memory found in process {pid}")
+
+
+async def end_to_end(bench: Bench, pages: int) -> dict[str, Any]:
+    """`handoff migrate` of a guest with `pages` populated private pages (and its own), two
+    VMMs over mutual TLS: the result, the wall time of the migration and the CPU seconds
+    each of the four processes spent in it."""
+    bench.n += 1
+    common: dict[str, Any] = dict(
+        name="vm", mode="sev", vcpus=2, memory=f"{pages * 4 // 1024 + 64}M", line_every=200,
+        flip_every=10,
+    )  # fmt: skip
+    src_dir, dst_dir = bench.work / f"s{bench.n}", bench.work / f"t{bench.n}"
+    src_dir.mkdir()
+    dst_dir.mkdir()
+    source = VmmProcess(src_dir, bench.daemons[0].socket, extra=tls(bench.pki["source"]), **common)
+    address = f"tcp:{TARGET_HOST}:{free_port()}"
+    target = VmmProcess(
+        dst_dir,
+        bench.daemons[1].socket,
+        extra=("--incoming", address, *tls(bench.pki["target"])),
+        **common,
+    )
+    bench.vmms += [source, target]
+    try:
+        source.start(timeout=120)
+        await source.wait_lines(2)
+        assert source.process is not None
+        _populate(source.process.pid, pages)
+        target.start(timeout=120)
+        assert target.process is not None
+        procs = {
+            "kvmstub A (source host: SEND_UPDATE_DATA, and the guest runs there)": (
+                bench.daemons[0].process.pid
+            ),
+            "source VMM (batches, frames, TLS)": source.process.pid,
+            "target VMM (TLS, frame checks, batches)": target.process.pid,
+            "kvmstub B (target host: RECEIVE_UPDATE_DATA)": bench.daemons[1].process.pid,
+        }
+        # The guest runs on the source: what its host's processes spend on it alone.
+        idle = {name: _cpu_seconds(pid) for name, pid in procs.items()}
+        await trio.sleep(1.0)
+        before = {name: _cpu_seconds(pid) for name, pid in procs.items()}
+        idle = {name: before[name] - idle[name] for name in procs}
+        t0 = time.perf_counter()
+        async with await QMPClient.connect(source.control) as qmp:
+            await qmp.execute("migrate", {"uri": address, "downtime-limit": 50})
+            while True:
+                data = dict((await qmp.next_event("MIGRATION")).data)
+                if data.get("status") in ("completed", "failed", "cancelled"):
+                    break
+        wall = time.perf_counter() - t0
+        cpu = {name: _cpu_seconds(pid) - before[name] for name, pid in procs.items()}
+        if data["status"] != "completed":
+            raise RuntimeError(f"migration {data}\n{source.log()}\n{target.log()}")
+        return {"result": data, "wall": wall, "cpu": cpu, "idle": idle}
+    finally:
+        source.kill_all()
+        target.kill_all()
+
+
 async def throughput(bench: Bench, pages: int) -> str:
-    """SEND_UPDATE_DATA -> frame -> RECEIVE_UPDATE_DATA for `pages` private pages, in this
-    process through `handoff.hv` (both daemons do the firmware's crypto), with the time of
-    each part: where the time goes."""
+    """Private pages through SEND_UPDATE_DATA -> frame -> RECEIVE_UPDATE_DATA: end to end
+    (two VMMs, TLS, the guest running on the source), with the CPU time of each process per
+    page; then in this process through `handoff.hv` (both daemons do the firmware's crypto),
+    one page per request as before and in batches, with the time of each part."""
+    out = []
+    runs = [await end_to_end(bench, pages) for _ in range(2)]
+    for run in runs:
+        r = run["result"]
+        precopy_s = r["phases"]["precopy"] / 1e3
+        sent = r["pages-per-round"][0]
+        rows: list[list[Any]] = [
+            [
+                name,
+                round(seconds, 2),
+                round(seconds / r["pages"] * 1e6, 1),
+                f"{run['idle'][name]:.0%}",
+            ]
+            for name, seconds in run["cpu"].items()
+        ]
+        total = sum(run["cpu"].values())
+        idle = sum(run["idle"].values())
+        rows.append(
+            ["all four", round(total, 2), round(total / r["pages"] * 1e6, 1), f"{idle:.0%}"]
+        )
+        out.append(
+            f"\n## Private-page throughput end to end: {sent * 4096 / 1e6 / precopy_s:.1f} MB/s "
+            f"(pre-copy round 1: {sent} pages in {precopy_s:.2f} s of {run['wall']:.2f} s; "
+            f"two VMMs, mutual TLS, the guest running)\n\n"
+            + table(["process", "CPU seconds", "µs per page", "CPU before, guest alone"], rows)
+        )
+    out.append(await in_process(bench, pages))
+    return "\n".join(out)
+
+
+async def in_process(bench: Bench, pages: int) -> str:
     import uuid as uuid_
 
     from handoff.hv import migration_vm, sev_platform
     from handoff.machine.config import GuestConfig, HostFlags
     from handoff.machine.vmm import Vmm
-    from handoff.migration.remote_source import describe
+    from handoff.migration.remote_source import BATCH_PAGES, describe
     from handoff.protocol import remote
 
     cfg = GuestConfig(
@@ -173,41 +293,78 @@ async def throughput(bench: Bench, pages: int) -> str:
         start = remote.SendStart(session=session, source_pdh=source_pdh, policy=policy)
         t_conn.receive(s_conn.send(start))
         t_conn.receive(s_conn.send(remote.Round(round=1)))
+        gpas = [(256 + i) * 4096 for i in range(pages)]
+        single = gpas[: pages // 4]
         results = []
-        half = pages // 2
-        for poll, span in ((0.0, range(half)), (POLL_S, range(half, pages))):
-            send_s = recv_s = frame_s = 0.0
-            t0 = time.perf_counter()
-            with source.hypervisor.polling(poll), target.hypervisor.polling(poll):
-                for i in span:
-                    gpa = (256 + i) * 4096
+
+        # One page per request, as before batching.
+        send_s = recv_s = frame_s = 0.0
+        t0 = time.perf_counter()
+        for gpa in single:
+            a = time.perf_counter()
+            header, data = await src.sev_send_update_data(gpa)
+            b = time.perf_counter()
+            message = t_conn.receive(s_conn.send(s_conn.encrypted_page(gpa, header, data)))
+            c = time.perf_counter()
+            assert isinstance(message, remote.EncryptedPage)
+            await dst.sev_receive_update_data(gpa, message.header, message.data)
+            d = time.perf_counter()
+            send_s, frame_s, recv_s = send_s + b - a, frame_s + c - b, recv_s + d - c
+        results.append(("one page per request, serial", len(single), time.perf_counter() - t0,
+                        send_s, frame_s, recv_s))  # fmt: skip
+
+        # Batches, pipelined as the VMMs do: SEND of the next batch while the target
+        # RECEIVEs the previous one.
+        rest = gpas[len(single) :]
+        busy = {"send": 0.0, "frame": 0.0, "recv": 0.0}
+        ready_in, ready = trio.open_memory_channel[list[remote.EncryptedPage]](2)
+
+        async def fetch() -> None:
+            async with ready_in:
+                for i in range(0, len(rest), BATCH_PAGES):
+                    batch = rest[i : i + BATCH_PAGES]
                     a = time.perf_counter()
-                    header, data = await src.sev_send_update_data(gpa)
+                    packets = await src.sev_send_update_data_batch(batch)
                     b = time.perf_counter()
-                    frame = s_conn.send(s_conn.encrypted_page(gpa, header, data))
-                    message = t_conn.receive(frame)
+                    frames = [
+                        s_conn.send(s_conn.encrypted_page(gpa, h, d))
+                        for gpa, (h, d) in zip(batch, packets, strict=True)
+                    ]
+                    received = [t_conn.receive(f) for f in frames]
                     c = time.perf_counter()
-                    assert isinstance(message, remote.EncryptedPage)
-                    await dst.sev_receive_update_data(gpa, message.header, message.data)
-                    d = time.perf_counter()
-                    send_s, frame_s, recv_s = send_s + b - a, frame_s + c - b, recv_s + d - c
-            results.append((poll, len(span), time.perf_counter() - t0, send_s, frame_s, recv_s))
+                    busy["send"] += b - a
+                    busy["frame"] += c - b
+                    await ready_in.send(received)  # type: ignore[arg-type]
+
+        t0 = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fetch)
+            async for received in ready:
+                a = time.perf_counter()
+                await dst.sev_receive_update_data_batch(
+                    [(m.gpa, m.header, m.data) for m in received]
+                )
+                busy["recv"] += time.perf_counter() - a
+        wall = time.perf_counter() - t0
+        how = f"batches of {BATCH_PAGES}, pipelined"
+        results.append((how, len(rest), wall, busy["send"], busy["frame"], busy["recv"]))
     finally:
         for vmm in vmms:
             vmm.close()
     out = []
-    for poll, count, total, send_s, frame_s, recv_s in results:
+    for how, count, total, send_s, frame_s, recv_s in results:
         parts = [
-            ("SEND_UPDATE_DATA (request to kvmstub A and back)", send_s),
-            ("protocol frame: encode, check, decode", frame_s),
-            ("RECEIVE_UPDATE_DATA (request to kvmstub B and back)", recv_s),
+            ("SEND_UPDATE_DATA (requests to kvmstub A and back)", send_s),
+            ("protocol frames: encode, check, decode", frame_s),
+            ("RECEIVE_UPDATE_DATA (requests to kvmstub B and back)", recv_s),
         ]
-        rows: list[list[Any]] = [[name, round(t, 3), f"{t / total:.0%}"] for name, t in parts]
-        how = f"replies polled for {poll * 1e3:g} ms" if poll else "replies awaited in trio"
+        rows: list[list[Any]] = [
+            [name, round(t, 3), round(t / count * 1e6, 1), f"{t / total:.0%}"] for name, t in parts
+        ]
         out.append(
-            f"\n## Private-page throughput: {count} pages, {count * 4096 / 1e6 / total:.1f} MB/s "
-            f"({total:.2f} s; {how}; no TLS, one page per request as KVM)\n\n"
-            + table(["part", "seconds", "share"], rows)
+            f"\n## Private pages in this process: {how}: {count} pages, "
+            f"{count * 4096 / 1e6 / total:.1f} MB/s ({total:.2f} s; no TLS; the parts overlap "
+            "when pipelined)\n\n" + table(["part", "seconds", "µs per page", "share of wall"], rows)
         )
     return "\n".join(out)
 
@@ -218,10 +375,15 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(out)
 
 
-async def main(quick: bool) -> None:
+async def main(quick: bool, only: int | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-migrate-") as tmp:
         bench = Bench(Path(tmp))
         try:
+            if only == 4:
+                pages = 4096 if quick else 16384
+                say(f"4. private-page throughput: {pages} populated private pages")
+                print(await throughput(bench, pages))
+                return
             say("1. downtime, idle 1 GiB SEV guest")
             rows = []
             for _ in range(5):
@@ -284,7 +446,7 @@ async def main(quick: bool) -> None:
             print(table(header, rows3))
 
             pages = 4096 if quick else 16384
-            say(f"4. private-page throughput: {pages} populated private pages, in-process")
+            say(f"4. private-page throughput: {pages} populated private pages")
             print(await throughput(bench, pages))
         finally:
             bench.close()
@@ -293,8 +455,9 @@ async def main(quick: bool) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", type=int, choices=[4], help="only this table")
     ns = parser.parse_args()
     os.environ.setdefault("PYTHONPATH", str(Path(__file__).resolve().parent.parent))
     started = time.perf_counter()
-    trio.run(main, ns.quick)
+    trio.run(main, ns.quick, ns.only)
     say(f"done in {time.perf_counter() - started:.0f} s")

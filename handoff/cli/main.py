@@ -3,8 +3,10 @@
 handoff run      run a VMM (or, with --incoming, wait to take one over)
 handoff upgrade  replace a running VMM by a new process, the guest running throughout
 handoff migrate  migrate a running SEV guest to another host's VMM (mutual TLS)
+handoff resolve  finish or give up a guest a migration target holds, its source host fenced
 handoff status   show a VMM's state and its last handoff
 handoff list     every VM in the runtime directory (pid, version, shape, uptime, last pause)
+handoff tls-certs  a throwaway CA and host certificates, to try migration out
 handoff demo     the whole story on embedded defaults (what `make demo` runs)
 """
 
@@ -22,6 +24,7 @@ from handoff.process.flags import (
     guest_config,
     host_flags,
     migrate_args,
+    read_platform_ids,
     remote_flags,
     runtime_dir,
 )
@@ -93,6 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             tls = [ns.tls_cert, ns.tls_key, ns.tls_ca]
             extra_args = migrate_args(ns)
+            platforms = list(ns.target_platform)
+            if ns.target_platforms:
+                platforms += read_platform_ids(ns.target_platforms)
             return _flushed(
                 migrate_main(
                     control_path(ns),
@@ -102,9 +108,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                     ns.json,
                     ns.timeout,
                     ns.x_min_rounds,
-                    extra_args,
+                    target_platforms=platforms,
+                    extra_args=extra_args,
                 )
             )
+        if ns.command == "resolve":
+            from handoff.process.ops import resolve_main
+
+            if ns.finish and not ns.source_fenced:
+                raise ConfigError(
+                    "--finish runs the held guest here: only once the source host is fenced "
+                    "(powered off, or cut off for good), else a source that resumed the guest "
+                    "and this target run two copies; confirm with --source-fenced"
+                )
+            decision = "finish" if ns.finish else "give-up"
+            return _flushed(resolve_main(control_path(ns), decision, ns.source_fenced, ns.json))
         if ns.command == "status":
             from handoff.process.ops import status_main
 
@@ -113,6 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from handoff.process.ops import list_main
 
             return _flushed(list_main(runtime_dir(), ns.json, ns.prune))
+        if ns.command == "tls-certs":
+            from handoff.cli.certs import tls_certs_main
+
+            return _flushed(tls_certs_main(ns.out, ns.host, ns.days))
         if ns.command == "demo":
             from handoff.cli.demo import demo_main
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Protocol, runtime_checkable
@@ -173,6 +174,23 @@ class Vcpu(Protocol):
         vCPU's back to back). False where the backend cannot, or one is in flight."""
         ...
 
+    def serve_exits_on_thread(self, handler: Callable[[ExitView], bool] | None) -> bool:
+        """Where KVM_RUN is issued by a thread of this process, let that thread serve exits:
+        it calls `handler(exit)` (holding the GIL, between two KVM_RUNs) for each exit, and
+        on True issues the next KVM_RUN at once, which delivers the completion (`complete_io`
+        from the handler); on False the exit goes to `run` as usual. A kick still ends the
+        run: the next KVM_RUN returns EINTR to `run`. `None` stops it. Returns whether the
+        backend serves exits so (kvmstub's runs are served by its daemon: False)."""
+        ...
+
+    def wait_entered(self, timeout: float) -> bool:
+        """After `start_run`: wait, without holding the interpreter, until that KVM_RUN is
+        issued to the kernel or `timeout` seconds pass; whether it was. Where the KVM_RUN is
+        issued by a thread of this process, the thread needs the interpreter for a moment
+        first, and a caller that keeps it (the event loop going on after a resume) held the
+        vCPU back (the GIL's switch interval is 5 ms). Backends without such a thread: True."""
+        ...
+
     def kick(self) -> None:
         """Make the KVM_RUN in flight end at once and the next ones not enter the guest
         (kvm_run.immediate_exit, plus whatever interrupts a running vCPU), until `unkick`."""
@@ -296,6 +314,27 @@ def fw_error(exc: BaseException) -> int | None:
     return status if isinstance(status, int) else None
 
 
+def batch_index(exc: BaseException) -> int | None:
+    """Which command of a batch (`sev_send_update_data_batch`,
+    `sev_receive_update_data_batch`) an `OSError` is the failure of: its position in the list
+    (those before it ran, those after it did not). None: not a batch's failure."""
+    index = getattr(exc, "batch_index", None)
+    return index if isinstance(index, int) else None
+
+
+def batch_done(exc: BaseException) -> list[tuple[bytes, bytes]]:
+    """The packets `sev_send_update_data_batch` made before the command that failed."""
+    done = getattr(exc, "batch_done", None)
+    return list(done) if isinstance(done, list) else []
+
+
+def mark_batch_failure(exc: OSError, index: int, done: list[tuple[bytes, bytes]]) -> None:
+    """Mark `exc` as the failure of command `index` of a batch, after `done` (what
+    `batch_index` and `batch_done` read): for backends that run a batch as single calls."""
+    exc.batch_index = index  # type: ignore[attr-defined]
+    exc.batch_done = done  # type: ignore[attr-defined]
+
+
 @runtime_checkable
 class DirtyLogVm(Protocol):
     """KVM_MEM_LOG_DIRTY_PAGES and KVM_GET_DIRTY_LOG: which pages the guest wrote."""
@@ -331,6 +370,12 @@ class SevMigrationVm(DirtyLogVm, Protocol):
         """SEND_UPDATE_DATA of one private page: (52-byte packet header, ciphertext)."""
         ...
 
+    async def sev_send_update_data_batch(self, gpas: Sequence[int]) -> list[tuple[bytes, bytes]]:
+        """SEND_UPDATE_DATA of each page, in order: one command per page, as the kernel
+        takes them, which a backend may submit together. The packets, in order. A failure
+        is the failing command's `OSError`, with `batch_index()` and `batch_done()`."""
+        ...
+
     async def sev_send_finish(self) -> None: ...
 
     async def sev_send_cancel(self) -> None: ...
@@ -340,6 +385,14 @@ class SevMigrationVm(DirtyLogVm, Protocol):
         ...
 
     async def sev_receive_update_data(self, gpa: int, header: bytes, data: bytes) -> None: ...
+
+    async def sev_receive_update_data_batch(
+        self, packets: Sequence[tuple[int, bytes, bytes]]
+    ) -> None:
+        """RECEIVE_UPDATE_DATA of each (gpa, header, data), in order: one command per page,
+        which a backend may submit together. A failure is the failing command's `OSError`
+        with `batch_index()`: that page is unchanged, the packets after it not received."""
+        ...
 
     async def sev_receive_finish(self) -> None: ...
 

@@ -8,6 +8,7 @@ guest keeps in registers: the rest of its state is guest memory, which a handoff
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -15,7 +16,7 @@ import msgspec
 
 from kvmstub import client, guest, uapi
 
-from .base import PeerVm, SevLaunch, StateMismatch, VcpuState, VmState, check_state
+from .base import ExitView, PeerVm, SevLaunch, StateMismatch, VcpuState, VmState, check_state
 
 NAME = "kvmstub"
 STATE_VERSION = 1  # VcpuState.blob: msgpack of kvmstub.uapi.Regs
@@ -73,6 +74,12 @@ class KvmstubVcpu:
     @property
     def run_in_flight(self) -> bool:
         return self._vcpu.run_in_flight
+
+    def serve_exits_on_thread(self, handler: Callable[[ExitView], bool] | None) -> bool:
+        return False
+
+    def wait_entered(self, timeout: float) -> bool:
+        return True  # the request went out in `start_run`: kvmstub's daemon runs it
 
     def kick(self) -> None:
         # kvmstub checks kvm_run's immediate_exit between guest steps: a slice in flight ends
@@ -166,6 +173,9 @@ class KvmstubVm:
     async def sev_send_update_data(self, gpa: int) -> tuple[bytes, bytes]:
         return await self._vm.sev_send_update_data(gpa, uapi.PAGE_SIZE)
 
+    async def sev_send_update_data_batch(self, gpas: Sequence[int]) -> list[tuple[bytes, bytes]]:
+        return await self._vm.sev_send_update_data_batch(gpas, uapi.PAGE_SIZE)
+
     async def sev_send_finish(self) -> None:
         await self._vm.sev_send_finish()
 
@@ -177,6 +187,11 @@ class KvmstubVm:
 
     async def sev_receive_update_data(self, gpa: int, header: bytes, data: bytes) -> None:
         await self._vm.sev_receive_update_data(gpa, header, data)
+
+    async def sev_receive_update_data_batch(
+        self, packets: Sequence[tuple[int, bytes, bytes]]
+    ) -> None:
+        await self._vm.sev_receive_update_data_batch(packets)
 
     async def sev_receive_finish(self) -> None:
         await self._vm.sev_receive_finish()

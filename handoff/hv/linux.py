@@ -46,6 +46,7 @@ from guestprog import x86
 from . import linux_abi as abi
 from .abi import EXIT_IO, IO_OUT
 from .base import (
+    ExitView,
     PeerVm,
     SevLaunch,
     StateMismatch,
@@ -415,8 +416,17 @@ class _RunThread:
         self.enter_ns = 0  # CLOCK_MONOTONIC as the last KVM_RUN was issued, and as it returned
         self.exit_ns = 0
         self._notify: Callable[[], None] = lambda: None
+        # Serves an exit on this thread (True) so that the next KVM_RUN goes at once, without
+        # the trip to the event loop and back; see `LinuxVcpu.serve_exits_on_thread`.
+        self.serve: Callable[[], bool] | None = None
+        # Where the next `go`'s first KVM_RUN records its "enter" time (a resume's, see
+        # `LinuxVcpu.times`): from this thread, since with exits served here the event loop
+        # may not hear of that run for a long while.
+        self.record_enter: dict[str, int] | None = None
         self._job: Callable[[], None] | None = None
         self._go = threading.Semaphore(0)
+        # Held while a KVM_RUN asked by `go` is not yet issued (`arm`, `wait_entered`).
+        self._entered = threading.Lock()
         self.thread = threading.Thread(target=self._main, name=name, daemon=True)
         self.thread.start()
         ident = self.thread.ident
@@ -425,7 +435,16 @@ class _RunThread:
 
     def go(self, notify: Callable[[], None]) -> None:
         self._notify = notify
+        self._entered.acquire(blocking=False)  # armed: released as the KVM_RUN is issued
         self._go.release()
+
+    def wait_entered(self, timeout: float) -> bool:
+        """Until the KVM_RUN asked by the last `go` is issued, at most `timeout` seconds, with
+        the GIL released (a lock's acquire)."""
+        if not self._entered.acquire(timeout=max(timeout, 0.0)):
+            return False
+        self._entered.release()
+        return True
 
     def do(self, job: Callable[[], None]) -> None:
         """Run `job` on this thread next (its vCPU is stopped: no KVM_RUN in flight)."""
@@ -443,12 +462,22 @@ class _RunThread:
                 continue
             if self.closing:
                 return
-            self.in_kvm_run = True
-            self.enter_ns = now()
-            ret = ioctl(fd, request, 0)
-            self.exit_ns = now()
-            self.in_kvm_run = False
-            self.errno = ctypes.get_errno() if ret < 0 else 0
+            self.enter_ns = now()  # the first KVM_RUN of this `go`
+            record, self.record_enter = self.record_enter, None
+            if record is not None:
+                record["enter"] = self.enter_ns
+            while True:
+                self.in_kvm_run = True
+                entered = self._entered
+                if entered.locked():
+                    entered.release()
+                ret = ioctl(fd, request, 0)
+                self.exit_ns = now()
+                self.in_kvm_run = False
+                self.errno = ctypes.get_errno() if ret < 0 else 0
+                serve = self.serve
+                if ret < 0 or serve is None or self.closing or not serve():
+                    break
             with contextlib.suppress(trio.RunFinishedError):
                 self._notify()
 
@@ -613,6 +642,7 @@ class LinuxVcpu:
         self._in_flight = True
         if self._first_run:
             self.times["go"] = time.monotonic_ns()
+            thread.record_enter = self.times
         _Counter.requests += 1
         thread.go(lambda: token.run_sync_soon(done.set))
 
@@ -633,7 +663,6 @@ class LinuxVcpu:
             self.times["out"] = thread.exit_ns
         elif self._first_run:
             self._first_run = False
-            self.times["enter"] = thread.enter_ns
             self.times["first_exit"] = thread.exit_ns
         if self._fd < 0:
             raise OSError(errno.EBADF, "KVM_RUN: the vCPU was closed")
@@ -674,6 +703,24 @@ class LinuxVcpu:
             (why,) = _U64.unpack_from(run, abi.RUN_FAIL_ENTRY)
             log.error("vCPU %d: VM entry failed, hardware reason %#x", self.index, why)
         return Exit(reason)
+
+    def serve_exits_on_thread(self, handler: Callable[[ExitView], bool] | None) -> bool:
+        thread = self.start_thread()
+        if handler is None:
+            thread.serve = None
+            return True
+
+        def serve() -> bool:
+            # A kick (immediate_exit) makes the next KVM_RUN deliver this completion and
+            # return EINTR at once, which goes to `run` as ever: a pause never waits here.
+            return handler(self._exit())
+
+        thread.serve = serve
+        return True
+
+    def wait_entered(self, timeout: float) -> bool:
+        thread = self._thread
+        return thread is None or not self._in_flight or thread.wait_entered(timeout)
 
     def kick(self) -> None:
         self.times = {"kick": time.monotonic_ns()}

@@ -16,13 +16,22 @@ from __future__ import annotations
 import errno
 import itertools
 import os
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 
 import trio
 
 from kvmstub import model, uapi
 
-from .base import PeerVm, SevLaunch, VcpuState, VmState, no_polling
+from .base import (
+    ExitView,
+    PeerVm,
+    SevLaunch,
+    VcpuState,
+    VmState,
+    mark_batch_failure,
+    no_polling,
+)
 from .kvmstub import (
     SEV_API,
     refuse_vm_state,
@@ -106,6 +115,12 @@ class ModelVcpu:
 
     def start_run(self) -> bool:
         return False
+
+    def serve_exits_on_thread(self, handler: Callable[[ExitView], bool] | None) -> bool:
+        return False
+
+    def wait_entered(self, timeout: float) -> bool:
+        return True
 
     def kick(self) -> None:
         self._kicked = True
@@ -258,6 +273,16 @@ class ModelVm:
         assert isinstance(hdr, bytes) and isinstance(trans, bytes)
         return hdr, trans
 
+    async def sev_send_update_data_batch(self, gpas: Sequence[int]) -> list[tuple[bytes, bytes]]:
+        done: list[tuple[bytes, bytes]] = []
+        for index, gpa in enumerate(gpas):
+            try:
+                done.append(await self.sev_send_update_data(gpa))
+            except OSError as exc:
+                mark_batch_failure(exc, index, done)
+                raise
+        return done
+
     async def sev_send_finish(self) -> None:
         await trio.lowlevel.checkpoint()
         self._sev(uapi.KVM_SEV_SEND_FINISH)
@@ -284,6 +309,16 @@ class ModelVm:
             guest_len=len(data),
             trans=data,
         )
+
+    async def sev_receive_update_data_batch(
+        self, packets: Sequence[tuple[int, bytes, bytes]]
+    ) -> None:
+        for index, (gpa, header, data) in enumerate(packets):
+            try:
+                await self.sev_receive_update_data(gpa, header, data)
+            except OSError as exc:
+                mark_batch_failure(exc, index, [])
+                raise
 
     async def sev_receive_finish(self) -> None:
         await trio.lowlevel.checkpoint()

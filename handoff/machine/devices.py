@@ -11,6 +11,7 @@ import errno
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -292,6 +293,9 @@ class Devices:
     ) -> None:
         self.vcpus = vcpus
         self.serial = Serial(serial_log)
+        # Port I/O is served by the event loop and by vCPU threads (`VcpuRunner`): one at a
+        # time (the serial log's torn-line and counters are the devices' shared state).
+        self._io_lock = threading.Lock()
         self.restore(state or DeviceState())
 
     def restore(self, state: DeviceState) -> None:
@@ -318,7 +322,12 @@ class Devices:
         )
 
     def handle_io(self, vcpu: int, io: IoExitView) -> bytes | None:
-        """Serve one port I/O exit; return the IN data to hand back with the next KVM_RUN."""
+        """Serve one port I/O exit; return the IN data to hand back with the next KVM_RUN.
+        Any thread may call it."""
+        with self._io_lock:
+            return self._handle_io(vcpu, io)
+
+    def _handle_io(self, vcpu: int, io: IoExitView) -> bytes | None:
         if io.direction == abi.IO_OUT:
             if io.port == witness.SERIAL_PORT:
                 self.serial.write(io.data, vcpu)

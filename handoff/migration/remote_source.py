@@ -24,10 +24,11 @@ table, executed (`_recover`): no rules of its own here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +36,7 @@ import msgspec
 import trio
 
 from handoff.errors import HandoffError
-from handoff.hv import fw_error, migration_vm, sev_platform
+from handoff.hv import batch_done, fw_error, migration_vm, sev_platform
 from handoff.machine.vmm import Vmm
 from handoff.protocol import remote
 from handoff.protocol.local import MAX_TEXT_LENGTH, VcpuStateWire
@@ -57,6 +58,11 @@ PAGE = remote.PAGE_SIZE
 ANSWER_TIMEOUT = 30.0
 #: Rounds before stop-and-copy whatever is left (a guest that dirties faster than we send).
 MAX_PRECOPY_ROUNDS = 30
+#: Pages per batch of the page stream: one submission of SEND_UPDATE_DATAs to the kernel
+#: stand-in, one write of their frames (16 frames are about 68 KiB).
+BATCH_PAGES = 16
+#: Batches fetched ahead of the one being written.
+PIPELINE_BATCHES = 2
 #: Attempts (one a second) to deliver Commit on a new connection after the first one broke.
 COMMIT_ATTEMPTS = 10
 #: Auto-converge, after QEMU's (migration/ram.c, migration_trigger_throttle and
@@ -89,6 +95,9 @@ class MigrateOptions:
     downtime_limit_ms: float = 300.0
     answer_timeout: float = ANSWER_TIMEOUT
     max_rounds: int = MAX_PRECOPY_ROUNDS
+    #: The owner's allow-lists of target platform ids (the VM's `run --target-platform`, the
+    #: command's): each non-empty one must name the target's PDH (`remote.platform_id`).
+    target_platforms: tuple[tuple[str, ...], ...] = ()
     x_tamper_page: int | None = None
     x_record_frames: str | None = None
     auto_converge: bool = True
@@ -96,7 +105,9 @@ class MigrateOptions:
     throttle_increment: int = THROTTLE_INCREMENT
     throttle_max: int = THROTTLE_MAX
     x_min_rounds: int = 0  # tests: keep pre-copying this many rounds, 50 ms apart
-    x_break: str | None = None  # tests: cut the connection "after-received" / "after-send-finish"
+    # Tests: cut the connection "after-received" / "after-send-finish", or die there at once
+    # ("kill-after-received" / "kill-after-send-finish": SIGKILL, as a host that lost power).
+    x_break: str | None = None
     x_link_pages_per_s: float = 0.0  # tests: a pre-copy round sends no faster (a slow link)
 
     def __post_init__(self) -> None:
@@ -155,6 +166,7 @@ class MigrationResult:
     recovery: str = ""
     error: str = ""
     session: str = ""
+    target_platform: str = ""  # the target's platform id (its PDH's), once its chain arrived
 
     def to_qmp(self) -> dict[str, Any]:
         return {
@@ -174,6 +186,7 @@ class MigrationResult:
             "recovery": self.recovery,
             "error": self.error,
             "session": self.session,
+            "target-platform": self.target_platform,
         }
 
 
@@ -338,6 +351,21 @@ class RemoteSource:
                 f"the target took no data for {self.opts.answer_timeout:g} s"
             ) from None
 
+    async def _send_frames(self, frames: list[bytes]) -> None:
+        """Send frames the machine made (`conn.send`), in one write."""
+        assert self.conn is not None and self.channel is not None
+        if self._record is not None:
+            self._record.write(b"".join(len(f).to_bytes(4, "big") + f for f in frames))
+        try:
+            with trio.fail_after(self.opts.answer_timeout):
+                await self.channel.send_many(frames)
+        except trio.TooSlowError:
+            if self.conn.ended_in is None:
+                self.conn.give_up(Ending.TIMEOUT)
+            raise MigrationFailed(
+                f"the target took no data for {self.opts.answer_timeout:g} s"
+            ) from None
+
     async def _reader(self) -> None:
         """Reads the target's frames as they come, also while pages stream out: a target
         that cancels (a packet RECEIVE_UPDATE_DATA refused) or goes away stops the stream at
@@ -348,6 +376,10 @@ class RemoteSource:
             try:
                 item = self.conn.receive(await self.channel.receive())
             except (OSError, HandoffError, remote.ProtocolError) as exc:
+                if self.conn.ended_in is not None:
+                    # We ended it (a send that timed out closed the channel): an echo of our
+                    # failure, which the page pipeline may let us see before it unwinds.
+                    return
                 item = exc
             await self._inbox_in.send(item)
             if isinstance(item, Cancel | PeerGone | BaseException):
@@ -385,7 +417,9 @@ class RemoteSource:
         assert vmm.vm is not None and vmm.hypervisor is not None
         guest = describe(vmm)
         # NotMigratable (SEV-ES, NOSEND, plain) before a byte is sent.
-        self.conn = conn = RemoteConnection(Role.SOURCE, guest=guest)
+        self.conn = conn = RemoteConnection(
+            Role.SOURCE, guest=guest, allowed_platforms=opts.target_platforms
+        )
         vm = migration_vm(vm=vmm.vm, backend=vmm.hypervisor.name)
         platform = sev_platform(vmm.hypervisor)
         t = time.perf_counter()
@@ -397,7 +431,8 @@ class RemoteSource:
         await self._send(guest)
         chain = await self._receive()
         assert isinstance(chain, remote.PlatformChain)
-        refusal = conn.chain_refusal()
+        result.target_platform = remote.platform_id(chain)
+        refusal = conn.chain_refusal()  # the owner's allow-list, the policy: before SEND_START
         if refusal is not None:
             await self._send(refusal)
             raise MigrationFailed(refusal.reason)
@@ -429,6 +464,8 @@ class RemoteSource:
         assert isinstance(received, remote.Received)
         if opts.x_break == "after-received":
             self._cut("after Received")
+        if opts.x_break == "kill-after-received":
+            _die()
         result.phases["finish"] = (time.perf_counter() - t) * 1e3
 
         # The commit point: SEND_FINISH first; if it fails we are still SUPDATE.
@@ -439,6 +476,8 @@ class RemoteSource:
             except OSError as exc:
                 raise MigrationFailed(f"SEND_FINISH failed: {_fw(exc)}") from exc
             self.sent = True
+            if opts.x_break == "kill-after-send-finish":
+                _die()
             if opts.x_break == "after-send-finish":
                 conn.send(remote.Commit(session=conn.session_id))  # committed, never delivered
                 self._cut("after SEND_FINISH")
@@ -540,23 +579,62 @@ class RemoteSource:
     async def _send_pages(
         self, vm: Any, pages: list[int], shared_now: set[int], sent: set[int], sent_shared: set[int]
     ) -> None:
+        """Send `pages` in order: private ones through SEND_UPDATE_DATA, shared ones in
+        plaintext. A pipeline: the firmware's packets of the next batch are fetched (one
+        SEND_UPDATE_DATA per page, submitted together) while the frames of the previous one
+        go out, in one write per batch. Each page keeps its own frame (session, address,
+        sequence number), in the order of `pages`."""
         conn, result = self.conn, self.result
         assert conn is not None
-        for gpa in pages:
-            if gpa in shared_now:
-                message: remote.Message = conn.shared_page(gpa, self.vmm.read_page(gpa))
-                sent_shared.add(gpa)
-                result.shared_pages += 1
-            else:
-                header, data = await vm.sev_send_update_data(gpa)
-                if self.opts.x_tamper_page == conn.pages:
-                    data = bytes([data[0] ^ 1]) + data[1:]  # a test's bit flipped in flight
-                message = conn.encrypted_page(gpa, header, data)
-                sent_shared.discard(gpa)
-                result.private_pages += 1
-            sent.add(gpa)
-            await self._send(message)
-            result.pages += 1
+        batches = _batches(pages, shared_now)
+        ready_in, ready = trio.open_memory_channel[_Fetched](PIPELINE_BATCHES)
+        async with _one_failure(), trio.open_nursery() as nursery:
+            nursery.start_soon(self._fetch, vm, batches, ready_in)
+            async for shared, gpas, items, failure in ready:
+                frames: list[bytes] = []
+                for gpa, item in zip(gpas, items, strict=False):
+                    message: remote.Message
+                    if shared:
+                        assert isinstance(item, bytes)
+                        message = conn.shared_page(gpa, item)
+                        sent_shared.add(gpa)
+                        result.shared_pages += 1
+                    else:
+                        assert isinstance(item, tuple)
+                        header, data = item
+                        if self.opts.x_tamper_page == conn.pages:
+                            data = bytes([data[0] ^ 1]) + data[1:]  # a test's bit flipped
+                        message = conn.encrypted_page(gpa, header, data)
+                        sent_shared.discard(gpa)
+                        result.private_pages += 1
+                    sent.add(gpa)
+                    frames.append(conn.send(message))  # numbered in order, sent together
+                if frames:
+                    await self._send_frames(frames)
+                    result.pages += len(frames)
+                if failure is not None:
+                    raise failure
+
+    async def _fetch(
+        self,
+        vm: Any,
+        batches: list[tuple[bool, list[int]]],
+        ready: trio.MemorySendChannel[_Fetched],
+    ) -> None:
+        """The pipeline's first stage: each batch's packets (or plaintext), in order; a
+        SEND_UPDATE_DATA that fails ends it, after the packets made before it."""
+        async with ready:
+            for shared, gpas in batches:
+                if shared:
+                    plain = [self.vmm.read_page(gpa) for gpa in gpas]
+                    await ready.send((shared, gpas, plain, None))
+                    continue
+                try:
+                    packets = await vm.sev_send_update_data_batch(gpas)
+                except OSError as exc:
+                    await ready.send((shared, gpas, batch_done(exc), exc))
+                    return
+                await ready.send((shared, gpas, packets, None))
 
     async def _send_devices(self) -> None:
         vmm, conn = self.vmm, self.conn
@@ -709,6 +787,49 @@ class RemoteSource:
 
 
 _FAILURES = (OSError, HandoffError, remote.ProtocolError, trio.TooSlowError)
+
+#: A batch of the page stream, fetched: shared or not, its addresses, the plaintext pages or
+#: firmware packets (fewer than the addresses if a SEND_UPDATE_DATA failed), and that failure.
+_Fetched = tuple[bool, list[int], list[bytes] | list[tuple[bytes, bytes]], OSError | None]
+
+
+@contextlib.asynccontextmanager
+async def _one_failure() -> AsyncIterator[None]:
+    """Around a nursery of the page pipeline: its failure raised as itself, not in an
+    exception group (one stage fails, the other is cancelled), as the serial loop raised it."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        if len(leaves) != 1:
+            raise
+        raise leaves[0] from None
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def _batches(pages: list[int], shared_now: set[int]) -> list[tuple[bool, list[int]]]:
+    """`pages` cut, in order, into runs of shared or private pages of at most BATCH_PAGES."""
+    out: list[tuple[bool, list[int]]] = []
+    for gpa in pages:
+        shared = gpa in shared_now
+        if out and out[-1][0] is shared and len(out[-1][1]) < BATCH_PAGES:
+            out[-1][1].append(gpa)
+        else:
+            out.append((shared, [gpa]))
+    return out
+
+
+def _die() -> None:
+    """A test's dead source host (x_break kill-...): no decision, no goodbye."""
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _leaf(exc: BaseException) -> BaseException:

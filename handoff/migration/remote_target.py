@@ -11,22 +11,26 @@ and devices, `Resumed`, and only then the vCPUs run.
 
 What happens to the guest when the conversation ends early is the recovery table's row,
 executed (`_recover`): drop, tear down (the VM closed: DECOMMISSION, its ASID freed), hold (wait
-for the source's decision on a new connection), or finish and run.
+for the source's decision on a new connection), or finish and run. A held guest whose source
+host is dead waits for the operator instead (`operator_resolve`, once the host is fenced):
+finish and run, or give up; `remote.HELD_DECISIONS` decides both.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import msgspec
 import trio
 
-from handoff.errors import HandoffError
-from handoff.hv import VcpuState, fw_error, migration_vm, sev_platform
+from handoff.errors import HandoffError, Refused
+from handoff.hv import SevMigrationVm, VcpuState, batch_index, fw_error, migration_vm, sev_platform
 from handoff.machine.devices import DeviceState
 from handoff.machine.vmm import Vmm
 from handoff.protocol import remote
@@ -45,6 +49,11 @@ log = logging.getLogger("handoff.migrate")
 
 #: How long the target waits for any one message of the source.
 ANSWER_TIMEOUT = 30.0
+#: Most encrypted pages given to RECEIVE_UPDATE_DATA in one submission (of those that
+#: arrived while the previous submission ran), and how many lists of messages that arrived
+#: together are read ahead of it.
+BATCH_PAGES = 16
+READ_AHEAD = 8
 
 
 class BurntSessions:
@@ -144,15 +153,28 @@ class RemoteTarget:
         self.states: list[VcpuState] = []
         self.error = ""
         self.outcome = ""
+        # The operator's decision for a held guest (`operator_resolve`), executed by `run`.
+        self._operator: remote.OperatorDecision | None = None
+        self._operator_done = trio.Event()
+        self._operator_error = ""
+        self._accepting: trio.CancelScope | None = None
 
     async def run(self) -> bool:
         """Accept sources until the guest runs here (True), or what was received was torn
         down or dropped (False; the process then exits)."""
         while True:
-            try:
-                channel = await self.listener.accept()
-            except HandoffError as exc:  # a peer that failed TLS never got a byte
-                log.warning("refused a connection: %s", exc)
+            if self._operator is not None:
+                done = await self._operator_act(self._operator)
+                if done is not None:
+                    return done
+            channel = None
+            with trio.CancelScope() as self._accepting:
+                try:
+                    channel = await self.listener.accept()
+                except HandoffError as exc:  # a peer that failed TLS never got a byte
+                    log.warning("refused a connection: %s", exc)
+            self._accepting = None
+            if channel is None:
                 continue
             self.channel = channel
             try:
@@ -247,36 +269,108 @@ class RemoteTarget:
         except OSError as exc:
             await self._refuse(CancelCode.FIRMWARE, f"RECEIVE_START failed: {_fw(exc)}")
         self.emit({"status": "active", "session": conn.session_id.hex()})
-        while True:
-            message = await self._receive()
-            if isinstance(message, remote.EncryptedPage):
-                try:
-                    await vm.sev_receive_update_data(message.gpa, message.header, message.data)
-                except OSError as exc:
-                    await self._refuse(
-                        CancelCode.FIRMWARE,
-                        f"RECEIVE_UPDATE_DATA of the page at {message.gpa:#x} failed: "
-                        f"{_fw(exc)}; the target tears its copy down",
-                    )
-            elif isinstance(message, remote.SharedPage):
-                vmm.write_page(message.gpa, message.data)
-            elif isinstance(message, remote.DeviceState):
-                self.devices = message
-            elif isinstance(message, remote.VcpuState):
-                wire = message.state
-                state = VcpuState(backend=wire.backend, version=wire.version, blob=wire.blob)
-                try:
-                    vmm.hypervisor.check_state(state)
-                except ValueError as exc:
-                    await self._refuse(CancelCode.INCOMPATIBLE, str(exc))
-                self.states.append(state)
-            elif isinstance(message, remote.Finish):
-                break
+        await self._receive_stream(vm)
         await self._send(remote.Received(session=conn.session_id))
         self.held = conn
         commit = await self._receive()
         assert isinstance(commit, remote.Commit)
         await self._finish_and_run(conn)
+
+    async def _receive_stream(self, vm: SevMigrationVm) -> None:
+        """The rounds, the device state and the registers, up to `Finish`. A pipeline: one
+        task reads and checks frames (the protocol machine refuses a reordered, repeated or
+        retargeted page there, before the firmware sees it) while this one feeds the pages
+        already accepted to RECEIVE_UPDATE_DATA, those that arrived meanwhile submitted
+        together (one command per page, in order)."""
+        vmm = self.vmm
+        assert vmm.hypervisor is not None
+        accepted_in, accepted = trio.open_memory_channel[list[remote.Message | BaseException]](
+            READ_AHEAD
+        )
+        todo: collections.deque[remote.Message | BaseException] = collections.deque()
+        async with _one_failure(), trio.open_nursery() as nursery:
+            nursery.start_soon(self._read_stream, accepted_in)
+            while True:
+                if not todo:
+                    todo.extend(await accepted.receive())
+                message = todo.popleft()
+                if isinstance(message, BaseException):
+                    raise message
+                if isinstance(message, remote.EncryptedPage):
+                    pages = [message]
+                    while len(pages) < BATCH_PAGES:
+                        if not todo:
+                            try:
+                                todo.extend(accepted.receive_nowait())
+                            except trio.WouldBlock:
+                                break
+                        if not isinstance(todo[0], remote.EncryptedPage):
+                            break
+                        pages.append(todo.popleft())  # type: ignore[arg-type]
+                    await self._receive_pages(vm, pages)
+                elif isinstance(message, remote.SharedPage):
+                    vmm.write_page(message.gpa, message.data)
+                elif isinstance(message, remote.DeviceState):
+                    self.devices = message
+                elif isinstance(message, remote.VcpuState):
+                    wire = message.state
+                    state = VcpuState(backend=wire.backend, version=wire.version, blob=wire.blob)
+                    try:
+                        vmm.hypervisor.check_state(state)
+                    except ValueError as exc:
+                        await self._refuse(CancelCode.INCOMPATIBLE, str(exc))
+                    self.states.append(state)
+                elif isinstance(message, remote.Finish):
+                    return
+
+    async def _read_stream(
+        self, accepted: trio.MemorySendChannel[list[remote.Message | BaseException]]
+    ) -> None:
+        """The pipeline's first stage: the messages up to `Finish`, or what ended the
+        conversation, in lists of those that arrived together."""
+        async with accepted:
+            while True:
+                messages: list[remote.Message | BaseException] = []
+                try:
+                    message = await self._receive()
+                    messages.append(message)
+                    while not isinstance(message, remote.Finish):
+                        next_message = self._receive_buffered()
+                        if next_message is None:
+                            break
+                        message = next_message
+                        messages.append(message)
+                except (_Ended, OSError, HandoffError, remote.ProtocolError) as exc:
+                    messages.append(exc)
+                    await accepted.send(messages)
+                    return
+                await accepted.send(messages)
+                if isinstance(message, remote.Finish):
+                    return
+
+    def _receive_buffered(self) -> remote.Message | None:
+        """`_receive` of a frame that has already arrived, if one has (None: wait)."""
+        assert self.conn is not None and self.channel is not None
+        frame = self.channel.take_buffered()
+        if frame is None:
+            return None
+        message = self.conn.receive(frame)
+        if isinstance(message, Cancel):
+            raise _Ended(f"the source cancelled: {message.reason} ({message.code})")
+        assert not isinstance(message, PeerGone)  # only for the end of the stream
+        return message
+
+    async def _receive_pages(self, vm: SevMigrationVm, pages: list[remote.EncryptedPage]) -> None:
+        try:
+            await vm.sev_receive_update_data_batch([(p.gpa, p.header, p.data) for p in pages])
+        except OSError as exc:
+            index = batch_index(exc)
+            gpa = pages[index if index is not None else 0].gpa
+            await self._refuse(
+                CancelCode.FIRMWARE,
+                f"RECEIVE_UPDATE_DATA of the page at {gpa:#x} failed: {_fw(exc)}; the target "
+                "tears its copy down",
+            )
 
     async def _finish_and_run(self, conn: RemoteConnection) -> None:
         """RECEIVE_FINISH, the registers and devices, `Resumed` (if the connection is still
@@ -323,6 +417,65 @@ class RemoteTarget:
             self._tear_down()
         await self._send(remote.Resolution(session=request.session, outcome=outcome))
 
+    # ---- the operator's decision for a held guest ------------------------------------------
+
+    def _held_record(self) -> Recovery | None:
+        if self.held is not None:
+            return Recovery.HOLD
+        return Recovery.DONE if self.outcome == "running" else None
+
+    async def operator_resolve(self, decision: remote.OperatorDecision) -> str:
+        """The operator's decision for the guest held in doubt (QMP migrate-resolve), to be
+        given only once the source host is fenced: "finish" runs it here, "give-up" tears it
+        down. Returns the outcome ("running" or "torn-down") once executed.
+
+        Raises:
+            Refused: nothing is held in doubt, or a source is connected right now (it may be
+                delivering its own decision: try again in a moment).
+        """
+        try:
+            remote.operator_outcome(decision, self._held_record())  # refused here if nothing
+        except remote.LocalProtocolError as exc:
+            raise Refused(str(exc)) from None
+        if self.channel is not None or self._accepting is None or self._operator is not None:
+            raise Refused(
+                "a source is connected to this target right now (it may be delivering its own "
+                "decision for the held guest); see the log and try again in a moment"
+            )
+        self._operator, self._operator_error = decision, ""
+        self._operator_done = done = trio.Event()
+        self._accepting.cancel()  # `run` executes it, between connections
+        await done.wait()
+        if self._operator_error:
+            raise Refused(self._operator_error)
+        return self.outcome
+
+    async def _operator_act(self, decision: remote.OperatorDecision) -> bool | None:
+        """Execute the operator's decision (in `run`, between connections): True once the
+        guest runs here, False once it is torn down, None if it no longer applies."""
+        self._operator = None
+        try:
+            plan = remote.operator_outcome(decision, self._held_record())
+            held = self.held
+            assert held is not None  # operator_outcome acts only on a held guest
+            log.warning("operator's decision %r for the held guest: %s", decision, plan.why)
+            if plan.recovery is Recovery.FINISH_AND_RUN:
+                try:
+                    await self._finish_and_run(held)
+                except (HandoffError, OSError) as exc:
+                    # Told to the operator (QMP's error) as well as where the source's commit
+                    # would have reported it.
+                    self._operator_error = f"the held guest could not be finished here: {exc}"
+                    raise
+                return True
+            self._tear_down()
+            return False
+        except remote.LocalProtocolError as exc:  # a source decided meanwhile
+            self._operator_error = str(exc)
+            return None
+        finally:
+            self._operator_done.set()
+
     # ---- the recovery table, executed -----------------------------------------------------
 
     async def _recover(self, conn: RemoteConnection) -> bool | None:
@@ -335,6 +488,9 @@ class RemoteTarget:
         plan = conn.recovery()
         log.warning("migration ended in %s: %s", conn.ended_in, plan.why)
         if plan.recovery is Recovery.DROP:
+            if self.held is not None and self.held is not conn:
+                # Another source, refused: what it prepared is nothing of the held guest's.
+                return None
             if conn.state is remote.State.ERROR and conn.ended_in in (
                 remote.State.START,
                 remote.State.HELLO,
@@ -369,6 +525,25 @@ class RemoteTarget:
             vmm.vm = None
         vmm.status = "torn-down"
         self.outcome = "torn-down"
+
+
+@contextlib.asynccontextmanager
+async def _one_failure() -> AsyncIterator[None]:
+    """Around the page pipeline's nursery: its failure raised as itself, not in an exception
+    group (one stage fails, the other is cancelled), as the serial loop raised it."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        if len(leaves) != 1:
+            raise
+        raise leaves[0] from None
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
 
 
 def _fw(exc: OSError) -> str:

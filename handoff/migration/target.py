@@ -4,8 +4,8 @@ One step per protocol state (`STEPS`), each advancing the conversation by one me
 the source pauses we check its credentials, agree a protocol version, check that the guest it
 describes is the one we were asked to run, map its memfds and build our VM and vCPUs over them,
 and send our VM fd as escrow. After `Switchover` we move the encryption context (sev, sev-es),
-load the vCPU states (plain, sev), restore devices, answer `Moved`, and resume only after
-`Commit`, sending `Resumed` before any vCPU runs.
+answer `Moved`, load the vCPU states (plain, sev) and restore devices while `Moved` and `Commit`
+cross, and resume only after `Commit`, sending `Resumed` before any vCPU runs.
 
 Failures: `recovery.recover_target` executes `conn.recovery()`, the protocol's table: ABORT
 after a refusal or a protocol error; TAKEOVER when the source is lost after `Switchover` (a
@@ -45,6 +45,7 @@ from handoff.migration.host import PeerOpener, PeerProcess, PidfdProcess, VmmHos
 from handoff.migration.peer import Peer, PeerGoneError
 from handoff.migration.record import handoff_summary
 from handoff.migration.recovery import recover_target
+from handoff.migration.rehearsal import rehearse
 from handoff.system.sched import restore_for_blackout
 from handoff.transport.unix import (
     Channel,
@@ -205,7 +206,8 @@ class _Target:
     stream: socket.socket | None = None  # the --copy-memory baseline's stream
     states: list[VcpuState] | None = None
     devices: DeviceState | None = None
-    moved: bool = False  # complete_incoming done: this VMM holds the guest, not running it
+    has_context: bool = False  # Vmm.take_context done (sev, sev-es: the context moved here)
+    moved: bool = False  # and the states loaded: this VMM holds the guest, not running it
     t0: float = 0.0
     t_prepared: float = 0.0
     t_switchover: float = 0.0
@@ -291,6 +293,8 @@ async def _describe_step(t: _Target) -> None:
             # woke for Switchover, inside the blackout.
             vmm.start(t.nursery)
             await vmm.gate.pause()
+            if not describe.copy_memory:
+                await rehearse(vmm, inline_max=app.flags.vcpu_states_inline_max, describe=describe)
             vmm.sev = messages.sev_cache_of(describe)
             t.control_path = describe.host_flags.get("control", "")
             rec.phase("prepare")
@@ -350,15 +354,22 @@ async def _switchover_step(t: _Target) -> None:
 
 
 async def _moved_step(t: _Target) -> None:
-    """SWITCHED_OVER: take the guest (context, vCPU state, devices); answer Moved. Moved, Commit
-    and Resumed go without a trip through the scheduler (Peer.send_now, receive_fast): nothing
-    else here needs to run before the guest does."""
-    await _take_guest(t)
-    marks = t.app.record.steps["target"]
-    marks["restored"] = time.monotonic_ns()
-    t.app.record.phase("move")
+    """SWITCHED_OVER: take the guest's context (sev, sev-es: the move), answer Moved, then load
+    the vCPU states and devices while Moved and Commit cross: the load needs nothing of them,
+    and they need nothing of the load, since we resume only after Commit and only after the
+    load. A load that fails after Moved is a target that failed before Resumed: the source
+    takes the guest back, exact (the table's RESUME_OR_RECLAIM or, after Commit, RECLAIM).
+    Moved, Commit and Resumed go without a trip through the scheduler (Peer.send_now,
+    receive_fast): nothing else here needs to run before the guest does."""
+    vmm, marks = t.app.vmm, t.app.record.steps["target"]
+    assert t.source_vm is not None
+    await vmm.take_context(t.source_vm)
+    t.has_context = True
     t.peer.send_now(protocol.Moved())
     marks["moved"] = time.monotonic_ns()
+    await _load_guest(t)
+    marks["restored"] = time.monotonic_ns()
+    t.app.record.phase("move")
     await t.app.faults.point("target", "moved", t.peer)
 
 
@@ -403,9 +414,17 @@ STEPS: Final[dict[protocol.State, Callable[[_Target], Awaitable[None]]]] = {
 
 
 async def _take_guest(t: _Target) -> None:
-    """Protocol step 7: the context, the vCPU states, the device state."""
-    assert t.source_vm is not None and t.devices is not None
-    await t.app.vmm.complete_incoming(t.source_vm, t.states, t.devices)
+    """Protocol step 7, whatever of it is left: the context, the vCPU states, the devices."""
+    assert t.source_vm is not None
+    if not t.has_context:
+        await t.app.vmm.take_context(t.source_vm)
+        t.has_context = True
+    await _load_guest(t)
+
+
+async def _load_guest(t: _Target) -> None:
+    assert t.devices is not None
+    await t.app.vmm.load_incoming(t.states, t.devices)
     t.moved = True
     t.t_moved = time.perf_counter()
 

@@ -36,6 +36,7 @@ from handoff.machine.config import GuestConfig, HostFlags, format_size, read_tok
 from handoff.machine.vmm import Vmm, freeze_startup_objects
 from handoff.migration.faults import Faults, FaultSpecError
 from handoff.migration.record import HandoffRecord
+from handoff.migration.rehearsal import rehearse
 from handoff.migration.remote_source import (
     THROTTLE_INCREMENT,
     THROTTLE_INITIAL,
@@ -59,6 +60,7 @@ from handoff.process.flags import (
     is_tcp_incoming,
     strip_flags,
 )
+from handoff.protocol import remote
 from handoff.qmp.server import ControlServer, QMPCommandError
 from handoff.system import hardening, logs, notify
 from handoff.transport import tcp
@@ -133,6 +135,9 @@ class App:
         self.migration: RemoteSource | None = None
         self.migration_result: dict[str, Any] | None = None
         self.migration_sent = False  # SEND_FINISH done: this VMM never runs the guest again
+        # The target of a cross-host migration while it waits (for migrate-resolve).
+        self.incoming: RemoteTarget | None = None
+        self.operator_resolved = False
         self.program = list(program)
         self.run_args = list(run_args)
         self.vmm = Vmm(cfg, flags)
@@ -225,6 +230,7 @@ class App:
     async def launch(self) -> None:
         self._t_launch = time.perf_counter()
         await self.vmm.launch()
+        await rehearse(self.vmm, inline_max=self.flags.vcpu_states_inline_max, describe=None)
         assert self.flags.control is not None
         self.control_sock, self.control_file = bind_control(self.flags.control)
 
@@ -269,10 +275,14 @@ class App:
             emit=lambda data: self.emit("MIGRATION", data),
             answer_timeout=self.flags.handoff_timeout,
         )
+        self.incoming = target
         try:
             running = await target.run()
         finally:
+            self.incoming = None
             await listener.aclose()
+        if self.operator_resolved and not running:
+            await trio.sleep(HANDED_OFF_LINGER)  # the operator's answer first, then exit
         self.record.role = "target"
         self.record.status = "completed" if running else "failed"
         if not running:
@@ -605,6 +615,7 @@ class App:
             "migrate": self.qmp_migrate,
             "migrate_cancel": self.qmp_migrate_cancel,
             "query-migrate": self.qmp_query_migrate,
+            "migrate-resolve": self.qmp_migrate_resolve,
         }
 
     async def qmp_query_status(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -755,8 +766,11 @@ class App:
         tamper = args.get("x-tamper-page")
         record = args.get("x-record-frames")
         cut = args.get("x-break")
-        if cut not in (None, "after-received", "after-send-finish"):
-            raise QMPCommandError("'x-break' must be after-received or after-send-finish")
+        breaks = ("after-received", "after-send-finish")
+        if cut not in (None, *breaks, *(f"kill-{b}" for b in breaks)):
+            raise QMPCommandError(
+                "'x-break' must be [kill-]after-received or [kill-]after-send-finish"
+            )
         min_rounds = args.get("x-min-rounds", 0)
         if not isinstance(min_rounds, int) or not 0 <= min_rounds <= remote_max_rounds():
             raise QMPCommandError("'x-min-rounds' must be a small number of rounds")
@@ -764,6 +778,18 @@ class App:
             raise QMPCommandError("'x-tamper-page' must be a page frame's sequence number")
         if record is not None and not (isinstance(record, str) and os.path.isabs(record)):
             raise QMPCommandError("'x-record-frames' must be an absolute path")
+        platforms = args.get("target-platforms", [])
+        if not isinstance(platforms, list) or not all(isinstance(p, str) for p in platforms):
+            raise QMPCommandError("'target-platforms' must be a list of platform ids")
+        if len(platforms) > remote.MAX_ALLOWED_PLATFORMS:
+            raise QMPCommandError(
+                f"'target-platforms' holds {len(platforms)} ids; at most "
+                f"{remote.MAX_ALLOWED_PLATFORMS}"
+            )
+        try:
+            command_list = tuple(remote.parse_platform_id(p) for p in platforms)
+        except ValueError as exc:
+            raise QMPCommandError(f"'target-platforms': {exc}") from None
         link = args.get("x-link-pages-per-s", 0)
         if not isinstance(link, int | float) or isinstance(link, bool) or not 0 <= link <= 1e9:
             raise QMPCommandError("'x-link-pages-per-s' must be a rate in pages per second")
@@ -771,6 +797,7 @@ class App:
         self._begin_handoff()
         opts = MigrateOptions(
             address=uri,
+            target_platforms=(self.remote.target_platforms, command_list),
             tls=tls,
             downtime_limit_ms=float(limit),
             answer_timeout=self.flags.handoff_timeout,
@@ -837,7 +864,44 @@ class App:
     async def qmp_query_migrate(self, args: dict[str, Any]) -> dict[str, Any]:
         if self.migration is not None:
             return self.migration.result.to_qmp()
+        incoming = self.incoming
+        if incoming is not None and incoming.held is not None and incoming.channel is None:
+            # A target holding a received guest in doubt: see migrate-resolve.
+            session = incoming.held.session_id
+            return {"status": "held", "session": session.hex() if session else ""}
         return self.migration_result or {"status": "none"}
+
+    async def qmp_migrate_resolve(self, args: dict[str, Any]) -> dict[str, Any]:
+        """The operator's decision for a guest this target holds in doubt (it said Received,
+        and its source's decision never came): "finish" (RECEIVE_FINISH and run it here) or
+        "give-up" (tear it down). Only once the source host is fenced: a source that resumed
+        the guest and a target that finishes it run two copies. "finish" needs
+        "source-fenced": true, the operator's word for it."""
+        incoming = self.incoming
+        if incoming is None:
+            raise QMPCommandError(
+                "this VMM is not the target of a cross-host migration (handoff run "
+                "--incoming tcp:...): it holds no received guest"
+            )
+        decision = args.get("decision")
+        if decision not in ("finish", "give-up"):
+            raise QMPCommandError("'decision' must be finish or give-up")
+        fenced = args.get("source-fenced", False)
+        if not isinstance(fenced, bool):
+            raise QMPCommandError("'source-fenced' must be true or false")
+        if decision == "finish" and not fenced:
+            raise QMPCommandError(
+                "finish only once the source host is fenced (powered off, or cut off for good "
+                "by its operator): a source that resumed the guest and this target would run "
+                "two copies; say so with 'source-fenced': true"
+            )
+        session = incoming.held.session_id if incoming.held is not None else None
+        try:
+            outcome = await incoming.operator_resolve(decision)
+        except HandoffError as exc:
+            raise QMPCommandError(str(exc)) from None
+        self.operator_resolved = True
+        return {"outcome": outcome, "session": session.hex() if session else ""}
 
     async def _run_migration(self, migration: RemoteSource) -> None:
         try:

@@ -135,6 +135,8 @@ class RemoteFlags:
 
     tls: tcp.TlsFiles | None
     sev_sessions: str
+    #: The guest owner's allow-list of target platforms (`--target-platform`; empty: any).
+    target_platforms: tuple[str, ...] = ()
 
 
 def remote_flags(ns: argparse.Namespace) -> RemoteFlags:
@@ -154,7 +156,11 @@ def remote_flags(ns: argparse.Namespace) -> RemoteFlags:
             "cannot prove its host certificate gets a byte of a guest"
         )
     sessions = ns.sev_sessions or os.path.join(runtime_dir(), "sev-sessions")
-    return RemoteFlags(tls=tls, sev_sessions=os.path.abspath(sessions))
+    return RemoteFlags(
+        tls=tls,
+        sev_sessions=os.path.abspath(sessions),
+        target_platforms=tuple(ns.target_platform),
+    )
 
 
 def migrate_args(ns: argparse.Namespace) -> dict[str, Any]:
@@ -305,6 +311,18 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         help="where this host records every SEV migration session it received, so that a "
         "replayed stream is refused (default: sev-sessions in the runtime directory)",
     )
+    h.add_argument(
+        "--target-platform",
+        action="append",
+        default=[],
+        type=_platform_id,
+        metavar="ID",
+        help="allow this guest to migrate only to the SEV platform with this id (repeatable; "
+        "default: any platform the policy and mutual TLS admit); every `handoff migrate` of it "
+        "is then refused before SEND_START unless the target's platform is listed here (and "
+        "in the command's own --target-platform, if it gives any). The id is the SHA-256 of "
+        "the platform's PDH: pdh_fingerprint in `kvmstub stats --json` on that host",
+    )
     h.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="default info")
     h.add_argument(
         "--log-format",
@@ -438,6 +456,59 @@ def _idle_us(ns: argparse.Namespace, hypervisor: str) -> int:
     return DEFAULT_KVM_IDLE_US if ns.idle_us is None else int(ns.idle_us)
 
 
+def _platform_id(text: str) -> str:
+    from handoff.protocol.remote import parse_platform_id
+
+    try:
+        return parse_platform_id(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--target-platform {exc}") from None
+
+
+def read_platform_ids(path: str) -> list[str]:
+    """The platform ids in a file: one a line; blank lines and `#` comments are skipped.
+
+    Raises:
+        ConfigError: unreadable, or a line that is not an id (names the line).
+    """
+    from handoff.protocol.remote import MAX_ALLOWED_PLATFORMS, parse_platform_id
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read(1 << 20).splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--target-platforms {path}: {getattr(exc, 'strerror', exc)}") from None
+    ids = []
+    for number, line in enumerate(lines, 1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        try:
+            ids.append(parse_platform_id(text))
+        except ValueError as exc:
+            raise ConfigError(f"--target-platforms {path}, line {number}: {exc}") from None
+    if not ids:
+        raise ConfigError(
+            f"--target-platforms {path} names no platform: an empty allow-list would allow "
+            "any; give ids, one a line"
+        )
+    if len(ids) > MAX_ALLOWED_PLATFORMS:
+        raise ConfigError(f"--target-platforms {path}: at most {MAX_ALLOWED_PLATFORMS} ids")
+    return ids
+
+
+def _pki_host(text: str) -> tuple[str, list[str]]:
+    from handoff.transport.pki import PkiError, check_host_name, check_subject_name
+
+    name, sep, addresses = text.partition("=")
+    try:
+        if not sep or not addresses:
+            raise PkiError(f"{text!r}: use NAME=ADDR[,ADDR...], e.g. hosta=192.0.2.10")
+        return check_host_name(name), [check_subject_name(a) for a in addresses.split(",")]
+    except PkiError as exc:
+        raise argparse.ArgumentTypeError(f"--host {exc}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="handoff",
@@ -473,8 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
         "socket), nobody (the old VMM died before Switchover, or the successor after it "
         "resumed the guest: both processes are gone), or 'outcome unknown' with where to look.",
     )
-    up.add_argument("target", nargs="?", help="VM name (control socket in the runtime dir)")
-    up.add_argument("--control", help="QMP control socket of the running VMM")
+    _vm_arguments(up, "running")
     up.add_argument(
         "--set",
         action="append",
@@ -504,8 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(SEND_CANCEL): the guest keeps running here, untouched. An SEV-ES or NOSEND guest is "
         "refused before anything is sent.",
     )
-    mg.add_argument("target", nargs="?", help="VM name (control socket in the runtime dir)")
-    mg.add_argument("--control", help="QMP control socket of the running VMM")
+    _vm_arguments(mg, "running")
     mg.add_argument("--to", required=True, metavar="tcp:HOST:PORT", help="the target VMM")
     mg.add_argument(
         "--downtime-limit",
@@ -533,6 +602,22 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--tls-cert", default=None, help="override the VMM's --tls-cert")
     mg.add_argument("--tls-key", default=None, help="override the VMM's --tls-key")
     mg.add_argument("--tls-ca", default=None, help="override the VMM's --tls-ca")
+    mg.add_argument(
+        "--target-platform",
+        action="append",
+        default=[],
+        type=_platform_id,
+        metavar="ID",
+        help="migrate only if the target's SEV platform has this id (repeatable), checked "
+        "before SEND_START: the SHA-256 of its PDH, pdh_fingerprint in `kvmstub stats --json` "
+        "on the target host. A VM started with --target-platform must also list it",
+    )
+    mg.add_argument(
+        "--target-platforms",
+        metavar="FILE",
+        default=None,
+        help="the same, ids one a line ('#' comments), added to --target-platform's",
+    )
     mg.add_argument("--json", action="store_true", help="print one JSON result")
     # Tests: keep pre-copying at least this many rounds (a migration long enough to cancel).
     mg.add_argument(
@@ -547,9 +632,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mg.add_argument("--timeout", type=_timeout, default=600.0, help="give up after (default 600 s)")
 
+    rs = sub.add_parser(
+        "resolve",
+        help="decide for a migration target holding a guest whose source host is dead",
+        description="A cross-host migration target that said Received holds the guest, "
+        "unrunnable, until its source's decision arrives (the source delivers it on a new "
+        "connection if the first one broke). If the source host is dead, no decision comes "
+        "and the guest waits forever (the target's log says so; QMP query-migrate shows it as "
+        "held). "
+        "Only then, and only AFTER FENCING THE SOURCE HOST (powered off, or cut off for good), "
+        "tell the target: --finish (RECEIVE_FINISH and run the guest here) or --give-up (tear "
+        "it down, freeing its ASID; the guest is lost if the source had issued SEND_FINISH). "
+        "DANGER: if the source is in fact alive and resumed the guest (it cancelled), "
+        "--finish makes two copies of the guest run. Refused while a source is connected, "
+        "or when nothing is held.",
+    )
+    _vm_arguments(rs, "target")
+    how = rs.add_mutually_exclusive_group(required=True)
+    how.add_argument("--finish", action="store_true", help="run the held guest here")
+    how.add_argument("--give-up", action="store_true", help="tear the held guest down")
+    rs.add_argument(
+        "--source-fenced",
+        action="store_true",
+        help="required with --finish: the source host is fenced and will never run the guest",
+    )
+    rs.add_argument("--json", action="store_true", help="print one JSON result")
+
     st = sub.add_parser("status", help="show a VMM's state and its last handoff")
-    st.add_argument("target", nargs="?", help="VM name (control socket in the runtime dir)")
-    st.add_argument("--control", help="QMP control socket of the running VMM")
+    _vm_arguments(st, "running")
     st.add_argument("--json", action="store_true", help="print JSON")
 
     ls = sub.add_parser(
@@ -565,13 +675,43 @@ def build_parser() -> argparse.ArgumentParser:
         "--prune", action="store_true", help="remove stale entries (and their dead sockets)"
     )
 
+    certs = sub.add_parser(
+        "tls-certs",
+        help="make a throwaway CA and host certificates, to try migration out",
+        description="FOR TRIALS ONLY. Make a throwaway CA and one certificate and key per "
+        "host (usable as TLS server and client), for the --tls-cert/--tls-key/--tls-ca flags "
+        "of `handoff run` and `handoff migrate`. The CA's private key is never written: no "
+        "certificate can be added later (run it again for a new set). Keys are written mode "
+        "0600 and nothing that exists is overwritten. Whoever holds a host's key can take "
+        "guests migrated to that host: copy each key only to its own host. A deployment uses "
+        "its own CA and issuing process instead.",
+    )
+    certs.add_argument(
+        "--out", required=True, metavar="DIR", help="where to write (created 0700 if missing)"
+    )
+    certs.add_argument(
+        "--host",
+        action="append",
+        required=True,
+        type=_pki_host,
+        metavar="NAME=ADDR[,ADDR...]",
+        help="a host: its short name (the files NAME.crt, NAME.key) and the IP addresses or "
+        "DNS names peers reach it by (repeatable)",
+    )
+    certs.add_argument(
+        "--days", type=_int_in(1, 365, "--days"), default=7, help="validity (default 7 days)"
+    )
+
     demo = sub.add_parser(
         "demo",
         help="the main job on embedded defaults (make demo)",
         description="Start kvmstub and an SEV-ES VMM (4 vCPUs, 4 GiB) in a "
         "temporary directory, upgrade it three times, roll back once, try an "
         "incompatible handoff, then verify continuity, zero copy and that "
-        "nothing leaked. Exits 0 only if all of it holds.",
+        "nothing leaked; then migrate an SEV guest between two simulated hosts (two kvmstub "
+        "daemons, mutual TLS on 127.0.0.2 and 127.0.0.3) and verify it from both serial logs; "
+        "then, where /dev/kvm works, the same handoffs with a real x86 guest. Exits 0 only if "
+        "all of it holds.",
     )
     demo.add_argument("--workdir", default=None, help="keep files here instead of a temp dir")
     demo.add_argument("--mode", choices=MODES, default="sev-es")
@@ -636,3 +776,9 @@ def check_run_args(run_args: Sequence[str]) -> None:
         raise ConfigError(lines[-1] if lines else "invalid run flags") from None
     guest_config(ns)
     host_flags(ns)
+
+
+def _vm_arguments(parser: argparse.ArgumentParser, which: str) -> None:
+    """The VM a command acts on: by name, or by its control socket."""
+    parser.add_argument("target", nargs="?", help="VM name (control socket in the runtime dir)")
+    parser.add_argument("--control", help=f"QMP control socket of the {which} VMM")

@@ -424,15 +424,24 @@ def _outcome(
 
 def status_main(control: str, as_json: bool) -> int:
     try:
-        status, name, handoff = trio.run(
-            lambda: query(control, "query-status", "query-name", "query-handoff")
+        status, name, handoff, migration = trio.run(
+            lambda: query(control, "query-status", "query-name", "query-handoff", "query-migrate")
         )
     except QMPError as exc:
         print(f"handoff status: {exc}", file=sys.stderr)
         return 1
     if as_json:
-        print(json.dumps({"status": status, "name": name, "handoff": handoff}, sort_keys=True))
+        out = {"status": status, "name": name, "handoff": handoff, "migration": migration}
+        print(json.dumps(out, sort_keys=True))
         return 0
+    if migration.get("status") == "held":
+        print(
+            f"VM {name['name']}: a migrated guest HELD here in doubt (session "
+            f"{migration.get('session') or '?'}): received whole, its source's decision never "
+            "came. The source delivers it when it reconnects; if the source host is gone, "
+            f"fence it, then `handoff resolve {name['name']} --finish --source-fenced` (or "
+            "`--give-up`)"
+        )
     print(
         f"VM {name['name']}: {status['status']} (pid {status.get('pid')}, "
         f"{status.get('mode')} on {status.get('hypervisor', 'kvmstub')}, "
@@ -576,12 +585,16 @@ async def migrate(
     timeout: float,
     on_event: Callable[[dict[str, Any]], None] | None = None,
     min_rounds: int = 0,
+    target_platforms: Sequence[str] = (),
     extra_args: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Ask the VMM at `control` to migrate its guest to `to`; return the final MIGRATION
     event's data. SIGINT (Ctrl-C) sends migrate_cancel and waits for the outcome.
-    `extra_args`: more QMP `migrate` arguments (auto-converge's: `flags.migrate_args`)."""
+    `target_platforms`: the allow-list of target platform ids (empty: any). `extra_args`:
+    more QMP `migrate` arguments (auto-converge's: `flags.migrate_args`)."""
     args: dict[str, Any] = {"uri": to, "downtime-limit": downtime_limit, **(extra_args or {})}
+    if target_platforms:
+        args["target-platforms"] = list(target_platforms)
     if min_rounds:
         args["x-min-rounds"] = min_rounds
     if tls:
@@ -640,6 +653,8 @@ def migrate_main(
     as_json: bool,
     timeout: float,
     min_rounds: int = 0,
+    *,
+    target_platforms: Sequence[str] = (),
     extra_args: Mapping[str, Any] | None = None,
 ) -> int:
     """`handoff migrate`: a live progress line on stderr, the result on stdout."""
@@ -664,6 +679,7 @@ def migrate_main(
                 timeout=timeout,
                 on_event=show,
                 min_rounds=min_rounds,
+                target_platforms=target_platforms,
                 extra_args=extra_args,
             )
         )
@@ -697,3 +713,33 @@ def migrate_main(
             file=sys.stderr,
         )
     return 0 if data.get("status") == "completed" else 1
+
+
+# ---- handoff resolve ---------------------------------------------------------------------------
+
+
+def resolve_main(control: str, decision: str, source_fenced: bool, as_json: bool) -> int:
+    """`handoff resolve`: the operator's decision for a guest a migration target holds."""
+
+    async def ask() -> dict[str, Any]:
+        async with await QMPClient.connect(control) as qmp:
+            answer = await qmp.execute(
+                "migrate-resolve", {"decision": decision, "source-fenced": source_fenced}
+            )
+        return dict(answer)
+
+    try:
+        data = trio.run(ask)
+    except QMPError as exc:
+        if as_json:
+            print(json.dumps({"status": "refused", "error": exc.desc}))
+        else:
+            print(f"refused: {exc.desc}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps({"status": "done", **data}, sort_keys=True))
+    elif data.get("outcome") == "running":
+        print(f"the held guest runs on this target now (session {data.get('session')})")
+    else:
+        print(f"the held guest was torn down, its ASID freed (session {data.get('session')})")
+    return 0

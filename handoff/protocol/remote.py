@@ -21,6 +21,7 @@ one state::
                    <------------------  Hello (chosen version)  GREETED
     Describe       ------------------>                          DESCRIBED
                    <------------------  PlatformChain           CERTIFIED  (PDH_CERT_EXPORT)
+    (chain_refusal: the owner's allow-list of platforms, the policy's API version)
     (SEND_START)
     SendStart      ------------------>                          STARTED    (RECEIVE_START)
     Round n        ------------------>                          PRECOPY    (guest runs)
@@ -63,9 +64,14 @@ The decision travels on a new connection when the first one broke: a source buil
 `RemoteConnection.resolver(session_id, decision)` sends `Resolve` ("commit" if it is SENT,
 "cancel" if it resumed) after the Hellos, and the target answers `Resolution` with what it did
 (`held_outcome`: finish and run, tear down, or "not-held"). A "commit" answered "not-held" is
-the one loss the firmware makes unavoidable: the source is SENT and the target lost its copy. A
-target whose source VMM is known to be gone (its VM, and the copy in it, died with it) finishes
-and runs without waiting::
+the one loss the firmware makes unavoidable: the source is SENT and the target lost its copy.
+
+A source that is dead (its host powered off or fenced) delivers nothing, and the target would
+hold the guest forever. Only the operator can know that the source host is fenced, so only the
+operator decides then (`operator_outcome`): "finish" (RECEIVE_FINISH and run: safe because a
+fenced source runs nothing, and a SENT one never would) or "give-up" (tear down; the guest is
+lost if the source was SENT). Both decisions, the source's and the operator's, are rows of
+`HELD_DECISIONS`. The resolving conversation::
 
     source (resolver)                           target
     Hello          ------------------>                          START -> HELLO
@@ -150,6 +156,7 @@ from handoff.protocol.local import (
 __all__ = [
     "CERT_SIZE",
     "FW_HEADER_SIZE",
+    "HELD_DECISIONS",
     "LIVE_STATES",
     "MAX_AMD_CERTS_BYTES",
     "MAX_MESSAGE_BYTES",
@@ -165,6 +172,7 @@ __all__ = [
     "Cancel",
     "CancelCode",
     "Commit",
+    "Decider",
     "Decision",
     "Describe",
     "DeviceState",
@@ -176,6 +184,7 @@ __all__ = [
     "MemorySlot",
     "Message",
     "NotMigratable",
+    "OperatorDecision",
     "Outcome",
     "PeerGone",
     "PlatformChain",
@@ -200,7 +209,11 @@ __all__ = [
     "decode",
     "held_outcome",
     "migration_refusal",
+    "operator_outcome",
+    "parse_platform_id",
     "platform_chain",
+    "platform_id",
+    "platform_refusal",
     "recovery_for",
     "session_id_of",
 ]
@@ -532,6 +545,10 @@ class Cancel(_Message, frozen=True, kw_only=True, tag="sev-cancel"):
 
 
 Decision: TypeAlias = Literal["commit", "cancel"]
+#: The operator's decision for a guest a target holds in doubt, once the source host is
+#: fenced (`operator_outcome`); who decided (`HELD_DECISIONS`).
+OperatorDecision: TypeAlias = Literal["finish", "give-up"]
+Decider: TypeAlias = Literal["source", "operator"]
 Outcome: TypeAlias = Literal["resumed", "torn-down", "not-held"]
 
 
@@ -729,6 +746,56 @@ def chain_refusal(policy: int, chain: PlatformChain) -> str | None:
             f"newer on the target, whose PEK says {have[0]}.{have[1]}: update the target's "
             "SEV firmware or choose another target; the guest keeps running here"
         )
+    return None
+
+
+#: A platform id: SHA-256 of the PDH certificate's header and public key (its first 0x414
+#: bytes after the 16-byte header, what the signatures cover: the key that SEND_START wraps the
+#: transport keys for). It is what `kvmstub stats` shows as `pdh_fingerprint`.
+PLATFORM_ID_HEX_LENGTH: Final = 64
+#: The most platform ids an allow-list may hold (a fleet, not a database).
+MAX_ALLOWED_PLATFORMS: Final = 1024
+_PDH_PUBLIC_START: Final = 16
+_PDH_SIGNED_END: Final = 0x414
+
+
+def platform_id(chain: PlatformChain) -> str:
+    """The target platform's id: the hex SHA-256 of its PDH public key field. Only a firmware
+    holding that PDH's private key can unwrap a session SEND_START made towards it, so an owner
+    who pins the id pins who can read the guest, whatever the policy asks of the chain."""
+    return hashlib.sha256(chain.pdh[_PDH_PUBLIC_START:_PDH_SIGNED_END]).hexdigest()
+
+
+def parse_platform_id(text: str) -> str:
+    """A platform id as an owner writes it (64 hex digits, any case, optional surrounding
+    blanks), normalised to lower case.
+
+    Raises:
+        ValueError: anything else; the message says what an id looks like and where to find one.
+    """
+    value = text.strip().lower()
+    if len(value) != PLATFORM_ID_HEX_LENGTH or any(c not in "0123456789abcdef" for c in value):
+        raise ValueError(
+            f"{text.strip()[:80]!r} is not a platform id: 64 hex digits, the SHA-256 of the "
+            "target platform's PDH (`kvmstub stats --json` shows it as pdh_fingerprint on the "
+            "target host; a refused migration names the one it saw)"
+        )
+    return value
+
+
+def platform_refusal(chain: PlatformChain, allowed: Iterable[frozenset[str]]) -> str | None:
+    """Why the target's platform is not one the guest's owner allows (None: it is, or no
+    list was given). Every list in `allowed` (the VM's own, the migrate command's) must name
+    it; an empty one allows any, as without lists."""
+    seen = platform_id(chain)
+    for ids in allowed:
+        if ids and seen not in ids:
+            return (
+                f"the target's SEV platform {seen} is not in the owner's allow-list of target "
+                f"platforms ({len(ids)} allowed): nothing was sent; add it with "
+                "--target-platform if this is the host you meant, or choose another target; "
+                "the guest keeps running here"
+            )
     return None
 
 
@@ -983,9 +1050,10 @@ def _target_plan(state: State, ending: Ending) -> RecoveryPlan:
         return RecoveryPlan(
             Recovery.HOLD,
             "in doubt: the source may have cancelled and resumed, or be SENT. Keep the guest "
-            "unrunnable (neither RECEIVE_FINISH nor DECOMMISSION) until the source's decision "
-            "arrives: Commit -> finish and run; Cancel -> tear down; the source VMM known gone "
-            "(its VM, and the copy in it, died with it) -> finish and run",
+            "unrunnable (neither RECEIVE_FINISH nor DECOMMISSION) until a decision arrives "
+            "(HELD_DECISIONS): the source's on a new connection, Commit -> finish and run, "
+            "Cancel -> tear down; or, once the source host is fenced, the operator's: finish "
+            "and run, or give up (tear down)",
         )
     assert state is State.COMMITTED
     if ending is Ending.LOCAL_FAILURE:
@@ -1028,6 +1096,63 @@ def recovery_for(role: Role, ended_in: State, ending: Ending) -> RecoveryPlan:
         raise ValueError(f"a conversation cannot end in {ended_in.name} by {ending.name}") from None
 
 
+#: What a target does with a session it holds (`Recovery.HOLD`) when a decision reaches it:
+#: the source's, on a new connection (`Resolve`), or the operator's, who fenced the source host
+#: and tells the target itself (QMP `migrate-resolve`, `handoff resolve`). The one place the
+#: fate of a held guest is decided; `held_outcome` and `operator_outcome` read it.
+HELD_DECISIONS: Final[dict[tuple[Decider, Decision | OperatorDecision], RecoveryPlan]] = {
+    ("source", "commit"): RecoveryPlan(
+        Recovery.FINISH_AND_RUN,
+        "the source is SENT (Commit, re-delivered): this is the only copy; RECEIVE_FINISH, "
+        "restore, and run it",
+    ),
+    ("source", "cancel"): RecoveryPlan(
+        Recovery.TEAR_DOWN,
+        "the source cancelled before SEND_FINISH and resumed the guest: DECOMMISSION the held "
+        "guest and free its ASID",
+    ),
+    ("operator", "finish"): RecoveryPlan(
+        Recovery.FINISH_AND_RUN,
+        "the operator fenced the source host and told this target to finish: a SENT source "
+        "never runs the guest again and a dead one took its copy with it, so this is the only "
+        "copy; RECEIVE_FINISH, restore, and run it (had the source resumed the guest, two "
+        "copies would now run: the operator's fencing is what rules that out)",
+    ),
+    ("operator", "give-up"): RecoveryPlan(
+        Recovery.TEAR_DOWN,
+        "the operator told this target to give the held guest up: DECOMMISSION it and free its "
+        "ASID; if the source was SENT (it issued SEND_FINISH) the guest is lost",
+    ),
+}
+
+
+def operator_outcome(decision: OperatorDecision, held: Recovery | None) -> RecoveryPlan:
+    """For the target's shell, on the operator's decision (the source host fenced): what to do.
+
+    Args:
+        decision: "finish" (RECEIVE_FINISH and run) or "give-up" (tear down).
+        held: the target's plan for its session, as for `held_outcome`: `Recovery.HOLD` (held,
+            unrunnable), `FINISH_AND_RUN` or `DONE` (it runs the guest), None (nothing held).
+
+    Raises:
+        LocalProtocolError: the target holds no guest in doubt, so there is nothing to decide
+            (says why: it runs the guest already, or holds nothing).
+    """
+    if decision not in ("finish", "give-up"):
+        raise LocalProtocolError(f"the operator decides 'finish' or 'give-up', not {decision!r}")
+    if held is Recovery.HOLD:
+        return HELD_DECISIONS["operator", decision]
+    if held in (Recovery.FINISH_AND_RUN, Recovery.DONE):
+        raise LocalProtocolError(
+            "this target runs the guest already (its source's Commit arrived, or an operator "
+            "finished it): there is nothing in doubt to decide"
+        )
+    raise LocalProtocolError(
+        "this target holds no received guest in doubt (it holds a guest only after it said "
+        "Received and the connection broke before the source's decision): nothing to decide"
+    )
+
+
 def held_outcome(decision: Decision, held: Recovery | None) -> tuple[Recovery | None, Outcome]:
     """For the target's shell, on `Resolve`: what to do with the session and what to answer.
 
@@ -1041,9 +1166,8 @@ def held_outcome(decision: Decision, held: Recovery | None) -> tuple[Recovery | 
         (the plan to execute now, or None for nothing; the `Resolution.outcome` to send).
     """
     if held is Recovery.HOLD:
-        if decision == "commit":
-            return Recovery.FINISH_AND_RUN, "resumed"
-        return Recovery.TEAR_DOWN, "torn-down"
+        plan = HELD_DECISIONS["source", decision].recovery
+        return plan, "resumed" if plan is Recovery.FINISH_AND_RUN else "torn-down"
     if held in (Recovery.FINISH_AND_RUN, Recovery.DONE):
         # Only a Commit lets a target run a guest: a "cancel" here is the source's bug, and the
         # source's machine refuses the answer, which names it.
@@ -1102,11 +1226,15 @@ class RemoteConnection:
             container the shell keeps durably); a `SendStart` of one of them is refused.
         resolving: for a source that only delivers its decision for a held session (use
             `RemoteConnection.resolver`).
+        allowed_platforms: the source's allow-lists of target platform ids (`platform_id`):
+            each non-empty list must name the target's, or `chain_refusal` refuses it before
+            SEND_START; none (or only empty ones) allow any platform.
         max_version, min_version: the protocol versions we speak.
 
     Raises:
         NotMigratable: the source's guest cannot migrate between hosts (names why).
-        ValueError: a source without a guest, or a version range outside this module's.
+        ValueError: a source without a guest, a version range outside this module's, or a
+            malformed platform id (the message names it).
     """
 
     def __init__(
@@ -1116,6 +1244,7 @@ class RemoteConnection:
         guest: Describe | None = None,
         burnt_sessions: Container[bytes] = frozenset(),
         resolving: Resolve | None = None,
+        allowed_platforms: Iterable[Iterable[str]] = (),
         max_version: int = PROTOCOL_MAX_VERSION,
         min_version: int = PROTOCOL_MIN_VERSION,
     ) -> None:
@@ -1141,6 +1270,19 @@ class RemoteConnection:
         self.min_version: Final = min_version
         self.max_version: Final = max_version
         self._burnt = burnt_sessions
+        allowed = []
+        for ids in allowed_platforms:
+            try:
+                allowed.append(frozenset(parse_platform_id(i) for i in ids))
+            except ValueError as exc:
+                raise ValueError(f"allow-list of target platforms: {exc}") from None
+            if len(allowed[-1]) > MAX_ALLOWED_PLATFORMS:
+                raise ValueError(
+                    f"an allow-list of {len(allowed[-1])} target platforms; at most "
+                    f"{MAX_ALLOWED_PLATFORMS}"
+                )
+        #: The owner's allow-lists of target platforms (each non-empty one must name it).
+        self.allowed_platforms: Final = tuple(allowed)
         self._guest = guest
         self._resolving = resolving
         #: The source's Resolve (a resolving conversation) and the target's answer.
@@ -1271,10 +1413,13 @@ class RemoteConnection:
 
     def chain_refusal(self) -> Cancel | None:
         """For the source after `PlatformChain`: the Cancel to send (before SEND_START) when the
-        target's chain cannot satisfy the guest policy, or None."""
+        target's platform is not in the owner's allow-lists, or its chain cannot satisfy the
+        guest policy; None when neither."""
         if self.chain is None or self.description is None:
             return None
-        why = chain_refusal(self.description.policy, self.chain)
+        why = platform_refusal(self.chain, self.allowed_platforms)
+        if why is None:
+            why = chain_refusal(self.description.policy, self.chain)
         return None if why is None else Cancel(code=CancelCode.POLICY, reason=why)
 
     def encrypted_page(self, gpa: int, header: bytes, data: bytes) -> EncryptedPage:

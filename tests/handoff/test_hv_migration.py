@@ -8,6 +8,7 @@ build the two hosts."""
 from __future__ import annotations
 
 import errno
+import os
 import re
 import uuid
 from collections.abc import Callable
@@ -16,7 +17,15 @@ from pathlib import Path
 import pytest
 import trio
 
-from handoff.hv import NoSevMigration, abi, fw_error, migration_vm, sev_platform
+from handoff.hv import (
+    NoSevMigration,
+    abi,
+    batch_done,
+    batch_index,
+    fw_error,
+    migration_vm,
+    sev_platform,
+)
 from handoff.hv.model import ModelHypervisor, ModelKernel
 from handoff.machine.config import GuestConfig, HostFlags
 from handoff.machine.vmm import Vmm, bitmap_pages
@@ -323,3 +332,45 @@ def test_auto_converge_settings_are_checked_with_a_reason(
 ) -> None:
     said = throttle_problem(initial, increment, maximum)
     assert said == problem if problem is None else problem in str(said)
+
+
+async def test_a_batch_of_page_commands_fails_at_the_entry_a_single_call_would(
+    tmp_path: Path,
+) -> None:
+    """`sev_send_update_data_batch` and `sev_receive_update_data_batch` are the single
+    commands in order: a failure names its entry (`batch_index`), what ran before it is
+    kept (`batch_done`), and nothing after it runs."""
+    a, b = ModelHypervisor(host_kernel()), ModelHypervisor(host_kernel())
+    source = Vmm(config(), flags("source", tmp_path / "s"), hypervisor=a)
+    target = Vmm(config(), flags("target", tmp_path / "t"), hypervisor=b)
+    try:
+        await source.launch()
+        await target.prepare_incoming_sev()
+        assert source.vm is not None and target.vm is not None
+        src, dst = migration_vm(source.vm, a.name), migration_vm(target.vm, b.name)
+        pdh, plat = await sev_platform(b).sev_pdh_cert_export()
+        session, policy = await src.sev_send_start(
+            pdh, plat, await sev_platform(b).sev_amd_cert_chain()
+        )
+        await dst.sev_receive_start(
+            (await sev_platform(a).sev_pdh_cert_export())[0], session, policy
+        )
+        pages = [(200 + i) * abi.PAGE_SIZE for i in range(4)]  # private, not the guest's own
+        for gpa in pages:
+            os.pwrite(source.memfds[0], os.urandom(abi.PAGE_SIZE), gpa)
+        packets = await src.sev_send_update_data_batch(pages)
+        stream = [(gpa, h, d) for gpa, (h, d) in zip(pages, packets, strict=True)]
+        gpa, h, d = stream[2]
+        tampered = [*stream[:2], (gpa, h, bytes([d[0] ^ 1]) + d[1:]), *stream[3:]]
+        before = target.read_page(gpa)
+        with pytest.raises(OSError) as info:
+            await dst.sev_receive_update_data_batch(tampered)
+        assert batch_index(info.value) == 2 and fw_error(info.value) == 0xB  # BAD_MEASUREMENT
+        assert target.read_page(gpa) == before and target.read_page(pages[3]) == bytes(4096)
+        await dst.sev_receive_update_data_batch(stream[2:])  # the session carries on
+        with pytest.raises(OSError) as info:
+            await src.sev_send_update_data_batch([pages[0], 1 << 40, pages[1]])
+        assert batch_index(info.value) == 1 and len(batch_done(info.value)) == 1
+    finally:
+        source.close()
+        target.close()

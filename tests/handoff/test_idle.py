@@ -55,6 +55,9 @@ class IdlingVcpu:
     def kick(self) -> None: ...
     def unkick(self) -> None: ...
 
+    def serve_exits_on_thread(self, handler: object) -> bool:
+        return False  # every exit comes to the loop, as kvmstub's do
+
 
 def machine(tmp_path: Path, vcpu: IdlingVcpu) -> Vmm:
     cfg = GuestConfig(vcpus=1, memory=1 << 20, mode="plain", policy=0, line_every=1, flip_every=1)

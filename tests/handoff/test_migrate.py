@@ -603,6 +603,178 @@ async def test_a_target_under_another_amd_root_is_refused_by_send_start_for_a_se
         c.stop()
 
 
+# ---- the owner's allow-list of target platforms ----------------------------------------------
+
+
+def platform_of(host: Host) -> str:
+    """The platform id `kvmstub stats --json` shows (the SHA-256 of the host's PDH)."""
+    return str(host.kvm.stats()["platform"]["pdh_fingerprint"])
+
+
+async def test_an_allow_list_of_target_platforms_refuses_others_before_send_start(
+    hosts: tuple[Host, Host], pki: dict[str, TlsFiles], tmp_path: Path
+) -> None:
+    """A target whose platform is not in every allow-list given (the VM's `run
+    --target-platform`, the command's) is refused before SEND_START, naming the platform it saw:
+    nothing sent, the guest runs on here, the target drops what it prepared. Listed in both
+    (the command's from a file), the migration completes."""
+    a, b = hosts
+    b_id, a_id = platform_of(b), platform_of(a)
+    source = a.vmm(
+        "source",
+        *tls_flags(pki["source"]),
+        "--target-platform",
+        b_id.upper(),
+        "--target-platform",
+        "ab" * 32,
+    )
+    source.start()
+    await source.wait_lines(2)
+    poller = StatePoller(a)
+    target, address = start_target(b, pki["target"])
+    try:
+        code, result, err = await trio.to_thread.run_sync(
+            run_migrate, source.control, address, "--target-platform", a_id
+        )
+    finally:
+        seen = poller.stop()
+    assert code == 1 and result["status"] == "failed", (result, err)
+    assert result["recovery"] == "nothing-to-do" and result["pages"] == 0
+    assert f"target's SEV platform {b_id} is not in the owner's allow-list" in result["error"]
+    assert result["target-platform"] == b_id
+    assert "SUPDATE" not in seen, seen  # SEND_START never ran
+    assert await wait_exit(target) == 1
+    no_guest_left(b)
+    assert a.vm_states() == ["RUNNING"]
+    report = await source.wait_lines(3)
+    assert report.problems(VCPUS) == [], source.log()
+
+    # Listed by the VM and by the command (a file, with a comment): it completes.
+    listed = tmp_path / "platforms"
+    listed.write_text(f"# host b\n{b_id}\n\n{a_id}  # host a\n")
+    again, address = start_target(b, pki["target"], "target2")
+    code, result, err = await trio.to_thread.run_sync(
+        run_migrate, source.control, address, "--target-platforms", str(listed)
+    )
+    assert code == 0 and result["status"] == "completed", (result, err, again.log())
+    assert result["target-platform"] == b_id
+    await wait_gone(source)
+    report = await _continuous(source, again)
+    assert report.problems(VCPUS) == []
+
+
+def _handoff(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "handoff", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+async def test_a_malformed_target_platform_is_refused_before_anything_starts(
+    hosts: tuple[Host, Host], pki: dict[str, TlsFiles], tmp_path: Path
+) -> None:
+    """Malformed ids are refused with what an id is and where to find one: the migrate flag,
+    a line of its file (named), the run flag, and QMP migrate's argument; the guest runs on."""
+    a, _b = hosts
+    source = a.vmm("source", *tls_flags(pki["source"]))
+    source.start()
+    await source.wait_lines(2)
+    to = f"tcp:{TARGET_HOST}:9"
+    proc = _handoff("migrate", "--control", source.control, "--to", to, "--target-platform", "xyz")
+    assert proc.returncode == 2 and "64 hex digits" in proc.stderr, proc.stderr
+    bad = tmp_path / "platforms"
+    bad.write_text(f"{'0' * 64}\nnot-an-id\n")
+    proc = _handoff(
+        "migrate", "--control", source.control, "--to", to, "--target-platforms", str(bad)
+    )
+    assert proc.returncode == 2 and "line 2" in proc.stderr and "64 hex digits" in proc.stderr
+    bad.write_text("# nothing but a comment\n")
+    proc = _handoff(
+        "migrate", "--control", source.control, "--to", to, "--target-platforms", str(bad)
+    )
+    assert proc.returncode == 2 and "would allow any" in proc.stderr, proc.stderr
+    proc = _handoff("run", "--name", "x", "--target-platform", "0" * 63)
+    assert proc.returncode == 2 and "--target-platform" in proc.stderr, proc.stderr
+
+    from handoff.qmp.client import QMPClient, QMPError
+
+    async with await QMPClient.connect(source.control) as qmp:
+        for value in (["0" * 64, "nope"], "0" * 64, [7]):
+            with pytest.raises(QMPError, match="target-platforms"):
+                await qmp.execute("migrate", {"uri": to, "target-platforms": value})
+    assert a.vm_states() == ["RUNNING"]
+    report = await source.wait_lines(3)
+    assert report.problems(VCPUS) == []
+
+
+# ---- a target whose source host is dead: the operator decides --------------------------------
+
+
+def resolve(control: str, *flags: str) -> tuple[int, dict[str, Any], str]:
+    proc = _handoff("resolve", "--control", control, "--json", *flags)
+    return proc.returncode, json.loads(proc.stdout) if proc.stdout.strip() else {}, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("dies", "decision"),
+    [("kill-after-send-finish", "finish"), ("kill-after-received", "give-up")],
+)
+async def test_a_target_whose_source_died_in_doubt_is_finished_or_given_up_by_the_operator(
+    hosts: tuple[Host, Host], pki: dict[str, TlsFiles], dies: str, decision: str
+) -> None:
+    """The source VMM is SIGKILLed at the in-doubt point (after Received; after SEND_FINISH,
+    before Commit), as when its host loses power: no decision ever comes, and the target holds
+    the guest unrunnable. The operator, having fenced the source host, tells the target: finish
+    (the guest's seq goes on from where it stopped on the source) or give up (torn down, ASID
+    freed). Nothing is decided without --source-fenced for a finish, or where nothing is held."""
+    a, b = hosts
+    source = a.vmm("source", *tls_flags(pki["source"]))
+    source.start()
+    await source.wait_lines(2)
+    target, address = start_target(b, pki["target"])
+    code, result, err = await trio.to_thread.run_sync(resolve, target.control, "--give-up")
+    assert code == 1 and "holds no received guest" in result["error"], (result, err)
+
+    from handoff.qmp.client import QMPClient
+
+    async with await QMPClient.connect(source.control) as qmp:
+        await qmp.execute("migrate", {"uri": address, "x-break": dies})
+    assert await wait_exit(source) == -9
+    with trio.fail_after(20):
+        while "holding the received guest" not in target.log():
+            await trio.sleep(0.05)
+    assert (await target.qmp("query-migrate"))["status"] == "held"
+    status = await trio.to_thread.run_sync(_handoff, "status", "--control", target.control)
+    assert "HELD here in doubt" in status.stdout and "--source-fenced" in status.stdout, status
+    assert b.vm_states() == ["RUPDATE"]  # received whole, unrunnable
+    no_guest_left(a)  # the source's VM died with its VMM
+
+    if decision == "finish":
+        # Another source is refused by the holder, which holds on.
+        other = a.vmm("source2", *tls_flags(pki["source"]))
+        other.start()
+        await other.wait_lines(1)
+        code, result, err = await trio.to_thread.run_sync(run_migrate, other.control, address)
+        assert code == 1 and "holds a received guest" in result["error"], (result, err)
+        assert b.vm_states() == ["RUPDATE"] and target.alive_pids()
+        proc = _handoff("resolve", "--control", target.control, "--finish")
+        assert proc.returncode == 2 and "--source-fenced" in proc.stderr, proc.stderr
+        assert b.vm_states() == ["RUPDATE"]  # still held
+        code, result, err = await trio.to_thread.run_sync(
+            resolve, target.control, "--finish", "--source-fenced"
+        )
+        assert code == 0 and result["outcome"] == "running", (result, err, target.log())
+        assert b.vm_states() == ["RUNNING"]
+        report = await _continuous(source, target)
+        assert report.problems(VCPUS) == [], target.log()
+        status = await target.qmp("query-status")
+        assert status["status"] == "running"
+    else:
+        code, result, err = await trio.to_thread.run_sync(resolve, target.control, "--give-up")
+        assert code == 0 and result["outcome"] == "torn-down", (result, err, target.log())
+        assert await wait_exit(target) == 1
+        no_guest_left(b)
+
+
 # --- auto-converge ------------------------------------------------------------------------------
 
 # A link this slow (a test knob: each pre-copy round is stretched to this many pages a second)

@@ -21,6 +21,7 @@ from handoff.protocol.local import VcpuStateWire
 from handoff.protocol.remote import (
     CERT_SIZE,
     FW_HEADER_SIZE,
+    HELD_DECISIONS,
     LIVE_STATES,
     MAX_MESSAGE_BYTES,
     PAGE_SIZE,
@@ -60,7 +61,10 @@ from handoff.protocol.remote import (
     VcpuState,
     decode,
     held_outcome,
+    operator_outcome,
+    parse_platform_id,
     platform_chain,
+    platform_id,
     recovery_for,
     session_id_of,
 )
@@ -471,6 +475,48 @@ def test_source_cancels_before_send_start_when_the_target_firmware_is_too_old() 
     assert pair.source.recovery().recovery is Recovery.NOTHING_TO_DO
     assert pair.target.recovery().recovery is Recovery.DROP
     assert Pair().source.chain_refusal() is None
+
+
+# ---- the owner's allow-list of target platforms ------------------------------------------------
+
+
+def _chain_refusal_with(*lists: list[str]) -> Cancel | None:
+    pair = Pair()
+    pair.source = RemoteConnection(SOURCE, guest=pair.describe, allowed_platforms=lists)
+    pair.run(4)  # Hello, Hello, Describe, PlatformChain
+    return pair.source.chain_refusal()
+
+
+def test_a_target_platform_in_every_allow_list_given_passes() -> None:
+    seen = platform_id(make_chain())
+    assert seen == hashlib.sha256(make_chain().pdh[16:0x414]).hexdigest()
+    assert _chain_refusal_with([seen]) is None
+    assert _chain_refusal_with([seen.upper(), "0" * 64], [], [f"  {seen}\n"]) is None
+    assert _chain_refusal_with() is None and _chain_refusal_with([]) is None  # no list: any
+
+
+def test_a_target_platform_missing_from_an_allow_list_is_refused_before_send_start() -> None:
+    seen = platform_id(make_chain())
+    for lists in ([["0" * 64]], [[seen], ["f" * 64]]):  # the VM's list, the command's
+        refusal = _chain_refusal_with(*lists)
+        assert refusal is not None and refusal.code == CancelCode.POLICY
+        assert seen in refusal.reason and "keeps running here" in refusal.reason
+    pair = Pair()
+    pair.source = RemoteConnection(SOURCE, guest=pair.describe, allowed_platforms=[["0" * 64]])
+    pair.run(4)
+    refusal = pair.source.chain_refusal()
+    assert refusal is not None
+    pair.deliver(SOURCE, refusal)  # instead of SendStart
+    assert pair.source.recovery().recovery is Recovery.NOTHING_TO_DO
+    assert pair.target.recovery().recovery is Recovery.DROP
+
+
+@pytest.mark.parametrize("bad", ["", "abc", "g" * 64, "0" * 63, "0" * 65, "sha256:" + "0" * 64])
+def test_a_malformed_platform_id_is_refused_with_what_an_id_is(bad: str) -> None:
+    with pytest.raises(ValueError, match="64 hex digits"):
+        parse_platform_id(bad)
+    with pytest.raises(ValueError, match="allow-list of target platforms"):
+        RemoteConnection(SOURCE, guest=make_describe(), allowed_platforms=[[bad]])
 
 
 # ---- framing: reordered, duplicated, retargeted frames -----------------------------------------
@@ -925,7 +971,9 @@ def _runnable_copies(src: Side, tgt: Side, session: bytes | None) -> int:
         assert session is not None
         source_plan, target_plan = _resolve(source_plan, target_plan, session)
     elif target_plan is Recovery.HOLD and src.dead:
-        target_plan = Recovery.FINISH_AND_RUN  # its VM, and the copy in it, died with it
+        # The operator fenced the dead source's host and tells the target to finish: its VM,
+        # and the copy in it, died with it.
+        target_plan = operator_outcome("finish", Recovery.HOLD).recovery
     assert tgt.dead or target_plan is not Recovery.HOLD, "a held guest was never resolved"
     source_runs = not src.dead and source_plan in (
         Recovery.NOTHING_TO_DO,
@@ -1045,6 +1093,73 @@ def test_commit_answered_not_held_is_the_loss_the_firmware_makes_unavoidable() -
     src = RemoteConnection.resolver(b"\x07" * 16, "commit")
     src.receive(None)
     assert "retry" in src.recovery().why
+
+
+# ---- the operator's decision for a held guest (the source host fenced) --------------------------
+
+
+def test_the_operator_decides_only_for_a_guest_held_in_doubt_and_by_the_table() -> None:
+    assert set(HELD_DECISIONS) == {
+        ("source", "commit"),
+        ("source", "cancel"),
+        ("operator", "finish"),
+        ("operator", "give-up"),
+    }
+    for (_, decision), plan in HELD_DECISIONS.items():
+        runs = decision in ("commit", "finish")
+        assert plan.recovery is (Recovery.FINISH_AND_RUN if runs else Recovery.TEAR_DOWN)
+        assert plan.why
+    assert operator_outcome("finish", Recovery.HOLD) == HELD_DECISIONS["operator", "finish"]
+    assert operator_outcome("give-up", Recovery.HOLD).recovery is Recovery.TEAR_DOWN
+    assert "two copies" in operator_outcome("finish", Recovery.HOLD).why
+    assert "lost" in operator_outcome("give-up", Recovery.HOLD).why
+    for held, said in (
+        (Recovery.DONE, "runs the guest already"),
+        (Recovery.FINISH_AND_RUN, "runs the guest already"),
+        (None, "holds no received guest"),
+    ):
+        for decision in ("finish", "give-up"):
+            with pytest.raises(LocalProtocolError, match=said):
+                operator_outcome(decision, held)  # type: ignore[arg-type]
+    with pytest.raises(LocalProtocolError, match="'finish' or 'give-up'"):
+        operator_outcome("commit", Recovery.HOLD)  # type: ignore[arg-type]
+
+
+DECISIONS = [
+    ("source", "commit"),
+    ("source", "cancel"),
+    ("operator", "finish"),
+    ("operator", "give-up"),
+]
+
+
+@settings(max_examples=200)
+@given(decisions=st.lists(st.sampled_from(DECISIONS), min_size=1, max_size=6))
+def test_a_held_guest_is_decided_once_by_whoever_decides_first(
+    decisions: list[tuple[str, str]],
+) -> None:
+    """The source's decisions (on new connections) and the operator's, in any order, as a
+    target's shell executes them: the first one acts, as its row says; after it the operator
+    is refused, and a source learns what became of the guest (resumed, or not held)."""
+    held: Recovery | None = Recovery.HOLD
+    actions: list[Recovery] = []
+    for decider, decision in decisions:
+        before = held
+        if decider == "source":
+            action, outcome = held_outcome(decision, held)  # type: ignore[arg-type]
+            if before is not Recovery.HOLD:
+                assert action is None
+                assert outcome == ("resumed" if before is Recovery.DONE else "not-held")
+        else:
+            try:
+                action = operator_outcome(decision, held).recovery  # type: ignore[arg-type]
+            except LocalProtocolError:
+                assert before is not Recovery.HOLD
+                continue
+        if action is not None:
+            actions.append(action)
+            held = Recovery.DONE if action is Recovery.FINISH_AND_RUN else None
+    assert actions == [HELD_DECISIONS[decisions[0]].recovery]  # type: ignore[index]
 
 
 def _resolving_pair(decision: str) -> tuple[RemoteConnection, RemoteConnection]:

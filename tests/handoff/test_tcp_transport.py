@@ -329,6 +329,30 @@ async def test_nothing_listens_is_a_transport_error_naming_the_address(
 # ---- frames ------------------------------------------------------------------------------------
 
 
+async def test_frames_sent_together_arrive_one_by_one_and_whole(
+    pki: dict[str, TlsFiles],
+) -> None:
+    listener = await tcp.listen(f"tcp:{TARGET_IP}:0", pki["target"])
+    async with listener:
+        server, client = await _pair(listener, pki["source"])
+        async with server, client:
+            frames = [bytes([i]) * (4000 + i) for i in range(20)]
+            await client.send_many(frames)
+            await client.send_many([])  # nothing to send: nothing sent
+            await client.send(b"last")
+            got = [await server.receive()]
+            while len(got) < len(frames) + 1:
+                frame = server.take_buffered()  # those already here, without waiting
+                got.append(frame if frame is not None else await server.receive())
+            assert got == [*frames, b"last"]
+            assert server.take_buffered() is None
+            # A refused frame refuses the whole write: nothing of it is sent.
+            with pytest.raises(TransportError, match="at least one byte"):
+                await client.send_many([b"a", b""])
+            await client.send(b"after")
+            assert await server.receive() == b"after"
+
+
 async def test_an_oversize_frame_is_refused_by_the_sender_and_by_the_receiver(
     pki: dict[str, TlsFiles],
 ) -> None:

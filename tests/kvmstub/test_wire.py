@@ -83,6 +83,20 @@ REPLIES += [
     ),
 ]
 
+# Several KVM_MEMORY_ENCRYPT_OPs in one submission, and the answer per entry.
+REQUESTS += [
+    wire.SevIoctlBatch(
+        40,
+        (
+            wire.SevBatchEntry(uapi.KVM_SEV_RECEIVE_UPDATE_DATA, {"hdr": bytes(52), "trans": b""}),
+            wire.SevBatchEntry(uapi.KVM_SEV_GUEST_STATUS),
+        ),
+    )
+]
+REPLIES += [
+    wire.BatchReply(40, (wire.Ok(40, 0, {"hdr": bytes(52)}), wire.Error(40, 5, "", 0xB))),
+]
+
 
 @pytest.mark.parametrize("request_", REQUESTS, ids=lambda r: type(r).__name__)
 def test_every_request_type_round_trips_and_fits_a_datagram(request_: wire.Request) -> None:
@@ -135,6 +149,10 @@ def _raw(tag: str, *fields: Any) -> bytes:
         (_raw("SevIoctl", 1, 2, {"x" * 65: 1}), "field name too long"),
         (_raw("SevIoctl", 1, 2, {f"f{i}": i for i in range(33)}), "too many fields"),
         (_raw("SevIoctl", 1, 2, {"policy": "4"}), "field of the wrong type"),
+        (_raw("SevIoctlBatch", 1, []), "an empty batch"),
+        (_raw("SevIoctlBatch", 1, [[2, None]] * 65), "a batch of more than MAX_BATCH"),
+        (_raw("SevIoctlBatch", 1, [[2, {"policy": -1}]]), "a batch entry's negative field"),
+        (_raw("SevIoctlBatch", 1, [[2, None, 3]]), "a batch entry with an extra field"),
         (_raw("Run", 1, False, None, -1), "negative hypercall ret"),
         (_raw("SetRegs", 1, [-1]), "negative register"),
         (_raw("GetApiVersion", 1, 2), "a field the request does not have"),
