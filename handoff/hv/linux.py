@@ -68,6 +68,11 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _c_ioctl = _libc.ioctl
 _c_ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
 _c_ioctl.restype = ctypes.c_int
+# The same ioctl called with the GIL held (ctypes.PyDLL): for a call that returns at once, such
+# as a KVM_RUN with immediate_exit set, where letting the GIL go is the expensive part.
+_c_ioctl_held = ctypes.PyDLL(None, use_errno=True).ioctl
+_c_ioctl_held.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
+_c_ioctl_held.restype = ctypes.c_int
 
 _SECTION = struct.Struct("<HHI")  # tag, 0, length
 _U32 = struct.Struct("<I")
@@ -662,7 +667,10 @@ class LinuxVcpu:
         run = self._run
         run[abi.RUN_IMMEDIATE_EXIT] = 1
         try:
-            _ioctl_arg(self._fd, abi.KVM_RUN, 0, "KVM_RUN")
+            _Counter.requests += 1
+            if _c_ioctl_held(self._fd, abi.KVM_RUN, 0) < 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"KVM_RUN: {os.strerror(err)}")
         finally:
             run[abi.RUN_IMMEDIATE_EXIT] = 1 if self._kicked else 0
             if self._kicked:
