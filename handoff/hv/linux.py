@@ -69,6 +69,11 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _c_ioctl = _libc.ioctl
 _c_ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
 _c_ioctl.restype = ctypes.c_int
+# The same ioctl called with the GIL held (ctypes.PyDLL): for a call that returns at once, such
+# as a KVM_RUN with immediate_exit set, where letting the GIL go is the expensive part.
+_c_ioctl_held = ctypes.PyDLL(None, use_errno=True).ioctl
+_c_ioctl_held.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
+_c_ioctl_held.restype = ctypes.c_int
 
 _SECTION = struct.Struct("<HHI")  # tag, 0, length
 _U32 = struct.Struct("<I")
@@ -677,7 +682,10 @@ class LinuxVcpu:
         run = self._run
         run[abi.RUN_IMMEDIATE_EXIT] = 1
         try:
-            _ioctl_arg(self._fd, abi.KVM_RUN, 0, "KVM_RUN")
+            _Counter.requests += 1
+            if _c_ioctl_held(self._fd, abi.KVM_RUN, 0) < 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"KVM_RUN: {os.strerror(err)}")
         finally:
             run[abi.RUN_IMMEDIATE_EXIT] = 1 if self._kicked else 0
             if self._kicked:
@@ -975,7 +983,15 @@ class LinuxVm:
         return states
 
     async def set_states(self, vcpus: list[LinuxVcpu], states: list[VcpuState]) -> None:
-        """Every vCPU's `set_state`, in parallel where there are many (`_on_threads`)."""
+        """Every vCPU's `set_state`, in parallel where there are many (`_on_threads`).
+
+        Part of it is serial in the kernel whatever the threads: each KVM_SET_LAPIC
+        recalculates the VM's APIC map over every vCPU under one VM-wide mutex
+        (kvm_apic_set_state -> kvm_recalculate_apic_map; 10 us a call at 1 vCPU, 60 at 256 on
+        a nested 2-CPU host: 15 ms of a 256-vCPU load). Measured there, two threads loaded 256
+        vCPUs no faster than one when the host left them alone (44 ms), but one thread alone
+        stalled for 70 to 120 ms in about half the handoffs on a busy host, two in one in
+        seven: they stay two."""
         for vcpu in vcpus:
             vcpu._stopped("set_state")
         await _on_threads(vcpus, lambda v, st: v.load_state(st), list(states))

@@ -53,7 +53,13 @@ _THREAD_PORTS = frozenset(
 )  # the port I/O a vCPU's own thread may serve (`VcpuRunner._serve_on_thread`)
 
 RESUME_ENTRY_WAIT_S = 0.002
-"""How long a resume waits at most for the vCPUs' KVM_RUNs to be issued (`Vcpu.wait_entered`)."""
+RESUME_ENTRY_WAIT_PER_VCPU_S = 0.0002
+"""How long a resume waits at most for the vCPUs' KVM_RUNs to be issued (`Vcpu.wait_entered`):
+`RESUME_ENTRY_WAIT_S`, or this much per vCPU started where that is longer. Each KVM_RUN thread
+needs a CPU and the interpreter for a moment before its KVM_RUN; on a nested 2-CPU host a
+thread's wake-up took 60 to 120 us, so 256 of them need 15 to 30 ms: with the event loop
+going on after 2 ms, the last of them waited behind it (and behind the exits of the vCPUs
+already running) for tens of milliseconds more."""
 
 _EXIT_INTR = abi.EXIT_INTR
 _EXIT_IO = abi.EXIT_IO
@@ -260,6 +266,12 @@ class VcpuRunner:
                     # The guest waits for time to pass: the vCPU sleeps here, not in the
                     # kernel, and a pause (a handoff) does not wait for it to wake.
                     idle, self.idle_s = self.idle_s, 0.0
+                    # Its exit completed now, not by the pause that may come meanwhile: an
+                    # idle vCPU then holds nothing unfinished (as a real guest's halted vCPU,
+                    # which waits inside KVM_RUN, holds nothing), and a pause of a mostly
+                    # idle guest does not complete each vCPU's exit inside the blackout (a
+                    # KVM_RUN each: 256 took 4 to 30 ms of it on a nested 2-CPU host).
+                    await self.settle()
                     with trio.move_on_after(idle):
                         await gate.wait_pause_asked()
                 if self.vmm.throttle_percent:
@@ -568,7 +580,8 @@ class Vmm:
         # Then wait, the interpreter released, until those KVM_RUNs are issued (a moment each,
         # bounded): the event loop going on from here held the backend's KVM_RUN threads
         # back, waiting for the GIL, 0.15 to 0.4 ms of the pause on the real KVM.
-        deadline = time.monotonic() + RESUME_ENTRY_WAIT_S
+        wait = max(RESUME_ENTRY_WAIT_S, RESUME_ENTRY_WAIT_PER_VCPU_S * len(started))
+        deadline = time.monotonic() + wait
         for vcpu in started:
             if not vcpu.wait_entered(deadline - time.monotonic()):
                 break
