@@ -183,6 +183,14 @@ class Vcpu(Protocol):
         backend serves exits so (kvmstub's runs are served by its daemon: False)."""
         ...
 
+    def wait_returned(self, timeout: float) -> bool:
+        """After `kick`: wait, without holding the interpreter, until the KVM_RUN in flight
+        has come back (to `run`), or `timeout` seconds pass; whether it has. Where a thread of
+        this process serves exits (`serve_exits_on_thread`) it needs the interpreter to see
+        the kick, and a caller that kept it (the pause going on) held the pause back by
+        0.25 ms on the real KVM. Backends without such a thread: True."""
+        ...
+
     def wait_entered(self, timeout: float) -> bool:
         """After `start_run`: wait, without holding the interpreter, until that KVM_RUN is
         issued to the kernel or `timeout` seconds pass; whether it was. Where the KVM_RUN is

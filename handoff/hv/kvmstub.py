@@ -78,6 +78,9 @@ class KvmstubVcpu:
     def serve_exits_on_thread(self, handler: Callable[[ExitView], bool] | None) -> bool:
         return False
 
+    def wait_returned(self, timeout: float) -> bool:
+        return True
+
     def wait_entered(self, timeout: float) -> bool:
         return True  # the request went out in `start_run`: kvmstub's daemon runs it
 

@@ -410,6 +410,14 @@ async def _on_threads(
     return results
 
 
+def _waited(lock: threading.Lock, timeout: float) -> bool:
+    """Whether `lock`, held until something happens, was let go within `timeout` seconds."""
+    if not lock.acquire(timeout=max(timeout, 0.0)):
+        return False
+    lock.release()
+    return True
+
+
 class _RunThread:
     """The thread that issues one vCPU's KVM_RUNs, one per `go`."""
 
@@ -432,6 +440,9 @@ class _RunThread:
         self._go = threading.Semaphore(0)
         # Held while a KVM_RUN asked by `go` is not yet issued (`arm`, `wait_entered`).
         self._entered = threading.Lock()
+        # Held while that KVM_RUN (and the runs of exits served here) has not returned for
+        # good (`wait_returned`).
+        self._returned = threading.Lock()
         self.thread = threading.Thread(target=self._main, name=name, daemon=True)
         self.thread.start()
         ident = self.thread.ident
@@ -441,15 +452,19 @@ class _RunThread:
     def go(self, notify: Callable[[], None]) -> None:
         self._notify = notify
         self._entered.acquire(blocking=False)  # armed: released as the KVM_RUN is issued
+        self._returned.acquire(blocking=False)  # and this one once it has returned
         self._go.release()
 
     def wait_entered(self, timeout: float) -> bool:
         """Until the KVM_RUN asked by the last `go` is issued, at most `timeout` seconds, with
         the GIL released (a lock's acquire)."""
-        if not self._entered.acquire(timeout=max(timeout, 0.0)):
-            return False
-        self._entered.release()
-        return True
+        return _waited(self._entered, timeout)
+
+    def wait_returned(self, timeout: float) -> bool:
+        """Until the KVM_RUN asked by the last `go` has returned to the event loop's side (a
+        kick's EINTR, or an exit not served here), at most `timeout` seconds, the GIL
+        released."""
+        return _waited(self._returned, timeout)
 
     def do(self, job: Callable[[], None]) -> None:
         """Run `job` on this thread next (its vCPU is stopped: no KVM_RUN in flight)."""
@@ -483,6 +498,8 @@ class _RunThread:
                 serve = self.serve
                 if ret < 0 or serve is None or self.closing or not serve():
                     break
+            if self._returned.locked():
+                self._returned.release()
             with contextlib.suppress(trio.RunFinishedError):
                 self._notify()
 
@@ -729,6 +746,10 @@ class LinuxVcpu:
     def wait_entered(self, timeout: float) -> bool:
         thread = self._thread
         return thread is None or not self._in_flight or thread.wait_entered(timeout)
+
+    def wait_returned(self, timeout: float) -> bool:
+        thread = self._thread
+        return thread is None or not self._in_flight or thread.wait_returned(timeout)
 
     def kick(self) -> None:
         self.times = {"kick": time.monotonic_ns()}

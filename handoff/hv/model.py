@@ -119,6 +119,9 @@ class ModelVcpu:
     def serve_exits_on_thread(self, handler: Callable[[ExitView], bool] | None) -> bool:
         return False
 
+    def wait_returned(self, timeout: float) -> bool:
+        return True
+
     def wait_entered(self, timeout: float) -> bool:
         return True
 

@@ -52,6 +52,9 @@ _THREAD_PORTS = frozenset(
     {witness.SERIAL_PORT, witness.DOORBELL_OUT_PORT, witness.DOORBELL_IN_PORT}
 )  # the port I/O a vCPU's own thread may serve (`VcpuRunner._serve_on_thread`)
 
+PAUSE_RETURN_WAIT_S = 0.002
+"""How long a pause waits at most, after the kicks, for the vCPUs' runs to come back."""
+
 RESUME_ENTRY_WAIT_S = 0.002
 RESUME_ENTRY_WAIT_PER_VCPU_S = 0.0002
 """How long a resume waits at most for the vCPUs' KVM_RUNs to be issued (`Vcpu.wait_entered`):
@@ -546,6 +549,12 @@ class Vmm:
         still queued into mere completions, so the pause does not wait out whole slices."""
         for vcpu in self.vcpus:
             vcpu.kick()
+        # Then wait, the interpreter released, for their runs to come back (bounded): a vCPU
+        # thread serving an exit needs it to see the kick (`Vcpu.wait_returned`).
+        deadline = time.monotonic() + PAUSE_RETURN_WAIT_S
+        for vcpu in self.vcpus:
+            if not vcpu.wait_returned(deadline - time.monotonic()):
+                break
         await self.gate.pause()
         if self.status == "running":
             self.status = "paused"
