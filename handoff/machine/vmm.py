@@ -312,7 +312,7 @@ class VcpuRunner:
         io = exit_.io
         if exit_.exit_reason != _EXIT_IO or io is None or io.port not in _THREAD_PORTS:
             return False
-        if self.vmm.gate.pause_requested or self.vmm.throttle_percent:
+        if self.vmm.gate.pause_requested or self.vmm.throttle_percent or self.vmm.exits_to_loop:
             return False
         devices = self.vmm.devices
         data = devices.handle_io(self.index, io)
@@ -386,6 +386,7 @@ class Vmm:
         self.cfg = cfg
         self.flags = flags
         self.hypervisor: Hypervisor | None = hypervisor
+        self.exits_to_loop = False  # every exit to the event loop (`VcpuRunner._serve_on_thread`)
         self._owns_hypervisor = hypervisor is None
         self.vm: Vm | None = None
         self.vcpus: list[Vcpu] = []
