@@ -24,11 +24,10 @@ table, executed (`_recover`): no rules of its own here.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +37,7 @@ import trio
 from handoff.errors import HandoffError
 from handoff.hv import batch_done, fw_error, migration_vm, sev_platform
 from handoff.machine.vmm import Vmm
+from handoff.migration.groups import one_failure
 from handoff.protocol import remote
 from handoff.protocol.local import MAX_TEXT_LENGTH, VcpuStateWire
 from handoff.protocol.remote import (
@@ -336,20 +336,8 @@ class RemoteSource:
     # ---- the conversation ------------------------------------------------------------------
 
     async def _send(self, message: remote.Message) -> None:
-        assert self.conn is not None and self.channel is not None
-        frame = self.conn.send(message)
-        if self._record is not None:
-            self._record.write(len(frame).to_bytes(4, "big") + frame)
-        try:
-            with trio.fail_after(self.opts.answer_timeout):
-                await self.channel.send(frame)
-        except trio.TooSlowError:
-            # A target that stopped reading (hung, or its host): TCP's window stays shut.
-            if self.conn.ended_in is None:
-                self.conn.give_up(Ending.TIMEOUT)
-            raise MigrationFailed(
-                f"the target took no data for {self.opts.answer_timeout:g} s"
-            ) from None
+        assert self.conn is not None
+        await self._send_frames([self.conn.send(message)])
 
     async def _send_frames(self, frames: list[bytes]) -> None:
         """Send frames the machine made (`conn.send`), in one write."""
@@ -358,8 +346,12 @@ class RemoteSource:
             self._record.write(b"".join(len(f).to_bytes(4, "big") + f for f in frames))
         try:
             with trio.fail_after(self.opts.answer_timeout):
-                await self.channel.send_many(frames)
+                if len(frames) == 1:
+                    await self.channel.send(frames[0])
+                else:
+                    await self.channel.send_many(frames)
         except trio.TooSlowError:
+            # A target that stopped reading (hung, or its host): TCP's window stays shut.
             if self.conn.ended_in is None:
                 self.conn.give_up(Ending.TIMEOUT)
             raise MigrationFailed(
@@ -588,7 +580,7 @@ class RemoteSource:
         assert conn is not None
         batches = _batches(pages, shared_now)
         ready_in, ready = trio.open_memory_channel[_Fetched](PIPELINE_BATCHES)
-        async with _one_failure(), trio.open_nursery() as nursery:
+        async with one_failure(), trio.open_nursery() as nursery:
             nursery.start_soon(self._fetch, vm, batches, ready_in)
             async for shared, gpas, items, failure in ready:
                 frames: list[bytes] = []
@@ -791,25 +783,6 @@ _FAILURES = (OSError, HandoffError, remote.ProtocolError, trio.TooSlowError)
 #: A batch of the page stream, fetched: shared or not, its addresses, the plaintext pages or
 #: firmware packets (fewer than the addresses if a SEND_UPDATE_DATA failed), and that failure.
 _Fetched = tuple[bool, list[int], list[bytes] | list[tuple[bytes, bytes]], OSError | None]
-
-
-@contextlib.asynccontextmanager
-async def _one_failure() -> AsyncIterator[None]:
-    """Around a nursery of the page pipeline: its failure raised as itself, not in an
-    exception group (one stage fails, the other is cancelled), as the serial loop raised it."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        leaves = _leaves(group)
-        if len(leaves) != 1:
-            raise
-        raise leaves[0] from None
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
-    return [exc]
 
 
 def _batches(pages: list[int], shared_now: set[int]) -> list[tuple[bool, list[int]]]:

@@ -19,11 +19,10 @@ finish and run, or give up; `remote.HELD_DECISIONS` decides both.
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgspec
@@ -33,6 +32,7 @@ from handoff.errors import HandoffError, Refused
 from handoff.hv import SevMigrationVm, VcpuState, batch_index, fw_error, migration_vm, sev_platform
 from handoff.machine.devices import DeviceState
 from handoff.machine.vmm import Vmm
+from handoff.migration.groups import one_failure
 from handoff.protocol import remote
 from handoff.protocol.remote import (
     Cancel,
@@ -288,7 +288,7 @@ class RemoteTarget:
             READ_AHEAD
         )
         todo: collections.deque[remote.Message | BaseException] = collections.deque()
-        async with _one_failure(), trio.open_nursery() as nursery:
+        async with one_failure(), trio.open_nursery() as nursery:
             nursery.start_soon(self._read_stream, accepted_in)
             while True:
                 if not todo:
@@ -525,25 +525,6 @@ class RemoteTarget:
             vmm.vm = None
         vmm.status = "torn-down"
         self.outcome = "torn-down"
-
-
-@contextlib.asynccontextmanager
-async def _one_failure() -> AsyncIterator[None]:
-    """Around the page pipeline's nursery: its failure raised as itself, not in an exception
-    group (one stage fails, the other is cancelled), as the serial loop raised it."""
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        leaves = _leaves(group)
-        if len(leaves) != 1:
-            raise
-        raise leaves[0] from None
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
-    return [exc]
 
 
 def _fw(exc: OSError) -> str:
