@@ -518,7 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
         "if the old VMM dies after it sent Switchover (its VM), the new VMM takes the guest "
         "over. A death where one process alone holds the guest loses it, as with any VMM: the "
         "old VMM's before Switchover (during the setup or the pause), the new VMM's after it "
-        "reported Resumed.",
+        "reported Resumed. An SEV guest can also move to another host (`handoff migrate`): "
+        "its pages re-encrypted by the SEV firmware for the target, over mutual TLS.",
     )
     parser.add_argument("--version", action="version", version=f"handoff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
