@@ -174,12 +174,12 @@ class Vcpu(Protocol):
         vCPU's back to back). False where the backend cannot, or one is in flight."""
         ...
 
-    def serve_exits_on_thread(self, handler: Callable[[ExitView], bool] | None) -> bool:
+    def serve_exits_on_thread(self, handler: Callable[[ExitView], bool]) -> bool:
         """Where KVM_RUN is issued by a thread of this process, let that thread serve exits:
         it calls `handler(exit)` (holding the GIL, between two KVM_RUNs) for each exit, and
         on True issues the next KVM_RUN at once, which delivers the completion (`complete_io`
         from the handler); on False the exit goes to `run` as usual. A kick still ends the
-        run: the next KVM_RUN returns EINTR to `run`. `None` stops it. Returns whether the
+        run: the next KVM_RUN returns EINTR to `run`. Returns whether the
         backend serves exits so (kvmstub's runs are served by its daemon: False)."""
         ...
 

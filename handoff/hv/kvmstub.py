@@ -75,7 +75,7 @@ class KvmstubVcpu:
     def run_in_flight(self) -> bool:
         return self._vcpu.run_in_flight
 
-    def serve_exits_on_thread(self, handler: Callable[[ExitView], bool] | None) -> bool:
+    def serve_exits_on_thread(self, handler: Callable[[ExitView], bool]) -> bool:
         return False
 
     def wait_returned(self, timeout: float) -> bool:

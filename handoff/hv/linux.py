@@ -418,6 +418,12 @@ def _waited(lock: threading.Lock, timeout: float) -> bool:
     return True
 
 
+def _let_go(lock: threading.Lock) -> None:
+    """Say that it happened (`_waited`): only the thread that waits for nothing releases."""
+    if lock.locked():
+        lock.release()
+
+
 class _RunThread:
     """The thread that issues one vCPU's KVM_RUNs, one per `go`."""
 
@@ -438,7 +444,7 @@ class _RunThread:
         self.record_enter: dict[str, int] | None = None
         self._job: Callable[[], None] | None = None
         self._go = threading.Semaphore(0)
-        # Held while a KVM_RUN asked by `go` is not yet issued (`arm`, `wait_entered`).
+        # Held while a KVM_RUN asked by `go` is not yet issued (`go`, `wait_entered`).
         self._entered = threading.Lock()
         # Held while that KVM_RUN (and the runs of exits served here) has not returned for
         # good (`wait_returned`).
@@ -488,9 +494,7 @@ class _RunThread:
                 record["enter"] = self.enter_ns
             while True:
                 self.in_kvm_run = True
-                entered = self._entered
-                if entered.locked():
-                    entered.release()
+                _let_go(self._entered)
                 ret = ioctl(fd, request, 0)
                 self.exit_ns = now()
                 self.in_kvm_run = False
@@ -498,8 +502,7 @@ class _RunThread:
                 serve = self.serve
                 if ret < 0 or serve is None or self.closing or not serve():
                     break
-            if self._returned.locked():
-                self._returned.release()
+            _let_go(self._returned)
             with contextlib.suppress(trio.RunFinishedError):
                 self._notify()
 
@@ -729,11 +732,8 @@ class LinuxVcpu:
             log.error("vCPU %d: VM entry failed, hardware reason %#x", self.index, why)
         return Exit(reason)
 
-    def serve_exits_on_thread(self, handler: Callable[[ExitView], bool] | None) -> bool:
+    def serve_exits_on_thread(self, handler: Callable[[ExitView], bool]) -> bool:
         thread = self.start_thread()
-        if handler is None:
-            thread.serve = None
-            return True
 
         def serve() -> bool:
             # A kick (immediate_exit) makes the next KVM_RUN deliver this completion and

@@ -116,7 +116,7 @@ class ModelVcpu:
     def start_run(self) -> bool:
         return False
 
-    def serve_exits_on_thread(self, handler: Callable[[ExitView], bool] | None) -> bool:
+    def serve_exits_on_thread(self, handler: Callable[[ExitView], bool]) -> bool:
         return False
 
     def wait_returned(self, timeout: float) -> bool:

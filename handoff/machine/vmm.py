@@ -149,6 +149,15 @@ async def _each_vcpu(fn: Callable[[int], Awaitable[None]], count: int) -> None:
         raise errors[0]
 
 
+def _wait_each(waits: list[Callable[[float], bool]], seconds: float) -> None:
+    """Each of `waits(timeout)` in turn, all within `seconds` in all: a bound on waiting, not
+    a check (the first that times out ends it)."""
+    deadline = time.monotonic() + seconds
+    for wait in waits:
+        if not wait(deadline - time.monotonic()):
+            return
+
+
 class ContextLost(Exception):
     """The kernel refused KVM_RUN with EIO: this VM no longer holds the guest."""
 
@@ -558,10 +567,7 @@ class Vmm:
             vcpu.kick()
         # Then wait, the interpreter released, for their runs to come back (bounded): a vCPU
         # thread serving an exit needs it to see the kick (`Vcpu.wait_returned`).
-        deadline = time.monotonic() + PAUSE_RETURN_WAIT_S
-        for vcpu in self.vcpus:
-            if not vcpu.wait_returned(deadline - time.monotonic()):
-                break
+        _wait_each([vcpu.wait_returned for vcpu in self.vcpus], PAUSE_RETURN_WAIT_S)
         await self.gate.pause()
         if self.status == "running":
             self.status = "paused"
@@ -597,10 +603,7 @@ class Vmm:
         # bounded): the event loop going on from here held the backend's KVM_RUN threads
         # back, waiting for the GIL, 0.15 to 0.4 ms of the pause on the real KVM.
         wait = max(RESUME_ENTRY_WAIT_S, RESUME_ENTRY_WAIT_PER_VCPU_S * len(started))
-        deadline = time.monotonic() + wait
-        for vcpu in started:
-            if not vcpu.wait_entered(deadline - time.monotonic()):
-                break
+        _wait_each([vcpu.wait_entered for vcpu in started], wait)
         self.gate.resume()
         self.status = "running"
 
