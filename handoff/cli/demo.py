@@ -118,6 +118,18 @@ class Demo(_Checks):
             "--kvm", self.kvm_sock, "--control", self.control,
             "--serial-log", self.serial_logs[0], "--max-protocol", "1", *self.poll,
         ]  # fmt: skip
+        proc = self.spawn_vmm(argv)
+        self.first = proc
+        return proc.pid
+
+    def say_pauses(self, kind: str) -> None:
+        say(f"\n== guest-visible pause per handoff ({kind}from the guest's gap_us)")
+        for title, pause, downtime in self.pauses:
+            p = "?" if pause is None else f"{pause / 1000:.3f} ms"
+            say(f"  {title:55s} {p:>10s}   (source-side {downtime:.3f} ms)")
+
+    def spawn_vmm(self, argv: list[str]) -> subprocess.Popen[bytes]:
+        """Start the first VMM (its output to `vmm_log`) and wait for its control socket."""
         log = open(self.vmm_log, "ab")  # noqa: SIM115
         proc = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
         log.close()
@@ -126,8 +138,7 @@ class Demo(_Checks):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the VMM did not start; see {self.vmm_log}")
             time.sleep(0.02)
-        self.first = proc
-        return proc.pid
+        return proc
 
     # ------------------------------------------------------------- steps
     async def stats(self) -> dict[str, Any]:
@@ -262,10 +273,7 @@ class Demo(_Checks):
         self.stop_kvmstub()
         left = _sockets(self.dir)
         self.check("no socket left in the file system", not left, ", ".join(left) or "none")
-        say("\n== guest-visible pause per handoff (from the guest's gap_us)")
-        for title, pause, downtime in self.pauses:
-            p = "?" if pause is None else f"{pause / 1000:.3f} ms"
-            say(f"  {title:55s} {p:>10s}   (source-side {downtime:.3f} ms)")
+        self.say_pauses("")
         return self.verdict(
             "", "the guest survived every handoff, nothing was copied, nothing leaked."
         )
@@ -551,15 +559,7 @@ class KvmDemo(Demo):
             "--line-every", "20000", "--control", self.control,
             "--serial-log", self.serial_logs[0],
         ]  # fmt: skip
-        log = open(self.vmm_log, "ab")  # noqa: SIM115
-        proc = subprocess.Popen(argv, stdout=log, stderr=log, start_new_session=True)
-        log.close()
-        deadline = time.monotonic() + 30
-        while not os.path.exists(self.control):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the VMM did not start; see {self.vmm_log}")
-            time.sleep(0.02)
-        return proc.pid
+        return self.spawn_vmm(argv).pid
 
     async def run(self) -> int:
         say("\n== the real KVM: a plain x86-64 guest on /dev/kvm (real machine code, CPL3)")
@@ -592,10 +592,7 @@ class KvmDemo(Demo):
         say("\n== verify (real KVM)")
         self.check_guest()
         await self.quit_and_check()
-        say("\n== guest-visible pause per handoff (real KVM, from the guest's gap_us)")
-        for title, pause, downtime in self.pauses:
-            p = "?" if pause is None else f"{pause / 1000:.3f} ms"
-            say(f"  {title:55s} {p:>10s}   (source-side {downtime:.3f} ms)")
+        self.say_pauses("real KVM, ")
         return self.verdict(
             " (real KVM)", "the x86 guest survived every handoff, nothing was copied."
         )
