@@ -22,6 +22,13 @@ counted, though also unavoidable: the kick's signal and the vCPU thread's wake-u
 KVM_RUN's entry, the message between the VMMs, and the guest's own ordinary gap between two
 lines (which the guest-visible pause contains; `tools/bench_kvm_floor.py` prints it).
 
+And, for one busy vCPU, the other two kernel costs of every pause: the kick (a signal to the
+vCPU thread until its KVM_RUN returns EINTR) and the first KVM_RUN after the state is loaded
+(entry to first exit) on a fresh VM, as every handoff's target is, against a VM that ran the
+guest before (both include one guest step and its exit): the difference is what the kernel
+spends mapping the guest's memory into a VM that never ran it (on this nested host, shadow
+paging: a fault per page the guest touches).
+
 Why per vCPU count: some SET ioctls grow with the VM's vCPU count (KVM_SET_LAPIC recomputes the
 VM's APIC map over every vCPU), so 256 vCPUs are measured on a VM that has 256.
 
@@ -48,6 +55,7 @@ from handoff.hv import linux_abi as abi
 from handoff.hv.backends import kvm_problem
 from handoff.hv.base import VcpuState
 from handoff.hv.linux import LinuxVcpu, _c_ioctl_held, open_linux
+from handoff.machine import vmm as vmm_module
 from handoff.machine.config import GuestConfig, HostFlags
 from handoff.machine.vmm import Vmm
 
@@ -156,6 +164,70 @@ async def measure(vcpus: int, n: int, work: Path) -> dict[str, float]:
     }
 
 
+async def kick_and_first_run(moves: int, work: Path) -> dict[str, float]:
+    """One vCPU, busy: the kick until the vCPU thread's KVM_RUN returned (`times`: kick, out),
+    over `moves` pauses; then the first KVM_RUN after a state load, entry to first exit, on a
+    VM that never ran the guest (each handoff's target) and on one that ran it before, beside
+    no more. Exits go to the event loop here (none served on the
+    vCPU thread), so that the first one is recorded."""
+    vmm_module._CPUS = 0
+    cfg = GuestConfig(vcpus=1, memory=256 << 20, mode="plain", policy=0, line_every=1, flip_every=1)
+
+    def make(name: str) -> Vmm:
+        flags = HostFlags(
+            name=name, uuid=str(uuid.uuid4()), kvm="", hypervisor="kvm",
+            serial_log=str(work / "serial.log"),
+        )  # fmt: skip
+        return Vmm(cfg, flags, hypervisor=open_linux())
+
+    async def first_run(src: Vmm, dst: Vmm) -> float:
+        await src.pause()
+        await dst.load_incoming(await src.get_all_states(), await src.snapshot_devices())
+        dst.resume()
+        times = dst.vcpus[0].times  # type: ignore[attr-defined]
+        with trio.fail_after(5):
+            while "first_exit" not in times:
+                await trio.sleep(0.0002)
+        return (times["first_exit"] - times["enter"]) / 1000
+
+    kicks: list[float] = []
+    fresh: list[float] = []
+    warm: list[float] = []
+    vmms = [make("a")]
+    try:
+        async with trio.open_nursery() as nursery:
+            await vmms[0].launch()
+            vmms[0].start(nursery)
+            vmms[0].resume()
+            for _ in range(moves):
+                await trio.sleep(0.01)
+                await vmms[0].pause()
+                times = vmms[0].vcpus[0].times  # type: ignore[attr-defined]
+                kicks.append((times["out"] - times["kick"]) / 1000)
+                vmms[0].resume()
+            for i in range(moves):  # a fresh VM each time, as a handoff's target
+                new = make(f"f{i}")
+                vmms.append(new)
+                await new.prepare_incoming([os.dup(fd) for fd in vmms[-2].memfds])
+                new.start(nursery)
+                fresh.append(await first_run(vmms[-2], new))
+                await trio.sleep(0.01)
+            old, new = vmms[-2], vmms[-1]
+            for _ in range(moves):  # then back and forth between two VMs that ran it
+                warm.append(await first_run(new, old))
+                old, new = new, old
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    finally:
+        for vmm in vmms:
+            vmm.close()
+    return {
+        "kick": statistics.median(kicks),
+        "fresh": statistics.median(fresh),
+        "warm": statistics.median(warm),
+    }
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--vcpus", default="1,4,256", help="vCPU counts (default 1,4,256)")
@@ -185,6 +257,18 @@ def main() -> int:
             f"| {os.getloadavg()[0]:.1f} |",
             flush=True,
         )
+    with tempfile.TemporaryDirectory(prefix="bench-kvm-ioctls-") as tmp:
+        k = trio.run(kick_and_first_run, min(args.n, 30), Path(tmp))
+    print(
+        "\n| 1 vCPU, busy | kick until KVM_RUN returned us | first KVM_RUN after a load, "
+        "entry to first exit, fresh VM us | the same, VM that ran the guest before us "
+        "| fresh minus warm us |"
+    )
+    print("|---|---|---|---|---|")
+    print(
+        f"| medians | {k['kick']:.0f} | {k['fresh']:.0f} | {k['warm']:.0f} "
+        f"| {k['fresh'] - k['warm']:.0f} |"
+    )
     return 0
 
 
