@@ -184,7 +184,7 @@ async def kick_and_first_run(moves: int, work: Path) -> dict[str, float]:
         await src.pause()
         await dst.load_incoming(await src.get_all_states(), await src.snapshot_devices())
         dst.resume()
-        times = dst.vcpus[0].times  # type: ignore[attr-defined]
+        times: dict[str, int] = dst.vcpus[0].times  # type: ignore[attr-defined]
         with trio.fail_after(5):
             while "first_exit" not in times:
                 await trio.sleep(0.0002)
