@@ -265,10 +265,21 @@ class Channel:
 
     tek: bytearray
     tik: bytearray
+    # The packet crypto under these keys, made at the channel's first packet and dropped
+    # with the keys.
+    _packets: sev_crypto.PacketCipher | None = field(default=None, init=False, repr=False)
+
+    def packets(self) -> sev_crypto.PacketCipher:
+        """`seal_packet` and `open_packet` under this channel's TEK and TIK."""
+        cipher = self._packets
+        if cipher is None:
+            cipher = self._packets = sev_crypto.PacketCipher(bytes(self.tek), bytes(self.tik))
+        return cipher
 
     def zero(self) -> None:
         self.tek[:] = bytes(len(self.tek))
         self.tik[:] = bytes(len(self.tik))
+        self._packets = None
 
 
 class SevFirmware:
@@ -657,10 +668,7 @@ class SevFirmware:
             )
         assert memory is not None and ctx.channel is not None  # KVM pinned; SUPDATE has one
         plaintext = _read_private(memory, ctx.vek, gpa, guest_len)
-        hdr, trans = sev_crypto.seal_packet(
-            bytes(ctx.channel.tek), bytes(ctx.channel.tik), plaintext
-        )
-        return hdr, trans
+        return ctx.channel.packets().seal(plaintext)
 
     @staticmethod
     def _require_es_for_vmsa(ctx: GuestContext, vmsa: bool, command: str) -> None:
@@ -786,9 +794,7 @@ class SevFirmware:
             )
         assert memory is not None and ctx.channel is not None  # KVM pinned; RUPDATE has one
         try:
-            plaintext = sev_crypto.open_packet(
-                bytes(ctx.channel.tek), bytes(ctx.channel.tik), header, trans
-            )
+            plaintext = ctx.channel.packets().open(header, trans)
         except BadMac as e:
             raise SevFwError(
                 uapi.SEV_RET_BAD_MEASUREMENT, f"firmware: RECEIVE_UPDATE_DATA: {e}"
