@@ -595,6 +595,21 @@ class GuestMemory:
         for backing in list(self._slots.values()):
             self._remove(backing)
 
+    def backed_up_to(self, start: int, end: int) -> int:
+        """How far from `start` the slots back guest memory without a hole: `end` or
+        beyond when all of [start, end) is backed, else the first address that is not
+        (`start` itself when no slot holds it). sev_pin_memory's test, without listing the
+        slots for a range that one slot holds, as each page of a migration is."""
+        last = self._last
+        if last is not None and last.gpa <= start and end <= last.end:
+            return end
+        need = start
+        for backing in self._by_gpa:  # in guest-physical order
+            if backing.gpa > need:
+                break
+            need = max(need, backing.end)
+        return need
+
     # guest physical access
 
     def _lookup(self, gpa: int) -> _Backing:

@@ -813,6 +813,8 @@ def _policy_api(policy: int) -> tuple[int, int]:
 
 def _read_private(memory: GuestMemory, vek: bytes, gpa: int, length: int) -> bytes:
     """Guest bytes [gpa, gpa+length) as the guest sees them privately (decrypted)."""
+    if length == PAGE_SIZE and not gpa % PAGE_SIZE:  # a whole page, as migration reads
+        return memory.read_page(gpa, vek)
     out = bytearray()
     while len(out) < length:
         base, offset = gpa - gpa % PAGE_SIZE, gpa % PAGE_SIZE
@@ -824,6 +826,9 @@ def _read_private(memory: GuestMemory, vek: bytes, gpa: int, length: int) -> byt
 
 def _write_private(memory: GuestMemory, vek: bytes, gpa: int, data: bytes) -> None:
     """Write `data` privately (encrypted with `vek`) at gpa, read-modify-write per page."""
+    if len(data) == PAGE_SIZE and not gpa % PAGE_SIZE and type(data) is bytes:
+        memory.write_page(gpa, data, vek)  # a whole page, as migration writes
+        return
     done = 0
     while done < len(data):
         base, offset = gpa - gpa % PAGE_SIZE, gpa % PAGE_SIZE
@@ -1536,15 +1541,9 @@ class Vm:
         if length == 0 or addr + length - 1 > ULONG_MAX:
             raise _err(errno.EINVAL, f"{what}: bad range {addr:#x}+{length:#x}")
         first, last = addr // PAGE_SIZE, (addr + length - 1) // PAGE_SIZE
-        spans = sorted(
-            (s.guest_phys_addr, s.guest_phys_addr + s.memory_size)
-            for s in (self.memory.slots() if self.memory is not None else [])
-        )
         need, end = first * PAGE_SIZE, (last + 1) * PAGE_SIZE
-        for start, stop in spans:
-            if start > need:
-                break
-            need = max(need, stop)
+        if self.memory is not None:
+            need = self.memory.backed_up_to(need, end)
         if need < end:
             raise _err(errno.ENOMEM, f"{what}: guest page {need:#x} is not backed")
         return last - first + 1

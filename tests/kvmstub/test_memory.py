@@ -433,6 +433,20 @@ def test_contexts_made_directly_or_through_cipher_are_the_same(direct: bool) -> 
     assert len(contexts) == 0
 
 
+def test_backed_up_to_is_where_the_first_hole_begins(mem: GuestMemory, memfd: MakeMemfd) -> None:
+    mem.set_region(1, 0, 4 * PAGE_SIZE, 4 * PAGE_SIZE, memfd(4 * PAGE_SIZE), 0)
+    mem.set_region(0, 0, 0, 4 * PAGE_SIZE, memfd(4 * PAGE_SIZE), 0)  # adjacent, below
+    mem.set_region(2, 0, 16 * PAGE_SIZE, 4 * PAGE_SIZE, memfd(4 * PAGE_SIZE), 0)
+    assert mem.backed_up_to(0, PAGE_SIZE) >= PAGE_SIZE
+    assert mem.backed_up_to(3 * PAGE_SIZE, 5 * PAGE_SIZE) == 8 * PAGE_SIZE  # across two slots
+    assert mem.backed_up_to(7 * PAGE_SIZE, 9 * PAGE_SIZE) == 8 * PAGE_SIZE  # the hole
+    assert mem.backed_up_to(9 * PAGE_SIZE, 10 * PAGE_SIZE) == 9 * PAGE_SIZE  # in the hole
+    mem.read_page(17 * PAGE_SIZE, None)  # the last slot used, asked first
+    assert mem.backed_up_to(17 * PAGE_SIZE, 18 * PAGE_SIZE) >= 18 * PAGE_SIZE
+    assert mem.backed_up_to(19 * PAGE_SIZE, 21 * PAGE_SIZE) == 20 * PAGE_SIZE
+    assert GuestMemory().backed_up_to(0, PAGE_SIZE) == 0
+
+
 def test_xts_helpers_roundtrip_and_match_reference() -> None:
     page = os.urandom(PAGE_SIZE)
     sealed = xts_encrypt(VEK, 0x5000, page)
