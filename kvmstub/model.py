@@ -2028,7 +2028,9 @@ class Vm:
 
     @staticmethod
     def _u32(fields: dict[str, int | bytes], name: str) -> int:
-        value = Vm._int(fields, name)
+        value = fields.get(name, 0)
+        if not isinstance(value, int) or value < 0:  # `_int`'s check, inline (per page)
+            raise _err(errno.EINVAL, f"field {name} must be an unsigned integer")
         if value > 0xFFFFFFFF:
             raise _err(errno.EINVAL, f"field {name} is a u32")
         return value

@@ -28,7 +28,7 @@ import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
@@ -250,8 +250,13 @@ def seal_packet(
     return struct.pack("<I", flags) + iv + mac, ciphertext
 
 
-@dataclass(frozen=True, slots=True)
-class PacketHeader:
+_PACKET_HEADER: Final = struct.Struct("<I16s32s")  # flags, IV, MAC
+
+
+class PacketHeader(NamedTuple):
+    """A packet header's fields. (A named tuple: one per packet received, and a frozen
+    dataclass cost twice as much to make.)"""
+
     flags: int
     iv: bytes
     mac: bytes
@@ -260,7 +265,7 @@ class PacketHeader:
     def unpack(cls, hdr: bytes) -> PacketHeader:
         if len(hdr) < PACKET_HEADER_LEN:
             raise CryptoError(f"a packet header is {PACKET_HEADER_LEN} bytes, not {len(hdr)}")
-        return cls(struct.unpack_from("<I", hdr)[0], hdr[4:20], hdr[20:52])
+        return cls._make(_PACKET_HEADER.unpack_from(hdr))
 
 
 def open_packet(tek: bytes, tik: bytes, header: PacketHeader, ciphertext: bytes) -> bytes:
