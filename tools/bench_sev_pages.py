@@ -1,16 +1,18 @@
 """Benchmark: the kvmstub daemon's CPU per private page for batched SEND_UPDATE_DATA (the source
 host's daemon) and RECEIVE_UPDATE_DATA (the target host's daemon).
 
-    python tools/bench_sev_pages.py [--pages 4096] [--repeats 5]
+    python tools/bench_sev_pages.py [--pages 4096] [--repeats 5] [--batches 16,64]
 
 Two hosts in this process (two SEV platforms under one simulated AMD root), a launched SEV
 guest on the first whose RAM is a shrink-sealed memfd logging dirty pages (as the VMM sets
 it up for a migration), SEND_START towards the second and RECEIVE_START there. Then each
 side is driven through the daemon's own request path, without the socket: the request
-datagram as the client encodes it (`wire.SevIoctlBatch`, 64 SEND_UPDATE_DATAs, or as many
-RECEIVE_UPDATE_DATAs as the client's chunking puts in one datagram), the daemon's decode,
+datagram as the client encodes it (`wire.SevIoctlBatch` of `--batches` pages at a time, as
+many as the client's chunking puts in one datagram: about 29 RECEIVE_UPDATE_DATAs; 16 is
+the source VMM's batch, 64 the most one request carries), the daemon's decode,
 its batch execution (`Daemon._sev_batch`, each entry one KVM_MEMORY_ENCRYPT_OP through the
-model) and its reply encoding, with the memfd a reply too large for a datagram spills into.
+model) and its reply encoding, with the memfd a reply too large for a datagram spills into
+(a SEND reply of more than about 30 pages).
 
 Printed: CPU microseconds per page (time.process_time, the best of the repeats) and the
 wall time per page beside it, for each side. Figures only: nothing here asserts a speed.
@@ -129,31 +131,40 @@ def timed(work: Callable[[], object], repeats: int) -> tuple[float, float]:
     return cpu, wall
 
 
-async def main(pages: int, repeats: int) -> None:
+def requests_of(
+    entries: list[tuple[int, dict[str, int | bytes] | None]], batch: int
+) -> list[bytes]:
+    """The request datagrams of `entries`, `batch` at a time, as the client splits them
+    further (`client._chunks`: what one datagram holds)."""
+    out: list[bytes] = []
+    for at in range(0, len(entries), batch):
+        for chunk in client._chunks(entries[at : at + batch]):
+            entries_ = tuple(wire.SevBatchEntry(cmd, fields) for cmd, fields in chunk)
+            out.append(wire.encode(wire.SevIoctlBatch(len(out), entries_)))
+    return out
+
+
+async def main(pages: int, repeats: int, batches: list[int]) -> None:
     src_host, src, dst_host, dst, fds = setup(pages)
     async with trio.open_nursery() as nursery:
         d_src, d_dst = daemon.Daemon(src_host, nursery), daemon.Daemon(dst_host, nursery)
-        send_entries = [
+        send_entries: list[tuple[int, dict[str, int | bytes] | None]] = [
             (
                 uapi.KVM_SEV_SEND_UPDATE_DATA,
                 client._send_update_fields(i * PAGE_SIZE, PAGE_SIZE, 52),
             )
             for i in range(pages)
         ]
-        send_requests = [
-            wire.encode(wire.SevIoctlBatch(n, tuple(wire.SevBatchEntry(c, f) for c, f in chunk)))
-            for n, chunk in enumerate(client._chunks(send_entries))
-        ]
         packets: list[tuple[int, bytes, bytes]] = []
-        for n, datagram in enumerate(send_requests):
+        for datagram in requests_of(send_entries, wire.MAX_BATCH):
             request = wire.decode_request(datagram)
             assert isinstance(request, wire.SevIoctlBatch)
             reply = d_src._sev_batch(src, request, PID)
-            for k, ok in enumerate(reply.results):
+            for ok in reply.results:
                 assert isinstance(ok, wire.Ok) and ok.fields is not None, ok
                 hdr, trans = ok.fields["hdr"], ok.fields["trans"]
                 assert isinstance(hdr, bytes) and isinstance(trans, bytes)
-                packets.append(((n * wire.MAX_BATCH + k) * PAGE_SIZE, hdr, trans))
+                packets.append((len(packets) * PAGE_SIZE, hdr, trans))
         receive_entries: list[tuple[int, dict[str, int | bytes] | None]] = [
             (
                 uapi.KVM_SEV_RECEIVE_UPDATE_DATA,
@@ -161,36 +172,36 @@ async def main(pages: int, repeats: int) -> None:
             )
             for gpa, hdr, trans in packets
         ]
-        receive_requests = [
-            wire.encode(wire.SevIoctlBatch(n, tuple(wire.SevBatchEntry(c, f) for c, f in chunk)))
-            for n, chunk in enumerate(client._chunks(receive_entries))
-        ]
-        for datagram in receive_requests:  # every packet verifies and lands
+        for datagram in requests_of(receive_entries, wire.MAX_BATCH):  # all verify and land
             answer = wire.decode_reply(serve_one(d_dst, dst, datagram))
             assert isinstance(answer, wire.BatchReply)
             assert all(isinstance(r, wire.Ok) for r in answer.results), answer.results[-1]
 
-        def sends() -> None:
-            for datagram in send_requests:
-                serve_one(d_src, src, datagram)
-
-        def receives() -> None:
-            for datagram in receive_requests:
-                serve_one(d_dst, dst, datagram)
-
         say(f"{pages} pages, {repeats} repeats ...")
         rows = []
-        for name, work, per in (
-            ("SEND_UPDATE_DATA (source daemon)", sends, len(send_requests)),
-            ("RECEIVE_UPDATE_DATA (target daemon)", receives, len(receive_requests)),
-        ):
-            cpu, wall = timed(work, repeats)
-            rows.append((name, cpu, wall, pages // per))
+        for batch in batches:
+            for name, d, vm, entries in (
+                ("SEND_UPDATE_DATA (source daemon)", d_src, src, send_entries),
+                ("RECEIVE_UPDATE_DATA (target daemon)", d_dst, dst, receive_entries),
+            ):
+                requests = requests_of(entries, batch)
+
+                def work(
+                    d: daemon.Daemon = d, vm: Vm = vm, requests: list[bytes] = requests
+                ) -> None:
+                    for datagram in requests:
+                        serve_one(d, vm, datagram)
+
+                cpu, wall = timed(work, repeats)
+                rows.append((name, batch, pages / len(requests), cpu, wall))
         print(f"\n## kvmstub daemon CPU per private page ({pages} pages, best of {repeats})\n")
-        print("| side | pages per request | CPU µs per page | wall µs per page |")
-        print("|---|---|---|---|")
-        for name, cpu, wall, batch in rows:
-            print(f"| {name} | {batch} | {cpu / pages * 1e6:.1f} | {wall / pages * 1e6:.1f} |")
+        print("| side | batch asked | pages per request | CPU µs per page | wall µs per page |")
+        print("|---|---|---|---|---|")
+        for name, batch, per, cpu, wall in rows:
+            print(
+                f"| {name} | {batch} | {per:.1f} | {cpu / pages * 1e6:.1f} "
+                f"| {wall / pages * 1e6:.1f} |"
+            )
         nursery.cancel_scope.cancel()
     for fd in fds:
         os.close(fd)
@@ -200,5 +211,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pages", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--batches",
+        default="16,64",
+        help="pages per batch to measure, comma-separated (16: the source VMM's batch; 64: "
+        "the most a SevIoctlBatch carries, whose SEND reply spills to a memfd)",
+    )
     ns = parser.parse_args()
-    trio.run(main, ns.pages, ns.repeats)
+    trio.run(main, ns.pages, ns.repeats, [int(b) for b in ns.batches.split(",")])
