@@ -154,6 +154,25 @@ RUN_PAGE_SIZE = 4096
 _IMMEDIATE_EXIT = 1
 
 
+def _failed(request: wire.Request, e: Exception) -> wire.Error:
+    """The error reply for what the model raised on `request`: an OSError as the ioctl's
+    errno (and SEV status), another exception logged as a bug. Called while `e` is being
+    handled, where the log finds its traceback."""
+    if isinstance(e, OSError):
+        return _error(
+            request.id,
+            e.errno or errno.EINVAL,
+            e.strerror or str(e),
+            getattr(e, "fw_error", None),
+            getattr(e, "fields", None),
+        )
+    if isinstance(e, _DEFAULT_ANSWER_ERRNOS):
+        log.exception("model refused %s with a non-OSError", type(request).__name__)
+        return _error(request.id, errno.EINVAL, f"kvmstub: {type(e).__name__}: {e}")
+    log.exception("model failed on %s", type(request).__name__)
+    return _error(request.id, errno.EFAULT, f"kvmstub: internal error: {e!r}")
+
+
 def _run_page() -> tuple[int, mmap.mmap]:
     """A vCPU's kvm_run page: a sealed one-page memfd, mapped here and handed to the client."""
     fd = os.memfd_create("kvm_run", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
@@ -659,21 +678,8 @@ class Daemon:
         """`call`'s answer, with an error reply for whatever the model raised."""
         try:
             return call()
-        except OSError as e:
-            message = e.strerror or str(e)
-            return _error(
-                request.id,
-                e.errno or errno.EINVAL,
-                message,
-                getattr(e, "fw_error", None),
-                getattr(e, "fields", None),
-            ), None
-        except _DEFAULT_ANSWER_ERRNOS as e:
-            log.exception("model refused %s with a non-OSError", type(request).__name__)
-            return _error(request.id, errno.EINVAL, f"kvmstub: {type(e).__name__}: {e}"), None
         except Exception as e:
-            log.exception("model failed on %s", type(request).__name__)
-            return _error(request.id, errno.EFAULT, f"kvmstub: internal error: {e!r}"), None
+            return _failed(request, e), None
 
     def _refuse(self, end: _End, pid: int, request_id: int, err: int, message: str) -> wire.Error:
         """An error the daemon answers itself. kvm_vm_ioctl and kvm_vcpu_ioctl begin with the
@@ -806,20 +812,16 @@ class Daemon:
         """Each entry as its own KVM_MEMORY_ENCRYPT_OP (`SevIoctl` above: the same model
         call, the same errors), in order, until the first that fails."""
         rid = request.id
-
-        def one(cmd: int, fields: dict[str, int | bytes] | None) -> _Answer:
-            return wire.Ok(rid, 0, vm.sev_ioctl(pid, cmd, fields)), None
-
+        sev_ioctl = vm.sev_ioctl
         results: list[wire.Ok | wire.Error] = []
         for entry in request.entries:
             fields = None if entry.fields is None else dict(entry.fields)
-            answer = self._answer(request, partial(one, entry.cmd, fields))
-            assert isinstance(answer, tuple)
-            reply = answer[0]
-            assert isinstance(reply, wire.Ok | wire.Error)
-            results.append(reply)
-            if isinstance(reply, wire.Error):
+            try:
+                out = sev_ioctl(pid, entry.cmd, fields)
+            except Exception as e:  # as `_answer` answers a SevIoctl
+                results.append(_failed(request, e))
                 break
+            results.append(wire.Ok(rid, 0, out))
         return wire.BatchReply(rid, tuple(results))
 
     def _enable_cap(

@@ -265,10 +265,21 @@ class Channel:
 
     tek: bytearray
     tik: bytearray
+    # The packet crypto under these keys, made at the channel's first packet and dropped
+    # with the keys.
+    _packets: sev_crypto.PacketCipher | None = field(default=None, init=False, repr=False)
+
+    def packets(self) -> sev_crypto.PacketCipher:
+        """`seal_packet` and `open_packet` under this channel's TEK and TIK."""
+        cipher = self._packets
+        if cipher is None:
+            cipher = self._packets = sev_crypto.PacketCipher(bytes(self.tek), bytes(self.tik))
+        return cipher
 
     def zero(self) -> None:
         self.tek[:] = bytes(len(self.tek))
         self.tik[:] = bytes(len(self.tik))
+        self._packets = None
 
 
 class SevFirmware:
@@ -657,10 +668,7 @@ class SevFirmware:
             )
         assert memory is not None and ctx.channel is not None  # KVM pinned; SUPDATE has one
         plaintext = _read_private(memory, ctx.vek, gpa, guest_len)
-        hdr, trans = sev_crypto.seal_packet(
-            bytes(ctx.channel.tek), bytes(ctx.channel.tik), plaintext
-        )
-        return hdr, trans
+        return ctx.channel.packets().seal(plaintext)
 
     @staticmethod
     def _require_es_for_vmsa(ctx: GuestContext, vmsa: bool, command: str) -> None:
@@ -786,9 +794,7 @@ class SevFirmware:
             )
         assert memory is not None and ctx.channel is not None  # KVM pinned; RUPDATE has one
         try:
-            plaintext = sev_crypto.open_packet(
-                bytes(ctx.channel.tek), bytes(ctx.channel.tik), header, trans
-            )
+            plaintext = ctx.channel.packets().open(header, trans)
         except BadMac as e:
             raise SevFwError(
                 uapi.SEV_RET_BAD_MEASUREMENT, f"firmware: RECEIVE_UPDATE_DATA: {e}"
@@ -807,6 +813,8 @@ def _policy_api(policy: int) -> tuple[int, int]:
 
 def _read_private(memory: GuestMemory, vek: bytes, gpa: int, length: int) -> bytes:
     """Guest bytes [gpa, gpa+length) as the guest sees them privately (decrypted)."""
+    if length == PAGE_SIZE and not gpa % PAGE_SIZE:  # a whole page, as migration reads
+        return memory.read_page(gpa, vek)
     out = bytearray()
     while len(out) < length:
         base, offset = gpa - gpa % PAGE_SIZE, gpa % PAGE_SIZE
@@ -818,6 +826,9 @@ def _read_private(memory: GuestMemory, vek: bytes, gpa: int, length: int) -> byt
 
 def _write_private(memory: GuestMemory, vek: bytes, gpa: int, data: bytes) -> None:
     """Write `data` privately (encrypted with `vek`) at gpa, read-modify-write per page."""
+    if len(data) == PAGE_SIZE and not gpa % PAGE_SIZE and type(data) is bytes:
+        memory.write_page(gpa, data, vek)  # a whole page, as migration writes
+        return
     done = 0
     while done < len(data):
         base, offset = gpa - gpa % PAGE_SIZE, gpa % PAGE_SIZE
@@ -1530,15 +1541,9 @@ class Vm:
         if length == 0 or addr + length - 1 > ULONG_MAX:
             raise _err(errno.EINVAL, f"{what}: bad range {addr:#x}+{length:#x}")
         first, last = addr // PAGE_SIZE, (addr + length - 1) // PAGE_SIZE
-        spans = sorted(
-            (s.guest_phys_addr, s.guest_phys_addr + s.memory_size)
-            for s in (self.memory.slots() if self.memory is not None else [])
-        )
         need, end = first * PAGE_SIZE, (last + 1) * PAGE_SIZE
-        for start, stop in spans:
-            if start > need:
-                break
-            need = max(need, stop)
+        if self.memory is not None:
+            need = self.memory.backed_up_to(need, end)
         if need < end:
             raise _err(errno.ENOMEM, f"{what}: guest page {need:#x} is not backed")
         return last - first + 1
@@ -2023,7 +2028,9 @@ class Vm:
 
     @staticmethod
     def _u32(fields: dict[str, int | bytes], name: str) -> int:
-        value = Vm._int(fields, name)
+        value = fields.get(name, 0)
+        if not isinstance(value, int) or value < 0:  # `_int`'s check, inline (per page)
+            raise _err(errno.EINVAL, f"field {name} must be an unsigned integer")
         if value > 0xFFFFFFFF:
             raise _err(errno.EINVAL, f"field {name} is a u32")
         return value

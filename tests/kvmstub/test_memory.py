@@ -411,6 +411,42 @@ def test_a_second_vm_over_the_same_memfd_reuses_the_hosts_cipher_contexts(
         new.close()
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["rust-maker", "through-cipher"])
+def test_contexts_made_directly_or_through_cipher_are_the_same(direct: bool) -> None:
+    """A cache whose contexts come straight from cryptography's maker (`_XTS_DIRECT`, what
+    this cryptography takes) and one that goes through `Cipher` store and read the same
+    bytes, and both refuse a VEK whose halves are equal."""
+    assert memory._direct_xts_matches()
+    contexts = memory._XtsContexts(direct=direct)
+    vek = os.urandom(64)
+    for gpa in (0, PAGE_SIZE, 0x7FFF_F000):
+        page = os.urandom(PAGE_SIZE)
+        sealed = contexts.encrypt(vek, gpa, page)
+        assert sealed == reference_xts(vek, gpa, page, encrypt=True)
+        assert contexts.decrypt(vek, gpa, sealed) == page
+        assert contexts.encrypt(bytearray(vek), gpa, page) == sealed  # cached, same bytes
+    with pytest.raises(ValueError, match="duplicated keys"):
+        contexts.encrypt(bytes(32) * 2, 0, bytes(PAGE_SIZE))
+    with pytest.raises(ValueError, match="64 bytes"):
+        contexts.decrypt(vek[:32], 0, bytes(PAGE_SIZE))
+    contexts.clear()
+    assert len(contexts) == 0
+
+
+def test_backed_up_to_is_where_the_first_hole_begins(mem: GuestMemory, memfd: MakeMemfd) -> None:
+    mem.set_region(1, 0, 4 * PAGE_SIZE, 4 * PAGE_SIZE, memfd(4 * PAGE_SIZE), 0)
+    mem.set_region(0, 0, 0, 4 * PAGE_SIZE, memfd(4 * PAGE_SIZE), 0)  # adjacent, below
+    mem.set_region(2, 0, 16 * PAGE_SIZE, 4 * PAGE_SIZE, memfd(4 * PAGE_SIZE), 0)
+    assert mem.backed_up_to(0, PAGE_SIZE) >= PAGE_SIZE
+    assert mem.backed_up_to(3 * PAGE_SIZE, 5 * PAGE_SIZE) == 8 * PAGE_SIZE  # across two slots
+    assert mem.backed_up_to(7 * PAGE_SIZE, 9 * PAGE_SIZE) == 8 * PAGE_SIZE  # the hole
+    assert mem.backed_up_to(9 * PAGE_SIZE, 10 * PAGE_SIZE) == 9 * PAGE_SIZE  # in the hole
+    mem.read_page(17 * PAGE_SIZE, None)  # the last slot used, asked first
+    assert mem.backed_up_to(17 * PAGE_SIZE, 18 * PAGE_SIZE) >= 18 * PAGE_SIZE
+    assert mem.backed_up_to(19 * PAGE_SIZE, 21 * PAGE_SIZE) == 20 * PAGE_SIZE
+    assert GuestMemory().backed_up_to(0, PAGE_SIZE) == 0
+
+
 def test_xts_helpers_roundtrip_and_match_reference() -> None:
     page = os.urandom(PAGE_SIZE)
     sealed = xts_encrypt(VEK, 0x5000, page)

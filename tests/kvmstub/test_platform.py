@@ -78,6 +78,38 @@ def test_packet_is_a_52_byte_header_and_encrypt_then_mac() -> None:
         sev_crypto.open_packet(tek, tik, header, ct[:-1] + bytes([ct[-1] ^ 1]))
 
 
+@pytest.mark.parametrize("reuse", [True, False], ids=["iv-reset", "context-per-packet"])
+def test_a_channels_packet_cipher_seals_and_opens_as_seal_and_open_packet(reuse: bool) -> None:
+    """`PacketCipher` (the firmware's per-channel path) gives the bytes of `seal_packet` and
+    `open_packet`, packet after packet under one context whatever came before (lengths that
+    end inside a counter block, an IV whose counter wraps, a refused packet), and with a
+    context per packet where the library cannot reset an IV."""
+    tek, tik = b"E" * 16, b"M" * 16
+    cipher = sev_crypto.PacketCipher(tek, tik, reuse=reuse)
+    for n, length in enumerate([4096, 16, 0x5000, 48, 4096]):
+        iv = b"\xff" * 16 if n == 2 else bytes([n]) * 16
+        plain = os.urandom(length)
+        sealed = cipher.seal(plain, iv=iv)
+        assert sealed == sev_crypto.seal_packet(tek, tik, plain, iv=iv)
+        header = sev_crypto.PacketHeader.unpack(sealed[0])
+        bad = sealed[1][:-1] + bytes([sealed[1][-1] ^ 1])
+        with pytest.raises(sev_crypto.BadMac):
+            cipher.open(header, bad)
+        assert cipher.open(header, sealed[1]) == plain
+    cipher.seal(b"x" * 40)  # not a multiple of 16: stops inside a block
+    hdr, again = cipher.seal(b"y" * 64, iv=b"I" * 16)
+    assert (hdr, again) == sev_crypto.seal_packet(tek, tik, b"y" * 64, iv=b"I" * 16)
+    header = sev_crypto.PacketHeader.unpack(hdr)
+    assert cipher.open(header, again) == sev_crypto.open_packet(tek, tik, header, again)
+
+
+def test_the_iv_reset_path_is_the_one_taken_with_this_cryptography() -> None:
+    assert sev_crypto._ctr_nonce_is_resettable()
+    hdr, _ = sev_crypto.PacketCipher(b"E" * 16, b"M" * 16).seal(bytes(64))
+    other, _ = sev_crypto.PacketCipher(b"E" * 16, b"M" * 16).seal(bytes(64))
+    assert hdr[4:20] != other[4:20]  # a fresh IV per packet
+
+
 def test_a_fresh_iv_per_packet() -> None:
     a, _ = sev_crypto.seal_packet(b"E" * 16, b"M" * 16, bytes(64))
     b, _ = sev_crypto.seal_packet(b"E" * 16, b"M" * 16, bytes(64))

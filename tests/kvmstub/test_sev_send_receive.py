@@ -803,6 +803,21 @@ def decrypt_after_finish(dst: Vm, gpa: int) -> bytes:
     return decrypt(dst, gpa)
 
 
+def test_part_of_a_page_is_sent_and_received_into_part_of_a_page(
+    pair: Pair, receiving: tuple[Vm, list[tuple[int, bytes, bytes]]]
+) -> None:
+    """Less than a page, at an offset, both ways: the source reads only those bytes, the
+    target rewrites only those bytes of its page (the firmware does not bind the GPA, so
+    bytes of page 1 can land in page 0)."""
+    dst, packets = receiving
+    gpa, hdr, trans = packets[0]
+    receive_page(dst, gpa, hdr, trans)
+    part_hdr, part = send_page(pair.src, PAGE_SIZE + 32, 64)
+    receive_page(dst, 32, part_hdr, part)
+    expected = page_of(0)[:32] + page_of(1)[32:96] + page_of(0)[96:]
+    assert decrypt_after_finish(dst, 0) == expected
+
+
 def test_a_truncated_ciphertext_is_refused(
     pair: Pair, receiving: tuple[Vm, list[tuple[int, bytes, bytes]]]
 ) -> None:

@@ -22,7 +22,7 @@ import pytest
 import trio
 
 from kvmstub import client, daemon, uapi, wire
-from kvmstub.model import Host
+from kvmstub.model import Host, Vm
 from kvmstub.platform import AmdRoot, Platform, PlatformKeys
 from kvmstub.uapi import PAGE_SIZE
 
@@ -229,3 +229,35 @@ async def test_a_batch_on_a_vcpu_fd_is_an_unknown_ioctl(hosts: Hosts) -> None:
         assert info.value.errno == errno.EINVAL  # kvm_arch_vcpu_ioctl's default
     finally:
         vcpu.close()
+
+
+@pytest.mark.parametrize(
+    ("bug", "code"), [(ValueError, errno.EINVAL), (RuntimeError, errno.EFAULT)]
+)
+async def test_a_model_exception_mid_batch_is_answered_as_for_a_single_call(
+    hosts: Hosts, monkeypatch: pytest.MonkeyPatch, bug: type[Exception], code: int
+) -> None:
+    """What the model should never raise (not an OSError) becomes the same error reply in a
+    batch as for one call, at that entry, and the entries after it do not run."""
+    src = await launched(hosts)
+    real = Vm.sev_ioctl
+    calls: list[int] = []
+
+    def buggy(self: Vm, mm: int, cmd: int, fields: dict[str, int | bytes] | None) -> Any:
+        calls.append(cmd)
+        if cmd == uapi.KVM_SEV_DBG_DECRYPT:
+            raise bug("a bug in the model")
+        return real(self, mm, cmd, fields)
+
+    monkeypatch.setattr(Vm, "sev_ioctl", buggy)
+    decrypt = (uapi.KVM_SEV_DBG_DECRYPT, {"src_uaddr": 0, "len": 16})
+    with pytest.raises(OSError) as single:
+        await src.sev_ioctl(decrypt[0], **decrypt[1])
+    status: tuple[int, dict[str, int | bytes] | None] = (uapi.KVM_SEV_GUEST_STATUS, {})
+    calls.clear()
+    with pytest.raises(OSError) as batched:
+        await src.sev_ioctl_batch([status, decrypt, status])
+    assert failure(batched.value) == failure(single.value)
+    assert single.value.errno == code and "a bug in the model" in single.value.strerror
+    assert batched.value.batch_index == 1  # type: ignore[attr-defined]
+    assert calls == [uapi.KVM_SEV_GUEST_STATUS, uapi.KVM_SEV_DBG_DECRYPT]
