@@ -320,7 +320,10 @@ class Channel:
         self._stream = stream
         self.peer = peer  # "tcp:host:port", for messages
         self.max_frame = max_frame
+        # Bytes received and not yet taken as frames: `_buffer[_start:]`. Frames are taken by
+        # moving `_start`; what was taken is cut off once per read, not once per frame.
         self._buffer = bytearray()
+        self._start = 0
         self._send_lock = trio.Lock()
         self._receive_lock = trio.Lock()
         self._closed = False
@@ -373,7 +376,10 @@ class Channel:
                 raise TransportError(
                     f"a {len(frame)}-byte frame exceeds the {self.max_frame}-byte limit"
                 )
-        data = b"".join(part for frame in frames for part in (_LENGTH.pack(len(frame)), frame))
+        parts: list[bytes] = []
+        for frame in frames:
+            parts += (_LENGTH.pack(len(frame)), frame)
+        data = b"".join(parts)
         if not data:
             await trio.lowlevel.checkpoint()
             return
@@ -399,7 +405,7 @@ class Channel:
                 if frame is not None:
                     return frame
                 if self._eof:
-                    if self._buffer:
+                    if len(self._buffer) > self._start:
                         raise self._truncated()
                     return None
                 if self._closed:
@@ -414,6 +420,9 @@ class Channel:
                 if not data:
                     self._eof = True
                 else:
+                    if self._start:
+                        del self._buffer[: self._start]
+                        self._start = 0
                     self._buffer += data
 
     def take_buffered(self) -> bytes | None:
@@ -424,35 +433,38 @@ class Channel:
         Raises:
             TransportError: the next frame's announced length is out of bounds.
         """
-        if self._closed and not self._buffer:
+        if self._closed and len(self._buffer) == self._start:
             return None
         return self._take_frame()
 
     def _take_frame(self) -> bytes | None:
-        if len(self._buffer) < _LENGTH.size:
+        buffer, start = self._buffer, self._start
+        if len(buffer) - start < _LENGTH.size:
             return None
-        (length,) = _LENGTH.unpack_from(self._buffer)
+        (length,) = _LENGTH.unpack_from(buffer, start)
         if length == 0 or length > self.max_frame:
             self._break()
             raise TransportError(
                 f"{self.peer} announced a frame of {length} bytes; frames are 1.."
                 f"{self.max_frame} bytes: a peer speaking another protocol, or a broken one"
             )
-        end = _LENGTH.size + length
-        if len(self._buffer) < end:
+        end = start + _LENGTH.size + length
+        if len(buffer) < end:
             return None
-        frame = bytes(self._buffer[_LENGTH.size : end])
-        del self._buffer[:end]
+        with memoryview(buffer) as view:
+            frame = bytes(view[start + _LENGTH.size : end])
+        self._start = end
         return frame
 
     def _truncated(self) -> TransportError:
-        have = len(self._buffer)
+        have = len(self._buffer) - self._start
         if have < _LENGTH.size:
             detail = f"{have} of the {_LENGTH.size} bytes of a frame's length"
         else:
-            (length,) = _LENGTH.unpack_from(self._buffer)
+            (length,) = _LENGTH.unpack_from(self._buffer, self._start)
             detail = f"{have - _LENGTH.size} of a {length}-byte frame"
         self._buffer.clear()
+        self._start = 0
         return TransportError(f"{self.peer} closed the connection after {detail}: truncated")
 
     async def aclose(self) -> None:
