@@ -59,8 +59,10 @@ ANSWER_TIMEOUT = 30.0
 #: Rounds before stop-and-copy whatever is left (a guest that dirties faster than we send).
 MAX_PRECOPY_ROUNDS = 30
 #: Pages per batch of the page stream: one submission of SEND_UPDATE_DATAs to the kernel
-#: stand-in, one write of their frames (16 frames are about 68 KiB).
-BATCH_PAGES = 16
+#: stand-in, one write of their frames (30 frames are about 127 KiB). 30 packets are what one
+#: kvmstub reply holds (a 128 KiB datagram): each batch costs a round trip to kvmstub, a
+#: hand-over between the pipeline's stages and a TLS write, so the fewer the better.
+BATCH_PAGES = 30
 #: Batches fetched ahead of the one being written.
 PIPELINE_BATCHES = 2
 #: Attempts (one a second) to deliver Commit on a new connection after the first one broke.

@@ -52,8 +52,9 @@ log = logging.getLogger("handoff.migrate")
 ANSWER_TIMEOUT = 30.0
 #: Most encrypted pages given to RECEIVE_UPDATE_DATA in one submission (of those that
 #: arrived while the previous submission ran), and how many lists of messages that arrived
-#: together are read ahead of it.
-BATCH_PAGES = 16
+#: together are read ahead of it. 30 packets are what one kvmstub request holds (a 128 KiB
+#: datagram).
+BATCH_PAGES = 30
 READ_AHEAD = 8
 
 
