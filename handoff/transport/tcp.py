@@ -383,23 +383,32 @@ class Channel:
         if not data:
             await trio.lowlevel.checkpoint()
             return
-        async with self._send_lock:
-            try:
-                await self._stream.send_all(data)
-            except BaseException as exc:
-                self._break()
-                if isinstance(exc, trio.Cancelled | KeyboardInterrupt):
-                    raise
-                raise _translate(exc, f"send to {self.peer}") from exc
+        await _take(self._send_lock)
+        try:
+            await self._stream.send_all(data)
+        except BaseException as exc:
+            self._break()
+            if isinstance(exc, trio.Cancelled | KeyboardInterrupt):
+                raise
+            raise _translate(exc, f"send to {self.peer}") from exc
+        finally:
+            self._send_lock.release()
 
     async def receive(self) -> bytes | None:
         """The next frame, or None when the peer closed the connection cleanly between frames.
+        A frame that arrived already is returned at once (no checkpoint), if no other task
+        is receiving.
 
         Raises:
             TransportError: a frame larger than `max_frame` was announced, the stream ended
                 inside a frame or without close_notify, or was reset (`errno` ECONNRESET).
         """
-        async with self._receive_lock:
+        if not self._receive_lock.locked():  # then no task waits for it either
+            frame = self._take_frame()
+            if frame is not None:
+                return frame  # it arrived already
+        await _take(self._receive_lock)
+        try:
             while True:
                 frame = self._take_frame()
                 if frame is not None:
@@ -424,6 +433,8 @@ class Channel:
                         del self._buffer[: self._start]
                         self._start = 0
                     self._buffer += data
+        finally:
+            self._receive_lock.release()
 
     def take_buffered(self) -> bytes | None:
         """The next frame if it has already arrived whole, else None; never waits or reads
@@ -507,6 +518,17 @@ class Channel:
 
     def __repr__(self) -> str:
         return f"<tcp.Channel {self.peer}{' closed' if self._closed else ''}>"
+
+
+async def _take(lock: trio.Lock) -> None:
+    """Take `lock` at once if it is free, else wait for it. Unlike `async with lock`, taking a
+    free lock is not a checkpoint: the stream operation that follows is one (a channel moves
+    a migration's pages a TLS record at a time, and each checkpoint is a round of trio's
+    scheduler)."""
+    try:
+        lock.acquire_nowait()
+    except trio.WouldBlock:
+        await lock.acquire()
 
 
 async def _greet(
