@@ -289,7 +289,10 @@ class RemoteTarget:
             nursery.start_soon(self._read_stream, accepted_in)
             while True:
                 if not todo:
-                    todo.extend(await accepted.receive())
+                    try:
+                        todo.extend(accepted.receive_nowait())
+                    except trio.WouldBlock:
+                        todo.extend(await accepted.receive())
                 message = todo.popleft()
                 if isinstance(message, BaseException):
                     raise message
@@ -337,7 +340,6 @@ class RemoteTarget:
                     try:
                         timer.deadline = trio.current_time() + self.answer_timeout
                         frame = await channel.receive()
-                        timer.deadline = math.inf  # not while the other stage catches up
                         message = self._accept(frame)
                         messages.append(message)
                         while not isinstance(message, remote.Finish):
@@ -348,9 +350,14 @@ class RemoteTarget:
                             messages.append(message)
                     except (_Ended, OSError, HandoffError, remote.ProtocolError) as exc:
                         messages.append(exc)
+                        timer.deadline = math.inf
                         await accepted.send(messages)
                         return
-                    await accepted.send(messages)
+                    try:
+                        accepted.send_nowait(messages)  # the next read is the checkpoint
+                    except trio.WouldBlock:
+                        timer.deadline = math.inf  # not while the other stage catches up
+                        await accepted.send(messages)
                     if isinstance(message, remote.Finish):
                         return
             # Only the timer ends the loop here: the source sent nothing in time.
