@@ -324,6 +324,7 @@ class Channel:
         # moving `_start`; what was taken is cut off once per read, not once per frame.
         self._buffer = bytearray()
         self._start = 0
+        self._view: memoryview | None = None  # of `_buffer`, released before it changes
         self._send_lock = trio.Lock()
         self._receive_lock = trio.Lock()
         self._closed = False
@@ -429,6 +430,7 @@ class Channel:
                 if not data:
                     self._eof = True
                 else:
+                    self._release_view()
                     if self._start:
                         del self._buffer[: self._start]
                         self._start = 0
@@ -462,10 +464,17 @@ class Channel:
         end = start + _LENGTH.size + length
         if len(buffer) < end:
             return None
-        with memoryview(buffer) as view:
-            frame = bytes(view[start + _LENGTH.size : end])
+        view = self._view
+        if view is None:
+            view = self._view = memoryview(buffer)
+        frame = bytes(view[start + _LENGTH.size : end])
         self._start = end
         return frame
+
+    def _release_view(self) -> None:
+        if self._view is not None:
+            self._view.release()
+            self._view = None
 
     def _truncated(self) -> TransportError:
         have = len(self._buffer) - self._start
@@ -474,6 +483,7 @@ class Channel:
         else:
             (length,) = _LENGTH.unpack_from(self._buffer, self._start)
             detail = f"{have - _LENGTH.size} of a {length}-byte frame"
+        self._release_view()
         self._buffer.clear()
         self._start = 0
         return TransportError(f"{self.peer} closed the connection after {detail}: truncated")
