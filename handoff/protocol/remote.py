@@ -970,8 +970,8 @@ TRANSITIONS: Final[dict[Role, dict[State, dict[type[_Message], State]]]] = {
 
 
 #: The states in which the source streams pages (each page frame leaves the state as it is),
-#: read off the table: the machine's page path (`RemoteConnection._page_path`) serves them
-#: without the table's lookups, thousands of times a second.
+#: read off the table: there `send` and `receive` take a page frame by their page path
+#: (`_send_page`; `_check_page` and `_apply_page`), without the table's lookups.
 _PAGE_STATES: Final = tuple(
     state
     for state, allowed in TRANSITIONS[Role.SOURCE].items()
