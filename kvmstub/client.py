@@ -142,11 +142,17 @@ class _KvmFile:
         return next(self._ids) & wire.U64_MAX
 
     async def _call(
-        self, request: wire.Request, expect: type[_ReplyT], fd: int | None = None
+        self,
+        request: wire.Request,
+        expect: type[_ReplyT],
+        fd: int | None = None,
+        data: bytes | None = None,
     ) -> tuple[_ReplyT, list[int]]:
         """Send `request` (with `fd` attached if given), return its reply and the fds that
-        came with it (the caller owns them). Raises the reply's OSError on failure."""
-        data = wire.encode(request)
+        came with it (the caller owns them). Raises the reply's OSError on failure. `data`:
+        the request's encoding, if the caller made it already."""
+        if data is None:
+            data = wire.encode(request)
         if len(data) > wire.MAX_DATAGRAM:
             # The daemon would refuse it too (EINVAL); say so before sending.
             raise OSError(errno.EINVAL, f"kvmstub: request exceeds {wire.MAX_DATAGRAM} bytes")
@@ -565,18 +571,18 @@ class Vm(_KvmFile):
                 of the entries before it, which ran); the entries after it did not run.
         """
         done: list[dict[str, int | bytes]] = []
-        for chunk in _chunks(entries):
-            request = wire.SevIoctlBatch(
-                self._next_id(), tuple(wire.SevBatchEntry(cmd, fields) for cmd, fields in chunk)
-            )
-            reply, _ = await self._call(request, wire.BatchReply)
+        for chunk, request, data in self._batch_requests(entries):
+            reply, _ = await self._call(request, wire.BatchReply, data=data)
             results = reply.results
             last_type = type(results[-1]) if results else None
             complete = len(results) == len(chunk) and last_type is wire.Ok
             stopped = len(results) <= len(chunk) and last_type is wire.Error
             if not (complete or stopped) or any(type(r) is not wire.Ok for r in results[:-1]):
                 raise OSError(errno.EPROTO, "kvmstub: a batch reply that does not fit its batch")
-            done += [dict(r.fields or {}) for r in results if type(r) is wire.Ok]
+            # Each decoded reply's fields are its own: handed on without a copy.
+            done += [
+                r.fields if r.fields is not None else {} for r in results if type(r) is wire.Ok
+            ]
             last = results[-1]
             if isinstance(last, wire.Error):
                 try:
@@ -586,6 +592,28 @@ class Vm(_KvmFile):
                     err.batch_done = done  # type: ignore[attr-defined]
                     raise
         return done
+
+    def _batch_requests(
+        self, entries: Sequence[tuple[int, dict[str, int | bytes] | None]]
+    ) -> Iterator[tuple[Sequence[object], wire.SevIoctlBatch, bytes | None]]:
+        """The requests of a batch: (its entries, the request, its encoding if made). All
+        entries in one request when they are few enough and it fits a datagram, which its
+        encoding shows (a migration's batches of pages always do); else cut by `_chunks`."""
+        if 0 < len(entries) <= wire.MAX_BATCH:
+            request = self._batch_request(entries)
+            data = wire.encode(request)
+            if len(data) <= wire.MAX_DATAGRAM:
+                yield entries, request, data
+                return
+        for chunk in _chunks(entries):
+            yield chunk, self._batch_request(chunk), None
+
+    def _batch_request(
+        self, entries: Sequence[tuple[int, dict[str, int | bytes] | None]]
+    ) -> wire.SevIoctlBatch:
+        return wire.SevIoctlBatch(
+            self._next_id(), tuple(wire.SevBatchEntry(cmd, fields) for cmd, fields in entries)
+        )
 
     # Cross-host SEV migration (the SEND_* and RECEIVE_* commands), as a VMM issues them.
     # Each is one KVM_MEMORY_ENCRYPT_OP (two for sev_send_start: the length query first);

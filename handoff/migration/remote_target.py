@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -51,8 +52,9 @@ log = logging.getLogger("handoff.migrate")
 ANSWER_TIMEOUT = 30.0
 #: Most encrypted pages given to RECEIVE_UPDATE_DATA in one submission (of those that
 #: arrived while the previous submission ran), and how many lists of messages that arrived
-#: together are read ahead of it.
-BATCH_PAGES = 16
+#: together are read ahead of it. 30 packets are what one kvmstub request holds (a 128 KiB
+#: datagram).
+BATCH_PAGES = 30
 READ_AHEAD = 8
 
 
@@ -200,12 +202,7 @@ class RemoteTarget:
         except trio.TooSlowError:
             self.conn.give_up(Ending.TIMEOUT)
             raise _Ended(f"the source sent nothing for {self.answer_timeout:g} s") from None
-        message = self.conn.receive(frame)
-        if isinstance(message, PeerGone):
-            raise _Ended(f"the source closed the connection in {message.lost_in.name}")
-        if isinstance(message, Cancel):
-            raise _Ended(f"the source cancelled: {message.reason} ({message.code})")
-        return message
+        return self._accept(frame)
 
     async def _refuse(self, code: str, reason: str) -> None:
         conn = self.conn
@@ -292,7 +289,10 @@ class RemoteTarget:
             nursery.start_soon(self._read_stream, accepted_in)
             while True:
                 if not todo:
-                    todo.extend(await accepted.receive())
+                    try:
+                        todo.extend(accepted.receive_nowait())
+                    except trio.WouldBlock:
+                        todo.extend(await accepted.receive())
                 message = todo.popleft()
                 if isinstance(message, BaseException):
                     raise message
@@ -327,37 +327,52 @@ class RemoteTarget:
         self, accepted: trio.MemorySendChannel[list[remote.Message | BaseException]]
     ) -> None:
         """The pipeline's first stage: the messages up to `Finish`, or what ended the
-        conversation, in lists of those that arrived together."""
-        async with accepted:
-            while True:
-                messages: list[remote.Message | BaseException] = []
-                try:
-                    message = await self._receive()
-                    messages.append(message)
-                    while not isinstance(message, remote.Finish):
-                        next_message = self._receive_buffered()
-                        if next_message is None:
-                            break
-                        message = next_message
-                        messages.append(message)
-                except (_Ended, OSError, HandoffError, remote.ProtocolError) as exc:
-                    messages.append(exc)
-                    await accepted.send(messages)
-                    return
-                await accepted.send(messages)
-                if isinstance(message, remote.Finish):
-                    return
-
-    def _receive_buffered(self) -> remote.Message | None:
-        """`_receive` of a frame that has already arrived, if one has (None: wait)."""
+        conversation, in lists of those that arrived together. The source has
+        `answer_timeout` for each read that has to wait (as `_receive`), measured by one
+        deadline moved along rather than a cancel scope per read: the reads are many, one per
+        TLS record."""
         assert self.conn is not None and self.channel is not None
-        frame = self.channel.take_buffered()
-        if frame is None:
-            return None
+        channel = self.channel
+        async with accepted:
+            with trio.CancelScope() as timer:
+                while True:
+                    messages: list[remote.Message | BaseException] = []
+                    try:
+                        timer.deadline = trio.current_time() + self.answer_timeout
+                        frame = await channel.receive()
+                        message = self._accept(frame)
+                        messages.append(message)
+                        while not isinstance(message, remote.Finish):
+                            frame = channel.take_buffered()
+                            if frame is None:
+                                break
+                            message = self._accept(frame)
+                            messages.append(message)
+                    except (_Ended, OSError, HandoffError, remote.ProtocolError) as exc:
+                        messages.append(exc)
+                        timer.deadline = math.inf
+                        await accepted.send(messages)
+                        return
+                    try:
+                        accepted.send_nowait(messages)  # the next read is the checkpoint
+                    except trio.WouldBlock:
+                        timer.deadline = math.inf  # not while the other stage catches up
+                        await accepted.send(messages)
+                    if isinstance(message, remote.Finish):
+                        return
+            # Only the timer ends the loop here: the source sent nothing in time.
+            self.conn.give_up(Ending.TIMEOUT)
+            await accepted.send([_Ended(f"the source sent nothing for {self.answer_timeout:g} s")])
+
+    def _accept(self, frame: bytes | None) -> remote.Message:
+        """The machine's judgement of a frame of the source's (None: the end of the
+        connection); the end and a Cancel raise `_Ended`."""
+        assert self.conn is not None
         message = self.conn.receive(frame)
+        if isinstance(message, PeerGone):
+            raise _Ended(f"the source closed the connection in {message.lost_in.name}")
         if isinstance(message, Cancel):
             raise _Ended(f"the source cancelled: {message.reason} ({message.code})")
-        assert not isinstance(message, PeerGone)  # only for the end of the stream
         return message
 
     async def _receive_pages(self, vm: SevMigrationVm, pages: list[remote.EncryptedPage]) -> None:

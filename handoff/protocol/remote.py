@@ -227,6 +227,7 @@ PAGE_SIZE: Final = 4096  # KVM moves one 4 KiB page per SEND/RECEIVE_UPDATE_DATA
 FW_HEADER_SIZE: Final = 52  # packet header: flags u32 | IV 16 B | MAC 32 B
 FW_IV_OFFSET: Final = 4
 FW_IV_SIZE: Final = 16
+_NO_FLAGS: Final = bytes(4)  # a packet header's flags: none (no compression)
 SESSION_SIZE: Final = 128  # the SEND_START session blob
 CERT_SIZE: Final = 2084  # an SEV certificate (PDH, PEK, OCA, CEK)
 #: KVM copies ASK||ARK as one blob of at most SEV_FW_BLOB_MAX_SIZE (reference 1.6, [K3]).
@@ -605,6 +606,38 @@ def _decode(data: bytes) -> Message:
         raise _Violation(f"malformed message: {exc}") from None
 
 
+def _encode(message: Message) -> bytes:
+    try:
+        return _encoder.encode(message)
+    except _ENCODE_ERRORS as exc:
+        raise _Violation(f"{type(message).__name__} cannot be encoded: {exc}") from None
+
+
+_U64_MAX: Final = (1 << 64) - 1
+
+
+def _page_in_bounds(page: EncryptedPage | SharedPage) -> bool:
+    """Whether a page frame's fields are of their declared types and within their bounds
+    (`SessionId`, `U64`, `Gpa`, `FwHeader`, `PageBytes`): what decoding its frame would prove.
+    False says only that this quick look cannot tell: the decoder then decides."""
+    gpa, seq = page.gpa, page.seq
+    return (
+        type(page.session) is bytes
+        and len(page.session) == SESSION_ID_SIZE
+        and type(seq) is int
+        and 0 <= seq <= _U64_MAX
+        and type(gpa) is int
+        and 0 <= gpa < MAX_GPA
+        and not gpa % PAGE_SIZE
+        and type(page.data) is bytes
+        and len(page.data) == PAGE_SIZE
+        and (
+            isinstance(page, SharedPage)
+            or (type(page.header) is bytes and len(page.header) == FW_HEADER_SIZE)
+        )
+    )
+
+
 def decode(data: bytes) -> Message:
     """Decode one frame without a connection (for tools and logs).
 
@@ -934,6 +967,19 @@ TRANSITIONS: Final[dict[Role, dict[State, dict[type[_Message], State]]]] = {
         State.RESOLVING: {Resolution: State.RESOLVED},
     },
 }
+
+
+#: The states in which the source streams pages (each page frame leaves the state as it is),
+#: read off the table: there `send` and `receive` take a page frame by their page path
+#: (`_send_page`; `_check_page` and `_apply_page`), without the table's lookups.
+_PAGE_STATES: Final = tuple(
+    state
+    for state, allowed in TRANSITIONS[Role.SOURCE].items()
+    if all(allowed.get(kind) is state for kind in _PAGES)
+)
+_FINISHED_STATES: Final = (State.CANCELLED, State.CLOSED, State.DONE, State.RESOLVED)
+_COMPLETED_STATES: Final = (State.DONE, State.RESOLVED)
+_ERROR: Final = State.ERROR
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1311,6 +1357,9 @@ class RemoteConnection:
         self._round_pages = 0
         self._round_gpas: set[int] = set()
         self._ivs: set[bytes] = set()
+        # Whether our frames, or the peer's, are the page stream (the source's).
+        self._pages_ours: Final = role is Role.SOURCE
+        self._pages_theirs: Final = role.peer is Role.SOURCE
         self._vcpus_done = 0
         self._state = State.START
         self._ended_in: State | None = None
@@ -1450,20 +1499,25 @@ class RemoteConnection:
             LocalProtocolError: not allowed now, or not valid (the check the peer applies); the
                 connection is then in ERROR.
         """
-        if self._state is State.ERROR:
+        state = self._state
+        if state is _ERROR:
             raise LocalProtocolError("the connection already failed; it cannot send")
-        if self._state in (State.CANCELLED, State.CLOSED, State.DONE, State.RESOLVED):
-            if isinstance(message, Cancel) and self._state is State.CANCELLED:
+        kind = type(message)
+        if (
+            (kind is EncryptedPage or kind is SharedPage)
+            and self._pages_ours
+            and (state in _PAGE_STATES)
+        ):
+            return self._send_page(message)  # type: ignore[arg-type]
+        if state in _FINISHED_STATES:
+            if isinstance(message, Cancel) and state is State.CANCELLED:
                 raise LocalProtocolError("the migration is already cancelled")
             raise LocalProtocolError(
-                f"the conversation ended ({self._state.name}); nothing more may be sent"
+                f"the conversation ended ({state.name}); nothing more may be sent"
             )
         try:
             new_state = self._next_state(self.our_role, message)
-            try:
-                data = _encoder.encode(message)
-            except _ENCODE_ERRORS as exc:
-                raise _Violation(f"{type(message).__name__} cannot be encoded: {exc}") from None
+            data = _encode(message)
             _decode(data)  # the bounds the peer will enforce
             self._check(self.our_role, message)
         except _Violation as exc:
@@ -1483,23 +1537,35 @@ class RemoteConnection:
             RemoteProtocolError: the frame breaks the protocol; the connection is then in
                 ERROR (and every later call raises).
         """
-        if self._state is State.ERROR:
+        state = self._state
+        if state is _ERROR:
             raise RemoteProtocolError("the connection already failed; nothing more is accepted")
         if data is None:
-            self._end(self._state, Ending.PEER_CLOSED)
+            self._end(state, Ending.PEER_CLOSED)
             self._state = State.CLOSED
             assert self._ended_in is not None
             return PeerGone(lost_in=self._ended_in, plan=self.recovery())
-        if self._state is State.CLOSED:
+        if state is State.CLOSED:
             raise RemoteProtocolError("data after the end of the connection")
         try:
             message = _decode(data)
-            if self._state in (State.DONE, State.RESOLVED):
-                raise _Violation(f"{type(message).__name__} after the conversation completed")
-            if self._state is State.CANCELLED:
+            kind = type(message)
+            if (
+                (kind is EncryptedPage or kind is SharedPage)
+                and self._pages_theirs
+                and (state in _PAGE_STATES)
+            ):
+                # The page path: what the table and `_check` decide for a page in these
+                # states, without their lookups (the same checks, in the same order).
+                self._check_page(message)  # type: ignore[arg-type]
+                self._apply_page(message)  # type: ignore[arg-type]
+                return message
+            if state in _COMPLETED_STATES:
+                raise _Violation(f"{kind.__name__} after the conversation completed")
+            if state is State.CANCELLED:
                 if self.cancelled_by is self.our_role:
                     return message  # crossed our Cancel
-                raise _Violation(f"{type(message).__name__} after the peer's Cancel")
+                raise _Violation(f"{kind.__name__} after the peer's Cancel")
             new_state = self._next_state(self.their_role, message)
             self._check(self.their_role, message)
         except _Violation as exc:
@@ -1507,6 +1573,23 @@ class RemoteConnection:
             raise RemoteProtocolError(str(exc)) from None
         self._apply(self.their_role, message, new_state)
         return message
+
+    def _send_page(self, page: EncryptedPage | SharedPage) -> bytes:
+        """`send` of a page frame in a state where the source streams pages (the state stays).
+        The peer decodes the frame with the message types' bounds; a page whose fields are
+        already of the types and within the bounds those declare (`_page_in_bounds`) is not
+        decoded again to prove it: any other goes through the decoder as every message does,
+        which refuses it with the peer's own words."""
+        try:
+            data = _encode(page)
+            if not _page_in_bounds(page):
+                _decode(data)
+            self._check_page(page)
+        except _Violation as exc:
+            self._fail(Ending.LOCAL_FAILURE)
+            raise LocalProtocolError(str(exc)) from None
+        self._apply_page(page)
+        return data
 
     def give_up(self, ending: Literal[Ending.TIMEOUT, Ending.LOCAL_FAILURE]) -> RecoveryPlan:
         """The shell ends the conversation: the peer took too long, or a step of our own
@@ -1532,7 +1615,7 @@ class RemoteConnection:
 
     def _check(self, sender: Role, message: Message) -> None:
         """The rules that depend on more than one field, or on earlier messages."""
-        if isinstance(message, EncryptedPage | SharedPage):
+        if isinstance(message, _PAGES):
             self._check_page(message)
         elif isinstance(message, Hello):
             self._check_hello(sender, message)
@@ -1671,55 +1754,64 @@ class RemoteConnection:
             )
 
     def _check_page(self, page: EncryptedPage | SharedPage) -> None:
-        kind = type(page).__name__
         if page.session != self.session_id:
-            raise _Violation(f"{kind} of another session than this one: refused")
+            raise _Violation(f"{type(page).__name__} of another session than this one: refused")
         if page.seq != self.pages:
             raise _Violation(
-                f"{kind} with sequence number {page.seq}, expected {self.pages}: frames were "
-                "reordered, repeated or lost"
+                f"{type(page).__name__} with sequence number {page.seq}, expected {self.pages}: "
+                "frames were reordered, repeated or lost"
             )
+        gpa = page.gpa
         assert self._slots is not None
-        if not self._slots.covers(page.gpa, page.gpa + PAGE_SIZE):
-            raise _Violation(f"{kind} for guest address {page.gpa:#x}, outside guest memory")
-        if page.gpa in self._round_gpas:
+        if not self._slots.covers(gpa, gpa + PAGE_SIZE):
             raise _Violation(
-                f"{kind} for guest address {page.gpa:#x} a second time in round {self.rounds}"
+                f"{type(page).__name__} for guest address {gpa:#x}, outside guest memory"
             )
-        shared = self._regions.shared(page.gpa)
+        if gpa in self._round_gpas:
+            raise _Violation(
+                f"{type(page).__name__} for guest address {gpa:#x} a second time in round "
+                f"{self.rounds}"
+            )
+        shared = self._regions.shared(gpa)
         if isinstance(page, SharedPage):
             if not shared:
                 raise _Violation(
-                    f"a plaintext page for guest address {page.gpa:#x}, which the shared-region "
+                    f"a plaintext page for guest address {gpa:#x}, which the shared-region "
                     "list says is private: private pages travel only through SEND_UPDATE_DATA"
                 )
             return
         if shared:
             raise _Violation(
-                f"an encrypted page for guest address {page.gpa:#x}, which the shared-region "
+                f"an encrypted page for guest address {gpa:#x}, which the shared-region "
                 "list says is shared: the guest would read ciphertext"
             )
-        flags = int.from_bytes(page.header[:4], "little")
-        if flags != 0:
+        header = page.header
+        if header[:4] != _NO_FLAGS:
+            flags = int.from_bytes(header[:4], "little")
             raise _Violation(
                 f"firmware packet header flags {flags:#x}: compressed packets are not supported "
                 "(RECEIVE_UPDATE_DATA would refuse them)"
             )
-        if page.header[FW_IV_OFFSET : FW_IV_OFFSET + FW_IV_SIZE] in self._ivs:
+        if header[FW_IV_OFFSET : FW_IV_OFFSET + FW_IV_SIZE] in self._ivs:
             raise _Violation(
-                f"the firmware packet for guest address {page.gpa:#x} repeats the IV of an "
+                f"the firmware packet for guest address {gpa:#x} repeats the IV of an "
                 "earlier packet of this session: a packet sent again (for another page, or "
                 "again for this one)"
             )
 
+    def _apply_page(self, page: EncryptedPage | SharedPage) -> None:
+        """A page frame was checked (`_check_page`): count it, remember its address for the
+        round and its IV for the session. The state stays."""
+        self.pages += 1
+        self._round_pages += 1
+        self._round_gpas.add(page.gpa)
+        if isinstance(page, EncryptedPage):
+            self._ivs.add(bytes(page.header[FW_IV_OFFSET : FW_IV_OFFSET + FW_IV_SIZE]))
+
     def _apply(self, sender: Role, message: Message, new_state: State) -> None:
         old_state = self._state
-        if isinstance(message, EncryptedPage | SharedPage):
-            self.pages += 1
-            self._round_pages += 1
-            self._round_gpas.add(message.gpa)
-            if isinstance(message, EncryptedPage):
-                self._ivs.add(bytes(message.header[FW_IV_OFFSET : FW_IV_OFFSET + FW_IV_SIZE]))
+        if isinstance(message, _PAGES):
+            self._apply_page(message)
         elif isinstance(message, Hello):
             if sender is self.our_role:
                 self.our_hello = message

@@ -320,7 +320,11 @@ class Channel:
         self._stream = stream
         self.peer = peer  # "tcp:host:port", for messages
         self.max_frame = max_frame
+        # Bytes received and not yet taken as frames: `_buffer[_start:]`. Frames are taken by
+        # moving `_start`; what was taken is cut off once per read, not once per frame.
         self._buffer = bytearray()
+        self._start = 0
+        self._view: memoryview | None = None  # of `_buffer`, released before it changes
         self._send_lock = trio.Lock()
         self._receive_lock = trio.Lock()
         self._closed = False
@@ -373,33 +377,45 @@ class Channel:
                 raise TransportError(
                     f"a {len(frame)}-byte frame exceeds the {self.max_frame}-byte limit"
                 )
-        data = b"".join(part for frame in frames for part in (_LENGTH.pack(len(frame)), frame))
+        parts: list[bytes] = []
+        for frame in frames:
+            parts += (_LENGTH.pack(len(frame)), frame)
+        data = b"".join(parts)
         if not data:
             await trio.lowlevel.checkpoint()
             return
-        async with self._send_lock:
-            try:
-                await self._stream.send_all(data)
-            except BaseException as exc:
-                self._break()
-                if isinstance(exc, trio.Cancelled | KeyboardInterrupt):
-                    raise
-                raise _translate(exc, f"send to {self.peer}") from exc
+        await _take(self._send_lock)
+        try:
+            await self._stream.send_all(data)
+        except BaseException as exc:
+            self._break()
+            if isinstance(exc, trio.Cancelled | KeyboardInterrupt):
+                raise
+            raise _translate(exc, f"send to {self.peer}") from exc
+        finally:
+            self._send_lock.release()
 
     async def receive(self) -> bytes | None:
         """The next frame, or None when the peer closed the connection cleanly between frames.
+        A frame that arrived already is returned at once (no checkpoint), if no other task
+        is receiving.
 
         Raises:
             TransportError: a frame larger than `max_frame` was announced, the stream ended
                 inside a frame or without close_notify, or was reset (`errno` ECONNRESET).
         """
-        async with self._receive_lock:
+        if not self._receive_lock.locked():  # then no task waits for it either
+            frame = self._take_frame()
+            if frame is not None:
+                return frame  # it arrived already
+        await _take(self._receive_lock)
+        try:
             while True:
                 frame = self._take_frame()
                 if frame is not None:
                     return frame
                 if self._eof:
-                    if self._buffer:
+                    if len(self._buffer) > self._start:
                         raise self._truncated()
                     return None
                 if self._closed:
@@ -414,7 +430,13 @@ class Channel:
                 if not data:
                     self._eof = True
                 else:
+                    self._release_view()
+                    if self._start:
+                        del self._buffer[: self._start]
+                        self._start = 0
                     self._buffer += data
+        finally:
+            self._receive_lock.release()
 
     def take_buffered(self) -> bytes | None:
         """The next frame if it has already arrived whole, else None; never waits or reads
@@ -424,35 +446,46 @@ class Channel:
         Raises:
             TransportError: the next frame's announced length is out of bounds.
         """
-        if self._closed and not self._buffer:
+        if self._closed and len(self._buffer) == self._start:
             return None
         return self._take_frame()
 
     def _take_frame(self) -> bytes | None:
-        if len(self._buffer) < _LENGTH.size:
+        buffer, start = self._buffer, self._start
+        if len(buffer) - start < _LENGTH.size:
             return None
-        (length,) = _LENGTH.unpack_from(self._buffer)
+        (length,) = _LENGTH.unpack_from(buffer, start)
         if length == 0 or length > self.max_frame:
             self._break()
             raise TransportError(
                 f"{self.peer} announced a frame of {length} bytes; frames are 1.."
                 f"{self.max_frame} bytes: a peer speaking another protocol, or a broken one"
             )
-        end = _LENGTH.size + length
-        if len(self._buffer) < end:
+        end = start + _LENGTH.size + length
+        if len(buffer) < end:
             return None
-        frame = bytes(self._buffer[_LENGTH.size : end])
-        del self._buffer[:end]
+        view = self._view
+        if view is None:
+            view = self._view = memoryview(buffer)
+        frame = bytes(view[start + _LENGTH.size : end])
+        self._start = end
         return frame
 
+    def _release_view(self) -> None:
+        if self._view is not None:
+            self._view.release()
+            self._view = None
+
     def _truncated(self) -> TransportError:
-        have = len(self._buffer)
+        have = len(self._buffer) - self._start
         if have < _LENGTH.size:
             detail = f"{have} of the {_LENGTH.size} bytes of a frame's length"
         else:
-            (length,) = _LENGTH.unpack_from(self._buffer)
+            (length,) = _LENGTH.unpack_from(self._buffer, self._start)
             detail = f"{have - _LENGTH.size} of a {length}-byte frame"
+        self._release_view()
         self._buffer.clear()
+        self._start = 0
         return TransportError(f"{self.peer} closed the connection after {detail}: truncated")
 
     async def aclose(self) -> None:
@@ -495,6 +528,17 @@ class Channel:
 
     def __repr__(self) -> str:
         return f"<tcp.Channel {self.peer}{' closed' if self._closed else ''}>"
+
+
+async def _take(lock: trio.Lock) -> None:
+    """Take `lock` at once if it is free, else wait for it. Unlike `async with lock`, taking a
+    free lock is not a checkpoint: the stream operation that follows is one (a channel moves
+    a migration's pages a TLS record at a time, and each checkpoint is a round of trio's
+    scheduler)."""
+    try:
+        lock.acquire_nowait()
+    except trio.WouldBlock:
+        await lock.acquire()
 
 
 async def _greet(

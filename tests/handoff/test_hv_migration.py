@@ -374,3 +374,66 @@ async def test_a_batch_of_page_commands_fails_at_the_entry_a_single_call_would(
     finally:
         source.close()
         target.close()
+
+
+async def test_a_target_whose_source_falls_silent_in_a_round_gives_up_and_tears_down(
+    tmp_path: Path,
+) -> None:
+    """The target's page stream waits `answer_timeout` for each read, as for every other
+    message: a source that stops in the middle of a round (its host hung) is given up, and
+    the half-received guest torn down (the recovery table's row for a timeout in PRECOPY)."""
+    from handoff.migration.remote_source import describe
+    from handoff.migration.remote_target import BurntSessions, RemoteTarget
+    from handoff.protocol import remote
+    from handoff.testing.tls import make_pki
+    from handoff.transport import tcp
+
+    a, b = ModelHypervisor(host_kernel()), ModelHypervisor(host_kernel())
+    source = Vmm(config(), flags("source", tmp_path / "s.log"), hypervisor=a)
+    target = Vmm(config(), flags("target", tmp_path / "t.log"), hypervisor=b)
+    pki = make_pki(tmp_path / "pki", {"source": ["127.0.0.1"], "target": ["127.0.0.1"]})
+    burnt = BurntSessions(str(tmp_path / "burnt" / "sessions"))
+    ended: list[bool] = []
+    try:
+        await source.launch()
+        assert source.vm is not None
+        src = migration_vm(source.vm, a.name)
+        listener = await tcp.listen("tcp:127.0.0.1:0", pki["target"])
+        async with listener, trio.open_nursery() as nursery:
+            receiver = RemoteTarget(
+                target, "vm", str(uuid.uuid4()), listener, burnt, nursery, answer_timeout=0.3
+            )
+
+            async def receive() -> None:
+                ended.append(await receiver.run())
+
+            nursery.start_soon(receive)
+            conn = remote.RemoteConnection(remote.Role.SOURCE, guest=describe(source))
+            async with await tcp.connect(str(listener.address), pki["source"]) as channel:
+
+                async def say(message: remote.Message) -> None:
+                    await channel.send(conn.send(message))
+
+                await say(conn.make_hello(vm_name="vm", vm_uuid=uuid.uuid4()))
+                conn.receive(await channel.receive())
+                await say(conn.describe())
+                chain = conn.receive(await channel.receive())
+                assert isinstance(chain, remote.PlatformChain)
+                session, policy = await src.sev_send_start(
+                    chain.pdh, chain.plat_certs, chain.amd_certs
+                )
+                source_pdh, _ = await sev_platform(a).sev_pdh_cert_export()
+                await say(remote.SendStart(session=session, source_pdh=source_pdh, policy=policy))
+                await say(remote.Round(round=1, shared_regions=()))
+                for gpa in source.populated_pages()[:2]:
+                    header, data = await src.sev_send_update_data(gpa)
+                    await say(conn.encrypted_page(gpa, header, data))
+                with trio.fail_after(10):  # then nothing more: the target gives up
+                    while not ended:
+                        await trio.sleep(0.01)
+    finally:
+        source.close()
+        target.close()
+    assert ended == [False]
+    assert "the source sent nothing for 0.3 s" in receiver.error
+    assert receiver.outcome == "torn-down" and target.vm is None

@@ -538,6 +538,46 @@ def test_a_plaintext_page_for_a_private_address_is_refused_at_the_source() -> No
     assert pair.source.recovery().recovery is Recovery.CANCEL_AND_RESUME
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "said"),
+    [
+        ("gpa", 0x1000 + 16, "multiple of 4096"),
+        ("gpa", -PAGE_SIZE, ">= 0"),
+        ("header", bytes(51), "length >= 52"),
+        ("data", bytes(PAGE_SIZE + 1), "length <= 4096"),
+        ("session", bytes(15), "length >= 16"),
+        ("seq", -1, ">= 0"),
+        ("data", "a" * PAGE_SIZE, "Expected `bytes`"),
+    ],
+)
+def test_the_source_sends_no_page_frame_its_peer_would_refuse_to_decode(
+    field: str, value: object, said: str
+) -> None:
+    # The source does not decode the page frames it builds again; a field out of its type's
+    # bounds still never leaves: the decoder then judges it, with the peer's words.
+    pair = Pair()
+    _to_first_page(pair)
+    header, data = pair.firmware.packet(0x1000)
+    page = msgspec.structs.replace(
+        pair.source.encrypted_page(0x1000, header, data), **{field: value}
+    )
+    with pytest.raises(LocalProtocolError, match=said):
+        pair.source.send(page)
+    assert pair.source.state is State.ERROR
+
+
+def test_the_source_page_frames_decode_as_the_pages_it_built() -> None:
+    pair = Pair()
+    _to_first_page(pair)
+    private = [gpa for gpa in ALL_PAGES if not pair.source.is_shared(gpa)][:3]
+    for gpa in private:
+        header, data = pair.firmware.packet(gpa)
+        page = pair.source.encrypted_page(gpa, header, data)
+        frame = pair.source.send(page)
+        assert pair.target.receive(frame) == page
+    assert pair.source.pages == pair.target.pages == len(private)
+
+
 def test_an_encrypted_page_for_a_shared_address_is_refused() -> None:
     pair = Pair()
     _to_first_page(pair)

@@ -353,6 +353,41 @@ async def test_frames_sent_together_arrive_one_by_one_and_whole(
             assert await server.receive() == b"after"
 
 
+async def test_tasks_sending_and_receiving_at_once_take_turns_and_lose_no_frame(
+    pki: dict[str, TlsFiles],
+) -> None:
+    # A free lock is taken without a checkpoint and a frame that arrived already is returned
+    # at once; still, each frame reaches exactly one receiver, in order for each sender.
+    listener = await tcp.listen(f"tcp:{TARGET_IP}:0", pki["target"])
+    async with listener:
+        server, client = await _pair(listener, pki["source"])
+        async with server, client:
+            sent = {who: [bytes([who]) * 3000 + i.to_bytes(2, "big") for i in range(60)]
+                    for who in (1, 2)}  # fmt: skip
+            got: dict[int, list[bytes]] = {1: [], 2: []}
+
+            async def send(who: int) -> None:
+                for i in range(0, 60, 3):
+                    await client.send_many(sent[who][i : i + 3])
+
+            async def receive(done: trio.CancelScope) -> None:
+                while True:
+                    frame = await server.receive()
+                    assert frame is not None
+                    got[frame[0]].append(frame)
+                    if sum(map(len, got.values())) == 120:
+                        done.cancel()  # the others wait for frames that will not come
+                    await trio.sleep(0)
+
+            with trio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+                    for who in (1, 2):
+                        nursery.start_soon(send, who)
+                    for _ in range(3):
+                        nursery.start_soon(receive, nursery.cancel_scope)
+            assert got == sent
+
+
 async def test_an_oversize_frame_is_refused_by_the_sender_and_by_the_receiver(
     pki: dict[str, TlsFiles],
 ) -> None:
