@@ -6,6 +6,7 @@ Their state is what a handoff must carry besides the guest's own CPU and memory 
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import logging
@@ -252,14 +253,17 @@ class SharedRegions:
     """The guest-physical ranges the guest has made shared with MAP_GPA_RANGE.
 
     KVM tracks nothing (reference section 6); a VMM keeps this list, e.g. to know which pages
-    a copy must send in plaintext.
+    a copy must send in plaintext. It is kept as sorted, disjoint, non-touching runs
+    [start, end) of bytes, so one hypercall costs what the runs it touches cost, not what its
+    page count does: a guest may ask for 2^40 pages at once (KVM passes any count that does
+    not wrap), and walking them page by page would hold the vCPU and fill the host's memory.
     """
 
     def __init__(self, regions: list[tuple[int, int]] | None = None) -> None:
-        self._pages: set[int] = set()
+        self._runs: list[tuple[int, int]] = []
         for gpa, npages in regions or []:
-            for i in range(npages):
-                self._pages.add(gpa + i * abi.PAGE_SIZE)
+            if npages > 0:
+                self._set(gpa, gpa + npages * abi.PAGE_SIZE, shared=True)
 
     def map_gpa_range(self, gpa: int, npages: int, attrs: int) -> int:
         """Apply one hypercall; return the value for the guest's RAX (0 or -KVM_EINVAL)."""
@@ -267,22 +271,32 @@ class SharedRegions:
             return -abi.EINVAL
         if attrs & 0xF != abi.MAP_GPA_RANGE_PAGE_SZ_4K:
             return -abi.EINVAL
-        pages = range(gpa, gpa + npages * abi.PAGE_SIZE, abi.PAGE_SIZE)
-        if attrs & abi.MAP_GPA_RANGE_ENCRYPTED:
-            self._pages.difference_update(pages)
-        else:
-            self._pages.update(pages)
+        end = gpa + npages * abi.PAGE_SIZE
+        self._set(gpa, end, shared=not attrs & abi.MAP_GPA_RANGE_ENCRYPTED)
         return 0
+
+    def _set(self, start: int, end: int, *, shared: bool) -> None:
+        """Make [start, end) shared or private: replace the runs that overlap or touch it."""
+        runs = self._runs
+        lo = bisect.bisect_left(runs, start, key=lambda run: run[1])  # first ending at/after
+        hi = bisect.bisect_right(runs, end, key=lambda run: run[0])  # past the last starting by
+        touched = runs[lo:hi]
+        new: list[tuple[int, int]] = []
+        if shared:
+            first = min(start, touched[0][0]) if touched else start
+            last = max(end, touched[-1][1]) if touched else end
+            new.append((first, last))
+        else:
+            for a, b in touched:
+                if a < start:
+                    new.append((a, min(b, start)))
+                if b > end:
+                    new.append((max(a, end), b))
+        runs[lo:hi] = new
 
     def regions(self) -> list[tuple[int, int]]:
         """The shared pages as sorted (gpa, page count) runs."""
-        out: list[tuple[int, int]] = []
-        for page in sorted(self._pages):
-            if out and out[-1][0] + out[-1][1] * abi.PAGE_SIZE == page:
-                out[-1] = (out[-1][0], out[-1][1] + 1)
-            else:
-                out.append((page, 1))
-        return out
+        return [(a, (b - a) // abi.PAGE_SIZE) for a, b in self._runs]
 
 
 class Devices:
