@@ -32,6 +32,15 @@ fd count to match.
 Addresses are `tcp:HOST:PORT`: an IPv4 address, a bracketed IPv6 address (`tcp:[::1]:4444`) or
 a host name; `parse_address` is the one parser, with errors that show the accepted forms.
 
+After the greeting the channel runs TLS itself on the connection's `ssl.SSLObject` and memory
+BIOs (trio's `SSLStream` did the handshake and the greeting, with the same context, and hands
+over its state: see `_TlsState`): a read takes up to `_RECEIVE_CHUNK` bytes from the socket
+and decrypts every whole record in them in one round of trio's scheduler (trio's stream takes
+one round per 16 KiB record), and a write encrypts all its frames and sends the records in one
+socket write. What TLS guarantees is unchanged: the same context made and verified the
+session, records are decrypted and authenticated by OpenSSL, close_notify is the only clean
+end, and a record cut short by the end of the stream is an error.
+
 Timeouts are the caller's (trio cancel scopes). A `receive` cancelled between frames loses
 nothing (partial frames stay buffered); a cancelled `send`, `connect` or `accept` leaves the
 TLS stream unusable: the channel is closed.
@@ -52,7 +61,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import trio
 
@@ -86,7 +95,10 @@ GREETING = b"handoff-tcp/1\n"
 HANDSHAKE_TIMEOUT = 10.0
 
 _LENGTH = struct.Struct(">I")
-_RECEIVE_CHUNK = 64 * 1024
+#: Bytes asked of the socket per read: about sixteen full TLS records, decrypted together.
+_RECEIVE_CHUNK = 256 * 1024
+#: Plaintext asked of OpenSSL per call: more than a record holds (it returns one at most).
+_RECORD_PLAINTEXT = 64 * 1024
 _FORMS = (
     "tcp:HOST:PORT, where HOST is an IPv4 address, a host name, or an IPv6 address in brackets "
     "(tcp:[::1]:4444)"
@@ -310,6 +322,41 @@ def _translate(exc: BaseException, what: str) -> TransportError:
 # ---- the channel -------------------------------------------------------------------------------
 
 
+@dataclass
+class _TlsState:
+    """The TLS session of a stream that completed its handshake and greeting: the
+    `SSLObject`, its two memory BIOs, and ciphertext OpenSSL wrote that is not yet sent (trio
+    holds back a TLS 1.3 server's session tickets until its first write)."""
+
+    tls: ssl.SSLObject
+    incoming: ssl.MemoryBIO
+    outgoing: ssl.MemoryBIO
+    unsent: bytes
+
+    @classmethod
+    def take_over(cls, stream: trio.SSLStream[trio.SocketStream]) -> _TlsState:
+        """Take the session out of trio's `stream`, which must not be used after. The BIOs
+        keep what the peer sent beyond the greeting (ciphertext in `incoming`, plaintext
+        inside the `SSLObject`): nothing is lost and nothing is decrypted twice.
+
+        Raises:
+            TypeError: trio keeps its state otherwise than this code knows (a trio
+                upgrade): refuse rather than guess.
+        """
+        tls = getattr(stream, "_ssl_object", None)
+        incoming = getattr(stream, "_incoming", None)
+        outgoing = getattr(stream, "_outgoing", None)
+        unsent = getattr(stream, "_delayed_outgoing", None) or b""
+        if not (
+            isinstance(tls, ssl.SSLObject)
+            and isinstance(incoming, ssl.MemoryBIO)
+            and isinstance(outgoing, ssl.MemoryBIO)
+            and isinstance(unsent, bytes | bytearray)
+        ):
+            raise TypeError(f"cannot take the TLS session out of this trio ({trio.__version__})")
+        return cls(tls=tls, incoming=incoming, outgoing=outgoing, unsent=bytes(unsent))
+
+
 class Channel:
     """One mutually authenticated connection carrying frames. Built by `connect` and
     `Listener.accept`; one task may send while another receives."""
@@ -317,7 +364,12 @@ class Channel:
     def __init__(
         self, stream: trio.SSLStream[trio.SocketStream], peer: str, max_frame: int
     ) -> None:
-        self._stream = stream
+        state = _TlsState.take_over(stream)
+        self._tcp = stream.transport_stream
+        self._tls = state.tls
+        self._incoming = state.incoming
+        self._outgoing = state.outgoing
+        self._unsent = state.unsent
         self.peer = peer  # "tcp:host:port", for messages
         self.max_frame = max_frame
         # Bytes received and not yet taken as frames: `_buffer[_start:]`. Frames are taken by
@@ -325,10 +377,14 @@ class Channel:
         self._buffer = bytearray()
         self._start = 0
         self._view: memoryview | None = None  # of `_buffer`, released before it changes
+        # Whoever takes ciphertext out of `_outgoing` holds this until it is sent, so records
+        # reach the socket in the order OpenSSL wrote them.
         self._send_lock = trio.Lock()
         self._receive_lock = trio.Lock()
         self._closed = False
-        self._eof = False
+        self._eof = False  # close_notify received
+        # What ended the stream after the frames already decrypted: raised once they are taken.
+        self._failure: BaseException | None = None
 
     @property
     def closed(self) -> bool:
@@ -337,14 +393,14 @@ class Channel:
     @property
     def peer_certificate(self) -> dict[str, object]:
         """The peer's verified certificate, as `ssl.SSLSocket.getpeercert()` gives it."""
-        cert = self._stream.getpeercert()
+        cert = self._tls.getpeercert()
         return dict(cert) if cert else {}
 
     @property
     def peer_names(self) -> tuple[str, ...]:
         """The names the peer's verified certificate holds (DNS and IP subjectAltNames, then
         the subject's commonName), for the shell's log and its own allow-list."""
-        cert = self._stream.getpeercert() or {}
+        cert: dict[str, Any] = dict(self._tls.getpeercert() or {})
         alt_names = cert.get("subjectAltName", ())
         names = [value for kind, value in alt_names if kind in ("DNS", "IP Address")]
         for rdn in cert.get("subject", ()):
@@ -384,9 +440,14 @@ class Channel:
         if not data:
             await trio.lowlevel.checkpoint()
             return
+        await self._send_plaintext(data)
+
+    async def _send_plaintext(self, data: bytes) -> None:
+        """Encrypt `data` (records of up to 16 KiB) and send all the ciphertext in one write."""
         await _take(self._send_lock)
         try:
-            await self._stream.send_all(data)
+            self._tls.write(data)
+            await self._send_outgoing()
         except BaseException as exc:
             self._break()
             if isinstance(exc, trio.Cancelled | KeyboardInterrupt):
@@ -394,6 +455,14 @@ class Channel:
             raise _translate(exc, f"send to {self.peer}") from exc
         finally:
             self._send_lock.release()
+
+    async def _send_outgoing(self) -> None:
+        """Send what OpenSSL wrote; the caller holds `_send_lock`."""
+        data = self._outgoing.read()
+        if self._unsent:
+            data, self._unsent = self._unsent + data, b""
+        if data:
+            await self._tcp.send_all(data)
 
     async def receive(self) -> bytes | None:
         """The next frame, or None when the peer closed the connection cleanly between frames.
@@ -414,6 +483,10 @@ class Channel:
                 frame = self._take_frame()
                 if frame is not None:
                     return frame
+                if self._failure is not None:
+                    failure, self._failure = self._failure, None
+                    self._break()
+                    raise _translate(failure, f"receive from {self.peer}") from failure
                 if self._eof:
                     if len(self._buffer) > self._start:
                         raise self._truncated()
@@ -423,20 +496,57 @@ class Channel:
                         f"receive from {self.peer}: the channel is closed", errno=errno.EBADF
                     )
                 try:
-                    data = await self._stream.receive_some(_RECEIVE_CHUNK)
+                    data = await self._tcp.receive_some(_RECEIVE_CHUNK)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     self._break()
                     raise _translate(exc, f"receive from {self.peer}") from exc
-                if not data:
-                    self._eof = True
+                if data:
+                    self._incoming.write(data)
                 else:
-                    self._release_view()
-                    if self._start:
-                        del self._buffer[: self._start]
-                        self._start = 0
-                    self._buffer += data
+                    self._incoming.write_eof()
+                self._decrypt()
+                if self._outgoing.pending and not self._closed and self._failure is None:
+                    await self._answer()
         finally:
             self._receive_lock.release()
+
+    def _decrypt(self) -> None:
+        """Decrypt every whole record received into `_buffer`. A partial record stays in
+        `_incoming` for the next read. close_notify sets `_eof`; an error (a record that fails
+        authentication, an end without close_notify, an alert) is kept in `_failure`, raised
+        once the frames decrypted before it are taken."""
+        self._release_view()
+        if self._start:
+            del self._buffer[: self._start]
+            self._start = 0
+        buffer, read = self._buffer, self._tls.read
+        try:
+            while True:
+                chunk = read(_RECORD_PLAINTEXT)
+                if not chunk:  # OpenSSL's end of the stream (close_notify)
+                    self._eof = True
+                    return
+                buffer += chunk
+        except ssl.SSLWantReadError:
+            return  # no whole record left
+        except ssl.SSLZeroReturnError:
+            self._eof = True
+        except ssl.SSLError as exc:
+            self._failure = exc
+
+    async def _answer(self) -> None:
+        """Send what reading made OpenSSL write (TLS 1.3: a KeyUpdate's answer), after any
+        write in progress."""
+        await _take(self._send_lock)
+        try:
+            await self._send_outgoing()
+        except BaseException as exc:
+            self._break()
+            if isinstance(exc, trio.Cancelled | KeyboardInterrupt):
+                raise
+            raise _translate(exc, f"send to {self.peer}") from exc
+        finally:
+            self._send_lock.release()
 
     def take_buffered(self) -> bytes | None:
         """The next frame if it has already arrived whole, else None; never waits or reads
@@ -496,16 +606,31 @@ class Channel:
         self._closed = True
         with trio.move_on_after(1) as scope:
             scope.shield = True
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                await self._stream.aclose()
+            await self._close_notify()
         if scope.cancelled_caught:
             self.abort()
+
+    async def _close_notify(self) -> None:
+        """One close_notify after any write in progress, without waiting for the peer's (as
+        trio's `SSLStream.aclose`), then close the socket."""
+        try:
+            await _take(self._send_lock)
+            try:
+                with contextlib.suppress(ssl.SSLError):  # SSLWantReadError: no answer awaited
+                    self._tls.unwrap()
+                await self._send_outgoing()
+            finally:
+                self._send_lock.release()
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            pass
+        finally:
+            await self._tcp.aclose()
 
     def abort(self) -> None:
         """Close at once with a TCP reset: the peer's `receive` raises ECONNRESET. For a peer
         that must stop hearing from us now (and for tests)."""
         self._closed = True
-        sock = self._stream.transport_stream.socket
+        sock = self._tcp.socket
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.close()

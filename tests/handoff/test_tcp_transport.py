@@ -8,9 +8,11 @@ server trusting the wrong CA, a certificate for another name and an older TLS ve
 from __future__ import annotations
 
 import errno
+import fcntl
 import socket
 import ssl
 import struct
+import termios
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -422,7 +424,7 @@ async def test_a_stream_that_ends_inside_a_frame_is_truncated_not_short(
         server, client = await _pair(listener, pki["source"])
         async with server:
             await client.send(b"whole")
-            await client._stream.send_all(raw)  # a peer that stops mid-frame
+            await client._send_plaintext(raw)  # a peer that stops mid-frame
             await client.aclose()  # and closes cleanly (close_notify)
             assert await server.receive() == b"whole"
             with pytest.raises(TransportError, match=f"{why}: truncated"):
@@ -434,7 +436,7 @@ async def test_a_zero_length_frame_is_refused(pki: dict[str, TlsFiles]) -> None:
     async with listener:
         server, client = await _pair(listener, pki["source"])
         async with server, client:
-            await client._stream.send_all(struct.pack(">I", 0))
+            await client._send_plaintext(struct.pack(">I", 0))
             with pytest.raises(TransportError, match="frame of 0 bytes"):
                 await server.receive()
 
@@ -476,7 +478,7 @@ async def test_an_end_without_close_notify_is_an_error_not_a_clean_close(
     listener = await tcp.listen(f"tcp:{TARGET_IP}:0", pki["target"])
     async with listener:
         server, client = await _pair(listener, pki["source"])
-        client._stream.transport_stream.socket.shutdown(socket.SHUT_WR)  # FIN, no close_notify
+        client._tcp.socket.shutdown(socket.SHUT_WR)  # FIN, no close_notify
         with pytest.raises(TransportError, match="without TLS close_notify") as info:
             await server.receive()
         assert info.value.errno == errno.ECONNABORTED
@@ -589,3 +591,224 @@ async def test_a_whole_sev_migration_conversation_crosses_mutual_tls(
         assert isinstance(gone, remote.PeerGone) and gone.lost_in is remote.State.DONE
         assert gone.plan.recovery is remote.Recovery.DONE
         await source_end.aclose()
+
+
+# ---- the record pump: TLS records as the socket delivers them ----------------------------------
+
+
+class _Relay:
+    """A TCP relay in front of a listener that passes the client's bytes on as a test says:
+    in small pieces (records split across the server's reads), up to a point and then held
+    or cut (a silent peer, an end inside a record), or with a byte flipped (a forged record).
+    The server's bytes go back as they come."""
+
+    def __init__(self, target: TcpAddress) -> None:
+        self.target = target
+        self.address = TcpAddress(host=TARGET_IP, port=0)
+        self.piece = 0  # >0: pass the client's bytes on this many at a time, pausing between
+        self.pieces = 0  # how many pieces were passed on
+        self.limit: int | None = None  # pass this many more of the client's bytes, then stop
+        self.cut = False  # at the limit: end the connection to the server (FIN, no TLS alert)
+        self.flip = False  # at the limit: flip the next byte and pass everything on
+        self.released = trio.Event()  # at the limit, neither cut nor flip: the rest goes on
+        self._listeners: list[trio.SocketListener] = []
+
+    async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._listeners = await trio.open_tcp_listeners(0, host=TARGET_IP)
+        self.address = TcpAddress(TARGET_IP, self._listeners[0].socket.getsockname()[1])
+        task_status.started()
+        client = await self._listeners[0].accept()
+        server = await trio.open_tcp_stream(self.target.host, self.target.port)
+        async with client, server, trio.open_nursery() as nursery:
+            nursery.start_soon(self._back, server, client)
+            await self._forth(client, server)
+            nursery.cancel_scope.cancel()
+
+    async def _back(self, server: trio.SocketStream, client: trio.SocketStream) -> None:
+        while data := await server.receive_some():
+            await client.send_all(data)
+
+    async def _forth(self, client: trio.SocketStream, server: trio.SocketStream) -> None:
+        while data := await client.receive_some():
+            if self.limit is not None:
+                now, rest = data[: self.limit], data[self.limit :]
+                self.limit -= len(now)
+                await self._pass(now, server)
+                if self.limit > 0:
+                    continue
+                self.limit = None
+                if self.cut:
+                    await server.send_eof()
+                    await trio.sleep_forever()
+                if self.flip:
+                    rest = bytes([rest[0] ^ 0x01]) + rest[1:]
+                else:
+                    await self.released.wait()
+                data = rest
+            await self._pass(data, server)
+
+    async def _pass(self, data: bytes | bytearray, server: trio.SocketStream) -> None:
+        step = self.piece or len(data) or 1
+        for at in range(0, len(data), step):
+            await server.send_all(data[at : at + step])
+            self.pieces += 1
+            if self.piece:
+                await trio.sleep(0.002)  # the server reads what came so far
+
+
+async def _relayed_pair(
+    nursery: trio.Nursery, pki: dict[str, TlsFiles], listener: tcp.Listener
+) -> tuple[Channel, Channel, _Relay]:
+    relay = _Relay(listener.address)
+    await nursery.start(relay.serve)
+    server, client = await _both(
+        listener.accept,
+        lambda: tcp.connect(relay.address, pki["source"], local_host=SOURCE_IP),
+    )
+    assert isinstance(server, Channel), server
+    assert isinstance(client, Channel), client
+    return server, client, relay
+
+
+def _readable(channel: Channel) -> int:
+    """Bytes waiting on the channel's socket (FIONREAD)."""
+    count = fcntl.ioctl(channel._tcp.socket.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    return int(struct.unpack("i", count)[0])
+
+
+async def test_the_records_of_one_socket_read_are_all_decrypted_in_that_read(
+    pki: dict[str, TlsFiles],
+) -> None:
+    listener = await tcp.listen(f"tcp:{TARGET_IP}:0", pki["target"])
+    async with listener:
+        server, client = await _pair(listener, pki["source"])
+        async with server, client:
+            reads = 0
+            receive_some = server._tcp.receive_some
+
+            async def counted(max_bytes: int | None = None) -> bytes | bytearray:
+                nonlocal reads
+                reads += 1
+                return await receive_some(max_bytes)
+
+            server._tcp.receive_some = counted  # type: ignore[method-assign]
+            frames = [bytes([n]) * 4096 for n in range(40)]  # 160 KiB: ten 16 KiB records
+            with trio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(client.send_many, frames)
+                    while _readable(server) < 64 * 1024:  # four records and more are there
+                        await trio.sleep(0.01)
+                    got = [await server.receive()]
+                    assert reads == 1
+                    while (frame := server.take_buffered()) is not None:
+                        got.append(frame)
+                    assert len(got) >= 15  # the frames of four records from one read
+                    while len(got) < len(frames):
+                        got.append(await server.receive())
+            assert got == frames
+            assert reads < 10
+
+
+async def test_records_split_across_socket_reads_arrive_as_whole_frames(
+    pki: dict[str, TlsFiles],
+) -> None:
+    listener = await tcp.listen(f"tcp:{TARGET_IP}:0", pki["target"])
+    async with listener, trio.open_nursery() as nursery:
+        server, client, relay = await _relayed_pair(nursery, pki, listener)
+        async with server, client:
+            relay.piece = 1000  # a 16 KiB record in 17 reads, a frame's length split too
+            relay.pieces = 0
+            frames = [b"a" * 5000, b"b" * 17, b"c" * 30000]
+            await client.send_many(frames)
+            assert [await server.receive() for _ in frames] == frames
+            assert relay.pieces > 30
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_that_ends_the_connection_inside_a_record_is_an_error(
+    pki: dict[str, TlsFiles],
+) -> None:
+    listener = await tcp.listen(f"tcp:{TARGET_IP}:0", pki["target"])
+    async with listener, trio.open_nursery() as nursery:
+        server, client, relay = await _relayed_pair(nursery, pki, listener)
+        async with server, client:
+            await client.send(b"whole")
+            assert await server.receive() == b"whole"
+            relay.limit, relay.cut = 500, True
+            await client.send(b"x" * 1000)  # one record, cut after 500 bytes
+            with pytest.raises(TransportError, match="without TLS close_notify") as info:
+                await server.receive()
+            assert info.value.errno == errno.ECONNABORTED
+            assert server.closed
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_forged_record_is_refused_and_nothing_of_it_delivered(
+    pki: dict[str, TlsFiles],
+) -> None:
+    listener = await tcp.listen(f"tcp:{TARGET_IP}:0", pki["target"])
+    async with listener, trio.open_nursery() as nursery:
+        server, client, relay = await _relayed_pair(nursery, pki, listener)
+        async with server, client:
+            relay.limit, relay.flip = 100, True
+            await client.send(b"y" * 1000)  # a byte of the record's ciphertext flipped
+            with pytest.raises(TransportError, match="TLS refused") as info:
+                await server.receive()
+            assert "BAD_RECORD_MAC" in str(info.value).upper()
+            assert server.closed
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_silent_inside_a_record_times_out_and_the_record_completes_later(
+    pki: dict[str, TlsFiles],
+) -> None:
+    listener = await tcp.listen(f"tcp:{TARGET_IP}:0", pki["target"])
+    async with listener, trio.open_nursery() as nursery:
+        server, client, relay = await _relayed_pair(nursery, pki, listener)
+        async with server, client:
+            relay.limit = 500
+            await client.send(b"z" * 1000)  # half a record arrives, then nothing
+            with trio.move_on_after(0.2) as timer:
+                await server.receive()
+            assert timer.cancelled_caught
+            assert not server.closed
+            relay.released.set()
+            assert await server.receive() == b"z" * 1000
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_silent_peer_times_out_under_the_callers_deadline(
+    pki: dict[str, TlsFiles],
+) -> None:
+    listener = await tcp.listen(f"tcp:{TARGET_IP}:0", pki["target"])
+    async with listener:
+        server, client = await _pair(listener, pki["source"])
+        async with server, client:
+            with pytest.raises(trio.TooSlowError):
+                with trio.fail_after(0.2):
+                    await server.receive()
+            await client.send(b"late")
+            assert await server.receive() == b"late"
+
+
+async def test_close_notify_after_many_frames_ends_the_stream_after_the_last_one(
+    pki: dict[str, TlsFiles],
+) -> None:
+    listener = await tcp.listen(f"tcp:{TARGET_IP}:0", pki["target"])
+    async with listener:
+        server, client = await _pair(listener, pki["source"])
+        frames = [n.to_bytes(2, "big") * 2048 for n in range(60)]
+
+        async def say_all_and_close() -> None:
+            await client.send_many(frames)
+            await client.aclose()  # close_notify right behind the last record
+
+        got = []
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(say_all_and_close)
+                while (frame := await server.receive()) is not None:
+                    got.append(frame)
+        assert got == frames
+        assert await server.receive() is None
+        await server.aclose()
