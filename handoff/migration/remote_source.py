@@ -235,6 +235,30 @@ def shared_pages(regions: list[tuple[int, int]]) -> set[int]:
     return {gpa + i * PAGE for gpa, n in regions for i in range(n)}
 
 
+def within_memory(
+    regions: list[tuple[int, int]], memory: list[tuple[int, int]]
+) -> list[tuple[int, int]]:
+    """The shared-region list (sorted (gpa, pages) runs) cut to the guest's memory slots
+    (sorted [start, end) ranges), a run across two slots split at their border. KVM passes
+    any MAP_GPA_RANGE that does not wrap, so a guest may declare ranges its memory does not
+    have, up to 2^40 pages; like QEMU, which ignores shared conversions of unassigned ranges,
+    a migration takes only what lies in memory: the pages it sends, and a list the target
+    accepts (each run inside one slot)."""
+    out: list[tuple[int, int]] = []
+    for gpa, pages in regions:
+        end = gpa + pages * PAGE
+        for start, stop in memory:
+            lo, hi = max(gpa, start), min(end, stop)
+            if lo < hi:
+                out.append((lo, (hi - lo) // PAGE))
+    return out
+
+
+def _shared_regions(vmm: Vmm) -> list[tuple[int, int]]:
+    memory = [(s.guest_phys_addr, s.guest_phys_addr + s.size) for s in vmm.cfg.slots()]
+    return within_memory(vmm.devices.shared.regions(), memory)
+
+
 def pages_to_send(
     dirty: set[int], sent: set[int], sent_shared: set[int], shared_now: set[int]
 ) -> list[int]:
@@ -492,7 +516,7 @@ class RemoteSource:
             _check_guest_allows(vmm)  # a guest going down blocks it again (reference 5.1)
             # `todo` holds what the dirty log said after the last round (`_peek_dirty`): one
             # KVM_GET_DIRTY_LOG per round (a 64 GiB slot's bitmap is 2 MiB).
-            regions = vmm.devices.shared.regions()  # after the dirty log
+            regions = _shared_regions(vmm)  # after the dirty log
             shared_now = shared_pages(regions)
             pages = pages_to_send(todo, sent, sent_shared, shared_now)
             budget = rate * opts.downtime_limit_ms / 1e3
@@ -544,7 +568,7 @@ class RemoteSource:
         result.status = "device"
         _check_guest_allows(vmm)
         todo |= set(await vmm.dirty_pages())
-        regions = vmm.devices.shared.regions()
+        regions = _shared_regions(vmm)
         shared_now = shared_pages(regions)
         pages = pages_to_send(todo, sent, sent_shared, shared_now)
         round_no += 1

@@ -28,7 +28,7 @@ import pytest
 
 from handoff.hv import abi
 from handoff.machine.devices import SharedRegions
-from handoff.migration.remote_source import _batches, pages_to_send, shared_pages
+from handoff.migration.remote_source import _batches, pages_to_send, shared_pages, within_memory
 
 PAGE = abi.PAGE_SIZE
 PAGES = [i * PAGE for i in range(4)]
@@ -253,3 +253,34 @@ def test_any_placement_of_conversions_and_writes_leaves_every_page_right_on_the_
         list(itertools.combinations_with_replacement(SLOTS, count))
     )
     assert naive_wrong > 0
+
+
+# ---- a list that reaches past the guest's memory ----------------------------------------------
+
+SLOT = 8 * PAGE
+MEMORY = [(0, SLOT), (SLOT, 2 * SLOT)]  # two slots side by side
+
+
+@pytest.mark.parametrize(
+    ("regions", "expected"),
+    [
+        ([(2 * PAGE, 3)], [(2 * PAGE, 3)]),  # inside one slot: as it is
+        ([(6 * PAGE, 4)], [(6 * PAGE, 2), (SLOT, 2)]),  # across the border: one run a slot
+        ([(15 * PAGE, 1 << 40)], [(15 * PAGE, 1)]),  # past the end: cut at it
+        ([(2 * SLOT, 5), (1 << 50, 1)], []),  # outside: not the migration's
+        ([(0, 1 << 40)], [(0, 8), (SLOT, 8)]),
+    ],
+)
+def test_the_list_a_migration_takes_is_cut_to_the_guests_memory(
+    regions: list[tuple[int, int]], expected: list[tuple[int, int]]
+) -> None:
+    assert within_memory(regions, MEMORY) == expected
+
+
+def test_a_guest_that_declares_2_to_the_40_pages_shared_costs_a_migration_only_its_memory() -> None:
+    """One hypercall may declare 2^40 pages shared (KVM passes any count that does not wrap):
+    the round's shared pages are those of the guest's memory, not 2^40 of them."""
+    shared = SharedRegions()
+    assert shared.map_gpa_range(SLOT - PAGE, 1 << 40, abi.MAP_GPA_RANGE_PAGE_SZ_4K) == 0
+    pages = shared_pages(within_memory(shared.regions(), MEMORY))
+    assert pages == {SLOT - PAGE, *(SLOT + i * PAGE for i in range(8))}
