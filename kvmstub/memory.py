@@ -299,13 +299,15 @@ class _XtsContexts:
                 self._enc[(vek, gpa)] = ctx
         return ctx.update(page)
 
-    def decrypt(self, vek: bytes, gpa: int, page: bytes) -> bytes:
+    def decrypt(self, vek: bytes, gpa: int, page: bytes, *, keep: bool = True) -> bytes:
+        """`page` decrypted; a context made for it is kept for the next time unless `keep`
+        is False (a page read once, as SEND_UPDATE_DATA reads it)."""
         if type(vek) is not bytes:  # a bytearray would not hash
             vek = bytes(vek)
         ctx = self._dec.get((vek, gpa))
         if ctx is None:
             ctx = self._new(vek, gpa, False)
-            if _XTS_REUSABLE:
+            if _XTS_REUSABLE and keep:
                 if len(self._dec) >= self.LIMIT:
                     self._dec.clear()
                 self._dec[(vek, gpa)] = ctx
@@ -670,9 +672,12 @@ class GuestMemory:
             self._pwrite(b, at, data[pos : pos + n])
             pos += n
 
-    def read_page(self, gpa: int, vek: bytes | None) -> bytes:
+    def read_page(self, gpa: int, vek: bytes | None, *, keep: bool = True) -> bytes:
         """One page at a page-aligned `gpa`, decrypted with `vek` (a private page) or as
-        stored (a shared page, or a guest without SEV)."""
+        stored (a shared page, or a guest without SEV). With `keep` False a cipher context
+        made for the page is not cached: a migration reads each page once a round, and
+        caching thousands of contexts that are not used again cost more (their memory,
+        about 2.5 us a page) than it saved, and pushed the guest's own contexts out."""
         if gpa & _PAGE_MASK or gpa < 0:
             raise _einval(f"guest physical address {gpa:#x} is not page aligned")
         b = self._last
@@ -681,7 +686,7 @@ class GuestMemory:
         data = self._pread(b, gpa, PAGE_SIZE)
         if vek is None:
             return data
-        return self._xts.decrypt(vek, gpa, data)
+        return self._xts.decrypt(vek, gpa, data, keep=keep)
 
     def write_page(self, gpa: int, data: bytes, vek: bytes | None) -> None:
         """Store one page at a page-aligned `gpa`, encrypted with `vek` (a private page)

@@ -814,7 +814,7 @@ def _policy_api(policy: int) -> tuple[int, int]:
 def _read_private(memory: GuestMemory, vek: bytes, gpa: int, length: int) -> bytes:
     """Guest bytes [gpa, gpa+length) as the guest sees them privately (decrypted)."""
     if length == PAGE_SIZE and not gpa % PAGE_SIZE:  # a whole page, as migration reads
-        return memory.read_page(gpa, vek)
+        return memory.read_page(gpa, vek, keep=False)  # once a round: no context kept
     out = bytearray()
     while len(out) < length:
         base, offset = gpa - gpa % PAGE_SIZE, gpa % PAGE_SIZE

@@ -382,6 +382,24 @@ def test_cached_cipher_contexts_agree_with_fresh_ciphers(
             assert mem.read_page(gpa, vek) == page
 
 
+def test_a_page_read_once_decrypts_the_same_and_keeps_no_new_context(
+    mem: GuestMemory, memfd: MakeMemfd
+) -> None:
+    """SEND_UPDATE_DATA's read (`keep=False`) gives the plaintext a kept context gives, uses
+    a context already cached, and caches none of its own."""
+    fd = memfd(3 * PAGE_SIZE)
+    mem.set_region(0, 0, 0, 3 * PAGE_SIZE, fd, 0)
+    vek = os.urandom(64)  # a key no other test has cached
+    pages = [os.urandom(PAGE_SIZE) for _ in range(3)]
+    for i, page in enumerate(pages):
+        mem.write_page(i * PAGE_SIZE, page, vek)
+    assert mem.read_page(0, vek) == pages[0]  # this one's context is kept
+    cached = memory.cached_cipher_contexts()
+    for i, page in enumerate(pages):
+        assert mem.read_page(i * PAGE_SIZE, vek, keep=False) == page
+    assert memory.cached_cipher_contexts() == cached
+
+
 def test_a_second_vm_over_the_same_memfd_reuses_the_hosts_cipher_contexts(
     memfd: MakeMemfd,
 ) -> None:
