@@ -259,7 +259,7 @@ class _XtsContexts:
     the source VM made. A fresh cache per VM made the first turn on the new VM set up every
     context again, the first of them cold (about 80 us), all inside the handoff's pause."""
 
-    __slots__ = ("_algorithms", "_dec", "_direct", "_enc")
+    __slots__ = ("_algorithms", "_dec", "_direct", "_enc", "_seen_dec", "_seen_enc")
 
     LIMIT = 8192
     KEYS = 64  # AES key objects kept, one per VEK
@@ -268,6 +268,8 @@ class _XtsContexts:
         self._enc: dict[tuple[bytes, int], CipherContext] = {}
         self._dec: dict[tuple[bytes, int], CipherContext] = {}
         self._algorithms: dict[bytes, algorithms.AES] = {}
+        self._seen_enc: set[tuple[bytes, int]] = set()  # pages moved once (`_again`)
+        self._seen_dec: set[tuple[bytes, int]] = set()
         self._direct = _XTS_DIRECT if direct is None else direct
 
     def _new(self, vek: bytes, gpa: int, encrypt: bool) -> CipherContext:
@@ -287,34 +289,56 @@ class _XtsContexts:
         ctx: CipherContext = make(aes, modes.XTS(_tweak(gpa)))
         return ctx
 
-    def encrypt(self, vek: bytes, gpa: int, page: bytes) -> bytes:
+    def encrypt(self, vek: bytes, gpa: int, page: bytes, *, keep: bool = True) -> bytes:
+        """`page` encrypted. A context made for it is cached for the next time; with `keep`
+        False (a page a migration moves) only from the second time (`_again`)."""
         if type(vek) is not bytes:  # a bytearray would not hash
             vek = bytes(vek)
-        ctx = self._enc.get((vek, gpa))
+        key = (vek, gpa)
+        ctx = self._enc.get(key)
         if ctx is None:
             ctx = self._new(vek, gpa, True)
-            if _XTS_REUSABLE:
+            if _XTS_REUSABLE and (keep or self._again(self._seen_enc, key)):
                 if len(self._enc) >= self.LIMIT:
                     self._enc.clear()
-                self._enc[(vek, gpa)] = ctx
+                self._enc[key] = ctx
         return ctx.update(page)
 
-    def decrypt(self, vek: bytes, gpa: int, page: bytes) -> bytes:
+    def decrypt(self, vek: bytes, gpa: int, page: bytes, *, keep: bool = True) -> bytes:
+        """`page` decrypted, a context made for it cached as `encrypt` caches it."""
         if type(vek) is not bytes:  # a bytearray would not hash
             vek = bytes(vek)
-        ctx = self._dec.get((vek, gpa))
+        key = (vek, gpa)
+        ctx = self._dec.get(key)
         if ctx is None:
             ctx = self._new(vek, gpa, False)
-            if _XTS_REUSABLE:
+            if _XTS_REUSABLE and (keep or self._again(self._seen_dec, key)):
                 if len(self._dec) >= self.LIMIT:
                     self._dec.clear()
-                self._dec[(vek, gpa)] = ctx
+                self._dec[key] = ctx
         return ctx.update(page)
+
+    def _again(self, seen: set[tuple[bytes, int]], key: tuple[bytes, int]) -> bool:
+        """Whether a migration moves this page (VEK, GPA) for the second time lately: a
+        pre-copy round moves every page once, and caching thousands of contexts never used
+        again cost more than it saved (their memory, and the wholesale drops past LIMIT, a
+        few us a page, which also pushed the guest's own contexts out); a page moved again
+        is one the guest keeps dirtying, moved in each round and in the stop-and-copy, whose
+        context is then kept. Remembers at most LIMIT pages each way."""
+        if key in seen:
+            seen.discard(key)
+            return True
+        if len(seen) >= self.LIMIT:
+            seen.clear()
+        seen.add(key)
+        return False
 
     def clear(self) -> None:
         self._enc.clear()
         self._dec.clear()
         self._algorithms.clear()
+        self._seen_enc.clear()
+        self._seen_dec.clear()
 
     def __len__(self) -> int:
         return len(self._enc) + len(self._dec)
@@ -670,9 +694,10 @@ class GuestMemory:
             self._pwrite(b, at, data[pos : pos + n])
             pos += n
 
-    def read_page(self, gpa: int, vek: bytes | None) -> bytes:
+    def read_page(self, gpa: int, vek: bytes | None, *, keep: bool = True) -> bytes:
         """One page at a page-aligned `gpa`, decrypted with `vek` (a private page) or as
-        stored (a shared page, or a guest without SEV)."""
+        stored (a shared page, or a guest without SEV). `keep` False: a page a migration
+        moves, whose cipher context is cached only once it comes again (`_XtsContexts`)."""
         if gpa & _PAGE_MASK or gpa < 0:
             raise _einval(f"guest physical address {gpa:#x} is not page aligned")
         b = self._last
@@ -681,11 +706,11 @@ class GuestMemory:
         data = self._pread(b, gpa, PAGE_SIZE)
         if vek is None:
             return data
-        return self._xts.decrypt(vek, gpa, data)
+        return self._xts.decrypt(vek, gpa, data, keep=keep)
 
-    def write_page(self, gpa: int, data: bytes, vek: bytes | None) -> None:
+    def write_page(self, gpa: int, data: bytes, vek: bytes | None, *, keep: bool = True) -> None:
         """Store one page at a page-aligned `gpa`, encrypted with `vek` (a private page)
-        or in plaintext (a shared page, or a guest without SEV)."""
+        or in plaintext (a shared page, or a guest without SEV). `keep` as for `read_page`."""
         if gpa & _PAGE_MASK or gpa < 0:
             raise _einval(f"guest physical address {gpa:#x} is not page aligned")
         if len(data) != PAGE_SIZE:
@@ -694,7 +719,7 @@ class GuestMemory:
         if b is None or not b.gpa <= gpa < b.end:
             b = self._lookup(gpa)
         if vek is not None:
-            data = self._xts.encrypt(vek, gpa, data)
+            data = self._xts.encrypt(vek, gpa, data, keep=keep)
         self._pwrite(b, gpa, data)
 
     def write_guest_page(self, gpa: int, data: bytes, vek: bytes | None) -> None:

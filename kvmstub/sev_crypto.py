@@ -300,6 +300,7 @@ _CTR_RESETTABLE: Final = _ctr_nonce_is_resettable()
 _MAC_HEAD: Final = struct.Struct("<BI")  # context, flags
 _MAC_LENGTHS: Final = struct.Struct("<II")  # uncompressed length, transport length
 _FLAGS_NONE: Final = struct.pack("<I", 0)
+_IV_DRAW: Final = 64  # IVs of `PacketCipher.seal` per os.urandom call
 
 
 class PacketCipher:
@@ -307,13 +308,20 @@ class PacketCipher:
     with the AES key schedule of the TEK done once: each packet only sets its IV on the
     channel's AES-CTR context (`reset_nonce`), where a context per packet cost more than the
     encryption itself. Falls back to a context per packet where the library cannot reset an
-    IV (`reuse` False). One thread at a time (the context holds the stream's state)."""
+    IV (`reuse` False). One thread at a time (the context holds the stream's state).
 
-    __slots__ = ("_ctr", "_tek", "_tik")
+    The IVs of `seal` come from os.urandom as before, drawn _IV_DRAW at a time and handed out
+    in turn: one getrandom system call per page cost more than the draw does. Each IV is
+    used once; an IV is public (it travels in the packet header), so holding the next few
+    in memory gives nothing away."""
+
+    __slots__ = ("_ctr", "_iv_at", "_ivs", "_tek", "_tik")
 
     def __init__(self, tek: bytes, tik: bytes, *, reuse: bool = _CTR_RESETTABLE) -> None:
         self._tek = tek
         self._tik = tik
+        self._ivs = b""
+        self._iv_at = 0
         self._ctr = (
             Cipher(algorithms.AES(tek), modes.CTR(bytes(KEY_LEN))).encryptor() if reuse else None
         )
@@ -340,9 +348,16 @@ class PacketCipher:
             "sha256",
         )
 
+    def _next_iv(self) -> bytes:
+        at = self._iv_at
+        if at == len(self._ivs):
+            self._ivs, at = os.urandom(_IV_DRAW * KEY_LEN), 0
+        self._iv_at = at + KEY_LEN
+        return self._ivs[at : at + KEY_LEN]
+
     def seal(self, plaintext: bytes, iv: bytes | None = None) -> tuple[bytes, bytes]:
         """`seal_packet(tek, tik, plaintext, iv)`."""
-        iv = os.urandom(KEY_LEN) if iv is None else iv
+        iv = self._next_iv() if iv is None else iv
         ciphertext = self._aes_ctr(iv, plaintext)
         mac = self._mac(0, iv, len(plaintext), ciphertext)
         return b"".join((_FLAGS_NONE, iv, mac)), ciphertext

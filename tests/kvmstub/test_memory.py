@@ -382,6 +382,31 @@ def test_cached_cipher_contexts_agree_with_fresh_ciphers(
             assert mem.read_page(gpa, vek) == page
 
 
+def test_a_page_a_migration_moves_keeps_its_context_only_when_it_comes_again(
+    mem: GuestMemory, memfd: MakeMemfd
+) -> None:
+    """SEND_UPDATE_DATA's read and RECEIVE_UPDATE_DATA's write (`keep=False`) store and read
+    what a kept context does, use a context already cached, and cache one of their own only
+    for a page moved a second time (one the guest keeps dirtying)."""
+    fd = memfd(3 * PAGE_SIZE)
+    mem.set_region(0, 0, 0, 3 * PAGE_SIZE, fd, 0)
+    vek = os.urandom(64)  # a key no other test has cached
+    pages = [os.urandom(PAGE_SIZE) for _ in range(3)]
+    mem.write_page(0, pages[0], vek)  # this one's contexts are kept
+    assert mem.read_page(0, vek) == pages[0]
+    cached = memory.cached_cipher_contexts()
+    for i, page in enumerate(pages):
+        gpa = i * PAGE_SIZE
+        if i:
+            mem.write_page(gpa, page, vek, keep=False)
+            assert os.pread(fd, PAGE_SIZE, gpa) == reference_xts(vek, gpa, page, encrypt=True)
+        assert mem.read_page(gpa, vek, keep=False) == page
+    assert memory.cached_cipher_contexts() == cached
+    mem.write_page(PAGE_SIZE, pages[2], vek, keep=False)  # page 1 moved again
+    assert mem.read_page(PAGE_SIZE, vek, keep=False) == pages[2]
+    assert memory.cached_cipher_contexts() == cached + 2
+
+
 def test_a_second_vm_over_the_same_memfd_reuses_the_hosts_cipher_contexts(
     memfd: MakeMemfd,
 ) -> None:
