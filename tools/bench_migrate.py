@@ -61,8 +61,9 @@ def tls(files: TlsFiles) -> list[str]:
 
 
 class Bench:
-    def __init__(self, work: Path) -> None:
+    def __init__(self, work: Path, flip_every: int = 10) -> None:
         self.work = work
+        self.flip_every = flip_every  # table 4's guest: steps between two page conversions
         root = work / "amd-root"
         root.mkdir(mode=0o700)
         self.pki = make_pki(work / "pki", {"source": ["127.0.0.2"], "target": [TARGET_HOST]})
@@ -162,7 +163,7 @@ async def end_to_end(bench: Bench, pages: int) -> dict[str, Any]:
     bench.n += 1
     common: dict[str, Any] = dict(
         name="vm", mode="sev", vcpus=2, memory=f"{pages * 4 // 1024 + 64}M", line_every=200,
-        flip_every=10,
+        flip_every=bench.flip_every,
     )  # fmt: skip
     src_dir, dst_dir = bench.work / f"s{bench.n}", bench.work / f"t{bench.n}"
     src_dir.mkdir()
@@ -375,9 +376,9 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(out)
 
 
-async def main(quick: bool, only: int | None = None) -> None:
+async def main(quick: bool, only: int | None = None, flip_every: int = 10) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-migrate-") as tmp:
-        bench = Bench(Path(tmp))
+        bench = Bench(Path(tmp), flip_every)
         try:
             if only == 4:
                 pages = 4096 if quick else 16384
@@ -456,8 +457,15 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", type=int, choices=[4], help="only this table")
+    parser.add_argument(
+        "--flip-every",
+        type=int,
+        default=10,
+        help="table 4's guest converts a page between shared and private every N steps, a "
+        "hypercall exit each (default 10, five times the guest's default of 50)",
+    )
     ns = parser.parse_args()
     os.environ.setdefault("PYTHONPATH", str(Path(__file__).resolve().parent.parent))
     started = time.perf_counter()
-    trio.run(main, ns.quick, ns.only)
+    trio.run(main, ns.quick, ns.only, ns.flip_every)
     say(f"done in {time.perf_counter() - started:.0f} s")
