@@ -443,10 +443,12 @@ class Channel:
         await self._send_plaintext(data)
 
     async def _send_plaintext(self, data: bytes) -> None:
-        """Encrypt `data` (records of up to 16 KiB) and send all the ciphertext in one write."""
+        """Encrypt `data` (records of up to 16 KiB; none for b"") and send all the ciphertext
+        OpenSSL holds in one write."""
         await _take(self._send_lock)
         try:
-            self._tls.write(data)
+            if data:
+                self._tls.write(data)
             await self._send_outgoing()
         except BaseException as exc:
             self._break()
@@ -537,16 +539,7 @@ class Channel:
     async def _answer(self) -> None:
         """Send what reading made OpenSSL write (TLS 1.3: a KeyUpdate's answer), after any
         write in progress."""
-        await _take(self._send_lock)
-        try:
-            await self._send_outgoing()
-        except BaseException as exc:
-            self._break()
-            if isinstance(exc, trio.Cancelled | KeyboardInterrupt):
-                raise
-            raise _translate(exc, f"send to {self.peer}") from exc
-        finally:
-            self._send_lock.release()
+        await self._send_plaintext(b"")
 
     def take_buffered(self) -> bytes | None:
         """The next frame if it has already arrived whole, else None; never waits or reads
