@@ -44,6 +44,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -363,6 +364,13 @@ class KvmstubDaemon:
 def start_kvmstub_daemon(directory: Path, *flags: str) -> KvmstubDaemon:
     """Run `python -m kvmstub.cli serve --socket <directory>/kvm.sock <flags>` and wait for
     its ready line."""
+    return spawn_kvmstub_daemon(directory, *flags)()
+
+
+def spawn_kvmstub_daemon(directory: Path, *flags: str) -> Callable[[], KvmstubDaemon]:
+    """`start_kvmstub_daemon` in two halves: the process starts now, and the returned call
+    waits for its ready line (killing it if it never comes). Several daemons spawned before
+    any is waited for start side by side (a daemon's start is mostly the interpreter's)."""
     sock = directory / "kvm.sock"
     log = open(directory / "kvmstub.log", "w")  # noqa: SIM115 (the child owns it from here)
     with log:
@@ -374,6 +382,10 @@ def start_kvmstub_daemon(directory: Path, *flags: str) -> KvmstubDaemon:
             text=True,
             start_new_session=True,  # its own CPU share (autogroup), as a system service has
         )
+    return partial(_wait_ready, process, directory, sock)
+
+
+def _wait_ready(process: subprocess.Popen[str], directory: Path, sock: Path) -> KvmstubDaemon:
     assert process.stdout is not None
     deadline = time.monotonic() + _READY_TIMEOUT
     with selectors.DefaultSelector() as selector:

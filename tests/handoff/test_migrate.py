@@ -7,6 +7,7 @@ Each test names the checklist items of reference/sev-live-migration.md section 6
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import pytest
 import trio
 
 from handoff.seriallog import SerialTail
-from handoff.testing import KvmstubDaemon, VmmProcess, start_kvmstub_daemon
+from handoff.testing import KvmstubDaemon, VmmProcess, spawn_kvmstub_daemon
 from handoff.testing.tls import make_pki
 from handoff.transport.tcp import TlsFiles
 
@@ -66,10 +67,17 @@ class Host:
         (directory / "kvm").mkdir(mode=0o700, exist_ok=True)
         state = directory / "sev-state"
         state.mkdir(mode=0o700, exist_ok=True)
-        self.kvm: KvmstubDaemon = start_kvmstub_daemon(
+        # Started now, waited for by `ready`: the two hosts' daemons start side by side.
+        self._pending: Callable[[], KvmstubDaemon] | None = spawn_kvmstub_daemon(
             directory / "kvm", "--state-dir", str(state), "--amd-root", str(amd_root)
         )
+        self.kvm: KvmstubDaemon
         self.vmms: list[VmmProcess] = []
+
+    def ready(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self.kvm = pending()
 
     def vmm(self, name: str, *extra: str, mode: str = "sev") -> VmmProcess:
         vmm = VmmProcess(
@@ -93,22 +101,26 @@ class Host:
     def stop(self) -> None:
         for vmm in self.vmms:
             vmm.kill_all()
-        self.kvm.stop()
+        try:
+            self.ready()  # a daemon never waited for: its start ends first (or is killed)
+        finally:
+            if hasattr(self, "kvm"):
+                self.kvm.stop()
 
 
 @pytest.fixture
 def hosts(tmp_path: Path, amd_root: Path) -> Iterator[tuple[Host, Host]]:
-    a = Host(tmp_path / "host-a", amd_root)
+    made: list[Host] = []
     try:
-        b = Host(tmp_path / "host-b", amd_root)
-    except BaseException:
-        a.stop()
-        raise
-    try:
-        yield a, b
+        for name in ("host-a", "host-b"):
+            made.append(Host(tmp_path / name, amd_root))
+        for host in made:
+            host.ready()
+        yield made[0], made[1]
     finally:
-        a.stop()
-        b.stop()
+        for host in made:
+            with contextlib.suppress(AssertionError):
+                host.stop()
 
 
 def start_target(
@@ -582,12 +594,17 @@ async def test_a_target_under_another_amd_root_is_refused_by_send_start_for_a_se
     the guest is sent, it keeps running here, and the target drops what it prepared."""
     foreign_root = tmp_path / "foreign-root"
     foreign_root.mkdir(mode=0o700)
-    a = Host(tmp_path / "host-a", amd_root)
+    hosts = [Host(tmp_path / "host-a", amd_root)]
     try:
-        c = Host(tmp_path / "host-c", foreign_root)
+        hosts.append(Host(tmp_path / "host-c", foreign_root))
+        for host in hosts:
+            host.ready()
     except BaseException:
-        a.stop()
+        for host in hosts:
+            with contextlib.suppress(AssertionError):
+                host.stop()
         raise
+    a, c = hosts
     try:
         source = a.vmm("source", *tls_flags(pki["source"]), "--policy", "0x20")  # SEV
         source.start()
