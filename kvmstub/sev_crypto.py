@@ -224,16 +224,20 @@ def verify_policy_mac(tik: bytes, policy: int, session: Session) -> None:
 # --- packets --------------------------------------------------------------------------------
 
 
+_MAC_HEAD: Final = struct.Struct("<BI")  # context, flags
+_MAC_LENGTHS: Final = struct.Struct("<II")  # uncompressed length, transport length
+
+
 def packet_mac(
     tik: bytes, flags: int, iv: bytes, uncompressed_len: int, ciphertext: bytes
 ) -> bytes:
+    """HMAC-SHA256 under the TIK of context 0x02, flags, IV, both lengths and the ciphertext
+    (gathered in one join: it runs once per packet)."""
     return _hmac(
         tik,
-        bytes([CTX_DATA]),
-        flags.to_bytes(4, "little"),
+        _MAC_HEAD.pack(CTX_DATA, flags),
         iv,
-        uncompressed_len.to_bytes(4, "little"),
-        len(ciphertext).to_bytes(4, "little"),
+        _MAC_LENGTHS.pack(uncompressed_len, len(ciphertext)),
         ciphertext,
     )
 
@@ -297,8 +301,6 @@ def _ctr_nonce_is_resettable() -> bool:
 
 
 _CTR_RESETTABLE: Final = _ctr_nonce_is_resettable()
-_MAC_HEAD: Final = struct.Struct("<BI")  # context, flags
-_MAC_LENGTHS: Final = struct.Struct("<II")  # uncompressed length, transport length
 _FLAGS_NONE: Final = struct.pack("<I", 0)
 _IV_DRAW: Final = 64  # IVs of `PacketCipher.seal` per os.urandom call
 
@@ -333,21 +335,6 @@ class PacketCipher:
         ctx.reset_nonce(iv)
         return ctx.update(data)
 
-    def _mac(self, flags: int, iv: bytes, uncompressed_len: int, ciphertext: bytes) -> bytes:
-        """`packet_mac`: the same bytes, gathered in one join."""
-        return std_hmac.digest(
-            self._tik,
-            b"".join(
-                (
-                    _MAC_HEAD.pack(CTX_DATA, flags),
-                    iv,
-                    _MAC_LENGTHS.pack(uncompressed_len, len(ciphertext)),
-                    ciphertext,
-                )
-            ),
-            "sha256",
-        )
-
     def _next_iv(self) -> bytes:
         at = self._iv_at
         if at == len(self._ivs):
@@ -359,12 +346,12 @@ class PacketCipher:
         """`seal_packet(tek, tik, plaintext, iv)`."""
         iv = self._next_iv() if iv is None else iv
         ciphertext = self._aes_ctr(iv, plaintext)
-        mac = self._mac(0, iv, len(plaintext), ciphertext)
+        mac = packet_mac(self._tik, 0, iv, len(plaintext), ciphertext)
         return b"".join((_FLAGS_NONE, iv, mac)), ciphertext
 
     def open(self, header: PacketHeader, ciphertext: bytes) -> bytes:
         """`open_packet(tek, tik, header, ciphertext)`: BadMac, or the plaintext."""
-        mac = self._mac(header.flags, header.iv, len(ciphertext), ciphertext)
+        mac = packet_mac(self._tik, header.flags, header.iv, len(ciphertext), ciphertext)
         if not _equal(mac, header.mac):
             raise BadMac("the packet's MAC does not verify")
         return self._aes_ctr(header.iv, ciphertext)
