@@ -292,31 +292,32 @@ class _XtsContexts:
     def encrypt(self, vek: bytes, gpa: int, page: bytes, *, keep: bool = True) -> bytes:
         """`page` encrypted. A context made for it is cached for the next time; with `keep`
         False (a page a migration moves) only from the second time (`_again`)."""
-        if type(vek) is not bytes:  # a bytearray would not hash
-            vek = bytes(vek)
-        key = (vek, gpa)
-        ctx = self._enc.get(key)
-        if ctx is None:
-            ctx = self._new(vek, gpa, True)
-            if _XTS_REUSABLE and (keep or self._again(self._seen_enc, key)):
-                if len(self._enc) >= self.LIMIT:
-                    self._enc.clear()
-                self._enc[key] = ctx
-        return ctx.update(page)
+        return self._context(self._enc, self._seen_enc, vek, gpa, True, keep).update(page)
 
     def decrypt(self, vek: bytes, gpa: int, page: bytes, *, keep: bool = True) -> bytes:
         """`page` decrypted, a context made for it cached as `encrypt` caches it."""
+        return self._context(self._dec, self._seen_dec, vek, gpa, False, keep).update(page)
+
+    def _context(
+        self,
+        cache: dict[tuple[bytes, int], CipherContext],
+        seen: set[tuple[bytes, int]],
+        vek: bytes,
+        gpa: int,
+        encrypt: bool,
+        keep: bool,
+    ) -> CipherContext:
         if type(vek) is not bytes:  # a bytearray would not hash
             vek = bytes(vek)
         key = (vek, gpa)
-        ctx = self._dec.get(key)
+        ctx = cache.get(key)
         if ctx is None:
-            ctx = self._new(vek, gpa, False)
-            if _XTS_REUSABLE and (keep or self._again(self._seen_dec, key)):
-                if len(self._dec) >= self.LIMIT:
-                    self._dec.clear()
-                self._dec[key] = ctx
-        return ctx.update(page)
+            ctx = self._new(vek, gpa, encrypt)
+            if _XTS_REUSABLE and (keep or self._again(seen, key)):
+                if len(cache) >= self.LIMIT:
+                    cache.clear()
+                cache[key] = ctx
+        return ctx
 
     def _again(self, seen: set[tuple[bytes, int]], key: tuple[bytes, int]) -> bool:
         """Whether a migration moves this page (VEK, GPA) for the second time lately: a
