@@ -200,9 +200,15 @@ class RemoteTarget:
             with trio.fail_after(self.answer_timeout):
                 frame = await self.channel.receive()
         except trio.TooSlowError:
-            self.conn.give_up(Ending.TIMEOUT)
-            raise _Ended(f"the source sent nothing for {self.answer_timeout:g} s") from None
+            raise self._timed_out() from None
         return self._accept(frame)
+
+    def _timed_out(self) -> _Ended:
+        """The source sent nothing for `answer_timeout`: the machine gives up, and this ends
+        the conversation."""
+        assert self.conn is not None
+        self.conn.give_up(Ending.TIMEOUT)
+        return _Ended(f"the source sent nothing for {self.answer_timeout:g} s")
 
     async def _refuse(self, code: str, reason: str) -> None:
         conn = self.conn
@@ -361,8 +367,7 @@ class RemoteTarget:
                     if isinstance(message, remote.Finish):
                         return
             # Only the timer ends the loop here: the source sent nothing in time.
-            self.conn.give_up(Ending.TIMEOUT)
-            await accepted.send([_Ended(f"the source sent nothing for {self.answer_timeout:g} s")])
+            await accepted.send([self._timed_out()])
 
     def _accept(self, frame: bytes | None) -> remote.Message:
         """The machine's judgement of a frame of the source's (None: the end of the
