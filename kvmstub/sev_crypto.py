@@ -28,7 +28,7 @@ import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final, NamedTuple
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
@@ -38,6 +38,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+if TYPE_CHECKING:
+    from hashlib import _Hash
 
 # --- sizes and codes ------------------------------------------------------------------------
 
@@ -110,6 +113,21 @@ def _aes_ctr(key: bytes, iv: bytes, data: bytes) -> bytes:
     128-bit initial counter block."""
     ctx = Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor()
     return ctx.update(data) + ctx.finalize()
+
+
+_SHA256_BLOCK: Final = 64
+
+
+def _hmac_pads(key: bytes) -> tuple[_Hash, _Hash]:
+    """SHA-256 states that have hashed HMAC's inner and outer keyed blocks (RFC 2104 with
+    a key of at most one block, as every key here is): a MAC under `key` is then the
+    outer copy over the digest of the inner copy over the message."""
+    if len(key) > _SHA256_BLOCK:
+        raise ValueError("an HMAC key here is at most one SHA-256 block")
+    block = key.ljust(_SHA256_BLOCK, b"\0")
+    inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
+    outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
+    return inner, outer
 
 
 def _equal(a: bytes, b: bytes) -> bool:
@@ -317,11 +335,14 @@ class PacketCipher:
     used once; an IV is public (it travels in the packet header), so holding the next few
     in memory gives nothing away."""
 
-    __slots__ = ("_ctr", "_iv_at", "_ivs", "_tek", "_tik")
+    __slots__ = ("_ctr", "_inner", "_iv_at", "_ivs", "_outer", "_tek")
 
     def __init__(self, tek: bytes, tik: bytes, *, reuse: bool = _CTR_RESETTABLE) -> None:
         self._tek = tek
-        self._tik = tik
+        # HMAC-SHA256 under the TIK (RFC 2104) with its two keyed blocks hashed once: each
+        # packet's MAC starts from copies of them, rather than hashing both pads again and
+        # joining the 4 KiB ciphertext to its header fields first.
+        self._inner, self._outer = _hmac_pads(tik)
         self._ivs = b""
         self._iv_at = 0
         self._ctr = (
@@ -335,6 +356,16 @@ class PacketCipher:
         ctx.reset_nonce(iv)
         return ctx.update(data)
 
+    def _mac(self, flags: int, iv: bytes, uncompressed_len: int, ciphertext: bytes) -> bytes:
+        """`packet_mac(tik, flags, iv, uncompressed_len, ciphertext)`."""
+        inner = self._inner.copy()
+        inner.update(_MAC_HEAD.pack(CTX_DATA, flags) + iv)
+        inner.update(_MAC_LENGTHS.pack(uncompressed_len, len(ciphertext)))
+        inner.update(ciphertext)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
+
     def _next_iv(self) -> bytes:
         at = self._iv_at
         if at == len(self._ivs):
@@ -346,12 +377,12 @@ class PacketCipher:
         """`seal_packet(tek, tik, plaintext, iv)`."""
         iv = self._next_iv() if iv is None else iv
         ciphertext = self._aes_ctr(iv, plaintext)
-        mac = packet_mac(self._tik, 0, iv, len(plaintext), ciphertext)
+        mac = self._mac(0, iv, len(plaintext), ciphertext)
         return b"".join((_FLAGS_NONE, iv, mac)), ciphertext
 
     def open(self, header: PacketHeader, ciphertext: bytes) -> bytes:
         """`open_packet(tek, tik, header, ciphertext)`: BadMac, or the plaintext."""
-        mac = packet_mac(self._tik, header.flags, header.iv, len(ciphertext), ciphertext)
+        mac = self._mac(header.flags, header.iv, len(ciphertext), ciphertext)
         if not _equal(mac, header.mac):
             raise BadMac("the packet's MAC does not verify")
         return self._aes_ctr(header.iv, ciphertext)
