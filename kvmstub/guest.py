@@ -7,7 +7,8 @@ a lost, repeated or rewound step shows: as a gap or repeat in `seq`, a broken jo
 (`PANIC memory`).
 
 Memory layout (page = 4 KiB, GPA = page number * 4096):
-    page 0                launch image: magic and GuestParams (private)
+    page 0                launch image: magic and GuestParams (private); the guest reads its
+                          idle time there again after each line (no register is left for it)
     page 1 + i            journal of vCPU i (private)
     page 1 + vcpus + i    the page vCPU i flips between private and shared
 
@@ -64,6 +65,7 @@ import msgspec
 from kvmstub.uapi import (
     DOORBELL_IN_PORT,
     DOORBELL_OUT_PORT,
+    IDLE_PORT,
     KVM_ENOSYS,
     KVM_EXIT_HYPERCALL,
     KVM_EXIT_INTR,
@@ -116,6 +118,8 @@ RIP_LINE_DONE = 0x1108  # start a new gap window
 RIP_DOORBELL_OUT = 0x1110  # OUT 0x510: seq (waits)
 RIP_DOORBELL_IN = 0x1120  # IN 0x511: the device's sum into rax (waits)
 RIP_DOORBELL_CHECK = 0x1130  # compare the sum; seq += 1
+RIP_IDLE = 0x1140  # OUT 0x512: idle_us from the image, if any (waits)
+RIP_IDLE_DONE = 0x1148  # the idle is not a gap: credit it to the clock of the last step
 RIP_FLIP = 0x1200  # check the flip page, then ask for the conversion
 RIP_VMCALL = 0x1210  # MAP_GPA_RANGE hypercall (waits)
 RIP_VMCALL_DONE = 0x1218  # on success rewrite the page in its new form
@@ -128,6 +132,7 @@ RIP_MIGRATION_OFF = 0x1410  # WRMSR MSR_KVM_MIGRATION_CONTROL <- 0, before halti
 _KVM_SIGNATURE = (0x4B4D564B, 0x564B4D56, 0x4D)  # "KVMKVMKVM\0\0\0" in ebx, ecx, edx
 
 _IMAGE = struct.Struct("<8sQQQ")  # magic, vcpus, line_every, flip_every
+_IMAGE_IDLE = struct.Struct("<Q")  # idle_us, after _IMAGE (0 in images made before it)
 _RECORD = struct.Struct("<8sQQQ")  # magic, vcpu, step, chain hash
 _LINK = struct.Struct("<QQ")  # (previous hash, step): what the next hash is taken of
 _JOURNAL_TAIL = bytes(PAGE_SIZE - _RECORD.size)
@@ -143,24 +148,34 @@ _DOORBELL_IN_EXIT = RunExit(KVM_EXIT_IO, io=IoExit(KVM_EXIT_IO_IN, DOORBELL_IN_P
 
 
 class GuestParams(msgspec.Struct, frozen=True):
-    """What the launch image tells the guest: its vCPU count and how often to report/flip."""
+    """What the launch image tells the guest: its vCPU count, how often to report/flip, and
+    how long to idle after each line (`idle_us`, 0: never). An idle is a request to the VMM,
+    as the real KVM's x86 witness makes it (OUT of the microseconds, a u32, to port 0x512):
+    the vCPU then waits in the VMM, as a real guest halts until its next timer tick, and
+    takes no CPU meanwhile."""
 
     vcpus: int
     line_every: int = 200
     flip_every: int = 50
+    idle_us: int = 0
 
 
 def build_launch_image(params: GuestParams) -> bytes:
     """The launch image: one page, placed at GPA 0 and measured at launch.
 
     Raises:
-        ValueError: vcpus outside 1..MAX_VCPUS, or line_every / flip_every below 1.
+        ValueError: vcpus outside 1..MAX_VCPUS, line_every / flip_every below 1, or
+            idle_us outside 0..2**32-1 (what the idle port's u32 carries).
     """
     if not 1 <= params.vcpus <= MAX_VCPUS:
         raise ValueError(f"vcpus must be 1..{MAX_VCPUS}, got {params.vcpus}")
     if not 1 <= params.line_every <= U64_MASK or not 1 <= params.flip_every <= U64_MASK:
         raise ValueError("line_every and flip_every must be at least 1")
-    head = _IMAGE.pack(IMAGE_MAGIC, params.vcpus, params.line_every, params.flip_every)
+    if not 0 <= params.idle_us <= _U32:
+        raise ValueError(f"idle_us must be 0 to 2**32-1 microseconds, not {params.idle_us}")
+    head = _IMAGE.pack(
+        IMAGE_MAGIC, params.vcpus, params.line_every, params.flip_every
+    ) + _IMAGE_IDLE.pack(params.idle_us)
     return head + bytes(PAGE_SIZE - len(head))
 
 
@@ -227,6 +242,15 @@ def flip_pattern(vcpu_index: int, flips: int) -> bytes:
     return hashlib.blake2b(seed, digest_size=64).digest() * (PAGE_SIZE // 64)
 
 
+def _idle_us(image: bytes) -> int:
+    """The launch image's idle_us, as the guest reads it after each line (a u32 on the
+    port: anything above that, or a short page, reads as no idle)."""
+    if len(image) < _IMAGE.size + _IMAGE_IDLE.size:
+        return 0
+    value: int = _IMAGE_IDLE.unpack_from(image, _IMAGE.size)[0]
+    return value if value <= _U32 else 0
+
+
 def _io_out(port: int, size: int, data: bytes) -> RunExit:
     return RunExit(
         KVM_EXIT_IO,
@@ -263,6 +287,8 @@ def complete(
             return msgspec.structs.replace(regs, rip=RIP_SHUTDOWN)
         if out and io.port == DOORBELL_OUT_PORT and rip == RIP_DOORBELL_OUT:
             return msgspec.structs.replace(regs, rip=RIP_DOORBELL_IN)
+        if out and io.port == IDLE_PORT and rip == RIP_IDLE:
+            return msgspec.structs.replace(regs, rip=RIP_IDLE_DONE)
         if not out and io.port == DOORBELL_IN_PORT and rip == RIP_DOORBELL_IN:
             # IN eax: 4 bytes, zero-extended into rax
             data = bytes(io_data[:4]) if io_data is not None else b""
@@ -423,6 +449,19 @@ def run_slice(
                     continue
                 dsum = expected
                 seq = (seq + 1) & m
+                pc = RIP_IDLE
+                continue
+            if pc == RIP_IDLE:
+                idle_us = _idle_us(read_page(0, True))
+                if idle_us:
+                    exit_ = _io_out(IDLE_PORT, 4, idle_us.to_bytes(4, "little"))
+                    break
+                pc = RIP_FLIP if not flip_left else RIP_STEP
+                continue
+            if pc == RIP_IDLE_DONE:
+                # The time asked for is not a pause of the guest's: the next step's gap
+                # counts only what the idle took beyond it (a handoff meanwhile shows).
+                last = (last + _idle_us(read_page(0, True)) * 1000) & m
                 pc = RIP_FLIP if not flip_left else RIP_STEP
                 continue
 

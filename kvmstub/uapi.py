@@ -196,6 +196,7 @@ SEV_RET_INVALID_PARAM = 0x16
 SERIAL_PORT = 0x3F8
 DOORBELL_OUT_PORT = 0x510
 DOORBELL_IN_PORT = 0x511
+IDLE_PORT = 0x512  # OUT u32: the witness guest idles that many microseconds (its VMM waits)
 
 # Firmware API version the stub reports (LAUNCH_MEASURE, policy API_MAJOR/MINOR checks)
 SEV_API_MAJOR = 1

@@ -276,8 +276,8 @@ class Hypervisor(Protocol):
         self, vcpus: int, line_every: int, flip_every: int, *, idle_us: int = 0
     ) -> bytes:
         """The witness guest's launch image for this kernel (placed at GPA 0). `idle_us`: the
-        guest asks to idle that long after each line (the real KVM's witness; kvmstub's guest
-        has no idle, and refuses a nonzero one)."""
+        guest asks to idle that long after each line (an OUT to port 0x512, on both
+        kernels' witness guests)."""
         ...
 
     def check_state(self, state: VcpuState) -> None:

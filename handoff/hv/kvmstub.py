@@ -48,9 +48,11 @@ def refuse_vm_state(state: VmState) -> None:
     )
 
 
-def witness_image(vcpus: int, line_every: int, flip_every: int) -> bytes:
+def witness_image(vcpus: int, line_every: int, flip_every: int, idle_us: int = 0) -> bytes:
     """The witness guest's launch image as kvmstub's guest program reads it."""
-    params = guest.GuestParams(vcpus=vcpus, line_every=line_every, flip_every=flip_every)
+    params = guest.GuestParams(
+        vcpus=vcpus, line_every=line_every, flip_every=flip_every, idle_us=idle_us
+    )
     return guest.build_launch_image(params)
 
 
@@ -230,9 +232,7 @@ class KvmstubHypervisor:
     def witness_image(
         self, vcpus: int, line_every: int, flip_every: int, *, idle_us: int = 0
     ) -> bytes:
-        if idle_us:
-            raise ValueError("kvmstub's witness guest has no idle requests (--idle-us is kvm's)")
-        return witness_image(vcpus, line_every, flip_every)
+        return witness_image(vcpus, line_every, flip_every, idle_us)
 
     def witness_initial_state(self, index: int) -> VcpuState:
         return witness_initial_state(index)

@@ -363,9 +363,7 @@ class ModelHypervisor:
     def witness_image(
         self, vcpus: int, line_every: int, flip_every: int, *, idle_us: int = 0
     ) -> bytes:
-        if idle_us:
-            raise ValueError("kvmstub's witness guest has no idle requests (--idle-us is kvm's)")
-        return witness_image(vcpus, line_every, flip_every)
+        return witness_image(vcpus, line_every, flip_every, idle_us)
 
     def witness_initial_state(self, index: int) -> VcpuState:
         return witness_initial_state(index)

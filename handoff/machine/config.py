@@ -150,7 +150,7 @@ class HostFlags(msgspec.Struct, frozen=True, kw_only=True):
     token_fd: int | None = None
     prefault: bool = False
     blackout_poll_us: int = 0  # see `Vmm.complete_incoming`
-    idle_us: int = 0  # at launch: the x86 witness idles this long after each line (kvm only)
+    idle_us: int = 0  # at launch: the witness guest idles this long after each line
 
     def allowed_uids(self) -> frozenset[int]:
         return frozenset(self.allow_uids) | {os.getuid()}
