@@ -17,7 +17,10 @@ and the target VMM (`--incoming tcp:127.0.0.3:PORT`) with mutual TLS, and QMP `m
 4. private-page throughput through SEND/RECEIVE_UPDATE_DATA: end to end (a guest with that
    many populated private pages, `migrate` between the two VMMs over TLS), MB/s of the first
    pre-copy round and the CPU time per page of each of the four processes (where the time
-   goes); then in this process, through `handoff.hv`, one page per request and in pipelined
+   goes), and what part of it the running guest took; twice for each of two guests, by turns:
+   busy (kvmstub's guest spins its vCPUs, taking every turn the daemon gives it, on the same
+   two cores) and idle (it idles 10 ms after each line, as real guests halt; see GUESTS);
+   then in this process, through `handoff.hv`, one page per request and in pipelined
    batches, with the time of each part.
 
 Markdown on stdout, progress on stderr. Figures only: nothing here asserts a speed.
@@ -171,24 +174,41 @@ def _populate(pid: int, pages: int) -> None:
     raise RuntimeError(f"no guest memory found in process {pid}")
 
 
-async def end_to_end(bench: Bench, pages: int) -> dict[str, Any]:
+#: Table 4's guests. Busy: kvmstub's witness guest as it runs by default, every vCPU taking
+#: guest steps whenever the daemon gives it a turn (a line every 200 steps; a page
+#: conversion every --flip-every steps). Idle: the same guest asking to idle 10 ms after each
+#: line of 10 steps (`--idle-us`, as the real KVM's witness does by default), a conversion
+#: every 50 steps (the guest's default): a guest with a little work at each timer tick.
+GUESTS: dict[str, dict[str, Any]] = {
+    "busy": {"line_every": 200, "flip_every": None, "extra": ()},
+    "idle": {"line_every": 10, "flip_every": 50, "extra": ("--idle-us", "10000")},
+}
+
+
+async def end_to_end(bench: Bench, pages: int, guest: str = "busy") -> dict[str, Any]:
     """`handoff migrate` of a guest with `pages` populated private pages (and its own), two
     VMMs over mutual TLS: the result, the wall time of the migration and the CPU seconds
-    each of the four processes spent in it."""
+    each of the four processes spent in it. `guest`: one of GUESTS."""
     bench.n += 1
+    kind = GUESTS[guest]
     common: dict[str, Any] = dict(
-        name="vm", mode="sev", vcpus=2, memory=f"{pages * 4 // 1024 + 64}M", line_every=200,
-        flip_every=bench.flip_every,
+        name="vm", mode="sev", vcpus=2, memory=f"{pages * 4 // 1024 + 64}M",
+        line_every=kind["line_every"], flip_every=kind["flip_every"] or bench.flip_every,
     )  # fmt: skip
     src_dir, dst_dir = bench.work / f"s{bench.n}", bench.work / f"t{bench.n}"
     src_dir.mkdir()
     dst_dir.mkdir()
-    source = VmmProcess(src_dir, bench.daemons[0].socket, extra=tls(bench.pki["source"]), **common)
+    source = VmmProcess(
+        src_dir,
+        bench.daemons[0].socket,
+        extra=(*kind["extra"], *tls(bench.pki["source"])),
+        **common,
+    )
     address = f"tcp:{TARGET_HOST}:{free_port()}"
     target = VmmProcess(
         dst_dir,
         bench.daemons[1].socket,
-        extra=("--incoming", address, *tls(bench.pki["target"])),
+        extra=("--incoming", address, *kind["extra"], *tls(bench.pki["target"])),
         **common,
     )
     bench.vmms += [source, target]
@@ -230,7 +250,9 @@ async def end_to_end(bench: Bench, pages: int) -> dict[str, Any]:
         steps = {"alone": steps_before - steps_idle, "migrating": last_steps[0] - steps_before}
         if data["status"] != "completed":
             raise RuntimeError(f"migration {data}\n{source.log()}\n{target.log()}")
-        return {"result": data, "wall": wall, "cpu": cpu, "idle": idle, "steps": steps}
+        return {
+            "result": data, "wall": wall, "cpu": cpu, "idle": idle, "steps": steps, "guest": guest
+        }  # fmt: skip
     finally:
         source.kill_all()
         target.kill_all()
@@ -242,7 +264,7 @@ async def throughput(bench: Bench, pages: int) -> str:
     page; then in this process through `handoff.hv` (both daemons do the firmware's crypto),
     one page per request as before and in batches, with the time of each part."""
     out = []
-    runs = [await end_to_end(bench, pages) for _ in range(2)]
+    runs = [await end_to_end(bench, pages, guest) for _ in range(2) for guest in GUESTS]
     for run in runs:
         r = run["result"]
         precopy_s = r["phases"]["precopy"] / 1e3
@@ -264,7 +286,7 @@ async def throughput(bench: Bench, pages: int) -> str:
         out.append(
             f"\n## Private-page throughput end to end: {sent * 4096 / 1e6 / precopy_s:.1f} MB/s "
             f"(pre-copy round 1: {sent} pages in {precopy_s:.2f} s of {run['wall']:.2f} s; "
-            f"two VMMs, mutual TLS, the guest running)\n\n"
+            f"two VMMs, mutual TLS, the {run['guest']} guest running)\n\n"
             + table(["process", "CPU seconds", "µs per page", "CPU before, guest alone"], rows)
             + "\n\n"
             + _guest_share(run, total, r["pages"])
