@@ -122,7 +122,7 @@ import os
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from cryptography.hazmat.primitives import hashes, hmac
 
@@ -266,17 +266,24 @@ class Channel:
     tek: bytearray
     tik: bytearray
     # The packet crypto under these keys, made at the channel's first packet and dropped
-    # with the keys.
+    # with the keys. It is given the channel's own buffers, not copies, so that zeroing them
+    # leaves no key behind in it (its AES-CTR context, keyed once, goes with it: OpenSSL
+    # cleanses a context it frees).
     _packets: sev_crypto.PacketCipher | None = field(default=None, init=False, repr=False)
 
     def packets(self) -> sev_crypto.PacketCipher:
         """`seal_packet` and `open_packet` under this channel's TEK and TIK."""
         cipher = self._packets
         if cipher is None:
-            cipher = self._packets = sev_crypto.PacketCipher(bytes(self.tek), bytes(self.tik))
+            # (It reads its keys through the buffer protocol only, AES and hmac.digest, which
+            # a bytearray serves as bytes do.)
+            tek, tik = cast(bytes, self.tek), cast(bytes, self.tik)
+            cipher = self._packets = sev_crypto.PacketCipher(tek, tik)
         return cipher
 
     def zero(self) -> None:
+        """sev_channel_close: the keys zeroed in place (the session's nonce and the master
+        secret are never kept past SEND_START / RECEIVE_START)."""
         self.tek[:] = bytes(len(self.tek))
         self.tik[:] = bytes(len(self.tik))
         self._packets = None
