@@ -2097,17 +2097,17 @@ class Vm:
         self, cmd: int, fields: dict[str, int | bytes] | None
     ) -> dict[str, int | bytes]:
         """sev_send_update_data: the length query (hdr_len or trans_len 0), EINVAL for the
-        buffers or a range crossing a page, pin, the firmware; the transport buffer and the
-        header come back at the lengths asked for."""
+        buffers or a range crossing a page, pin, the kzalloc of each buffer (ENOMEM above
+        KMALLOC_MAX_SIZE), sev_issue_cmd (EBADF without /dev/sev), the firmware; the
+        transport buffer and the header come back at the lengths asked for."""
         what = "KVM_SEV_SEND_UPDATE_DATA"
         sev = self._need_sev(what)
         data = self._data(what, fields)
         hdr_len, trans_len = self._u32(data, "hdr_len"), self._u32(data, "trans_len")
         gpa, guest_len = self._int(data, "guest_uaddr"), self._u32(data, "guest_len")
-        firmware = self._firmware_fd(what)
         if not hdr_len or not trans_len:  # __sev_send_update_data_query_lengths
             try:
-                firmware.send_update_data(sev.handle, None, 0, 0, 0, 0)
+                self._firmware_fd(what).send_update_data(sev.handle, None, 0, 0, 0, 0)
             except SevFwError as e:
                 e.fields = {"hdr_len": e.fields.get("hdr_len", 0), "trans_len": 0}
                 raise
@@ -2118,6 +2118,7 @@ class Vm:
         self._pin(what, gpa, guest_len)
         if hdr_len > KMALLOC_MAX_SIZE or trans_len > KMALLOC_MAX_SIZE:
             raise _err(errno.ENOMEM, f"{what}: buffers too large")
+        firmware = self._firmware_fd(what)  # sev_issue_cmd: after the allocations
         hdr, trans = firmware.send_update_data(
             sev.handle, self.memory, gpa, guest_len, hdr_len, trans_len
         )
