@@ -276,6 +276,7 @@ def format_stats(stats: dict[str, Any]) -> str:
         lines.append(
             f"SEV platform: {platform.get('state', '?')}, API {platform.get('api', '?')}, "
             f"PDH {str(platform.get('pdh_fingerprint', '?'))[:16]}, "
+            f"OCA {str(platform.get('oca_fingerprint', '?'))[:16]}, "
             f"AMD root {str(root)[:16] if root else '(not made yet)'}"
         )
     for key, name in (("sev", "SEV"), ("sev_es", "SEV-ES")):

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from kvmstub import keystore, uapi
+from kvmstub.cli import format_stats
 from kvmstub.keystore import KeystoreError
 from kvmstub.model import Host, SevFwError, Vm
 from kvmstub.platform import AmdRoot, Platform, PlatformKeys
@@ -154,6 +155,14 @@ def test_serve_refuses_an_unusable_oca_key_before_it_listens(tmp_path: Path) -> 
     assert out.returncode == 1, out.stderr
     assert out.stderr.startswith("kvmstub: ") and "chmod 600" in out.stderr
     assert not sock.exists()
+
+
+def test_kvmstub_stats_shows_the_oca_an_operator_compares_between_hosts(oca_file: Path) -> None:
+    platform = Platform(PlatformKeys.generate(oca=keystore.load_oca_key(oca_file)), ROOT)
+    stats = {"vms": [], "platform": {"state": "INIT", "api": "1.55", **platform.identity()}}
+    line = next(x for x in format_stats(stats).splitlines() if x.startswith("SEV platform:"))
+    assert f"OCA {platform.oca_fingerprint()[:16]}," in line
+    assert f"PDH {platform.pdh_fingerprint()[:16]}," in line
 
 
 # --------------------------------------------------------------------------------------------
