@@ -2,6 +2,7 @@
 
     kvmstub serve [--socket PATH] [--sev-asids N] [--sev-es-asids N] [--slice-us N]
                   [--quantum-us N] [--halt-poll-us N] [--state-dir DIR] [--amd-root DIR]
+                  [--oca-key FILE]
     kvmstub stats [--socket PATH] [--json]
 
 The socket defaults to $KVMSTUB_SOCKET, else $XDG_RUNTIME_DIR/kvmstub/kvm.sock, else
@@ -120,6 +121,17 @@ def _parser() -> argparse.ArgumentParser:
         "default: a root of this daemon's own, made when first needed)",
     )
     serve.add_argument(
+        "--oca-key",
+        default=None,
+        metavar="FILE",
+        help="put this platform in an owner's domain (guest policy DOMAIN): its PEK is "
+        "certified by the owner's OCA key in FILE, one P-384 private key in PKCS#8 PEM, a "
+        "file of this user with mode 0600 (e.g. `openssl genpkey -algorithm EC -pkeyopt "
+        "ec_paramgen_curve:P-384 -out FILE`); hosts given the same FILE share the domain, so "
+        "a DOMAIN guest may migrate between them and to no other (default: the platform owns "
+        "itself, a domain of one)",
+    )
+    serve.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error"],
         default="warning",
@@ -157,7 +169,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.slice_us is not None:
         options["slice_ns"] = args.slice_us * 1000
     try:
-        options["platform"] = _platform(args.state_dir, args.amd_root)
+        options["platform"] = _platform(args.state_dir, args.amd_root, args.oca_key)
     except keystore.KeystoreError as e:
         print(f"kvmstub: {e}", file=sys.stderr)
         return 1
@@ -182,13 +194,14 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _platform(state_dir: str | None, amd_root: str | None) -> Platform:
+def _platform(state_dir: str | None, amd_root: str | None, oca_key: str | None) -> Platform:
     """The SEV platform this daemon plays: its keys from --state-dir and the AMD root from
-    --amd-root when given, else fresh ones."""
+    --amd-root when given, else fresh ones; the owner's OCA from --oca-key when given."""
+    oca = keystore.load_oca_key(oca_key) if oca_key else None
     root = keystore.load_or_create_root(amd_root) if amd_root else AmdRoot()
     if state_dir:
-        return keystore.load_or_create_platform(state_dir, root)
-    return Platform(PlatformKeys.generate(), root)
+        return keystore.load_or_create_platform(state_dir, root, oca)
+    return Platform(PlatformKeys.generate(oca=oca), root)
 
 
 def _harden() -> None:
@@ -263,6 +276,7 @@ def format_stats(stats: dict[str, Any]) -> str:
         lines.append(
             f"SEV platform: {platform.get('state', '?')}, API {platform.get('api', '?')}, "
             f"PDH {str(platform.get('pdh_fingerprint', '?'))[:16]}, "
+            f"OCA {str(platform.get('oca_fingerprint', '?'))[:16]}, "
             f"AMD root {str(root)[:16] if root else '(not made yet)'}"
         )
     for key, name in (("sev", "SEV"), ("sev_es", "SEV-ES")):

@@ -5,6 +5,13 @@ CEK) are kept in DIR/sev-platform.pem and the AMD root's (ARK, ASK) in ROOT/amd-
 each created on first use. Hosts that name the same root directory trust each other's chains.
 These are simulated keys for a simulated firmware: never a real AMD key.
 
+`--oca-key FILE` puts the platform in an owner's domain (guest policy DOMAIN, reference
+section 1.3): the platform's PEK is certified by the owner's OCA key read from FILE, as the
+firmware's PEK_CERT_IMPORT does once the owner signed the platform's PEK_CSR; hosts given the
+same FILE share one OCA. The owner's key is only read, never created or copied: FILE must be
+this user's, mode 0600. (A real firmware is handed the OCA certificate and the signed PEK, not
+the OCA's private key; the simulation signs with the key itself.)
+
 Directories follow the rule every socket directory of the project follows: created mode 0700
 when missing; refused when another uid owns them or others can reach into them. Key files are
 mode 0600, written whole under a temporary name and linked into place, so two daemons starting
@@ -15,6 +22,7 @@ a key file.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import secrets
 import stat
@@ -62,7 +70,9 @@ def _check_directory(directory: Path, what: str) -> None:
         )
 
 
-def _read_keys(path: Path, count: int) -> list[bytes] | None:
+def _read_keys(
+    path: Path, count: int, advice: str = "remove it to start over"
+) -> list[bytes] | None:
     """The `count` PEM private keys in `path`, or None if the file does not exist."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -70,8 +80,11 @@ def _read_keys(path: Path, count: int) -> list[bytes] | None:
         return None
     except OSError as e:
         raise KeystoreError(f"cannot open {path}: {e.strerror}") from e
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
+    # Checked on the fd before it becomes a file object: fdopen of a directory fails (and
+    # would leave the fd open) before the check could say what is wrong.
+    with contextlib.ExitStack() as owned:
+        owned.callback(os.close, fd)
+        st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
             raise KeystoreError(f"{path} is not a regular file of this user: refusing its keys")
         if stat.S_IMODE(st.st_mode) & 0o077:
@@ -79,12 +92,12 @@ def _read_keys(path: Path, count: int) -> list[bytes] | None:
                 f"{path} has mode {stat.S_IMODE(st.st_mode):04o}: private keys must be 0600 "
                 f"(run `chmod 600 {path}`)"
             )
+        owned.pop_all()
+    with os.fdopen(fd, "rb") as f:
         data = f.read()
     blocks = [b + _PEM_END for b in data.split(_PEM_END) if b.strip()]
     if len(blocks) != count:
-        raise KeystoreError(
-            f"{path} holds {len(blocks)} keys, not {count}: remove it to start over"
-        )
+        raise KeystoreError(f"{path} holds {len(blocks)} keys, not {count}: {advice}")
     return blocks
 
 
@@ -154,9 +167,14 @@ def load_or_create_root(directory: str | os.PathLike[str]) -> AmdRoot:
     return AmdRoot(ark, ask)
 
 
-def load_or_create_platform(directory: str | os.PathLike[str], root: AmdRoot) -> Platform:
+def load_or_create_platform(
+    directory: str | os.PathLike[str],
+    root: AmdRoot,
+    oca: ec.EllipticCurvePrivateKey | None = None,
+) -> Platform:
     """The platform whose keys are kept in `directory` (created there if missing), under
-    `root`.
+    `root`; with `oca` (an owner's key, `load_oca_key`) its PEK is certified by that owner
+    instead of by the platform's own OCA, which stays in the file for a run without one.
 
     Raises:
         KeystoreError: the directory or key file is unsafe or unusable.
@@ -173,7 +191,32 @@ def load_or_create_platform(directory: str | os.PathLike[str], root: AmdRoot) ->
     ec_keys = [k for k in keys if isinstance(k, ec.EllipticCurvePrivateKey)]
     if len(ec_keys) != 4 or any(not isinstance(k.curve, ec.SECP384R1) for k in ec_keys):
         raise KeystoreError(f"{file}: the platform keys must be P-384")
-    return Platform(PlatformKeys(*ec_keys), root)
+    own = PlatformKeys(*ec_keys)
+    return Platform(own if oca is None else dataclasses.replace(own, oca=oca), root)
 
 
-__all__ = ["KeystoreError", "load_or_create_platform", "load_or_create_root"]
+_MAKE_OCA_KEY = (
+    "openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-384 -out FILE && chmod 600 FILE"
+)
+
+
+def load_oca_key(file: str | os.PathLike[str]) -> ec.EllipticCurvePrivateKey:
+    """The owner's OCA key in `file` (`kvmstub serve --oca-key`): one P-384 private key, PEM
+    (PKCS#8), a regular file of this user with mode 0600. Never created here: the key is the
+    owner's, and every host of the owner's domain is given the same file.
+
+    Raises:
+        KeystoreError: the file is missing, unsafe, or not one P-384 private key.
+    """
+    path = Path(file).absolute()
+    what = f"one P-384 private key in PKCS#8 PEM (make one with `{_MAKE_OCA_KEY}`)"
+    blocks = _read_keys(path, 1, f"an OCA key file holds {what}")
+    if blocks is None:
+        raise KeystoreError(f"the OCA key file {path} does not exist: it must hold {what}")
+    key = _load(blocks[0], path)
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP384R1):
+        raise KeystoreError(f"{path}: an OCA key is {what}")
+    return key
+
+
+__all__ = ["KeystoreError", "load_oca_key", "load_or_create_platform", "load_or_create_root"]

@@ -122,7 +122,7 @@ import os
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from cryptography.hazmat.primitives import hashes, hmac
 
@@ -266,17 +266,24 @@ class Channel:
     tek: bytearray
     tik: bytearray
     # The packet crypto under these keys, made at the channel's first packet and dropped
-    # with the keys.
+    # with the keys. It is given the channel's own buffers, not copies, so that zeroing them
+    # leaves no key behind in it (its AES-CTR context, keyed once, goes with it: OpenSSL
+    # cleanses a context it frees).
     _packets: sev_crypto.PacketCipher | None = field(default=None, init=False, repr=False)
 
     def packets(self) -> sev_crypto.PacketCipher:
         """`seal_packet` and `open_packet` under this channel's TEK and TIK."""
         cipher = self._packets
         if cipher is None:
-            cipher = self._packets = sev_crypto.PacketCipher(bytes(self.tek), bytes(self.tik))
+            # (It reads its keys through the buffer protocol only, AES and hmac.digest, which
+            # a bytearray serves as bytes do.)
+            tek, tik = cast(bytes, self.tek), cast(bytes, self.tik)
+            cipher = self._packets = sev_crypto.PacketCipher(tek, tik)
         return cipher
 
     def zero(self) -> None:
+        """sev_channel_close: the keys zeroed in place (the session's nonce and the master
+        secret are never kept past SEND_START / RECEIVE_START)."""
         self.tek[:] = bytes(len(self.tek))
         self.tik[:] = bytes(len(self.tik))
         self._packets = None
@@ -2090,17 +2097,17 @@ class Vm:
         self, cmd: int, fields: dict[str, int | bytes] | None
     ) -> dict[str, int | bytes]:
         """sev_send_update_data: the length query (hdr_len or trans_len 0), EINVAL for the
-        buffers or a range crossing a page, pin, the firmware; the transport buffer and the
-        header come back at the lengths asked for."""
+        buffers or a range crossing a page, pin, the kzalloc of each buffer (ENOMEM above
+        KMALLOC_MAX_SIZE), sev_issue_cmd (EBADF without /dev/sev), the firmware; the
+        transport buffer and the header come back at the lengths asked for."""
         what = "KVM_SEV_SEND_UPDATE_DATA"
         sev = self._need_sev(what)
         data = self._data(what, fields)
         hdr_len, trans_len = self._u32(data, "hdr_len"), self._u32(data, "trans_len")
         gpa, guest_len = self._int(data, "guest_uaddr"), self._u32(data, "guest_len")
-        firmware = self._firmware_fd(what)
         if not hdr_len or not trans_len:  # __sev_send_update_data_query_lengths
             try:
-                firmware.send_update_data(sev.handle, None, 0, 0, 0, 0)
+                self._firmware_fd(what).send_update_data(sev.handle, None, 0, 0, 0, 0)
             except SevFwError as e:
                 e.fields = {"hdr_len": e.fields.get("hdr_len", 0), "trans_len": 0}
                 raise
@@ -2111,6 +2118,7 @@ class Vm:
         self._pin(what, gpa, guest_len)
         if hdr_len > KMALLOC_MAX_SIZE or trans_len > KMALLOC_MAX_SIZE:
             raise _err(errno.ENOMEM, f"{what}: buffers too large")
+        firmware = self._firmware_fd(what)  # sev_issue_cmd: after the allocations
         hdr, trans = firmware.send_update_data(
             sev.handle, self.memory, gpa, guest_len, hdr_len, trans_len
         )

@@ -59,9 +59,10 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TlsFiles]:
 
 
 class Host:
-    """One simulated host: its kvmstub daemon (its SEV platform) and its runtime directory."""
+    """One simulated host: its kvmstub daemon (its SEV platform; `kvmstub_flags` go to its
+    `kvmstub serve`) and its runtime directory."""
 
-    def __init__(self, directory: Path, amd_root: Path) -> None:
+    def __init__(self, directory: Path, amd_root: Path, *kvmstub_flags: str) -> None:
         self.dir = directory
         directory.mkdir(mode=0o700, exist_ok=True)
         (directory / "kvm").mkdir(mode=0o700, exist_ok=True)
@@ -69,7 +70,12 @@ class Host:
         state.mkdir(mode=0o700, exist_ok=True)
         # Started now, waited for by `ready`: the two hosts' daemons start side by side.
         self._pending: Callable[[], KvmstubDaemon] | None = spawn_kvmstub_daemon(
-            directory / "kvm", "--state-dir", str(state), "--amd-root", str(amd_root)
+            directory / "kvm",
+            "--state-dir",
+            str(state),
+            "--amd-root",
+            str(amd_root),
+            *kvmstub_flags,
         )
         self.kvm: KvmstubDaemon
         self.vmms: list[VmmProcess] = []
