@@ -124,9 +124,17 @@ def _hmac_pads(key: bytes) -> tuple[_Hash, _Hash]:
     outer copy over the digest of the inner copy over the message."""
     if len(key) > _SHA256_BLOCK:
         raise ValueError("an HMAC key here is at most one SHA-256 block")
-    block = key.ljust(_SHA256_BLOCK, b"\0")
-    inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
-    outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
+    pad = bytearray(_SHA256_BLOCK)
+    try:
+        pad[: len(key)] = key
+        for i in range(_SHA256_BLOCK):  # in place: no other copy of a keyed block
+            pad[i] ^= 0x36
+        inner = hashlib.sha256(pad)
+        for i in range(_SHA256_BLOCK):
+            pad[i] ^= 0x36 ^ 0x5C
+        outer = hashlib.sha256(pad)
+    finally:
+        pad[:] = bytes(_SHA256_BLOCK)  # the keyed blocks live on only in the two states
     return inner, outer
 
 

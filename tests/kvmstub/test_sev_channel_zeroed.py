@@ -84,13 +84,18 @@ def channel_of(host: Host, vm: Vm) -> Channel:
 
 def key_buffers(channel: Channel) -> dict[str, bytes | bytearray]:
     """Every key buffer the channel holds, and those of its packet cipher (made at the first
-    packet; its IVs are public and not among them)."""
+    packet; its IVs are public and not among them). The cipher holds the TIK only as the
+    SHA-256 states of HMAC's keyed blocks, OpenSSL contexts that it cleanses when they are
+    freed: with the cipher, which the channel drops at the close (`assert_dropped`)."""
     buffers = {
         name: value for name, value in vars(channel).items() if isinstance(value, bytes | bytearray)
     }
     cipher = channel.packets()
-    buffers["cipher TEK"] = cipher._tek  # what the packet crypto keys AES-CTR and HMAC with
-    buffers["cipher TIK"] = cipher._tik
+    for name in type(cipher).__slots__:
+        value = getattr(cipher, name)
+        if isinstance(value, bytes | bytearray) and name != "_ivs":
+            buffers[f"cipher {name}"] = value
+    assert "cipher _tek" in buffers  # what the packet crypto keys AES-CTR with
     return buffers
 
 
@@ -98,6 +103,11 @@ def assert_zeroed(buffers: dict[str, bytes | bytearray]) -> None:
     assert {"tek", "tik"} <= buffers.keys()
     for name, value in buffers.items():
         assert len(value) == 16 and value == bytes(16), f"{name} survived the close"
+
+
+def assert_dropped(channel: Channel) -> None:
+    """The channel let go of its packet cipher, and with it the keyed HMAC states."""
+    assert channel._packets is None
 
 
 def test_the_channel_holds_only_the_tek_and_tik_no_nonce_or_master_secret(
@@ -123,20 +133,24 @@ def test_send_finish_and_send_cancel_zero_the_source_channel(
     open_channels: Open, command: int
 ) -> None:
     ctx = open_channels.src_host.firmware.contexts[open_channels.src.sev.handle]
-    buffers = key_buffers(channel_of(open_channels.src_host, open_channels.src))
+    channel = channel_of(open_channels.src_host, open_channels.src)
+    buffers = key_buffers(channel)
     sev(open_channels.src, command)
     assert ctx.channel is None
     assert_zeroed(buffers)
+    assert_dropped(channel)
 
 
 def test_receive_finish_zeroes_the_target_channel(open_channels: Open) -> None:
     for i in range(1, PAGES):
         receive_page(open_channels.dst, i * PAGE_SIZE, *send_page(open_channels.src, i * PAGE_SIZE))
     ctx = open_channels.dst_host.firmware.contexts[open_channels.dst.sev.handle]
-    buffers = key_buffers(channel_of(open_channels.dst_host, open_channels.dst))
+    channel = channel_of(open_channels.dst_host, open_channels.dst)
+    buffers = key_buffers(channel)
     sev(open_channels.dst, U.KVM_SEV_RECEIVE_FINISH)
     assert ctx.channel is None and ctx.state == U.SEV_GUEST_STATE_RUNNING
     assert_zeroed(buffers)
+    assert_dropped(channel)
 
 
 def test_decommission_in_the_middle_of_a_migration_zeroes_both_channels(
@@ -144,18 +158,20 @@ def test_decommission_in_the_middle_of_a_migration_zeroes_both_channels(
 ) -> None:
     """The VMs closed with their channels open (source SUPDATE, target RUPDATE): the last put
     deactivates and DECOMMISSIONs each guest, and its channel goes zeroed with it."""
-    held = [
-        key_buffers(channel_of(open_channels.src_host, open_channels.src)),
-        key_buffers(channel_of(open_channels.dst_host, open_channels.dst)),
+    channels = [
+        channel_of(open_channels.src_host, open_channels.src),
+        channel_of(open_channels.dst_host, open_channels.dst),
     ]
+    held = [key_buffers(channel) for channel in channels]
     for host, vm in (
         (open_channels.src_host, open_channels.src),
         (open_channels.dst_host, open_channels.dst),
     ):
         vm.put()
         assert host.firmware.contexts == {}
-    for buffers in held:
+    for buffers, channel in zip(held, channels, strict=True):
         assert_zeroed(buffers)
+        assert_dropped(channel)
 
 
 def test_a_send_cancelled_guest_sends_again_under_fresh_keys(
