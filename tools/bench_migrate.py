@@ -19,7 +19,7 @@ and the target VMM (`--incoming tcp:127.0.0.3:PORT`) with mutual TLS, and QMP `m
    pre-copy round and the CPU time per page of each of the four processes (where the time
    goes), and what part of it the running guest took; twice for each of two guests, by turns:
    busy (kvmstub's guest spins its vCPUs, taking every turn the daemon gives it, on the same
-   two cores) and idle (it idles 10 ms after each line, as real guests halt; see GUESTS);
+   two cores) and idle (it idles 50 ms after each line, as real guests halt; see GUESTS);
    then in this process, through `handoff.hv`, one page per request and in pipelined
    batches, with the time of each part.
 
@@ -176,12 +176,15 @@ def _populate(pid: int, pages: int) -> None:
 
 #: Table 4's guests. Busy: kvmstub's witness guest as it runs by default, every vCPU taking
 #: guest steps whenever the daemon gives it a turn (a line every 200 steps; a page
-#: conversion every --flip-every steps). Idle: the same guest asking to idle 10 ms after each
-#: line of 10 steps (`--idle-us`, as the real KVM's witness does by default), a conversion
-#: every 50 steps (the guest's default): a guest with a little work at each timer tick.
+#: conversion every --flip-every steps). Idle: the same guest asking to idle 50 ms after each
+#: line of 10 steps (`--idle-us`, as the real KVM's witness does), a conversion every 50
+#: steps (the guest's default): a guest with a little work now and then. Each line costs
+#: four exits (serial, doorbell out and in, the idle), a round trip between the VMM and the
+#: daemon each, about as much CPU as its ten steps; with 10 ms the "idle" guest still took a
+#: third of a core.
 GUESTS: dict[str, dict[str, Any]] = {
     "busy": {"line_every": 200, "flip_every": None, "extra": ()},
-    "idle": {"line_every": 10, "flip_every": 50, "extra": ("--idle-us", "10000")},
+    "idle": {"line_every": 10, "flip_every": 50, "extra": ("--idle-us", "50000")},
 }
 
 
