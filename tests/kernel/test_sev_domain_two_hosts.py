@@ -18,16 +18,16 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from test_sev_send_receive_two_hosts import (  # the ioctl-level migration helpers
+    PAGES,
+    launched_guest,
+    memfd,
+    page_of,
+)
 
 from handoff.testing import KvmstubDaemon, spawn_kvmstub_daemon
 from kvmstub import client, uapi
 from kvmstub.uapi import PAGE_SIZE
-
-PAGES = 2
-
-
-def page_of(i: int) -> bytes:
-    return (f"the owner's page {i} ".encode() * 300)[:PAGE_SIZE]
 
 
 @pytest.fixture
@@ -64,25 +64,6 @@ def domain_hosts(tmp_path: Path) -> Iterator[dict[str, KvmstubDaemon]]:
     finally:
         for daemon in started.values():
             assert daemon.stop() == 0, daemon.log()
-
-
-async def launched_guest(kvm: client.Kvm, memfd: int, policy: int) -> client.Vm:
-    for i in range(PAGES):
-        os.pwrite(memfd, page_of(i), i * PAGE_SIZE)
-    vm = await kvm.create_vm()
-    await vm.sev_ioctl(uapi.KVM_SEV_INIT)
-    await vm.set_user_memory_region(0, 0, PAGES * PAGE_SIZE, memfd)
-    await vm.sev_ioctl(uapi.KVM_SEV_LAUNCH_START, handle=0, policy=policy)
-    await vm.sev_ioctl(uapi.KVM_SEV_LAUNCH_UPDATE_DATA, uaddr=0, len=PAGES * PAGE_SIZE)
-    await vm.sev_ioctl(uapi.KVM_SEV_LAUNCH_MEASURE)
-    await vm.sev_ioctl(uapi.KVM_SEV_LAUNCH_FINISH)
-    return vm
-
-
-def memfd() -> int:
-    fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
-    os.ftruncate(fd, PAGES * PAGE_SIZE)
-    return fd
 
 
 async def test_a_domain_guest_migrates_within_its_owners_domain_and_nowhere_else(

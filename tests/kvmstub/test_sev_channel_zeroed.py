@@ -8,8 +8,7 @@ under it from before the close and finds every key buffer they hold zero afterwa
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -29,21 +28,6 @@ from kvmstub.model import Channel, Host, Vm
 from kvmstub.uapi import PAGE_SIZE
 
 U = uapi
-
-
-@pytest.fixture
-def memfds() -> Iterator[Callable[[], int]]:
-    made: list[int] = []
-
-    def make() -> int:
-        fd = os.memfd_create("guest", os.MFD_CLOEXEC)
-        os.ftruncate(fd, PAGES * PAGE_SIZE)
-        made.append(fd)
-        return fd
-
-    yield make
-    for fd in made:
-        os.close(fd)
 
 
 @dataclass

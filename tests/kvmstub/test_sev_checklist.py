@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -57,21 +57,6 @@ class Side:
     def mem(self) -> GuestMemory:
         assert self.vm.memory is not None
         return self.vm.memory
-
-
-@pytest.fixture
-def memfds() -> Iterator[Callable[[], int]]:
-    made: list[int] = []
-
-    def make() -> int:
-        fd = os.memfd_create("guest", os.MFD_CLOEXEC)
-        os.ftruncate(fd, PAGES * PAGE_SIZE)
-        made.append(fd)
-        return fd
-
-    yield make
-    for fd in made:
-        os.close(fd)
 
 
 def side(fd: int) -> Side:

@@ -20,8 +20,7 @@ judges what it is given.
 from __future__ import annotations
 
 import errno
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -47,21 +46,6 @@ from kvmstub.uapi import PAGE_SIZE
 
 U = uapi
 BLOB_MAX = U.SEV_FW_BLOB_MAX_SIZE  # psp_copy_user_blob's limit, 16 KiB
-
-
-@pytest.fixture
-def memfds() -> Iterator[Callable[[], int]]:
-    made: list[int] = []
-
-    def make() -> int:
-        fd = os.memfd_create("guest", os.MFD_CLOEXEC)
-        os.ftruncate(fd, PAGES * PAGE_SIZE)
-        made.append(fd)
-        return fd
-
-    yield make
-    for fd in made:
-        os.close(fd)
 
 
 @dataclass

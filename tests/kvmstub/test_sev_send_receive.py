@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -56,21 +56,6 @@ def sev(vm: Vm, cmd: int, fields: dict[str, int | bytes] | None = None) -> dict[
 
 def host_under(root: AmdRoot = ROOT, **kwargs: object) -> Host:
     return Host(platform=Platform(PlatformKeys.generate(), root), **kwargs)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-def memfds() -> Iterator[Callable[[], int]]:
-    made: list[int] = []
-
-    def make() -> int:
-        fd = os.memfd_create("guest", os.MFD_CLOEXEC)
-        os.ftruncate(fd, PAGES * PAGE_SIZE)
-        made.append(fd)
-        return fd
-
-    yield make
-    for fd in made:
-        os.close(fd)
 
 
 def page_of(i: int) -> bytes:
