@@ -3,6 +3,7 @@ them, exit completions, concurrency and cancellation on one fd."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -369,18 +370,27 @@ async def test_other_calls_wait_for_a_started_run_to_be_taken(
     assert got and got[0].rcx > 0  # its own reply (regs after guest steps), not the exit
 
 
+@pytest.mark.kvmstub_args("--slice-us", "1000000")  # a 1 s slice
 async def test_start_run_declines_a_busy_or_closed_fd(kvmstub_daemon: KvmstubDaemon) -> None:
     kvm = await open_kvm(kvmstub_daemon)
     g = await PlainGuest.boot(kvm, guest.GuestParams(vcpus=1, line_every=10**6, flip_every=10**6))
     declined: list[bool] = []
 
     async def busy() -> None:
-        await g.vcpu.run()  # holds the fd until its exit comes
+        # Holds the fd until its exit comes: the kick below ends it with KVM_EXIT_INTR, or
+        # with EINTR when the kick is there before the guest's first step.
+        with contextlib.suppress(InterruptedError):
+            await g.vcpu.run()
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(busy)
-        await trio.testing.wait_all_tasks_blocked()
-        declined.append(g.vcpu.start_run())
+    with trio.fail_after(20):  # a hang guard
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(busy)
+            await trio.testing.wait_all_tasks_blocked()
+            # The run is in flight for its whole 1 s slice however slow the host is (with
+            # the default slice of 200 us a loaded host answered it before this line).
+            declined.append(g.vcpu.start_run())
+            g.vcpu.kvm_run.immediate_exit = True  # the kick ends it at the next guest step
+    g.vcpu.kvm_run.immediate_exit = False
     assert declined == [False]
     assert not g.vcpu.run_in_flight
     g.vcpu.close()
