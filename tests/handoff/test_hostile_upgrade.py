@@ -24,7 +24,7 @@ import pytest
 import trio
 
 from handoff.qmp.client import QMPClient, QMPError
-from handoff.testing import VmmProcess, pid_alive
+from handoff.testing import VmmProcess, _stop_and_check, pid_alive, start_kvmstub_daemon
 
 NOBODY = 65534
 AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
@@ -119,9 +119,11 @@ def qmp(path: str, command: str, args: dict[str, Any] | None = None) -> Any:
 # Runs as the VMMs' uid. It watches $TMPDIR for an upgrade's private directory, takes the
 # successor's socket path for itself (before or after the successor listens there), steals the
 # one-time token wherever it can be read (a file beside the socket, or the successor's inherited
-# fd through /proc), and answers the old VMM as a target would. It reports what reached it.
+# fd through /proc), and answers the old VMM as a target would. It watches until its stdin
+# closes (or the time it is given runs out), answers what is still queued, and reports what
+# reached it.
 _ATTACKER = r"""
-import json, os, re, secrets, socket, sys, time
+import json, os, re, secrets, select, socket, sys, time
 from handoff import protocol
 
 tmp, name, until = sys.argv[1], sys.argv[2], time.monotonic() + float(sys.argv[3])
@@ -194,8 +196,20 @@ def serve(conn, directory):
         if isinstance(msg, protocol.Refuse):
             report["refusals"].append(msg.reason)
 
+def answer(directory, s):
+    try:
+        conn, _ = s.accept()
+    except (BlockingIOError, OSError):
+        return False
+    with conn:
+        try:
+            serve(conn, directory)
+        except (OSError, protocol.ProtocolError) as exc:
+            report["got"].append(f"error: {exc}")
+    return True
+
 print("watching", flush=True)
-while time.monotonic() < until:
+while time.monotonic() < until and not select.select([sys.stdin], [], [], 0)[0]:
     for entry in os.listdir(tmp):
         directory = os.path.join(tmp, entry)
         if not entry.startswith(f"handoff-{name}-") or directory in listeners:
@@ -216,16 +230,11 @@ while time.monotonic() < until:
         listeners[directory] = s
         report["bound"].append(path)
     for directory, s in list(listeners.items()):
-        try:
-            conn, _ = s.accept()
-        except (BlockingIOError, OSError):
-            continue
-        with conn:
-            try:
-                serve(conn, directory)
-            except (OSError, protocol.ProtocolError) as exc:
-                report["got"].append(f"error: {exc}")
+        answer(directory, s)
     time.sleep(0.001)
+for directory, s in list(listeners.items()):  # connections queued when the watch ended
+    while answer(directory, s):
+        pass
 print(json.dumps(report), flush=True)
 """
 
@@ -281,8 +290,8 @@ async def test_a_same_uid_process_cannot_take_the_guest_during_an_upgrade(
         await vmm.wait_lines()
         old_pid = qmp(vmm.control, "query-status")["pid"]
         attacker = subprocess.Popen(
-            [*AS_NOBODY, python, "-c", _ATTACKER, str(nobody_dir / "tmp"), "web", "25"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [*AS_NOBODY, python, "-c", _ATTACKER, str(nobody_dir / "tmp"), "web", "60"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, **NOBODY_ENV}, cwd="/",
         )  # fmt: skip
         assert attacker.stdout is not None
@@ -302,6 +311,7 @@ async def test_a_same_uid_process_cannot_take_the_guest_during_an_upgrade(
                 client.close()
             results.append((started, data))
             await vmm.settle()
+        # Closing its stdin ends the watch: the three upgrades are over.
         out, err = attacker.communicate(timeout=60)
         report = json.loads(out.strip().splitlines()[-1])
         # The attacker was in place, and reached by the old VMM...
@@ -453,6 +463,28 @@ async def test_the_cli_resolves_a_relative_exec_against_the_callers_directory(
     assert f"starting successor: {wrapper} run" in vmm.log()
 
 
+@pytest.fixture(scope="module")
+def refusing_vmm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmmProcess]:
+    """One plain VMM (on a kvmstub of its own) for every refused `set` below: a refusal comes
+    before anything is spawned and changes nothing, which each case asserts, so the cases may
+    share it in any order."""
+    directory = Path(tempfile.mkdtemp(prefix="kvmstub-"))
+    try:
+        daemon = start_kvmstub_daemon(directory)
+        try:
+            workdir = tmp_path_factory.mktemp("refusing")
+            vmm = VmmProcess(workdir, daemon.socket, name="refusing", mode="plain", vcpus=1)
+            try:
+                vmm.start()
+                yield vmm
+            finally:
+                vmm.kill_all()
+        finally:
+            _stop_and_check(daemon)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 @pytest.mark.parametrize(
     ("item", "says"),
     [
@@ -468,9 +500,9 @@ async def test_the_cli_resolves_a_relative_exec_against_the_callers_directory(
     ],
 )
 async def test_a_set_that_names_a_flag_the_upgrade_controls_is_refused_before_spawning(
-    vmm_factory: Any, item: str, says: str
+    refusing_vmm: VmmProcess, item: str, says: str
 ) -> None:
-    vmm = vmm_factory(mode="plain", vcpus=1)
+    vmm = refusing_vmm
     await vmm.wait_lines()
     pid = await vmm.pid()
     before = private_dirs(vmm)
