@@ -257,9 +257,9 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="US",
         help="the witness guest idles this many microseconds after each line, as a real "
-        "guest halts between its work: the vCPU waits in the VMM and takes no CPU (default "
-        "10000 on kvm: 100 lines a second per vCPU; 0 on kvmstub, whose guest then runs "
-        "busy, as ever; 0: busy). Read at launch only",
+        "guest halts between its work: the vCPU waits in the VMM and takes no CPU (0: a "
+        "busy guest; default 10000 on kvm, 100 lines a second per vCPU, and 0 on kvmstub). "
+        "Read at launch only",
     )
     h = p.add_argument_group("the host (free to change across a handoff)")
     h.add_argument(
