@@ -267,16 +267,16 @@ class Channel:
     tik: bytearray
     # The packet crypto under these keys, made at the channel's first packet and dropped
     # with the keys. It is given the channel's own buffers, not copies, so that zeroing them
-    # leaves no key behind in it (its AES-CTR context, keyed once, goes with it: OpenSSL
-    # cleanses a context it frees).
+    # leaves no key behind in it (its AES-CTR context and the TIK's keyed SHA-256 states go
+    # with it: OpenSSL cleanses a context it frees).
     _packets: sev_crypto.PacketCipher | None = field(default=None, init=False, repr=False)
 
     def packets(self) -> sev_crypto.PacketCipher:
         """`seal_packet` and `open_packet` under this channel's TEK and TIK."""
         cipher = self._packets
         if cipher is None:
-            # (It reads its keys through the buffer protocol only, AES and hmac.digest, which
-            # a bytearray serves as bytes do.)
+            # (It reads its keys through the buffer protocol only, AES and the HMAC's keyed
+            # blocks, which a bytearray serves as bytes do.)
             tek, tik = cast(bytes, self.tek), cast(bytes, self.tik)
             cipher = self._packets = sev_crypto.PacketCipher(tek, tik)
         return cipher

@@ -103,8 +103,8 @@ class BadMac(CryptoError):
 
 
 def _hmac(key: bytes, *parts: bytes) -> bytes:
-    """HMAC-SHA256 of the parts, in one call (hashlib's OpenSSL one-shot: per packet, cheaper
-    than an HMAC object and an update per part)."""
+    """HMAC-SHA256 of the parts, in one call (hashlib's OpenSSL one-shot: cheaper than an HMAC
+    object and an update per part)."""
     return std_hmac.digest(key, b"".join(parts), "sha256")
 
 
@@ -257,15 +257,23 @@ _MAC_LENGTHS: Final = struct.Struct("<II")  # uncompressed length, transport len
 def packet_mac(
     tik: bytes, flags: int, iv: bytes, uncompressed_len: int, ciphertext: bytes
 ) -> bytes:
-    """HMAC-SHA256 under the TIK of context 0x02, flags, IV, both lengths and the ciphertext
-    (gathered in one join: it runs once per packet)."""
-    return _hmac(
-        tik,
-        _MAC_HEAD.pack(CTX_DATA, flags),
-        iv,
-        _MAC_LENGTHS.pack(uncompressed_len, len(ciphertext)),
-        ciphertext,
-    )
+    """HMAC-SHA256 under the TIK of context 0x02, flags, IV, both lengths and the ciphertext."""
+    return _keyed_packet_mac(*_hmac_pads(tik), flags, iv, uncompressed_len, ciphertext)
+
+
+def _keyed_packet_mac(
+    inner: _Hash, outer: _Hash, flags: int, iv: bytes, uncompressed_len: int, ciphertext: bytes
+) -> bytes:
+    """`packet_mac` from the TIK's keyed SHA-256 states (`_hmac_pads`): the one place the
+    MAC's message is laid out. The ciphertext is hashed where it lies, not joined to the
+    fields first (it is 4 KiB a page)."""
+    mac = inner.copy()
+    mac.update(_MAC_HEAD.pack(CTX_DATA, flags) + iv)
+    mac.update(_MAC_LENGTHS.pack(uncompressed_len, len(ciphertext)))
+    mac.update(ciphertext)
+    out = outer.copy()
+    out.update(mac.digest())
+    return out.digest()
 
 
 def seal_packet(
@@ -348,8 +356,7 @@ class PacketCipher:
     def __init__(self, tek: bytes, tik: bytes, *, reuse: bool = _CTR_RESETTABLE) -> None:
         self._tek = tek
         # HMAC-SHA256 under the TIK (RFC 2104) with its two keyed blocks hashed once: each
-        # packet's MAC starts from copies of them, rather than hashing both pads again and
-        # joining the 4 KiB ciphertext to its header fields first.
+        # packet's MAC starts from copies of them (`_keyed_packet_mac`).
         self._inner, self._outer = _hmac_pads(tik)
         self._ivs = b""
         self._iv_at = 0
@@ -364,16 +371,6 @@ class PacketCipher:
         ctx.reset_nonce(iv)
         return ctx.update(data)
 
-    def _mac(self, flags: int, iv: bytes, uncompressed_len: int, ciphertext: bytes) -> bytes:
-        """`packet_mac(tik, flags, iv, uncompressed_len, ciphertext)`."""
-        inner = self._inner.copy()
-        inner.update(_MAC_HEAD.pack(CTX_DATA, flags) + iv)
-        inner.update(_MAC_LENGTHS.pack(uncompressed_len, len(ciphertext)))
-        inner.update(ciphertext)
-        outer = self._outer.copy()
-        outer.update(inner.digest())
-        return outer.digest()
-
     def _next_iv(self) -> bytes:
         at = self._iv_at
         if at == len(self._ivs):
@@ -385,12 +382,14 @@ class PacketCipher:
         """`seal_packet(tek, tik, plaintext, iv)`."""
         iv = self._next_iv() if iv is None else iv
         ciphertext = self._aes_ctr(iv, plaintext)
-        mac = self._mac(0, iv, len(plaintext), ciphertext)
+        mac = _keyed_packet_mac(self._inner, self._outer, 0, iv, len(plaintext), ciphertext)
         return b"".join((_FLAGS_NONE, iv, mac)), ciphertext
 
     def open(self, header: PacketHeader, ciphertext: bytes) -> bytes:
         """`open_packet(tek, tik, header, ciphertext)`: BadMac, or the plaintext."""
-        mac = self._mac(header.flags, header.iv, len(ciphertext), ciphertext)
+        mac = _keyed_packet_mac(
+            self._inner, self._outer, header.flags, header.iv, len(ciphertext), ciphertext
+        )
         if not _equal(mac, header.mac):
             raise BadMac("the packet's MAC does not verify")
         return self._aes_ctr(header.iv, ciphertext)
