@@ -14,7 +14,8 @@ Memory layout (page = 4 KiB, GPA = page number * 4096):
 
 Register map (struct kvm_regs):
     rip   program counter: one of the RIP_* addresses below
-    rax   accumulator: IN data and hypercall return values land here, as on x86
+    rax   accumulator: IN data and hypercall return values land here, as on x86; the
+          idle request's microseconds go out from it, as OUT's operand does
     rbx   vCPU index (set by `initial_regs`)
     rcx   journal step: steps run since boot
     rdx   journal chain head: 64-bit hash of the last record written
@@ -454,6 +455,7 @@ def run_slice(
             if pc == RIP_IDLE:
                 idle_us = _idle_us(read_page(0, True))
                 if idle_us:
+                    rax = idle_us  # OUT's operand, read again when the OUT completes
                     exit_ = _io_out(IDLE_PORT, 4, idle_us.to_bytes(4, "little"))
                     break
                 pc = RIP_FLIP if not flip_left else RIP_STEP
@@ -461,7 +463,7 @@ def run_slice(
             if pc == RIP_IDLE_DONE:
                 # The time asked for is not a pause of the guest's: the next step's gap
                 # counts only what the idle took beyond it (a handoff meanwhile shows).
-                last = (last + _idle_us(read_page(0, True)) * 1000) & m
+                last = (last + (rax & _U32) * 1000) & m
                 pc = RIP_FLIP if not flip_left else RIP_STEP
                 continue
 
