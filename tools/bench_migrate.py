@@ -297,7 +297,7 @@ async def throughput(bench: Bench, pages: int) -> str:
                 run["guest"],
                 f"{rate:.1f}",
                 round(total / r["pages"] * 1e6, 1),
-                round(_guest_seconds(run) / r["pages"] * 1e6, 1),
+                round(_guest_step_cost(run) * run["steps"]["migrating"] / r["pages"] * 1e6, 1),
             ]
         )
         out.append(
@@ -330,8 +330,8 @@ def _guest_share(run: dict[str, Any], total: float, pages: int) -> str:
     steps = run["steps"]
     if not steps["alone"]:
         return "(the guest took no steps in the second before: its share is not known)"
-    per_step = _guest_seconds(run) / steps["migrating"] if steps["migrating"] else 0.0
-    guest = _guest_seconds(run)
+    per_step = _guest_step_cost(run)
+    guest = per_step * steps["migrating"]
     own = total - guest
     return (
         f"The guest took {steps['migrating']} steps during the migration "
@@ -341,15 +341,14 @@ def _guest_share(run: dict[str, Any], total: float, pages: int) -> str:
     )
 
 
-def _guest_seconds(run: dict[str, Any]) -> float:
-    """The CPU seconds the guest took during the migration: its steps then, at the cost per
-    step of the second before (the source's kvmstub and VMM over the steps taken then)."""
+def _guest_step_cost(run: dict[str, Any]) -> float:
+    """CPU seconds per guest step in the second before the migration: the source's kvmstub
+    and VMM over the steps taken then (0 when it took none)."""
     steps = run["steps"]
     if not steps["alone"]:
         return 0.0
     source_side = [name for name in run["idle"] if name.startswith(("kvmstub A", "source VMM"))]
-    per_step: float = sum(run["idle"][name] for name in source_side) / steps["alone"]
-    return per_step * steps["migrating"]
+    return sum(run["idle"][name] for name in source_side) / steps["alone"]
 
 
 async def in_process(bench: Bench, pages: int) -> str:
