@@ -361,6 +361,24 @@ class KvmstubDaemon:
             raise AssertionError("kvmstub daemon did not stop on SIGTERM") from None
 
 
+def write_oca_key(path: Path) -> Path:
+    """An owner's OCA key file for `kvmstub serve --oca-key` (hosts given the same file share
+    a DOMAIN): a fresh P-384 key in PKCS#8 PEM, mode 0600. Returns `path`."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    path.chmod(0o600)
+    return path
+
+
 def start_kvmstub_daemon(directory: Path, *flags: str) -> KvmstubDaemon:
     """Run `python -m kvmstub.cli serve --socket <directory>/kvm.sock <flags>` and wait for
     its ready line."""

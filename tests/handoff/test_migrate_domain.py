@@ -13,8 +13,6 @@ from pathlib import Path
 
 import pytest
 import trio
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from test_migrate import (  # the cross-host harness: hosts, VMMs, `handoff migrate`
     SOURCE_HOST,
     TARGET_HOST,
@@ -30,6 +28,7 @@ from test_migrate import (  # the cross-host harness: hosts, VMMs, `handoff migr
     wait_gone,
 )
 
+from handoff.testing import write_oca_key
 from handoff.testing.tls import make_pki
 from handoff.transport.tcp import TlsFiles
 
@@ -46,15 +45,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TlsFiles]:
 @pytest.fixture
 def domain_hosts(tmp_path: Path) -> Iterator[tuple[Host, Host, Host]]:
     """A and B given one owner's OCA key file, C with an OCA of its own; one AMD root."""
-    oca = tmp_path / "owner-oca.pem"
-    oca.write_bytes(
-        ec.generate_private_key(ec.SECP384R1()).private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    oca.chmod(0o600)
+    oca = write_oca_key(tmp_path / "owner-oca.pem")
     root = tmp_path / "amd-root"
     root.mkdir(mode=0o700)
     made: list[Host] = []

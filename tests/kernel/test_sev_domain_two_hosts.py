@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from test_sev_send_receive_two_hosts import (  # the ioctl-level migration helpers
     PAGES,
     launched_guest,
@@ -25,7 +23,7 @@ from test_sev_send_receive_two_hosts import (  # the ioctl-level migration helpe
     page_of,
 )
 
-from handoff.testing import KvmstubDaemon, spawn_kvmstub_daemon
+from handoff.testing import KvmstubDaemon, spawn_kvmstub_daemon, write_oca_key
 from kvmstub import client, uapi
 from kvmstub.uapi import PAGE_SIZE
 
@@ -34,15 +32,7 @@ from kvmstub.uapi import PAGE_SIZE
 def domain_hosts(tmp_path: Path) -> Iterator[dict[str, KvmstubDaemon]]:
     """Three daemons started side by side: `source` and `peer` given one OCA key file,
     `stranger` with an OCA of its own. Each is stopped afterwards and must exit 0."""
-    oca = tmp_path / "owner-oca.pem"
-    oca.write_bytes(
-        ec.generate_private_key(ec.SECP384R1()).private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    oca.chmod(0o600)
+    oca = write_oca_key(tmp_path / "owner-oca.pem")
     owned = ("--oca-key", str(oca))
     pending = {}
     for name, extra in (("source", owned), ("peer", owned), ("stranger", ())):
