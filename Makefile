@@ -5,10 +5,18 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test install bytecode lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py kvmstub/_sevcrypto.c
 	@if ! [ -e /usr/include/sys/capability.h ]; then \
 		echo "installing libcap-dev (python-prctl builds against it)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libcap-dev; \
+	fi
+	@if ! command -v cc > /dev/null; then \
+		echo "installing gcc (python-prctl and kvmstub's native crypto are C)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc; \
+	fi
+	@if ! [ -e /usr/include/openssl/evp.h ]; then \
+		echo "installing libssl-dev (kvmstub's native SEV crypto builds against it)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libssl-dev; \
 	fi
 	@[ -x $(PY) ] || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -36,4 +44,4 @@ test: $(STAMP) bytecode lint
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache build kvmstub/_sevcrypto*.so

@@ -34,7 +34,7 @@ guest access to a truncated memfd. Both paths see the same page cache. A sealed 
 reached with pread/pwrite too when mapping it fails for want of address space (ENOMEM): this
 one process maps the slots of every VM, which the kernel never does.
 
-Not thread safe: one thread at a time per GuestMemory (the cached cipher contexts hold state).
+Not thread safe: one thread at a time per GuestMemory (the keyed AES-XTS contexts hold state).
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ import mmap
 import os
 import stat
 from dataclasses import dataclass
-from typing import Any
 
-from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from kvmstub import _sevcrypto
 from kvmstub.uapi import (
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_READONLY,
@@ -206,150 +206,60 @@ def xts_decrypt(vek: bytes, gpa: int, page: bytes) -> bytes:
     return Cipher(algorithms.AES(vek), modes.XTS(_tweak(gpa))).decryptor().update(page)
 
 
-def _xts_context_is_reusable() -> bool:
-    """OpenSSL treats every update() of an XTS context as a whole data unit under the tweak
-    given at init, so one context per (key, page) can be kept and reused. That is what
-    makes the guest's hot path cheap (0.3 us instead of 3 us a page); check it once rather
-    than trust it, and fall back to fresh contexts if a future library streams instead."""
-    key = bytes(range(VEK_SIZE))
-    data = bytes(range(256)) * 2
-    ctx = Cipher(algorithms.AES(key), modes.XTS(_tweak(PAGE_SIZE))).encryptor()
-    first = ctx.update(data)
-    return ctx.update(data) == first == xts_encrypt(key, PAGE_SIZE, data)
+class _XtsKeys:
+    """AES-256-XTS keyed once per VEK (`_sevcrypto.XtsKey`, native code): a page then costs
+    setting its tweak and one AES pass, whether the guest touches it on every step or a
+    migration moves it once. (Through `cryptography` a page needed a cipher context of its
+    own, about 3 us to make, kept per page for the guest's hot pages: a migration's pages,
+    each moved once, paid it every time.) Bounded; dropped wholesale when full.
 
+    One cache serves every VM of the host (`_HOST_XTS`): after MOVE_ENC_CONTEXT_FROM (or a
+    mirror's COPY) the destination's guest runs under the same VEK, so its first steps find
+    the key the source VM keyed, with no key schedule inside the handoff's pause.
 
-_XTS_REUSABLE = _xts_context_is_reusable()
+    The native module holds each key only as OpenSSL's key schedule, cleansed when freed;
+    `xts_encrypt` and `xts_decrypt` above are the reference it is held to
+    (tests/kvmstub/test_sevcrypto_native.py)."""
 
-try:  # cryptography's own maker of cipher contexts, which `Cipher` calls after its checks
-    from cryptography.hazmat.bindings._rust import openssl as _rust_openssl
+    __slots__ = ("_keys",)
 
-    _RUST_CIPHERS: Any = _rust_openssl.ciphers
-except (ImportError, AttributeError):  # pragma: no cover - another cryptography
-    _RUST_CIPHERS = None
+    LIMIT = 64  # VEKs keyed at once
 
+    def __init__(self) -> None:
+        self._keys: dict[bytes, _sevcrypto.XtsKey] = {}
 
-def _direct_xts_matches() -> bool:
-    """Whether cryptography's Rust maker of contexts, called without `Cipher`, gives the
-    contexts `Cipher` gives. `Cipher`'s Python checks (types, key size: `_check_vek` and
-    OpenSSL check the same here) cost as much as the context itself, 2.5 of 6 us, paid
-    for every page a migration reads or writes once. Checked once, as `_XTS_REUSABLE` is;
-    otherwise every context is made through `Cipher`."""
-    if _RUST_CIPHERS is None:  # pragma: no cover - another cryptography
-        return False
-    key, data = bytes(range(VEK_SIZE)), bytes(range(256)) * 2
-    try:
-        mode = modes.XTS(_tweak(PAGE_SIZE))
-        enc: bytes = _RUST_CIPHERS.create_encryption_ctx(algorithms.AES(key), mode).update(data)
-        dec: bytes = _RUST_CIPHERS.create_decryption_ctx(algorithms.AES(key), mode).update(enc)
-    except Exception:  # pragma: no cover - another cryptography
-        return False
-    return enc == xts_encrypt(key, PAGE_SIZE, data) and dec == data
-
-
-_XTS_DIRECT = _direct_xts_matches()
-
-
-class _XtsContexts:
-    """Cipher contexts per (VEK, GPA), so a page the guest touches on every step costs one
-    AES pass, not a cipher set-up. Bounded; dropped wholesale when full.
-
-    One cache serves every VM of the host (`_HOST_XTS`): a context is a pure function of
-    key and tweak, and after MOVE_ENC_CONTEXT_FROM (or a mirror's COPY) the destination's
-    guest runs under the same VEK at the same GPAs, so its first steps find the contexts
-    the source VM made. A fresh cache per VM made the first turn on the new VM set up every
-    context again, the first of them cold (about 80 us), all inside the handoff's pause."""
-
-    __slots__ = ("_algorithms", "_dec", "_direct", "_enc", "_seen_dec", "_seen_enc")
-
-    LIMIT = 8192
-    KEYS = 64  # AES key objects kept, one per VEK
-
-    def __init__(self, *, direct: bool | None = None) -> None:
-        self._enc: dict[tuple[bytes, int], CipherContext] = {}
-        self._dec: dict[tuple[bytes, int], CipherContext] = {}
-        self._algorithms: dict[bytes, algorithms.AES] = {}
-        self._seen_enc: set[tuple[bytes, int]] = set()  # pages moved once (`_again`)
-        self._seen_dec: set[tuple[bytes, int]] = set()
-        self._direct = _XTS_DIRECT if direct is None else direct
-
-    def _new(self, vek: bytes, gpa: int, encrypt: bool) -> CipherContext:
-        """A context as `Cipher(algorithms.AES(vek), modes.XTS(tweak))` makes it."""
-        _check_vek(vek)
-        if not self._direct:
-            cipher = Cipher(algorithms.AES(vek), modes.XTS(_tweak(gpa)))
-            return cipher.encryptor() if encrypt else cipher.decryptor()
-        aes = self._algorithms.get(vek)
-        if aes is None:
-            if len(self._algorithms) >= self.KEYS:
-                self._algorithms.clear()
-            aes = self._algorithms[vek] = algorithms.AES(vek)
-        make = (
-            _RUST_CIPHERS.create_encryption_ctx if encrypt else _RUST_CIPHERS.create_decryption_ctx
-        )
-        ctx: CipherContext = make(aes, modes.XTS(_tweak(gpa)))
-        return ctx
-
-    def encrypt(self, vek: bytes, gpa: int, page: bytes, *, keep: bool = True) -> bytes:
-        """`page` encrypted. A context made for it is cached for the next time; with `keep`
-        False (a page a migration moves) only from the second time (`_again`)."""
-        return self._context(self._enc, self._seen_enc, vek, gpa, True, keep).update(page)
-
-    def decrypt(self, vek: bytes, gpa: int, page: bytes, *, keep: bool = True) -> bytes:
-        """`page` decrypted, a context made for it cached as `encrypt` caches it."""
-        return self._context(self._dec, self._seen_dec, vek, gpa, False, keep).update(page)
-
-    def _context(
-        self,
-        cache: dict[tuple[bytes, int], CipherContext],
-        seen: set[tuple[bytes, int]],
-        vek: bytes,
-        gpa: int,
-        encrypt: bool,
-        keep: bool,
-    ) -> CipherContext:
+    def _key(self, vek: bytes) -> _sevcrypto.XtsKey:
         if type(vek) is not bytes:  # a bytearray would not hash
             vek = bytes(vek)
-        key = (vek, gpa)
-        ctx = cache.get(key)
-        if ctx is None:
-            ctx = self._new(vek, gpa, encrypt)
-            if _XTS_REUSABLE and (keep or self._again(seen, key)):
-                if len(cache) >= self.LIMIT:
-                    cache.clear()
-                cache[key] = ctx
-        return ctx
+        key = self._keys.get(vek)
+        if key is None:
+            _check_vek(vek)
+            key = _sevcrypto.XtsKey(vek)  # ValueError: the two halves are equal
+            if len(self._keys) >= self.LIMIT:
+                self._keys.clear()
+            self._keys[vek] = key
+        return key
 
-    def _again(self, seen: set[tuple[bytes, int]], key: tuple[bytes, int]) -> bool:
-        """Whether a migration moves this page (VEK, GPA) for the second time lately: a
-        pre-copy round moves every page once, and caching thousands of contexts never used
-        again cost more than it saved (their memory, and the wholesale drops past LIMIT, a
-        few us a page, which also pushed the guest's own contexts out); a page moved again
-        is one the guest keeps dirtying, moved in each round and in the stop-and-copy, whose
-        context is then kept. Remembers at most LIMIT pages each way."""
-        if key in seen:
-            seen.discard(key)
-            return True
-        if len(seen) >= self.LIMIT:
-            seen.clear()
-        seen.add(key)
-        return False
+    def encrypt(self, vek: bytes, gpa: int, page: bytes) -> bytes:
+        """`page` encrypted as `xts_encrypt` does it."""
+        return self._key(vek).encrypt(gpa.to_bytes(16, "little"), page)
+
+    def decrypt(self, vek: bytes, gpa: int, page: bytes) -> bytes:
+        """`page` decrypted as `xts_decrypt` does it."""
+        return self._key(vek).decrypt(gpa.to_bytes(16, "little"), page)
 
     def clear(self) -> None:
-        self._enc.clear()
-        self._dec.clear()
-        self._algorithms.clear()
-        self._seen_enc.clear()
-        self._seen_dec.clear()
+        self._keys.clear()
 
     def __len__(self) -> int:
-        return len(self._enc) + len(self._dec)
+        return len(self._keys)
 
 
-_HOST_XTS = _XtsContexts()
+_HOST_XTS = _XtsKeys()
 
 
-def cached_cipher_contexts() -> int:
-    """How many AES-XTS contexts the host-wide cache holds (for tests and stats)."""
+def keyed_veks() -> int:
+    """How many VEKs the host-wide AES-XTS cache has keyed (for tests and stats)."""
     return len(_HOST_XTS)
 
 
@@ -475,7 +385,7 @@ class GuestMemory:
         self._slots: dict[int, _Backing] = {}
         self._by_gpa: list[_Backing] = []  # sorted by gpa, for lookup
         self._last: _Backing | None = None  # the slot of the latest access
-        self._xts = _HOST_XTS  # shared by every VM: see _XtsContexts
+        self._xts = _HOST_XTS  # shared by every VM: see _XtsKeys
 
     # KVM_SET_USER_MEMORY_REGION
 
@@ -695,10 +605,9 @@ class GuestMemory:
             self._pwrite(b, at, data[pos : pos + n])
             pos += n
 
-    def read_page(self, gpa: int, vek: bytes | None, *, keep: bool = True) -> bytes:
+    def read_page(self, gpa: int, vek: bytes | None) -> bytes:
         """One page at a page-aligned `gpa`, decrypted with `vek` (a private page) or as
-        stored (a shared page, or a guest without SEV). `keep` False: a page a migration
-        moves, whose cipher context is cached only once it comes again (`_XtsContexts`)."""
+        stored (a shared page, or a guest without SEV)."""
         if gpa & _PAGE_MASK or gpa < 0:
             raise _einval(f"guest physical address {gpa:#x} is not page aligned")
         b = self._last
@@ -707,11 +616,11 @@ class GuestMemory:
         data = self._pread(b, gpa, PAGE_SIZE)
         if vek is None:
             return data
-        return self._xts.decrypt(vek, gpa, data, keep=keep)
+        return self._xts.decrypt(vek, gpa, data)
 
-    def write_page(self, gpa: int, data: bytes, vek: bytes | None, *, keep: bool = True) -> None:
+    def write_page(self, gpa: int, data: bytes, vek: bytes | None) -> None:
         """Store one page at a page-aligned `gpa`, encrypted with `vek` (a private page)
-        or in plaintext (a shared page, or a guest without SEV). `keep` as for `read_page`."""
+        or in plaintext (a shared page, or a guest without SEV)."""
         if gpa & _PAGE_MASK or gpa < 0:
             raise _einval(f"guest physical address {gpa:#x} is not page aligned")
         if len(data) != PAGE_SIZE:
@@ -720,7 +629,7 @@ class GuestMemory:
         if b is None or not b.gpa <= gpa < b.end:
             b = self._lookup(gpa)
         if vek is not None:
-            data = self._xts.encrypt(vek, gpa, data, keep=keep)
+            data = self._xts.encrypt(vek, gpa, data)
         self._pwrite(b, gpa, data)
 
     def write_guest_page(self, gpa: int, data: bytes, vek: bytes | None) -> None:

@@ -821,7 +821,7 @@ def _policy_api(policy: int) -> tuple[int, int]:
 def _read_private(memory: GuestMemory, vek: bytes, gpa: int, length: int) -> bytes:
     """Guest bytes [gpa, gpa+length) as the guest sees them privately (decrypted)."""
     if length == PAGE_SIZE and not gpa % PAGE_SIZE:  # a whole page, as migration reads
-        return memory.read_page(gpa, vek, keep=False)
+        return memory.read_page(gpa, vek)
     out = bytearray()
     while len(out) < length:
         base, offset = gpa - gpa % PAGE_SIZE, gpa % PAGE_SIZE
@@ -834,7 +834,7 @@ def _read_private(memory: GuestMemory, vek: bytes, gpa: int, length: int) -> byt
 def _write_private(memory: GuestMemory, vek: bytes, gpa: int, data: bytes) -> None:
     """Write `data` privately (encrypted with `vek`) at gpa, read-modify-write per page."""
     if len(data) == PAGE_SIZE and not gpa % PAGE_SIZE and type(data) is bytes:
-        memory.write_page(gpa, data, vek, keep=False)  # a whole page, as migration writes
+        memory.write_page(gpa, data, vek)  # a whole page, as migration writes
         return
     done = 0
     while done < len(data):

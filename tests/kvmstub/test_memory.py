@@ -365,9 +365,12 @@ def test_same_plaintext_at_two_gpas_gives_two_ciphertexts(
     assert mem.read(0, PAGE_SIZE) != mem.read(PAGE_SIZE, PAGE_SIZE)
 
 
-def test_cached_cipher_contexts_agree_with_fresh_ciphers(
+def test_pages_under_keyed_veks_agree_with_fresh_ciphers(
     mem: GuestMemory, memfd: MakeMemfd
 ) -> None:
+    """Two VEKs in turn over the same pages, each page written and read again and again:
+    what the host's keyed VEKs (native) store and read is what a fresh `cryptography`
+    cipher per page gives."""
     fd = memfd(8 * PAGE_SIZE)
     mem.set_region(0, 0, 0, 8 * PAGE_SIZE, fd, 0)
     other_vek = bytes(reversed(VEK))
@@ -382,80 +385,58 @@ def test_cached_cipher_contexts_agree_with_fresh_ciphers(
             assert mem.read_page(gpa, vek) == page
 
 
-def test_a_page_a_migration_moves_keeps_its_context_only_when_it_comes_again(
-    mem: GuestMemory, memfd: MakeMemfd
-) -> None:
-    """SEND_UPDATE_DATA's read and RECEIVE_UPDATE_DATA's write (`keep=False`) store and read
-    what a kept context does, use a context already cached, and cache one of their own only
-    for a page moved a second time (one the guest keeps dirtying)."""
-    fd = memfd(3 * PAGE_SIZE)
-    mem.set_region(0, 0, 0, 3 * PAGE_SIZE, fd, 0)
-    vek = os.urandom(64)  # a key no other test has cached
-    pages = [os.urandom(PAGE_SIZE) for _ in range(3)]
-    mem.write_page(0, pages[0], vek)  # this one's contexts are kept
-    assert mem.read_page(0, vek) == pages[0]
-    cached = memory.cached_cipher_contexts()
-    for i, page in enumerate(pages):
-        gpa = i * PAGE_SIZE
-        if i:
-            mem.write_page(gpa, page, vek, keep=False)
-            assert os.pread(fd, PAGE_SIZE, gpa) == reference_xts(vek, gpa, page, encrypt=True)
-        assert mem.read_page(gpa, vek, keep=False) == page
-    assert memory.cached_cipher_contexts() == cached
-    mem.write_page(PAGE_SIZE, pages[2], vek, keep=False)  # page 1 moved again
-    assert mem.read_page(PAGE_SIZE, vek, keep=False) == pages[2]
-    assert memory.cached_cipher_contexts() == cached + 2
-
-
-def test_a_second_vm_over_the_same_memfd_reuses_the_hosts_cipher_contexts(
+def test_a_vek_is_keyed_once_for_every_page_and_every_vm_of_the_host(
     memfd: MakeMemfd,
 ) -> None:
     """After a move the new VM runs the guest under the same VEK at the same GPAs: its
-    accesses find the contexts the old VM made (no set-up in the handoff's pause), and
-    they still read and write what a fresh cipher would."""
+    accesses find the VEK the old VM keyed (no key schedule in the handoff's pause), one
+    key for all its pages, and they still read and write what a fresh cipher would."""
     fd = memfd(4 * PAGE_SIZE)
-    vek = os.urandom(64)  # a key no other test has cached
+    vek = os.urandom(64)  # a key no other test has keyed
     old, new = GuestMemory(), GuestMemory()
     try:
         old.set_region(0, 0, 0, 4 * PAGE_SIZE, fd, 0)
+        before = memory.keyed_veks()
         pages = [os.urandom(PAGE_SIZE) for _ in range(4)]
         for i, page in enumerate(pages):
             old.write_page(i * PAGE_SIZE, page, vek)
             assert old.read_page(i * PAGE_SIZE, vek) == page
-        cached = memory.cached_cipher_contexts()
-        old.close()  # the source VM goes; its contexts stay for the destination
+        keyed = memory.keyed_veks()
+        assert keyed in (before + 1, 1)  # one more, or the cache was full and dropped
+        old.close()  # the source VM goes; its key stays for the destination
         new.set_region(0, 0, 0, 4 * PAGE_SIZE, fd, 0)
         for i, page in enumerate(pages):
             gpa = i * PAGE_SIZE
             assert new.read_page(gpa, vek) == page
             new.write_page(gpa, page[::-1], vek)
             assert os.pread(fd, PAGE_SIZE, gpa) == reference_xts(vek, gpa, page[::-1], encrypt=True)
-        assert memory.cached_cipher_contexts() == cached
+        assert memory.keyed_veks() == keyed
     finally:
         old.close()
         new.close()
 
 
-@pytest.mark.parametrize("direct", [True, False], ids=["rust-maker", "through-cipher"])
-def test_contexts_made_directly_or_through_cipher_are_the_same(direct: bool) -> None:
-    """A cache whose contexts come straight from cryptography's maker (`_XTS_DIRECT`, what
-    this cryptography takes) and one that goes through `Cipher` store and read the same
-    bytes, and both refuse a VEK whose halves are equal."""
-    assert memory._direct_xts_matches()
-    contexts = memory._XtsContexts(direct=direct)
-    vek = os.urandom(64)
-    for gpa in (0, PAGE_SIZE, 0x7FFF_F000):
-        page = os.urandom(PAGE_SIZE)
-        sealed = contexts.encrypt(vek, gpa, page)
-        assert sealed == reference_xts(vek, gpa, page, encrypt=True)
-        assert contexts.decrypt(vek, gpa, sealed) == page
-        assert contexts.encrypt(bytearray(vek), gpa, page) == sealed  # cached, same bytes
+def test_the_keyed_veks_are_bounded_and_refuse_a_bad_vek() -> None:
+    """The cache keys at most LIMIT VEKs (then starts again), takes a VEK as bytes or
+    bytearray alike, and refuses a VEK of the wrong size or with equal halves, as
+    `cryptography` refuses them."""
+    keys = memory._XtsKeys()
+    page = os.urandom(PAGE_SIZE)
+    veks = [os.urandom(64) for _ in range(keys.LIMIT + 1)]
+    for n, vek in enumerate(veks):
+        sealed = keys.encrypt(vek, n * PAGE_SIZE, page)
+        assert sealed == reference_xts(vek, n * PAGE_SIZE, page, encrypt=True)
+        assert keys.decrypt(bytearray(vek), n * PAGE_SIZE, sealed) == page
+        assert len(keys) <= keys.LIMIT
+    assert len(keys) == 1  # the first LIMIT dropped when the last came
     with pytest.raises(ValueError, match="duplicated keys"):
-        contexts.encrypt(bytes(32) * 2, 0, bytes(PAGE_SIZE))
+        keys.encrypt(bytes(32) * 2, 0, page)
+    with pytest.raises(ValueError, match="duplicated keys"):
+        xts_encrypt(bytes(32) * 2, 0, page)  # the reference says the same
     with pytest.raises(ValueError, match="64 bytes"):
-        contexts.decrypt(vek[:32], 0, bytes(PAGE_SIZE))
-    contexts.clear()
-    assert len(contexts) == 0
+        keys.decrypt(VEK[:32], 0, page)
+    keys.clear()
+    assert len(keys) == 0
 
 
 def test_backed_up_to_is_where_the_first_hole_begins(mem: GuestMemory, memfd: MakeMemfd) -> None:

@@ -78,14 +78,13 @@ def test_packet_is_a_52_byte_header_and_encrypt_then_mac() -> None:
         sev_crypto.open_packet(tek, tik, header, ct[:-1] + bytes([ct[-1] ^ 1]))
 
 
-@pytest.mark.parametrize("reuse", [True, False], ids=["iv-reset", "context-per-packet"])
-def test_a_channels_packet_cipher_seals_and_opens_as_seal_and_open_packet(reuse: bool) -> None:
-    """`PacketCipher` (the firmware's per-channel path) gives the bytes of `seal_packet` and
-    `open_packet`, packet after packet under one context whatever came before (lengths that
-    end inside a counter block, an IV whose counter wraps, a refused packet), and with a
-    context per packet where the library cannot reset an IV."""
+def test_a_channels_packet_cipher_seals_and_opens_as_seal_and_open_packet() -> None:
+    """`PacketCipher` (the firmware's per-channel path, native) gives the bytes of
+    `seal_packet` and `open_packet`, packet after packet under one context whatever came
+    before (lengths that end inside a counter block, an IV whose counter wraps, a refused
+    packet)."""
     tek, tik = b"E" * 16, b"M" * 16
-    cipher = sev_crypto.PacketCipher(tek, tik, reuse=reuse)
+    cipher = sev_crypto.PacketCipher(tek, tik)
     for n, length in enumerate([4096, 16, 0x5000, 48, 4096]):
         iv = b"\xff" * 16 if n == 2 else bytes([n]) * 16
         plain = os.urandom(length)
@@ -103,8 +102,7 @@ def test_a_channels_packet_cipher_seals_and_opens_as_seal_and_open_packet(reuse:
     assert cipher.open(header, again) == sev_crypto.open_packet(tek, tik, header, again)
 
 
-def test_the_iv_reset_path_is_the_one_taken_with_this_cryptography() -> None:
-    assert sev_crypto._ctr_nonce_is_resettable()
+def test_a_channels_packet_cipher_draws_a_fresh_iv_per_packet() -> None:
     hdr, _ = sev_crypto.PacketCipher(b"E" * 16, b"M" * 16).seal(bytes(64))
     other, _ = sev_crypto.PacketCipher(b"E" * 16, b"M" * 16).seal(bytes(64))
     assert hdr[4:20] != other[4:20]  # a fresh IV per packet

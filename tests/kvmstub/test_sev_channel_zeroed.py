@@ -67,19 +67,22 @@ def channel_of(host: Host, vm: Vm) -> Channel:
 
 
 def key_buffers(channel: Channel) -> dict[str, bytes | bytearray]:
-    """Every key buffer the channel holds, and those of its packet cipher (made at the first
-    packet; its IVs are public and not among them). The cipher holds the TIK only as the
-    SHA-256 states of HMAC's keyed blocks, OpenSSL contexts that it cleanses when they are
-    freed: with the cipher, which the channel drops at the close (`assert_dropped`)."""
+    """Every key buffer the channel holds. Its packet cipher (made at the first packet)
+    holds none: only its IVs, which are public, and the native keys, OpenSSL contexts (the
+    TEK's key schedule, the SHA-256 states of HMAC's keyed blocks of the TIK) that OpenSSL
+    cleanses when they are freed: with the cipher, which the channel drops at the close
+    (`assert_dropped`)."""
     buffers = {
         name: value for name, value in vars(channel).items() if isinstance(value, bytes | bytearray)
     }
     cipher = channel.packets()
-    for name in type(cipher).__slots__:
-        value = getattr(cipher, name)
-        if isinstance(value, bytes | bytearray) and name != "_ivs":
-            buffers[f"cipher {name}"] = value
-    assert "cipher _tek" in buffers  # what the packet crypto keys AES-CTR with
+    held = {
+        name
+        for name in type(cipher).__slots__
+        if isinstance(getattr(cipher, name), bytes | bytearray)
+    }
+    assert held == {"_ivs"}
+    assert type(cipher._keys).__name__ == "PacketKeys"
     return buffers
 
 
