@@ -81,8 +81,8 @@ def main() -> None:
     cases: list[tuple[str, object]] = [
         ("xts_encrypt (fresh cipher)", lambda: xts_encrypt(vek, 4096, page)),
         ("xts_decrypt (fresh cipher)", lambda: xts_decrypt(vek, 4096, page)),
-        ("write_page private (cached)", lambda: mem.write_page(4096, page, vek)),
-        ("read_page private (cached)", lambda: mem.read_page(4096, vek)),
+        ("write_page private (VEK keyed)", lambda: mem.write_page(4096, page, vek)),
+        ("read_page private (VEK keyed)", lambda: mem.read_page(4096, vek)),
         ("write_page shared", lambda: mem.write_page(4096, page, None)),
         ("read_page shared", lambda: mem.read_page(4096, None)),
     ]

@@ -25,8 +25,8 @@ runs), and the pages sent to the first and received by the second, one request o
 pages at a time as the VMMs send them. Printed: each daemon's CPU per page (utime + stime
 from /proc, the best of the repeats): the model's work plus the request path around it
 (the wait, recvmsg, decode, encode, send and trio's scheduling); the in-process figures above
-are the model's part, with cold AES-XTS contexts; here they are warm after the first repeat
-(every page was moved before it), as for the pages a later pre-copy round moves again.
+are the model's part. (Each VEK is keyed once, natively, so a page costs the same the first
+time it moves and every time after.)
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ def serve_one(d: daemon.Daemon, vm: Vm, datagram: bytes) -> bytes:
 
 def timed(work: Callable[[], object], repeats: int) -> tuple[float, float]:
     """Best CPU seconds and best wall seconds of `work` over `repeats` runs, each starting
-    with no cached AES-XTS context (as a first pre-copy round finds most pages)."""
+    with no VEK keyed (the key schedule counted once per run)."""
     cpu = wall = float("inf")
     for _ in range(repeats):
         memory._HOST_XTS.clear()
