@@ -26,6 +26,7 @@
 #include <Python.h>
 
 #include <openssl/crypto.h>
+#include <openssl/err.h>
 #include <openssl/evp.h>
 
 #define KEY_LEN 16
@@ -35,9 +36,12 @@
 #define SHA256_BLOCK 64
 #define CTX_DATA 0x02
 
+/* A failed OpenSSL call: its error queue (this thread's, shared with Python's ssl and hashlib,
+ * which link the same libcrypto) is emptied, and the failure raised as ValueError. */
 static PyObject *
 openssl_error(const char *what)
 {
+    ERR_clear_error();
     PyErr_Format(PyExc_ValueError, "kvmstub native crypto: %s failed", what);
     return NULL;
 }
@@ -107,6 +111,7 @@ XtsKey_init(XtsKey *self, PyObject *args, PyObject *kwds)
     PyBuffer_Release(&key);
     if (!ok) {
         /* OpenSSL's XTS key check (what `cryptography` reports as "duplicated keys"). */
+        ERR_clear_error();
         PyErr_SetString(PyExc_ValueError,
                         "a VEK's two halves must differ (AES-256-XTS: duplicated keys)");
         return -1;
