@@ -3,6 +3,7 @@
     python tools/bench_migrate.py                 # every table below
     python tools/bench_migrate.py --quick         # smaller populated guest for throughput
     python tools/bench_migrate.py --only 4        # one table
+    python tools/bench_migrate.py --only 4 --runs 15   # table 4 with 15 runs of each guest
 
 Two `kvmstub serve` daemons (two SEV platforms under one simulated AMD root), the source VMM
 and the target VMM (`--incoming tcp:127.0.0.3:PORT`) with mutual TLS, and QMP `migrate`:
@@ -20,7 +21,8 @@ and the target VMM (`--incoming tcp:127.0.0.3:PORT`) with mutual TLS, and QMP `m
    goes), and what part of it the running guest took; for two guests:
    busy (kvmstub's guest spins its vCPUs, taking every turn the daemon gives it, on the same
    two cores) and idle (it idles 50 ms after each line, as real guests halt; see GUESTS),
-   three of each by turns, a summary table of every run first; then in this process,
+   --runs of each (3 by default) by turns, a summary table of every run and the lowest,
+   median and highest rate of each guest first; then in this process,
    through `handoff.hv`, one page per request and in pipelined batches, with the time of
    each part.
 
@@ -33,6 +35,7 @@ import argparse
 import contextlib
 import os
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -265,15 +268,16 @@ async def end_to_end(bench: Bench, pages: int, guest: str = "busy") -> dict[str,
         target.kill_all()
 
 
-async def throughput(bench: Bench, pages: int) -> str:
+async def throughput(bench: Bench, pages: int, runs: int = 3) -> str:
     """Private pages through SEND_UPDATE_DATA -> frame -> RECEIVE_UPDATE_DATA: end to end
     (two VMMs, TLS, the guest running on the source), with the CPU time of each process per
     page; then in this process through `handoff.hv` (both daemons do the firmware's crypto),
     one page per request as before and in batches, with the time of each part."""
     out = []
-    runs = [await end_to_end(bench, pages, guest) for _ in range(3) for guest in GUESTS]
+    results = [await end_to_end(bench, pages, guest) for _ in range(runs) for guest in GUESTS]
     summary: list[list[Any]] = []
-    for run in runs:
+    rates: dict[str, list[float]] = {guest: [] for guest in GUESTS}
+    for run in results:
         r = run["result"]
         precopy_s = r["phases"]["precopy"] / 1e3
         sent = r["pages-per-round"][0]
@@ -292,6 +296,7 @@ async def throughput(bench: Bench, pages: int) -> str:
             ["all four", round(total, 2), round(total / r["pages"] * 1e6, 1), f"{idle:.0%}"]
         )
         rate = sent * 4096 / 1e6 / precopy_s
+        rates[run["guest"]].append(rate)
         summary.append(
             [
                 run["guest"],
@@ -314,6 +319,14 @@ async def throughput(bench: Bench, pages: int) -> str:
         + table(
             ["guest", "MB/s", "CPU µs a page, all four", "of which the guest"],
             summary,
+        )
+        + "\n\n"
+        + table(
+            ["guest", "runs", "MB/s lowest", "median", "highest"],
+            [
+                [guest, len(r), f"{min(r):.1f}", f"{statistics.median(r):.1f}", f"{max(r):.1f}"]
+                for guest, r in rates.items()
+            ],
         ),
     )
     out.append(await in_process(bench, pages))
@@ -478,14 +491,14 @@ def table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(out)
 
 
-async def main(quick: bool, only: int | None = None, flip_every: int = 10) -> None:
+async def main(quick: bool, only: int | None = None, flip_every: int = 10, runs: int = 3) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-migrate-") as tmp:
         bench = Bench(Path(tmp), flip_every)
         try:
             if only == 4:
                 pages = 4096 if quick else 16384
                 say(f"4. private-page throughput: {pages} populated private pages")
-                print(await throughput(bench, pages))
+                print(await throughput(bench, pages, runs))
                 return
             say("1. downtime, idle 1 GiB SEV guest")
             rows = []
@@ -550,7 +563,7 @@ async def main(quick: bool, only: int | None = None, flip_every: int = 10) -> No
 
             pages = 4096 if quick else 16384
             say(f"4. private-page throughput: {pages} populated private pages")
-            print(await throughput(bench, pages))
+            print(await throughput(bench, pages, runs))
         finally:
             bench.close()
 
@@ -566,8 +579,16 @@ if __name__ == "__main__":
         help="table 4's guest converts a page between shared and private every N steps, a "
         "hypercall exit each (default 10, five times the guest's default of 50)",
     )
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=3,
+        help="table 4: migrations of each guest, taken by turns (default 3)",
+    )
     ns = parser.parse_args()
+    if ns.runs < 1:
+        parser.error("--runs takes a count of 1 or more")
     os.environ.setdefault("PYTHONPATH", str(Path(__file__).resolve().parent.parent))
     started = time.perf_counter()
-    trio.run(main, ns.quick, ns.only, ns.flip_every)
+    trio.run(main, ns.quick, ns.only, ns.flip_every, ns.runs)
     say(f"done in {time.perf_counter() - started:.0f} s")
