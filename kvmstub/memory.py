@@ -48,7 +48,7 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from kvmstub import _sevcrypto
+from kvmstub.sev_crypto import _sevcrypto  # (built or refused there)
 from kvmstub.uapi import (
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_READONLY,

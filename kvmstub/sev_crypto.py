@@ -39,7 +39,13 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from kvmstub import _sevcrypto
+try:
+    from kvmstub import _sevcrypto as _sevcrypto  # (re-exported: memory takes it from here)
+except ImportError as exc:  # pragma: no cover - a source tree whose C module was never built
+    raise ImportError(
+        "kvmstub's native crypto (kvmstub/_sevcrypto.c) is not built: `make install` or "
+        "`pip install -e .` builds it (it needs gcc and libssl-dev)"
+    ) from exc
 
 # --- sizes and codes ------------------------------------------------------------------------
 
