@@ -418,7 +418,7 @@ class Channel:
 
     async def send_many(self, frames: Sequence[bytes]) -> None:
         """Send several frames in one write (fewer, larger TLS records and system calls: a
-        migration's page frames are about 4 KiB each). The peer receives them one by one, as
+        migration's shared pages are a 4 KiB frame each). The peer receives them one by one, as
         if sent one by one.
 
         Raises:
