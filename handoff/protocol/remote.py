@@ -135,6 +135,7 @@ import bisect
 import enum
 import hashlib
 import itertools
+import struct
 import uuid
 from collections.abc import Container, Iterable
 from dataclasses import dataclass
@@ -238,6 +239,11 @@ FW_HEADER_SIZE: Final = 52  # packet header: flags u32 | IV 16 B | MAC 32 B
 FW_IV_OFFSET: Final = 4
 FW_IV_SIZE: Final = 16
 _NO_FLAGS: Final = bytes(4)  # a packet header's flags: none (no compression)
+#: A packet header's flags and IV (the MAC skipped), for a batch's headers at once; a header,
+#: a page, for cutting a batch into its packets.
+_FLAGS_IV: Final = struct.Struct(f"<I{FW_IV_SIZE}s{FW_HEADER_SIZE - FW_IV_OFFSET - FW_IV_SIZE}x")
+_HEADER: Final = struct.Struct(f"{FW_HEADER_SIZE}s")
+_PAGE: Final = struct.Struct(f"{PAGE_SIZE}s")
 SESSION_SIZE: Final = 128  # the SEND_START session blob
 CERT_SIZE: Final = 2084  # an SEV certificate (PDH, PEK, OCA, CEK)
 #: KVM copies ASK||ARK as one blob of at most SEV_FW_BLOB_MAX_SIZE (reference 1.6, [K3]).
@@ -501,12 +507,17 @@ class EncryptedPages(_Message, frozen=True, kw_only=True, tag="sev-pages"):
     data: BatchData
 
     def packets(self) -> list[tuple[int, bytes, bytes]]:
-        """(gpa, header, ciphertext) of each page, in order: what RECEIVE_UPDATE_DATA takes."""
-        headers, data = self.headers, self.data
-        h, d = FW_HEADER_SIZE, PAGE_SIZE
+        """(gpa, header, ciphertext) of each page, in order: what RECEIVE_UPDATE_DATA takes.
+        For a batch whose lengths agree with its addresses (one the machine accepted); any
+        other raises ValueError (`struct.error`)."""
         return [
-            (gpa, headers[i * h : (i + 1) * h], data[i * d : (i + 1) * d])
-            for i, gpa in enumerate(self.gpas)
+            (gpa, header, data)
+            for gpa, (header,), (data,) in zip(
+                self.gpas,
+                _HEADER.iter_unpack(self.headers),
+                _PAGE.iter_unpack(self.data),
+                strict=True,
+            )
         ]
 
 
@@ -943,9 +954,11 @@ class _Regions:
         i = bisect.bisect_right(self._starts, gpa) - 1
         return i >= 0 and gpa < self._ends[i]
 
-    def __bool__(self) -> bool:
-        """Whether the list has a region: without one no page is shared."""
-        return bool(self._starts)
+    def any_in(self, start: int, end: int) -> bool:
+        """Whether a page of [start, end) is shared. The regions are sorted and do not
+        overlap, so the last one that begins before `end` ends last of those."""
+        i = bisect.bisect_left(self._starts, end) - 1
+        return i >= 0 and self._ends[i] > start
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1877,8 +1890,32 @@ class RemoteConnection:
                 "frames were reordered, repeated or lost"
             )
         assert self._slots is not None
+        # The whole batch at once, in C: when every test holds, each page passes each check.
+        # One that fails says only that some page may not: the pages are then taken one by
+        # one, and the first that fails a check is named.
+        flags, page_ivs = zip(*_FLAGS_IV.iter_unpack(headers), strict=True)
+        batch_gpas, batch_ivs = set(gpas), set(page_ivs)
+        low, high = min(gpas), max(gpas) + PAGE_SIZE
+        if (
+            self._slots.covers(low, high)  # one slot holds them all
+            and len(batch_gpas) == n
+            and self._round_gpas.isdisjoint(batch_gpas)
+            and not (self._regions.any_in(low, high) and any(map(self._regions.shared, gpas)))
+            and not any(flags)
+            and len(batch_ivs) == n
+            and self._ivs.isdisjoint(batch_ivs)
+        ):
+            self._batch_ivs = batch_ivs
+            return
+        self._check_pages_one_by_one(batch)
+
+    def _check_pages_one_by_one(self, batch: EncryptedPages) -> None:
+        """`_check_pages` page after page: every check for each page in `_check_page`'s
+        order, the first page that fails one refused by name."""
+        gpas, headers = batch.gpas, batch.headers
+        assert self._slots is not None
         covers, round_gpas, ivs = self._slots.covers, self._round_gpas, self._ivs
-        shared = self._regions.shared if self._regions else None
+        shared = self._regions.shared
         batch_gpas: set[int] = set()
         batch_ivs: set[bytes] = set()
         at = 0
@@ -1890,7 +1927,7 @@ class RemoteConnection:
                 not covers(gpa, gpa + PAGE_SIZE)
                 or gpa in round_gpas
                 or gpa in batch_gpas
-                or (shared is not None and shared(gpa))
+                or shared(gpa)
                 or headers[at : at + FW_IV_OFFSET] != _NO_FLAGS
                 or iv in ivs
                 or iv in batch_ivs

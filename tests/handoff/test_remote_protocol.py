@@ -1283,6 +1283,33 @@ def test_a_batch_is_taken_whole_or_not_at_all(
         assert target.pages == before + len(batch.gpas)
 
 
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=batches(), earlier=st.lists(st.sampled_from(ALL_PAGES), max_size=3, unique=True))
+def test_a_batch_checked_at_once_is_judged_as_page_by_page(
+    batch: EncryptedPages, earlier: list[int]
+) -> None:
+    """The machine tests a whole batch at once and falls back to page by page only when that
+    fails: whatever the batch, in any round (shared pages, pages sent before), both say the
+    same, the second naming the page."""
+    pair = Pair()
+    _to_first_page(pair)
+    private = [gpa for gpa in earlier if not pair.source.is_shared(gpa)]
+    if private:
+        pair.deliver(SOURCE, Pair.build(pair._page_builder(*private)))
+    target = pair.target
+    batch = msgspec.structs.replace(batch, session=target.session_id, seq=target.pages)
+    n = len(batch.gpas)
+    assume(len(batch.headers) == 52 * n and len(batch.data) == PAGE_SIZE * n)  # the shape first
+    verdicts = []
+    for check in (target._check_pages, target._check_pages_one_by_one):
+        try:
+            check(batch)
+            verdicts.append(None)
+        except Exception as exc:  # the machine's _Violation
+            verdicts.append(str(exc))
+    assert verdicts[0] == verdicts[1]
+
+
 # ---- the recovery table ------------------------------------------------------------------------
 
 FAILURES = [e for e in Ending if e is not Ending.COMPLETED]
