@@ -89,9 +89,10 @@ class MigrationFailed(HandoffError):
 @dataclass
 class MigrateOptions:
     """What `migrate` was asked: where to, with which credentials and limits. The two `x_`
-    fields are for tests: a page frame whose ciphertext is flipped in flight, the frames as
-    sent (inside TLS) written to a file for the test to scan, and a floor on the pre-copy
-    rounds (a migration long enough to be cancelled or broken in the middle)."""
+    fields are for tests: a page (by its sequence number) whose ciphertext is flipped in
+    flight, inside its batch, the frames as sent (inside TLS) written to a file for the test
+    to scan, and a floor on the pre-copy rounds (a migration long enough to be cancelled or
+    broken in the middle)."""
 
     address: str
     tls: tcp.TlsFiles
