@@ -317,15 +317,17 @@ async def test_a_tampered_packet_fails_receive_update_data_and_the_source_resume
     target, address = start_target(b, pki["target"])
     capture = tmp_path / "stream.bin"
     result = await migrate_qmp(
-        source, uri=address, **{"x-tamper-page": 2, "x-record-frames": str(capture)}
+        source, uri=address, **{"x-tamper-page": 1, "x-record-frames": str(capture)}
     )
     assert result["status"] == "failed", result
     assert result["recovery"] == "cancel-and-resume"
     assert "RECEIVE_UPDATE_DATA" in result["error"] and "0xb" in result["error"], result
     messages = [remote.decode(f) for f in read_frames(capture)]
+    # Pages 0 to VCPUS, the launch image and the journals, are private whatever the guest
+    # did (its flip pages follow them): page 1 is in the middle of the first batch.
     first = next(m for m in messages if isinstance(m, remote.EncryptedPages))
-    assert first.seq == 0 and len(first.gpas) > 3, "page 2 is in the middle of the first batch"
-    assert f"the page at {first.gpas[2]:#x} failed" in result["error"], result
+    assert first.seq == 0 and len(first.gpas) >= 3
+    assert f"the page at {first.gpas[1]:#x} failed" in result["error"], result
     assert await wait_exit(target) == 1  # it tore its copy down and gave up
     no_guest_left(b)
     assert a.vm_states() == ["RUNNING"]  # SEND_CANCEL: SUPDATE -> RUNNING
