@@ -420,10 +420,10 @@ async def in_process(bench: Bench, pages: int) -> str:
             a = time.perf_counter()
             header, data = await src.sev_send_update_data(gpa)
             b = time.perf_counter()
-            message = t_conn.receive(s_conn.send(s_conn.encrypted_page(gpa, header, data)))
+            message = t_conn.receive(s_conn.send(s_conn.encrypted_pages([gpa], [(header, data)])))
             c = time.perf_counter()
-            assert isinstance(message, remote.EncryptedPage)
-            await dst.sev_receive_update_data(gpa, message.header, message.data)
+            assert isinstance(message, remote.EncryptedPages)
+            await dst.sev_receive_update_data(gpa, message.headers, message.data)
             d = time.perf_counter()
             send_s, frame_s, recv_s = send_s + b - a, frame_s + c - b, recv_s + d - c
         results.append(("one page per request, serial", len(single), time.perf_counter() - t0,
@@ -433,7 +433,7 @@ async def in_process(bench: Bench, pages: int) -> str:
         # RECEIVEs the previous one.
         rest = gpas[len(single) :]
         busy = {"send": 0.0, "frame": 0.0, "recv": 0.0}
-        ready_in, ready = trio.open_memory_channel[list[remote.EncryptedPage]](2)
+        ready_in, ready = trio.open_memory_channel[remote.EncryptedPages](2)
 
         async def fetch() -> None:
             async with ready_in:
@@ -442,11 +442,8 @@ async def in_process(bench: Bench, pages: int) -> str:
                     a = time.perf_counter()
                     packets = await src.sev_send_update_data_batch(batch)
                     b = time.perf_counter()
-                    frames = [
-                        s_conn.send(s_conn.encrypted_page(gpa, h, d))
-                        for gpa, (h, d) in zip(batch, packets, strict=True)
-                    ]
-                    received = [t_conn.receive(f) for f in frames]
+                    frame = s_conn.send(s_conn.encrypted_pages(batch, packets))
+                    received = t_conn.receive(frame)
                     c = time.perf_counter()
                     busy["send"] += b - a
                     busy["frame"] += c - b
@@ -457,9 +454,7 @@ async def in_process(bench: Bench, pages: int) -> str:
             nursery.start_soon(fetch)
             async for received in ready:
                 a = time.perf_counter()
-                await dst.sev_receive_update_data_batch(
-                    [(m.gpa, m.header, m.data) for m in received]
-                )
+                await dst.sev_receive_update_data_batch(received.packets())
                 busy["recv"] += time.perf_counter() - a
         wall = time.perf_counter() - t0
         how = f"batches of {BATCH_PAGES}, pipelined"

@@ -29,7 +29,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import trio
@@ -59,9 +59,10 @@ ANSWER_TIMEOUT = 30.0
 #: Rounds before stop-and-copy whatever is left (a guest that dirties faster than we send).
 MAX_PRECOPY_ROUNDS = 30
 #: Pages per batch of the page stream: one submission of SEND_UPDATE_DATAs to the kernel
-#: stand-in, one write of their frames (30 frames are about 127 KiB). 30 packets are what one
-#: kvmstub reply holds (a 128 KiB datagram): each batch costs a round trip to kvmstub, a
-#: hand-over between the pipeline's stages and a TLS write, so the fewer the better.
+#: stand-in, one frame of private pages (`remote.EncryptedPages`, about 125 KiB; the protocol
+#: takes at most `remote.MAX_BATCH_PAGES`) or one write of shared pages' frames. 30 packets are
+#: what one kvmstub reply holds (a 128 KiB datagram): each batch costs a round trip to
+#: kvmstub, a hand-over between the pipeline's stages and a TLS write, so the fewer the better.
 BATCH_PAGES = 30
 #: Batches fetched ahead of the one being written.
 PIPELINE_BATCHES = 2
@@ -88,9 +89,10 @@ class MigrationFailed(HandoffError):
 @dataclass
 class MigrateOptions:
     """What `migrate` was asked: where to, with which credentials and limits. The two `x_`
-    fields are for tests: a page frame whose ciphertext is flipped in flight, the frames as
-    sent (inside TLS) written to a file for the test to scan, and a floor on the pre-copy
-    rounds (a migration long enough to be cancelled or broken in the middle)."""
+    fields are for tests: a page (by its sequence number) whose ciphertext is flipped in
+    flight, inside its batch, the frames as sent (inside TLS) written to a file for the test
+    to scan, and a floor on the pre-copy rounds (a migration long enough to be cancelled or
+    broken in the middle)."""
 
     address: str
     tls: tcp.TlsFiles
@@ -594,9 +596,10 @@ class RemoteSource:
     ) -> None:
         """Send `pages` in order: private ones through SEND_UPDATE_DATA, shared ones in
         plaintext. A pipeline: the firmware's packets of the next batch are fetched (one
-        SEND_UPDATE_DATA per page, submitted together) while the frames of the previous one
-        go out, in one write per batch. Each page keeps its own frame (session, address,
-        sequence number), in the order of `pages`."""
+        SEND_UPDATE_DATA per page, submitted together) while the previous batch goes out, in
+        one write: a batch of private pages as one frame (`EncryptedPages`: session, each
+        page's address, the first page's sequence number), a shared page as a frame of its
+        own, in the order of `pages`."""
         conn, result = self.conn, self.result
         assert conn is not None
         batches = _batches(pages, shared_now)
@@ -605,26 +608,27 @@ class RemoteSource:
             nursery.start_soon(self._fetch, vm, batches, ready_in)
             async for shared, gpas, items, failure in ready:
                 frames: list[bytes] = []
-                for gpa, item in zip(gpas, items, strict=False):
-                    message: remote.Message
-                    if shared:
+                done = gpas[: len(items)]  # all, unless a SEND_UPDATE_DATA failed
+                if shared:
+                    for gpa, item in zip(done, items, strict=True):
                         assert isinstance(item, bytes)
-                        message = conn.shared_page(gpa, item)
-                        sent_shared.add(gpa)
-                        result.shared_pages += 1
-                    else:
-                        assert isinstance(item, tuple)
-                        header, data = item
-                        if self.opts.x_tamper_page == conn.pages:
-                            data = bytes([data[0] ^ 1]) + data[1:]  # a test's bit flipped
-                        message = conn.encrypted_page(gpa, header, data)
-                        sent_shared.discard(gpa)
-                        result.private_pages += 1
-                    sent.add(gpa)
-                    frames.append(conn.send(message))  # numbered in order, sent together
+                        frames.append(conn.send(conn.shared_page(gpa, item)))
+                    sent_shared.update(done)
+                    result.shared_pages += len(done)
+                elif done:
+                    packets = cast(list[tuple[bytes, bytes]], items)
+                    tamper = self.opts.x_tamper_page  # a page's index in the session
+                    if tamper is not None and 0 <= tamper - conn.pages < len(packets):
+                        k = tamper - conn.pages  # a test's bit flipped, in that page's data
+                        header, data = packets[k]
+                        packets[k] = (header, bytes([data[0] ^ 1]) + data[1:])
+                    frames.append(conn.send(conn.encrypted_pages(done, packets)))
+                    sent_shared.difference_update(done)
+                    result.private_pages += len(done)
+                sent.update(done)
                 if frames:
                     await self._send_frames(frames)
-                    result.pages += len(frames)
+                    result.pages += len(done)
                 if failure is not None:
                     raise failure
 

@@ -50,11 +50,7 @@ log = logging.getLogger("handoff.migrate")
 
 #: How long the target waits for any one message of the source.
 ANSWER_TIMEOUT = 30.0
-#: Most encrypted pages given to RECEIVE_UPDATE_DATA in one submission (of those that
-#: arrived while the previous submission ran), and how many lists of messages that arrived
-#: together are read ahead of it. 30 packets are what one kvmstub request holds (a 128 KiB
-#: datagram).
-BATCH_PAGES = 30
+#: How many lists of messages that arrived together are read ahead of RECEIVE_UPDATE_DATA.
 READ_AHEAD = 8
 
 
@@ -283,8 +279,8 @@ class RemoteTarget:
         """The rounds, the device state and the registers, up to `Finish`. A pipeline: one
         task reads and checks frames (the protocol machine refuses a reordered, repeated or
         retargeted page there, before the firmware sees it) while this one feeds the pages
-        already accepted to RECEIVE_UPDATE_DATA, those that arrived meanwhile submitted
-        together (one command per page, in order)."""
+        already accepted to RECEIVE_UPDATE_DATA, a batch of private pages (one frame)
+        submitted together (one command per page, in order)."""
         vmm = self.vmm
         assert vmm.hypervisor is not None
         accepted_in, accepted = trio.open_memory_channel[list[remote.Message | BaseException]](
@@ -302,18 +298,8 @@ class RemoteTarget:
                 message = todo.popleft()
                 if isinstance(message, BaseException):
                     raise message
-                if isinstance(message, remote.EncryptedPage):
-                    pages = [message]
-                    while len(pages) < BATCH_PAGES:
-                        if not todo:
-                            try:
-                                todo.extend(accepted.receive_nowait())
-                            except trio.WouldBlock:
-                                break
-                        if not isinstance(todo[0], remote.EncryptedPage):
-                            break
-                        pages.append(todo.popleft())  # type: ignore[arg-type]
-                    await self._receive_pages(vm, pages)
+                if isinstance(message, remote.EncryptedPages):
+                    await self._receive_pages(vm, message)
                 elif isinstance(message, remote.SharedPage):
                     vmm.write_page(message.gpa, message.data)
                 elif isinstance(message, remote.DeviceState):
@@ -380,12 +366,12 @@ class RemoteTarget:
             raise _Ended(f"the source cancelled: {message.reason} ({message.code})")
         return message
 
-    async def _receive_pages(self, vm: SevMigrationVm, pages: list[remote.EncryptedPage]) -> None:
+    async def _receive_pages(self, vm: SevMigrationVm, batch: remote.EncryptedPages) -> None:
         try:
-            await vm.sev_receive_update_data_batch([(p.gpa, p.header, p.data) for p in pages])
+            await vm.sev_receive_update_data_batch(batch.packets())
         except OSError as exc:
             index = batch_index(exc)
-            gpa = pages[index if index is not None else 0].gpa
+            gpa = batch.gpas[index if index is not None else 0]
             await self._refuse(
                 CancelCode.FIRMWARE,
                 f"RECEIVE_UPDATE_DATA of the page at {gpa:#x} failed: {_fw(exc)}; the target "

@@ -775,7 +775,7 @@ class App:
         if not isinstance(min_rounds, int) or not 0 <= min_rounds <= remote_max_rounds():
             raise QMPCommandError("'x-min-rounds' must be a small number of rounds")
         if tamper is not None and not isinstance(tamper, int):
-            raise QMPCommandError("'x-tamper-page' must be a page frame's sequence number")
+            raise QMPCommandError("'x-tamper-page' must be a page's sequence number")
         if record is not None and not (isinstance(record, str) and os.path.isabs(record)):
             raise QMPCommandError("'x-record-frames' must be an absolute path")
         platforms = args.get("target-platforms", [])

@@ -25,11 +25,11 @@ one state::
     (SEND_START)
     SendStart      ------------------>                          STARTED    (RECEIVE_START)
     Round n        ------------------>                          PRECOPY    (guest runs)
-    EncryptedPage* / SharedPage*  --->                                     (RECEIVE_UPDATE_DATA)
+    EncryptedPages* / SharedPage* --->                                     (RECEIVE_UPDATE_DATA)
     RoundEnd n     ------------------>                          STARTED    ... more rounds
     (pause)
     StopAndCopy    ------------------>                          STOP_AND_COPY (guest paused)
-    EncryptedPage* / SharedPage*  --->
+    EncryptedPages* / SharedPage* --->
     RoundEnd       ------------------>                          COPIED
     DeviceState    ------------------>                          DEVICES
     VcpuState * vcpus  -------------->
@@ -86,8 +86,9 @@ A firmware packet (52-byte header: flags, IV, MAC; and the page's ciphertext) is
 session's TIK, but the MAC binds neither the guest address nor a sequence number (reference
 1.5): within one session a packet can be reordered, duplicated, dropped or written to another
 page, and the firmware accepts it. So every page frame carries the session id (derived from the
-SEND_START session blob: `session_id_of`), the guest physical address and a sequence number,
-and the receiving machine refuses, before anything reaches RECEIVE_UPDATE_DATA:
+SEND_START session blob: `session_id_of`), the guest physical address of each page and a
+sequence number, and the receiving machine refuses, before anything reaches
+RECEIVE_UPDATE_DATA:
 
 * a frame of another session (a spliced or replayed stream);
 * a sequence number other than the next one (reordered, duplicated or dropped frames; a drop
@@ -100,6 +101,12 @@ and the receiving machine refuses, before anything reaches RECEIVE_UPDATE_DATA:
 * a firmware packet for a page the round's shared-region list says is shared, or a plaintext
   page for one it says is private. The source's machine refuses to *send* the latter too: a
   private page never leaves in the clear because of a bug in the shell.
+
+Private pages travel in batches, one frame each (`EncryptedPages`: 1 to `MAX_BATCH_PAGES`
+pages, page i numbered `seq + i`), shared pages one a frame (`SharedPage`); sequence numbers
+and `RoundEnd.pages` count pages, not frames. Every page of a batch goes through every check
+above, in order, a repeat within the batch included, and the refusal names the first page that
+fails (its index in the frame and its address); a batch is accepted whole or not at all.
 
 The session is burnt: a target records `session_id` (durably) before it calls RECEIVE_START,
 and a target machine constructed with those records (`burnt_sessions`) refuses a `SendStart`
@@ -128,6 +135,7 @@ import bisect
 import enum
 import hashlib
 import itertools
+import struct
 import uuid
 from collections.abc import Container, Iterable
 from dataclasses import dataclass
@@ -159,6 +167,7 @@ __all__ = [
     "HELD_DECISIONS",
     "LIVE_STATES",
     "MAX_AMD_CERTS_BYTES",
+    "MAX_BATCH_PAGES",
     "MAX_MESSAGE_BYTES",
     "MAX_ROUNDS",
     "PAGE_SIZE",
@@ -176,7 +185,7 @@ __all__ = [
     "Decision",
     "Describe",
     "DeviceState",
-    "EncryptedPage",
+    "EncryptedPages",
     "Ending",
     "Finish",
     "Hello",
@@ -218,8 +227,10 @@ __all__ = [
     "session_id_of",
 ]
 
-PROTOCOL_MIN_VERSION: Final = 1
-PROTOCOL_MAX_VERSION: Final = 1
+#: Version 2: private pages travel in batches (`EncryptedPages`), where version 1 sent one frame
+#: per page; a peer of version 1 is refused at Hello (`version_refusal`).
+PROTOCOL_MIN_VERSION: Final = 2
+PROTOCOL_MAX_VERSION: Final = 2
 
 # ---- sizes of the firmware's objects (reference 1.1, 1.3, 1.5; KVM's limits 1.6) ---------------
 
@@ -228,6 +239,11 @@ FW_HEADER_SIZE: Final = 52  # packet header: flags u32 | IV 16 B | MAC 32 B
 FW_IV_OFFSET: Final = 4
 FW_IV_SIZE: Final = 16
 _NO_FLAGS: Final = bytes(4)  # a packet header's flags: none (no compression)
+#: A packet header's flags and IV (the MAC skipped), for a batch's headers at once; a header,
+#: a page, for cutting a batch into its packets.
+_FLAGS_IV: Final = struct.Struct(f"<I{FW_IV_SIZE}s{FW_HEADER_SIZE - FW_IV_OFFSET - FW_IV_SIZE}x")
+_HEADER: Final = struct.Struct(f"{FW_HEADER_SIZE}s")
+_PAGE: Final = struct.Struct(f"{PAGE_SIZE}s")
 SESSION_SIZE: Final = 128  # the SEND_START session blob
 CERT_SIZE: Final = 2084  # an SEV certificate (PDH, PEK, OCA, CEK)
 #: KVM copies ASK||ARK as one blob of at most SEV_FW_BLOB_MAX_SIZE (reference 1.6, [K3]).
@@ -261,9 +277,12 @@ POLICY_SEV: Final = 1 << 5
 
 # ---- bounds of this protocol -------------------------------------------------------------------
 
-#: The largest message either side sends or accepts: a page frame is about 4.3 KiB, the
-#: platform chain about 25 KiB, a vCPU state at most 64 KiB and the device state 64 KiB.
-MAX_MESSAGE_BYTES: Final = 256 * 1024
+#: The most private pages one `EncryptedPages` frame carries (the source sends batches of 30).
+MAX_BATCH_PAGES: Final = 64
+#: The largest message either side sends or accepts: a full batch of private pages is about
+#: 260 KiB (64 pages, their headers and addresses), the platform chain about 25 KiB, a vCPU
+#: state at most 64 KiB and the device state 64 KiB.
+MAX_MESSAGE_BYTES: Final = 320 * 1024
 MAX_ROUNDS: Final = 10_000
 MAX_VCPU_STATE_BYTES: Final = 64 * 1024
 #: Guest physical addresses are below 2**52 on x86-64 (MAXPHYADDR).
@@ -291,6 +310,17 @@ FwHeader: TypeAlias = Annotated[
     bytes, msgspec.Meta(min_length=FW_HEADER_SIZE, max_length=FW_HEADER_SIZE)
 ]
 PageBytes: TypeAlias = Annotated[bytes, msgspec.Meta(min_length=PAGE_SIZE, max_length=PAGE_SIZE)]
+#: A batch's fields: 1..MAX_BATCH_PAGES addresses, and as many headers and pages concatenated
+#: (that their lengths agree with the addresses is `_check_pages`'s, with a sentence).
+BatchGpas: TypeAlias = Annotated[
+    tuple[Gpa, ...], msgspec.Meta(min_length=1, max_length=MAX_BATCH_PAGES)
+]
+BatchHeaders: TypeAlias = Annotated[
+    bytes, msgspec.Meta(min_length=FW_HEADER_SIZE, max_length=MAX_BATCH_PAGES * FW_HEADER_SIZE)
+]
+BatchData: TypeAlias = Annotated[
+    bytes, msgspec.Meta(min_length=PAGE_SIZE, max_length=MAX_BATCH_PAGES * PAGE_SIZE)
+]
 CancelCodeText: TypeAlias = Annotated[str, msgspec.Meta(pattern="^[a-z][a-z0-9-]{0,31}$")]
 DeviceBlob: TypeAlias = Annotated[bytes, msgspec.Meta(max_length=MAX_DEVICE_BLOB_BYTES)]
 #: (guest physical address, number of 4 KiB pages) the guest made shared (plaintext).
@@ -449,7 +479,7 @@ class Round(_Message, frozen=True, kw_only=True, tag="sev-round"):
     """Source -> target: a pre-copy round begins (the guest runs on the source). Its page frames
     follow, then `RoundEnd`. `shared_regions` is the shared-region list, read after this
     round's dirty log (reference section 2, Sean's rule), complete and sorted: a page in it
-    travels as `SharedPage`, any other as `EncryptedPage`."""
+    travels as `SharedPage`, any other in an `EncryptedPages`."""
 
     round: RoundNumber
     shared_regions: SharedRegions = ()
@@ -463,15 +493,32 @@ class StopAndCopy(_Message, frozen=True, kw_only=True, tag="sev-stop-and-copy"):
     shared_regions: SharedRegions = ()
 
 
-class EncryptedPage(_Message, frozen=True, kw_only=True, tag="sev-page"):
-    """Source -> target: one private page as SEND_UPDATE_DATA gave it (the firmware packet
-    header and the page encrypted with the transport keys), in handoff's framing."""
+class EncryptedPages(_Message, frozen=True, kw_only=True, tag="sev-pages"):
+    """Source -> target: 1..MAX_BATCH_PAGES private pages as SEND_UPDATE_DATA gave them (each
+    one's firmware packet header and the page encrypted with the transport keys), in handoff's
+    framing, one frame for the batch. Page i is the guest page at `gpas[i]`, numbered `seq + i`;
+    its header is `headers[52 i : 52 (i + 1)]`, its ciphertext `data[4096 i : 4096 (i + 1)]`
+    (`packets()` cuts them)."""
 
     session: SessionId
-    seq: U64
-    gpa: Gpa
-    header: FwHeader
-    data: PageBytes
+    seq: U64  # the first page's sequence number
+    gpas: BatchGpas
+    headers: BatchHeaders
+    data: BatchData
+
+    def packets(self) -> list[tuple[int, bytes, bytes]]:
+        """(gpa, header, ciphertext) of each page, in order: what RECEIVE_UPDATE_DATA takes.
+        For a batch whose lengths agree with its addresses (one the machine accepted); any
+        other raises ValueError (`struct.error`)."""
+        return [
+            (gpa, header, data)
+            for gpa, (header,), (data,) in zip(
+                self.gpas,
+                _HEADER.iter_unpack(self.headers),
+                _PAGE.iter_unpack(self.data),
+                strict=True,
+            )
+        ]
 
 
 class SharedPage(_Message, frozen=True, kw_only=True, tag="sev-shared-page"):
@@ -484,7 +531,8 @@ class SharedPage(_Message, frozen=True, kw_only=True, tag="sev-shared-page"):
 
 
 class RoundEnd(_Message, frozen=True, kw_only=True, tag="sev-round-end"):
-    """Source -> target: the round is over; `pages` frames were sent in it."""
+    """Source -> target: the round is over; `pages` pages were sent in it (a batch of private
+    pages counts as many as it carries)."""
 
     round: RoundNumber
     pages: U64
@@ -510,7 +558,7 @@ class VcpuState(_Message, frozen=True, kw_only=True, tag="sev-vcpu-state"):
 
 class Finish(_Message, frozen=True, kw_only=True, tag="sev-finish"):
     """Source -> target: everything was sent: `rounds` rounds (the last one stop-and-copy) of
-    `pages` page frames in all. The target answers `Received` (or `Cancel`)."""
+    `pages` pages in all. The target answers `Received` (or `Cancel`)."""
 
     rounds: RoundNumber
     pages: U64
@@ -578,7 +626,7 @@ Message: TypeAlias = (
     | SendStart
     | Round
     | StopAndCopy
-    | EncryptedPage
+    | EncryptedPages
     | SharedPage
     | RoundEnd
     | DeviceState
@@ -616,25 +664,36 @@ def _encode(message: Message) -> bytes:
 _U64_MAX: Final = (1 << 64) - 1
 
 
-def _page_in_bounds(page: EncryptedPage | SharedPage) -> bool:
+def _page_in_bounds(page: EncryptedPages | SharedPage) -> bool:
     """Whether a page frame's fields are of their declared types and within their bounds
-    (`SessionId`, `U64`, `Gpa`, `FwHeader`, `PageBytes`): what decoding its frame would prove.
-    False says only that this quick look cannot tell: the decoder then decides."""
-    gpa, seq = page.gpa, page.seq
-    return (
+    (`SessionId`, `U64`, `Gpa`, `PageBytes`; a batch's `BatchGpas`, `BatchHeaders`,
+    `BatchData`): what decoding its frame would prove. False says only that this quick look
+    cannot tell: the decoder then decides."""
+    seq = page.seq
+    if not (
         type(page.session) is bytes
         and len(page.session) == SESSION_ID_SIZE
         and type(seq) is int
         and 0 <= seq <= _U64_MAX
-        and type(gpa) is int
-        and 0 <= gpa < MAX_GPA
-        and not gpa % PAGE_SIZE
         and type(page.data) is bytes
-        and len(page.data) == PAGE_SIZE
-        and (
-            isinstance(page, SharedPage)
-            or (type(page.header) is bytes and len(page.header) == FW_HEADER_SIZE)
+    ):
+        return False
+    if isinstance(page, SharedPage):
+        gpa = page.gpa
+        return (
+            type(gpa) is int
+            and 0 <= gpa < MAX_GPA
+            and not gpa % PAGE_SIZE
+            and len(page.data) == PAGE_SIZE
         )
+    gpas, headers = page.gpas, page.headers
+    return (
+        type(gpas) is tuple
+        and 1 <= len(gpas) <= MAX_BATCH_PAGES
+        and all(type(gpa) is int and 0 <= gpa < MAX_GPA and not gpa % PAGE_SIZE for gpa in gpas)
+        and type(headers) is bytes
+        and FW_HEADER_SIZE <= len(headers) <= MAX_BATCH_PAGES * FW_HEADER_SIZE
+        and PAGE_SIZE <= len(page.data) <= MAX_BATCH_PAGES * PAGE_SIZE
     )
 
 
@@ -895,6 +954,12 @@ class _Regions:
         i = bisect.bisect_right(self._starts, gpa) - 1
         return i >= 0 and gpa < self._ends[i]
 
+    def any_in(self, start: int, end: int) -> bool:
+        """Whether a page of [start, end) is shared. The regions are sorted and do not
+        overlap, so the last one that begins before `end` ends last of those."""
+        i = bisect.bisect_left(self._starts, end) - 1
+        return i >= 0 and self._ends[i] > start
+
 
 # ---------------------------------------------------------------------------------------------
 # The transition table.
@@ -909,7 +974,7 @@ class _Regions:
 # RemoteConnection._check.
 # ---------------------------------------------------------------------------------------------
 
-_PAGES: Final = (EncryptedPage, SharedPage)
+_PAGES: Final = (EncryptedPages, SharedPage)
 
 TRANSITIONS: Final[dict[Role, dict[State, dict[type[_Message], State]]]] = {
     Role.SOURCE: {
@@ -928,13 +993,13 @@ TRANSITIONS: Final[dict[Role, dict[State, dict[type[_Message], State]]]] = {
             Cancel: State.CANCELLED,
         },
         State.PRECOPY: {
-            EncryptedPage: State.PRECOPY,
+            EncryptedPages: State.PRECOPY,
             SharedPage: State.PRECOPY,
             RoundEnd: State.STARTED,
             Cancel: State.CANCELLED,
         },
         State.STOP_AND_COPY: {
-            EncryptedPage: State.STOP_AND_COPY,
+            EncryptedPages: State.STOP_AND_COPY,
             SharedPage: State.STOP_AND_COPY,
             RoundEnd: State.COPIED,
             Cancel: State.CANCELLED,
@@ -971,7 +1036,8 @@ TRANSITIONS: Final[dict[Role, dict[State, dict[type[_Message], State]]]] = {
 
 #: The states in which the source streams pages (each page frame leaves the state as it is),
 #: read off the table: there `send` and `receive` take a page frame by their page path
-#: (`_send_page`; `_check_page` and `_apply_page`), without the table's lookups.
+#: (`_send_page`; `_check_page` and `_apply_page`, or for a batch `_check_pages` and
+#: `_apply_pages`), without the table's lookups.
 _PAGE_STATES: Final = tuple(
     state
     for state, allowed in TRANSITIONS[Role.SOURCE].items()
@@ -1357,6 +1423,7 @@ class RemoteConnection:
         self._round_pages = 0
         self._round_gpas: set[int] = set()
         self._ivs: set[bytes] = set()
+        self._batch_ivs: set[bytes] = set()  # the IVs of the batch `_check_pages` passed
         # Whether our frames, or the peer's, are the page stream (the source's).
         self._pages_ours: Final = role is Role.SOURCE
         self._pages_theirs: Final = role.peer is Role.SOURCE
@@ -1471,10 +1538,22 @@ class RemoteConnection:
             why = chain_refusal(self.description.policy, self.chain)
         return None if why is None else Cancel(code=CancelCode.POLICY, reason=why)
 
-    def encrypted_page(self, gpa: int, header: bytes, data: bytes) -> EncryptedPage:
-        """The next frame for a private page, from SEND_UPDATE_DATA's header and data."""
-        return EncryptedPage(
-            session=self._session(), seq=self.pages, gpa=gpa, header=header, data=data
+    def encrypted_pages(
+        self, gpas: Iterable[int], packets: Iterable[tuple[bytes, bytes]]
+    ) -> EncryptedPages:
+        """The next frame for a batch of private pages: the pages at `gpas`, in order, and
+        SEND_UPDATE_DATA's (header, data) of each, in the same order."""
+        headers: list[bytes] = []
+        data: list[bytes] = []
+        for header, page in packets:
+            headers.append(header)
+            data.append(page)
+        return EncryptedPages(
+            session=self._session(),
+            seq=self.pages,
+            gpas=tuple(gpas),
+            headers=b"".join(headers),
+            data=b"".join(data),
         )
 
     def shared_page(self, gpa: int, data: bytes) -> SharedPage:
@@ -1504,7 +1583,7 @@ class RemoteConnection:
             raise LocalProtocolError("the connection already failed; it cannot send")
         kind = type(message)
         if (
-            (kind is EncryptedPage or kind is SharedPage)
+            (kind is EncryptedPages or kind is SharedPage)
             and self._pages_ours
             and (state in _PAGE_STATES)
         ):
@@ -1551,14 +1630,18 @@ class RemoteConnection:
             message = _decode(data)
             kind = type(message)
             if (
-                (kind is EncryptedPage or kind is SharedPage)
+                (kind is EncryptedPages or kind is SharedPage)
                 and self._pages_theirs
                 and (state in _PAGE_STATES)
             ):
-                # The page path: what the table and `_check` decide for a page in these
+                # The page path: what the table and `_check` decide for a page frame in these
                 # states, without their lookups (the same checks, in the same order).
-                self._check_page(message)  # type: ignore[arg-type]
-                self._apply_page(message)  # type: ignore[arg-type]
+                if kind is EncryptedPages:
+                    self._check_pages(message)  # type: ignore[arg-type]
+                    self._apply_pages(message)  # type: ignore[arg-type]
+                else:
+                    self._check_page(message)  # type: ignore[arg-type]
+                    self._apply_page(message)  # type: ignore[arg-type]
                 return message
             if state in _COMPLETED_STATES:
                 raise _Violation(f"{kind.__name__} after the conversation completed")
@@ -1574,7 +1657,7 @@ class RemoteConnection:
         self._apply(self.their_role, message, new_state)
         return message
 
-    def _send_page(self, page: EncryptedPage | SharedPage) -> bytes:
+    def _send_page(self, page: EncryptedPages | SharedPage) -> bytes:
         """`send` of a page frame in a state where the source streams pages (the state stays).
         The peer decodes the frame with the message types' bounds; a page whose fields are
         already of the types and within the bounds those declare (`_page_in_bounds`) is not
@@ -1584,11 +1667,17 @@ class RemoteConnection:
             data = _encode(page)
             if not _page_in_bounds(page):
                 _decode(data)
-            self._check_page(page)
+            if isinstance(page, EncryptedPages):
+                self._check_pages(page)
+            else:
+                self._check_page(page)
         except _Violation as exc:
             self._fail(Ending.LOCAL_FAILURE)
             raise LocalProtocolError(str(exc)) from None
-        self._apply_page(page)
+        if isinstance(page, EncryptedPages):
+            self._apply_pages(page)
+        else:
+            self._apply_page(page)
         return data
 
     def give_up(self, ending: Literal[Ending.TIMEOUT, Ending.LOCAL_FAILURE]) -> RecoveryPlan:
@@ -1615,7 +1704,9 @@ class RemoteConnection:
 
     def _check(self, sender: Role, message: Message) -> None:
         """The rules that depend on more than one field, or on earlier messages."""
-        if isinstance(message, _PAGES):
+        if isinstance(message, EncryptedPages):
+            self._check_pages(message)
+        elif isinstance(message, SharedPage):
             self._check_page(message)
         elif isinstance(message, Hello):
             self._check_hello(sender, message)
@@ -1753,7 +1844,7 @@ class RemoteConnection:
                 "refused before RECEIVE_START"
             )
 
-    def _check_page(self, page: EncryptedPage | SharedPage) -> None:
+    def _check_page(self, page: SharedPage) -> None:
         if page.session != self.session_id:
             raise _Violation(f"{type(page).__name__} of another session than this one: refused")
         if page.seq != self.pages:
@@ -1772,45 +1863,142 @@ class RemoteConnection:
                 f"{type(page).__name__} for guest address {gpa:#x} a second time in round "
                 f"{self.rounds}"
             )
-        shared = self._regions.shared(gpa)
-        if isinstance(page, SharedPage):
-            if not shared:
-                raise _Violation(
-                    f"a plaintext page for guest address {gpa:#x}, which the shared-region "
-                    "list says is private: private pages travel only through SEND_UPDATE_DATA"
-                )
-            return
-        if shared:
+        if not self._regions.shared(gpa):
             raise _Violation(
-                f"an encrypted page for guest address {gpa:#x}, which the shared-region "
-                "list says is shared: the guest would read ciphertext"
-            )
-        header = page.header
-        if header[:4] != _NO_FLAGS:
-            flags = int.from_bytes(header[:4], "little")
-            raise _Violation(
-                f"firmware packet header flags {flags:#x}: compressed packets are not supported "
-                "(RECEIVE_UPDATE_DATA would refuse them)"
-            )
-        if header[FW_IV_OFFSET : FW_IV_OFFSET + FW_IV_SIZE] in self._ivs:
-            raise _Violation(
-                f"the firmware packet for guest address {gpa:#x} repeats the IV of an "
-                "earlier packet of this session: a packet sent again (for another page, or "
-                "again for this one)"
+                f"a plaintext page for guest address {gpa:#x}, which the shared-region "
+                "list says is private: private pages travel only through SEND_UPDATE_DATA"
             )
 
-    def _apply_page(self, page: EncryptedPage | SharedPage) -> None:
-        """A page frame was checked (`_check_page`): count it, remember its address for the
-        round and its IV for the session. The state stays."""
+    def _check_pages(self, batch: EncryptedPages) -> None:
+        """`_check_page`'s checks for a batch: its shape, its session and first sequence
+        number, then every page in order (a page again, or an IV again, within the batch
+        included). Leaves the batch's IVs for `_apply_pages`; changes nothing else."""
+        gpas, headers = batch.gpas, batch.headers
+        n = len(gpas)
+        if len(headers) != n * FW_HEADER_SIZE or len(batch.data) != n * PAGE_SIZE:
+            raise _Violation(
+                f"EncryptedPages carries {len(headers)} bytes of packet headers and "
+                f"{len(batch.data)} bytes of page data for {n} guest addresses: expected "
+                f"{n * FW_HEADER_SIZE} and {n * PAGE_SIZE} ({FW_HEADER_SIZE} and {PAGE_SIZE} "
+                "for each address, in its order): a malformed frame"
+            )
+        if batch.session != self.session_id:
+            raise _Violation("EncryptedPages of another session than this one: refused")
+        if batch.seq != self.pages:
+            raise _Violation(
+                f"EncryptedPages with sequence number {batch.seq}, expected {self.pages}: "
+                "frames were reordered, repeated or lost"
+            )
+        assert self._slots is not None
+        # The whole batch at once, in C: when every test holds, each page passes each check.
+        # One that fails says only that some page may not: the pages are then taken one by
+        # one, and the first that fails a check is named.
+        flags, page_ivs = zip(*_FLAGS_IV.iter_unpack(headers), strict=True)
+        batch_gpas, batch_ivs = set(gpas), set(page_ivs)
+        low, high = min(gpas), max(gpas) + PAGE_SIZE
+        if (
+            self._slots.covers(low, high)  # one slot holds them all
+            and len(batch_gpas) == n
+            and self._round_gpas.isdisjoint(batch_gpas)
+            and not (self._regions.any_in(low, high) and any(map(self._regions.shared, gpas)))
+            and not any(flags)
+            and len(batch_ivs) == n
+            and self._ivs.isdisjoint(batch_ivs)
+        ):
+            self._batch_ivs = batch_ivs
+            return
+        self._check_pages_one_by_one(batch)
+
+    def _check_pages_one_by_one(self, batch: EncryptedPages) -> None:
+        """`_check_pages` page after page: every check for each page in `_check_page`'s
+        order, the first page that fails one refused by name."""
+        gpas, headers = batch.gpas, batch.headers
+        assert self._slots is not None
+        covers, round_gpas, ivs = self._slots.covers, self._round_gpas, self._ivs
+        shared = self._regions.shared
+        batch_gpas: set[int] = set()
+        batch_ivs: set[bytes] = set()
+        at = 0
+        for gpa in gpas:
+            # One test for all of a page's checks; which one failed, and the words, are
+            # `_page_refusal`'s (the same checks, in `_check_page`'s order).
+            iv = headers[at + FW_IV_OFFSET : at + FW_IV_OFFSET + FW_IV_SIZE]
+            if (
+                not covers(gpa, gpa + PAGE_SIZE)
+                or gpa in round_gpas
+                or gpa in batch_gpas
+                or shared(gpa)
+                or headers[at : at + FW_IV_OFFSET] != _NO_FLAGS
+                or iv in ivs
+                or iv in batch_ivs
+            ):
+                raise self._page_refusal(batch, at // FW_HEADER_SIZE, batch_gpas, batch_ivs)
+            batch_gpas.add(gpa)
+            batch_ivs.add(iv)
+            at += FW_HEADER_SIZE
+        self._batch_ivs = batch_ivs
+
+    def _page_refusal(
+        self, batch: EncryptedPages, i: int, batch_gpas: set[int], batch_ivs: set[bytes]
+    ) -> _Violation:
+        """Why page `i` of `batch` is refused, the pages before it having passed
+        (`batch_gpas`, `batch_ivs`: theirs): the first of `_check_page`'s checks it fails,
+        naming the page's place in the frame and its address."""
+        gpa, n = batch.gpas[i], len(batch.gpas)
+        page = (
+            f"guest address {gpa:#x} (page {i} of the frame's {n}, sequence number {batch.seq + i})"
+        )
+        assert self._slots is not None
+        if not self._slots.covers(gpa, gpa + PAGE_SIZE):
+            return _Violation(f"EncryptedPages for {page}, outside guest memory")
+        if gpa in self._round_gpas or gpa in batch_gpas:
+            return _Violation(
+                f"EncryptedPages for {page} a second time in round {self.rounds}"
+                + (", the first time earlier in this frame" if gpa in batch_gpas else "")
+            )
+        if self._regions.shared(gpa):
+            return _Violation(
+                f"an encrypted page for {page}, which the shared-region list says is shared: "
+                "the guest would read ciphertext"
+            )
+        header = batch.headers[i * FW_HEADER_SIZE : (i + 1) * FW_HEADER_SIZE]
+        if header[:FW_IV_OFFSET] != _NO_FLAGS:
+            flags = int.from_bytes(header[:FW_IV_OFFSET], "little")
+            return _Violation(
+                f"firmware packet header flags {flags:#x} for {page}: compressed packets are "
+                "not supported (RECEIVE_UPDATE_DATA would refuse them)"
+            )
+        iv = header[FW_IV_OFFSET : FW_IV_OFFSET + FW_IV_SIZE]
+        assert iv in self._ivs or iv in batch_ivs
+        return _Violation(
+            f"the firmware packet for {page} repeats the IV of an earlier packet of this "
+            "session"
+            + (" (earlier in this frame)" if iv in batch_ivs else "")
+            + ": a packet sent again (for another page, or again for this one)"
+        )
+
+    def _apply_page(self, page: SharedPage) -> None:
+        """A shared page's frame was checked (`_check_page`): count it, remember its address
+        for the round. The state stays."""
         self.pages += 1
         self._round_pages += 1
         self._round_gpas.add(page.gpa)
-        if isinstance(page, EncryptedPage):
-            self._ivs.add(bytes(page.header[FW_IV_OFFSET : FW_IV_OFFSET + FW_IV_SIZE]))
+
+    def _apply_pages(self, batch: EncryptedPages) -> None:
+        """A batch was checked (`_check_pages`): count its pages, remember their addresses for
+        the round and their IVs for the session. The state stays."""
+        n = len(batch.gpas)
+        self.pages += n
+        self._round_pages += n
+        self._round_gpas.update(batch.gpas)
+        self._ivs |= self._batch_ivs
+        self._batch_ivs = set()
 
     def _apply(self, sender: Role, message: Message, new_state: State) -> None:
         old_state = self._state
-        if isinstance(message, _PAGES):
+        if isinstance(message, EncryptedPages):
+            self._apply_pages(message)
+        elif isinstance(message, SharedPage):
             self._apply_page(message)
         elif isinstance(message, Hello):
             if sender is self.our_role:

@@ -84,8 +84,8 @@ __all__ = [
 ]
 
 #: The largest frame either side sends or accepts by default: the remote protocol's messages
-#: are at most 256 KiB (`protocol.remote.MAX_MESSAGE_BYTES`).
-MAX_FRAME_SIZE = 256 * 1024
+#: are at most 320 KiB (`protocol.remote.MAX_MESSAGE_BYTES`: a full batch of private pages).
+MAX_FRAME_SIZE = 320 * 1024
 #: Sent by each side once the TLS handshake succeeded (and, for the server, the client's
 #: certificate was verified): the transport's name and version.
 GREETING = b"handoff-tcp/1\n"
@@ -418,7 +418,7 @@ class Channel:
 
     async def send_many(self, frames: Sequence[bytes]) -> None:
         """Send several frames in one write (fewer, larger TLS records and system calls: a
-        migration's page frames are about 4 KiB each). The peer receives them one by one, as
+        migration's shared pages are a 4 KiB frame each). The peer receives them one by one, as
         if sent one by one.
 
         Raises:

@@ -425,9 +425,8 @@ async def test_a_target_whose_source_falls_silent_in_a_round_gives_up_and_tears_
                 source_pdh, _ = await sev_platform(a).sev_pdh_cert_export()
                 await say(remote.SendStart(session=session, source_pdh=source_pdh, policy=policy))
                 await say(remote.Round(round=1, shared_regions=()))
-                for gpa in source.populated_pages()[:2]:
-                    header, data = await src.sev_send_update_data(gpa)
-                    await say(conn.encrypted_page(gpa, header, data))
+                gpas = source.populated_pages()[:2]
+                await say(conn.encrypted_pages(gpas, await src.sev_send_update_data_batch(gpas)))
                 with trio.fail_after(10):  # then nothing more: the target gives up
                     while not ended:
                         await trio.sleep(0.01)

@@ -302,20 +302,32 @@ async def test_a_guest_that_cannot_migrate_is_refused_before_anything_is_sent(
 
 
 async def test_a_tampered_packet_fails_receive_update_data_and_the_source_resumes(
-    hosts: tuple[Host, Host], pki: dict[str, TlsFiles]
+    hosts: tuple[Host, Host], pki: dict[str, TlsFiles], tmp_path: Path
 ) -> None:
-    """Checklist: integrity (a flipped ciphertext bit -> RECEIVE_UPDATE_DATA BAD_MEASUREMENT),
-    cancel resumes the source (SEND_CANCEL: RUNNING, untouched), the half-received target torn
-    down with its ASID freed, and a new migration to another target then works."""
+    """Checklist: integrity (a flipped ciphertext bit -> RECEIVE_UPDATE_DATA BAD_MEASUREMENT,
+    naming the page, here one in the middle of a batch), cancel resumes the source
+    (SEND_CANCEL: RUNNING, untouched), the half-received target torn down with its ASID
+    freed, and a new migration to another target then works."""
+    from handoff.protocol import remote
+
     a, b = hosts
     source = a.vmm("source", *tls_flags(pki["source"]))
     source.start()
     await source.wait_lines(2)
     target, address = start_target(b, pki["target"])
-    result = await migrate_qmp(source, uri=address, **{"x-tamper-page": 0})
+    capture = tmp_path / "stream.bin"
+    result = await migrate_qmp(
+        source, uri=address, **{"x-tamper-page": 1, "x-record-frames": str(capture)}
+    )
     assert result["status"] == "failed", result
     assert result["recovery"] == "cancel-and-resume"
     assert "RECEIVE_UPDATE_DATA" in result["error"] and "0xb" in result["error"], result
+    messages = [remote.decode(f) for f in read_frames(capture)]
+    # Pages 0 to VCPUS, the launch image and the journals, are private whatever the guest
+    # did (its flip pages follow them): page 1 is in the middle of the first batch.
+    first = next(m for m in messages if isinstance(m, remote.EncryptedPages))
+    assert first.seq == 0 and len(first.gpas) >= 3
+    assert f"the page at {first.gpas[1]:#x} failed" in result["error"], result
     assert await wait_exit(target) == 1  # it tore its copy down and gave up
     no_guest_left(b)
     assert a.vm_states() == ["RUNNING"]  # SEND_CANCEL: SUPDATE -> RUNNING
@@ -492,12 +504,12 @@ async def test_the_stream_carries_no_plaintext_private_page_or_key_and_a_replay_
     tek, tik = tek_tik[:16], tek_tik[16:]
 
     plaintexts: dict[int, bytes] = {}
-    for m in messages:
-        if isinstance(m, remote.EncryptedPage):
-            iv, mac = m.header[4:20], m.header[20:52]
-            signed = b"\x02" + m.header[0:4] + iv + (4096).to_bytes(4, "little") * 2 + m.data
-            assert hmac.new(tik, signed, hashlib.sha256).digest() == mac
-            plaintexts[m.gpa] = _aes_ctr(tek, iv, m.data)
+    packets = [p for m in messages if isinstance(m, remote.EncryptedPages) for p in m.packets()]
+    for gpa, header, data in packets:
+        iv, mac = header[4:20], header[20:52]
+        signed = b"\x02" + header[0:4] + iv + (4096).to_bytes(4, "little") * 2 + data
+        assert hmac.new(tik, signed, hashlib.sha256).digest() == mac
+        plaintexts[gpa] = _aes_ctr(tek, iv, data)
     image = build_launch_image(GuestParams(vcpus=VCPUS, line_every=50, flip_every=10))
     assert plaintexts[0][: len(image)] == image  # the launch image, decrypted offline
     for secret in (tek, tik, master, kek, kik):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from handoff.protocol.local import VcpuStateWire
@@ -23,9 +23,11 @@ from handoff.protocol.remote import (
     FW_HEADER_SIZE,
     HELD_DECISIONS,
     LIVE_STATES,
+    MAX_BATCH_PAGES,
     MAX_MESSAGE_BYTES,
     PAGE_SIZE,
     PROGRESS,
+    PROTOCOL_MAX_VERSION,
     RECOVERY,
     SESSION_SIZE,
     TRANSITIONS,
@@ -34,7 +36,7 @@ from handoff.protocol.remote import (
     Commit,
     Describe,
     DeviceState,
-    EncryptedPage,
+    EncryptedPages,
     Ending,
     Finish,
     Hello,
@@ -170,6 +172,33 @@ class Plan:
     rounds: list[RoundPlan]  # the last one is stop-and-copy
     vcpus: int = 2
     session: int = 0
+    batch: int = 4  # private pages per EncryptedPages frame, at most
+
+
+def shared_in(regions: tuple[tuple[int, int], ...], gpa: int) -> bool:
+    return any(start <= gpa < start + n * PAGE_SIZE for start, n in regions)
+
+
+def page_frames(rnd: RoundPlan, batch: int) -> list[tuple[bool, list[int]]]:
+    """A round's pages as the source shell frames them: runs of private pages in batches of at
+    most `batch`, each shared page alone; in order."""
+    out: list[tuple[bool, list[int]]] = []
+    for gpa in rnd.dirty:
+        shared = shared_in(rnd.shared, gpa)
+        if out and not shared and not out[-1][0] and len(out[-1][1]) < batch:
+            out[-1][1].append(gpa)
+        else:
+            out.append((shared, [gpa]))
+    return out
+
+
+def pages_of(message: Message) -> list[tuple[int, bool]]:
+    """(gpa, shared) of each page a page frame carries (none for another message)."""
+    if isinstance(message, EncryptedPages):
+        return [(gpa, False) for gpa in message.gpas]
+    if isinstance(message, SharedPage):
+        return [(message.gpa, True)]
+    return []
 
 
 def simple_plan() -> Plan:
@@ -230,8 +259,8 @@ class Pair:
         for n, rnd in enumerate(self.plan.rounds, start=1):
             kind = StopAndCopy if n == last else Round
             steps.append((SOURCE, kind(round=n, shared_regions=rnd.shared)))
-            for gpa in rnd.dirty:
-                steps.append((SOURCE, self._page_builder(gpa)))
+            for _, gpas in page_frames(rnd, self.plan.batch):
+                steps.append((SOURCE, self._page_builder(*gpas)))
             steps.append((SOURCE, RoundEnd(round=n, pages=len(rnd.dirty))))
         steps.append((SOURCE, DeviceState(doorbell_sum=77, device_blobs={"serial": b"half"})))
         steps += [(SOURCE, vcpu_state(i)) for i in range(self.plan.vcpus)]
@@ -241,12 +270,14 @@ class Pair:
         steps.append((TARGET, lambda: Resumed(session=tgt.session_id)))
         return steps
 
-    def _page_builder(self, gpa: int) -> object:
+    def _page_builder(self, *gpas: int) -> object:
+        """The frame of one shared page, or of a batch of private ones."""
+
         def build() -> Message:
-            if self.source.is_shared(gpa):
+            if len(gpas) == 1 and self.source.is_shared(gpas[0]):
+                gpa = gpas[0]
                 return self.source.shared_page(gpa, bytes([gpa >> 12 & 0xFF]) * PAGE_SIZE)
-            header, data = self.firmware.packet(gpa)
-            return self.source.encrypted_page(gpa, header, data)
+            return self.source.encrypted_pages(gpas, [self.firmware.packet(g) for g in gpas])
 
         return build
 
@@ -273,7 +304,7 @@ def test_whole_migration_reaches_done_on_both_sides_with_every_message_intact() 
     for conn in (pair.source, pair.target):
         assert conn.state is State.DONE
         assert conn.recovery().recovery is Recovery.DONE
-        assert conn.version == 1
+        assert conn.version == PROTOCOL_MAX_VERSION == 2
         assert conn.rounds == 3
     assert pair.source.session_id == pair.target.session_id == session_id_of(session_blob(0))
     assert pair.target.description == pair.describe
@@ -281,12 +312,16 @@ def test_whole_migration_reaches_done_on_both_sides_with_every_message_intact() 
     assert pair.target.pages == pair.source.pages == len(ALL_PAGES) + 3 + 2
     kinds = [type(m) for _, m in pair.sent]
     assert kinds.count(SharedPage) == 2 + 1 + 1  # pages 3 and 4; SLOT1; 4
+    # Batches of at most 4 private pages, cut by shared ones: round 1's pages 0-2, then 5-15
+    # and SLOT1's 8 (19: 5 batches); round 2's 1 and 4; round 3's 3.
+    assert kinds.count(EncryptedPages) == (1 + 5) + 1 + 1
 
 
 @st.composite
 def plans(draw: st.DrawFn) -> Plan:
     """Any honest migration: 1 to 4 rounds, each with its own shared-region list (sorted runs
-    of pages) and its own dirty pages in any order; 1 to 4 vCPUs."""
+    of pages) and its own dirty pages in any order; 1 to 4 vCPUs; batches of 1 to 8 private
+    pages."""
     rounds = []
     for _ in range(draw(st.integers(1, 4))):
         shared_pages = sorted(draw(st.sets(st.sampled_from(ALL_PAGES), max_size=8)))
@@ -302,7 +337,12 @@ def plans(draw: st.DrawFn) -> Plan:
                 regions.append((gpa, 1))
         dirty = draw(st.permutations(ALL_PAGES))[: draw(st.integers(0, len(ALL_PAGES)))]
         rounds.append(RoundPlan(shared=tuple(regions), dirty=list(dirty)))
-    return Plan(rounds=rounds, vcpus=draw(st.integers(1, 4)), session=draw(st.integers(0, 99)))
+    return Plan(
+        rounds=rounds,
+        vcpus=draw(st.integers(1, 4)),
+        session=draw(st.integers(0, 99)),
+        batch=draw(st.integers(1, 8)),
+    )
 
 
 @settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow])
@@ -322,13 +362,11 @@ def test_an_honest_source_and_target_always_agree(plan: Plan) -> None:
     )
     assert pair.target.shared_regions == plan.rounds[-1].shared
     # Each page went the way its round's list said: plaintext exactly for shared pages.
-    sent = iter(m for _, m in pair.sent if isinstance(m, EncryptedPage | SharedPage))
+    sent = iter([page for _, m in pair.sent for page in pages_of(m)])
     for rnd in plan.rounds:
         for gpa in rnd.dirty:
-            frame = next(sent)
-            assert frame.gpa == gpa
-            shared = any(start <= gpa < start + n * PAGE_SIZE for start, n in rnd.shared)
-            assert isinstance(frame, SharedPage) == shared
+            assert next(sent) == (gpa, shared_in(rnd.shared, gpa))
+    assert next(sent, None) is None
 
 
 def test_zero_precopy_rounds_is_a_plain_stop_and_copy() -> None:
@@ -345,9 +383,9 @@ def test_every_message_fits_in_one_frame_at_its_bounds() -> None:
             pdh=cert(0x1003), pek=cert(0x1002), oca=cert(0x1001), cek=cert(0x1004),
             ask=amd_cert(0x13, 4096), ark=amd_cert(0x0, 4096),
         ),
-        EncryptedPage(
-            session=b"s" * 16, seq=(1 << 63) - 1, gpa=(1 << 52) - PAGE_SIZE,
-            header=b"h" * 52, data=b"d" * PAGE_SIZE,
+        EncryptedPages(
+            session=b"s" * 16, seq=(1 << 63) - 1, gpas=((1 << 52) - PAGE_SIZE,) * MAX_BATCH_PAGES,
+            headers=b"h" * 52 * MAX_BATCH_PAGES, data=b"d" * PAGE_SIZE * MAX_BATCH_PAGES,
         ),
         DeviceState(
             doorbell_sum=0xFFFF_FFFF,
@@ -414,12 +452,26 @@ def test_a_describe_with_repeated_or_overlapping_slots_is_refused(
         RemoteConnection(SOURCE, guest=bad)
 
 
+def batch(
+    n: int = 1, *, gpas: tuple[int, ...] | None = None, headers: int = 52, data: int = PAGE_SIZE
+) -> EncryptedPages:
+    """An EncryptedPages of `n` pages (or `gpas`), with `headers` and `data` bytes a page."""
+    gpas = gpas if gpas is not None else tuple(i * PAGE_SIZE for i in range(n))
+    n = len(gpas)
+    return EncryptedPages(
+        session=b"s" * 16, seq=0, gpas=gpas, headers=b"h" * headers * n, data=b"d" * data * n
+    )
+
+
 def test_sizes_of_firmware_objects_are_checked_when_decoding() -> None:
-    sid = b"s" * 16
     bad = [
-        EncryptedPage(session=sid, seq=0, gpa=0, header=b"h" * 51, data=b"d" * PAGE_SIZE),
-        EncryptedPage(session=sid, seq=0, gpa=0, header=b"h" * 52, data=b"d" * 4095),
-        EncryptedPage(session=sid, seq=0, gpa=100, header=b"h" * 52, data=b"d" * PAGE_SIZE),
+        batch(headers=51),
+        batch(data=4095),
+        batch(gpas=(100,)),
+        batch(gpas=()),  # an empty batch
+        batch(MAX_BATCH_PAGES + 1),  # too many pages
+        batch(MAX_BATCH_PAGES, headers=53),  # more header bytes than the most pages take
+        batch(MAX_BATCH_PAGES, data=PAGE_SIZE + 1),
         SharedPage(session=b"s" * 15, seq=0, gpa=0, data=b"d" * PAGE_SIZE),
         SendStart(session=b"x" * (SESSION_SIZE - 1), source_pdh=cert(0x1003), policy=0),
         SendStart(session=b"x" * SESSION_SIZE, source_pdh=b"p" * 2083, policy=0),
@@ -427,6 +479,31 @@ def test_sizes_of_firmware_objects_are_checked_when_decoding() -> None:
     for message in bad:
         with pytest.raises(RemoteProtocolError, match="malformed"):
             decode(msgspec.msgpack.encode(message))
+
+
+@pytest.mark.parametrize(
+    ("field", "announced", "said"),
+    [
+        ("gpas", b"\xdd\xff\xff\xff\xff", "array` of length <= 64"),  # array32: 2**32 - 1
+        ("headers", b"\xc6\xff\xff\xff\xff", "length <= 3328"),  # bin32: 4 GiB
+        ("data", b"\xc6\x00\x10\x00\x00", "length <= 262144"),  # bin32: 1 MiB
+    ],
+)
+def test_a_batch_announcing_more_than_its_bounds_is_refused_before_it_is_read(
+    field: str, announced: bytes, said: str
+) -> None:
+    """msgpack announces each array's and blob's length before its items: a frame of a few
+    bytes announcing billions of pages is refused by the bounds, before anything of it is
+    read or allocated."""
+    enc = msgspec.msgpack.encode
+    frame = b"\x86" + enc("type") + enc("sev-pages")  # a map of six, cut after `field`
+    for key, value in msgspec.structs.asdict(batch()).items():
+        if key == field:
+            frame += enc(key) + announced + bytes(64)
+            break
+        frame += enc(key) + enc(value)
+    with pytest.raises(RemoteProtocolError, match=said):
+        decode(frame)
 
 
 @pytest.mark.parametrize(
@@ -528,6 +605,14 @@ def _to_first_page(pair: Pair) -> list[tuple[Role, object]]:
     return rest
 
 
+def _encode(message: Message) -> bytes:
+    return msgspec.msgpack.encode(message)
+
+
+#: Round 1 of `simple_plan` shares 0x3000 and 0x4000; these are private.
+PRIVATE = [0, 0x1000, 0x2000, 0x5000, 0x6000, 0x7000]
+
+
 def test_a_plaintext_page_for_a_private_address_is_refused_at_the_source() -> None:
     pair = Pair()
     _to_first_page(pair)
@@ -541,10 +626,13 @@ def test_a_plaintext_page_for_a_private_address_is_refused_at_the_source() -> No
 @pytest.mark.parametrize(
     ("field", "value", "said"),
     [
-        ("gpa", 0x1000 + 16, "multiple of 4096"),
-        ("gpa", -PAGE_SIZE, ">= 0"),
-        ("header", bytes(51), "length >= 52"),
-        ("data", bytes(PAGE_SIZE + 1), "length <= 4096"),
+        ("gpas", (0x1000 + 16,), "multiple of 4096"),
+        ("gpas", (-PAGE_SIZE,), ">= 0"),
+        ("gpas", ("0x1000",), "Expected `int`"),
+        ("gpas", (), "length >= 1"),
+        ("gpas", (0x1000,) * (MAX_BATCH_PAGES + 1), "length <= 64"),
+        ("headers", bytes(51), "length >= 52"),
+        ("data", bytes(MAX_BATCH_PAGES * PAGE_SIZE + 1), "length <= 262144"),
         ("session", bytes(15), "length >= 16"),
         ("seq", -1, ">= 0"),
         ("data", "a" * PAGE_SIZE, "Expected `bytes`"),
@@ -557,35 +645,92 @@ def test_the_source_sends_no_page_frame_its_peer_would_refuse_to_decode(
     # bounds still never leaves: the decoder then judges it, with the peer's words.
     pair = Pair()
     _to_first_page(pair)
-    header, data = pair.firmware.packet(0x1000)
     page = msgspec.structs.replace(
-        pair.source.encrypted_page(0x1000, header, data), **{field: value}
+        pair.source.encrypted_pages([0x1000], [pair.firmware.packet(0x1000)]), **{field: value}
     )
     with pytest.raises(LocalProtocolError, match=said):
         pair.source.send(page)
     assert pair.source.state is State.ERROR
+    assert pair.source.pages == 0
+
+
+@pytest.mark.parametrize(
+    ("headers", "data"),
+    [(52 * 2 + 1, PAGE_SIZE * 2), (52, PAGE_SIZE * 2), (52 * 2, PAGE_SIZE * 3), (52 * 2, 4097)],
+)
+def test_a_batch_whose_lengths_disagree_with_its_addresses_is_refused(
+    headers: int, data: int
+) -> None:
+    for side in (SOURCE, TARGET):
+        pair = Pair()
+        _to_first_page(pair)
+        assert pair.source.session_id is not None
+        bad = EncryptedPages(
+            session=pair.source.session_id,
+            seq=0,
+            gpas=(0x1000, 0x2000),
+            headers=bytes(headers),
+            data=bytes(data),
+        )
+        said = (
+            f"carries {headers} bytes of packet headers and {data} bytes of page data for 2 "
+            f"guest addresses: expected {2 * 52} and {2 * PAGE_SIZE}"
+        )
+        if side is SOURCE:
+            with pytest.raises(LocalProtocolError, match=said):
+                pair.source.send(bad)
+        else:
+            with pytest.raises(RemoteProtocolError, match=said):
+                pair.target.receive(_encode(bad))
+        assert pair.conn(side).state is State.ERROR
+        assert pair.conn(side).pages == 0
 
 
 def test_the_source_page_frames_decode_as_the_pages_it_built() -> None:
     pair = Pair()
     _to_first_page(pair)
-    private = [gpa for gpa in ALL_PAGES if not pair.source.is_shared(gpa)][:3]
-    for gpa in private:
-        header, data = pair.firmware.packet(gpa)
-        page = pair.source.encrypted_page(gpa, header, data)
+    for gpas in ([0, 0x1000, 0x2000], [0x5000], PRIVATE[4:]):
+        packets = [pair.firmware.packet(gpa) for gpa in gpas]
+        page = pair.source.encrypted_pages(gpas, packets)
         frame = pair.source.send(page)
-        assert pair.target.receive(frame) == page
-    assert pair.source.pages == pair.target.pages == len(private)
+        received = pair.target.receive(frame)
+        assert received == page
+        assert isinstance(received, EncryptedPages)
+        assert received.packets() == [(g, h, d) for g, (h, d) in zip(gpas, packets, strict=True)]
+    assert pair.source.pages == pair.target.pages == len(PRIVATE)
+
+
+def test_a_full_batch_goes_through_and_one_more_page_does_not() -> None:
+    def big_pair() -> Pair:
+        slots = (MemorySlot(slot=0, guest_phys_addr=0, size=(MAX_BATCH_PAGES + 1) * PAGE_SIZE),)
+        pair = Pair()
+        pair.describe = msgspec.structs.replace(
+            make_describe(), slots=slots, memory_bytes=slots[0].size
+        )
+        pair.source = RemoteConnection(SOURCE, guest=pair.describe)
+        pair.run(5)
+        pair.deliver(SOURCE, Round(round=1))
+        return pair
+
+    gpas = [i * PAGE_SIZE for i in range(MAX_BATCH_PAGES + 1)]
+    pair = big_pair()
+    packets = [pair.firmware.packet(gpa) for gpa in gpas]
+    full = pair.source.encrypted_pages(gpas[:-1], packets[:-1])
+    frame = pair.source.send(full)
+    assert len(frame) <= MAX_MESSAGE_BYTES
+    assert pair.target.receive(frame) == full
+    assert pair.target.pages == MAX_BATCH_PAGES
+    pair = big_pair()
+    with pytest.raises(LocalProtocolError, match="length <= 64"):
+        pair.source.send(pair.source.encrypted_pages(gpas, packets))
 
 
 def test_an_encrypted_page_for_a_shared_address_is_refused() -> None:
     pair = Pair()
     _to_first_page(pair)
-    header, data = pair.firmware.packet(0x3000)
+    frame = pair.source.encrypted_pages([0x3000], [pair.firmware.packet(0x3000)])
     with pytest.raises(RemoteProtocolError, match="says is shared"):
-        pair.target.receive(
-            msgspec.msgpack.encode(pair.source.encrypted_page(0x3000, header, data))
-        )
+        pair.target.receive(_encode(frame))
 
 
 def test_a_compressed_firmware_packet_is_refused() -> None:
@@ -594,83 +739,207 @@ def test_a_compressed_firmware_packet_is_refused() -> None:
     header, data = pair.firmware.packet(0)
     header = (1).to_bytes(4, "little") + header[4:]
     with pytest.raises(RemoteProtocolError, match="compressed"):
-        pair.target.receive(msgspec.msgpack.encode(pair.source.encrypted_page(0, header, data)))
+        pair.target.receive(_encode(pair.source.encrypted_pages([0], [(header, data)])))
 
 
 def test_pages_outside_guest_memory_are_refused() -> None:
     pair = Pair()
     _to_first_page(pair)
-    header, data = pair.firmware.packet(0)
+    packet = pair.firmware.packet(0)
     for gpa in (SLOT0_PAGES * PAGE_SIZE, SLOT1_GPA + SLOT1_PAGES * PAGE_SIZE):
-        frame = msgspec.msgpack.encode(pair.source.encrypted_page(gpa, header, data))
+        frame = _encode(pair.source.encrypted_pages([gpa], [packet]))
         fresh = Pair()
         _to_first_page(fresh)
         with pytest.raises(RemoteProtocolError, match="outside guest memory"):
             fresh.target.receive(frame)
 
 
-def _round_frames(pair: Pair, gpas: list[int]) -> list[Message]:
-    """The honest frames of the first round's pages, delivered to nobody yet: the source
-    machine sends them (and advances), the test decides what the target sees."""
+@pytest.mark.parametrize(
+    ("bad", "said"),
+    [
+        ("outside", "EncryptedPages for {page}, outside guest memory"),
+        ("again-in-round", "EncryptedPages for {page} a second time in round 1"),
+        (
+            "again-in-frame",
+            "EncryptedPages for {page} a second time in round 1, the first time earlier in this "
+            "frame",
+        ),
+        ("shared", "an encrypted page for {page}, which the shared-region list says is shared"),
+        ("compressed", "header flags 0x1 for {page}: compressed packets are not supported"),
+        (
+            "iv-of-earlier-frame",
+            "the firmware packet for {page} repeats the IV of an earlier packet of this session: "
+            "a packet sent again",
+        ),
+        (
+            "iv-in-frame",
+            "the firmware packet for {page} repeats the IV of an earlier packet of this session "
+            "(earlier in this frame): a packet sent again",
+        ),
+    ],
+)
+def test_a_bad_page_in_the_middle_of_a_batch_is_refused_naming_it_and_none_is_applied(
+    bad: str, said: str
+) -> None:
+    """Page 1 of a batch of 3 fails one check: the refusal names its place and address, at the
+    source (which never sends it) as at the target, and nothing of the batch counts (the
+    connection fails anyway: a batch is one frame, whole or refused)."""
+    for side in (SOURCE, TARGET):
+        pair = Pair()
+        _to_first_page(pair)
+        earlier = pair.source.encrypted_pages([0x1000], [pair.firmware.packet(0x1000)])
+        pair.deliver(SOURCE, earlier)
+        gpas = [0x2000, 0x5000, 0x6000]
+        packets = [pair.firmware.packet(gpa) for gpa in gpas]
+        if bad == "outside":
+            gpas[1] = SLOT0_PAGES * PAGE_SIZE
+        elif bad == "again-in-round":
+            gpas[1] = 0x1000
+        elif bad == "again-in-frame":
+            gpas[1] = 0x2000
+        elif bad == "shared":
+            gpas[1] = 0x3000
+        elif bad == "compressed":
+            packets[1] = ((1).to_bytes(4, "little") + packets[1][0][4:], packets[1][1])
+        elif bad == "iv-of-earlier-frame":
+            packets[1] = (earlier.headers, earlier.data)
+        else:
+            packets[1] = packets[0]
+        frame = pair.source.encrypted_pages(gpas, packets)
+        page = f"guest address {gpas[1]:#x} (page 1 of the frame's 3, sequence number 2)"
+        conn = pair.conn(side)
+        with pytest.raises(LocalProtocolError if side is SOURCE else RemoteProtocolError) as info:
+            if side is SOURCE:
+                pair.source.send(frame)
+            else:
+                pair.target.receive(_encode(frame))
+        message = str(info.value)
+        assert said.format(page=page) in message
+        assert ("earlier in this frame" in message) == bad.endswith("in-frame")
+        assert conn.pages == 1  # the earlier frame's page only
+        assert conn.state is State.ERROR
+    assert pair.target.recovery().recovery is Recovery.TEAR_DOWN
+    honest = msgspec.structs.replace(frame, gpas=(0x2000, 0x5000, 0x6000))
+    with pytest.raises(RemoteProtocolError, match="already failed"):
+        pair.target.receive(_encode(honest))
+
+
+@pytest.mark.parametrize("seq", [0, 1, 3, 1 << 40])
+def test_a_batch_with_another_sequence_number_than_the_next_page_is_refused(seq: int) -> None:
+    pair = Pair()
+    _to_first_page(pair)
+    first = pair.source.encrypted_pages([0, 0x1000], [pair.firmware.packet(g) for g in (0, 0x1000)])
+    pair.deliver(SOURCE, first)
+    second = pair.source.encrypted_pages([0x2000], [pair.firmware.packet(0x2000)])
+    assert second.seq == 2
+    with pytest.raises(RemoteProtocolError, match=f"sequence number {seq}, expected 2: frames"):
+        pair.target.receive(_encode(msgspec.structs.replace(second, seq=seq)))
+    assert pair.target.pages == 2
+
+
+def _round_frames(pair: Pair, gpas: list[int], size: int) -> list[EncryptedPages]:
+    """The honest batches (of `size` pages) of the first round's private pages `gpas`,
+    delivered to nobody yet: the source machine sends them (and advances), the test decides
+    what the target sees."""
     frames = []
-    for gpa in gpas:
-        message = Pair.build(pair._page_builder(gpa))
+    for at in range(0, len(gpas), size):
+        batch = gpas[at : at + size]
+        message = pair.source.encrypted_pages(batch, [pair.firmware.packet(g) for g in batch])
         pair.source.send(message)
         frames.append(message)
     return frames
 
 
-def _mutations(frames: list[Message], fw: Firmware) -> list[tuple[str, list[Message]]]:
-    """Ways a hypervisor could mangle a round's frames, each with the frame list the target
-    sees; the firmware's MAC would accept every one of them."""
+def _with_page(
+    frame: EncryptedPages, i: int, gpa: int, header: bytes, data: bytes
+) -> EncryptedPages:
+    """`frame` with page i replaced (i == its length: appended) by `gpa`, `header`, `data`."""
+    packets = frame.packets()
+    packets[i : i + 1] = [(gpa, header, data)]
+    return msgspec.structs.replace(
+        frame,
+        gpas=tuple(g for g, _, _ in packets),
+        headers=b"".join(h for _, h, _ in packets),
+        data=b"".join(d for _, _, d in packets),
+    )
+
+
+def _pages(frame: EncryptedPages, start: int, stop: int) -> EncryptedPages:
+    """Pages start..stop of `frame`, in a frame of their own (same first sequence number)."""
+    return msgspec.structs.replace(
+        frame,
+        gpas=frame.gpas[start:stop],
+        headers=frame.headers[start * 52 : stop * 52],
+        data=frame.data[start * PAGE_SIZE : stop * PAGE_SIZE],
+    )
+
+
+def _mutations(frames: list[EncryptedPages]) -> dict[str, list[Message]]:
+    """Ways a hypervisor could mangle a round's frames (3 batches of 2 pages), each with the
+    frame list the target sees; the firmware's MAC would accept every packet in them."""
     replace = msgspec.structs.replace
-    first, second = frames[0], frames[1]
-    assert isinstance(first, EncryptedPage) and isinstance(second, EncryptedPage)
-    out: list[tuple[str, list[Message]]] = [
-        ("reordered", [second, first, *frames[2:]]),
-        ("duplicated", [first, first, *frames[1:]]),
-        ("dropped", frames[1:]),
-        # The first packet again, as the next frame in sequence, for another page: the
-        # retargeted packet. Its IV gives it away.
-        (
-            "retargeted",
-            [first, second, msgspec.structs.replace(first, seq=2, gpa=ALL_PAGES[10])],
-        ),
+    b0, b1, b2 = frames
+    first_gpa, first_header, first_data = b0.packets()[0]
+    # The first packet again, as the next page in sequence, for another page: the retargeted
+    # packet. Its IV gives it away.
+    again = replace(_pages(b0, 0, 1), seq=4, gpas=(ALL_PAGES[10],))
+    # b0's second page moved into b1, the frames keeping their sequence numbers.
+    moved = _with_page(b1, 2, *b0.packets()[1])
+    return {
+        "reordered": [b1, b0, b2],
+        "duplicated": [b0, b0, b1, b2],
+        "dropped": [b1, b2],
+        "retargeted": [b0, b1, again],
         # The same, but over a page already sent this round.
-        ("retargeted-over-sent", [first, second, replace(first, seq=2, gpa=second.gpa)]),
-        ("renumbered-duplicate", [first, msgspec.structs.replace(first, seq=1)]),
-        ("other-session", [msgspec.structs.replace(first, session=b"\x01" * 16)]),
-    ]  # fmt: skip
-    return out
+        "retargeted-over-sent": [b0, b1, replace(again, gpas=(b1.gpas[0],))],
+        "renumbered-duplicate": [b0, replace(b0, seq=2)],
+        "other-session": [replace(b0, session=b"\x01" * 16)],
+        # Inside one batch: a page twice (address and packet); a packet twice, for two pages.
+        "duplicated-in-batch": [_with_page(b0, 1, first_gpa, first_header, first_data)],
+        "retargeted-in-batch": [_with_page(b0, 1, b0.gpas[1], first_header, first_data)],
+        "moved-to-a-later-batch": [_pages(b0, 0, 1), moved, b2],
+    }
 
 
-@pytest.mark.parametrize(
-    "mutation",
-    [
-        "reordered",
-        "duplicated",
-        "dropped",
-        "retargeted",
-        "retargeted-over-sent",
-        "renumbered-duplicate",
-        "other-session",
-    ],
-)
+def _assert_only_honest_pages_accepted(
+    accepted: list[Message | PeerGone], frames: list[EncryptedPages]
+) -> None:
+    """Every page the machine let through (and so the shell passed to RECEIVE_UPDATE_DATA) is
+    one the honest source sent, with its packet and in its place."""
+    honest = [packet for frame in frames for packet in frame.packets()]
+    for frame in accepted:
+        assert isinstance(frame, EncryptedPages)
+        for k, packet in enumerate(frame.packets()):
+            assert packet == honest[frame.seq + k]
+
+
+MUTATIONS = [
+    "reordered",
+    "duplicated",
+    "dropped",
+    "retargeted",
+    "retargeted-over-sent",
+    "renumbered-duplicate",
+    "other-session",
+    "duplicated-in-batch",
+    "retargeted-in-batch",
+    "moved-to-a-later-batch",
+]
+
+
+@pytest.mark.parametrize("mutation", MUTATIONS)
 def test_a_mangled_page_stream_is_refused_before_the_frame_reaches_the_firmware(
     mutation: str,
 ) -> None:
     pair = Pair()
     _to_first_page(pair)
-    private = [gpa for gpa in ALL_PAGES if not pair.source.is_shared(gpa)][:3]
-    frames = _round_frames(pair, private)
-    seen = dict(_mutations(frames, pair.firmware))[mutation]
-    accepted = []
+    frames = _round_frames(pair, PRIVATE, 2)
+    seen = _mutations(frames)[mutation]
+    accepted: list[Message | PeerGone] = []
     with pytest.raises(RemoteProtocolError) as info:
-        for frame in seen:
-            accepted.append(pair.target.receive(msgspec.msgpack.encode(frame)))
-    # Every frame the machine let through (and so the shell passed to RECEIVE_UPDATE_DATA) is
-    # one the honest source sent, in its place.
-    assert accepted == frames[: len(accepted)]
+        for frame in [*seen, RoundEnd(round=1, pages=len(PRIVATE))]:
+            accepted.append(pair.target.receive(_encode(frame)))
+    _assert_only_honest_pages_accepted(accepted, frames)
     assert pair.target.state is State.ERROR
     assert pair.target.recovery().recovery is Recovery.TEAR_DOWN
     assert any(word in str(info.value) for word in ("sequence", "IV", "second time", "session"))
@@ -679,63 +948,120 @@ def test_a_mangled_page_stream_is_refused_before_the_frame_reaches_the_firmware(
 def test_a_packet_replayed_in_a_later_round_for_another_page_is_refused_by_its_iv() -> None:
     pair = Pair()
     _to_first_page(pair)
-    (first,) = _round_frames(pair, [0x1000])
-    pair.target.receive(msgspec.msgpack.encode(first))
+    (first,) = _round_frames(pair, [0x1000], 1)
+    pair.target.receive(_encode(first))
     pair.deliver(SOURCE, RoundEnd(round=1, pages=1))
     pair.deliver(SOURCE, Round(round=2))
-    assert isinstance(first, EncryptedPage)
-    replay = msgspec.structs.replace(first, seq=pair.target.pages, gpa=0x2000)
+    replay = msgspec.structs.replace(first, seq=pair.target.pages, gpas=(0x2000,))
     with pytest.raises(RemoteProtocolError, match="repeats the IV"):
-        pair.target.receive(msgspec.msgpack.encode(replay))
+        pair.target.receive(_encode(replay))
 
 
 def test_a_frame_lost_at_the_end_of_a_round_is_caught_by_round_end() -> None:
     pair = Pair()
     _to_first_page(pair)
-    frames = _round_frames(pair, [0x1000, 0x2000])
-    pair.target.receive(msgspec.msgpack.encode(frames[0]))
-    data = pair.source.send(RoundEnd(round=1, pages=2))
-    with pytest.raises(RemoteProtocolError, match="frames were lost"):
+    frames = _round_frames(pair, [0x1000, 0x2000, 0x5000], 2)
+    pair.target.receive(_encode(frames[0]))
+    data = pair.source.send(RoundEnd(round=1, pages=3))
+    with pytest.raises(RemoteProtocolError, match="had 3 pages; round 1 had 2: frames were lost"):
         pair.target.receive(data)
+
+
+def _renumbered(frames: list[EncryptedPages]) -> list[EncryptedPages]:
+    """`frames` numbered as an honest source would number them (page by page, from 0)."""
+    out, seq = [], 0
+    for frame in frames:
+        out.append(msgspec.structs.replace(frame, seq=seq))
+        seq += len(frame.gpas)
+    return out
 
 
 @settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
 @given(
     pages=st.lists(st.sampled_from(ALL_PAGES), min_size=2, max_size=12, unique=True),
+    size=st.integers(1, 4),
     i=st.integers(0, 11),
     j=st.integers(0, 11),
-    how=st.sampled_from(["swap", "repeat", "retarget", "drop"]),
+    how=st.sampled_from(["swap", "repeat", "retarget", "drop", "repeat-page", "retarget-page"]),
 )
-def test_any_reordered_repeated_retargeted_or_dropped_frame_is_refused(
-    pages: list[int], i: int, j: int, how: str
+def test_any_reordered_repeated_retargeted_or_dropped_frame_or_page_is_refused(
+    pages: list[int], size: int, i: int, j: int, how: str
 ) -> None:
     pair = Pair(Plan(rounds=[RoundPlan(shared=(), dirty=ALL_PAGES)]))
     pair.run(5)
     pair.deliver(SOURCE, StopAndCopy(round=1))
-    frames = _round_frames(pair, pages)
+    frames = _round_frames(pair, pages, size)
+    assume(how != "swap" or len(frames) > 1)
     i, j = i % len(frames), j % len(frames)
     seen = list(frames)
+    unsent = [gpa for gpa in ALL_PAGES if gpa not in pages]
+    # an earlier frame's (or this one's) first page: address, header, data
+    gpa, header, data = frames[min(i, j)].packets()[0]
     if how == "swap":
         if i == j:
             j = (i + 1) % len(frames)
         seen[i], seen[j] = seen[j], seen[i]
     elif how == "repeat":
-        seen.insert(i + 1, frames[j] if j <= i else frames[i])
+        seen.insert(i + 1, frames[min(i, j)])
     elif how == "retarget":
-        # an earlier packet (j <= i) again, as frame i + 1, for a page not yet sent
-        unsent = [gpa for gpa in ALL_PAGES if gpa not in pages]
-        src = frames[min(i, j)]
-        seen.insert(i + 1, msgspec.structs.replace(src, seq=i + 1, gpa=unsent[0]))
-        for k in range(i + 2, len(seen)):
-            seen[k] = msgspec.structs.replace(seen[k], seq=k)
+        # that packet again, as frame i + 1, for a page not yet sent; later frames renumbered
+        again = msgspec.structs.replace(_pages(frames[0], 0, 1), gpas=(unsent[0],))
+        again = _with_page(again, 0, unsent[0], header, data)
+        seen = _renumbered([*seen[: i + 1], again, *seen[i + 1 :]])
+    elif how == "repeat-page":
+        # that page again (address and packet), at the end of frame i; later frames renumbered
+        seen[i] = _with_page(seen[i], len(seen[i].gpas), gpa, header, data)
+        seen = _renumbered(seen)
+    elif how == "retarget-page":
+        # that packet again, at the end of frame i, for a page not yet sent
+        seen[i] = _with_page(seen[i], len(seen[i].gpas), unsent[0], header, data)
+        seen = _renumbered(seen)
     else:
         del seen[i]
-    seen.append(RoundEnd(round=1, pages=len(frames)))
-    accepted = []
+    stream: list[Message] = [*seen, RoundEnd(round=1, pages=len(pages))]
+    accepted: list[Message | PeerGone] = []
     with pytest.raises(RemoteProtocolError):
-        for frame in seen:
-            accepted.append(pair.target.receive(msgspec.msgpack.encode(frame)))
-    assert accepted == frames[: len(accepted)]
+        for frame in stream:
+            accepted.append(pair.target.receive(_encode(frame)))
+    _assert_only_honest_pages_accepted(accepted, frames)
+
+
+# ---- protocol versions -------------------------------------------------------------------------
+
+
+def test_a_source_of_the_per_page_protocol_is_refused_at_hello_with_the_version_refusal() -> None:
+    """Version 1 sent one frame per private page; this machine speaks only version 2 (batches),
+    so a version-1 source is answered Cancel("version") before anything else is exchanged."""
+    target = RemoteConnection(TARGET)
+    old = Hello(min_version=1, max_version=1, vm_name="g", vm_uuid=VM_UUID)
+    assert target.receive(_encode(old)) == old
+    refusal = target.version_refusal()
+    assert refusal is not None and refusal.code == CancelCode.VERSION
+    assert "the source speaks 1..1, the target 2..2" in refusal.reason
+    with pytest.raises(LocalProtocolError, match="no common protocol version"):
+        target.make_hello(vm_name="g", vm_uuid=VM_UUID)
+    target.send(refusal)
+    assert target.recovery().recovery is Recovery.DROP
+
+
+def test_a_target_of_the_per_page_protocol_is_refused_at_hello() -> None:
+    # A version-1 target answers Cancel("version") (it has no common version); one that chose
+    # version 1 anyway is refused by the source's machine.
+    for answer in (
+        Cancel(code=CancelCode.VERSION, reason="no common SEV migration protocol version"),
+        Hello(min_version=1, max_version=1, chosen_version=1, vm_name="g", vm_uuid=VM_UUID),
+    ):
+        source = RemoteConnection(SOURCE, guest=make_describe())
+        hello = source.make_hello(vm_name="g", vm_uuid=VM_UUID)
+        assert (hello.min_version, hello.max_version) == (2, 2)
+        source.send(hello)
+        if isinstance(answer, Cancel):
+            assert source.receive(_encode(answer)) == answer
+            assert source.state is State.CANCELLED
+        else:
+            with pytest.raises(RemoteProtocolError, match="chose protocol version 1, outside"):
+                source.receive(_encode(answer))
+        assert source.recovery().recovery is Recovery.NOTHING_TO_DO
 
 
 # ---- the session is burnt ----------------------------------------------------------------------
@@ -823,7 +1149,7 @@ def test_messages_crossing_our_cancel_are_returned_and_change_nothing() -> None:
 def test_a_target_cancel_crossing_a_stream_of_pages_stops_the_source() -> None:
     pair = Pair()
     _to_first_page(pair)
-    frames = _round_frames(pair, [0x1000, 0x2000])
+    frames = _round_frames(pair, [0x1000, 0x2000, 0x5000], 2)
     cancel = pair.target.send(Cancel(code=CancelCode.FIRMWARE, reason="RECEIVE_START: EIO 11"))
     for frame in frames:  # already on the wire: dropped by the cancelled target
         assert pair.target.receive(msgspec.msgpack.encode(frame)) == frame
@@ -879,7 +1205,25 @@ def test_corrupted_valid_frames_never_raise_anything_but_remote_protocol_error(
         assert receiver.state is State.ERROR
 
 
+@st.composite
+def batches(draw: st.DrawFn) -> EncryptedPages:
+    """A batch of private pages of any shape within the decoder's bounds: its lengths agreeing
+    with its addresses or not, its headers compressed or not, its IVs repeated or not."""
+    gpas = draw(st.lists(st.sampled_from(ALL_PAGES), min_size=1, max_size=4))
+    n = len(gpas) + draw(st.sampled_from([0, 0, 0, -1, 1]))
+    ivs = draw(st.lists(st.binary(min_size=1, max_size=1), min_size=n, max_size=n))
+    flags = draw(st.sampled_from([bytes(4), b"\x01\0\0\0"]))
+    return EncryptedPages(
+        session=draw(st.binary(min_size=16, max_size=16)),
+        seq=draw(st.integers(0, 40)),
+        gpas=tuple(gpas),
+        headers=b"".join(flags + iv * 16 + bytes(32) for iv in ivs) or bytes(52),
+        data=bytes(max(n, 1) * PAGE_SIZE),
+    )
+
+
 _ANY_MESSAGE = st.one_of(
+    batches(),
     st.builds(Cancel, code=st.sampled_from(["busy", "x", "Bad"]), reason=st.text(max_size=20)),
     st.builds(Received, session=st.binary(min_size=16, max_size=16)),
     st.builds(Commit, session=st.binary(min_size=16, max_size=16)),
@@ -916,6 +1260,54 @@ def test_well_typed_messages_out_of_place_never_raise_anything_but_remote_protoc
         except RemoteProtocolError:
             assert conn.state is State.ERROR
             break
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(first=batches(), second=batches())
+def test_a_batch_is_taken_whole_or_not_at_all(
+    first: EncryptedPages, second: EncryptedPages
+) -> None:
+    """Batches of any shape, in this session and numbered in sequence: each one is accepted
+    with all its pages counted, or refused with none of them, and then nothing more is."""
+    pair = Pair()
+    _to_first_page(pair)
+    target = pair.target
+    for batch in (first, second):
+        batch = msgspec.structs.replace(batch, session=target.session_id, seq=target.pages)
+        before = target.pages
+        try:
+            assert target.receive(_encode(batch)) == batch
+        except RemoteProtocolError:
+            assert target.pages == before and target.state is State.ERROR
+            return
+        assert target.pages == before + len(batch.gpas)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=batches(), earlier=st.lists(st.sampled_from(ALL_PAGES), max_size=3, unique=True))
+def test_a_batch_checked_at_once_is_judged_as_page_by_page(
+    batch: EncryptedPages, earlier: list[int]
+) -> None:
+    """The machine tests a whole batch at once and falls back to page by page only when that
+    fails: whatever the batch, in any round (shared pages, pages sent before), both say the
+    same, the second naming the page."""
+    pair = Pair()
+    _to_first_page(pair)
+    private = [gpa for gpa in earlier if not pair.source.is_shared(gpa)]
+    if private:
+        pair.deliver(SOURCE, Pair.build(pair._page_builder(*private)))
+    target = pair.target
+    batch = msgspec.structs.replace(batch, session=target.session_id, seq=target.pages)
+    n = len(batch.gpas)
+    assume(len(batch.headers) == 52 * n and len(batch.data) == PAGE_SIZE * n)  # the shape first
+    verdicts = []
+    for check in (target._check_pages, target._check_pages_one_by_one):
+        try:
+            check(batch)
+            verdicts.append(None)
+        except Exception as exc:  # the machine's _Violation
+            verdicts.append(str(exc))
+    assert verdicts[0] == verdicts[1]
 
 
 # ---- the recovery table ------------------------------------------------------------------------

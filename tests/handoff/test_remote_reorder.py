@@ -6,10 +6,11 @@ number and no session beyond its keys, so within one session RECEIVE_UPDATE_DATA
 reordered, repeated or written to another page (section 6, "Anti-replay": the test must show
 such a packet caught by handoff, not by the firmware). Here the packets are SEND_UPDATE_DATA's
 own, from a guest launched on one kvmstub model host and sent towards another; they travel in
-`handoff.protocol.remote` frames (session id, sequence number, GPA; the firmware IV remembered
-per session), and the target side does what its shell does: a frame the machine returns goes
-to RECEIVE_UPDATE_DATA, one it refuses goes nowhere. Then the same packet is handed to the
-firmware directly, which takes it.
+`handoff.protocol.remote` frames, a batch of pages a frame (session id, the first page's sequence
+number, each page's GPA; the firmware IV remembered per session), and the target side does what
+its shell does: each page of a frame the machine returns goes to RECEIVE_UPDATE_DATA, no page of
+one it refuses goes anywhere. Then the same packet is handed to the firmware directly, which
+takes it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import pytest
 
 from handoff.protocol.remote import (
     Describe,
-    EncryptedPage,
+    EncryptedPages,
     MemorySlot,
     RemoteConnection,
     RemoteProtocolError,
@@ -104,10 +105,11 @@ class Migration:
         )
         return as_bytes(out["hdr"]), as_bytes(out["trans"])
 
-    def frame(self, gpa: int) -> bytes:
-        """The source shell's frame for page `gpa`: SEND_UPDATE_DATA, then the machine."""
-        header, data = self.packet(gpa)
-        return self.source.send(self.source.encrypted_page(gpa, header, data))
+    def frame(self, *gpas: int) -> bytes:
+        """The source shell's frame for a batch of pages `gpas`: SEND_UPDATE_DATA of each, then
+        the machine."""
+        packets = [self.packet(gpa) for gpa in gpas]
+        return self.source.send(self.source.encrypted_pages(gpas, packets))
 
     def receive_update_data(self, gpa: int, header: bytes, data: bytes) -> None:
         fields: dict[str, int | bytes] = {
@@ -120,11 +122,12 @@ class Migration:
 
     def deliver(self, frame: bytes) -> None:
         """The target shell: the machine checks the frame; only what it returns reaches the
-        firmware."""
-        page = self.target.receive(frame)
-        assert isinstance(page, EncryptedPage)
-        self.received.append((page.gpa, page.header))
-        self.receive_update_data(page.gpa, page.header, page.data)
+        firmware, each page of the batch in order."""
+        batch = self.target.receive(frame)
+        assert isinstance(batch, EncryptedPages)
+        for gpa, header, data in batch.packets():
+            self.received.append((gpa, header))
+            self.receive_update_data(gpa, header, data)
 
     def target_page(self, gpa: int) -> bytes:
         return os.pread(self.dst_fd, PAGE_SIZE, gpa)
@@ -204,23 +207,37 @@ def migration(memfds: Callable[[], int]) -> Migration:
     return Migration(src, dst, dst_fd, source, target)
 
 
+def batch_of(frame: bytes) -> EncryptedPages:
+    return msgspec.msgpack.decode(frame, type=EncryptedPages)
+
+
 def mutated(frame: bytes, **changes: object) -> bytes:
-    page = msgspec.msgpack.decode(frame, type=EncryptedPage)
-    return msgspec.msgpack.encode(msgspec.structs.replace(page, **changes))
+    return msgspec.msgpack.encode(msgspec.structs.replace(batch_of(frame), **changes))
+
+
+def with_packets(frame: bytes, packets: list[tuple[int, bytes, bytes]]) -> bytes:
+    """`frame` carrying `packets` (gpa, header, data) instead of its own, its number kept."""
+    return mutated(
+        frame,
+        gpas=tuple(gpa for gpa, _, _ in packets),
+        headers=b"".join(header for _, header, _ in packets),
+        data=b"".join(data for _, _, data in packets),
+    )
 
 
 def refused(m: Migration, frame: bytes, said: str) -> None:
-    calls = len(m.received)
+    calls, pages = len(m.received), m.target.pages
     with pytest.raises(RemoteProtocolError, match=said):
         m.deliver(frame)
-    assert len(m.received) == calls  # no RECEIVE_UPDATE_DATA for it
+    assert len(m.received) == calls  # no RECEIVE_UPDATE_DATA for any page of it
+    assert m.target.pages == pages
     assert m.target.state is State.ERROR
 
 
 def test_honest_real_frames_go_through_the_machine_to_the_firmware(migration: Migration) -> None:
     m = migration
-    for i in range(PAGES):
-        m.deliver(m.frame(i * PAGE_SIZE))
+    m.deliver(m.frame(0, PAGE_SIZE))
+    m.deliver(m.frame(2 * PAGE_SIZE, 3 * PAGE_SIZE))
     assert [gpa for gpa, _h in m.received] == [i * PAGE_SIZE for i in range(PAGES)]
     sev(m.dst, U.KVM_SEV_RECEIVE_FINISH)
     for i in range(PAGES):
@@ -228,31 +245,58 @@ def test_honest_real_frames_go_through_the_machine_to_the_firmware(migration: Mi
         assert out["data"] == page_of(i)
 
 
-def test_a_reordered_real_packet_is_refused_by_handoff_though_the_firmware_takes_it(
+def test_a_reordered_real_batch_is_refused_by_handoff_though_the_firmware_takes_it(
     migration: Migration,
 ) -> None:
     m = migration
-    first, second = m.frame(0), m.frame(PAGE_SIZE)
-    before = m.target_page(PAGE_SIZE)
-    refused(m, second, "sequence number 1, expected 0")
-    assert m.target_page(PAGE_SIZE) == before
-    # The firmware alone: page 1's packet before page 0's verifies and goes in.
-    late = msgspec.msgpack.decode(second, type=EncryptedPage)
-    m.receive_update_data(late.gpa, late.header, late.data)
-    early = msgspec.msgpack.decode(first, type=EncryptedPage)
-    m.receive_update_data(early.gpa, early.header, early.data)
+    first, second = m.frame(0, PAGE_SIZE), m.frame(2 * PAGE_SIZE, 3 * PAGE_SIZE)
+    before = m.target_page(2 * PAGE_SIZE)
+    refused(m, second, "sequence number 2, expected 0")
+    assert m.target_page(2 * PAGE_SIZE) == before
+    # The firmware alone: the second batch's packets before the first's verify and go in.
+    for gpa, header, data in [*batch_of(second).packets(), *batch_of(first).packets()]:
+        m.receive_update_data(gpa, header, data)
+    assert m.decrypted(2 * PAGE_SIZE) == page_of(2)
+
+
+def test_a_real_packet_moved_to_a_later_batch_is_refused(migration: Migration) -> None:
+    """Page 1's packet taken out of the first batch and put in front of the second, each
+    frame keeping its number: the second no longer starts where the first ends."""
+    m = migration
+    first, second = m.frame(0, PAGE_SIZE), m.frame(2 * PAGE_SIZE, 3 * PAGE_SIZE)
+    page0, page1 = batch_of(first).packets()
+    m.deliver(with_packets(first, [page0]))
+    refused(m, with_packets(second, [page1, *batch_of(second).packets()]), "sequence number 2")
+    # The firmware alone takes page 1's packet after pages 2 and 3 as readily.
+    for gpa, header, data in [*batch_of(second).packets(), page1]:
+        m.receive_update_data(gpa, header, data)
     assert m.decrypted(PAGE_SIZE) == page_of(1)
 
 
-def test_a_duplicated_real_packet_is_refused_by_handoff_though_the_firmware_takes_it(
+def test_a_duplicated_real_batch_is_refused_by_handoff_though_the_firmware_takes_it(
     migration: Migration,
 ) -> None:
     m = migration
-    first = m.frame(0)
+    first = m.frame(0, PAGE_SIZE)
     m.deliver(first)
-    refused(m, first, "sequence number 0, expected 1")
-    page = msgspec.msgpack.decode(first, type=EncryptedPage)
-    m.receive_update_data(page.gpa, page.header, page.data)  # the firmware: accepted again
+    refused(m, first, "sequence number 0, expected 2")
+    for gpa, header, data in batch_of(first).packets():  # the firmware: accepted again
+        m.receive_update_data(gpa, header, data)
+    assert m.decrypted(0) == page_of(0)
+
+
+def test_a_real_packet_duplicated_inside_its_batch_is_refused(migration: Migration) -> None:
+    m = migration
+    frame = m.frame(0, PAGE_SIZE)
+    page0, _ = batch_of(frame).packets()
+    refused(
+        m,
+        with_packets(frame, [page0, page0]),
+        r"address 0x0 \(page 1 of the frame's 2, sequence number 1\) a second time in round 1, "
+        "the first time earlier in this frame",
+    )
+    for gpa, header, data in (page0, page0):  # the firmware: the same packet twice
+        m.receive_update_data(gpa, header, data)
     assert m.decrypted(0) == page_of(0)
 
 
@@ -288,12 +332,29 @@ def test_a_retargeted_real_packet_is_refused_by_handoff_though_the_firmware_take
     first = m.frame(0)
     m.deliver(first)
     before = m.target_page(2 * PAGE_SIZE)
-    refused(m, mutated(first, seq=1, gpa=2 * PAGE_SIZE), "repeats the IV")
+    refused(m, mutated(first, seq=1, gpas=(2 * PAGE_SIZE,)), "repeats the IV")
     assert m.target_page(2 * PAGE_SIZE) == before
     # The firmware alone writes page 0's contents into page 2: it binds no address.
-    page = msgspec.msgpack.decode(first, type=EncryptedPage)
-    m.receive_update_data(2 * PAGE_SIZE, page.header, page.data)
+    ((_, header, data),) = batch_of(first).packets()
+    m.receive_update_data(2 * PAGE_SIZE, header, data)
     assert m.decrypted(2 * PAGE_SIZE) == page_of(0)
+
+
+def test_a_real_packet_retargeted_inside_its_batch_is_refused(migration: Migration) -> None:
+    """Page 0's packet in the same frame again, for page 1 in place of page 1's own: the IV
+    repeats within the frame, and nothing of the frame reaches the firmware."""
+    m = migration
+    frame = m.frame(0, PAGE_SIZE)
+    (_, header, data), _ = batch_of(frame).packets()
+    before = m.target_page(0), m.target_page(PAGE_SIZE)
+    refused(
+        m,
+        with_packets(frame, [(0, header, data), (PAGE_SIZE, header, data)]),
+        r"repeats the IV of an earlier packet of this session \(earlier in this frame\)",
+    )
+    assert (m.target_page(0), m.target_page(PAGE_SIZE)) == before  # not even page 0
+    m.receive_update_data(PAGE_SIZE, header, data)  # the firmware alone: page 0's, in page 1
+    assert m.decrypted(PAGE_SIZE) == page_of(0)
 
 
 def test_a_retargeted_real_packet_over_a_page_sent_this_round_is_refused(
@@ -302,26 +363,31 @@ def test_a_retargeted_real_packet_over_a_page_sent_this_round_is_refused(
     m = migration
     first, second = m.frame(0), m.frame(PAGE_SIZE)
     m.deliver(first)
-    refused(m, mutated(second, gpa=0), "a second time in round 1")
+    refused(m, mutated(second, gpas=(0,)), "a second time in round 1")
 
 
 def test_a_real_packet_framed_for_another_session_is_refused(migration: Migration) -> None:
     # (Across sessions the firmware refuses too, by the MAC: test_sev_send_receive.py.)
     m = migration
-    refused(m, mutated(m.frame(0), session=b"\x07" * 16), "another session")
+    refused(m, mutated(m.frame(0, PAGE_SIZE), session=b"\x07" * 16), "another session")
 
 
 def test_what_handoff_does_not_bind_a_source_naming_the_wrong_page_first_time(
     migration: Migration,
 ) -> None:
-    """The limit of the binding, stated: the GPA of a frame is the source's word. Frames that
-    each carry a fresh packet, in sequence, once per page, pass the machine even when the
-    source swapped the pages they name, and the firmware writes them where they say. The
-    framing catches what a relay or a replay does to the stream (TLS keeps others from
-    writing frames at all); the source VMM is trusted to name the pages it reads."""
+    """The limit of the binding, stated: the GPA of a page is the source's word. A batch in
+    which each page carries a fresh packet, in sequence, once per page, passes the machine
+    even when the source swapped the pages it names, and the firmware writes them where they
+    say. The framing catches what a relay or a replay does to the stream (TLS keeps others
+    from writing frames at all, or from changing one); the source VMM is trusted to name the
+    pages it reads. Within a frame, the order of its pages is the source's too: the same
+    pages, each with its own packet, in another order, are the same writes."""
     m = migration
-    first, second = m.frame(0), m.frame(PAGE_SIZE)
-    m.deliver(mutated(first, gpa=PAGE_SIZE))
-    m.deliver(mutated(second, gpa=0))
-    assert [gpa for gpa, _h in m.received] == [PAGE_SIZE, 0]
+    frame = m.frame(0, PAGE_SIZE, 2 * PAGE_SIZE, 3 * PAGE_SIZE)
+    (g0, h0, d0), (g1, h1, d1), (g2, h2, d2), (g3, h3, d3) = batch_of(frame).packets()
+    m.deliver(with_packets(frame, [(g1, h0, d0), (g0, h1, d1), (g3, h3, d3), (g2, h2, d2)]))
+    assert [gpa for gpa, _h in m.received] == [PAGE_SIZE, 0, 3 * PAGE_SIZE, 2 * PAGE_SIZE]
     assert m.decrypted(0) == page_of(1)
+    for i in (2, 3):  # reordered with their packets: each where it belongs
+        out = sev(m.dst, U.KVM_SEV_DBG_DECRYPT, {"src_uaddr": i * PAGE_SIZE, "len": PAGE_SIZE})
+        assert out["data"] == page_of(i)

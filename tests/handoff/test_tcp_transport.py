@@ -145,6 +145,14 @@ def test_port_zero_is_for_listening_only() -> None:
 # ---- mutual TLS --------------------------------------------------------------------------------
 
 
+def test_the_default_frame_limit_takes_every_message_of_the_remote_protocol() -> None:
+    from handoff.protocol import remote
+
+    # The largest is a full batch of private pages (test_remote_protocol checks each message
+    # against MAX_MESSAGE_BYTES at its bounds).
+    assert tcp.MAX_FRAME_SIZE == remote.MAX_MESSAGE_BYTES
+
+
 async def test_mutual_tls_round_trip_carries_frames_both_ways_whole(
     pki: dict[str, TlsFiles],
 ) -> None:
@@ -571,9 +579,9 @@ async def test_a_whole_sev_migration_conversation_crosses_mutual_tls(
             remote.SendStart(session=bytes(range(128)), source_pdh=cert(0x1003), policy=0x21)
         )
         await source_says(remote.StopAndCopy(round=1, shared_regions=((0x3000, 1),)))
-        for i in range(3):
-            header = bytes(4) + bytes([i]) * 16 + bytes(32)
-            await source_says(source.encrypted_page(i * 4096, header, bytes([i]) * 4096))
+        headers = [bytes(4) + bytes([i]) * 16 + bytes(32) for i in range(3)]
+        packets = [(headers[i], bytes([i]) * 4096) for i in range(3)]
+        await source_says(source.encrypted_pages([0, 4096, 8192], packets))
         await source_says(source.shared_page(0x3000, b"s" * 4096))
         await source_says(remote.RoundEnd(round=1, pages=4))
         await source_says(remote.DeviceState(doorbell_sum=1))
