@@ -360,6 +360,15 @@ class KvmstubDaemon:
             self.process.wait()
             raise AssertionError("kvmstub daemon did not stop on SIGTERM") from None
 
+    def stop_and_check(self) -> None:
+        """`stop`, and if it was running, assert it exited 0 and took its socket with it (a
+        test's daemon must end cleanly: its log is in the message if not)."""
+        was_running = self.alive()
+        status = self.stop()
+        if was_running:
+            assert status == 0, f"kvmstub exited with {status}:\n{self.log()}"
+            assert not self.socket.exists(), "kvmstub left its socket behind"
+
 
 def write_oca_key(path: Path) -> Path:
     """An owner's OCA key file for `kvmstub serve --oca-key` (hosts given the same file share
@@ -421,14 +430,6 @@ def _wait_ready(process: subprocess.Popen[str], directory: Path, sock: Path) -> 
                 process.wait()
                 text = (directory / "kvmstub.log").read_text(errors="replace")
                 raise AssertionError(f"kvmstub exited with {process.returncode}:\n{text}")
-
-
-def _stop_and_check(daemon: KvmstubDaemon) -> None:
-    was_running = daemon.alive()
-    status = daemon.stop()
-    if was_running:
-        assert status == 0, f"kvmstub exited with {status}:\n{daemon.log()}"
-        assert not daemon.socket.exists(), "kvmstub left its socket behind"
 
 
 async def upgrade_checked(

@@ -16,7 +16,6 @@ from handoff.seriallog import SerialReport
 from handoff.testing import (
     KvmstubDaemon,
     VmmProcess,
-    _stop_and_check,
     serial_checked,
     start_kvmstub_daemon,
     upgrade_checked,
@@ -49,7 +48,7 @@ def kvmstub_daemon(request: pytest.FixtureRequest, kvmstub_dir: Path) -> Iterato
     try:
         yield daemon
     finally:
-        _stop_and_check(daemon)
+        daemon.stop_and_check()
 
 
 @pytest.fixture
@@ -66,7 +65,7 @@ def kvmstub_factory() -> Iterator[Callable[..., KvmstubDaemon]]:
         yield start
     finally:
         for daemon in started:
-            _stop_and_check(daemon)
+            daemon.stop_and_check()
 
 
 @pytest.fixture

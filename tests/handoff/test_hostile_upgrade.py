@@ -24,7 +24,7 @@ import pytest
 import trio
 
 from handoff.qmp.client import QMPClient, QMPError
-from handoff.testing import VmmProcess, _stop_and_check, pid_alive, start_kvmstub_daemon
+from handoff.testing import VmmProcess, pid_alive, start_kvmstub_daemon
 
 NOBODY = 65534
 AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
@@ -480,7 +480,7 @@ def refusing_vmm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VmmProces
             finally:
                 vmm.kill_all()
         finally:
-            _stop_and_check(daemon)
+            daemon.stop_and_check()
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
