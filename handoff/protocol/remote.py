@@ -1036,8 +1036,7 @@ TRANSITIONS: Final[dict[Role, dict[State, dict[type[_Message], State]]]] = {
 
 #: The states in which the source streams pages (each page frame leaves the state as it is),
 #: read off the table: there `send` and `receive` take a page frame by their page path
-#: (`_send_page`; `_check_page` and `_apply_page`, or for a batch `_check_pages` and
-#: `_apply_pages`), without the table's lookups.
+#: (`_send_page`; `_check_frame` and `_apply_frame`), without the table's lookups.
 _PAGE_STATES: Final = tuple(
     state
     for state, allowed in TRANSITIONS[Role.SOURCE].items()
@@ -1636,12 +1635,8 @@ class RemoteConnection:
             ):
                 # The page path: what the table and `_check` decide for a page frame in these
                 # states, without their lookups (the same checks, in the same order).
-                if kind is EncryptedPages:
-                    self._check_pages(message)  # type: ignore[arg-type]
-                    self._apply_pages(message)  # type: ignore[arg-type]
-                else:
-                    self._check_page(message)  # type: ignore[arg-type]
-                    self._apply_page(message)  # type: ignore[arg-type]
+                self._check_frame(message)  # type: ignore[arg-type]
+                self._apply_frame(message)  # type: ignore[arg-type]
                 return message
             if state in _COMPLETED_STATES:
                 raise _Violation(f"{kind.__name__} after the conversation completed")
@@ -1667,17 +1662,11 @@ class RemoteConnection:
             data = _encode(page)
             if not _page_in_bounds(page):
                 _decode(data)
-            if isinstance(page, EncryptedPages):
-                self._check_pages(page)
-            else:
-                self._check_page(page)
+            self._check_frame(page)
         except _Violation as exc:
             self._fail(Ending.LOCAL_FAILURE)
             raise LocalProtocolError(str(exc)) from None
-        if isinstance(page, EncryptedPages):
-            self._apply_pages(page)
-        else:
-            self._apply_page(page)
+        self._apply_frame(page)
         return data
 
     def give_up(self, ending: Literal[Ending.TIMEOUT, Ending.LOCAL_FAILURE]) -> RecoveryPlan:
@@ -1704,10 +1693,8 @@ class RemoteConnection:
 
     def _check(self, sender: Role, message: Message) -> None:
         """The rules that depend on more than one field, or on earlier messages."""
-        if isinstance(message, EncryptedPages):
-            self._check_pages(message)
-        elif isinstance(message, SharedPage):
-            self._check_page(message)
+        if isinstance(message, _PAGES):
+            self._check_frame(message)
         elif isinstance(message, Hello):
             self._check_hello(sender, message)
         elif isinstance(message, Describe):
@@ -1843,6 +1830,20 @@ class RemoteConnection:
                 "duplicate, and receiving it again would make a second copy of the guest; "
                 "refused before RECEIVE_START"
             )
+
+    def _check_frame(self, page: EncryptedPages | SharedPage) -> None:
+        """A page frame's checks: a batch's (`_check_pages`) or a shared page's."""
+        if isinstance(page, EncryptedPages):
+            self._check_pages(page)
+        else:
+            self._check_page(page)
+
+    def _apply_frame(self, page: EncryptedPages | SharedPage) -> None:
+        """A checked page frame applied: a batch (`_apply_pages`) or a shared page."""
+        if isinstance(page, EncryptedPages):
+            self._apply_pages(page)
+        else:
+            self._apply_page(page)
 
     def _check_page(self, page: SharedPage) -> None:
         if page.session != self.session_id:
@@ -1996,10 +1997,8 @@ class RemoteConnection:
 
     def _apply(self, sender: Role, message: Message, new_state: State) -> None:
         old_state = self._state
-        if isinstance(message, EncryptedPages):
-            self._apply_pages(message)
-        elif isinstance(message, SharedPage):
-            self._apply_page(message)
+        if isinstance(message, _PAGES):
+            self._apply_frame(message)
         elif isinstance(message, Hello):
             if sender is self.our_role:
                 self.our_hello = message
