@@ -242,11 +242,11 @@ class _XtsKeys:
 
     def encrypt(self, vek: bytes, gpa: int, page: bytes) -> bytes:
         """`page` encrypted as `xts_encrypt` does it."""
-        return self._key(vek).encrypt(gpa.to_bytes(16, "little"), page)
+        return self._key(vek).encrypt(_tweak(gpa), page)
 
     def decrypt(self, vek: bytes, gpa: int, page: bytes) -> bytes:
         """`page` decrypted as `xts_decrypt` does it."""
-        return self._key(vek).decrypt(gpa.to_bytes(16, "little"), page)
+        return self._key(vek).decrypt(_tweak(gpa), page)
 
     def clear(self) -> None:
         self._keys.clear()
