@@ -122,7 +122,7 @@ import os
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 from cryptography.hazmat.primitives import hashes, hmac
 
@@ -266,19 +266,16 @@ class Channel:
     tek: bytearray
     tik: bytearray
     # The packet crypto under these keys, made at the channel's first packet and dropped
-    # with the keys. It is given the channel's own buffers, not copies, so that zeroing them
-    # leaves no key behind in it (its AES-CTR context and the TIK's keyed SHA-256 states go
-    # with it: OpenSSL cleanses a context it frees).
+    # with the keys. It is keyed from the channel's own buffers and copies neither: it holds
+    # only OpenSSL contexts (the TEK's key schedule, the TIK's keyed SHA-256 states), which
+    # OpenSSL cleanses when the dropped cipher frees them.
     _packets: sev_crypto.PacketCipher | None = field(default=None, init=False, repr=False)
 
     def packets(self) -> sev_crypto.PacketCipher:
         """`seal_packet` and `open_packet` under this channel's TEK and TIK."""
         cipher = self._packets
         if cipher is None:
-            # (It reads its keys through the buffer protocol only, AES and the HMAC's keyed
-            # blocks, which a bytearray serves as bytes do.)
-            tek, tik = cast(bytes, self.tek), cast(bytes, self.tik)
-            cipher = self._packets = sev_crypto.PacketCipher(tek, tik)
+            cipher = self._packets = sev_crypto.PacketCipher(self.tek, self.tik)
         return cipher
 
     def zero(self) -> None:

@@ -307,8 +307,8 @@ class PacketCipher:
 
     __slots__ = ("_iv_at", "_ivs", "_keys")
 
-    def __init__(self, tek: bytes, tik: bytes) -> None:
-        self._keys = _sevcrypto.PacketKeys(tek, tik)
+    def __init__(self, tek: bytes | bytearray, tik: bytes | bytearray) -> None:
+        self._keys = _sevcrypto.PacketKeys(tek, tik)  # reads them once, copies neither
         self._ivs = b""
         self._iv_at = 0
 
