@@ -394,6 +394,21 @@ def start_kvmstub_daemon(directory: Path, *flags: str) -> KvmstubDaemon:
     return spawn_kvmstub_daemon(directory, *flags)()
 
 
+def kvmstub_serve_refused(sock: Path, *flags: str) -> str:
+    """Run `python -m kvmstub.cli serve --socket <sock> <flags>` expecting a refusal: it
+    exits 1 before it listens (no socket left at `sock`). Returns what it printed on
+    stderr, for the test to check the words."""
+    out = subprocess.run(
+        [sys.executable, "-m", "kvmstub.cli", "serve", "--socket", str(sock), *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1, out.stderr
+    assert not sock.exists(), "kvmstub left a socket though it refused to serve"
+    return out.stderr
+
+
 def spawn_kvmstub_daemon(directory: Path, *flags: str) -> Callable[[], KvmstubDaemon]:
     """`start_kvmstub_daemon` in two halves: the process starts now, and the returned call
     waits for its ready line (killing it if it never comes). Several daemons spawned before

@@ -16,6 +16,7 @@ from handoff.seriallog import SerialReport
 from handoff.testing import (
     KvmstubDaemon,
     VmmProcess,
+    kvmstub_serve_refused,
     serial_checked,
     start_kvmstub_daemon,
     upgrade_checked,
@@ -49,6 +50,13 @@ def kvmstub_daemon(request: pytest.FixtureRequest, kvmstub_dir: Path) -> Iterato
         yield daemon
     finally:
         daemon.stop_and_check()
+
+
+@pytest.fixture
+def serve_refused() -> Callable[..., str]:
+    """`serve_refused(sock, *flags)`: `kvmstub serve` expected to refuse before it listens
+    (`handoff.testing.kvmstub_serve_refused`); returns its stderr."""
+    return kvmstub_serve_refused
 
 
 @pytest.fixture

@@ -216,24 +216,10 @@ def test_a_restarted_daemon_keeps_its_pdh_and_stats_show_the_platform(
     assert json.loads(out.stdout)["platform"]["pdh_fingerprint"] == before["pdh_fingerprint"]
 
 
-def test_serve_refuses_a_state_directory_others_can_reach(tmp_path: Path) -> None:
+def test_serve_refuses_a_state_directory_others_can_reach(
+    tmp_path: Path, serve_refused: Callable[..., str]
+) -> None:
     state = tmp_path / "state"
     state.mkdir(mode=0o755)
     os.chmod(state, 0o755)
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kvmstub.cli",
-            "serve",
-            "--socket",
-            str(tmp_path / "kvm.sock"),
-            "--state-dir",
-            str(state),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 1 and "chmod 700" in out.stderr
-    assert not (tmp_path / "kvm.sock").exists()
+    assert "chmod 700" in serve_refused(tmp_path / "kvm.sock", "--state-dir", str(state))

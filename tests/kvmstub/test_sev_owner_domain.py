@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
-import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -134,27 +132,12 @@ def test_an_unusable_oca_key_file_is_refused_with_what_to_do(tmp_path: Path) -> 
     assert "not a regular file" in refused(tmp_path)
 
 
-def test_serve_refuses_an_unusable_oca_key_before_it_listens(tmp_path: Path) -> None:
+def test_serve_refuses_an_unusable_oca_key_before_it_listens(
+    tmp_path: Path, serve_refused: Callable[..., str]
+) -> None:
     key = write_key(tmp_path / "oca.pem", pem(ec.generate_private_key(ec.SECP384R1())), 0o644)
-    sock = tmp_path / "kvm.sock"
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kvmstub.cli",
-            "serve",
-            "--socket",
-            str(sock),
-            "--oca-key",
-            str(key),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert out.returncode == 1, out.stderr
-    assert out.stderr.startswith("kvmstub: ") and "chmod 600" in out.stderr
-    assert not sock.exists()
+    stderr = serve_refused(tmp_path / "kvm.sock", "--oca-key", str(key))
+    assert stderr.startswith("kvmstub: ") and "chmod 600" in stderr
 
 
 def test_kvmstub_stats_shows_the_oca_an_operator_compares_between_hosts(oca_file: Path) -> None:
