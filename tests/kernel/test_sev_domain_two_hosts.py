@@ -20,7 +20,7 @@ from test_sev_send_receive_two_hosts import (  # the ioctl-level migration helpe
     PAGES,
     launched_guest,
     memfd,
-    page_of,
+    move_pages,
 )
 
 from handoff.testing import KvmstubDaemon, spawn_kvmstub_daemon, write_oca_key
@@ -31,7 +31,8 @@ from kvmstub.uapi import PAGE_SIZE
 @pytest.fixture
 def domain_hosts(tmp_path: Path) -> Iterator[dict[str, KvmstubDaemon]]:
     """Three daemons started side by side: `source` and `peer` given one OCA key file,
-    `stranger` with an OCA of its own. Each is stopped afterwards and must exit 0."""
+    `stranger` with an OCA of its own. Each is stopped afterwards and must exit 0, its socket
+    gone."""
     oca = write_oca_key(tmp_path / "owner-oca.pem")
     owned = ("--oca-key", str(oca))
     pending = {}
@@ -53,7 +54,7 @@ def domain_hosts(tmp_path: Path) -> Iterator[dict[str, KvmstubDaemon]]:
         yield started
     finally:
         for daemon in started.values():
-            assert daemon.stop() == 0, daemon.log()
+            daemon.stop_and_check()
 
 
 async def test_a_domain_guest_migrates_within_its_owners_domain_and_nowhere_else(
@@ -98,16 +99,7 @@ async def test_a_domain_guest_migrates_within_its_owners_domain_and_nowhere_else
             await dst.sev_ioctl(uapi.KVM_SEV_INIT)
             await dst.set_user_memory_region(0, 0, PAGES * PAGE_SIZE, dst_ram)
             await dst.sev_receive_start(source_pdh, session, policy)
-            for i in range(PAGES):
-                hdr, trans = await src.sev_send_update_data(i * PAGE_SIZE)
-                await dst.sev_receive_update_data(i * PAGE_SIZE, hdr, trans)
-            await src.sev_send_finish()
-            await dst.sev_receive_finish()
-            for i in range(PAGES):
-                out = await dst.sev_ioctl(
-                    uapi.KVM_SEV_DBG_DECRYPT, src_uaddr=i * PAGE_SIZE, len=PAGE_SIZE
-                )
-                assert out["data"] == page_of(i)
+            await move_pages(src, dst, dst_ram)
             status = await dst.sev_ioctl(uapi.KVM_SEV_GUEST_STATUS)
             assert (status["state"], status["policy"]) == (
                 uapi.SEV_GUEST_STATE_RUNNING,

@@ -59,6 +59,22 @@ def memfd() -> int:
     return fd
 
 
+async def move_pages(src: client.Vm, dst: client.Vm, dst_ram: int) -> None:
+    """Every page through SEND_UPDATE_DATA and RECEIVE_UPDATE_DATA, then SEND_FINISH and
+    RECEIVE_FINISH: the target reads each page's plaintext back (DBG_DECRYPT) while its
+    memfd (`dst_ram`) holds ciphertext."""
+    for i in range(PAGES):
+        hdr, trans = await src.sev_send_update_data(i * PAGE_SIZE)
+        assert len(hdr) == 52 and len(trans) == PAGE_SIZE
+        await dst.sev_receive_update_data(i * PAGE_SIZE, hdr, trans)
+    await src.sev_send_finish()
+    await dst.sev_receive_finish()
+    for i in range(PAGES):
+        out = await dst.sev_ioctl(uapi.KVM_SEV_DBG_DECRYPT, src_uaddr=i * PAGE_SIZE, len=PAGE_SIZE)
+        assert out["data"] == page_of(i)
+        assert os.pread(dst_ram, PAGE_SIZE, i * PAGE_SIZE) != page_of(i)
+
+
 def firmware_states(daemon: KvmstubDaemon) -> dict[int, str | None]:
     return {vm["id"]: vm["firmware_state"] for vm in daemon.stats()["vms"]}
 
@@ -87,18 +103,7 @@ async def test_a_launched_guest_migrates_between_two_daemons_through_the_client_
             await dst.set_user_memory_region(0, 0, PAGES * PAGE_SIZE, dst_ram)
             handle = await dst.sev_receive_start(source_pdh, session, policy)
             assert handle > 0
-            for i in range(PAGES):
-                hdr, trans = await src.sev_send_update_data(i * PAGE_SIZE)
-                assert len(hdr) == 52 and len(trans) == PAGE_SIZE
-                await dst.sev_receive_update_data(i * PAGE_SIZE, hdr, trans)
-            await src.sev_send_finish()
-            await dst.sev_receive_finish()
-            for i in range(PAGES):
-                out = await dst.sev_ioctl(
-                    uapi.KVM_SEV_DBG_DECRYPT, src_uaddr=i * PAGE_SIZE, len=PAGE_SIZE
-                )
-                assert out["data"] == page_of(i)
-                assert os.pread(dst_ram, PAGE_SIZE, i * PAGE_SIZE) != page_of(i)
+            await move_pages(src, dst, dst_ram)
             status = await dst.sev_ioctl(uapi.KVM_SEV_GUEST_STATUS)
             assert status["state"] == uapi.SEV_GUEST_STATE_RUNNING
             # The source is SENT: nothing more to send, and its vCPU can never run.
