@@ -21,6 +21,7 @@ from test_sev_send_receive import (  # the model's two-platform migration helper
     send_page,
     send_start_fields,
     sev,
+    start_receive,
 )
 
 from kvmstub import uapi
@@ -46,16 +47,7 @@ def open_channels(memfds: Callable[[], int]) -> Open:
     src = launched(src_host, memfds())
     out = sev(src, U.KVM_SEV_SEND_START, send_start_fields(dst_host))
     dst = receiver(dst_host, memfds())
-    sev(
-        dst,
-        U.KVM_SEV_RECEIVE_START,
-        {
-            "handle": 0,
-            "policy": out["policy"],
-            "pdh": src_host.firmware.platform.pdh_cert,
-            "session": out["session"],
-        },
-    )
+    start_receive(dst, src_host, out)
     receive_page(dst, 0, *send_page(src, 0))
     return Open(src_host, dst_host, src, dst)
 
@@ -173,12 +165,6 @@ def test_a_send_cancelled_guest_sends_again_under_fresh_keys(
     new = channel_of(open_channels.src_host, open_channels.src)
     assert new.tek != bytes(16) and new.tek is not old["tek"]
     dst = receiver(other, memfds())
-    fields: dict[str, int | bytes] = {
-        "handle": 0,
-        "policy": out["policy"],
-        "pdh": open_channels.src_host.firmware.platform.pdh_cert,
-        "session": out["session"],
-    }
-    sev(dst, U.KVM_SEV_RECEIVE_START, fields)
+    start_receive(dst, open_channels.src_host, out)
     receive_page(dst, 0, *send_page(open_channels.src, 0))
     assert_zeroed(old)

@@ -37,6 +37,7 @@ from test_sev_send_receive import (  # the model's two-platform migration helper
     send_page,
     send_start_fields,
     sev,
+    start_receive,
     state,
 )
 
@@ -150,16 +151,7 @@ def test_send_update_data_buffers_of_kmalloc_max_size_go_through(
     the page's ciphertext at the front of the zeroed buffers, and the target takes them."""
     out = sev(two.src, U.KVM_SEV_SEND_START, send_start_fields(two.dst_host))
     dst = receiver(two.dst_host, memfds())
-    sev(
-        dst,
-        U.KVM_SEV_RECEIVE_START,
-        {
-            "handle": 0,
-            "policy": out["policy"],
-            "pdh": two.src_host.firmware.platform.pdh_cert,
-            "session": out["session"],
-        },
-    )
+    start_receive(dst, two.src_host, out)
     big = send_update(two.src, hdr_len=KMALLOC_MAX_SIZE, trans_len=KMALLOC_MAX_SIZE)
     hdr, trans = big["hdr"], big["trans"]
     assert isinstance(hdr, bytes) and isinstance(trans, bytes)
@@ -248,16 +240,7 @@ def test_receive_update_data_oversized_blobs_are_einval_before_the_pin_and_the_f
         expect_errno(errno.EINVAL, partial(receive, **fields))
     expect_errno(errno.ENOMEM, lambda: receive(guest_uaddr=unbacked))  # the pin
     expect_errno(errno.EBADF, receive)  # the command: this VM has no /dev/sev fd yet
-    sev(
-        dst,
-        U.KVM_SEV_RECEIVE_START,
-        {
-            "handle": 0,
-            "policy": out["policy"],
-            "pdh": two.src_host.firmware.platform.pdh_cert,
-            "session": out["session"],
-        },
-    )
+    start_receive(dst, two.src_host, out)
     for fields in ({"hdr": big}, {"trans": big}):
         expect_errno(errno.EINVAL, partial(receive, **fields))
     # At the limit the kernel copies them in: the firmware wants trans_len == guest_len and

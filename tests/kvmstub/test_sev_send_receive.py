@@ -117,6 +117,21 @@ def send_start_fields(target: Host) -> dict[str, int | bytes]:
     }
 
 
+def start_receive(dst: Vm, source: Host, sent: dict[str, int | bytes]) -> None:
+    """RECEIVE_START on the target `dst` for the session a SEND_START gave (`sent`: its
+    output, the session blob and the policy), from the `source` platform's PDH."""
+    sev(
+        dst,
+        U.KVM_SEV_RECEIVE_START,
+        {
+            "handle": 0,
+            "policy": sent["policy"],
+            "pdh": source.firmware.platform.pdh_cert,
+            "session": sent["session"],
+        },
+    )
+
+
 def send_page(vm: Vm, gpa: int, length: int = PAGE_SIZE) -> tuple[bytes, bytes]:
     out = sev(
         vm,
