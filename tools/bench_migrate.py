@@ -123,18 +123,26 @@ class Bench:
             source.start(timeout=120)
             await source.wait_lines(2)
             target.start(timeout=120)
-            async with await QMPClient.connect(source.control) as qmp:
-                await qmp.execute("migrate", {"uri": address, "downtime-limit": 50, **(args or {})})
-                while True:
-                    data = dict((await qmp.next_event("MIGRATION")).data)
-                    if data.get("status") in ("completed", "failed", "cancelled"):
-                        break
+            data = await _migrate(source.control, address, args)
             if data["status"] != "completed":
                 raise RuntimeError(f"migration {data}\n{source.log()}\n{target.log()}")
             return data
         finally:
             source.kill_all()
             target.kill_all()
+
+
+async def _migrate(
+    control: str, address: str, args: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """QMP `migrate` to `address` (50 ms downtime limit, and `args`), then the MIGRATION
+    event that ends it: its data (status completed, failed or cancelled)."""
+    async with await QMPClient.connect(control) as qmp:
+        await qmp.execute("migrate", {"uri": address, "downtime-limit": 50, **(args or {})})
+        while True:
+            data = dict((await qmp.next_event("MIGRATION")).data)
+            if data.get("status") in ("completed", "failed", "cancelled"):
+                return data
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -247,12 +255,7 @@ async def end_to_end(bench: Bench, pages: int, guest: str = "busy") -> dict[str,
         t0 = time.perf_counter()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_follow_steps, bench.daemons[0], last_steps)
-            async with await QMPClient.connect(source.control) as qmp:
-                await qmp.execute("migrate", {"uri": address, "downtime-limit": 50})
-                while True:
-                    data = dict((await qmp.next_event("MIGRATION")).data)
-                    if data.get("status") in ("completed", "failed", "cancelled"):
-                        break
+            data = await _migrate(source.control, address)
             nursery.cancel_scope.cancel()
         wall = time.perf_counter() - t0
         cpu = {name: _cpu_seconds(pid) - before[name] for name, pid in procs.items()}
@@ -334,12 +337,12 @@ async def throughput(bench: Bench, pages: int, runs: int = 3) -> str:
 
 
 def _guest_share(run: dict[str, Any], total: float, pages: int) -> str:
-    """The guest's part of the migration's CPU. kvmstub's guest never idles: each vCPU in
-    KVM_RUN runs guest steps on the daemon's CPU, taking turns with the daemon's requests
-    (here the firmware's SEND_UPDATE_DATA), and its exits are served by the source VMM. So
-    the guest competes with the migration for this host's two cores. Its cost per step is
-    read in the second before the migration (the two source-side processes' CPU over the
-    steps taken then) and applied to the steps it took during the migration."""
+    """The guest's part of the migration's CPU. Between its idles (the busy guest never
+    idles) each vCPU in KVM_RUN runs guest steps on the daemon's CPU, taking turns with the
+    daemon's requests (here the firmware's SEND_UPDATE_DATA), and its exits are served by the
+    source VMM. So the guest competes with the migration for this host's two cores. Its cost
+    per step is read in the second before the migration (the two source-side processes' CPU
+    over the steps taken then) and applied to the steps it took during the migration."""
     steps = run["steps"]
     if not steps["alone"]:
         return "(the guest took no steps in the second before: its share is not known)"
